@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The embedded MLflow tracking server: SQLite backend + local artifact store under mlflow/.
+#   bash mlflow/server.sh start|stop|status
+# Environment: MLFLOW_PORT (5000), MLFLOW_HOST (127.0.0.1),
+#   MLFLOW_ARTIFACTS_DESTINATION (default mlflow/artifacts; s3://bucket/prefix works, with
+#   MLFLOW_S3_ENDPOINT_URL for MinIO), MLFLOW_BACKEND_STORE_URI (default sqlite; postgresql://... scales out),
+#   MLFLOW_AUTH=1 to enable basic auth (mlflow/basic_auth.ini; change the admin password first!).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+port="${MLFLOW_PORT:-5000}"
+host="${MLFLOW_HOST:-127.0.0.1}"
+mkdir -p "$here/store" "$here/artifacts"
+pidfile="$here/store/server.pid"
+backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$here/store/mlflow.db}"
+artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-$here/artifacts}"
+mlflow_bin="$(command -v mlflow || echo "$here/../.venv/bin/mlflow")"
+
+up() { curl -fsS "http://$host:$port/health" >/dev/null 2>&1; }
+
+case "${1:-start}" in
+  start)
+    if up; then echo "MLflow already running at http://$host:$port"; exit 0; fi
+    extra=()
+    if [ "${MLFLOW_AUTH:-0}" = "1" ]; then
+      export MLFLOW_AUTH_CONFIG_PATH="$here/basic_auth.ini"; extra+=(--app-name basic-auth)
+    fi
+    nohup "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
+      --backend-store-uri "$backend" --artifacts-destination "$artifacts" "${extra[@]}" \
+      >"$here/store/server.log" 2>&1 &
+    echo $! >"$pidfile"
+    for _ in $(seq 1 120); do
+      if up; then echo "MLflow UI: http://$host:$port  (backend $backend)"; exit 0; fi
+      if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        echo "MLflow server exited; see $here/store/server.log" >&2; tail -20 "$here/store/server.log" >&2; exit 1
+      fi
+      sleep 1
+    done
+    echo "MLflow server did not answer on http://$host:$port within 120 s; see $here/store/server.log" >&2
+    exit 1 ;;
+  stop)
+    if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+    pkill -f "mlflow server --host $host --port $port" 2>/dev/null || true
+    echo "MLflow stopped" ;;
+  status)
+    if up; then echo "up: http://$host:$port"; else echo "down"; exit 1; fi ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,276 @@
+"""Typed settings: `params.yaml` is parsed once, at the edge, into these objects.
+
+Every section forbids unknown keys, so a typo fails loudly with the dotted key
+that is wrong instead of being silently ignored. Each stage receives only the
+section(s) it reads, which mirrors the `params:` lists in `dvc.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A bad `params.yaml`; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- paths
+class Paths(_Section):
+    ingest_dir: Path = Path("data/ingest")
+    augment_dir: Path = Path("data/augment")
+    model_dir: Path = Path("models")
+    reports_dir: Path = Path("reports")
+    cache_dir: Path = Path(".cache")
+
+
+# --------------------------------------------------------------------------- ingest
+class SyntheticSource(_Section):
+    """Deterministic, clearly synthetic chest-radiograph-like phantoms (the offline demo)."""
+
+    n_patients: int = Field(120, ge=4)
+    images_per_patient: int = Field(2, ge=1, le=20)
+    prevalence: float = Field(0.4, gt=0, lt=1)
+    native_size: int = Field(96, ge=16, le=1024)
+    seed: int = 0
+
+
+class Source(_Section):
+    kind: Literal["synthetic", "folder", "manifest", "medmnist", "dicom"] = "synthetic"
+    uri: str | None = None
+    """Folder, manifest file, .npz file, or `s3://bucket/prefix` (folder/manifest/medmnist)."""
+    manifest: str | None = None
+    """For `dicom`: CSV/Parquet with `path,label[,patient_id][,split]`; paths relative to it."""
+    patient_id_regex: str | None = None
+    """Regex applied to the file name; group 1 is the patient id (folder source)."""
+    medmnist_flag: str | None = None
+    """For `medmnist` without `uri`: e.g. `pneumoniamnist`; downloaded with MD5 check."""
+    medmnist_size: Literal[28, 64, 128, 224] = 28
+    medmnist_labels: list[str] | None = None
+    s3_endpoint_url: str | None = None
+    synthetic: SyntheticSource = SyntheticSource()
+
+    @model_validator(mode="after")
+    def _needs_uri(self) -> "Source":
+        if self.kind in ("folder", "manifest") and not self.uri:
+            raise ValueError(f"source.uri is required for kind '{self.kind}'")
+        if self.kind == "dicom" and not (self.manifest or self.uri):
+            raise ValueError("source.manifest is required for kind 'dicom'")
+        if self.kind == "medmnist" and not (self.uri or self.medmnist_flag):
+            raise ValueError("source.uri (a local .npz) or source.medmnist_flag is required for 'medmnist'")
+        return self
+
+
+class Splits(_Section):
+    use_official: bool = True
+    val_fraction: float = Field(0.15, ge=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+
+
+class Ingest(_Section):
+    source: Source = Source()
+    classes: list[str] | None = None
+    """Expected class names, in label-index order; None infers them sorted."""
+    positive_class: str | None = None
+    image_size: int = Field(64, ge=16, le=1024)
+    channels: Literal[1, 3] = 1
+    resize: Literal["pad", "crop"] = "pad"
+    splits: Splits = Splits()
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    max_image_pixels: int = Field(80_000_000, gt=0)
+    workers: int = Field(0, ge=0)
+    """Decode threads; 0 means one per CPU core."""
+
+
+# --------------------------------------------------------------------------- validate
+Severity = Literal["error", "warn", "off"]
+
+
+class Validate(_Section):
+    severity: dict[str, Severity] = Field(default_factory=dict)
+    """Per-check severity overrides (check name -> error|warn|off)."""
+    min_size: int = Field(16, ge=1)
+    max_size: int = Field(4096, ge=1)
+    prevalence_bounds: tuple[float, float] = (0.05, 0.95)
+    max_prevalence_gap: float = Field(0.10, ge=0, le=1)
+    """Largest allowed difference of a class's share between splits."""
+    split_fraction_bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"train": (0.5, 0.9), "val": (0.05, 0.3), "test": (0.05, 0.3)}
+    )
+    blank_std_max: float = 2.0
+    low_contrast_std_max: float = 8.0
+    saturated_fraction_max: float = 0.5
+    inverted_border_mean_min: float = 200.0
+    near_duplicate_max_distance: int = Field(4, ge=0)
+    drift_psi_max: float = 0.2
+    drift_prevalence_max: float = 0.10
+    max_examples: int = Field(10, ge=1)
+
+
+# --------------------------------------------------------------------------- augment
+class AugmentPolicy(_Section):
+    rotation_deg: float = Field(0.0, ge=0, le=180)
+    zoom: float = Field(0.0, ge=0, le=0.5)
+    translate: float = Field(0.0, ge=0, le=0.5)
+    horizontal_flip: bool = False
+    vertical_flip: bool = False
+    contrast: float = Field(0.0, ge=0, le=1)
+    brightness: float = Field(0.0, ge=0, le=1)
+
+
+PRESETS: dict[str, AugmentPolicy] = {
+    "chest_xray": AugmentPolicy(rotation_deg=7, zoom=0.1, translate=0.06, contrast=0.15, brightness=0.1),
+    "dermoscopy": AugmentPolicy(rotation_deg=180, zoom=0.15, horizontal_flip=True, vertical_flip=True,
+                                contrast=0.2, brightness=0.15),
+    "fundus": AugmentPolicy(rotation_deg=30, zoom=0.05, contrast=0.1, brightness=0.1),
+    "ultrasound": AugmentPolicy(rotation_deg=10, zoom=0.1, translate=0.05, horizontal_flip=True, contrast=0.2),
+    "mammography": AugmentPolicy(rotation_deg=5, zoom=0.1, horizontal_flip=True, contrast=0.1),
+    "none": AugmentPolicy(),
+}
+
+
+class Augment(_Section):
+    preset: str = "chest_xray"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    balance: bool = True
+    target_ratio: float = Field(1.0, gt=0, le=1)
+    """Minority/majority ratio after offline oversampling."""
+    seed: int = 7
+    preview_n: int = Field(16, ge=1, le=64)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset '{v}'; choose one of {sorted(PRESETS)}")
+        return v
+
+    def policy(self) -> AugmentPolicy:
+        """The preset with `overrides` applied (validated like any other value)."""
+        return AugmentPolicy(**{**PRESETS[self.preset].model_dump(), **self.overrides})
+
+
+# --------------------------------------------------------------------------- train
+class Train(_Section):
+    backbone: str = "mobilenet_v2"
+    weights: str = "none"
+    """`imagenet`, `none`, or a local / s3:// path to a weights file (.weights.h5 or torchvision .pth)."""
+    input_size: int | None = None
+    """Resize inside the model; None keeps the ingest size."""
+    width: float = Field(1.0, gt=0)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    head_epochs: int = Field(3, ge=0)
+    finetune_epochs: int = Field(3, ge=0)
+    unfreeze_top: int = Field(20, ge=0)
+    head_lr: float = Field(1e-3, gt=0)
+    finetune_lr: float = Field(1e-4, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    loss: Literal["crossentropy", "focal"] = "crossentropy"
+    class_weights: bool = True
+    early_stopping_patience: int = Field(5, ge=0)
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    online_augment: bool = True
+    augment_workers: int = Field(2, ge=0)
+    jit_compile: Literal["auto", True, False] = "auto"
+    seed: int = 1234
+
+
+# --------------------------------------------------------------------------- evaluate
+class Gates(_Section):
+    min_f1: float = Field(0.7, ge=0, le=1)
+    min_recall: float = Field(0.8, ge=0, le=1)
+    min_auc: float | None = None
+    min_specificity: float | None = None
+    non_inferiority_margin: float = Field(0.02, ge=0, le=1)
+
+
+class Evaluate(_Section):
+    threshold_rule: Literal["target_sensitivity", "max_f1", "youden"] = "target_sensitivity"
+    target_sensitivity: float = Field(0.9, gt=0, le=1)
+    bootstrap: int = Field(500, ge=0)
+    seed: int = 0
+    gradcam_n: int = Field(4, ge=0)
+    gates: Gates = Gates()
+
+
+# --------------------------------------------------------------------------- register
+class Register(_Section):
+    model_name: str = "medclf-demo"
+    experiment: str = "medclf"
+    alias: str = "challenger"
+
+
+class MLflowCfg(_Section):
+    tracking_uri: str = "http://127.0.0.1:5000"
+    """Overridden by the MLFLOW_TRACKING_URI environment variable."""
+
+    def resolved_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
+
+
+class Settings(_Section):
+    paths: Paths = Paths()
+    ingest: Ingest = Ingest()
+    validate_: Validate = Field(Validate(), alias="validate")
+    augment: Augment = Augment()
+    train: Train = Train()
+    evaluate: Evaluate = Evaluate()
+    register_: Register = Field(Register(), alias="register")
+    mlflow: MLflowCfg = MLflowCfg()
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validation(self) -> Validate:
+        """The `validate` section (`validate` itself is a pydantic method name)."""
+        return self.validate_
+
+    @property
+    def registry(self) -> Register:
+        """The `register` section (`register` shadows a pydantic attribute)."""
+        return self.register_
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see params.yaml in the repository for the schema)"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)
+
+
+def settings_from_dict(data: dict[str, Any], source: str = "<dict>") -> Settings:
+    try:
+        return Settings.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
+    """Parse `params.yaml` into `Settings`; errors name the key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such parameters file (run from the project root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return settings_from_dict(data, str(path))

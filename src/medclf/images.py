@@ -1,0 +1,125 @@
+"""Decoding and geometry: every supported input becomes a uint8 H×W×C array.
+
+Each mode conversion is deliberate and documented, because a silent wrong
+conversion (16-bit clipped to white, alpha composited on black, CMYK read as
+RGB) produces a dataset that trains but means nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# Truncated files must raise, never decode as grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DecodeError(ValueError):
+    """An input that cannot become an image; the message is the quarantine reason."""
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Map any numeric array to uint8 by its own min–max range (for >8-bit data)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise DecodeError("pixel data contains NaN or infinity")
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit / 32-bit grayscale: scale the stored range to 8 bits, not clip.
+        return to_uint8(np.asarray(img))[..., None]
+    if mode in ("1", "L"):
+        return np.asarray(img.convert("L"))[..., None]
+    if mode == "LA":
+        return np.asarray(img.convert("L"))[..., None]
+    if mode == "P":
+        # Palette: expand through the palette (with its transparency) to RGB(A).
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode == "RGBA":
+        # Composite on black: medical images have black backgrounds, white would add a frame.
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(bg, img).convert("RGB"))
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+        return np.asarray(img.convert("RGB"))
+    if mode == "RGB":
+        return np.asarray(img)
+    raise DecodeError(f"unsupported image mode {mode!r}")
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode PNG/JPEG/BMP/TIFF bytes; raise DecodeError with a human reason."""
+    if not data:
+        raise DecodeError("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DecodeError(f"decompression bomb: {w}x{h} pixels exceeds max_image_pixels={max_pixels}")
+            img.load()
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DecodeError(f"decompression bomb: {err}") from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError("not an image (unrecognised format)") from None
+    except OSError as err:
+        raise DecodeError(f"truncated or corrupt image: {err}") from None
+    except (ValueError, SyntaxError, EOFError) as err:
+        raise DecodeError(f"corrupt image: {err}") from None
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)  # multi-page TIFF: the first page is the image
+    return _pil_to_array(img)
+
+
+def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """Grayscale↔RGB. RGB→gray uses ITU-R 601 luma (what PIL's 'L' does)."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    c = arr.shape[-1]
+    if c == channels:
+        return arr
+    if channels == 3 and c == 1:
+        return np.repeat(arr, 3, axis=-1)
+    if channels == 1 and c >= 3:
+        rgb = arr[..., :3].astype(np.float32)
+        gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
+    raise DecodeError(f"cannot map {c} channels to {channels}")
+
+
+def fit_square(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """Resize to size×size keeping the aspect ratio: `pad` letterboxes with 0, `crop` centre-crops."""
+    h, w, c = arr.shape
+    if (h, w) == (size, size):
+        return arr
+    if mode == "crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        arr = arr[top : top + s, left : left + s]
+        h = w = s
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    out = np.zeros((size, size, c), np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    res = np.asarray(img)
+    out[top : top + nh, left : left + nw] = res[..., None] if res.ndim == 2 else res
+    return out

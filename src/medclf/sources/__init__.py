@@ -1,0 +1,36 @@
+"""Data sources: each turns a configured location into `Record`s (see `base.py`)."""
+
+from __future__ import annotations
+
+from medclf.config import Source
+from medclf.sources.base import Record, SourceError, SourceScan
+
+
+def scan(source: Source, classes: list[str] | None = None) -> SourceScan:
+    """Dispatch on `source.kind`; heavy or optional imports stay inside each module."""
+    if source.kind == "synthetic":
+        from medclf.sources.synthetic import scan_synthetic
+
+        return scan_synthetic(source.synthetic)
+    from medclf.sources.store import open_store
+
+    if source.kind == "folder":
+        from medclf.sources.folder import scan_folder
+
+        return scan_folder(open_store(source.uri, source.s3_endpoint_url), source.patient_id_regex)
+    if source.kind == "manifest":
+        from medclf.sources.manifest import scan_manifest
+
+        return scan_manifest(source.uri, source.s3_endpoint_url, kind="image")
+    if source.kind == "dicom":
+        from medclf.sources.manifest import scan_manifest
+
+        return scan_manifest(source.manifest or source.uri, source.s3_endpoint_url, kind="dicom")
+    if source.kind == "medmnist":
+        from medclf.sources.medmnist import scan_medmnist
+
+        return scan_medmnist(source, classes)
+    raise SourceError(f"unknown source kind {source.kind!r}")
+
+
+__all__ = ["Record", "SourceError", "SourceScan", "scan"]

@@ -1,0 +1,59 @@
+"""The contract between sources and ingest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Literal
+
+import numpy as np
+
+Payload = bytes | np.ndarray
+Kind = Literal["image", "dicom", "array"]
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all (missing, empty, unsafe, unreachable)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image as the source knows it, before decoding.
+
+    `uri` is where it came from, `fetch` returns its bytes (image/dicom) or a
+    decoded array (array). `patient_id` is the raw id and is hashed by ingest
+    before anything is written or logged.
+    """
+
+    uri: str
+    label: str | None
+    fetch: Callable[[], Payload]
+    kind: Kind = "image"
+    patient_id: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class SourceScan:
+    records: list[Record]
+    quarantine: list[tuple[str, str]] = field(default_factory=list)
+    """(uri, reason) for things rejected while listing, e.g. an empty class folder."""
+    class_names: list[str] | None = None
+
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+def safe_relpath(rel: str, where: str) -> str:
+    """Reject paths that escape their root: absolute paths, `..`, drive letters, NUL."""
+    if not rel or "\x00" in rel:
+        raise SourceError(f"{where}: empty or invalid path {rel!r}")
+    norm = rel.replace("\\", "/")
+    p = PurePosixPath(norm)
+    if p.is_absolute() or norm.startswith("~") or (len(norm) > 1 and norm[1] == ":"):
+        raise SourceError(f"{where}: path {rel!r} is absolute; paths must be relative to their root")
+    if any(part == ".." for part in p.parts):
+        raise SourceError(f"{where}: path {rel!r} escapes its root with '..'")
+    return str(p)

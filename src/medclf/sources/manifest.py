@@ -1,0 +1,56 @@
+"""CSV or Parquet manifests: `path,label[,patient_id][,split]`, paths relative to the manifest."""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import pandas as pd
+
+from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, safe_relpath
+from medclf.sources.store import open_store, split_uri
+
+REQUIRED = ("path", "label")
+
+
+def read_table(data: bytes, name: str) -> pd.DataFrame:
+    try:
+        if name.lower().endswith((".parquet", ".pq")):
+            return pd.read_parquet(io.BytesIO(data))
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    except Exception as err:  # pandas raises many types for a bad table
+        raise SourceError(f"{name}: cannot read manifest: {err}") from None
+
+
+def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind) -> SourceScan:
+    if not uri:
+        raise SourceError("manifest source needs a manifest path")
+    root, name = split_uri(uri)
+    store = open_store(root, endpoint_url)
+    try:
+        data = store.read(name)
+    except (FileNotFoundError, IsADirectoryError):
+        raise SourceError(f"{uri}: manifest not found") from None
+    df = read_table(data, uri)
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise SourceError(f"{uri}: manifest lacks column(s) {missing}; expected path,label[,patient_id][,split]")
+    if df.empty:
+        raise SourceError(f"{uri}: manifest has no rows")
+    scan = SourceScan(records=[])
+    for i, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
+        where = f"{uri} line {i}"
+        rel = safe_relpath(str(row["path"]).strip(), where)  # traversal fails the whole manifest
+        label = str(row.get("label", "")).strip() or None
+        pid = str(row.get("patient_id", "") or "").strip() or None
+        split_raw = str(row.get("split", "") or "").strip().lower()
+        split = SPLIT_ALIASES.get(split_raw) if split_raw else None
+        if split_raw and split is None:
+            scan.quarantine.append((store.uri(rel), f"unknown split {split_raw!r} at {where}"))
+            continue
+        if label is None:
+            scan.quarantine.append((store.uri(rel), f"missing label at {where}"))
+            continue
+        scan.records.append(Record(uri=store.uri(rel), label=label, fetch=functools.partial(store.read, rel),
+                                   kind=kind, patient_id=pid, split=split))
+    return scan

@@ -1,0 +1,163 @@
+"""Where bytes live: a local directory or an S3 prefix, behind one small interface.
+
+Folder, manifest and MedMNIST sources are written once against `Store`, so S3
+support is not a second implementation of each source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from medclf.sources.base import SourceError, safe_relpath
+
+
+class Store:
+    root_uri: str
+
+    def list(self) -> list[str]:
+        """All object keys (relative, '/'-separated) under the root, sorted."""
+        raise NotImplementedError
+
+    def read(self, rel: str) -> bytes:
+        raise NotImplementedError
+
+    def uri(self, rel: str) -> str:
+        return f"{self.root_uri.rstrip('/')}/{rel}"
+
+    def dirs(self) -> list[str]:
+        """Immediate sub-folders of the root (empty ones included where the store has them)."""
+        raise NotImplementedError
+
+    def sub(self, rel_dir: str) -> "Store":
+        raise NotImplementedError
+
+
+@dataclass
+class LocalStore(Store):
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.root_uri = str(self.root)
+
+    def list(self) -> list[str]:
+        if not self.root.exists():
+            raise SourceError(f"{self.root}: no such directory")
+        out = []
+        for dirpath, _dirs, files in os.walk(self.root, followlinks=False):
+            for f in files:
+                out.append(Path(dirpath, f).relative_to(self.root).as_posix())
+        return sorted(out)
+
+    def read(self, rel: str) -> bytes:
+        rel = safe_relpath(rel, self.root_uri)
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise SourceError(f"{self.root_uri}: {rel!r} resolves outside the root (symlink?)")
+        return path.read_bytes()
+
+    def dirs(self) -> list[str]:
+        if not self.root.is_dir():
+            raise SourceError(f"{self.root}: no such directory")
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def sub(self, rel_dir: str) -> "LocalStore":
+        return LocalStore(self.root / safe_relpath(rel_dir, self.root_uri))
+
+
+class S3Store(Store):
+    """An `s3://bucket/prefix` read through boto3; endpoint URL configurable (MinIO, moto)."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None, client=None) -> None:
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise SourceError(f"{uri}: not an s3://bucket/prefix URI")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.lstrip("/").rstrip("/")
+        self.root_uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL")
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            cfg = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+            self._client = boto3.client("s3", endpoint_url=self.endpoint_url, config=cfg)
+        return self._client
+
+    def _key(self, rel: str) -> str:
+        rel = safe_relpath(rel, self.root_uri)
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def list(self) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        keys: list[str] = []
+        pfx = f"{self.prefix}/" if self.prefix else ""
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=pfx):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(pfx):]
+                    if not rel or rel.endswith("/"):
+                        continue
+                    try:
+                        keys.append(safe_relpath(rel, self.root_uri))
+                    except SourceError as err:
+                        raise SourceError(f"unsafe S3 key {obj['Key']!r} in {self.root_uri}: {err}") from None
+        except (BotoCoreError, ClientError) as err:
+            raise SourceError(f"{self.root_uri}: cannot list ({self._where()}): {err}") from err
+        return sorted(keys)
+
+    def _where(self) -> str:
+        return f"endpoint {self.endpoint_url}" if self.endpoint_url else "AWS default endpoint"
+
+    def read(self, rel: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = self._key(rel)
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except (BotoCoreError, ClientError) as err:
+            raise SourceError(f"s3://{self.bucket}/{key}: cannot read ({self._where()}): {err}") from err
+
+    def dirs(self) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        pfx = f"{self.prefix}/" if self.prefix else ""
+        out: set[str] = set()
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=pfx, Delimiter="/")
+            for page in pages:
+                out.update(cp["Prefix"][len(pfx):].rstrip("/") for cp in page.get("CommonPrefixes", []))
+        except (BotoCoreError, ClientError) as err:
+            raise SourceError(f"{self.root_uri}: cannot list ({self._where()}): {err}") from err
+        return sorted(d for d in out if d and not d.startswith("."))
+
+    def sub(self, rel_dir: str) -> "S3Store":
+        rel = safe_relpath(rel_dir, self.root_uri)
+        return S3Store(f"{self.root_uri}/{rel}", self.endpoint_url, self._client)
+
+
+def open_store(uri: str | None, endpoint_url: str | None = None) -> Store:
+    if not uri:
+        raise SourceError("source.uri is empty")
+    if uri.startswith("s3://"):
+        return S3Store(uri, endpoint_url)
+    return LocalStore(Path(uri).expanduser())
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """`s3://b/p/file.csv` -> (`s3://b/p`, `file.csv`); local paths likewise."""
+    if uri.startswith("s3://"):
+        head, _, name = uri.rstrip("/").rpartition("/")
+        return head, name
+    p = Path(uri)
+    return str(p.parent), p.name

@@ -1,0 +1,1 @@
+"""One module per stage; each exposes `run(settings) -> dict` (a small, JSON-able result)."""

@@ -1,0 +1,189 @@
+"""ingest: read a source, decode every image once, split by patient, write arrays + manifest.
+
+Outputs (all under `paths.ingest_dir`, swapped in atomically as one directory):
+`manifest.parquet`, `<split>_images.npy` (N×H×W×C uint8, memory-mappable),
+`<split>_labels.npy` (int64), `classes.json`. Quarantined inputs are listed in
+`reports/ingest/quarantine.csv` with a reason each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medclf.config import Ingest, Settings
+from medclf.images import DecodeError, decode_image, fit_square, to_channels
+from medclf.io import atomic_dir, write_json
+from medclf.privacy import hash_patient, redact
+from medclf.sources import Record, SourceError, scan
+from medclf.splits import SPLITS, assign_splits, link_groups
+
+log = logging.getLogger(__name__)
+
+
+class IngestError(RuntimeError):
+    """Ingest refused to produce a dataset (too much bad input, nothing usable)."""
+
+
+@dataclass
+class Decoded:
+    record: Record
+    uri: str
+    sha256: str = ""
+    image: np.ndarray | None = None
+    orig_shape: tuple[int, int, int] = (0, 0, 0)
+    reason: str | None = None
+
+
+def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
+    out = Decoded(record=rec, uri=redact(rec.uri, rec.patient_id))
+    try:
+        payload = rec.fetch()
+        if isinstance(payload, np.ndarray):
+            arr = payload if payload.ndim == 3 else payload[..., None]
+            out.sha256 = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+            if arr.dtype != np.uint8:
+                from medclf.images import to_uint8
+
+                arr = to_uint8(arr)
+        else:
+            out.sha256 = hashlib.sha256(payload).hexdigest()
+            if rec.kind == "dicom":
+                from medclf.dicom import decode_dicom
+
+                arr = decode_dicom(payload)
+            else:
+                arr = decode_image(payload, cfg.max_image_pixels)
+        out.orig_shape = tuple(int(v) for v in arr.shape)  # type: ignore[assignment]
+        out.image = fit_square(to_channels(arr, cfg.channels), cfg.image_size, cfg.resize)
+    except DecodeError as err:
+        out.reason = str(err)
+    except (SourceError, OSError) as err:
+        out.reason = f"cannot read: {err}"
+    return out
+
+
+def decode_all(records: list[Record], cfg: Ingest) -> list[Decoded]:
+    """Decode in a thread pool: Pillow and zlib release the GIL, so all cores work."""
+    from tqdm import tqdm
+
+    workers = cfg.workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        it = pool.map(lambda r: _decode_one(r, cfg), records, chunksize=1)
+        return list(tqdm(it, total=len(records), desc="ingest: decode", unit="img", mininterval=1.0,
+                         disable=None))
+
+
+def _class_list(cfg: Ingest, scanned: list[str] | None, labels: list[str]) -> list[str]:
+    if cfg.classes:
+        return list(cfg.classes)
+    if scanned:
+        return list(scanned)
+    return sorted(set(labels))
+
+
+def _quarantine_report(quarantine: list[tuple[str, str]], total: int, limit: float) -> str | None:
+    if not total:
+        return "no input images found"
+    frac = len(quarantine) / total
+    if frac <= limit:
+        return None
+    counts = pd.Series([r.split(":")[0] for _, r in quarantine]).value_counts()
+    lines = [f"{len(quarantine)} of {total} inputs ({frac:.1%}) were quarantined, above "
+             f"ingest.max_quarantine_fraction={limit:.1%}. Reasons:"]
+    lines += [f"  {n:6d} × {reason}" for reason, n in counts.items()]
+    lines += ["Examples:"] + [f"  {u}: {r}" for u, r in quarantine[:5]]
+    return "\n".join(lines)
+
+
+def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
+                   quarantined: list[Decoded]) -> pd.DataFrame:
+    rows = []
+    counters = {s: 0 for s in SPLITS}
+    for d, split in zip(ok, splits, strict=True):
+        pid = d.record.patient_id
+        rows.append({
+            "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16], "source_uri": d.uri, "sha256": d.sha256,
+            "patient_hash": hash_patient(pid) if pid else None, "label": d.record.label,
+            "label_index": classes.index(d.record.label), "split": split, "row": counters[split],
+            "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1], "orig_channels": d.orig_shape[2],
+            "status": "ok", "reason": None,
+        })
+        counters[split] += 1
+    for d in quarantined:
+        pid = d.record.patient_id
+        rows.append({
+            "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16], "source_uri": d.uri, "sha256": d.sha256 or None,
+            "patient_hash": hash_patient(pid) if pid else None, "label": d.record.label, "label_index": -1,
+            "split": None, "row": -1, "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1],
+            "orig_channels": d.orig_shape[2], "status": "quarantined", "reason": d.reason,
+        })
+    return pd.DataFrame(rows)
+
+
+def run(settings: Settings) -> dict:
+    cfg, paths = settings.ingest, settings.paths
+    t0 = time.perf_counter()
+    scanned = scan(cfg.source, cfg.classes)
+    labels = [r.label or "" for r in scanned.records]
+    classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
+    decoded = decode_all(scanned.records, cfg)
+    t_decode = time.perf_counter() - t0
+    for d in decoded:
+        if d.reason is None and d.record.label not in classes:
+            d.reason = (f"unknown label {d.record.label!r} (expected one of {classes})" if d.record.label
+                        else "missing label")
+    ok = [d for d in decoded if d.reason is None]
+    bad = [d for d in decoded if d.reason is not None]
+    quarantine = scanned.quarantine + [(d.uri, d.reason or "") for d in bad]
+    reports = paths.reports_dir / "ingest"
+    with atomic_dir(reports) as tmp:
+        pd.DataFrame(quarantine, columns=["uri", "reason"]).to_csv(tmp / "quarantine.csv", index=False)
+    problem = _quarantine_report(quarantine, len(decoded) + len(scanned.quarantine), cfg.max_quarantine_fraction)
+    if problem or not ok:
+        raise IngestError((problem or "no usable images") + f"\nSee {reports / 'quarantine.csv'}.")
+
+    keys = [[f"p:{hash_patient(d.record.patient_id)}"] if d.record.patient_id else [] for d in ok]
+    keys = [k + [f"h:{d.sha256}"] for k, d in zip(keys, ok, strict=True)]
+    official = [d.record.split if cfg.splits.use_official else None for d in ok]
+    splits = assign_splits(link_groups(keys), [d.record.label or "" for d in ok], official,
+                           cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.seed)
+    manifest = build_manifest(ok, splits, classes, bad)
+    counts = {}
+    with atomic_dir(paths.ingest_dir) as tmp:
+        for split in SPLITS:
+            idx = [i for i, s in enumerate(splits) if s == split]
+            shape = (len(idx), cfg.image_size, cfg.image_size, cfg.channels)
+            arr = np.lib.format.open_memmap(tmp / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape)
+            for j, i in enumerate(idx):
+                arr[j] = ok[i].image
+            arr.flush()
+            del arr
+            np.save(tmp / f"{split}_labels.npy", np.array([classes.index(ok[i].record.label) for i in idx],
+                                                            dtype=np.int64))
+            counts[split] = len(idx)
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        write_json(tmp / "classes.json", {"classes": classes, "positive_class": cfg.positive_class or classes[-1],
+                                          "image_size": cfg.image_size, "channels": cfg.channels})
+    elapsed = time.perf_counter() - t0
+    summary = {"images": len(ok), "quarantined": len(quarantine), "classes": classes, "splits": counts,
+               "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
+               "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1)}
+    write_json(reports / "summary.json", summary)
+    log.info("ingest: %d images (%s), %d quarantined, %.1f s", len(ok), counts, len(quarantine), elapsed)
+    return summary
+
+
+def load_split(ingest_dir: Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Images (memory-mapped uint8) and labels of one split."""
+    x = np.load(ingest_dir / f"{split}_images.npy", mmap_mode="r" if mmap else None)
+    y = np.load(ingest_dir / f"{split}_labels.npy")
+    return x, y
