@@ -1,0 +1,229 @@
+"""decode_dicom / dicom_patient_id on real DICOM files built in memory with pydicom."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import convert_color_space, get_decoder
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
+
+from medclf.dicom import decode_dicom, dicom_patient_id
+from medclf.images import DecodeError
+
+
+def make_dataset(
+    arr: np.ndarray | None,
+    *,
+    bits_stored: int = 12,
+    signed: bool = False,
+    photometric: str = "MONOCHROME2",
+    transfer_syntax: UID = ExplicitVRLittleEndian,
+    **attrs: Any,
+) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "P123"
+    ds.Modality = "OT"
+    if arr is not None:
+        colour = arr.ndim == 3 and arr.shape[-1] == 3
+        ds.Rows, ds.Columns = arr.shape[-3:-1] if colour else arr.shape[-2:]
+        ds.SamplesPerPixel = 3 if colour else 1
+        if colour:
+            ds.PlanarConfiguration = 0
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = 8 if arr.dtype.itemsize == 1 else 16
+        ds.BitsStored = min(bits_stored, ds.BitsAllocated)
+        ds.HighBit = ds.BitsStored - 1
+        ds.PixelRepresentation = int(signed)
+        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def to_bytes(ds: Dataset, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, **({"enforce_file_format": True} | kwargs))
+    return buf.getvalue()
+
+
+def make_dicom(arr: np.ndarray | None, **kwargs: Any) -> bytes:
+    return to_bytes(make_dataset(arr, **kwargs))
+
+
+def test_12bit_monochrome2_minmax() -> None:
+    raw = np.array([[0, 1024], [2048, 4095]], np.uint16)
+    out = decode_dicom(make_dicom(raw, RescaleSlope=2, RescaleIntercept=-1024))
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 1)
+    assert out[..., 0].tolist() == [[0, 64], [128, 255]]
+
+
+def test_rescale_is_applied_before_window() -> None:
+    # raw 1024 -> HU 0; soft-tissue window C=40 W=400 puts HU 0 at ~102, not at 255 (raw units)
+    raw = np.array([[0, 1024], [1264, 4095]], np.uint16)
+    data = make_dicom(raw, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    out = decode_dicom(data)[..., 0]
+    assert out[0, 0] == 0 and out[1, 1] == 255
+    assert out[0, 1] == round(((0 - 39.5) / 399 + 0.5) * 255)
+    assert out[1, 0] == 255  # HU 240 is the top of the window
+
+
+def test_monochrome1_is_inverted() -> None:
+    raw = np.array([[0, 100], [2000, 4095]], np.uint16)
+    out = decode_dicom(make_dicom(raw, photometric="MONOCHROME1"))[..., 0]
+    assert out[1, 1] == 0  # the max raw value is the darkest
+    assert out[0, 0] == 255
+    mono2 = decode_dicom(make_dicom(raw, photometric="MONOCHROME2"))[..., 0]
+    np.testing.assert_array_equal(out, 255 - mono2)
+
+
+def test_window_center_width_multivalued_uses_first() -> None:
+    raw = np.array([[0, 50], [100, 1000]], np.uint16)
+    data = make_dicom(raw, WindowCenter=[100, 500], WindowWidth=[50, 1000])
+    out = decode_dicom(data)[..., 0]
+    assert out[0, 0] == 0 and out[0, 1] == 0  # below the window
+    assert out[1, 1] == 255  # above the window
+    assert abs(int(out[1, 0]) - 128) <= 3  # the centre
+
+
+def test_window_width_one_is_a_threshold() -> None:
+    raw = np.array([[99, 100]], np.uint16)
+    out = decode_dicom(make_dicom(raw, WindowCenter=100, WindowWidth=1))[..., 0]
+    assert out.tolist() == [[0, 255]]
+
+
+def test_16bit_unsigned() -> None:
+    raw = np.array([[0, 32768], [65535, 16384]], np.uint16)
+    out = decode_dicom(make_dicom(raw, bits_stored=16))[..., 0]
+    assert out.tolist() == [[0, 128], [255, 64]]
+
+
+def test_signed_12bit_in_16bit_respects_bits_stored() -> None:
+    # 12-bit two's complement without sign extension: 0x800 = -2048, 0xFFF = -1
+    stored = np.array([[0x800, 0xFFF], [0x000, 0x7FF]], np.uint16)
+    out = decode_dicom(make_dicom(stored, signed=True, bits_stored=12))[..., 0]
+    assert out[0, 0] == 0 and out[1, 1] == 255
+    assert (out[0, 1], out[1, 0]) == (127, 128)  # -1 and 0: adjacent values straddling the middle
+
+
+def test_signed_16bit_with_window() -> None:
+    raw = np.array([[-1000, -200], [0, 3000]], np.int16)
+    out = decode_dicom(make_dicom(raw, signed=True, bits_stored=16, WindowCenter=0, WindowWidth=400))
+    assert out[..., 0].tolist()[0] == [0, 0] and out[1, 1, 0] == 255
+    assert abs(int(out[1, 0, 0]) - 128) <= 1
+
+
+def test_rgb() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    out = decode_dicom(make_dicom(rgb, bits_stored=8, photometric="RGB"))
+    assert out.dtype == np.uint8 and out.shape == (4, 5, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_ybr_full_is_converted_to_rgb() -> None:
+    rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [128, 128, 128]]], np.uint8)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    out = decode_dicom(make_dicom(ybr, bits_stored=8, photometric="YBR_FULL"))
+    assert out.shape == (2, 2, 3)
+    assert np.abs(out.astype(int) - rgb.astype(int)).max() <= 2
+
+
+def test_dicom_without_preamble_is_read() -> None:
+    ds = make_dataset(np.array([[0, 4095]], np.uint16))
+    del ds.file_meta
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True)
+    assert not buf.getvalue().startswith(bytes(128))
+    assert decode_dicom(buf.getvalue())[..., 0].tolist() == [[0, 255]]
+
+
+def test_no_pixel_data() -> None:
+    with pytest.raises(DecodeError, match="^DICOM has no pixel data$"):
+        decode_dicom(make_dicom(None))
+
+
+def test_multi_frame() -> None:
+    frames = np.zeros((3, 4, 4), np.uint16)
+    ds = make_dataset(frames[0], NumberOfFrames=3)
+    ds.PixelData = frames.tobytes()
+    with pytest.raises(DecodeError, match=r"^multi-frame DICOM \(3 frames\) is not supported$"):
+        decode_dicom(to_bytes(ds))
+
+
+def test_truncated_pixel_data() -> None:
+    data = make_dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)
+    with pytest.raises(DecodeError, match="^DICOM pixel data cannot be decoded: file is truncated"):
+        decode_dicom(data[: len(data) - 1000])
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_truncated_encapsulated_pixel_data() -> None:
+    ds = make_dataset(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)
+    ds.compress(RLELossless)
+    data = to_bytes(ds)
+    assert decode_dicom(data).shape == (64, 64, 1)
+    with pytest.raises(DecodeError, match="^DICOM pixel data cannot be decoded: file is truncated"):
+        decode_dicom(data[: len(data) // 2])
+
+
+def test_truncated_in_header() -> None:
+    data = make_dicom(np.zeros((8, 8), np.uint16))
+    with pytest.raises(DecodeError, match="^DICOM pixel data cannot be decoded: file is truncated"):
+        decode_dicom(data[:200])
+
+
+@pytest.mark.parametrize(
+    "data", [b"hello, this is a text file and not a DICOM" * 5, b"\x89PNG\r\n\x1a\n" + bytes(400), bytes(300)]
+)
+def test_not_dicom(data: bytes) -> None:
+    with pytest.raises(DecodeError, match="^not a DICOM file$"):
+        decode_dicom(data)
+
+
+def test_zero_bytes() -> None:
+    with pytest.raises(DecodeError, match="^zero-byte file$"):
+        decode_dicom(b"")
+
+
+def test_compressed_without_decoder_names_transfer_syntax() -> None:
+    ds = make_dataset(np.zeros((8, 8), np.uint16), transfer_syntax=JPEGLSLossless)
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(60)])
+    with pytest.raises(DecodeError, match="^DICOM pixel data cannot be decoded") as info:
+        decode_dicom(to_bytes(ds))
+    if not get_decoder(JPEGLSLossless).is_available:
+        assert "JPEG-LS Lossless" in str(info.value) and str(JPEGLSLossless) in str(info.value)
+
+
+def test_max_pixels() -> None:
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_dicom(make_dicom(np.zeros((10, 10), np.uint16)), max_pixels=99)
+
+
+def test_patient_id() -> None:
+    data = make_dicom(np.zeros((64, 64), np.uint16))
+    assert dicom_patient_id(data) == "P123"
+    assert dicom_patient_id(data[: len(data) - 4000]) == "P123"  # pixel data is never read
+    ds = make_dataset(None)
+    del ds.PatientID
+    assert dicom_patient_id(to_bytes(ds)) is None
+    ds.PatientID = "  "
+    assert dicom_patient_id(to_bytes(ds)) is None
+    assert dicom_patient_id(b"not dicom at all" * 20) is None
+    assert dicom_patient_id(b"") is None
