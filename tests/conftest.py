@@ -1,0 +1,130 @@
+"""Shared fixtures: real servers (MLflow + SQLite, moto S3, Prefect API), started once per session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CHEST_XRAY = SHARED / "data" / "chest_xray"
+KERMANY_REGEX = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MEDCLF_PATIENT_SALT", "test-salt-not-secret")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+    raise RuntimeError(f"server at {url} did not start in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` (SQLite backend, local artifacts) on a free port."""
+    d = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = d / "server.log"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts")],
+            stdout=fh, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(uri + "/health", proc, 180, log)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's ThreadedMotoServer: a real HTTP S3 endpoint on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real temporary Prefect API server for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def write_params(tmp: Path, overrides: dict | None = None) -> Path:
+    """params.yaml for a test: the repository defaults, tiny sizes, all paths inside `tmp`."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["paths"] = {"ingest_dir": str(tmp / "data/ingest"), "augment_dir": str(tmp / "data/augment"),
+                     "model_dir": str(tmp / "models"), "reports_dir": str(tmp / "reports"),
+                     "cache_dir": str(tmp / ".cache")}
+    data["ingest"]["source"]["synthetic"].update(n_patients=40, images_per_patient=2, native_size=48)
+    data["ingest"]["image_size"] = 32
+    _merge(data, overrides or {})
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _merge(base: dict, over: dict) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+@pytest.fixture
+def make_settings(tmp_path):
+    """Factory: `make_settings({...overrides})` -> Settings rooted in tmp_path."""
+    from medclf.config import load_settings
+
+    def make(overrides: dict | None = None):
+        return load_settings(write_params(tmp_path, overrides))
+
+    return make
