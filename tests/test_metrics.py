@@ -1,0 +1,333 @@
+"""Tests for medclf.metrics: every number is checked against scikit-learn or a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+
+from medclf import metrics as M
+
+
+def _data(n: int = 1000, seed: int = 1, decimals: int | None = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Informative but imperfect scores; rounding creates tied scores on purpose."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)
+    return y, (np.round(p, decimals) if decimals is not None else p)
+
+
+# ----------------------------------------------------------------------------- binary metrics
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.71, 1.0])
+def test_binary_metrics_match_sklearn(threshold: float) -> None:
+    y, p = _data()
+    pred = (p >= threshold).astype(int)
+    m = M.binary_metrics(y, p, threshold)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = {
+            "accuracy": skm.accuracy_score(y, pred),
+            "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+            "precision": skm.precision_score(y, pred, zero_division=0),
+            "recall": skm.recall_score(y, pred, zero_division=0),
+            "specificity": skm.recall_score(y, pred, pos_label=0, zero_division=0),
+            "f1": skm.f1_score(y, pred, zero_division=0),
+            "roc_auc": skm.roc_auc_score(y, p),
+            "pr_auc": skm.average_precision_score(y, p),
+            "mcc": skm.matthews_corrcoef(y, pred),
+            "brier": skm.brier_score_loss(y, p),
+        }
+    for key, want in expected.items():
+        assert m[key] == pytest.approx(want, abs=1e-12), key
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (tp, fp, tn, fn)
+    assert all(isinstance(m[k], int) for k in M.COUNTS)
+    assert set(m) == set(M.BINARY_SCORES) | set(M.COUNTS)
+
+
+def test_positive_call_is_inclusive_at_threshold() -> None:
+    m = M.binary_metrics(np.array([1, 0]), np.array([0.5, 0.4999]), 0.5)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 0, 1, 0)
+
+
+def test_ece_hand_computed() -> None:
+    # bin (0, .1]: mean p .05 vs 1/2 positive -> .45 * 2/8; bin (.7, .8]: .75 vs 3/4 -> 0;
+    # bin (.9, 1]: .95 vs 0 positive -> .95 * 2/8.  ECE = (.9 + 1.9) / 8 = .35
+    y = np.array([0, 1, 1, 1, 1, 0, 0, 0])
+    p = np.array([0.05, 0.05, 0.75, 0.75, 0.75, 0.75, 0.95, 0.95])
+    assert M.binary_metrics(y, p, 0.5)["ece"] == pytest.approx(0.35, abs=1e-12)
+
+
+def test_ece_perfectly_calibrated_is_zero_and_edges_follow_sklearn() -> None:
+    # 0.3 falls in (0.2, 0.3] like sklearn's calibration_curve; with 3 of 10 positive it is calibrated.
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    assert M.binary_metrics(y, np.full(10, 0.3), 0.5)["ece"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_degenerate_single_class_gives_nan_aucs_and_zero_division_zero() -> None:
+    y = np.zeros(6, dtype=int)
+    p = np.array([0.1, 0.2, 0.3, 0.4, 0.2, 0.1])
+    m = M.binary_metrics(y, p, 0.5)  # must not raise
+    assert math.isnan(m["roc_auc"]) and math.isnan(m["pr_auc"])
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0 and m["mcc"] == 0.0
+    assert m["specificity"] == 1.0 and m["accuracy"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert m["balanced_accuracy"] == skm.balanced_accuracy_score(y, (p >= 0.5).astype(int))
+
+
+@pytest.mark.parametrize("y, p", [([0, 2], [0.1, 0.2]), ([0, 1], [0.1, 1.2]), ([0, 1], [0.1]), ([], []),
+                                  ([0, 1], [0.1, np.nan])])
+def test_binary_metrics_rejects_bad_input(y: list[int], p: list[float]) -> None:
+    with pytest.raises(ValueError):
+        M.binary_metrics(np.array(y), np.array(p), 0.5)
+
+
+# ----------------------------------------------------------------------------- multiclass
+def _mc_data(n: int = 400, k: int = 3, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y, proba
+
+
+def test_multiclass_metrics_match_sklearn() -> None:
+    y, proba = _mc_data()
+    names = ["normal", "pneumonia", "covid"]
+    m = M.multiclass_metrics(y, proba, names)
+    pred = proba.argmax(axis=1)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    for avg in ("macro", "weighted"):
+        assert m[f"{avg}_precision"] == pytest.approx(skm.precision_score(y, pred, average=avg))
+        assert m[f"{avg}_recall"] == pytest.approx(skm.recall_score(y, pred, average=avg))
+        assert m[f"{avg}_f1"] == pytest.approx(skm.f1_score(y, pred, average=avg))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(y, proba, labels=[0, 1, 2]))
+    f1s = skm.f1_score(y, pred, average=None)
+    for c, name in enumerate(names):
+        assert m["per_class"][name]["f1"] == pytest.approx(f1s[c])
+        assert m["per_class"][name]["support"] == int((y == c).sum())
+    assert m["per_class"]["covid"]["recall"] == pytest.approx(skm.recall_score(y, pred, average=None)[2])
+
+
+def test_multiclass_ece_hand_computed_and_missing_class_auc_nan() -> None:
+    # max probs .9 (right), .9 (wrong), .6, .6 (both right): bins give |.9-.5|*2/4 + |.6-1|*2/4 = .4
+    proba = np.array([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.2, 0.6, 0.2], [0.2, 0.6, 0.2]])
+    y = np.array([0, 1, 1, 1])  # class 2 never occurs
+    m = M.multiclass_metrics(y, proba, ["a", "b", "c"])
+    assert m["ece"] == pytest.approx(0.4, abs=1e-12)
+    assert math.isnan(m["roc_auc"])
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_confusion_matches_sklearn() -> None:
+    rng = np.random.default_rng(3)
+    t, q = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    np.testing.assert_array_equal(M.confusion(t, q, 4), skm.confusion_matrix(t, q, labels=range(4)))
+    np.testing.assert_array_equal(M.confusion(np.array([0]), np.array([0]), 3), np.diag([1, 0, 0]))
+    with pytest.raises(ValueError):
+        M.confusion(np.array([0, 3]), np.array([0, 1]), 3)
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def test_bootstrap_ci_deterministic_and_contains_estimate() -> None:
+    y, p = _data(n=300, seed=4)
+
+    def auc(a: np.ndarray, b: np.ndarray) -> float:
+        return float(skm.roc_auc_score(a, b))
+
+    ci = M.bootstrap_ci(auc, y, p, n=100, seed=7)
+    assert ci == M.bootstrap_ci(auc, y, p, n=100, seed=7)
+    assert ci != M.bootstrap_ci(auc, y, p, n=100, seed=8)
+    assert ci[0] < skm.roc_auc_score(y, p) < ci[1]
+    assert M.bootstrap_ci(auc, y, p, n=0, seed=7) == (pytest.approx(math.nan, nan_ok=True),) * 2
+
+
+def test_bootstrap_ci_skips_nan_resamples() -> None:
+    y = np.array([1] + [0] * 9)  # many resamples lack the single positive -> AUC undefined
+    p = np.linspace(0.9, 0.0, 10)
+    calls: list[float] = []
+
+    def auc(a: np.ndarray, b: np.ndarray) -> float:
+        assert a.shape == b.shape == (10,)  # each resample has the original size
+        v = skm.roc_auc_score(a, b) if 0 < a.sum() < a.size else math.nan
+        calls.append(v)
+        return v
+
+    lo, hi = M.bootstrap_ci(auc, y, p, n=100, seed=0)
+    assert any(math.isnan(v) for v in calls) and lo == hi == 1.0
+    assert all(map(math.isnan, M.bootstrap_ci(lambda a, b: math.nan, y, p, n=20, seed=0)))
+
+
+def test_metrics_with_ci_equals_per_resample_sklearn() -> None:
+    """The vectorised bootstrap must reproduce the naive one on the same seeded resamples."""
+    y, p = _data(n=300, seed=5)
+    thr = 0.5
+    out = M.metrics_with_ci(y, p, thr, n_boot=60, seed=11)
+    naive = {
+        "roc_auc": lambda a, b: skm.roc_auc_score(a, b),
+        "pr_auc": lambda a, b: skm.average_precision_score(a, b),
+        "f1": lambda a, b: skm.f1_score(a, b >= thr, zero_division=0),
+        "mcc": lambda a, b: skm.matthews_corrcoef(a, b >= thr),
+        "brier": lambda a, b: skm.brier_score_loss(a, b),
+        "balanced_accuracy": lambda a, b: skm.balanced_accuracy_score(a, b >= thr),
+        "ece": lambda a, b: M.binary_metrics(a, b, thr)["ece"],
+    }
+    for key, fn in naive.items():
+        lo, hi = M.bootstrap_ci(fn, y, p, n=60, seed=11)
+        assert out[key]["ci_low"] == pytest.approx(lo, abs=1e-12), key
+        assert out[key]["ci_high"] == pytest.approx(hi, abs=1e-12), key
+
+
+def test_metrics_with_ci_contains_point_estimate_and_is_fast() -> None:
+    y, p = _data(n=1000, seed=6, decimals=None)
+    start = time.perf_counter()
+    out = M.metrics_with_ci(y, p, 0.5, n_boot=500, seed=0)
+    assert time.perf_counter() - start < 5.0
+    assert set(out) == set(M.BINARY_SCORES)
+    point = M.binary_metrics(y, p, 0.5)
+    for key, d in out.items():
+        assert d["value"] == point[key]
+        assert d["ci_low"] <= d["value"] <= d["ci_high"], key
+    assert out == M.metrics_with_ci(y, p, 0.5, n_boot=500, seed=0)
+    none = M.metrics_with_ci(y, p, 0.5, n_boot=0, seed=0)
+    assert math.isnan(none["f1"]["ci_low"]) and none["f1"]["value"] == point["f1"]
+
+
+# ----------------------------------------------------------------------------- thresholds
+# Scores high -> low with labels 1,1,1,0,1,0,0,1,0,0 (5 positives, 5 negatives).
+Y_A = np.array([1, 1, 1, 0, 1, 0, 0, 1, 0, 0])
+P_A = np.array([0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+
+
+@pytest.mark.parametrize("target, thr, sens, spec", [
+    (0.9, 0.3, 1.0, 0.4),   # needs all 5 positives: lowest positive score
+    (0.8, 0.6, 0.8, 0.8),   # 4 positives reached at 0.6 (one negative at 0.7 above it)
+    (0.6, 0.8, 0.6, 1.0),   # 3 positives reached at 0.8, no false positive yet
+    (1.0, 0.3, 1.0, 0.4),
+])
+def test_target_sensitivity_picks_highest_qualifying_threshold(target, thr, sens, spec) -> None:
+    r = M.choose_threshold(Y_A[::-1], P_A[::-1], "target_sensitivity", target)  # input order irrelevant
+    assert r["threshold"] == thr and r["rule"] == "target_sensitivity"
+    assert r["val_sensitivity"] == pytest.approx(sens) and r["val_specificity"] == pytest.approx(spec)
+    m = M.binary_metrics(Y_A, P_A, r["threshold"])
+    assert m["recall"] == pytest.approx(r["val_sensitivity"]) and m["f1"] == pytest.approx(r["val_f1"])
+
+
+def test_max_f1_and_youden_on_hand_example() -> None:
+    # A: F1 per threshold .333 .571 .75 .667 .8 .727 .667 .769 .714 .667 -> max at 0.6.
+    # Youden J ties at 0.8 and 0.6 (0.6 each); ties go to the lower threshold.
+    assert M.choose_threshold(Y_A, P_A, "max_f1")["threshold"] == 0.6
+    assert M.choose_threshold(Y_A, P_A, "max_f1")["val_f1"] == pytest.approx(0.8)
+    assert M.choose_threshold(Y_A, P_A, "youden")["threshold"] == 0.6
+    # B: labels 1,1,1,1,0,0,1,1,0,0. J max = 4/6 at 0.6; F1 max = 12/14 at 0.3.
+    y_b = np.array([1, 1, 1, 1, 0, 0, 1, 1, 0, 0])
+    p_b = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.2, 0.1])
+    yd = M.choose_threshold(y_b, p_b, "youden")
+    assert (yd["threshold"], yd["val_specificity"]) == (0.6, 1.0)
+    assert yd["val_sensitivity"] == pytest.approx(4 / 6)
+    f1 = M.choose_threshold(y_b, p_b, "max_f1")
+    assert (f1["threshold"], f1["val_sensitivity"]) == (0.3, 1.0)
+    assert f1["val_f1"] == pytest.approx(12 / 14)
+
+
+def test_threshold_with_tied_scores_calls_all_ties_positive() -> None:
+    r = M.choose_threshold(np.array([1, 0, 1, 0]), np.array([0.8, 0.5, 0.5, 0.2]), "target_sensitivity", 1.0)
+    assert r["threshold"] == 0.5 and r["val_sensitivity"] == 1.0 and r["val_specificity"] == 0.5
+
+
+def test_target_sensitivity_matches_brute_force() -> None:
+    y, p = _data(n=300, seed=9)
+    r = M.choose_threshold(y, p, "target_sensitivity", 0.85)
+    sens = {t: M.binary_metrics(y, p, t)["recall"] for t in np.unique(p)}
+    assert r["threshold"] == max(t for t, s in sens.items() if s >= 0.85)
+    assert r["val_sensitivity"] >= 0.85
+
+
+def test_choose_threshold_rejects_single_class_and_unknown_rule() -> None:
+    with pytest.raises(ValueError):
+        M.choose_threshold(np.zeros(4, dtype=int), np.linspace(0, 1, 4), "youden")
+    with pytest.raises(ValueError):
+        M.choose_threshold(Y_A, P_A, "bogus")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- plot points
+def test_calibration_points_match_sklearn_including_bin_edges() -> None:
+    y, p = _data(n=500, seed=10, decimals=1)  # many scores exactly on bin edges
+    pts = M.calibration_curve_points(y, p)
+    frac, mean = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose([d["fraction_positive"] for d in pts], frac)
+    np.testing.assert_allclose([d["mean_predicted"] for d in pts], mean)
+    assert sum(d["count"] for d in pts) == 500
+
+
+def test_roc_and_pr_points_downsampled_json_safe() -> None:
+    y, p = _data(n=5000, seed=12, decimals=None)
+    roc, pr = M.roc_points(y, p), M.pr_points(y, p)
+    assert 2 < len(roc) <= 200 and 2 < len(pr) <= 200
+    assert (roc[0]["fpr"], roc[0]["tpr"]) == (0.0, 0.0) and (roc[-1]["fpr"], roc[-1]["tpr"]) == (1.0, 1.0)
+    assert pr[0]["recall"] == 0.0 and pr[-1]["recall"] == 1.0
+    assert np.all(np.diff([d["recall"] for d in pr]) >= 0)
+    json.dumps({"roc": roc, "pr": pr}, allow_nan=False)  # no inf/nan in DVC plot files
+    small_y, small_p = _data(n=50, seed=13)
+    fpr, tpr, _ = skm.roc_curve(small_y, small_p)
+    assert [(d["fpr"], d["tpr"]) for d in M.roc_points(small_y, small_p)] == list(zip(fpr, tpr))
+    assert M.roc_points(np.zeros(5, dtype=int), np.linspace(0, 1, 5)) == []
+
+
+# ----------------------------------------------------------------------------- gates
+GATES = {"min_f1": 0.7, "min_recall": 0.8, "min_auc": None, "min_specificity": None,
+         "non_inferiority_margin": 0.02}
+
+
+def test_gates_pass_exactly_at_boundary() -> None:
+    r = M.evaluate_gates({"f1": 0.7, "recall": 0.8, "roc_auc": 0.9}, GATES, None)
+    assert r["passed"] and r["failures"] == []
+    assert [g["name"] for g in r["gates"]] == ["min_f1", "min_recall"]  # None gates are skipped
+    assert r["gates"][0] == {"name": "min_f1", "metric": "f1", "value": 0.7, "bound": 0.7, "op": ">=",
+                             "passed": True}
+    assert r["non_inferiority"] == {"skipped": True, "note": "no champion registered"}
+
+
+def test_gates_fail_just_below_boundary() -> None:
+    r = M.evaluate_gates({"f1": float(np.nextafter(0.7, 0)), "recall": 0.8}, GATES, None)
+    assert not r["passed"] and [g["passed"] for g in r["gates"]] == [False, True]
+    # 3 decimals would print "0.700 < 0.700"; the message shows full precision instead
+    assert r["failures"] == ["f1 0.6999999999999998 < min_f1 0.7"]
+
+
+def test_gate_failure_message_and_nan_fails() -> None:
+    r = M.evaluate_gates({"f1": 0.612, "recall": 0.9, "roc_auc": math.nan},
+                         {**GATES, "min_auc": 0.8, "min_specificity": 0.5}, None)
+    assert "f1 0.612 < min_f1 0.700" in r["failures"]
+    auc = next(g for g in r["gates"] if g["name"] == "min_auc")
+    assert not auc["passed"]
+    spec = next(g for g in r["gates"] if g["name"] == "min_specificity")  # missing metric fails too
+    assert not spec["passed"] and not r["passed"] and len(r["failures"]) == 3
+
+
+def test_non_inferiority_against_champion() -> None:
+    champ = {"f1": 0.75, "recall": 0.85}
+    ok = M.evaluate_gates({"f1": 0.74, "recall": 0.85 - 0.02}, GATES, champ)  # within margin / at bound
+    assert ok["passed"] and not ok["non_inferiority"]["skipped"]
+    assert [e["metric"] for e in ok["non_inferiority"]["entries"]] == ["f1", "recall"]
+    assert all(e["passed"] for e in ok["non_inferiority"]["entries"])
+    bad = M.evaluate_gates({"f1": 0.72, "recall": 0.9}, GATES, champ)  # f1 dropped 0.03 > 0.02
+    assert not bad["passed"]
+    assert [e["passed"] for e in bad["non_inferiority"]["entries"]] == [False, True]
+    assert len(bad["failures"]) == 1 and "non-inferiority" in bad["failures"][0]
+
+
+def test_gates_accept_pydantic_settings() -> None:
+    config = pytest.importorskip("medclf.config")
+    g = config.Gates(min_f1=0.7, min_recall=0.8, non_inferiority_margin=0.02)
+    assert M.evaluate_gates({"f1": 0.7, "recall": 0.8}, g, None)["passed"]
