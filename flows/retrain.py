@@ -1,0 +1,198 @@
+"""The retraining flow: ingest → validate → augment → train → evaluate → register, each through DVC.
+
+    python -m flows.retrain                          # the whole flow, once, on params.yaml
+    python -m flows.retrain --until validate         # stop after a stage
+    python -m flows.retrain --serve --cron "0 3 * * 1"   # long-running process with a schedule
+
+Prefect adds what DVC lacks (schedule, retries, UI, artifacts, GPU routing); DVC decides
+what is stale and keeps `dvc.lock` the single record of what ran. Without
+PREFECT_API_URL Prefect starts a temporary local API for the run (ephemeral mode).
+Stages talk to MLflow at `settings.mlflow.resolved_uri()` (MLFLOW_TRACKING_URI wins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+from flows.summary import NO_CHANGE, headline, metric_rows, render_summary
+from medclf import STAGES
+from medclf.config import Settings, load_settings
+from tasks import RETRIES, TASKS
+from tasks.common import StageFailed, push_task
+from tasks.train import train_on_gpu
+
+GPU_ENV = "MEDCLF_GPU_DEPLOYMENT"
+"""`flow-name/deployment-name` of the GPU training deployment; unset = train in process."""
+StageName = Literal["ingest", "validate", "augment", "train", "evaluate", "register"]
+_push = push_task()
+
+
+def _under(root: Path, p: Path) -> Path:
+    return p if p.is_absolute() else root / p
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _dataset(root: Path, s: Settings) -> dict[str, Any]:
+    from medclf.tracking import dvc_lock_hash
+
+    info: dict[str, Any] = {"path": str(s.paths.ingest_dir)}
+    md5 = dvc_lock_hash(s.paths.ingest_dir, root / "dvc.lock")
+    if md5:
+        info["dvc_md5"] = md5
+    summary = _read_json(_under(root, s.paths.reports_dir) / "ingest" / "summary.json") or {}
+    info.update({k: summary[k] for k in ("images", "patients", "splits", "classes", "quarantined")
+                 if k in summary})
+    return info
+
+
+def _experiment_id(uri: str, run_id: str) -> str | None:
+    """One REST call instead of importing mlflow (seconds) into the orchestrating process."""
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/runs/get?" + urllib.parse.urlencode({"run_id": run_id})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.load(resp)["run"]["info"]["experiment_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def mlflow_links(uri: str, register: dict[str, Any] | None, train_run: dict[str, Any] | None) -> dict[str, str]:
+    if not uri.startswith(("http://", "https://")):
+        return {}
+    base, links = uri.rstrip("/"), {}
+    for label, rec in (("MLflow training run", train_run), ("MLflow registered run", register)):
+        run_id = (rec or {}).get("run_id")
+        if run_id and run_id not in " ".join(links.values()):
+            exp = _experiment_id(uri, run_id)
+            links[label] = f"{base}/#/experiments/{exp}/runs/{run_id}" if exp else f"{base}/#/runs/{run_id}"
+    if register and register.get("version") is not None:
+        name = urllib.parse.quote(str(register.get("model_name")))
+        links["MLflow model version"] = f"{base}/#/models/{name}/versions/{register['version']}"
+    return links
+
+
+def backoff(base: float, retries: int) -> list[float] | float:
+    """Delays base, 2·base, 4·base, ... (Prefect wants a list, or a number when there are none)."""
+    return [base * 2**i for i in range(retries)] if base and retries else 0
+
+
+def _stage_task(stage: str, s: Settings, delay: float, gpu_deployment: str | None) -> Any:
+    task = train_on_gpu if stage == "train" and gpu_deployment else TASKS[stage]
+    retries = RETRIES[stage](s)
+    return task.with_options(retries=retries, retry_delay_seconds=backoff(delay, retries),
+                             retry_jitter_factor=0.2 if delay else None)
+
+
+def _publish(root: Path, s: Settings, outcomes: list[dict[str, Any]], planned: list[str], t0: float,
+             push: dict[str, Any] | None, failure: str | None) -> dict[str, Any]:
+    """Markdown run summary + metrics table in the Prefect UI; returns the facts used."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    reports = _under(root, s.paths.reports_dir)
+    register = _read_json(reports / "register.json")
+    gates = _read_json(reports / "gates.json")
+    train_run = _read_json(_under(root, s.paths.model_dir) / "train_run.json")
+    links = mlflow_links(s.mlflow.resolved_uri(), register, train_run)
+    dataset = _dataset(root, s)
+    md = render_summary(outcomes=outcomes, dataset=dataset, gates=gates, register=register, links=links,
+                        push=push, wall_seconds=time.perf_counter() - t0, failure=failure, planned=planned)
+    create_markdown_artifact(md, key="medclf-retrain-summary", description="medclf retraining run summary")
+    rows = metric_rows(_read_json(reports / "metrics.json"))
+    if rows:
+        create_table_artifact(rows, key="medclf-metrics", description="reports/metrics.json of this run")
+    return {"register": register, "gates": gates, "dataset": dataset, "links": links, "markdown": md}
+
+
+@flow(name="medclf-retrain", description="Retrain through DVC: ingest, validate, augment, train, evaluate, "
+      "register (a gate-passing model becomes the challenger).")
+def retrain(project_dir: str = ".", until: StageName | None = None, force: bool = False, push: bool = True,
+            gpu_deployment: str | None = None, retry_delay_seconds: float = 10.0) -> dict[str, Any]:
+    """Run the pipeline; unchanged stages are skipped by DVC, failed checks and gates fail the run.
+
+    gpu_deployment: `flow/deployment` to train on (GPU work pool); default env MEDCLF_GPU_DEPLOYMENT,
+    unset = train in this process. retry_delay_seconds: base of the exponential backoff.
+    """
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from tqdm import tqdm
+
+    log = get_run_logger()
+    t0 = time.perf_counter()
+    root = Path(project_dir).resolve()
+    s = load_settings(root / "params.yaml")
+    gpu = gpu_deployment or os.environ.get(GPU_ENV) or None
+    planned = list(STAGES[: STAGES.index(until) + 1] if until else STAGES)
+    log.info("medclf retrain in %s: %s%s", root, " → ".join(planned), f" (train on GPU: {gpu})" if gpu else "")
+    progress = create_progress_artifact(0.0, key="medclf-retrain-progress", description="stages done")
+    outcomes: list[dict[str, Any]] = []
+    pushed: dict[str, Any] | None = None
+    bar = tqdm(total=len(planned), desc="medclf retrain", unit="stage", disable=None, file=sys.stderr)
+    try:
+        for i, stage in enumerate(planned):
+            bar.set_postfix_str(stage)
+            task = _stage_task(stage, s, retry_delay_seconds, gpu)
+            outcome = task(gpu, str(root), force) if stage == "train" and gpu else task(str(root), force)
+            outcomes.append(outcome)
+            log.info("%s: %s in %.1f s (%s)", stage, outcome["status"], outcome["seconds"], outcome["reason"])
+            update_progress_artifact(progress, 100.0 * (i + 1) / len(planned))
+            bar.update()
+        if push:
+            pushed = _push.with_options(retry_delay_seconds=backoff(retry_delay_seconds, 3))(str(root))
+    except StageFailed as err:
+        bar.close()
+        _publish(root, s, outcomes, planned, t0, pushed, failure=str(err))
+        raise
+    bar.close()
+    facts = _publish(root, s, outcomes, planned, t0, pushed, failure=None)
+    line = headline(outcomes, facts["register"])
+    log.info("%s (%.1f s)", line, time.perf_counter() - t0)
+    return {"headline": line, "retrained": line != NO_CHANGE, "stages": outcomes, "push": pushed,
+            "model": facts["register"], "dataset": facts["dataset"], "links": facts["links"],
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--project-dir", default=".", help="the DVC project (default: current directory)")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
+    p.add_argument("--no-push", dest="push", action="store_false", help="skip the final `dvc push`")
+    p.add_argument("--gpu-deployment", default=None, help=f"train on this deployment (or env {GPU_ENV})")
+    p.add_argument("--retry-delay", type=float, default=10.0, help="base seconds of the retry backoff")
+    p.add_argument("--serve", action="store_true", help="serve the flow with a schedule (blocks)")
+    p.add_argument("--cron", default="0 3 * * 1", help="cron schedule for --serve (default: Mondays 03:00)")
+    p.add_argument("--name", default="medclf-retrain-served", help="deployment name for --serve")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    params = {"project_dir": str(Path(args.project_dir).resolve()), "until": args.until, "force": args.force,
+              "push": args.push, "gpu_deployment": args.gpu_deployment, "retry_delay_seconds": args.retry_delay}
+    if args.serve:
+        retrain.serve(name=args.name, cron=args.cron, parameters=params)
+        return 0
+    state = retrain(**params, return_state=True)
+    if state.is_completed():
+        print(state.result()["headline"])
+        return 0
+    print(f"medclf retrain failed: {state.message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

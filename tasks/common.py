@@ -1,0 +1,266 @@
+"""The one edge between Prefect and the stages: run a stage *through DVC*.
+
+Why through DVC and not by calling `medclf.stages.<stage>.run` directly: DVC
+already knows whether a stage's code, params and inputs changed, skips it when
+not, and records what ran in `dvc.lock`. Calling the stage ourselves would make
+a second, disagreeing record. So a task here only
+
+1. asks DVC (Python API, in process: ~0.2 s instead of ~2-5 s for a `dvc status`
+   process) whether the stage is up to date and, if not, why;
+2. if it is not, runs `dvc repro --single-item <stage>` as a child process, with
+   this interpreter's bin directory first on PATH so `medclf` is the venv's.
+
+The child process is deliberate: its output is streamed into the task log line by
+line (progress in the UI), the stage's own error line can be lifted into the
+exception, a killed stage kills only the child, and TensorFlow's memory is given
+back when each stage ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+TAIL_LINES = 15
+# Errors a later attempt can fix: network, throttling, servers down, a killed process.
+_TRANSIENT = re.compile(
+    r"cannot (list|read)|unreachable|timed? ?out|connection|temporar|throttl|slowdown|"
+    r"service ?unavailable|internal ?error|too many requests|\b50[0234]\b|"
+    r"exited with -\d+|exited with 13[47]|killed|broken pipe|reset by peer|TrackingUnavailable",
+    re.IGNORECASE)
+# Errors that will fail identically on every attempt: retrying only wastes time.
+_DETERMINISTIC = {"ValidationFailed", "GateFailed", "ConfigError", "IngestError", "ValidationError"}
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero. The message leads with the stage's own error line."""
+
+    def __init__(self, stage: str, returncode: int, error: str, tail: list[str]) -> None:
+        self.stage, self.returncode, self.error, self.tail = stage, returncode, error, tail
+        m = re.match(rf"medclf {stage}: (\w+):", error)
+        self.error_type = m.group(1) if m else None
+        body = "\n".join(f"    {line}" for line in tail)
+        super().__init__(f"stage '{stage}' failed: {error}\n  last lines of its output:\n{body}")
+
+    @property
+    def transient(self) -> bool:
+        if self.error_type in _DETERMINISTIC:
+            return False
+        return bool(_TRANSIENT.search(self.error) or _TRANSIENT.search("\n".join(self.tail[-5:])))
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage in one flow run (small and JSON-friendly)."""
+
+    stage: str
+    status: str  # "ran" | "skipped" | "restored" (outputs checked out from DVC's run-cache)
+    reason: str
+    seconds: float
+    attempt: int = 1
+    tail: list[str] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    """The stage's own JSON result, as printed by `medclf <stage>`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for stage processes: this interpreter's bin dir first on PATH.
+
+    `sys.executable` is not resolved on purpose: a venv's `python` is a symlink to the
+    base interpreter, and only the unresolved path points at the venv's bin dir.
+    """
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def describe_status(entries: list[Any]) -> str:
+    """Turn `dvc status` entries into one human sentence ("params changed: ingest; ...")."""
+    parts: list[str] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            parts.append(entry)
+            continue
+        for kind, changes in entry.items():
+            what = kind.replace("changed ", "")
+            if not isinstance(changes, dict):
+                parts.append(f"{what}: {changes}")
+                continue
+            by_state: dict[str, list[str]] = {}
+            for path, state in changes.items():
+                if isinstance(state, dict):  # params: {"params.yaml": {"ingest": "modified"}}
+                    for key, st in state.items():
+                        by_state.setdefault(f"params {st}", []).append(key)
+                else:
+                    by_state.setdefault(f"{what} {state}", []).append(path)
+            parts += [f"{label}: {', '.join(sorted(paths))}" for label, paths in by_state.items()]
+    return "; ".join(parts) or "changed"
+
+
+def dvc_status(stage: str, root: Path) -> list[Any]:
+    """DVC's reasons why `stage` is out of date; [] when deps, params and outs match dvc.lock."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.status(targets=[stage]).get(stage, [])
+
+
+def in_lock(stage: str, root: Path) -> bool:
+    import yaml
+
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return False
+    return stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {})
+
+
+def _stage_error(stage: str, lines: list[str], returncode: int) -> str:
+    """The most telling line: the stage's own `medclf <stage>: Type: message`, else DVC's."""
+    own = [ln for ln in lines if ln.startswith(f"medclf {stage}:")]
+    if own:
+        return own[-1]
+    dvc_err = [ln for ln in lines if ln.startswith("ERROR")]
+    return dvc_err[-1] if dvc_err else f"exited with {returncode}"
+
+
+def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool = False,
+                      logger: logging.Logger | None = None, env: dict[str, str] | None = None,
+                      attempt: int = 1) -> StageOutcome:
+    """Skip `stage` if DVC says it is up to date, else `dvc repro --single-item` it."""
+    log = logger or logging.getLogger(f"medclf.tasks.{stage}")
+    root = Path(project_dir).resolve()
+    t0 = time.perf_counter()
+    entries = dvc_status(stage, root)
+    if not entries and not force:
+        reason = "unchanged: code, params and inputs match dvc.lock"
+        log.info("%s: %s - skipped", stage, reason)
+        return StageOutcome(stage, "skipped", reason, round(time.perf_counter() - t0, 2), attempt)
+    if force:
+        reason = "forced"
+    elif not in_lock(stage, root):
+        reason = "first run (not in dvc.lock yet)"
+    else:
+        reason = describe_status(entries)
+    log.info("%s: running (%s)", stage, reason)
+    cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+    tail: deque[str] = deque(maxlen=200)
+    result: dict[str, Any] | None = None
+    block: list[str] | None = None  # the stage's JSON result (`medclf` prints it last), logged as one line
+    proc = subprocess.Popen(cmd, cwd=root, env=venv_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip()
+        if not line:
+            continue
+        tail.append(line)
+        if line == "{" and block is None:
+            block = [line]
+        elif block is not None:
+            block.append(line)
+            if line == "}":
+                result, block = _parse_result(block), None
+                log.info("%s | result: %s", stage, json.dumps(result, default=str) if result else "")
+        else:
+            log.info("%s | %s", stage, line)
+    rc = proc.wait()
+    lines = list(tail)
+    if rc != 0:
+        raise StageFailed(stage, rc, _stage_error(stage, lines, rc), lines[-TAIL_LINES:])
+    cached = any("is cached - skipping run" in ln for ln in lines)
+    status = "restored" if cached else "ran"
+    if cached:
+        reason += " (outputs restored from DVC's run-cache, not recomputed)"
+    return StageOutcome(stage, status, reason, round(time.perf_counter() - t0, 2), attempt, lines[-TAIL_LINES:],
+                        result)
+
+
+def _parse_result(block: list[str]) -> dict[str, Any] | None:
+    try:
+        out = json.loads("\n".join(block))
+    except ValueError:
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry network/killed failures, never a failed check or gate."""
+    try:
+        state.result()
+    except StageFailed as err:
+        return err.transient
+    except Exception:  # noqa: BLE001 - anything else (DVC lock, OS) is worth one more try
+        return True
+    return False
+
+
+def dvc_push(project_dir: str | Path = ".", remote: str | None = None,
+             logger: logging.Logger | None = None) -> dict[str, Any]:
+    """Push every cached output in dvc.lock to the configured remote (no-op if none is set)."""
+    from dvc.config import NoRemoteError
+    from dvc.repo import Repo
+
+    log = logger or logging.getLogger("medclf.tasks.push")
+    t0 = time.perf_counter()
+    with Repo(str(Path(project_dir).resolve())) as repo:
+        name = remote or repo.config["core"].get("remote")
+        if not name:
+            log.warning("no DVC remote configured (`dvc remote add -d NAME URL`); outputs stay local")
+            return {"remote": None, "pushed": 0, "seconds": 0.0}
+        try:
+            pushed = repo.push(remote=name)
+        except NoRemoteError as err:
+            raise RuntimeError(f"dvc push: {err}") from err
+    out = {"remote": name, "pushed": int(pushed), "seconds": round(time.perf_counter() - t0, 2)}
+    log.info("dvc push to '%s': %d file(s) uploaded", name, out["pushed"])
+    return out
+
+
+def stage_task(stage: str, description: str) -> Any:
+    """Build the Prefect task for one stage: a thin wrapper around `run_stage_via_dvc`.
+
+    No Prefect result caching (`NO_CACHE`): DVC is the cache, and two caches could disagree.
+    Retries are set per run by the flow (`Task.with_options`), because whether a stage is
+    "transient" depends on the configuration (ingest from S3 is, from a local folder is not);
+    `transient_only` keeps a failed check or gate from ever being retried.
+    """
+    from prefect import get_run_logger, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.runtime import task_run
+
+    def _run(project_dir: str = ".", force: bool = False) -> dict[str, Any]:
+        outcome = run_stage_via_dvc(stage, project_dir, force=force, logger=get_run_logger(),
+                                    attempt=task_run.run_count or 1)
+        return outcome.to_dict()
+
+    _run.__name__ = _run.__qualname__ = stage
+    _run.__doc__ = description
+    return task(_run, name=stage, description=description, cache_policy=NO_CACHE, persist_result=False,
+                retry_condition_fn=transient_only)
+
+
+def push_task() -> Any:
+    """Prefect task `dvc-push`: uploads are network I/O, so up to 3 retries with backoff."""
+    from prefect import get_run_logger, task
+    from prefect.cache_policies import NO_CACHE
+
+    def dvc_push_task(project_dir: str = ".") -> dict[str, Any]:
+        return dvc_push(project_dir, logger=get_run_logger())
+
+    return task(dvc_push_task, name="dvc-push", cache_policy=NO_CACHE, persist_result=False, retries=3,
+                description="Push every DVC-cached output to the configured remote.")
