@@ -34,11 +34,14 @@ def main() -> None:
             "source": {"kind": "folder", "uri": args.data, "patient_id_regex": KERMANY_REGEX},
             "image_size": args.size, "channels": args.channels, "workers": args.workers}})
         settings = load_settings(params)
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        def cpu_seconds() -> float:
+            return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                          resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+        c0, t0 = cpu_seconds(), time.perf_counter()
         out = ingest.run(settings)
         wall = time.perf_counter() - t0
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        cpu = cpu_seconds() - c0
     n = out["images"] + out["quarantined"]
     print(f"images={n} size={args.size} channels={args.channels} cores={os.cpu_count()}")
     print(f"wall={wall:.2f}s end_to_end={n / wall:.1f} img/s decode_stage={out['decode_images_per_second']} img/s")

@@ -82,6 +82,10 @@ class S3Store(Store):
             "AWS_ENDPOINT_URL")
         self._client = client
 
+    def __getstate__(self) -> dict:
+        # boto3 clients cannot be pickled; each decode worker process makes its own.
+        return {**self.__dict__, "_client": None}
+
     @property
     def client(self):
         if self._client is None:

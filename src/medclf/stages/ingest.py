@@ -8,11 +8,14 @@ Outputs (all under `paths.ingest_dir`, swapped in atomically as one directory):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import multiprocessing
 import os
+import pickle
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +64,7 @@ def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
 
                 arr = decode_dicom(payload)
             else:
-                arr = decode_image(payload, cfg.max_image_pixels)
+                arr = decode_image(payload, cfg.max_image_pixels, cfg.channels, cfg.image_size)
         out.orig_shape = tuple(int(v) for v in arr.shape)  # type: ignore[assignment]
         out.image = fit_square(to_channels(arr, cfg.channels), cfg.image_size, cfg.resize)
     except DecodeError as err:
@@ -71,13 +74,32 @@ def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
     return out
 
 
+def _picklable(obj: object) -> bool:
+    try:
+        pickle.dumps(obj)
+        return True
+    except Exception:  # closures (synthetic source) cannot cross a process boundary
+        return False
+
+
 def decode_all(records: list[Record], cfg: Ingest) -> list[Decoded]:
-    """Decode in a thread pool: Pillow and zlib release the GIL, so all cores work."""
+    """Decode on every core.
+
+    File-backed records go to a process pool (decode + resize hold the GIL part of
+    the time, so threads alone leave cores idle); in-memory sources use threads.
+    """
     from tqdm import tqdm
 
     workers = cfg.workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        it = pool.map(lambda r: _decode_one(r, cfg), records, chunksize=1)
+    use_procs = workers > 1 and len(records) >= 256 and _picklable(records[0])
+    if use_procs:
+        ctx = multiprocessing.get_context("fork")
+        pool: ProcessPoolExecutor | ThreadPoolExecutor = ProcessPoolExecutor(workers, mp_context=ctx)
+        chunk = max(1, min(64, len(records) // (workers * 8)))
+    else:
+        pool, chunk = ThreadPoolExecutor(max_workers=workers), 1
+    with pool:
+        it = pool.map(functools.partial(_decode_one, cfg=cfg), records, chunksize=chunk)
         return list(tqdm(it, total=len(records), desc="ingest: decode", unit="img", mininterval=1.0,
                          disable=None))
 
