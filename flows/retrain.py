@@ -98,6 +98,15 @@ def _stage_task(stage: str, s: Settings, delay: float, gpu_deployment: str | Non
                              retry_jitter_factor=0.2 if delay else None)
 
 
+def _stage_artifact(stage: str, outcome: dict[str, Any]) -> None:
+    """A stage that returns `markdown` (validate's report) gets its own artifact in the UI."""
+    from prefect.artifacts import create_markdown_artifact
+
+    md = (outcome.get("result") or {}).get("markdown")
+    if isinstance(md, str) and md.strip():
+        create_markdown_artifact(md, key=f"medclf-{stage}", description=f"report of the {stage} stage")
+
+
 def _publish(root: Path, s: Settings, outcomes: list[dict[str, Any]], planned: list[str], t0: float,
              push: dict[str, Any] | None, failure: str | None) -> dict[str, Any]:
     """Markdown run summary + metrics table in the Prefect UI; returns the facts used."""
@@ -147,6 +156,7 @@ def retrain(project_dir: str = ".", until: StageName | None = None, force: bool 
             task = _stage_task(stage, s, retry_delay_seconds, gpu)
             outcome = task(gpu, str(root), force) if stage == "train" and gpu else task(str(root), force)
             outcomes.append(outcome)
+            _stage_artifact(stage, outcome)
             log.info("%s: %s in %.1f s (%s)", stage, outcome["status"], outcome["seconds"], outcome["reason"])
             update_progress_artifact(progress, 100.0 * (i + 1) / len(planned))
             bar.update()

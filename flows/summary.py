@@ -54,21 +54,20 @@ def gate_rows(gates: dict[str, Any] | None) -> list[dict[str, Any]]:
 def metric_rows(metrics: dict[str, Any] | None, prefix: str = "") -> list[dict[str, Any]]:
     """Numeric leaves of `reports/metrics.json` as {metric, value[, ci_low, ci_high]} rows.
 
-    A dict holding a value together with its interval (`{"value", "ci_low", "ci_high"}` or
-    `{"value", "ci": [lo, hi]}`) becomes one row, so the table reads like a paper's.
+    `f1`, `f1_ci_low`, `f1_ci_high` (the evaluate stage's flat layout, which `dvc metrics
+    diff` compares) become one row with its interval, so the table reads like a paper's.
     """
     rows: list[dict[str, Any]] = []
-    for key, val in (metrics or {}).items():
+    items = metrics or {}
+    for key, val in items.items():
         name = f"{prefix}{key}"
+        if key.endswith(("_ci_low", "_ci_high")) and key.rsplit("_ci_", 1)[0] in items:
+            continue
         if isinstance(val, dict):
-            point = next((val[k] for k in ("value", "point", "mean") if isinstance(val.get(k), Number)), None)
-            ci = val.get("ci") or val.get("ci95")
-            lo = val.get("ci_low", val.get("low", ci[0] if isinstance(ci, list | tuple) and ci else None))
-            hi = val.get("ci_high", val.get("high", ci[-1] if isinstance(ci, list | tuple) and ci else None))
-            if point is not None and (lo is not None or hi is not None):
-                rows.append({"metric": name, "value": float(point), "ci_low": lo, "ci_high": hi})
-            else:
-                rows += metric_rows(val, prefix=f"{name}.")
+            rows += metric_rows(val, prefix=f"{name}.")
+        elif f"{key}_ci_low" in items or f"{key}_ci_high" in items:
+            rows.append({"metric": name, "value": val, "ci_low": items.get(f"{key}_ci_low"),
+                         "ci_high": items.get(f"{key}_ci_high")})
         elif isinstance(val, Number) and not isinstance(val, bool):
             rows.append({"metric": name, "value": float(val)})
     return rows

@@ -38,7 +38,8 @@ _TRANSIENT = re.compile(
     r"exited with -\d+|exited with 13[47]|killed|broken pipe|reset by peer|TrackingUnavailable",
     re.IGNORECASE)
 # Errors that will fail identically on every attempt: retrying only wastes time.
-_DETERMINISTIC = {"ValidationFailed", "GateFailed", "ConfigError", "IngestError", "ValidationError"}
+_DETERMINISTIC = {"ValidationFailed", "GateFailed", "ConfigError", "IngestError", "ValidationError",
+                  "NoGpuWorker", "RemoteMismatch"}
 
 
 class StageFailed(RuntimeError):
@@ -130,10 +131,15 @@ def in_lock(stage: str, root: Path) -> bool:
 
 
 def _stage_error(stage: str, lines: list[str], returncode: int) -> str:
-    """The most telling line: the stage's own `medclf <stage>: Type: message`, else DVC's."""
-    own = [ln for ln in lines if ln.startswith(f"medclf {stage}:")]
-    if own:
-        return own[-1]
+    """The most telling text: the stage's own `medclf <stage>: Type: message` (all its lines), else DVC's."""
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(f"medclf {stage}:")]
+    if starts:
+        own = []
+        for ln in lines[starts[-1]:starts[-1] + 40]:
+            if ln.startswith("ERROR: failed to reproduce"):
+                break
+            own.append(ln)
+        return "\n".join(own)
     dvc_err = [ln for ln in lines if ln.startswith("ERROR")]
     return dvc_err[-1] if dvc_err else f"exited with {returncode}"
 

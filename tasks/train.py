@@ -17,6 +17,7 @@ date, which proves the worker ran the same code on the same inputs and params.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from medclf.config import Settings
 from tasks.common import StageFailed, StageOutcome, describe_status, dvc_push, dvc_status, stage_task
 
 LOCK_ARTIFACT_KEY = "medclf-train-lock"
+START_TIMEOUT_ENV = "MEDCLF_GPU_START_TIMEOUT_S"
 
 train = stage_task("train", "Train the classifier (head, then fine-tune); resumes from its backup on retry.")
 
@@ -85,6 +87,30 @@ def _remote_lock_entry(flow_run_id: Any) -> dict[str, Any]:
     return parse_lock_markdown(str(arts[-1].data))
 
 
+def _wait_for(flow_run_id: Any, deployment: str, start_timeout_s: float, poll_s: float = 2.0) -> Any:
+    """Wait for the remote run to finish; give up (and cancel it) if no worker takes it in time.
+
+    Without this, a deployment whose pool has no running worker would leave the flow
+    waiting forever on a run that stays Scheduled.
+    """
+    from prefect import get_client
+    from prefect.states import Cancelled
+
+    t0 = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if run.state is not None and run.state.is_scheduled() and time.monotonic() - t0 > start_timeout_s:
+                client.set_flow_run_state(flow_run_id, Cancelled(message="no GPU worker picked it up"),
+                                          force=True)
+                raise StageFailed("train", 1, f"medclf train: NoGpuWorker: no worker picked up the run of "
+                                  f"'{deployment}' within {start_timeout_s:.0f} s (env {START_TIMEOUT_ENV}); "
+                                  "start one: `prefect worker start --pool medclf-gpu`", [])
+            time.sleep(poll_s)
+
+
 def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) -> dict[str, Any]:
     from dvc.repo import Repo
     from prefect import get_run_logger
@@ -106,7 +132,9 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
     lock = root / "dvc.lock"
     run = run_deployment(deployment, parameters={
         "params_yaml": (root / "params.yaml").read_text(),
-        "dvc_lock": lock.read_text() if lock.exists() else None, "force": force}, timeout=None)
+        "dvc_lock": lock.read_text() if lock.exists() else None, "force": force}, timeout=0)
+    log.info("train: GPU flow run '%s' created; waiting for a worker of the deployment's pool", run.name)
+    run = _wait_for(run.id, deployment, float(os.environ.get(START_TIMEOUT_ENV, "1800")))
     state = run.state
     if state is None or not state.is_completed():
         msg = state.message if state else "no state"
