@@ -112,10 +112,31 @@ class Validate(_Section):
     low_contrast_std_max: float = 8.0
     saturated_fraction_max: float = 0.5
     inverted_border_mean_min: float = 200.0
-    near_duplicate_max_distance: int = Field(4, ge=0)
+    near_duplicate_hash_size: int = Field(16, ge=4, le=32)
+    """Perceptual hash side: 16 → 256-bit pHash. 64-bit (8) hashes collide between different chest X-rays."""
+    near_duplicate_max_distance: int = Field(10, ge=0)
+    """Largest Hamming distance (in bits of the hash) that counts as a near-duplicate."""
     drift_psi_max: float = 0.2
     drift_prevalence_max: float = 0.10
     max_examples: int = Field(10, ge=1)
+
+    @field_validator("severity")
+    @classmethod
+    def _known_checks(cls, v: dict[str, str]) -> dict[str, str]:
+        from medclf.validation.checks import CHECKS
+
+        unknown = sorted(set(v) - set(CHECKS))
+        if unknown:
+            raise ValueError(f"unknown check(s) {unknown}; choose from {sorted(CHECKS)}")
+        return v
+
+    @field_validator("split_fraction_bounds")
+    @classmethod
+    def _known_splits(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        unknown = sorted(set(v) - {"train", "val", "test"})
+        if unknown:
+            raise ValueError(f"unknown split(s) {unknown}; use train, val, test")
+        return v
 
 
 # --------------------------------------------------------------------------- augment

@@ -1,0 +1,120 @@
+"""validate: check the ingest output before anything trains on it.
+
+Reads `paths.ingest_dir`, builds evidence tables (per-image pixel statistics,
+perceptual hashes, leakage pairs, split and prevalence tables, drift against the
+last validated version), checks them with the GX suite in
+`medclf.validation.gx_suite`, and writes:
+
+- `reports/validation/site/` — GX Data Docs, plus `checks.json` (every check with its
+  bound and example files), `report.md` and `leakage.csv` (every duplicate pair);
+- `reports/validation/summary.json` — compact DVC metrics (counts, pass/fail, PSI);
+- `<cache_dir>/validation_baseline.json` — the drift baseline, only after a pass.
+
+Each check has a severity (`validate.severity`, defaults in
+`medclf.validation.checks.CHECKS`): `error` fails the stage with
+`ValidationFailed` (after the reports are written), `warn` only reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from medclf.config import Settings
+from medclf.io import atomic_dir, atomic_file, write_json
+from medclf.validation import drift as drift_mod
+from medclf.validation import gx_suite, leakage, report, tables
+from medclf.validation.checks import CHECKS, OFF, SKIPPED, severities
+
+log = logging.getLogger(__name__)
+NO_BASELINE = ("No baseline: this is the first validated version of the dataset, so drift is not checked. "
+               "This run becomes the baseline if it passes.")
+
+
+class ValidationFailed(RuntimeError):
+    """One or more error-severity checks failed; the message lists them with examples.
+
+    `result` holds the same dict a passing run returns (summary + `markdown`), so an
+    orchestrator can still publish the report of a failed run.
+    """
+
+    def __init__(self, message: str, result: dict | None = None) -> None:
+        super().__init__(message)
+        self.result = result or {}
+
+
+def baseline_path(settings: Settings) -> Path:
+    return settings.paths.cache_dir / "validation_baseline.json"
+
+
+def _drift_summary(baseline: dict | None, drift_table: pd.DataFrame, prevalence: pd.DataFrame,
+                   fingerprint: str) -> dict:
+    if baseline is None:
+        return {"baseline": None, "note": NO_BASELINE}
+    shift = prevalence["shift"].max() if "shift" in prevalence else float("nan")
+    same = baseline.get("fingerprint") == fingerprint
+    return {"baseline": {k: baseline.get(k) for k in ("fingerprint", "images", "created")},
+            "same_dataset": same,
+            "note": "dataset identical to the baseline" if same else "compared with the last validated version",
+            "intensity": {r.feature: {"psi": float(r.psi), "ks": float(r.ks)} for r in drift_table.itertuples()},
+            "prevalence_shift_max": 0.0 if pd.isna(shift) else round(float(shift), 6)}
+
+
+def run(settings: Settings) -> dict:
+    cfg, paths = settings.validation, settings.paths
+    t0 = time.perf_counter()
+    data = tables.load_ingest(paths.ingest_dir)
+    classes = list(settings.ingest.classes or data.classes.get("classes", []))
+    stats, hashes = tables.image_stats(data.images, data.labels, cfg.near_duplicate_hash_size)
+    t_stats = time.perf_counter()
+
+    images = tables.images_table(data.manifest, stats, classes)
+    leak = leakage.find_leakage(images, hashes, cfg.near_duplicate_max_distance)
+    images = leakage.annotate(images, leak)
+    prevalence = tables.prevalence_table(images, classes)
+    baseline = drift_mod.load_baseline(baseline_path(settings))
+    drift_table = pd.DataFrame(columns=["feature", "psi", "ks"])
+    if baseline is not None:
+        drift_table, prevalence = drift_mod.compare(images, prevalence, baseline)
+    evidence = {"manifest": data.manifest, "images": images.drop(columns=["_h"]),
+                "splits": tables.split_table(images, data), "prevalence": prevalence, "drift": drift_table}
+    t_tables = time.perf_counter()
+
+    severity = severities(cfg.severity)
+    suites = gx_suite.build_suites(cfg, severity, classes, has_baseline=baseline is not None)
+    site = paths.reports_dir / "validation" / "site"
+    with atomic_dir(site) as tmp:
+        results = gx_suite.run_suites(evidence, suites, tmp, cfg.max_examples)
+        checks = gx_suite.to_checks(results, severity, cfg.max_examples)
+        if baseline is None:
+            for name in ("drift_prevalence", "drift_intensity"):
+                if checks[name].status != OFF:
+                    checks[name].status, checks[name].note = SKIPPED, "no baseline yet (first validated version)"
+        t_gx = time.perf_counter()
+        counts = {s: int(n) for s, n in images["split"].value_counts().items()}
+        seconds = {"stats_and_hashes": round(t_stats - t0, 2), "tables_and_leakage": round(t_tables - t_stats, 2),
+                   "great_expectations": round(t_gx - t_tables, 2), "total": round(t_gx - t0, 2)}
+        summary = report.summarize(checks, leak.summary(cfg.max_examples),
+                                   _drift_summary(baseline, drift_table, prevalence, drift_mod.fingerprint(images)),
+                                   counts, seconds, str(site / "index.html"))
+        markdown = report.markdown(summary, checks)
+        with atomic_file(tmp / "leakage.csv") as fh:
+            leak.pairs.to_csv(fh, index=False)
+        write_json(tmp / "checks.json", summary)
+        with atomic_file(tmp / "report.md") as fh:
+            fh.write(markdown + "\n")
+    write_json(paths.reports_dir / "validation" / "summary.json", report.metrics(summary))
+    print(report.console_table(summary, checks), file=sys.stderr)
+    result = {**summary, "markdown": markdown}
+    if not summary["passed"]:
+        raise ValidationFailed(report.failure_message(checks), result)
+    write_json(baseline_path(settings), drift_mod.make_baseline(images, prevalence))
+    log.info("validate: passed with %d warning(s) in %.1f s", summary["n_warnings"], seconds["total"])
+    return result
+
+
+__all__ = ["CHECKS", "ValidationFailed", "run"]

@@ -1,0 +1,274 @@
+"""The Great Expectations suite of the validate stage, defined in code, and its runner.
+
+Every bound in `validate` params is one (or a few) GX expectations over five
+evidence tables (`tables.py`, `leakage.py`, `drift.py`): `manifest` (all rows),
+`images` (usable rows + pixel statistics + leakage partners), `splits`,
+`prevalence` and `drift`. Each expectation carries `meta.check`, the name used in
+`validate.severity`; a check with severity `off` is left out of the suite.
+
+GX (GX Core 1.x) is imported only inside these functions: it takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medclf.config import Validate
+from medclf.splits import SPLITS
+from medclf.validation.checks import CHECKS, OFF, SKIPPED, CheckResult, outcome
+from medclf.validation.tables import MANIFEST_COLUMNS, REQUIRED
+
+SITE = "medclf_validation"
+INDEX_COLUMNS = {"manifest": ["source_uri"], "images": ["file"], "splits": ["split"],
+                 "prevalence": ["split", "class"], "drift": ["feature"]}
+ROW_UNITS = {"manifest": "manifest rows", "images": "images"}
+
+
+def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
+                 has_baseline: bool) -> dict[str, list[Any]]:
+    """The expectations per table. The whole suite lives here, under version control."""
+    with _quiet():
+        import great_expectations.expectations as gxe
+        from great_expectations.expectations.row_conditions import Column
+
+    suites: dict[str, list[Any]] = defaultdict(list)
+
+    def add(table: str, check: str, exp: type, bound: str, **kwargs: Any) -> None:
+        sev = severity[check]
+        if sev == "off":
+            return
+        suites[table].append(exp(**kwargs, meta={"check": check, "bound": bound},
+                                 severity="critical" if sev == "error" else "warning",
+                                 notes=f"medclf check `{check}` ({sev}): {CHECKS[check][1]}"))
+
+    # manifest: the ingest contract
+    add("manifest", "schema", gxe.ExpectTableColumnsToMatchSet, "all ingest manifest columns present",
+        column_set=list(MANIFEST_COLUMNS), exact_match=False)
+    add("manifest", "schema", gxe.ExpectColumnValuesToBeInSet, "status ∈ {ok, quarantined}",
+        column="status", value_set=["ok", "quarantined"])
+    add("manifest", "unique_id", gxe.ExpectColumnValuesToBeUnique, "id unique", column="id")
+
+    # images: one row per usable image
+    add("images", "schema", gxe.ExpectColumnValuesToBeInSet, f"split ∈ {list(SPLITS)}", column="split",
+        value_set=list(SPLITS))
+    for col in REQUIRED:
+        add("images", "not_null", gxe.ExpectColumnValuesToNotBeNull, "required columns not null", column=col)
+    add("images", "unknown_label", gxe.ExpectColumnValuesToBeInSet, f"label ∈ {classes}", column="label",
+        value_set=list(classes))
+    add("images", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual,
+        "label_index = position of label in classes", column_A="label_index", column_B="expected_label_index",
+        ignore_row_if="either_value_is_missing")  # an unknown label is reported by `unknown_label`
+    add("images", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual,
+        "label_index = <split>_labels.npy[row]", column_A="label_index", column_B="array_label")
+    add("images", "array_consistency", gxe.ExpectCompoundColumnsToBeUnique, "(split, row) unique",
+        column_list=["split", "row"])
+    for col in ("orig_height", "orig_width"):
+        add("images", "image_size", gxe.ExpectColumnValuesToBeBetween, f"{cfg.min_size} ≤ size ≤ {cfg.max_size}",
+            column=col, min_value=cfg.min_size, max_value=cfg.max_size)
+    add("images", "channels", gxe.ExpectColumnValuesToBeBetween, "1 ≤ channels ≤ 4", column="orig_channels",
+        min_value=1, max_value=4)
+    add("images", "duplicate_within_split", gxe.ExpectCompoundColumnsToBeUnique, "(split, sha256) unique",
+        column_list=["split", "sha256"])
+    add("images", "duplicate_cross_split", gxe.ExpectColumnValuesToBeNull,
+        "no identical file in another split", column="duplicate_cross_split_of")
+    dist = f"no image within phash distance {cfg.near_duplicate_max_distance}"
+    add("images", "near_duplicate_cross_split", gxe.ExpectColumnValuesToBeNull, f"{dist} in another split",
+        column="near_duplicate_cross_split_of")
+    add("images", "near_duplicate_within_split", gxe.ExpectColumnValuesToBeNull, f"{dist} in the same split",
+        column="near_duplicate_within_split_of")
+    add("images", "patient_overlap", gxe.ExpectColumnValuesToBeNull, "each patient in one split",
+        column="patient_in_splits")
+    add("images", "patient_id_missing", gxe.ExpectColumnValuesToNotBeNull, "patient_hash not null",
+        column="patient_hash")
+    add("images", "blank", gxe.ExpectColumnValuesToBeBetween, f"std > {cfg.blank_std_max}", column="std",
+        min_value=cfg.blank_std_max, strict_min=True)
+    # A blank image is reported once, as blank, not also as low-contrast/saturated/inverted.
+    visible = Column("std") > cfg.blank_std_max if severity["blank"] != "off" else None
+    add("images", "low_contrast", gxe.ExpectColumnValuesToBeBetween, f"std > {cfg.low_contrast_std_max}",
+        column="std", min_value=cfg.low_contrast_std_max, strict_min=True, row_condition=visible)
+    for col, what in (("frac_white", "≥250"), ("frac_black", "≤5")):
+        add("images", "saturated", gxe.ExpectColumnValuesToBeBetween,
+            f"fraction of pixels {what} ≤ {cfg.saturated_fraction_max}", column=col,
+            max_value=cfg.saturated_fraction_max, row_condition=visible)
+    add("images", "inverted", gxe.ExpectColumnValuesToBeBetween, f"border mean < {cfg.inverted_border_mean_min}",
+        column="border_mean", max_value=cfg.inverted_border_mean_min, strict_max=True, row_condition=visible)
+
+    # splits and prevalence
+    for a, b, what in (("rows", "array_rows", "manifest rows = array rows"),
+                       ("rows", "label_rows", "manifest rows = label rows"),
+                       ("array_shape", "expected_shape", "array shape = classes.json size×size×channels")):
+        add("splits", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual, what, column_A=a, column_B=b)
+    for split, (lo, hi) in cfg.split_fraction_bounds.items():
+        add("splits", "split_fractions", gxe.ExpectColumnValuesToBeBetween, f"{split}: {lo} ≤ fraction ≤ {hi}",
+            column="fraction", min_value=lo, max_value=hi, row_condition=Column("split") == split)
+    lo, hi = cfg.prevalence_bounds
+    add("prevalence", "prevalence_bounds", gxe.ExpectColumnValuesToBeBetween, f"{lo} ≤ share ≤ {hi}",
+        column="share", min_value=lo, max_value=hi)
+    add("prevalence", "prevalence_gap", gxe.ExpectColumnValuesToBeBetween,
+        f"max−min share across splits ≤ {cfg.max_prevalence_gap}", column="gap", max_value=cfg.max_prevalence_gap)
+    if has_baseline:
+        add("prevalence", "drift_prevalence", gxe.ExpectColumnValuesToBeBetween,
+            f"|share − baseline share| ≤ {cfg.drift_prevalence_max}", column="shift",
+            max_value=cfg.drift_prevalence_max)
+        add("drift", "drift_intensity", gxe.ExpectColumnValuesToBeBetween, f"PSI ≤ {cfg.drift_psi_max}",
+            column="psi", max_value=cfg.drift_psi_max)
+    return dict(suites)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No analytics, INFO/deprecation chatter or stray prints from GX (progress bars: see run_suites).
+
+    GX logs at INFO while importing, and the CLI's root logger shows INFO, so the
+    `great_expectations` logger is raised to ERROR before the first import, for good.
+    """
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    _silence_loggers()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+    _silence_loggers()
+
+
+def _silence_loggers() -> None:
+    """Some GX modules set their own logger level to INFO at import; lift them all to ERROR."""
+    for name in ["great_expectations", *logging.root.manager.loggerDict]:
+        if name.startswith("great_expectations"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def run_suites(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], site_dir: Path | None,
+               max_examples: int) -> list[Any]:
+    """Validate each table against its suite; build Data Docs into `site_dir`. Returns GX results."""
+    with _quiet():
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        _silence_loggers()
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        if site_dir is not None:
+            ctx.add_data_docs_site(site_name=SITE, site_config={
+                "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                                  "base_directory": str(Path(site_dir).resolve())}})
+        source = ctx.data_sources.add_pandas("medclf_validate")
+        results = []
+        for table, expectations in suites.items():
+            if not expectations:
+                continue
+            batch_def = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe(table)
+            suite = ctx.suites.add(gx.ExpectationSuite(name=f"medclf_{table}", expectations=expectations))
+            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"medclf_{table}", data=batch_def,
+                                                                        suite=suite))
+            fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 2 * max_examples,
+                   "unexpected_index_column_names": INDEX_COLUMNS[table]}
+            res = vd.run(batch_parameters={"dataframe": tables[table]}, result_format=fmt)
+            results += [(table, r) for r in res.results]
+        if site_dir is not None:
+            ctx.build_data_docs(site_names=[SITE])
+    return results
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _examples(table: str, res: dict, max_examples: int) -> list[str]:
+    """Readable rows: the identifying columns, then the offending value(s); pairs listed once."""
+    out: list[str] = []
+    seen: set = set()
+    index_cols = INDEX_COLUMNS[table]
+    rows = [r for r in res.get("partial_unexpected_index_list") or [] if isinstance(r, dict)]
+    if rows and all("sha256" in r for r in rows):  # identical files: one line per group
+        groups: dict[str, list[str]] = defaultdict(list)
+        for r in rows:
+            groups[str(r["sha256"])].append("/".join(_fmt(r[c]) for c in index_cols if c in r))
+        # a group of one is a pair cut in half by GX's partial list: leave it out
+        return [" ↔ ".join(files) + f" (sha256 {h[:12]}…)" for h, files in groups.items()
+                if len(files) > 1][:max_examples]
+    for row in rows:
+        ident = "/".join(_fmt(row[c]) for c in index_cols if c in row)
+        values = {k: v for k, v in row.items() if k not in index_cols}
+        partner = next((v for k, v in values.items() if k.endswith("_of")), None)
+        if partner is not None:
+            key: Any = frozenset((ident, str(partner)))
+            text = f"{ident} ↔ {partner}"
+        elif "patient_in_splits" in values:
+            key, text = ident, f"{ident} (patient {values['patient_in_splits']})"
+        else:
+            key = ident
+            text = ident + (" (" + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items()) + ")" if values else "")
+        if key not in seen:
+            seen.add(key)
+            out.append(text)
+    return out[:max_examples]
+
+
+def _observed(table: str, res: dict, examples: list[str]) -> str:
+    if "unexpected_count" in res:
+        n = res.get("unexpected_count") or 0
+        if table in ROW_UNITS:
+            return f"{n} of {res.get('element_count', '?')} {ROW_UNITS[table]}"
+        return "; ".join(examples) if n else "0 rows"
+    mismatch = (res.get("details") or {}).get("mismatched")
+    if mismatch:
+        return ", ".join(f"{k}: {v}" for k, v in mismatch.items())
+    return _fmt(res.get("observed_value", ""))
+
+
+def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -> dict[str, CheckResult]:
+    """Fold expectation results into one CheckResult per check (failed if any expectation failed)."""
+    checks = {name: CheckResult(name, sev, status=outcome(sev, False)) for name, sev in severity.items()}
+    parts: dict[str, dict[str, list]] = defaultdict(lambda: {"observed": [], "bound": [], "examples": []})
+    failed: set[str] = set()
+    evaluated: set[str] = set()
+    for table, r in results:
+        meta = r.expectation_config.meta or {}
+        name = meta.get("check")
+        if name not in checks:
+            continue
+        evaluated.add(name)
+        res = r.result or {}
+        info = r.exception_info or {}
+        raised = info.get("raised_exception") or any(
+            isinstance(v, dict) and v.get("raised_exception") for v in info.values())
+        p = parts[name]
+        if meta.get("bound") and meta["bound"] not in p["bound"]:
+            p["bound"].append(meta["bound"])
+        if r.success and not raised:
+            continue
+        failed.add(name)
+        if raised:
+            msg = info.get("exception_message") or next(
+                (v.get("exception_message") for v in info.values() if isinstance(v, dict)), "")
+            p["observed"].append(f"GX could not evaluate it: {msg}")
+            continue
+        ex = _examples(table, res, max_examples)
+        p["observed"].append(_observed(table, res, ex))
+        p["examples"] += ex
+        checks[name].count += int(res.get("unexpected_count") or 1)
+    for name, c in checks.items():
+        p = parts[name]
+        c.bound = "; ".join(p["bound"])
+        if name in failed:
+            c.status = outcome(c.severity, True)
+            c.observed = "; ".join(dict.fromkeys(p["observed"]))
+            c.examples = list(dict.fromkeys(p["examples"]))[:max_examples]
+        elif name not in evaluated and c.status != OFF:
+            c.status, c.observed = SKIPPED, "not evaluated"
+        else:
+            c.observed = "ok" if c.status != OFF else None
+    return checks

@@ -1,0 +1,112 @@
+"""Human-facing output of the validate stage: the summary dict, a console table and markdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medclf.validation.checks import FAIL, OFF, PASS, SKIPPED, WARN, CheckResult
+
+_MARK = {PASS: "✅ pass", FAIL: "❌ FAIL", WARN: "⚠️ warn", OFF: "· off", SKIPPED: "– skipped"}
+_ORDER = {FAIL: 0, WARN: 1, SKIPPED: 2, PASS: 3, OFF: 4}
+
+
+def summarize(checks: dict[str, CheckResult], leakage: dict, drift: dict, counts: dict[str, int],
+              seconds: dict[str, float], data_docs: str) -> dict[str, Any]:
+    errors = [n for n, c in checks.items() if c.status == FAIL]
+    warns = [n for n, c in checks.items() if c.status == WARN]
+    return {"passed": not errors, "errors": errors, "warnings": warns, "n_errors": len(errors),
+            "n_warnings": len(warns), "images": sum(counts.values()), "splits": counts,
+            "checks": {n: c.as_dict() for n, c in checks.items()}, "leakage": leakage, "drift": drift,
+            "seconds": seconds, "data_docs": data_docs}
+
+
+def metrics(summary: dict) -> dict[str, Any]:
+    """The compact DVC metrics file: numbers (and the failed check names), nothing wordy.
+
+    `dvc metrics show/diff` flattens every leaf into a column, so bounds and examples
+    live in the Data Docs site's `checks.json` instead.
+    """
+    drift = summary["drift"]
+    out: dict[str, Any] = {
+        "passed": summary["passed"], "n_errors": summary["n_errors"], "n_warnings": summary["n_warnings"],
+        "errors": summary["errors"], "warnings": summary["warnings"], "images": summary["images"],
+        "splits": summary["splits"], "offending": {n: c["count"] for n, c in summary["checks"].items()},
+        "leakage": summary["leakage"]["counts"], "seconds": summary["seconds"]["total"]}
+    if drift.get("baseline"):
+        out["drift"] = {**{f"psi_{f}": v["psi"] for f, v in drift["intensity"].items()},
+                        "prevalence_shift_max": drift["prevalence_shift_max"]}
+    return out
+
+
+def failure_message(checks: dict[str, CheckResult]) -> str:
+    failed = [c for c in checks.values() if c.status == FAIL]
+    lines = [f"{len(failed)} error-severity check(s) failed:"] + [f"  - {c.message()}" for c in failed]
+    lines.append("Set validate.severity.<check> to 'warn' or 'off' in params.yaml only if this is expected.")
+    return "\n".join(lines)
+
+
+def _cut(text: Any, width: int) -> str:
+    s = "" if text is None else str(text)
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def console_table(summary: dict, checks: dict[str, CheckResult]) -> str:
+    verdict = "PASSED" if summary["passed"] else "FAILED"
+    head = (f"validate: {verdict} — {summary['images']} images {summary['splits']}, "
+            f"{summary['n_errors']} error(s), {summary['n_warnings']} warning(s), "
+            f"{summary['seconds'].get('total', 0):.1f} s")
+    rows = [("check", "severity", "status", "observed", "bound")]
+    for c in sorted(checks.values(), key=lambda c: (_ORDER[c.status], c.name)):
+        rows.append((c.name, c.severity, c.status.upper() if c.status in (FAIL, WARN) else c.status,
+                     _cut(c.observed, 38), _cut(c.bound, 48)))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for c in checks.values():
+        if c.status in (FAIL, WARN) and c.examples:
+            lines.append(f"{c.name} examples:")
+            lines += [f"  - {e}" for e in c.examples]
+    if not summary["drift"].get("baseline"):
+        lines.append("drift: " + summary["drift"]["note"])
+    lines.append(f"Data Docs: {summary['data_docs']}")
+    return "\n".join(lines)
+
+
+def _md_cell(text: Any) -> str:
+    return ("" if text is None else str(text)).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(summary: dict, checks: dict[str, CheckResult]) -> str:
+    verdict = "✅ passed" if summary["passed"] else "❌ FAILED"
+    splits = ", ".join(f"{k}: {v}" for k, v in summary["splits"].items())
+    counts = (f"{summary['images']} images ({splits}); {summary['n_errors']} error(s), "
+              f"{summary['n_warnings']} warning(s); {summary['seconds'].get('total', 0):.1f} s.")
+    out = [f"# Data validation {verdict}", "", counts, "",
+           "| check | severity | status | observed | bound |", "|---|---|---|---|---|"]
+    for c in sorted(checks.values(), key=lambda c: (_ORDER[c.status], c.name)):
+        out.append(f"| `{c.name}` | {c.severity} | {_MARK[c.status]} | {_md_cell(c.observed)} | "
+                   f"{_md_cell(c.bound)} |")
+    problems = [c for c in checks.values() if c.status in (FAIL, WARN)]
+    if problems:
+        out += ["", "## Findings", ""]
+        for c in problems:
+            out.append(f"**`{c.name}`** ({c.severity}) — {c.description}. Observed {_md_cell(c.observed)}; "
+                       f"bound {_md_cell(c.bound)}.")
+            out += [f"- `{_md_cell(e)}`" for e in c.examples] + [""]
+    leak = summary["leakage"]
+    out += ["## Leakage", "", "| finding | count |", "|---|---|"]
+    out += [f"| {k.replace('_', ' ')} | {v} |" for k, v in leak["counts"].items()]
+    for key in ("exact_cross_split_examples", "near_cross_split_examples", "patient_overlap_examples"):
+        if leak.get(key):
+            out += ["", f"{key.replace('_', ' ').capitalize()}:"] + [f"- `{_md_cell(e)}`" for e in leak[key]]
+    drift = summary["drift"]
+    out += ["", "## Drift", ""]
+    if not drift.get("baseline"):
+        out.append(drift["note"])
+    else:
+        b = drift["baseline"]
+        out.append(f"Against baseline `{b['fingerprint']}` ({b['images']} images, validated {b['created']}).")
+        out += ["", "| feature | PSI | KS |", "|---|---|---|"]
+        out += [f"| {f} | {v['psi']:.4f} | {v['ks']:.4f} |" for f, v in drift["intensity"].items()]
+        out.append(f"\nLargest class-share shift: {drift['prevalence_shift_max']:.4f}.")
+    out += ["", f"Data Docs: `{summary['data_docs']}`"]
+    return "\n".join(out)

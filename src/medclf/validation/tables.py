@@ -1,0 +1,185 @@
+"""Evidence tables: the ingest output turned into plain DataFrames that the GX suite checks.
+
+Everything here is numpy/pandas and vectorised over chunks of memory-mapped
+arrays, so 5,000 224-px X-rays take about a second. Nothing imports GX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medclf.splits import SPLITS
+
+MANIFEST_COLUMNS = ("id", "source_uri", "sha256", "patient_hash", "label", "label_index", "split", "row",
+                    "orig_height", "orig_width", "orig_channels", "status", "reason")
+REQUIRED = ("id", "source_uri", "sha256", "label", "label_index", "split", "row", "orig_height", "orig_width",
+            "orig_channels")
+STAT_COLUMNS = ("mean", "std", "frac_black", "frac_white", "border_mean")
+CHUNK = 128
+
+
+@dataclass
+class IngestData:
+    manifest: pd.DataFrame
+    classes: dict
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+
+def load_ingest(ingest_dir: Path) -> IngestData:
+    """Manifest, classes.json and memory-mapped arrays; a missing file says to run ingest first."""
+    manifest_path = ingest_dir / "manifest.parquet"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{manifest_path} not found: run `medclf ingest` first")
+    manifest = pd.read_parquet(manifest_path)
+    classes = json.loads((ingest_dir / "classes.json").read_text())
+    images, labels = {}, {}
+    for split in SPLITS:
+        img = ingest_dir / f"{split}_images.npy"
+        if img.exists():
+            images[split] = np.load(img, mmap_mode="r")
+            lab = ingest_dir / f"{split}_labels.npy"
+            labels[split] = np.load(lab) if lab.exists() else np.full(len(images[split]), -1, np.int64)
+    return IngestData(manifest, classes, images, labels)
+
+
+def _gray(chunk: np.ndarray) -> np.ndarray:
+    if chunk.shape[-1] == 1:
+        return chunk[..., 0]
+    return (chunk[..., :3].astype(np.uint16).sum(-1) // 3).astype(np.uint8)
+
+
+def chunk_stats(chunk: np.ndarray) -> np.ndarray:
+    """Per-image mean, std, fraction ≤5, fraction ≥250 and border mean, over the non-padding region.
+
+    Ingest letterboxes with zeros, so all-zero rows/columns are padding and are
+    excluded; otherwise every wide X-ray would look dark and half "black". The
+    statistics come from one 256-bin histogram per image (one bincount pass).
+    """
+    g = _gray(chunk)
+    n, h, w = g.shape
+    rows, cols = g.max(2) > 0, g.max(1) > 0
+    area = rows.sum(1) * cols.sum(1)
+    offset = (np.arange(n, dtype=np.int32) * 256)[:, None, None]
+    hist = np.bincount((g + offset).ravel(), minlength=n * 256).reshape(n, 256)
+    hist[:, 0] -= h * w - area  # padding pixels are zeros outside the content rectangle
+    v = np.arange(256, dtype=np.float64)
+    a = np.maximum(area, 1)
+    total = hist @ v
+    mean = total / a
+    std = np.sqrt(np.maximum(hist @ (v * v) / a - mean**2, 0))
+    k = max(1, min(h, w) // 16)
+    inner = g[:, k:h - k, k:w - k].sum((1, 2), dtype=np.int64)
+    inner_area = rows[:, k:h - k].sum(1) * cols[:, k:w - k].sum(1)
+    border = (total - inner) / np.maximum(area - inner_area, 1)
+    return np.stack([mean, std, hist[:, :6].sum(1) / a, hist[:, 250:].sum(1) / a, border], 1)
+
+
+def phash_bits(chunk: np.ndarray, hash_size: int) -> np.ndarray:
+    """`imagehash.phash` for a batch: the same Lanczos resize and DCT, vectorised after the resize.
+
+    Returns packed bits (n × hash_size²/8 uint8); equal to `imagehash.phash(img, hash_size).hash`
+    bit for bit (tested), ~4× faster than calling it per image.
+    """
+    import scipy.fftpack
+    from imagehash import ANTIALIAS
+    from PIL import Image
+
+    side = hash_size * 4
+    small = np.empty((len(chunk), side, side), np.float64)
+    for i, img in enumerate(chunk):
+        pil = Image.fromarray(img[..., 0]) if img.shape[-1] == 1 else Image.fromarray(img[..., :3]).convert("L")
+        small[i] = np.asarray(pil.resize((side, side), ANTIALIAS))
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(small, axis=1), axis=2)[:, :hash_size, :hash_size]
+    med = np.median(dct.reshape(len(dct), -1), axis=1)
+    return np.packbits((dct > med[:, None, None]).reshape(len(dct), -1), axis=1)
+
+
+def image_stats(images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                hash_size: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per array image (split, row, stats, array label) and the aligned perceptual hashes."""
+    frames, hashes = [], []
+    for split, arr in images.items():
+        n = len(arr)
+        stats = np.zeros((n, len(STAT_COLUMNS)))
+        bits = np.zeros((n, -(-hash_size * hash_size // 8)), np.uint8)
+
+        def work(a: int, arr: np.ndarray = arr, stats: np.ndarray = stats, bits: np.ndarray = bits) -> None:
+            chunk = np.asarray(arr[a:a + CHUNK])
+            stats[a:a + CHUNK] = chunk_stats(chunk)
+            bits[a:a + CHUNK] = phash_bits(chunk, hash_size)
+
+        # Pillow's resize and most numpy kernels release the GIL, so threads use every core.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(work, range(0, n, CHUNK)))
+        df = pd.DataFrame(stats, columns=list(STAT_COLUMNS))
+        df.insert(0, "split", split)
+        df.insert(1, "row", np.arange(n, dtype=np.int64))
+        lab = labels[split]
+        # float, so a missing label is NaN: GX compares floats; pandas' NA makes it raise
+        df["array_label"] = np.concatenate([lab[:n].astype(float), np.full(max(0, n - len(lab)), np.nan)])
+        frames.append(df)
+        hashes.append(bits)
+    stats_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["split", "row", *STAT_COLUMNS, "array_label"])
+    stats_df["_h"] = np.arange(len(stats_df))
+    width = -(-hash_size * hash_size // 8)
+    return stats_df, (np.concatenate(hashes) if hashes else np.zeros((0, width), np.uint8))
+
+
+def images_table(manifest: pd.DataFrame, stats: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Usable manifest rows joined with their array statistics (by split and row)."""
+    m = manifest.copy()
+    for col in MANIFEST_COLUMNS:
+        if col not in m.columns:
+            m[col] = None
+    ok = m[m["status"] == "ok"].copy() if m["status"].notna().any() else m.copy()
+    ok["row"] = pd.to_numeric(ok["row"], errors="coerce").astype("Int64")
+    ok = ok.merge(stats.astype({"row": "Int64"}), on=["split", "row"], how="left")
+    index = {c: float(i) for i, c in enumerate(classes)}
+    ok["expected_label_index"] = [index.get(v, np.nan) for v in ok["label"].astype(object)]
+    ok["label_index"] = pd.to_numeric(ok["label_index"], errors="coerce").astype(float)
+    ok["file"] = ok["split"].astype(object).fillna("?").astype(str) + ":" + ok["source_uri"].astype(object).fillna(
+        "?").astype(str)
+    return ok.reset_index(drop=True)
+
+
+def split_table(images: pd.DataFrame, data: IngestData) -> pd.DataFrame:
+    """One row per split: manifest rows, array rows, fraction of images, array shape."""
+    size, ch = data.classes.get("image_size"), data.classes.get("channels")
+    expected = f"{size}x{size}x{ch}"
+    total = max(len(images), 1)
+    rows = []
+    for split in SPLITS:
+        n = int((images["split"] == split).sum())
+        arr = data.images.get(split)
+        rows.append({"split": split, "rows": n, "array_rows": -1 if arr is None else len(arr),
+                     "label_rows": len(data.labels.get(split, [])), "fraction": n / total,
+                     "array_shape": "missing" if arr is None else "x".join(map(str, arr.shape[1:])),
+                     "expected_shape": expected})
+    return pd.DataFrame(rows)
+
+
+def prevalence_table(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Share of each class per split and overall ('all'); `gap` = max−min share across splits."""
+    rows = []
+    groups = [(s, images[images["split"] == s]) for s in SPLITS] + [("all", images)]
+    for split, part in groups:
+        if not len(part):
+            continue
+        counts = part["label"].value_counts()
+        for cls in classes:
+            c = int(counts.get(cls, 0))
+            rows.append({"split": split, "class": cls, "count": c, "n": len(part), "share": c / len(part)})
+    table = pd.DataFrame(rows, columns=["split", "class", "count", "n", "share"])
+    per_split = table[table["split"] != "all"]
+    gap = per_split.groupby("class")["share"].agg(lambda s: s.max() - s.min() if len(s) > 1 else 0.0)
+    table["gap"] = np.where(table["split"] == "all", np.nan, table["class"].map(gap).astype(float))
+    return table
