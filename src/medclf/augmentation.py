@@ -25,8 +25,16 @@ import numpy as np
 
 from medclf.config import AugmentPolicy
 
-__all__ = ["apply_policy", "balance_classes", "balance_plan", "random_affine",
-           "warp_affine"]
+__all__ = [
+    "Draws",
+    "apply_policy",
+    "balance_classes",
+    "balance_plan",
+    "draw",
+    "random_affine",
+    "transform",
+    "warp_affine",
+]
 
 
 # --------------------------------------------------------------------------- pure transforms
@@ -89,28 +97,49 @@ def warp_affine(images: np.ndarray, matrices: np.ndarray) -> np.ndarray:
     return out
 
 
-def apply_policy(images: np.ndarray, policy: AugmentPolicy, rng: np.random.Generator) -> np.ndarray:
-    """Randomly transform a uint8 (N, H, W, C) batch; returns a NEW uint8 array (the input is never written).
+@dataclass(frozen=True)
+class Draws:
+    """The random part of a batch transform, drawn up front so it can be sliced (chunking-independent)."""
 
-    Contrast scales around each image's per-channel mean (Keras RandomContrast semantics), brightness
-    adds up to +-brightness*255; both are one 256-entry lookup table per image and channel.  The draw
-    order is fixed, so the result depends only on `rng`.
+    matrices: np.ndarray
+    contrast: np.ndarray
+    brightness: np.ndarray
+
+    def __getitem__(self, sl: slice) -> Draws:
+        return Draws(self.matrices[sl], self.contrast[sl], self.brightness[sl])
+
+
+def draw(rng: np.random.Generator, n: int, policy: AugmentPolicy, height: int, width: int) -> Draws:
+    return Draws(random_affine(rng, n, policy, height, width),
+                 rng.uniform(1 - policy.contrast, 1 + policy.contrast, n),
+                 rng.uniform(-policy.brightness, policy.brightness, n) * 255)
+
+
+def transform(images: np.ndarray, policy: AugmentPolicy, d: Draws) -> np.ndarray:
+    """The deterministic part: warp, then contrast about each image's per-channel mean, then brightness.
+
+    Contrast follows Keras RandomContrast semantics; contrast and brightness are one 256-entry lookup
+    table per image and channel.  Returns a NEW uint8 array (the input is never written).
     """
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (N, H, W, C) batch, got {images.dtype} {images.shape}")
-    n, h, w, c = images.shape
-    mats = random_affine(rng, n, policy, h, w)
-    contrast = rng.uniform(1 - policy.contrast, 1 + policy.contrast, n)
-    bright = rng.uniform(-policy.brightness, policy.brightness, n) * 255
-    x = warp_affine(images, mats) if _is_geometric(policy) else np.array(images, copy=True)
+    n, _, _, c = images.shape
+    x = warp_affine(images, d.matrices) if _is_geometric(policy) else np.array(images, copy=True)
     if policy.contrast or policy.brightness:
         levels = np.arange(256, dtype=np.float32)
         for i in range(n):
             mean = x[i].reshape(-1, c).mean(axis=0)
             for ch in range(c):
-                lut = np.clip(np.rint((levels - mean[ch]) * contrast[i] + mean[ch] + bright[i]), 0, 255)
+                lut = np.clip(np.rint((levels - mean[ch]) * d.contrast[i] + mean[ch] + d.brightness[i]), 0, 255)
                 x[i, ..., ch] = lut.astype(np.uint8)[x[i, ..., ch]]
     return x
+
+
+def apply_policy(images: np.ndarray, policy: AugmentPolicy, rng: np.random.Generator) -> np.ndarray:
+    """Randomly transform a uint8 (N, H, W, C) batch; the result depends only on `rng` (and the input)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected a uint8 (N, H, W, C) batch, got {images.dtype} {images.shape}")
+    return transform(images, policy, draw(rng, images.shape[0], policy, images.shape[1], images.shape[2]))
 
 
 # --------------------------------------------------------------------------- offline class balancing
@@ -143,7 +172,7 @@ def balance_classes(images: np.ndarray, labels: np.ndarray, policy: AugmentPolic
                     n_classes: int, seed: int, chunk: int = 256, out: np.ndarray | None = None) -> Balanced:
     """Oversample minority classes with random transforms: originals first, then synthetic rows.
 
-    Every random draw (source rows, then per-chunk transform generators) is fixed up front from
+    Every random draw (source rows, then each synthetic image's transform) is made up front from
     `seed`, so the result does not depend on `chunk`.  `out` may be a preallocated (e.g. memory-mapped)
     array of the final shape, so a large dataset never needs two copies in RAM.
     """
@@ -160,14 +189,13 @@ def balance_classes(images: np.ndarray, labels: np.ndarray, policy: AugmentPolic
     n = len(labels)
     for s in range(0, n, chunk):
         out[s: min(s + chunk, n)] = images[s: min(s + chunk, n)]
-    seeds = np.random.SeedSequence([seed, 1]).spawn(-(-src_rows.size // chunk))
-    for j, ss in enumerate(seeds):
-        rows = src_rows[j * chunk: (j + 1) * chunk]
+    draws = draw(rng, src_rows.size, policy, images.shape[1], images.shape[2])
+    for j in range(0, src_rows.size, chunk):
+        rows = src_rows[j: j + chunk]
         order = np.argsort(rows, kind="stable")  # sorted reads are kinder to a memory map
         batch = np.empty((rows.size, *images.shape[1:]), np.uint8)
         batch[order] = images[rows[order]]
-        start = len(labels) + j * chunk
-        out[start: start + rows.size] = apply_policy(batch, policy, np.random.default_rng(ss))
+        out[n + j: n + j + rows.size] = transform(batch, policy, draws[j: j + chunk])
     return Balanced(images=out, labels=np.concatenate([labels, labels[src_rows]]),
                     is_synthetic=np.r_[np.zeros(len(labels), bool), np.ones(src_rows.size, bool)],
                     source_row=np.concatenate([np.arange(len(labels)), src_rows]).astype(np.int64))

@@ -177,6 +177,18 @@ class Augment(_Section):
             raise ValueError(f"unknown preset '{v}'; choose one of {sorted(PRESETS)}")
         return v
 
+    @model_validator(mode="after")
+    def _valid_overrides(self) -> "Augment":
+        unknown = sorted(set(self.overrides) - set(AugmentPolicy.model_fields))
+        if unknown:
+            raise ValueError(f"overrides: unknown key(s) {unknown}; choose from {sorted(AugmentPolicy.model_fields)}")
+        try:
+            self.policy()  # out-of-range values fail here, at parse time, not mid-training
+        except ValidationError as err:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"overrides: {bad}") from None
+        return self
+
     def policy(self) -> AugmentPolicy:
         """The preset with `overrides` applied (validated like any other value)."""
         return AugmentPolicy(**{**PRESETS[self.preset].model_dump(), **self.overrides})
