@@ -243,6 +243,23 @@ def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: ThresholdRule,
     return out
 
 
+def thresholded_labels(proba: np.ndarray, positive: int, threshold: float) -> np.ndarray:
+    """Class index per row under the operating threshold (shared by evaluation and serving).
+
+    Positive when ``proba[:, positive] >= threshold``; otherwise the most probable of the other
+    classes (for two classes: the negative one). With K > 2 this is the one-vs-rest decision the
+    binary metrics and gates are computed for, so reports and served labels never disagree.
+    """
+    prob = np.asarray(proba, dtype=float)
+    if prob.ndim != 2 or not 0 <= positive < prob.shape[1]:
+        raise ValueError(f"proba must be (N, K) with 0 <= positive < K; got {prob.shape}, {positive}")
+    if prob.shape[1] == 1:
+        return np.zeros(len(prob), np.int64)
+    rest = prob.copy()
+    rest[:, positive] = -np.inf
+    return np.where(prob[:, positive] >= threshold, positive, rest.argmax(axis=1)).astype(np.int64)
+
+
 # ----------------------------------------------------------------------------- plot data
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
     """k x k confusion matrix, rows = true class, columns = predicted class."""

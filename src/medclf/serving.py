@@ -1,0 +1,233 @@
+"""The served model: an MLflow pyfunc that takes raw images and returns calibrated decisions.
+
+Why a pyfunc and not the bare Keras flavour: a client (a PACS bridge, `curl`, a notebook) has
+image *files*, not tensors of the training size. This wrapper accepts base64-encoded PNG/JPEG/
+DICOM bytes or pixel arrays of any size, applies exactly the ingest geometry (channel mapping +
+`fit_square`), runs the Keras model (whose own layers do scaling/normalisation), and returns
+per-class probabilities plus the label at the decision threshold chosen on validation data.
+Everything the wrapper needs (classes, threshold, size) travels in the MLflow `model_config`,
+so the served artefact is self-describing.
+
+Input (pyfunc `predict` / `POST /invocations`):
+  * a DataFrame (or `{"image": [...]}` / list) with one column `image`, each cell one of:
+    base64 string of an image or DICOM file, raw `bytes`, or a nested list / ndarray (H, W[, C]);
+  * an ndarray (H, W[, C]) or (N, H, W[, C]) — in-process only, bypasses schema checks when
+    called via ``unwrap_python_model().predict_images``.
+Output: DataFrame with `p_<class>` per class, `label`, and `positive` (bool, p_pos >= threshold).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from medclf.images import DecodeError, decode_image, fit_square, to_channels, to_uint8
+
+INPUT_COLUMN = "image"
+KERAS_ARTIFACT = "keras_model"
+MAX_PIXELS = 80_000_000
+_DICM_OFFSET = 128
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What the wrapper needs to turn raw images into decisions (the pyfunc `model_config`)."""
+
+    classes: list[str]
+    positive_class: str
+    threshold: float
+    image_size: int
+    channels: int
+    resize: str = "pad"
+    batch_size: int = 32
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ServingConfig":
+        return cls(classes=list(d["classes"]), positive_class=str(d["positive_class"]),
+                   threshold=float(d["threshold"]), image_size=int(d["image_size"]),
+                   channels=int(d["channels"]), resize=str(d.get("resize", "pad")),
+                   batch_size=int(d.get("batch_size", 32)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes, "positive_class": self.positive_class, "threshold": self.threshold,
+                "image_size": self.image_size, "channels": self.channels, "resize": self.resize,
+                "batch_size": self.batch_size}
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index(self.positive_class)
+
+
+def output_columns(classes: Sequence[str]) -> list[str]:
+    return [f"p_{c}" for c in classes]
+
+
+# ----------------------------------------------------------------------------- decoding
+def _decode_bytes(data: bytes) -> np.ndarray:
+    """Image file bytes → uint8 H×W×C; DICOM is recognised by its 'DICM' marker."""
+    if len(data) > _DICM_OFFSET + 4 and data[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM":
+        from medclf.dicom import decode_dicom
+
+        return decode_dicom(data, max_pixels=MAX_PIXELS)
+    return decode_image(data, MAX_PIXELS)
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Pixel arrays from JSON arrive as int64/float64; keep 0..255 values as they are.
+
+    Integers already in 0..255 (and floats in 0..255) are taken as 8-bit pixel values, floats in
+    [0, 1] as normalised intensities; anything else (e.g. 12-bit CT) is min-max scaled like ingest.
+    """
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_ or arr.size == 0:
+        return to_uint8(arr)
+    if not np.issubdtype(arr.dtype, np.number):
+        raise DecodeError(f"pixel array has non-numeric dtype {arr.dtype}")
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise DecodeError("pixel data contains NaN or infinity")
+    lo, hi = float(a.min()), float(a.max())
+    if np.issubdtype(arr.dtype, np.floating) and lo >= 0 and hi <= 1:
+        return np.round(a * 255).astype(np.uint8)
+    if lo >= 0 and hi <= 255:
+        return np.round(a).astype(np.uint8)
+    return to_uint8(a)
+
+
+def decode_one(item: Any) -> np.ndarray:
+    """One input cell → uint8 H×W×C (not yet resized). Raises DecodeError with the reason."""
+    if isinstance(item, str):
+        try:
+            data = base64.b64decode(item.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise DecodeError("string input is not valid base64 (send base64-encoded image bytes)") from None
+        return _decode_bytes(data)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(item))
+    if item is None:
+        raise DecodeError("missing image (null)")
+    try:
+        arr = np.asarray(item)
+    except ValueError as err:
+        raise DecodeError(f"pixel array is ragged: {err}") from None
+    if arr.dtype == object:
+        raise DecodeError("pixel array is ragged or holds non-numbers")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or min(arr.shape[:2]) < 1:
+        raise DecodeError(f"pixel array must be (H, W), (H, W, 1|3|4); got shape {arr.shape}")
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return _array_to_uint8(arr)
+
+
+def prepare(item: Any, cfg: ServingConfig, resize: str | None = None) -> np.ndarray:
+    """Decode and map one input to the model's uint8 (size, size, channels), as ingest does."""
+    arr = decode_one(item)
+    return fit_square(to_channels(arr, cfg.channels), cfg.image_size, resize or cfg.resize)
+
+
+def _cells(model_input: Any) -> list[Any]:
+    """The list of image cells in any supported container."""
+    if isinstance(model_input, pd.DataFrame):
+        if INPUT_COLUMN in model_input.columns:
+            return list(model_input[INPUT_COLUMN])
+        if model_input.shape[1] == 1:
+            return list(model_input.iloc[:, 0])
+        raise DecodeError(f"input needs a column named {INPUT_COLUMN!r}; got {list(model_input.columns)}")
+    if isinstance(model_input, pd.Series):
+        return list(model_input)
+    if isinstance(model_input, dict):
+        if INPUT_COLUMN not in model_input:
+            raise DecodeError(f"input needs the key {INPUT_COLUMN!r}; got {sorted(model_input)}")
+        v = model_input[INPUT_COLUMN]
+        return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+    if isinstance(model_input, np.ndarray) and model_input.dtype != object:
+        if model_input.ndim in (2, 3) and not (model_input.ndim == 3 and model_input.shape[-1] > 4):
+            return [model_input]  # one image
+        return list(model_input)
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    if isinstance(model_input, Iterable):
+        return list(model_input)
+    raise DecodeError(f"unsupported input type {type(model_input).__name__}")
+
+
+def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
+    """Probabilities → output frame; the label follows the registered threshold, not argmax."""
+    from medclf.metrics import thresholded_labels
+
+    proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(cfg.classes))
+    labels = thresholded_labels(proba, cfg.positive_index, cfg.threshold)
+    out = pd.DataFrame(proba, columns=output_columns(cfg.classes))
+    out["label"] = [cfg.classes[i] for i in labels]
+    out["positive"] = proba[:, cfg.positive_index] >= cfg.threshold
+    return out
+
+
+# ----------------------------------------------------------------------------- the pyfunc
+class MedclfModel(mlflow.pyfunc.PythonModel):
+    """Raw images in, probabilities + thresholded label out (see the module docstring)."""
+
+    def load_context(self, context) -> None:  # noqa: ANN001
+        self.cfg = ServingConfig.from_dict(dict(context.model_config or {}))
+        self.model = load_keras(context.artifacts[KERAS_ARTIFACT])
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, size, size, channels) → float (N, K) softmax, in fixed-size batches."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.cfg.classes)), np.float32)
+        outs = [np.asarray(self.model(images[i:i + self.cfg.batch_size], training=False))
+                for i in range(0, len(images), self.cfg.batch_size)]
+        return np.concatenate(outs).astype(np.float32)
+
+    # No type hints here on purpose: MLflow 3 derives a schema from `predict`'s hints and would
+    # override the explicit signature (which must accept both strings and pixel lists).
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        cells = _cells(model_input)
+        batch = []
+        for i, cell in enumerate(cells):
+            try:
+                batch.append(prepare(cell, self.cfg))
+            except DecodeError as err:
+                raise DecodeError(f"input row {i}: {err}") from None
+        x = np.stack(batch) if batch else np.zeros((0, self.cfg.image_size, self.cfg.image_size,
+                                                     self.cfg.channels), np.uint8)
+        return decisions(self.predict_images(x), self.cfg)
+
+
+def load_keras(path: str) -> Any:
+    """Load the exported `.keras` model safely (custom layers register on `medclf.modeling` import)."""
+    import importlib
+
+    import keras
+
+    try:
+        importlib.import_module("medclf.modeling")
+    except ModuleNotFoundError as err:
+        if err.name != "medclf.modeling":
+            raise
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+def signature(classes: Sequence[str]) -> Any:
+    """Column `image` of any JSON type (base64 string or nested pixel list) → probabilities + label."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    outputs = [ColSpec("double", c) for c in output_columns(classes)]
+    outputs += [ColSpec("string", "label"), ColSpec("boolean", "positive")]
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), INPUT_COLUMN)]), outputs=Schema(outputs))
+
+
+def encode_file(data: bytes) -> str:
+    """Bytes → the base64 text the endpoint expects (helper for clients and tests)."""
+    return base64.b64encode(data).decode("ascii")

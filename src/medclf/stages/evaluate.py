@@ -1,0 +1,343 @@
+"""evaluate: score the test split once, at a threshold chosen on validation data, and gate the release.
+
+Order matters and is enforced by the code's shape: the operating threshold is a function of the
+validation predictions only (`choose_operating_threshold` never sees test data); test metrics
+are then reported at that threshold and at 0.5, with bootstrap 95% CIs. The gates compare the
+test metrics with absolute floors and with the current `champion` (non-inferiority on the same
+test set). Every report is written before a failed gate raises `GateFailed`, so a failed run
+still leaves its evidence; `register` reads `gates.json` and refuses anything that did not pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medclf import metrics as M
+from medclf.config import Evaluate, Settings
+from medclf.io import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+GALLERY_GROUPS = ("true positives", "false positives", "false negatives")
+_MULTICLASS_CI = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_recall", "roc_auc")
+
+
+class GateFailed(RuntimeError):
+    """The model did not pass the release gates; reports were written, nothing is registered."""
+
+
+class EvaluateError(RuntimeError):
+    """Evaluation inputs are missing or inconsistent (the message names the file)."""
+
+
+# ----------------------------------------------------------------------------- pure core
+def binary_view(y: np.ndarray, proba: np.ndarray, positive: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest view: (is positive class, probability of the positive class)."""
+    proba = np.asarray(proba, dtype=float)
+    return (np.asarray(y) == positive).astype(np.int64), np.clip(proba[:, positive], 0.0, 1.0)
+
+
+def choose_operating_threshold(y_val: np.ndarray, proba_val: np.ndarray, positive: int,
+                               cfg: Evaluate) -> dict[str, Any]:
+    """The decision threshold, from VALIDATION predictions only (the signature admits nothing else)."""
+    yb, pb = binary_view(y_val, proba_val, positive)
+    return M.choose_threshold(yb, pb, cfg.threshold_rule, cfg.target_sensitivity)
+
+
+def _multiclass_with_ci(y: np.ndarray, proba: np.ndarray, classes: list[str], n_boot: int,
+                        seed: int) -> dict[str, Any]:
+    """multiclass_metrics plus percentile CIs for its summary scores (same resampling as metrics.py)."""
+    out = M.multiclass_metrics(y, proba, classes)
+    if n_boot:
+        rng, boot = np.random.default_rng(seed), {k: [] for k in _MULTICLASS_CI}
+        for _ in range(n_boot):
+            i = rng.integers(0, len(y), size=len(y))
+            m = M.multiclass_metrics(y[i], proba[i], classes)
+            for k in _MULTICLASS_CI:
+                boot[k].append(m[k])
+        for k in _MULTICLASS_CI:
+            v = np.asarray(boot[k], float)
+            v = v[~np.isnan(v)]
+            lo, hi = (np.quantile(v, 0.025), np.quantile(v, 0.975)) if v.size else (math.nan, math.nan)
+            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = float(lo), float(hi)
+    return out
+
+
+def evaluate_predictions(y_val: np.ndarray, proba_val: np.ndarray, y_test: np.ndarray, proba_test: np.ndarray,
+                         classes: list[str], positive_class: str, cfg: Evaluate) -> dict[str, Any]:
+    """Every number of the evaluation, from predictions (pure; the stage adds I/O around it)."""
+    pos = classes.index(positive_class)
+    choice = choose_operating_threshold(y_val, proba_val, pos, cfg)
+    yb, pb = binary_view(y_test, proba_test, pos)
+    thr = choice["threshold"]
+    report: dict[str, Any] = {
+        "threshold": choice,
+        "test": M.metrics_with_ci(yb, pb, thr, cfg.bootstrap, cfg.seed),
+        "test_counts": {k: v for k, v in M.binary_metrics(yb, pb, thr).items() if k in M.COUNTS},
+        "test_default_threshold": M.metrics_with_ci(yb, pb, DEFAULT_THRESHOLD, cfg.bootstrap, cfg.seed),
+        "test_default_counts": {k: v for k, v in M.binary_metrics(yb, pb, DEFAULT_THRESHOLD).items()
+                                if k in M.COUNTS},
+        "n_val": int(len(y_val)), "n_test": int(len(y_test)),
+    }
+    if len(classes) > 2:
+        report["multiclass"] = _multiclass_with_ci(np.asarray(y_test), np.asarray(proba_test, float), classes,
+                                                   cfg.bootstrap, cfg.seed)
+    return report
+
+
+def point_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """Test metrics at the chosen threshold, {name: value}: what the gates and the registry read."""
+    return {k: v["value"] for k, v in report["test"].items()}
+
+
+def _num(v: Any) -> Any:
+    """JSON-safe number: NaN/inf become null (strict JSON readers, DVC's included, choke on NaN)."""
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _flat(with_ci: dict[str, dict[str, float]], counts: dict[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in with_ci.items():
+        out[k], out[f"{k}_ci_low"], out[f"{k}_ci_high"] = _num(v["value"]), _num(v["ci_low"]), _num(v["ci_high"])
+    out.update({k: int(c) for k, c in counts.items()})
+    return out
+
+
+def metrics_document(report: dict[str, Any]) -> dict[str, Any]:
+    """`reports/metrics.json`: numbers only, nested one level, so `dvc metrics diff` compares them."""
+    ch = report["threshold"]
+    doc: dict[str, Any] = {
+        "threshold": _num(ch["threshold"]),
+        "val": {"sensitivity": _num(ch["val_sensitivity"]), "specificity": _num(ch["val_specificity"]),
+                "f1": _num(ch["val_f1"]), "n": report["n_val"]},
+        "test": {**_flat(report["test"], report["test_counts"]), "n": report["n_test"]},
+        "test_default_threshold": {**_flat(report["test_default_threshold"], report["test_default_counts"]),
+                                   "threshold": DEFAULT_THRESHOLD},
+    }
+    if "multiclass" in report:
+        mc = dict(report["multiclass"])
+        per_class = mc.pop("per_class")
+        doc["multiclass"] = {**{k: _num(v) for k, v in mc.items()},
+                             "per_class": {c: {k: _num(v) for k, v in d.items()} for c, d in per_class.items()}}
+    return doc
+
+
+def plot_data(y_test: np.ndarray, proba_test: np.ndarray, classes: list[str], positive: int,
+              threshold: float) -> dict[str, list[dict[str, Any]]]:
+    """DVC plot records: curves for the positive class, and one {actual, predicted} row per test image."""
+    yb, pb = binary_view(y_test, proba_test, positive)
+    pred = M.thresholded_labels(proba_test, positive, threshold)
+    return {"roc": M.roc_points(yb, pb), "pr": M.pr_points(yb, pb), "calibration": M.calibration_curve_points(yb, pb),
+            "confusion": [{"actual": classes[int(a)], "predicted": classes[int(b)]} for a, b in zip(y_test, pred)]}
+
+
+def gallery_indices(y_test: np.ndarray, proba_test: np.ndarray, positive: int, threshold: float,
+                    n: int) -> dict[str, list[int]]:
+    """Up to `n` test indices per group, the most confident mistakes/hits first (most instructive)."""
+    yb, pb = binary_view(y_test, proba_test, positive)
+    called = pb >= threshold
+    groups = {"true positives": (yb == 1) & called, "false positives": (yb == 0) & called,
+              "false negatives": (yb == 1) & ~called}
+    out = {}
+    for name, mask in groups.items():
+        idx = np.flatnonzero(mask)
+        order = np.argsort(pb[idx] if name == "false negatives" else -pb[idx], kind="stable")
+        out[name] = [int(i) for i in idx[order][:n]]
+    return out
+
+
+# ----------------------------------------------------------------------------- edges
+def file_digest(*files: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _inputs(settings: Settings) -> dict[str, Any]:
+    """Model + class metadata + val/test splits, checked against each other (errors name the file)."""
+    from medclf.serving import load_keras
+    from medclf.stages.ingest import load_split
+
+    paths = settings.paths
+    classes_file, model_file = paths.ingest_dir / "classes.json", paths.model_dir / "model.keras"
+    for f, stage in ((classes_file, "ingest"), (model_file, "train")):
+        if not f.exists():
+            raise EvaluateError(f"{f}: missing (run `medclf {stage}` first)")
+    meta = read_json(classes_file)
+    classes, positive = list(meta["classes"]), meta["positive_class"]
+    run_file = paths.model_dir / "train_run.json"
+    train_run = read_json(run_file) if run_file.exists() else {}
+    if train_run.get("classes") and list(train_run["classes"]) != classes:
+        raise EvaluateError(f"{run_file}: model classes {train_run['classes']} differ from {classes_file} {classes}")
+    model = load_keras(str(model_file))
+    k = int(model.output_shape[-1])
+    if k != len(classes):
+        raise EvaluateError(f"{model_file}: model outputs {k} classes, {classes_file} lists {len(classes)}")
+    x_val, y_val = load_split(paths.ingest_dir, "val")
+    x_test, y_test = load_split(paths.ingest_dir, "test")
+    for split, x in (("val", x_val), ("test", x_test)):
+        if len(x) == 0:
+            raise EvaluateError(f"{paths.ingest_dir}/{split}_images.npy: the {split} split is empty")
+    digest = file_digest(paths.ingest_dir / "test_images.npy", paths.ingest_dir / "test_labels.npy")
+    return {"meta": meta, "classes": classes, "positive": positive, "train_run": train_run, "model": model,
+            "model_sha256": file_digest(model_file), "x_val": x_val, "y_val": y_val, "x_test": x_test,
+            "y_test": y_test, "test_digest": digest}
+
+
+def predict_proba(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.asarray(model.predict(np.asarray(x), batch_size=batch_size, verbose=0), dtype=np.float64)
+
+
+def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], classes: list[str]) -> None:
+    from medclf import plots
+
+    thr = report["threshold"]["threshold"]
+    cm = M.confusion([classes.index(r["actual"]) for r in data["confusion"]],
+                     [classes.index(r["predicted"]) for r in data["confusion"]], len(classes))
+    plots.confusion_png(cm, classes, out / "confusion.png", f"test set, threshold {thr:.3f} (from validation)")
+    t = report["test"]
+    op = {"fpr": 1 - t["specificity"]["value"], "tpr": t["recall"]["value"],
+          "recall": t["recall"]["value"], "precision": t["precision"]["value"]}
+    plots.curve_png(data["roc"], "fpr", "tpr", out / "roc.png",
+                    f"ROC (AUC {t['roc_auc']['value']:.3f})", diagonal=True, marker=op)
+    plots.curve_png(data["pr"], "recall", "precision", out / "pr.png",
+                    f"Precision-recall (AP {t['pr_auc']['value']:.3f})", marker=op)
+    plots.curve_png(data["calibration"], "mean_predicted", "fraction_positive", out / "calibration.png",
+                    f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})", diagonal=True,
+                    xlabel="mean predicted probability", ylabel="fraction positive")
+
+
+def _write_gallery(out: Path, inp: dict[str, Any], proba: np.ndarray, thr: float, n: int) -> dict[str, int]:
+    from medclf import gradcam, plots
+
+    pos = inp["classes"].index(inp["positive"])
+    picks = gallery_indices(inp["y_test"], proba, pos, thr, n)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for name in GALLERY_GROUPS:
+        idx = picks[name]
+        images = np.asarray(inp["x_test"][idx]) if idx else np.zeros((0,) + inp["x_test"].shape[1:], np.uint8)
+        heat = gradcam.gradcam(inp["model"], images, pos) if idx else []
+        groups[name] = [{"overlay": gradcam.overlay(img, h),
+                         "caption": f"#{i}  p({inp['positive']})={proba[i, pos]:.2f}"}
+                        for i, img, h in zip(idx, images, heat)]
+    plots.gallery_png(groups, out / "gradcam.png", n,
+                      f"Grad-CAM for '{inp['positive']}' (backbone's last conv block), threshold {thr:.3f}")
+    return {k: len(v) for k, v in picks.items()}
+
+
+def _predictions_csv(path: Path, inp: dict[str, Any], proba: np.ndarray, thr: float, ingest_dir: Path) -> None:
+    """Per-image test predictions keyed by the manifest id (no paths, no patient data)."""
+    import pandas as pd
+
+    classes, pos = inp["classes"], inp["classes"].index(inp["positive"])
+    df = pd.DataFrame(proba, columns=[f"p_{c}" for c in classes])
+    df.insert(0, "label", [classes[int(i)] for i in inp["y_test"]])
+    manifest = ingest_dir / "manifest.parquet"
+    if manifest.exists():
+        m = pd.read_parquet(manifest, columns=["id", "split", "row"])
+        ids = m[m.split == "test"].sort_values("row")["id"].tolist()
+        if len(ids) == len(df):
+            df.insert(0, "id", ids)
+    df["predicted"] = [classes[i] for i in M.thresholded_labels(proba, pos, thr)]
+    df.to_csv(path, index_label="test_row")
+
+
+def reachable(uri: str) -> bool:
+    """One quick reachability probe per run (2 attempts): evaluation must work offline too."""
+    from medclf.tracking import TrackingUnavailable, wait_for_server
+
+    try:
+        wait_for_server(uri, attempts=2)
+        return True
+    except TrackingUnavailable:
+        return False
+
+
+def _log_to_mlflow(settings: Settings, inp: dict[str, Any], doc: dict[str, Any], gates: dict[str, Any],
+                   report_dir: Path, online: bool) -> str:
+    """Metrics + pictures into the training run; a note (not a failure) when that is impossible."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    run_id = inp["train_run"].get("run_id")
+    if not run_id:
+        return "no train_run.json run_id: metrics not logged to MLflow"
+    uri = settings.mlflow.resolved_uri()
+    if not online:
+        return f"not logged to MLflow: server at {uri} unreachable"
+    cl, now = MlflowClient(tracking_uri=uri), int(time.time() * 1000)
+    flat = {f"{sec}_{k}": v for sec in ("test", "test_default_threshold") for k, v in doc[sec].items()}
+    flat.update({"decision_threshold": doc["threshold"], **{f"val_{k}": v for k, v in doc["val"].items()}})
+    ms = [Metric(k.replace("test_default_threshold", "test_t050"), float(v), now, 0)
+          for k, v in flat.items() if isinstance(v, (int, float)) and v is not None]
+    tags = [RunTag("evaluate.gates_passed", str(gates["passed"]).lower()),
+            RunTag("evaluate.threshold_rule", str(settings.evaluate.threshold_rule))]
+    for i in range(0, len(ms), 500):
+        cl.log_batch(run_id, metrics=ms[i:i + 500], tags=tags if i == 0 else [])
+    cl.log_artifacts(run_id, str(report_dir), "evaluate")
+    for f in ("metrics.json", "gates.json"):
+        cl.log_artifact(run_id, str(settings.paths.reports_dir / f), "evaluate")
+    cl.log_artifacts(run_id, str(settings.paths.reports_dir / "plots"), "evaluate/plots")
+    return f"logged to run {run_id}"
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    from medclf.registry import champion_reference
+
+    cfg, paths, t0 = settings.evaluate, settings.paths, time.perf_counter()
+    inp = _inputs(settings)
+    classes, pos = inp["classes"], inp["classes"].index(inp["positive"])
+    proba_val = predict_proba(inp["model"], inp["x_val"])
+    proba_test = predict_proba(inp["model"], inp["x_test"])
+    report = evaluate_predictions(inp["y_val"], proba_val, inp["y_test"], proba_test, classes, inp["positive"], cfg)
+    thr = report["threshold"]["threshold"]
+    online = reachable(settings.mlflow.resolved_uri())
+    champion = champion_reference(settings, inp["test_digest"], inp["x_test"], inp["y_test"], classes,
+                                  reachable=online)
+    gates = M.evaluate_gates(point_metrics(report), cfg.gates, champion.get("metrics"))
+    gates.update({"threshold": thr, "threshold_rule": cfg.threshold_rule, "threshold_source": "validation",
+                  "model_sha256": inp["model_sha256"], "test_set_digest": inp["test_digest"],
+                  "train_run_id": inp["train_run"].get("run_id"),
+                  "champion": {k: v for k, v in champion.items() if k != "metrics"}})
+    if champion.get("note") and gates["non_inferiority"].get("skipped"):
+        gates["non_inferiority"]["note"] = champion["note"]
+    doc = metrics_document(report)
+    data = plot_data(inp["y_test"], proba_test, classes, pos, thr)
+
+    report_dir = paths.reports_dir / "evaluate"
+    with atomic_dir(report_dir) as tmp:
+        _write_pictures(tmp, data, report, classes)
+        gallery = _write_gallery(tmp, inp, proba_test, thr, cfg.gradcam_n) if cfg.gradcam_n else {}
+        _predictions_csv(tmp / "test_predictions.csv", inp, proba_test, thr, paths.ingest_dir)
+        write_json(tmp / "threshold.json", report["threshold"])
+    for name, records in data.items():
+        write_json(paths.reports_dir / "plots" / f"{name}.json", records)
+    write_json(paths.reports_dir / "metrics.json", doc)
+    write_json(paths.reports_dir / "gates.json", gates)
+    mlflow_note = _log_to_mlflow(settings, inp, doc, gates, report_dir, online)
+    result = {"passed": gates["passed"], "threshold": thr, "f1": doc["test"]["f1"], "recall": doc["test"]["recall"],
+              "roc_auc": doc["test"]["roc_auc"], "failures": gates["failures"], "gradcam": gallery,
+              "champion": gates["champion"], "mlflow": mlflow_note,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    log.info("evaluate: threshold %.4f (%s on validation), test F1 %.3f recall %.3f, gates %s",
+             thr, cfg.threshold_rule, doc["test"]["f1"] or math.nan, doc["test"]["recall"] or math.nan,
+             "passed" if gates["passed"] else "FAILED")
+    if not gates["passed"]:
+        raise GateFailed("release gates failed: " + "; ".join(gates["failures"])
+                         + f" (see {paths.reports_dir / 'gates.json'})")
+    return result

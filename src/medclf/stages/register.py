@@ -1,0 +1,280 @@
+"""register: a model that passed the gates becomes a registry version with the alias `challenger`.
+
+What is registered is the pyfunc in `medclf.serving` (raw images in, probabilities + label at
+the validation-chosen threshold out), with the `.keras` file as its artifact: that is what
+`mlflow models serve` and `medclf predict` load. The plain Keras flavour is logged beside it
+(`keras_model_uri` tag) for `mlflow.keras.load_model`.
+
+Guarantees:
+* refuses unless `gates.json` passed *for this very model file* and the champion it was compared
+  with is still the champion (a gate result is evidence about one model and one champion);
+* idempotent: a version already registered for (training run, model sha256) is reused;
+* all-or-nothing: if anything fails after the version exists (alias, readiness), the version,
+  its logged models and a registered model created by this call are deleted again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from medclf.config import Settings
+from medclf.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+PYFUNC_NAME, KERAS_NAME = "medclf_pyfunc", "keras_model"
+_REQUIREMENTS = ("mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pandas", "pillow", "pydicom",
+                 "scikit-learn", "pydantic")
+_TAG_MAX = 5000
+_METRIC_TAGS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
+                "pr_auc", "mcc", "brier", "ece")
+
+
+class RegisterRefused(RuntimeError):
+    """Registration is not allowed (failed/missing gates, changed model or champion)."""
+
+
+class RegisterError(RuntimeError):
+    """Registration failed part-way; anything it had created was removed again."""
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def pip_requirements() -> list[str]:
+    """Pinned runtime requirements of the pyfunc (skips requirement inference, which imports TF twice)."""
+    out = []
+    for dist in _REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def version_tags(gates: dict[str, Any], metrics_doc: dict[str, Any], meta: dict[str, Any], train_run: dict[str, Any],
+                 provenance: dict[str, str]) -> dict[str, str]:
+    """The version's tags: provenance, threshold, metrics and the gate report (all strings)."""
+    test = metrics_doc["test"]
+    report = json.dumps({k: gates[k] for k in ("passed", "gates", "non_inferiority", "failures")},
+                        separators=(",", ":"), default=str)
+    tags = {
+        "train_run_id": str(train_run["run_id"]), "model_sha256": gates["model_sha256"],
+        "test_set_digest": gates["test_set_digest"], "threshold": repr(float(gates["threshold"])),
+        "threshold_rule": str(gates["threshold_rule"]), "threshold_source": "validation",
+        "gates_passed": "true", "gate_report": report[:_TAG_MAX],
+        "classes": json.dumps(meta["classes"]), "positive_class": str(meta["positive_class"]),
+        "image_size": str(meta["image_size"]), "channels": str(meta["channels"]),
+        "backbone": str(train_run.get("backbone", "")),
+        **{f"metric.{k}": repr(float(test[k])) for k in _METRIC_TAGS if test.get(k) is not None},
+        **{k: v for k, v in provenance.items() if v},
+    }
+    return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
+
+
+def check_gates(gates: dict[str, Any], model_sha256: str, gates_file: Path) -> None:
+    """Refuse unless the gate report passed and is about this exact model file."""
+    if not gates.get("passed"):
+        raise RegisterRefused(f"{gates_file}: the release gates did not pass, nothing registered: "
+                              + "; ".join(gates.get("failures") or ["no gate result"]))
+    if gates.get("model_sha256") != model_sha256:
+        raise RegisterRefused(f"{gates_file}: it evaluated a different model file than the current one "
+                              "(model changed after evaluation); re-run `medclf evaluate`")
+
+
+# ----------------------------------------------------------------------------- MLflow edge
+def _png_example(meta: dict[str, Any]) -> Any:
+    """A blank image of the model's size as base64 PNG: the input example the pyfunc validates."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from medclf.serving import INPUT_COLUMN, encode_file
+
+    s, c = int(meta["image_size"]), int(meta["channels"])
+    img = np.zeros((s, s) if c == 1 else (s, s, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return pd.DataFrame({INPUT_COLUMN: [encode_file(buf.getvalue())]})
+
+
+def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
+                run_id: str) -> tuple[Any, Any]:
+    """Log the serving pyfunc (with input example + signature) and the Keras flavour into the run."""
+    import mlflow
+    import mlflow.keras
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    import numpy as np
+
+    from medclf.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, load_keras, signature
+
+    cfg = ServingConfig(classes=list(meta["classes"]), positive_class=str(meta["positive_class"]),
+                        threshold=float(gates["threshold"]), image_size=int(meta["image_size"]),
+                        channels=int(meta["channels"]), resize=settings.ingest.resize)
+    reqs = pip_requirements()
+    with mlflow.start_run(run_id=run_id):
+        # input_example works for the pyfunc flavour (mlflow.keras.log_model(input_example=...) raised
+        # FileNotFoundError in 3.17.2); MLflow runs predict() on it, so a broken model fails here.
+        pyfunc = mlflow.pyfunc.log_model(
+            name=PYFUNC_NAME, python_model=MedclfModel(), artifacts={KERAS_ARTIFACT: str(model_file)},
+            model_config=cfg.to_dict(), signature=signature(cfg.classes), input_example=_png_example(meta),
+            pip_requirements=reqs)
+        try:
+            s, c, k = cfg.image_size, cfg.channels, len(cfg.classes)
+            sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, s, s, c))]),
+                                 outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]))
+            keras = mlflow.keras.log_model(load_keras(str(model_file)), name=KERAS_NAME, signature=sig,
+                                           pip_requirements=reqs)
+        except Exception:
+            _delete_logged(pyfunc)
+            raise
+    return pyfunc, keras
+
+
+def _delete_logged(*infos: Any) -> None:
+    from mlflow import MlflowClient
+
+    for info in infos:
+        if info is None:
+            continue
+        try:
+            MlflowClient().delete_logged_model(info.model_id)
+        except Exception as err:  # noqa: BLE001 - best-effort cleanup must not mask the real error
+            log.warning("could not delete logged model %s: %s", info.model_id, err)
+
+
+def _existing(cl: Any, name: str, run_id: str, sha: str) -> Any | None:
+    """A READY version of `name` already registered from this run for this exact model file."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = cl.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    hits = [mv for mv in found if (mv.tags or {}).get("model_sha256") == sha and mv.status == "READY"]
+    return min(hits, key=lambda mv: int(mv.version)) if hits else None
+
+
+def _wait_ready(cl: Any, name: str, version: str, timeout: float = 120) -> None:
+    t0 = time.time()
+    while True:
+        mv = cl.get_model_version(name, version)
+        if mv.status == "READY":
+            return
+        if mv.status == "FAILED_REGISTRATION" or time.time() - t0 > timeout:
+            raise RegisterError(f"{name} version {version} did not become READY ({mv.status}: "
+                                f"{mv.status_message})")
+        time.sleep(0.5)
+
+
+def _ensure_registered_model(cl: Any, name: str) -> bool:
+    """Create the registered model if needed; True when this call created it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        cl.get_registered_model(name)
+        return False
+    except MlflowException as err:
+        if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    cl.create_registered_model(name, description="medclf image classifier (research use only; "
+                                                 "not for clinical decisions without regulatory clearance)")
+    return True
+
+
+def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
+                    tags: dict[str, str], run_id: str) -> Any:
+    """Log, register, tag and alias as one unit: any failure removes what this call created."""
+    name, alias = settings.registry.model_name, settings.registry.alias
+    created_model, infos, mv = _ensure_registered_model(cl, name), (None, None), None
+    try:
+        infos = _log_models(settings, model_file, meta, gates, run_id)
+        pyfunc, keras = infos
+        tags = {**tags, "keras_model_uri": keras.model_uri}
+        desc = (f"Threshold {float(gates['threshold']):.4f} ({gates['threshold_rule']} on validation); "
+                f"test F1 {float(tags.get('metric.f1', 'nan')):.3f}, recall {float(tags.get('metric.recall', 'nan')):.3f}. "
+                f"Training run {run_id}.")
+        mv = cl.create_model_version(name, source=pyfunc.model_uri, run_id=run_id, tags=tags, description=desc,
+                                     model_id=pyfunc.model_id)
+        _wait_ready(cl, name, mv.version)
+        cl.set_registered_model_alias(name, alias, mv.version)
+        return cl.get_model_version(name, mv.version)
+    except Exception as err:
+        _rollback_partial(cl, name, mv, infos, created_model)
+        raise RegisterError(f"registering {name} failed and was rolled back "
+                            f"(no version left behind): {type(err).__name__}: {err}") from err
+
+
+def _rollback_partial(cl: Any, name: str, mv: Any, infos: tuple[Any, Any], created_model: bool) -> None:
+    try:
+        if mv is not None:
+            cl.delete_model_version(name, mv.version)
+        if created_model and not cl.search_model_versions(f"name = '{name}'"):
+            cl.delete_registered_model(name)
+    except Exception as cleanup_err:  # noqa: BLE001 - report, but keep the original error
+        log.error("cleanup after failed registration incomplete: %s", cleanup_err)
+    _delete_logged(*infos)
+
+
+def _provenance(settings: Settings, train_run: dict[str, Any]) -> dict[str, str]:
+    from medclf.tracking import data_version, git_commit, params_hash
+
+    dv = data_version(settings.paths.ingest_dir)
+    return {"git_commit": git_commit() or "", "train_git_commit": str(train_run.get("git_commit") or ""),
+            "data_digest": dv.get("data_digest", ""), "dvc_md5": dv.get("dvc_md5", ""),
+            "data_version": json.dumps(train_run["data_version"]) if train_run.get("data_version") else "",
+            "params_hash": params_hash(settings.ingest, settings.augment, settings.train, settings.evaluate)}
+
+
+def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
+    from medclf.registry import alias_version, client
+    from medclf.stages.evaluate import file_digest
+
+    paths, reg = settings.paths, settings.registry
+    gates_file, model_file = paths.reports_dir / "gates.json", paths.model_dir / "model.keras"
+    run_file, metrics_file = paths.model_dir / "train_run.json", paths.reports_dir / "metrics.json"
+    for f, stage in ((gates_file, "evaluate"), (metrics_file, "evaluate"), (model_file, "train"),
+                     (run_file, "train")):
+        if not f.exists():
+            raise RegisterRefused(f"{f}: missing (run `medclf {stage}` first); nothing registered")
+    gates, sha = read_json(gates_file), file_digest(model_file)
+    check_gates(gates, sha, gates_file)
+    train_run = read_json(run_file)
+    if not train_run.get("run_id"):
+        raise RegisterRefused(f"{run_file}: no run_id; the training run to log the model into is unknown")
+    run_id = str(train_run["run_id"])
+    cl = client(settings, attempts)  # reachability check with retries, then a clear error
+    try:
+        cl.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - any lookup failure means we cannot link the version
+        raise RegisterRefused(f"{run_file}: training run {run_id} not found at {settings.mlflow.resolved_uri()} "
+                              f"({type(err).__name__}); nothing registered") from None
+    champ = alias_version(cl, reg.model_name, "champion")
+    evaluated = (gates.get("champion") or {}).get("version")
+    if (champ.version if champ else None) != evaluated:
+        raise RegisterRefused(f"{gates_file}: evaluated against champion {evaluated or 'none'}, but the champion "
+                              f"is now {champ.version if champ else 'none'}; re-run `medclf evaluate`")
+    mv = _existing(cl, reg.model_name, run_id, sha)
+    created = mv is None
+    if created:
+        tags = version_tags(gates, read_json(metrics_file), read_json(paths.ingest_dir / "classes.json"),
+                            train_run, _provenance(settings, train_run))
+        meta = read_json(paths.ingest_dir / "classes.json")
+        mv = _create_version(cl, settings, model_file, meta, gates, tags, run_id)
+    elif reg.alias not in (mv.aliases or []):
+        cl.set_registered_model_alias(reg.model_name, reg.alias, mv.version)
+    out = {"model_name": reg.model_name, "version": int(mv.version), "alias": reg.alias, "run_id": run_id,
+           "model_uri": f"models:/{reg.model_name}/{mv.version}",
+           "alias_uri": f"models:/{reg.model_name}@{reg.alias}", "created": created}
+    write_json(paths.reports_dir / "register.json", out)
+    log.info("register: %s version %s (%s) %s", reg.model_name, mv.version, reg.alias,
+             "created" if created else "already registered for this run; reused")
+    return out
