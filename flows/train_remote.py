@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from medclf.config import load_settings
-from tasks.common import dvc_push
+from tasks.common import dvc_push, stage_target
 from tasks.train import LOCK_ARTIFACT_KEY, lock_entry, lock_markdown
 from tasks.train import retries as train_retries
 from tasks.train import train as train_task
@@ -60,7 +60,7 @@ def train_remote(params_yaml: str | None = None, dvc_lock: str | None = None, pr
     settings = load_settings(root / "params.yaml")
     if pull:
         with Repo(str(root)) as repo:
-            stats = repo.pull(targets=["ingest", "augment"])
+            stats = repo.pull(targets=[stage_target(root, s) for s in ("ingest", "augment")])
         log.info("pulled train inputs from the DVC remote: %s", stats)
     n = train_retries(settings)
     outcome = train_task.with_options(retries=n, retry_delay_seconds=backoff(retry_delay_seconds, n))(

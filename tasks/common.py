@@ -37,6 +37,8 @@ _TRANSIENT = re.compile(
     r"service ?unavailable|internal ?error|too many requests|\b50[0234]\b|"
     r"exited with -\d+|exited with 13[47]|killed|broken pipe|reset by peer|TrackingUnavailable",
     re.IGNORECASE)
+# DVC's words for a stage command that ended without reporting an error itself.
+_DIED = re.compile(r"failed to run: .*, exited with -?\d+")
 # Errors that will fail identically on every attempt: retrying only wastes time.
 _DETERMINISTIC = {"ValidationFailed", "GateFailed", "ConfigError", "IngestError", "ValidationError",
                   "NoGpuWorker", "RemoteMismatch"}
@@ -54,8 +56,16 @@ class StageFailed(RuntimeError):
 
     @property
     def transient(self) -> bool:
+        """Worth another attempt? Killed/crashed processes and network trouble are; checks are not.
+
+        A stage that raised reports `medclf <stage>: Type: message` (the CLI catches every
+        exception). A process that ended without that line was killed or crashed (OOM killer,
+        preemption, SIGKILL), which is exactly what resumable training is for.
+        """
         if self.error_type in _DETERMINISTIC:
             return False
+        if self.error_type is None and _DIED.search(self.error):
+            return True
         return bool(_TRANSIENT.search(self.error) or _TRANSIENT.search("\n".join(self.tail[-5:])))
 
 
@@ -113,12 +123,20 @@ def describe_status(entries: list[Any]) -> str:
     return "; ".join(parts) or "changed"
 
 
+def stage_target(root: Path, stage: str) -> str:
+    """`<root>/dvc.yaml:<stage>`: DVC resolves a bare stage name against the *current directory*'s
+    dvc.yaml, even with `Repo(root)`; from another DVC project (a test run from the repository,
+    a worker's cwd) a bare name silently means that project's stage."""
+    return f"{Path(root).resolve() / 'dvc.yaml'}:{stage}"
+
+
 def dvc_status(stage: str, root: Path) -> list[Any]:
     """DVC's reasons why `stage` is out of date; [] when deps, params and outs match dvc.lock."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return repo.status(targets=[stage]).get(stage, [])
+        found = repo.status(targets=[stage_target(root, stage)])
+    return next(iter(found.values()), [])
 
 
 def in_lock(stage: str, root: Path) -> bool:

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from medclf.config import Settings
-from tasks.common import StageFailed, StageOutcome, describe_status, dvc_push, dvc_status, stage_task
+from tasks.common import (
+    StageFailed,
+    StageOutcome,
+    describe_status,
+    dvc_push,
+    dvc_status,
+    stage_target,
+    stage_task,
+)
 
 LOCK_ARTIFACT_KEY = "medclf-train-lock"
 START_TIMEOUT_ENV = "MEDCLF_GPU_START_TIMEOUT_S"
@@ -142,7 +150,7 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
                           f"'{deployment}' ended {state.type.value if state else '?'}: {msg}", [])
     merge_lock_entry(root, "train", _remote_lock_entry(run.id))
     with Repo(str(root)) as repo:
-        repo.pull(targets=["train"])
+        repo.pull(targets=[stage_target(root, "train")])
     left = dvc_status("train", root)
     if left:
         raise StageFailed("train", 1, "medclf train: RemoteMismatch: the GPU run's dvc.lock entry does not "
