@@ -361,9 +361,12 @@ def test_gate_passes_at_bound_and_fails_just_above(hard, gate, metric):
 
 
 @pytest.mark.slow
-def test_unreachable_server_skips_non_inferiority_with_note(project):
+def test_unreachable_server_skips_non_inferiority_with_note(project, monkeypatch):
     root, settings = project
-    dead = with_overrides(settings, root, {"mlflow": {"tracking_uri": f"http://127.0.0.1:{free_port()}"},
+    # MLFLOW_TRACKING_URI wins over params.yaml (and mlflow.set_tracking_uri exports it): set both
+    dead_uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_uri)
+    dead = with_overrides(settings, root, {"mlflow": {"tracking_uri": dead_uri},
                                            "evaluate": {"gradcam_n": 0, "bootstrap": 0}})
     res, _doc, gates = run_evaluate(dead)
     assert not isinstance(res, Exception), res

@@ -107,7 +107,8 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
     order = {str(f): i for i, f in enumerate(files)}
     df = pd.DataFrame(sorted(rows, key=lambda r: order[r["path"]]),
                       columns=["path", *cols, "label", "positive", "error"])
-    df["threshold"], df["model_uri"], df["model_version"] = cfg.threshold, uri, version
+    # the threshold as its exact repr (float_format below would round it; the label depends on it)
+    df["threshold"], df["model_uri"], df["model_version"] = repr(float(cfg.threshold)), uri, version
     out = Path(out)
     with atomic_file(out) as fh:
         df.to_csv(fh, index=False, float_format="%.9g")

@@ -43,7 +43,11 @@ def client(settings: Settings, attempts: int = 5) -> Any:
 
 
 def _not_found(err: Exception) -> bool:
-    return getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+    """Missing model/version (RESOURCE_DOES_NOT_EXIST) or missing alias (the server answers
+    INVALID_PARAMETER_VALUE "Registered model alias X not found" for that, in MLflow 3.17)."""
+    code, msg = getattr(err, "error_code", ""), str(err).lower()
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "alias" in msg
+                                                 and "not found" in msg)
 
 
 def alias_version(cl: Any, name: str, alias: str) -> Any | None:

@@ -198,7 +198,11 @@ class MedclfModel(mlflow.pyfunc.PythonModel):
             try:
                 batch.append(prepare(cell, self.cfg))
             except DecodeError as err:
-                raise DecodeError(f"input row {i}: {err}") from None
+                # MlflowException(INVALID_PARAMETER_VALUE) is answered as HTTP 400 with this message
+                from mlflow.exceptions import MlflowException
+                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+                raise MlflowException(f"input row {i}: {err}", error_code=INVALID_PARAMETER_VALUE) from None
         x = np.stack(batch) if batch else np.zeros((0, self.cfg.image_size, self.cfg.image_size,
                                                      self.cfg.channels), np.uint8)
         return decisions(self.predict_images(x), self.cfg)

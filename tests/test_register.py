@@ -1,0 +1,213 @@
+"""register + promote/rollback against a real MLflow server: a failing gate registers nothing, a
+passing one exactly one version with `challenger` and its tags (idempotently), failures leave
+nothing half-registered, the champion is re-checked, and aliases move forwards and back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import free_port
+from tests.test_evaluate import build_project, run_evaluate, with_overrides, write_train_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mlflow_server):
+    root = tmp_path_factory.mktemp("register")
+    settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 50, "gradcam_n": 1,
+                                                                "gates": {"min_f1": 0.0, "min_recall": 0.0}}})
+    return root, settings
+
+
+def _client(settings):
+    from mlflow import MlflowClient
+
+    uri = settings.mlflow.resolved_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _versions(settings) -> list:
+    return _client(settings).search_model_versions(f"name = '{settings.registry.model_name}'")
+
+
+def test_failing_gate_registers_nothing(project):
+    from medclf.stages import evaluate, register
+
+    root, settings = project
+    _res, doc, _g = run_evaluate(settings)  # measured values, to build a bound they cannot meet
+    bound = min(1.0, doc["test"]["f1"] + 1e-6)
+    strict = with_overrides(settings, root, {"evaluate": {"gates": {"min_f1": bound}}})
+    with pytest.raises(evaluate.GateFailed, match="f1"):
+        evaluate.run(strict)
+    gates = json.loads((settings.paths.reports_dir / "gates.json").read_text())
+    assert gates["passed"] is False
+    with pytest.raises(register.RegisterRefused, match="did not pass"):
+        register.run(strict)
+    assert _versions(settings) == []
+    assert not (settings.paths.reports_dir / "register.json").exists()
+
+
+def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
+    from medclf.stages import register
+
+    root, settings = project
+    res, doc, gates = run_evaluate(settings)
+    assert gates["passed"] is True, gates
+    out = register.run(settings)
+    name = settings.registry.model_name
+    assert out["created"] is True and out["alias"] == "challenger" and out["model_name"] == name
+    vs = _versions(settings)
+    assert len(vs) == 1
+    mv = _client(settings).get_model_version_by_alias(name, "challenger")
+    assert mv.version == vs[0].version == str(out["version"])
+    train_run = json.loads((settings.paths.model_dir / "train_run.json").read_text())
+    assert mv.run_id == train_run["run_id"] == out["run_id"]
+    t = mv.tags
+    for key in ("git_commit", "data_digest", "params_hash", "threshold", "threshold_rule", "gate_report",
+                "model_sha256", "test_set_digest", "train_run_id", "metric.f1", "metric.recall", "keras_model_uri"):
+        assert t.get(key), key
+    assert float(t["threshold"]) == doc["threshold"] == gates["threshold"]
+    assert float(t["metric.f1"]) == doc["test"]["f1"]
+    assert json.loads(t["gate_report"])["passed"] is True
+    assert t["gates_passed"] == "true" and t["threshold_source"] == "validation"
+    reg = json.loads((settings.paths.reports_dir / "register.json").read_text())
+    assert reg == {**out}
+    assert set(reg) >= {"model_name", "version", "alias", "run_id", "model_uri"}
+
+    # idempotent: the same run registers nothing new
+    again = register.run(settings)
+    assert again["version"] == out["version"] and again["created"] is False
+    assert len(_versions(settings)) == 1
+
+    # the registered pyfunc loads by alias and carries the threshold; the Keras flavour loads too
+    import mlflow.keras
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
+    assert model.unwrap_python_model().cfg.threshold == doc["threshold"]
+    keras_model = mlflow.keras.load_model(t["keras_model_uri"])
+    assert keras_model.get_layer("backbone") is not None
+
+
+def test_register_refuses_other_model_or_changed_champion(project, tmp_path):
+    from medclf.stages import register
+
+    _root, settings = project
+    gates_file = settings.paths.reports_dir / "gates.json"
+    original = gates_file.read_text()
+    try:
+        gates = json.loads(original)
+        gates_file.write_text(json.dumps({**gates, "model_sha256": "0" * 64}))
+        with pytest.raises(register.RegisterRefused, match="different model"):
+            register.run(settings)
+        gates_file.write_text(json.dumps({**gates, "champion": {"version": "999"}}))
+        with pytest.raises(register.RegisterRefused, match="re-run `medclf evaluate`"):
+            register.run(settings)
+    finally:
+        gates_file.write_text(original)
+
+
+def test_failure_after_version_creation_leaves_nothing(project):
+    """Alias `latest` is reserved by MLflow: the server rejects it after the version exists."""
+    from medclf.stages import register
+
+    root, settings = project
+    before = {v.version for v in _versions(settings)}
+    run2 = write_train_run(settings, settings.mlflow.resolved_uri())  # a new run -> would be a new version
+    bad = with_overrides(settings, root, {"register": {"alias": "latest"}})
+    with pytest.raises(register.RegisterError, match="rolled back"):
+        register.run(bad)
+    assert {v.version for v in _versions(settings)} == before
+    cl = _client(settings)
+    models = cl.search_logged_models(experiment_ids=[run2["experiment_id"]],
+                                     filter_string=f"source_run_id = '{run2['run_id']}'")
+    assert models == []  # the logged pyfunc/keras models of the failed attempt were deleted too
+
+
+def test_unreachable_server_fails_fast_with_clear_error(project, monkeypatch):
+    from medclf.stages import register
+    from medclf.tracking import TrackingUnavailable
+
+    _root, settings = project
+    before = len(_versions(settings))
+    # the environment variable wins over params.yaml (and mlflow.set_tracking_uri exports it)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TrackingUnavailable, match="unreachable after 2 attempts"):
+        register.run(settings, attempts=2)
+    monkeypatch.undo()
+    assert len(_versions(settings)) == before
+
+
+def test_non_inferiority_against_champion_then_promote_and_rollback(project, monkeypatch):
+    """v1 -> champion; a new run is gated against it (from its tags, and re-scored when the test set
+    differs), registered as v2, promoted, rolled back; a worse-than-champion model is refused."""
+    from medclf import registry
+    from medclf.cli import main
+    from medclf.stages import evaluate, register
+
+    root, settings = project
+    name, cl = settings.registry.model_name, _client(settings)
+    v1 = int(cl.get_model_version_by_alias(name, "challenger").version)
+    monkeypatch.setenv("USER", "alice")
+    p = registry.promote(settings, v1)
+    assert p["changed"] is True and p["previous_version"] is None and p["by"] == "alice"
+    # registering the current gates is refused now: they were computed without this champion
+    with pytest.raises(register.RegisterRefused, match="champion"):
+        register.run(settings)
+
+    write_train_run(settings, settings.mlflow.resolved_uri())  # retrained: a new training run
+    res, _doc, gates = run_evaluate(settings)
+    ni = gates["non_inferiority"]
+    assert ni["skipped"] is False and {e["metric"] for e in ni["entries"]} == {"f1", "recall"}
+    assert gates["champion"]["version"] == str(v1) and "same test set" in gates["champion"]["source"]
+
+    # the champion evaluated on another test set is re-scored here (same model -> same metrics)
+    cl.set_model_version_tag(name, str(v1), "test_set_digest", "another-test-set")
+    res, doc, gates = run_evaluate(settings)
+    assert "re-scored" in gates["champion"]["source"]
+    entries = {e["metric"]: e for e in gates["non_inferiority"]["entries"]}
+    assert entries["f1"]["champion"] == pytest.approx(doc["test"]["f1"])
+
+    # a champion better by more than the margin blocks the release
+    cl.set_model_version_tag(name, str(v1), "test_set_digest", gates["test_set_digest"])
+    cl.set_model_version_tag(name, str(v1), "metric.f1", "1.0")
+    if doc["test"]["f1"] < 1.0 - settings.evaluate.gates.non_inferiority_margin:
+        with pytest.raises(evaluate.GateFailed, match="non-inferiority"):
+            evaluate.run(settings)
+        with pytest.raises(register.RegisterRefused):
+            register.run(settings)
+    cl.set_model_version_tag(name, str(v1), "metric.f1", repr(doc["test"]["f1"]))
+    res, _doc, gates = run_evaluate(settings)
+    assert gates["passed"] is True
+    v2 = register.run(settings)["version"]
+    # > v1 + 1: the version created and deleted by the failed attempt above keeps its number
+    assert v2 > v1 and sorted(int(v.version) for v in _versions(settings)) == [v1, v2]
+
+    # promote via the CLI (who = $USER), then roll back twice
+    params = root / "params-cli.yaml"
+    import yaml
+
+    params.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True)))
+    assert main(["--params", str(params), "promote", "--version", str(v2)]) == 0
+    champ = cl.get_model_version_by_alias(name, "champion")
+    assert int(champ.version) == v2
+    assert int(cl.get_model_version_by_alias(name, "previous-champion").version) == v1
+    assert champ.tags["champion.promoted_by"] == "alice" and champ.tags["champion.promoted_at"]
+    assert champ.tags["champion.previous_version"] == str(v1)
+    again = registry.promote(settings, v2, by="bob")
+    assert again["changed"] is False  # already champion: nothing moves, no history entry
+
+    rb = registry.rollback(settings, by="carol")
+    assert rb["version"] == v1 and rb["rolled_back_from"] == v2
+    assert int(cl.get_model_version_by_alias(name, "champion").version) == v1
+    rolled = cl.get_model_version(name, str(v2))
+    assert rolled.tags["champion.rolled_back_by"] == "carol"
+    assert registry.alias_version(cl, name, "previous-champion") is None  # history exhausted
+    with pytest.raises(registry.RegistryError, match="nothing to roll back"):
+        registry.rollback(settings)
+    assert main(["--params", str(params), "rollback"]) == 1  # the CLI reports it as an error
+    with pytest.raises(registry.RegistryError, match="no version 99"):
+        registry.promote(settings, 99)

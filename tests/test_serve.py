@@ -1,0 +1,146 @@
+"""Serving: `medclf predict` (files, folders, DICOM) and a real `mlflow models serve` subprocess over
+HTTP give the same probabilities as the in-process Keras model, and the label at the registered
+(validation-chosen) threshold."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from bench.serve_bench import image_payload, invoke, png_b64, served
+from tests.test_dicom import make_dicom
+from tests.test_evaluate import build_project, run_evaluate
+
+pytestmark = pytest.mark.slow
+ATOL = 1e-5  # same float32 model; batch composition may change the last bits
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, mlflow_server):
+    from medclf.serving import load_keras
+    from medclf.stages import register
+    from medclf.stages.ingest import load_split
+
+    root = tmp_path_factory.mktemp("serve")
+    settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 0, "gradcam_n": 0,
+                                                                "gates": {"min_f1": 0.0, "min_recall": 0.0}}})
+    res, doc, gates = run_evaluate(settings)
+    assert gates["passed"], gates
+    reg = register.run(settings)
+    model = load_keras(str(settings.paths.model_dir / "model.keras"))
+    x, y = load_split(settings.paths.ingest_dir, "test", mmap=False)
+    meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
+    return {"root": root, "settings": settings, "reg": reg, "model": model, "x": x, "y": y, "meta": meta,
+            "threshold": doc["threshold"]}
+
+
+def _reference(model, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model.predict(x, verbose=0), dtype=np.float64)
+
+
+def _expected_labels(proba: np.ndarray, meta: dict, threshold: float) -> list[str]:
+    pos = meta["classes"].index(meta["positive_class"])
+    return [meta["classes"][pos] if p[pos] >= threshold else meta["classes"][1 - pos] for p in proba]
+
+
+def test_predict_files_folders_dicom_match_in_process_model(registered, tmp_path):
+    from medclf.predict import predict_paths
+    from medclf.serving import ServingConfig, prepare
+
+    r = registered
+    x, model, meta = r["x"][:6], r["model"], r["meta"]
+    folder = tmp_path / "in" / "nested"
+    folder.mkdir(parents=True)
+    for i, img in enumerate(x):  # exact-size PNGs: the reference needs no serving code at all
+        Image.fromarray(img[..., 0]).save(folder / f"img{i}.png")
+    big = np.asarray(Image.fromarray(x[0][..., 0]).resize((80, 60)).convert("RGB"))  # other size + RGB
+    Image.fromarray(big).save(tmp_path / "in" / "big_rgb.jpg", quality=95)
+    dimg = x[1].copy()
+    dimg[0, 0], dimg[-1, -1] = 0, 255  # full range, so the DICOM min-max VOI maps 16*v back to v
+    raw16 = dimg[..., 0].astype(np.uint16) * 16  # a 12-bit DICOM of a test image
+    (tmp_path / "in" / "scan.dcm").write_bytes(make_dicom(raw16))
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    single = tmp_path / "single.png"
+    Image.fromarray(x[2][..., 0]).save(single)
+
+    out = tmp_path / "pred.csv"
+    uri = f"models:/{r['reg']['model_name']}@challenger"
+    res = predict_paths([tmp_path / "in", single], uri, out, r["settings"])
+    df = pd.read_csv(out)
+    assert res["files"] == len(df) == 6 + 3 + 1 and res["failed"] == 1
+    assert res["model_version"] == str(r["reg"]["version"]) and res["threshold"] == r["threshold"]
+    cols = [f"p_{c}" for c in meta["classes"]]
+    by_name = df.set_index(df["path"].map(lambda p: p.rsplit("/", 1)[-1]))
+    # exact-size PNGs == the ingest arrays through model.predict
+    ref = _reference(model, x)
+    got = by_name.loc[[f"img{i}.png" for i in range(6)], cols].to_numpy()
+    np.testing.assert_allclose(got, ref, atol=ATOL)
+    assert by_name.loc[[f"img{i}.png" for i in range(6)], "label"].tolist() == \
+        _expected_labels(ref, meta, r["threshold"])
+    np.testing.assert_allclose(by_name.loc[["single.png"], cols].to_numpy(), ref[2:3], atol=ATOL)
+    # resized RGB JPEG and DICOM: the ingest geometry (to_channels + fit_square), then the model
+    cfg = ServingConfig(classes=meta["classes"], positive_class=meta["positive_class"], threshold=r["threshold"],
+                        image_size=meta["image_size"], channels=meta["channels"], resize=r["settings"].ingest.resize)
+    from medclf.dicom import decode_dicom
+    from medclf.images import decode_image
+
+    jpg = prepare(decode_image((tmp_path / "in" / "big_rgb.jpg").read_bytes(), 10**8), cfg)
+    dcm = prepare(decode_dicom((tmp_path / "in" / "scan.dcm").read_bytes()), cfg)
+    np.testing.assert_array_equal(dcm, dimg)  # 12-bit min-max back to the same 8-bit image
+    ref2 = _reference(model, np.stack([jpg, dcm]))
+    np.testing.assert_allclose(by_name.loc[["big_rgb.jpg", "scan.dcm"], cols].to_numpy(), ref2, atol=ATOL)
+    broken = by_name.loc["broken.png"]
+    assert "DecodeError" in broken["error"] and np.isnan(broken[cols[0]])
+    assert (df["threshold"] == r["threshold"]).all()
+
+
+def test_cli_predict_defaults_to_champion(registered, tmp_path):
+    from medclf import registry
+    from medclf.cli import main
+
+    r = registered
+    settings = r["settings"]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True)))
+    Image.fromarray(r["x"][0][..., 0]).save(tmp_path / "a.png")
+    out = tmp_path / "out.csv"
+    assert main(["--params", str(params), "predict", str(tmp_path / "a.png"), "--out", str(out)]) == 1  # no champion
+    registry.promote(settings, r["reg"]["version"], by="test")
+    assert main(["--params", str(params), "predict", str(tmp_path / "a.png"), "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert df["model_uri"].iloc[0] == f"models:/{settings.registry.model_name}@champion"
+    np.testing.assert_allclose(df[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy(),
+                               _reference(r["model"], r["x"][:1]), atol=ATOL)
+
+
+def test_served_endpoint_matches_in_process_model(registered, tmp_path):
+    """Real HTTP to `mlflow models serve --env-manager local` resolving models:/name@challenger."""
+    r = registered
+    x, model, meta = r["x"][:5], r["model"], r["meta"]
+    ref = _reference(model, x)
+    cols = [f"p_{c}" for c in meta["classes"]]
+    uri = f"models:/{r['reg']['model_name']}@challenger"
+    with served(uri, r["settings"].mlflow.resolved_uri(), log_path=tmp_path / "serve.log") as url:
+        # base64 PNGs, dataframe_split (what bench/serve_bench.py sends)
+        preds = invoke(url, image_payload([png_b64(img) for img in x]))["predictions"]
+        got = np.array([[p[c] for c in cols] for p in preds])
+        np.testing.assert_allclose(got, ref, atol=ATOL)
+        assert [p["label"] for p in preds] == _expected_labels(ref, meta, r["threshold"])
+        # pixel arrays (nested lists), dataframe_records
+        recs = invoke(url, {"dataframe_records": [{"image": img[..., 0].tolist()} for img in x[:2]]})
+        np.testing.assert_allclose([[p[c] for c in cols] for p in recs["predictions"]], ref[:2], atol=ATOL)
+        # a larger JPEG, base64: resized by the pyfunc like ingest does
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(Image.fromarray(x[0][..., 0]).resize((64, 64)))).save(buf, format="JPEG")
+        one = invoke(url, image_payload([base64.b64encode(buf.getvalue()).decode()]))["predictions"][0]
+        assert 0.0 <= one[cols[0]] <= 1.0 and abs(sum(one[c] for c in cols) - 1.0) < 1e-5
+        # bad input: a clear 4xx naming the row and the reason, not a 500 stack trace
+        with pytest.raises(RuntimeError, match=r"HTTP 4\d\d.*row 1.*base64"):
+            invoke(url, image_payload([png_b64(x[0]), "not base64 at all!"]))
