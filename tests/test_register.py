@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import free_port
-from tests.test_evaluate import build_project, run_evaluate, with_overrides, write_train_run
+from tests.test_evaluate import _test_proba, build_project, run_evaluate, with_overrides, write_train_run
 
 pytestmark = pytest.mark.slow
 
@@ -19,6 +20,14 @@ def project(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("register")
     settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 50, "gradcam_n": 1,
                                                                 "gates": {"min_f1": 0.0, "min_recall": 0.0}}})
+    # the surest test negative labelled positive (a false negative at any threshold below its
+    # score... and it is the lowest score): F1 < 1 for sure, so "a better champion" can exist
+    _yv, _pv, (yt, pt) = _test_proba(settings)
+    labels_file = settings.paths.ingest_dir / "test_labels.npy"
+    labels = np.load(labels_file)
+    neg = np.flatnonzero(yt == 0)
+    labels[neg[np.argmin(pt[neg, 1])]] = 1
+    np.save(labels_file, labels)
     return root, settings
 
 
@@ -174,11 +183,11 @@ def test_non_inferiority_against_champion_then_promote_and_rollback(project, mon
     # a champion better by more than the margin blocks the release
     cl.set_model_version_tag(name, str(v1), "test_set_digest", gates["test_set_digest"])
     cl.set_model_version_tag(name, str(v1), "metric.f1", "1.0")
-    if doc["test"]["f1"] < 1.0 - settings.evaluate.gates.non_inferiority_margin:
-        with pytest.raises(evaluate.GateFailed, match="non-inferiority"):
-            evaluate.run(settings)
-        with pytest.raises(register.RegisterRefused):
-            register.run(settings)
+    assert doc["test"]["f1"] < 1.0 - settings.evaluate.gates.non_inferiority_margin
+    with pytest.raises(evaluate.GateFailed, match="non-inferiority"):
+        evaluate.run(settings)
+    with pytest.raises(register.RegisterRefused, match="did not pass"):
+        register.run(settings)
     cl.set_model_version_tag(name, str(v1), "metric.f1", repr(doc["test"]["f1"]))
     res, _doc, gates = run_evaluate(settings)
     assert gates["passed"] is True
@@ -186,16 +195,17 @@ def test_non_inferiority_against_champion_then_promote_and_rollback(project, mon
     # > v1 + 1: the version created and deleted by the failed attempt above keeps its number
     assert v2 > v1 and sorted(int(v.version) for v in _versions(settings)) == [v1, v2]
 
-    # promote via the CLI (who = $USER), then roll back twice
+    # promote via the CLI (who = --by), then roll back twice
     params = root / "params-cli.yaml"
     import yaml
 
     params.write_text(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True)))
-    assert main(["--params", str(params), "promote", "--version", str(v2)]) == 0
+    assert main(["--params", str(params), "promote", "--version", str(v2), "--by", "dave"]) == 0
     champ = cl.get_model_version_by_alias(name, "champion")
     assert int(champ.version) == v2
     assert int(cl.get_model_version_by_alias(name, "previous-champion").version) == v1
-    assert champ.tags["champion.promoted_by"] == "alice" and champ.tags["champion.promoted_at"]
+    assert champ.tags["champion.promoted_by"] == "dave" and champ.tags["champion.promoted_at"]
+    assert cl.get_model_version(name, str(v1)).tags["champion.promoted_by"] == "alice"  # from $USER
     assert champ.tags["champion.previous_version"] == str(v1)
     again = registry.promote(settings, v2, by="bob")
     assert again["changed"] is False  # already champion: nothing moves, no history entry

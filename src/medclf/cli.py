@@ -29,13 +29,13 @@ def _run_stage(args: argparse.Namespace) -> dict:
 def _promote(args: argparse.Namespace) -> dict:
     from medclf.registry import promote
 
-    return promote(_settings(args), version=args.version, alias=args.alias)
+    return promote(_settings(args), version=args.version, alias=args.alias, by=args.by)
 
 
 def _rollback(args: argparse.Namespace) -> dict:
     from medclf.registry import rollback
 
-    return rollback(_settings(args), alias=args.alias)
+    return rollback(_settings(args), alias=args.alias, by=args.by)
 
 
 def _predict(args: argparse.Namespace) -> dict:
@@ -62,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="move an alias (default: champion) to a model version")
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--alias", default="champion")
+    pr.add_argument("--by", default=None, help="who promotes (recorded as a version tag; default: $USER)")
     pr.set_defaults(func=_promote)
     rb = sub.add_parser("rollback", help="move an alias back to its previous version")
     rb.add_argument("--alias", default="champion")
+    rb.add_argument("--by", default=None, help="who rolls back (recorded as a version tag; default: $USER)")
     rb.set_defaults(func=_rollback)
     pd_ = sub.add_parser("predict", help="classify images, folders or DICOM files")
     pd_.add_argument("paths", nargs="+")
