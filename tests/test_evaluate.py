@@ -160,7 +160,7 @@ def project(tmp_path_factory, mlflow_server):
 
 @pytest.fixture(scope="module")
 def first_run(project):
-    root, settings = project
+    _root, settings = project
     res, doc, gates = run_evaluate(settings)
     assert not isinstance(res, Exception), res
     return res, doc, gates
@@ -181,7 +181,7 @@ def _test_proba(settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.mark.slow
 def test_stage_metrics_match_sklearn(project, first_run):
     _root, settings = project
-    res, doc, gates = first_run
+    _res, doc, _gates = first_run
     yv, pv, (yt, pt) = _test_proba(settings)
     classes = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
     pos = classes["classes"].index(classes["positive_class"])

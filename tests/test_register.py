@@ -62,8 +62,8 @@ def test_failing_gate_registers_nothing(project):
 def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     from medclf.stages import register
 
-    root, settings = project
-    res, doc, gates = run_evaluate(settings)
+    _root, settings = project
+    _res, doc, gates = run_evaluate(settings)
     assert gates["passed"] is True, gates
     out = register.run(settings)
     name = settings.registry.model_name
@@ -168,14 +168,14 @@ def test_non_inferiority_against_champion_then_promote_and_rollback(project, mon
         register.run(settings)
 
     write_train_run(settings, settings.mlflow.resolved_uri())  # retrained: a new training run
-    res, _doc, gates = run_evaluate(settings)
+    _res, _doc, gates = run_evaluate(settings)
     ni = gates["non_inferiority"]
     assert ni["skipped"] is False and {e["metric"] for e in ni["entries"]} == {"f1", "recall"}
     assert gates["champion"]["version"] == str(v1) and "same test set" in gates["champion"]["source"]
 
     # the champion evaluated on another test set is re-scored here (same model -> same metrics)
     cl.set_model_version_tag(name, str(v1), "test_set_digest", "another-test-set")
-    res, doc, gates = run_evaluate(settings)
+    _res, doc, gates = run_evaluate(settings)
     assert "re-scored" in gates["champion"]["source"]
     entries = {e["metric"]: e for e in gates["non_inferiority"]["entries"]}
     assert entries["f1"]["champion"] == pytest.approx(doc["test"]["f1"])
@@ -189,7 +189,7 @@ def test_non_inferiority_against_champion_then_promote_and_rollback(project, mon
     with pytest.raises(register.RegisterRefused, match="did not pass"):
         register.run(settings)
     cl.set_model_version_tag(name, str(v1), "metric.f1", repr(doc["test"]["f1"]))
-    res, _doc, gates = run_evaluate(settings)
+    _res, _doc, gates = run_evaluate(settings)
     assert gates["passed"] is True
     v2 = register.run(settings)["version"]
     # > v1 + 1: the version created and deleted by the failed attempt above keeps its number

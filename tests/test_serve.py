@@ -31,7 +31,7 @@ def registered(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("serve")
     settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 0, "gradcam_n": 0,
                                                                 "gates": {"min_f1": 0.0, "min_recall": 0.0}}})
-    res, doc, gates = run_evaluate(settings)
+    _res, doc, gates = run_evaluate(settings)
     assert gates["passed"], gates
     reg = register.run(settings)
     model = load_keras(str(settings.paths.model_dir / "model.keras"))

@@ -33,9 +33,8 @@ class RegistryError(RuntimeError):
 
 def client(settings: Settings, attempts: int = 5) -> Any:
     """An MlflowClient for the configured server, after the reachability check (with retries)."""
-    from mlflow import MlflowClient
-
     from medclf.tracking import configure
+    from mlflow import MlflowClient
 
     uri = settings.mlflow.resolved_uri()
     configure(uri, attempts=attempts)
@@ -75,7 +74,7 @@ def version_metrics(mv: Any) -> dict[str, float]:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _who(by: str | None) -> str:
@@ -182,10 +181,10 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     import json
 
     import numpy as np
-    from mlflow import MlflowClient
 
     from medclf import metrics as M
     from medclf.tracking import TrackingUnavailable, wait_for_server
+    from mlflow import MlflowClient
 
     uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
     base: dict[str, Any] = {"alias": alias, "checked": False, "version": None, "server_reachable": True}

@@ -49,7 +49,7 @@ class ServingConfig:
     batch_size: int = 32
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ServingConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ServingConfig:
         return cls(classes=list(d["classes"]), positive_class=str(d["positive_class"]),
                    threshold=float(d["threshold"]), image_size=int(d["image_size"]),
                    channels=int(d["channels"]), resize=str(d.get("resize", "pad")),
@@ -177,7 +177,7 @@ def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
 class MedclfModel(mlflow.pyfunc.PythonModel):
     """Raw images in, probabilities + thresholded label out (see the module docstring)."""
 
-    def load_context(self, context) -> None:  # noqa: ANN001
+    def load_context(self, context) -> None:
         self.cfg = ServingConfig.from_dict(dict(context.model_config or {}))
         self.model = load_keras(context.artifacts[KERAS_ARTIFACT])
 
@@ -191,7 +191,7 @@ class MedclfModel(mlflow.pyfunc.PythonModel):
 
     # No type hints here on purpose: MLflow 3 derives a schema from `predict`'s hints and would
     # override the explicit signature (which must accept both strings and pixel lists).
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         cells = _cells(model_input)
         batch = []
         for i, cell in enumerate(cells):

@@ -85,7 +85,7 @@ def evaluate_predictions(y_val: np.ndarray, proba_val: np.ndarray, y_test: np.nd
         "test_default_threshold": M.metrics_with_ci(yb, pb, DEFAULT_THRESHOLD, cfg.bootstrap, cfg.seed),
         "test_default_counts": {k: v for k, v in M.binary_metrics(yb, pb, DEFAULT_THRESHOLD).items()
                                 if k in M.COUNTS},
-        "n_val": int(len(y_val)), "n_test": int(len(y_test)),
+        "n_val": len(y_val), "n_test": len(y_test),
     }
     if len(classes) > 2:
         report["multiclass"] = _multiclass_with_ci(np.asarray(y_test), np.asarray(proba_test, float), classes,
@@ -271,8 +271,9 @@ def reachable(uri: str) -> bool:
 def _log_to_mlflow(settings: Settings, inp: dict[str, Any], doc: dict[str, Any], gates: dict[str, Any],
                    report_dir: Path, online: bool) -> str:
     """Metrics + pictures into the training run; a note (not a failure) when that is impossible."""
-    from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
+
+    from mlflow import MlflowClient
 
     run_id = inp["train_run"].get("run_id")
     if not run_id:

@@ -15,9 +15,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +34,10 @@ PYFUNC_NAME, KERAS_NAME = "medclf_pyfunc", "keras_model"
 _REQUIREMENTS = ("mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pandas", "pillow", "pydicom",
                  "scikit-learn", "pydantic")
 _TAG_MAX = 5000
-_METRIC_TAGS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
+# Gated metrics get their own tag (read by the non-inferiority gate, visible in the UI's version
+# table); every test metric is in the one `metrics` JSON tag, so the table stays readable.
+_METRIC_TAGS = ("f1", "recall", "specificity", "roc_auc")
+_ALL_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
                 "pr_auc", "mcc", "brier", "ece")
 
 
@@ -71,6 +76,7 @@ def version_tags(gates: dict[str, Any], metrics_doc: dict[str, Any], meta: dict[
         "image_size": str(meta["image_size"]), "channels": str(meta["channels"]),
         "backbone": str(train_run.get("backbone", "")),
         **{f"metric.{k}": repr(float(test[k])) for k in _METRIC_TAGS if test.get(k) is not None},
+        "metrics": json.dumps({k: test.get(k) for k in _ALL_METRICS}, separators=(",", ":")),
         **{k: v for k, v in provenance.items() if v},
     }
     return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
@@ -105,20 +111,22 @@ def _png_example(meta: dict[str, Any]) -> Any:
 def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
                 run_id: str) -> tuple[Any, Any]:
     """Log the serving pyfunc (with input example + signature) and the Keras flavour into the run."""
-    import mlflow
     import mlflow.keras
     import mlflow.pyfunc
+    import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
-    import numpy as np
 
+    import mlflow
     from medclf.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, load_keras, signature
 
     cfg = ServingConfig(classes=list(meta["classes"]), positive_class=str(meta["positive_class"]),
                         threshold=float(gates["threshold"]), image_size=int(meta["image_size"]),
                         channels=int(meta["channels"]), resize=settings.ingest.resize)
     reqs = pip_requirements()
-    with mlflow.start_run(run_id=run_id):
+    # MLflow prints "View run ..." links to stdout when the run ends; `medclf register` prints its
+    # JSON result there, so those lines go to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_id=run_id):
         # input_example works for the pyfunc flavour (mlflow.keras.log_model(input_example=...) raised
         # FileNotFoundError in 3.17.2); MLflow runs predict() on it, so a broken model fails here.
         pyfunc = mlflow.pyfunc.log_model(
