@@ -313,3 +313,20 @@ def test_real_chest_xray_splits_are_patient_disjoint(tmp_path, make_settings):
     assert prev.max() - prev.min() < 0.05
     assert not ok.source_uri.str.contains(r"person\d+_", regex=True).any()
     assert os.environ.get("MEDCLF_PATIENT_SALT")
+
+
+def test_salt_is_created_once_even_with_parallel_decode_workers(tmp_path, make_settings, monkeypatch):
+    """A fresh checkout has no salt: forked decode workers must not race to create it."""
+    from medclf import privacy
+
+    monkeypatch.delenv("MEDCLF_PATIENT_SALT", raising=False)
+    monkeypatch.setenv("MEDCLF_PATIENT_SALT_FILE", str(tmp_path / "secrets/patient_salt"))
+    privacy._salt.cache_clear()
+    root = make_folder(tmp_path / "raw", per_class=150)
+    try:
+        out = ingest.run(folder_settings(make_settings, root, workers=2))
+    finally:
+        privacy._salt.cache_clear()
+    assert out["images"] == 300
+    assert len((tmp_path / "secrets/patient_salt").read_text()) == 64
+

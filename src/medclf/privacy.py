@@ -34,9 +34,16 @@ def _salt(env_value: str | None, file_value: str | None) -> bytes:
         return path.read_bytes().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(key)
+    try:
+        os.link(tmp, path)  # atomic create-if-absent: a concurrent creator wins, we read its key
+    except FileExistsError:
+        return path.read_bytes().strip()
+    finally:
+        os.unlink(tmp)
     log.warning("created a new patient-id salt in %s (keep it secret, never commit it)", path)
     return key.encode()
 

@@ -25,7 +25,7 @@ import pandas as pd
 from medclf.config import Ingest, Settings
 from medclf.images import DecodeError, decode_image, fit_square, to_channels
 from medclf.io import atomic_dir, write_json
-from medclf.privacy import hash_patient, redact
+from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
 from medclf.splits import SPLITS, assign_splits, link_groups
 
@@ -154,6 +154,7 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
 def run(settings: Settings) -> dict:
     cfg, paths = settings.ingest, settings.paths
     t0 = time.perf_counter()
+    salt()  # resolve (or create) the key once, before decode workers fork
     scanned = scan(cfg.source, cfg.classes)
     labels = [r.label or "" for r in scanned.records]
     classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
