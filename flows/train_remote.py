@@ -10,7 +10,8 @@ worker shares only the DVC remote and the Prefect API with the caller, so it
    resumable through BackupAndRestore under `paths.cache_dir`, so keep that on a
    persistent volume for resume-after-preemption);
 4. pushes the model to the DVC remote and publishes the `train` entry of its
-   `dvc.lock` as the artifact `medclf-train-lock`, which the caller merges.
+   `dvc.lock` as the artifact `medclf-train-lock`, which the caller merges. The stage's
+   `cache: false` outputs (the history plot) travel inside that artifact: DVC never pushes them.
 
     python -m flows.train_remote --serve        # serve it from any machine, e.g. a GPU box
 """
@@ -26,7 +27,7 @@ from prefect import flow, get_run_logger
 
 from medclf.config import load_settings
 from tasks.common import dvc_push, stage_target
-from tasks.train import LOCK_ARTIFACT_KEY, lock_entry, lock_markdown
+from tasks.train import LOCK_ARTIFACT_KEY, lock_entry, lock_markdown, pack_files, uncached_outs
 from tasks.train import retries as train_retries
 from tasks.train import train as train_task
 
@@ -69,7 +70,8 @@ def train_remote(params_yaml: str | None = None, dvc_lock: str | None = None, pr
     if entry is None:
         raise RuntimeError(f"{root / 'dvc.lock'} has no 'train' entry after training")
     pushed = dvc_push(root, logger=log) if push else None
-    create_markdown_artifact(lock_markdown(entry), key=LOCK_ARTIFACT_KEY,
+    files = pack_files(root, uncached_outs(root, "train"))  # DVC does not push these (history.csv)
+    create_markdown_artifact(lock_markdown(entry, files), key=LOCK_ARTIFACT_KEY,
                              description="dvc.lock entry of the train stage run on this worker")
     return {"outcome": outcome, "push": pushed, "lock_entry": entry}
 

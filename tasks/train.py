@@ -17,6 +17,8 @@ date, which proves the worker ran the same code on the same inputs and params.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import time
@@ -30,12 +32,14 @@ from tasks.common import (
     describe_status,
     dvc_push,
     dvc_status,
+    in_lock,
     stage_target,
     stage_task,
 )
 
 LOCK_ARTIFACT_KEY = "medclf-train-lock"
 START_TIMEOUT_ENV = "MEDCLF_GPU_START_TIMEOUT_S"
+MAX_PACKED_BYTES = 10 * 2**20
 
 train = stage_task("train", "Train the classifier (head, then fine-tune); resumes from its backup on retry.")
 
@@ -67,22 +71,65 @@ def merge_lock_entry(root: Path, stage: str, entry: dict[str, Any]) -> None:
         yaml.safe_dump(data, fh, sort_keys=False)
 
 
-def lock_markdown(entry: dict[str, Any]) -> str:
+def uncached_outs(root: Path, stage: str) -> list[str]:
+    """The stage's `cache: false` outputs (reports, plots): DVC never pushes these to a remote."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        for st in repo.index.stages:
+            if getattr(st, "name", None) == stage:
+                return [str(o.def_path) for o in st.outs if not o.use_cache]
+    return []
+
+
+def pack_files(root: Path, rel_paths: list[str]) -> dict[str, str]:
+    """Small report files as {relative path: base64}, to travel inside the lock artifact."""
+    out: dict[str, str] = {}
+    for rel in rel_paths:
+        p = root / rel
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+        for f in files:
+            out[f.relative_to(root).as_posix()] = base64.b64encode(f.read_bytes()).decode()
+    size = sum(len(v) for v in out.values())
+    if size > MAX_PACKED_BYTES:
+        raise RuntimeError(f"the train stage's cache: false outputs {sorted(out)} total {size} bytes (base64), "
+                           f"above {MAX_PACKED_BYTES}; declare large outputs with cache: true in dvc.yaml")
+    return out
+
+
+def unpack_files(root: Path, files: dict[str, str]) -> None:
+    from medclf.io import atomic_file
+
+    base = root.resolve()
+    for rel, b64 in files.items():
+        dest = (base / rel).resolve()
+        if not dest.is_relative_to(base) or Path(rel).is_absolute():
+            raise RuntimeError(f"refusing to write {rel!r} from the GPU run: outside {base}")
+        with atomic_file(dest, "wb") as fh:
+            fh.write(base64.b64decode(b64))
+
+
+def lock_markdown(entry: dict[str, Any], files: dict[str, str] | None = None) -> str:
+    """The artifact the GPU run leaves: its dvc.lock entry (yaml) and its uncached outputs (json)."""
     import yaml
 
-    return "# dvc.lock entry of `train`\n\n```yaml\n" + yaml.safe_dump(entry, sort_keys=False) + "```\n"
+    md = "# dvc.lock entry of `train`\n\n```yaml\n" + yaml.safe_dump(entry, sort_keys=False) + "```\n"
+    if files:
+        md += "\n## cache: false outputs (base64)\n\n```json\n" + json.dumps(files) + "\n```\n"
+    return md
 
 
-def parse_lock_markdown(markdown: str) -> dict[str, Any]:
+def parse_lock_markdown(markdown: str) -> tuple[dict[str, Any], dict[str, str]]:
     import yaml
 
     m = re.search(r"```yaml\n(.*?)```", markdown, re.DOTALL)
     if not m:
         raise ValueError("the GPU run's lock artifact holds no ```yaml block")
-    return yaml.safe_load(m.group(1))
+    f = re.search(r"```json\n(.*?)\n```", markdown, re.DOTALL)
+    return yaml.safe_load(m.group(1)), (json.loads(f.group(1)) if f else {})
 
 
-def _remote_lock_entry(flow_run_id: Any) -> dict[str, Any]:
+def _remote_lock_entry(flow_run_id: Any) -> tuple[dict[str, Any], dict[str, str]]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
@@ -133,7 +180,8 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
     if not entries and not force:
         return StageOutcome("train", "skipped", "unchanged: code, params and inputs match dvc.lock",
                             round(time.perf_counter() - t0, 2), attempt).to_dict()
-    reason = "forced" if force else describe_status(entries)
+    reason = "forced" if force else describe_status(entries) if in_lock("train", root) else \
+        "first run (not in dvc.lock yet)"
     log.info("train: dispatching to deployment '%s' (%s); pushing inputs to the DVC remote first",
              deployment, reason)
     dvc_push(root, logger=log)
@@ -148,7 +196,9 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
         msg = state.message if state else "no state"
         raise StageFailed("train", 1, f"medclf train: RemoteRunFailed: GPU flow run '{run.name}' on "
                           f"'{deployment}' ended {state.type.value if state else '?'}: {msg}", [])
-    merge_lock_entry(root, "train", _remote_lock_entry(run.id))
+    entry, files = _remote_lock_entry(run.id)
+    merge_lock_entry(root, "train", entry)
+    unpack_files(root, files)
     with Repo(str(root)) as repo:
         repo.pull(targets=[stage_target(root, "train")])
     left = dvc_status("train", root)

@@ -360,4 +360,6 @@ def test_status_reasons_and_summary_wording():
     assert {"metric": "test.f1", "value": 0.8, "ci_low": 0.7, "ci_high": 0.9} in rows
     assert not any(r["metric"].endswith("_ci_low") for r in rows)
     entry = {"cmd": "medclf train", "outs": [{"path": "models", "md5": "abc.dir"}]}
-    assert parse_lock_markdown(lock_markdown(entry)) == entry
+    assert parse_lock_markdown(lock_markdown(entry)) == (entry, {})
+    files = {"reports/train/history.csv": "ZXBvY2gK"}
+    assert parse_lock_markdown(lock_markdown(entry, files)) == (entry, files)
