@@ -95,6 +95,12 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     import mlflow.keras
     import mlflow.pyfunc
 
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}@challenger")
+    import os
+
+    assert {"MLmodel", "input_example.json", "serving_input_example.json"} <= set(os.listdir(local))
     model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
     assert model.unwrap_python_model().cfg.threshold == doc["threshold"]
     keras_model = mlflow.keras.load_model(t["keras_model_uri"])

@@ -35,7 +35,8 @@ def split_model(model: Any) -> tuple[Any, Any]:
     if missing:
         raise GradCamError(f"model lacks layer(s) {missing}; Grad-CAM needs "
                            f"backbone → pool → dropout → classifier (has {names})")
-    features = keras.Model(model.inputs, model.get_layer("pool").input, name="gradcam_features")
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs  # bare tensor in, no structure warning
+    features = keras.Model(inputs, model.get_layer("pool").input, name="gradcam_features")
     layers = [model.get_layer(n) for n in HEAD_LAYERS]
 
     def head(x: Any) -> Any:

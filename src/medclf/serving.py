@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -174,6 +175,9 @@ def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the pyfunc
+warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method.*")  # on purpose, see below
+
+
 class MedclfModel(mlflow.pyfunc.PythonModel):
     """Raw images in, probabilities + thresholded label out (see the module docstring)."""
 
