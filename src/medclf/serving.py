@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,9 +174,6 @@ def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the pyfunc
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method.*")  # on purpose, see below
-
-
 class MedclfModel(mlflow.pyfunc.PythonModel):
     """Raw images in, probabilities + thresholded label out (see the module docstring)."""
 
@@ -196,7 +192,9 @@ class MedclfModel(mlflow.pyfunc.PythonModel):
         return np.concatenate(outs).astype(np.float32)
 
     # No type hints here on purpose: MLflow 3 derives a schema from `predict`'s hints and would
-    # override the explicit signature (which must accept both strings and pixel lists).
+    # override the explicit signature (which must accept both strings and pixel lists). MLflow
+    # then prints a one-time "Add type hints" UserWarning at import; it forces that warning
+    # through its own `simplefilter("once")`, so a filter here cannot silence it.
     def predict(self, context, model_input, params=None):
         cells = _cells(model_input)
         batch = []
