@@ -263,12 +263,16 @@ class _BatchesBase:
 
     # -- our own API
     def set_epoch(self, epoch: int) -> None:
-        """Pin the augmentation stream to a (resumed) epoch number; drops batches prefetched for another."""
+        """Pin the augmentation stream to a (resumed) epoch number; drops batches prefetched for another
+        and starts on the new epoch's first batches (they are built while validation runs)."""
         with self._lock:
             if epoch != self.epoch:
                 for f in self._futures.values():
                     f.cancel()
                 self._futures.clear()
+                if self._workers:
+                    for j in range(min(self._queue, len(self))):
+                        self._futures[j] = self._executor().submit(self.batch, epoch, j)
             self.epoch = epoch
 
     def reset_timing(self) -> tuple[float, int]:

@@ -11,6 +11,7 @@ Keras is imported lazily (inside functions): importing this module stays cheap.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -175,7 +176,9 @@ def make_backbone(name: str, size: int, width: float, weights: str, cache_dir: P
         info.update(preprocessing="torch", mapped_layers=report["mapped"])
         return base, info
     try:
-        base.load_weights(str(path))
+        with warnings.catch_warnings():  # Keras 3.15 warns once per nested container it need not load
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            base.load_weights(str(path))
     except Exception as err:  # h5py/keras raise many types here; the cause is kept
         raise WeightsError(
             f"train.weights: cannot load {path} into {name} (include_top=False, width {width}): {err}. Expected "

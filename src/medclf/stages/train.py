@@ -297,13 +297,6 @@ def _callbacks_module() -> Any:
             super().__init__()
             self.run, self.phase = run, phase
 
-        def on_train_begin(self, logs: dict | None = None) -> None:
-            self.t_fit = self.run.t_fit_call
-
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            if self.run.first_step_s is None:
-                self.run.first_step_s = time.perf_counter() - self.t_fit
-
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.run.train_ds.set_epoch(epoch)
             self.run.train_ds.reset_timing()
@@ -312,6 +305,18 @@ def _callbacks_module() -> Any:
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs if logs is not None else {}
             self.run.end_epoch(epoch, self.phase, logs, time.perf_counter() - self.t0)
+
+    class FirstStep(keras.callbacks.Callback):
+        """Time from calling fit() to the end of the first step (compiling included).  Only in the first
+        fit of an attempt: a batch-level hook makes Keras wait for every step, which costs on a GPU."""
+
+        def __init__(self, run: TrainingRun) -> None:
+            super().__init__()
+            self.run = run
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if self.run.first_step_s is None:
+                self.run.first_step_s = time.perf_counter() - self.run.t_fit_call
 
     class KillAfterEpoch(keras.callbacks.Callback):
         """Tests only: simulate a crash (no cleanup, no atexit) right after an epoch's backup."""
@@ -325,7 +330,7 @@ def _callbacks_module() -> Any:
                 logging.shutdown()
                 os._exit(17)
 
-    return EpochMonitor, KillAfterEpoch
+    return EpochMonitor, FirstStep, KillAfterEpoch
 
 
 # --------------------------------------------------------------------------- the training run
@@ -362,9 +367,9 @@ class TrainingRun:
             self.backup.save()
         self.backup.append(row)
         self.epochs_executed.append(epoch)
-        self.tracker.metrics({k: row[k] for k in ("loss", "auc", "val_loss", "val_auc", "lr",
-                                                  "data_wait_fraction", "images_per_second") if row[k] is not None}
-                             | {"epoch_seconds": row["seconds"]}, step=epoch)
+        self.tracker.metrics({k: row[k] for k in ("loss", "auc", "val_loss", "val_auc", "lr") if row[k] is not None}
+                             | {"epoch_seconds": row["seconds"], "data_wait_fraction_epoch": row["data_wait_fraction"],
+                                "images_per_second_epoch": row["images_per_second"]}, step=epoch)
         log.info("train: epoch %d (phase %d) loss %.4f auc %s val_auc %s val_loss %s | %.1fs, %s img/s, data wait %s",
                  epoch, phase, row["loss"] or float("nan"), row["auc"], row["val_auc"], row["val_loss"], seconds,
                  row["images_per_second"], row["data_wait_fraction"])
@@ -431,7 +436,7 @@ def fit_phases(run: TrainingRun) -> None:
     from medclf.modeling import freeze_backbone, unfreeze_top
 
     cfg, model, backup = run.cfg, run.model, run.backup
-    EpochMonitor, KillAfterEpoch = _callbacks_module()
+    EpochMonitor, FirstStep, KillAfterEpoch = _callbacks_module()
     done: list[int] = backup.state.setdefault("phases_done", [])
     pending: str | None = None
     kill = os.environ.get(KILL_ENV)
@@ -450,7 +455,7 @@ def fit_phases(run: TrainingRun) -> None:
             log.info("train: phase 2 unfreezes %s", unfreeze_top(model, cfg.unfreeze_top))
         with run.rt.scope():
             compile_model(model, cfg, lr, len(run.train_ds), stop - start, len(run.data.classes), run.rt.jit_compile)
-        callbacks = [EpochMonitor(run, phase)]
+        callbacks = [EpochMonitor(run, phase)] + ([FirstStep(run)] if run.first_step_s is None else [])
         if run.val_ds is not None and cfg.early_stopping_patience:
             callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", verbose=0,
                                                            patience=cfg.early_stopping_patience))

