@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="augmentation worker threads")
     ap.add_argument("--runs", type=int, default=2, help="train runs: the first is cold, later ones warm")
     ap.add_argument("--evaluate", action="store_true", help="test AUC/sensitivity/specificity (val threshold)")
+    ap.add_argument("--no-balance", action="store_true", help="skip offline oversampling (class weights only)")
     ap.add_argument("--workdir", default=None, help="keep outputs here (default: a temp dir, removed)")
     args = ap.parse_args()
     os.environ.setdefault("MEDCLF_PATIENT_SALT", "bench")
@@ -131,9 +132,11 @@ def main() -> None:
              "head_epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "unfreeze_top": args.unfreeze_top,
              "batch_size": args.batch_size, "augment_workers": args.workers}
     train.update({k: v for k, v in (("head_lr", args.head_lr), ("finetune_lr", args.finetune_lr)) if v})
+    # real radiographs get the chest_xray preset as is (the demo's no-translation override is for phantoms)
+    augment = {"balance": not args.no_balance, "overrides": {} if args.data != "synthetic" else {"translate": 0.0}}
     params = write_params(work, {"ingest": {"source": source, "image_size": args.size, "channels": args.channels,
                                             "splits": {"val_fraction": 0.15, "test_fraction": 0.2}},
-                                 "train": train, "mlflow": {"tracking_uri": "off"}})
+                                 "augment": augment, "train": train, "mlflow": {"tracking_uri": "off"}})
     env = {**os.environ, "KERAS_BACKEND": args.backend, "TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_TRACKING_URI": "off",
            "PYTHONPATH": str(ROOT / "src")}
     from medclf.config import load_settings

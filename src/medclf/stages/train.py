@@ -504,7 +504,9 @@ def _verify_reload(reference: Any, path: Path, x: np.ndarray) -> float:
     import keras
 
     reloaded = keras.saving.load_model(str(path), safe_mode=True, compile=False)
-    a, b = np.asarray(reference.predict_on_batch(x)), np.asarray(reloaded.predict_on_batch(x))
+    # predict(), not predict_on_batch(): under a tf.distribute strategy the latter returns one copy per replica
+    a = np.asarray(reference.predict(x, batch_size=len(x), verbose=0))
+    b = np.asarray(reloaded.predict(x, batch_size=len(x), verbose=0))
     diff = float(np.abs(a - b).max())
     if diff > 1e-4:
         raise TrainError(f"{path}: the reloaded model predicts differently (max |diff| {diff:.2e})")
@@ -622,7 +624,8 @@ def run(settings: Settings) -> dict:
         write_history(hist_path, history)
         with atomic_dir(paths.model_dir) as tmp:
             export.save(tmp / "model.keras")
-            probe = np.asarray(data.x_val[: cfg.batch_size] if len(data.y_val) else data.x_train[: cfg.batch_size])
+            src = data.x_val if len(data.y_val) else data.x_train
+            probe = np.asarray(src[np.arange(cfg.batch_size) % len(src)])  # one full batch: the compiled shape
             _verify_reload(model if rt.policy == "float32" else export, tmp / "model.keras", probe)
             result["seconds"] = round(time.perf_counter() - t_start, 2)
             write_json(tmp / "train_run.json", result)
