@@ -363,3 +363,37 @@ def test_status_reasons_and_summary_wording():
     assert parse_lock_markdown(lock_markdown(entry)) == (entry, {})
     files = {"reports/train/history.csv": "ZXBvY2gK"}
     assert parse_lock_markdown(lock_markdown(entry, files)) == (entry, files)
+
+
+@pytest.mark.skipif(not os.environ.get("MEDCLF_TEST_GPU_DISPATCH"),
+                    reason="trains once more (~2 min on 2 cores); set MEDCLF_TEST_GPU_DISPATCH=1")
+def test_gpu_dispatch_to_a_served_worker_in_another_clone(tmp_path, mlflow_server, prefect_api, monkeypatch):
+    """`medclf-train` served from a separate clone (standing in for a GPU machine): the worker pulls the
+    inputs by hash, trains, pushes; the caller merges the lock entry, pulls the model, DVC agrees."""
+    from prefect.settings import PREFECT_API_URL
+
+    checkout = make_checkout(tmp_path / "co", {"register": {"model_name": f"gpu-{uuid.uuid4().hex[:8]}"}})
+    run_cmd(checkout, "dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    run_cmd(checkout, "git", "commit", "-qam", "remote")
+    worker = tmp_path / "worker"
+    run_cmd(tmp_path, "git", "clone", "-q", str(checkout), str(worker))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(tmp_path / "serve.log", "w") as log:
+        served = subprocess.Popen([sys.executable, "-m", "flows.train_remote", "--serve", "--name", "gpu",
+                                   "--project-dir", str(worker)], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        state = run_flow(checkout, gpu_deployment="medclf-train/gpu")
+    finally:
+        served.terminate()
+        served.wait(30)
+    assert state.is_completed(), (state.message or "") + (tmp_path / "serve.log").read_text()[-3000:]
+    train = next(o for o in state.result()["stages"] if o["stage"] == "train")
+    assert train["status"] == "ran" and "on GPU deployment 'medclf-train/gpu'" in train["reason"]
+    assert (worker / "models/model.keras").exists() and (checkout / "models/model.keras").exists()
+    history = "reports/train/history.csv"
+    assert (checkout / history).read_bytes() == (worker / history).read_bytes()
+    assert json.loads(run_cmd(checkout, "dvc", "status", "--json") or "{}") == {}
+    assert state.result()["model"]["alias"] == "challenger"
