@@ -189,8 +189,7 @@ def test_imagenet_offline_says_how_to_point_at_a_file():
 def test_two_phase_freezes_then_unfreezes_top_layers_with_batchnorm_frozen(tmp_path, make_settings):
     import keras
 
-    from medclf.modeling import _bn_layers, build_model, freeze_backbone, unfreeze_top
-    from medclf.stages.train import compile_model
+    from medclf.modeling import _bn_layers, build_model, compile_model, freeze_backbone, unfreeze_top
 
     path = _backbone_file(tmp_path / "bb.weights.h5")
     model, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(path))

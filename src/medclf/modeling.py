@@ -21,6 +21,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
+    from medclf.config import Train
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["tf", "torch", "caffe", "raw"]
@@ -285,3 +287,31 @@ def unfreeze_top(model: keras.Model, n: int) -> dict[str, int]:
     return {"unfrozen_layers": len(trainable),
             "trainable_params": int(sum(np.prod(v.shape) for v in model.trainable_weights))}
 
+
+# --------------------------------------------------------------------------- optimisation
+def make_optimizer(cfg: Train, lr: float, steps_per_epoch: int, epochs: int) -> Any:
+    """Adam/AdamW/SGD(momentum 0.9) with linear warm-up then cosine decay over this phase's steps."""
+    import keras
+
+    total = max(1, steps_per_epoch * epochs)
+    warm = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    rate: Any = lr
+    if cfg.lr_schedule == "cosine" or warm:
+        rate = keras.optimizers.schedules.CosineDecay(
+            0.0 if warm else lr, decay_steps=max(1, total - warm), alpha=0.01 if cfg.lr_schedule == "cosine" else 1.0,
+            warmup_target=lr if warm else None, warmup_steps=warm)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True)
+    return keras.optimizers.Adam(rate)
+
+
+def compile_model(model: Any, cfg: Train, lr: float, steps_per_epoch: int, epochs: int, n_classes: int,
+                  jit: bool) -> None:
+    import keras
+
+    loss = (keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=cfg.focal_gamma) if cfg.loss == "focal"
+            else keras.losses.CategoricalCrossentropy())
+    model.compile(optimizer=make_optimizer(cfg, lr, steps_per_epoch, epochs), loss=loss, jit_compile=jit,
+                  metrics=[keras.metrics.AUC(name="auc", multi_label=True, num_labels=n_classes)])

@@ -12,6 +12,9 @@ Reads the balanced train set (`paths.augment_dir`) and the ingest val split; wri
 * Validation AUC/loss are exact (all val images, padding excluded) and pick the best epoch.
 * The import chain is kept small for GPU boxes that have only keras + jax + numpy: TensorFlow and
   MLflow are imported only when used, and tracking is skipped when MLflow is not installed.
+
+Longer than most modules on purpose: the stage's two edges (resume state, optional MLflow) sit next
+to the epoch loop they serve; the model itself lives in `medclf.modeling`.
 """
 
 from __future__ import annotations
@@ -383,34 +386,6 @@ def _f(v: Any) -> float | None:
 
 
 # --------------------------------------------------------------------------- compile + phases
-def make_optimizer(cfg: Train, lr: float, steps_per_epoch: int, epochs: int) -> Any:
-    """Adam/AdamW/SGD(momentum 0.9) with linear warm-up then cosine decay over this phase's steps."""
-    import keras
-
-    total = max(1, steps_per_epoch * epochs)
-    warm = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    rate: Any = lr
-    if cfg.lr_schedule == "cosine" or warm:
-        rate = keras.optimizers.schedules.CosineDecay(
-            0.0 if warm else lr, decay_steps=max(1, total - warm), alpha=0.01 if cfg.lr_schedule == "cosine" else 1.0,
-            warmup_target=lr if warm else None, warmup_steps=warm)
-    if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(rate, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True)
-    return keras.optimizers.Adam(rate)
-
-
-def compile_model(model: Any, cfg: Train, lr: float, steps_per_epoch: int, epochs: int, n_classes: int,
-                  jit: bool) -> None:
-    import keras
-
-    loss = (keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=cfg.focal_gamma) if cfg.loss == "focal"
-            else keras.losses.CategoricalCrossentropy())
-    model.compile(optimizer=make_optimizer(cfg, lr, steps_per_epoch, epochs), loss=loss, jit_compile=jit,
-                  metrics=[keras.metrics.AUC(name="auc", multi_label=True, num_labels=n_classes)])
-
-
 def phase_plan(cfg: Train, from_scratch: bool = False) -> list[tuple[int, int, int, float]]:
     """(phase, first epoch, end epoch, lr); epochs are numbered globally across both phases.
 
@@ -433,7 +408,7 @@ def fit_phases(run: TrainingRun) -> None:
     """Run the phases not finished by an earlier attempt; each resumes from its own Keras backup."""
     import keras
 
-    from medclf.modeling import freeze_backbone, unfreeze_top
+    from medclf.modeling import compile_model, freeze_backbone, unfreeze_top
 
     cfg, model, backup = run.cfg, run.model, run.backup
     EpochMonitor, FirstStep, KillAfterEpoch = _callbacks_module()
