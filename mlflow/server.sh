@@ -28,14 +28,14 @@ case "${1:-start}" in
       --backend-store-uri "$backend" --artifacts-destination "$artifacts" "${extra[@]}" \
       >"$here/store/server.log" 2>&1 &
     echo $! >"$pidfile"
-    for _ in $(seq 1 120); do
+    for _ in $(seq 1 300); do
       if up; then echo "MLflow UI: http://$host:$port  (backend $backend)"; exit 0; fi
       if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
         echo "MLflow server exited; see $here/store/server.log" >&2; tail -20 "$here/store/server.log" >&2; exit 1
       fi
       sleep 1
     done
-    echo "MLflow server did not answer on http://$host:$port within 120 s; see $here/store/server.log" >&2
+    echo "MLflow server did not answer on http://$host:$port within 300 s; see $here/store/server.log" >&2
     exit 1 ;;
   stop)
     if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
