@@ -81,6 +81,9 @@ class StageOutcome:
     tail: list[str] = field(default_factory=list)
     result: dict[str, Any] | None = None
     """The stage's own JSON result, as printed by `medclf <stage>`."""
+    command_seconds: float | None = None
+    """Wall time of the `medclf <stage>` command itself, from DVC starting it to its result (last
+    attempt); `seconds - command_seconds` is what DVC + Prefect added around it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,17 +191,21 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     proc = subprocess.Popen(cmd, cwd=root, env=venv_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
     assert proc.stdout is not None
+    t_cmd: float | None = None  # DVC echoes "> medclf <stage>" as it starts the command
+    t_end: float | None = None  # the stage's JSON result is the command's last output
     for raw in proc.stdout:
         line = raw.rstrip()
         if not line:
             continue
         tail.append(line)
+        if t_cmd is None and line.startswith("> "):
+            t_cmd = time.perf_counter()
         if line == "{" and block is None:
             block = [line]
         elif block is not None:
             block.append(line)
             if line == "}":
-                result, block = _parse_result(block), None
+                result, block, t_end = _parse_result(block), None, time.perf_counter()
                 log.info("%s | result: %s", stage, json.dumps(result, default=str) if result else "")
         else:
             log.info("%s | %s", stage, line)
@@ -210,8 +217,9 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     status = "restored" if cached else "ran"
     if cached:
         reason += " (outputs restored from DVC's run-cache, not recomputed)"
+    own = round(t_end - t_cmd, 2) if t_cmd is not None and t_end is not None else None
     return StageOutcome(stage, status, reason, round(time.perf_counter() - t0, 2), attempt, lines[-TAIL_LINES:],
-                        result)
+                        result, own)
 
 
 def _parse_result(block: list[str]) -> dict[str, Any] | None:
