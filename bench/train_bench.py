@@ -132,8 +132,12 @@ def main() -> None:
              "head_epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "unfreeze_top": args.unfreeze_top,
              "batch_size": args.batch_size, "augment_workers": args.workers}
     train.update({k: v for k, v in (("head_lr", args.head_lr), ("finetune_lr", args.finetune_lr)) if v})
-    # real radiographs get the chest_xray preset as is (the demo's no-translation override is for phantoms)
-    augment = {"balance": not args.no_balance, "overrides": {} if args.data != "synthetic" else {"translate": 0.0}}
+    # real radiographs get the chest_xray preset as is: the repo's no-translation override is for the phantoms,
+    # and params merge deeply, so the preset's values are spelled out rather than passing an empty dict
+    from medclf.config import PRESETS
+
+    overrides = PRESETS["chest_xray"].model_dump() if args.data != "synthetic" else {"translate": 0.0}
+    augment = {"balance": not args.no_balance, "preset": "chest_xray", "overrides": overrides}
     params = write_params(work, {"ingest": {"source": source, "image_size": args.size, "channels": args.channels,
                                             "splits": {"val_fraction": 0.15, "test_fraction": 0.2}},
                                  "augment": augment, "train": train, "mlflow": {"tracking_uri": "off"}})
