@@ -1,9 +1,14 @@
 """The Prefect retrain flow, end to end, in a temporary git + DVC checkout of this project.
 
-Real components only: the Prefect test API (`prefect_api`), a real MLflow server
-(`mlflow_server`), real `dvc repro` of every stage on tiny synthetic data, real
-Keras training. The tests in this module share one checkout and run in order:
-full run → unchanged rerun → killed training resumes → failing gate.
+Real components only: the Prefect test API (`prefect_api`), moto's S3 server (`s3_server`), a
+real MLflow server storing its artifacts on that S3, real `dvc repro` of every stage on tiny
+synthetic data, real Keras training. The main project is the production-like configuration,
+so one pipeline run covers both the flow and S3 end to end (the suite must stay short on 2
+cores): raw PNGs in a bucket, the DVC remote on S3 (credentials only in `.dvc/config.local`),
+MLflow artifacts on S3. The tests sharing it run in order: full run with a killed and resumed
+training → S3 checks and a `dvc pull` in a fresh clone → unchanged rerun → GPU dispatch without
+a worker → failing gate. S3 failure modes (transient errors, traversal keys, server down) are
+in test_s3.py.
 """
 
 from __future__ import annotations
@@ -110,17 +115,90 @@ def task_runs(flow_run_id: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- shared checkout
+DVC_KEY, DVC_SECRET = "AKIAMEDCLFDVCTEST", "medclf-dvc-secret-not-real"
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def upload_demo(client, bucket: str, prefix: str, tmp: Path) -> int:
+    """The SYNTHETIC demo phantoms as PNG class folders under s3://bucket/prefix/<class>/."""
+    from medclf.config import SyntheticSource
+    from medclf.sources.demo import write_demo_folder
+
+    folder = tmp / "demo"
+    if not folder.exists():
+        write_demo_folder(SyntheticSource(n_patients=40, images_per_patient=2, native_size=48), folder)
+    n = 0
+    for f in sorted(folder.rglob("*.png")):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{f.relative_to(folder).as_posix()}", Body=f.read_bytes())
+        n += 1
+    return n
+
+
+def s3_keys(client, bucket: str, prefix: str) -> list[str]:
+    out: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return out
+
+
+def add_s3_remote(checkout: Path, url: str, endpoint: str) -> None:
+    """URL and endpoint in .dvc/config (committed); credentials only in the git-ignored config.local."""
+    run_cmd(checkout, "dvc", "remote", "add", "-d", "s3store", url)
+    run_cmd(checkout, "dvc", "remote", "modify", "s3store", "endpointurl", endpoint)
+    run_cmd(checkout, "dvc", "remote", "modify", "--local", "s3store", "access_key_id", DVC_KEY)
+    run_cmd(checkout, "dvc", "remote", "modify", "--local", "s3store", "secret_access_key", DVC_SECRET)
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, mlflow_server, prefect_api):
-    model = f"flowtest-{uuid.uuid4().hex[:8]}"
+def mlflow_s3(tmp_path_factory, s3_server):
+    """An extra MLflow server whose artifact store is s3://<bucket>/mlflow on moto."""
+    from tests.conftest import _wait_http, free_port
+
+    bucket = f"medclf-mlflow-{uuid.uuid4().hex[:8]}"
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    d = tmp_path_factory.mktemp("mlflow-s3")
+    port, log = free_port(), d / "server.log"
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", f"s3://{bucket}/mlflow"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(uri + "/health", proc, 300, log)
+        yield {"uri": uri, "bucket": bucket}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, s3_server, mlflow_s3, prefect_api):
     tmp = tmp_path_factory.mktemp("flow")
-    checkout = make_checkout(tmp / "checkout", {"register": {"model_name": model}})
-    remote = tmp / "dvc-remote"
-    run_cmd(checkout, "dvc", "remote", "add", "-d", "storage", str(remote))
+    client, bucket = s3_client(s3_server), f"medclf-data-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    images = upload_demo(client, bucket, "raw", tmp)
+    model = f"flowtest-{uuid.uuid4().hex[:8]}"
+    checkout = make_checkout(tmp / "checkout", {
+        "ingest": {"source": {"kind": "folder", "uri": f"s3://{bucket}/raw", "s3_endpoint_url": s3_server}},
+        "register": {"model_name": model}})
+    add_s3_remote(checkout, f"s3://{bucket}/dvcstore", s3_server)
+    run_cmd(checkout, "git", "add", ".dvc/config")
+    run_cmd(checkout, "git", "commit", "-qm", "S3 DVC remote")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_s3["uri"])
         mp.delenv(GPU_ENV, raising=False)
-        yield {"checkout": checkout, "model": model, "remote": remote, "mlflow": mlflow_server}
+        yield {"checkout": checkout, "model": model, "mlflow": mlflow_s3["uri"], "mlflow_bucket": mlflow_s3["bucket"],
+               "bucket": bucket, "client": client, "images": images, "tmp": tmp}
 
 
 class TrainKiller:
@@ -190,9 +268,8 @@ def test_full_flow_registers_challenger_and_resumes_killed_training(project):
     lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(stages)
     assert run_cmd(checkout, "dvc", "status", "--json").strip() in ("{}", "")
-    # pushed to the DVC remote at the end
-    assert result["push"]["remote"] == "storage" and result["push"]["pushed"] > 0
-    assert any(project["remote"].rglob("*")), "nothing reached the DVC remote"
+    # pushed to the DVC remote (on S3) at the end
+    assert result["push"]["remote"] == "s3store" and result["push"]["pushed"] > 0
     # artifacts: the run summary (dataset version, stages, gates, links) and the metrics table
     arts = flow_artifacts(state.state_details.flow_run_id)
     summary = arts["medclf-retrain-summary"].data
@@ -221,6 +298,51 @@ def test_killed_training_resumed_from_backup(project):
     assert res.get("epochs_run") == 2, res
     train_run = json.loads((project["checkout"] / "models/train_run.json").read_text())
     assert train_run["run_id"] == res["run_id"]  # one MLflow run across both attempts
+
+
+def test_s3_end_to_end_data_remote_and_mlflow_artifacts(project):
+    """Raw data from the bucket, outputs on the S3 DVC remote, MLflow artifacts on S3, pull in a clone."""
+    import pandas as pd
+
+    if "version" not in project:
+        pytest.skip("needs the full run")
+    checkout, client = project["checkout"], project["client"]
+    manifest = pd.read_parquet(checkout / "data/ingest/manifest.parquet")
+    assert len(manifest) == project["images"]
+    assert manifest.source_uri.str.startswith(f"s3://{project['bucket']}/raw/").all()
+    assert s3_keys(client, project["bucket"], "dvcstore/")
+    # every cached output of the run is on the remote (cache: false reports travel with git, not DVC)
+    assert json.loads(run_cmd(checkout, "dvc", "status", "--cloud", "--json") or "{}") == {}
+    # MLflow stored the training run's files and the registered model on S3, via its artifact proxy
+    run_id = json.loads((checkout / "models/train_run.json").read_text())["run_id"]
+    stored = s3_keys(client, project["mlflow_bucket"], "mlflow/")
+    assert any(f"/{run_id}/" in k and k.endswith("/train/history.csv") for k in stored), stored[:20]
+    assert any(k.endswith("/MLmodel") for k in stored), stored[:20]
+    # credentials only in the git-ignored .dvc/config.local: never in params.yaml or any tracked file
+    assert DVC_SECRET not in (checkout / ".dvc/config").read_text()
+    assert DVC_SECRET not in (checkout / "params.yaml").read_text()
+    assert DVC_SECRET in (checkout / ".dvc/config.local").read_text()
+    assert run_cmd(checkout, "git", "check-ignore", ".dvc/config.local").strip()
+    grep = subprocess.run(["git", "grep", "-I", DVC_SECRET], check=False, cwd=checkout, capture_output=True,
+                          text=True)
+    assert grep.returncode == 1, grep.stdout
+    # pull: a fresh clone with only its own credentials gets byte-identical data and model from S3
+    run_cmd(checkout, "git", "add", "dvc.lock")
+    run_cmd(checkout, "git", "commit", "-qm", "pipeline run")
+    clone = project["tmp"] / "clone"
+    run_cmd(project["tmp"], "git", "clone", "-q", str(checkout), str(clone))
+    run_cmd(clone, "dvc", "remote", "modify", "--local", "s3store", "access_key_id", DVC_KEY)
+    run_cmd(clone, "dvc", "remote", "modify", "--local", "s3store", "secret_access_key", DVC_SECRET)
+    run_cmd(clone, "dvc", "pull", "-q")
+    for out in ("data/ingest", "data/augment", "models"):
+        assert digests(clone / out) == digests(checkout / out), out
+
+
+def digests(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_unchanged_rerun_skips_every_stage(project):
