@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import KERMANY_REGEX, write_params  # noqa: E402
+from tests.conftest import KERMANY_REGEX, write_params
 
 
 def main() -> None:

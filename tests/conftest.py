@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -42,21 +43,24 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> N
     raise RuntimeError(f"server at {url} did not start in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> str:
-    """A real `mlflow server` (SQLite backend, local artifacts) on a free port."""
-    d = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = d / "server.log"
+@contextlib.contextmanager
+def start_mlflow_server(workdir: Path, artifacts: str | None = None, env: dict[str, str] | None = None):
+    """A real `mlflow server` (SQLite backend) on a free port; yields its URI.
+
+    `artifacts` is the `--artifacts-destination` (a local folder by default, or `s3://bucket/prefix`
+    with `MLFLOW_S3_ENDPOINT_URL` in `env`).
+    """
+    port, log = free_port(), workdir / "server.log"
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts")],
-            stdout=fh, stderr=subprocess.STDOUT)
+             "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
+             "--artifacts-destination", artifacts or str(workdir / "artifacts")],
+            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(uri + "/health", proc, 180, log)
+        _wait_http(uri + "/health", proc, 300, log)
         yield uri
     finally:
         proc.terminate()
@@ -64,6 +68,13 @@ def mlflow_server(tmp_path_factory) -> str:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` (SQLite backend, local artifacts), shared by the session."""
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="session")

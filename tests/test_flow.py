@@ -157,28 +157,13 @@ def add_s3_remote(checkout: Path, url: str, endpoint: str) -> None:
 @pytest.fixture(scope="module")
 def mlflow_s3(tmp_path_factory, s3_server):
     """An extra MLflow server whose artifact store is s3://<bucket>/mlflow on moto."""
-    from tests.conftest import _wait_http, free_port
+    from tests.conftest import start_mlflow_server
 
     bucket = f"medclf-mlflow-{uuid.uuid4().hex[:8]}"
     s3_client(s3_server).create_bucket(Bucket=bucket)
-    d = tmp_path_factory.mktemp("mlflow-s3")
-    port, log = free_port(), d / "server.log"
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", f"s3://{bucket}/mlflow"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(uri + "/health", proc, 300, log)
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-s3"), f"s3://{bucket}/mlflow",
+                             {"MLFLOW_S3_ENDPOINT_URL": s3_server}) as uri:
         yield {"uri": uri, "bucket": bucket}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -92,10 +92,9 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     assert len(_versions(settings)) == 1
 
     # the registered pyfunc loads by alias and carries the threshold; the Keras flavour loads too
+    import mlflow.artifacts
     import mlflow.keras
     import mlflow.pyfunc
-
-    import mlflow.artifacts
 
     local = mlflow.artifacts.download_artifacts(f"models:/{name}@challenger")
     import os

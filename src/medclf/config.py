@@ -61,7 +61,7 @@ class Source(_Section):
     synthetic: SyntheticSource = SyntheticSource()
 
     @model_validator(mode="after")
-    def _needs_uri(self) -> "Source":
+    def _needs_uri(self) -> Source:
         if self.kind in ("folder", "manifest") and not self.uri:
             raise ValueError(f"source.uri is required for kind '{self.kind}'")
         if self.kind == "dicom" and not (self.manifest or self.uri):
@@ -178,7 +178,7 @@ class Augment(_Section):
         return v
 
     @model_validator(mode="after")
-    def _valid_overrides(self) -> "Augment":
+    def _valid_overrides(self) -> Augment:
         unknown = sorted(set(self.overrides) - set(AugmentPolicy.model_fields))
         if unknown:
             raise ValueError(f"overrides: unknown key(s) {unknown}; choose from {sorted(AugmentPolicy.model_fields)}")

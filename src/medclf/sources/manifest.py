@@ -18,7 +18,7 @@ def read_table(data: bytes, name: str) -> pd.DataFrame:
         if name.lower().endswith((".parquet", ".pq")):
             return pd.read_parquet(io.BytesIO(data))
         return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    except Exception as err:  # pandas raises many types for a bad table
+    except Exception as err:  # noqa: BLE001 - pandas raises many types for a bad table
         raise SourceError(f"{name}: cannot read manifest: {err}") from None
 
 

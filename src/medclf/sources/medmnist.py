@@ -102,7 +102,7 @@ def scan_medmnist(source: Source, classes: list[str] | None) -> SourceScan:
         name, data = str(path), path.read_bytes()
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - numpy raises many types for a bad archive
         raise SourceError(f"{name}: not a readable .npz file: {err}") from None
     splits = [s for s in ("train", "val", "test") if f"{s}_images" in npz.files]
     if not splits:

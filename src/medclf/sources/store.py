@@ -31,7 +31,7 @@ class Store:
         """Immediate sub-folders of the root (empty ones included where the store has them)."""
         raise NotImplementedError
 
-    def sub(self, rel_dir: str) -> "Store":
+    def sub(self, rel_dir: str) -> Store:
         raise NotImplementedError
 
 
@@ -64,7 +64,7 @@ class LocalStore(Store):
             raise SourceError(f"{self.root}: no such directory")
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def sub(self, rel_dir: str) -> "LocalStore":
+    def sub(self, rel_dir: str) -> LocalStore:
         return LocalStore(self.root / safe_relpath(rel_dir, self.root_uri))
 
 
@@ -145,7 +145,7 @@ class S3Store(Store):
             raise SourceError(f"{self.root_uri}: cannot list ({self._where()}): {err}") from err
         return sorted(d for d in out if d and not d.startswith("."))
 
-    def sub(self, rel_dir: str) -> "S3Store":
+    def sub(self, rel_dir: str) -> S3Store:
         rel = safe_relpath(rel_dir, self.root_uri)
         return S3Store(f"{self.root_uri}/{rel}", self.endpoint_url, self._client)
 

@@ -78,7 +78,7 @@ def _picklable(obj: object) -> bool:
     try:
         pickle.dumps(obj)
         return True
-    except Exception:  # closures (synthetic source) cannot cross a process boundary
+    except Exception:  # noqa: BLE001 - closures (synthetic source) cannot cross a process boundary
         return False
 
 
@@ -119,8 +119,8 @@ def _quarantine_report(quarantine: list[tuple[str, str]], total: int, limit: flo
     if frac <= limit:
         return None
     counts = pd.Series([r.split(":")[0] for _, r in quarantine]).value_counts()
-    lines = [f"{len(quarantine)} of {total} inputs ({frac:.1%}) were quarantined, above "
-             f"ingest.max_quarantine_fraction={limit:.1%}. Reasons:"]
+    lines = [(f"{len(quarantine)} of {total} inputs ({frac:.1%}) were quarantined, above "
+              f"ingest.max_quarantine_fraction={limit:.1%}. Reasons:")]
     lines += [f"  {n:6d} × {reason}" for reason, n in counts.items()]
     lines += ["Examples:"] + [f"  {u}: {r}" for u, r in quarantine[:5]]
     return "\n".join(lines)
