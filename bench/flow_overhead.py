@@ -35,6 +35,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from medclf.config import deep_merge
+
 BIN = Path(sys.executable).parent
 STAGES = ("ingest", "validate", "augment", "train", "evaluate", "register")
 TINY = {
@@ -62,14 +65,6 @@ def sh(cwd: Path, *args: str) -> float:
     return time.perf_counter() - t0
 
 
-def merge(base: dict, over: dict) -> None:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            merge(base[k], v)
-        else:
-            base[k] = v
-
-
 def checkout(dst: Path, model: str) -> Path:
     """A copy of the pipeline (dvc.yaml, stage code, tiny params) as its own git + DVC project."""
     dst.mkdir(parents=True)
@@ -77,8 +72,8 @@ def checkout(dst: Path, model: str) -> Path:
         shutil.copy2(ROOT / name, dst / name)
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    merge(params, json.loads(json.dumps(TINY)))
-    merge(params, {"register": {"model_name": model}})
+    params = deep_merge(params, TINY)
+    params = deep_merge(params, {"register": {"model_name": model}})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "bench@example.invalid"],
                 ["git", "config", "user.name", "bench"], ["dvc", "init", "-q"],

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medclf.config import deep_merge
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CHEST_XRAY = SHARED / "data" / "chest_xray"
@@ -116,18 +118,10 @@ def write_params(tmp: Path, overrides: dict | None = None) -> Path:
                      "cache_dir": str(tmp / ".cache")}
     data["ingest"]["source"]["synthetic"].update(n_patients=40, images_per_patient=2, native_size=48)
     data["ingest"]["image_size"] = 32
-    _merge(data, overrides or {})
+    data = deep_merge(data, overrides or {})
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def _merge(base: dict, over: dict) -> None:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from medclf.config import deep_merge
 from tests.conftest import free_port, write_params
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -103,25 +104,18 @@ def build_project(root: Path, tracking_uri: str | None, overrides: dict | None =
             "register": {"model_name": f"medclf-test-{uuid.uuid4().hex[:8]}"},
             "mlflow": {"tracking_uri": tracking_uri or f"http://127.0.0.1:{free_port()}"}}
     root.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(write_params(root, _merged(base, overrides or {})))
+    settings = load_settings(write_params(root, deep_merge(base, overrides or {})))
     ingest.run(settings)
     train_tiny(settings)
     write_train_run(settings, tracking_uri)
     return settings
 
 
-def _merged(a: dict, b: dict) -> dict:
-    out = json.loads(json.dumps(a))
-    for k, v in b.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def with_overrides(settings, root: Path, overrides: dict):
     """The same project (same paths, model name, server) with some params changed."""
     from medclf.config import load_settings
 
-    data = _merged(settings.model_dump(mode="json", by_alias=True), overrides)
+    data = deep_merge(settings.model_dump(mode="json", by_alias=True), overrides)
     path = root / f"params-{uuid.uuid4().hex[:6]}.yaml"
     import yaml
 
@@ -137,7 +131,7 @@ def copy_project(settings, root: Path, dest: Path, overrides: dict | None = None
     run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "run_id": None}))
     paths = {"ingest_dir": str(dest / "data/ingest"), "model_dir": str(dest / "models"),
              "reports_dir": str(dest / "reports")}
-    return with_overrides(settings, root, _merged({"paths": paths}, overrides or {}))
+    return with_overrides(settings, root, deep_merge({"paths": paths}, overrides or {}))
 
 
 def run_evaluate(settings):

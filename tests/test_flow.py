@@ -28,7 +28,8 @@ from typing import Any, Self
 import pytest
 import yaml
 
-from tests.conftest import ROOT, _merge, write_params
+from medclf.config import deep_merge
+from tests.conftest import ROOT, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,7 @@ def make_checkout(dst: Path, overrides: dict[str, Any] | None = None) -> Path:
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params: dict[str, Any] = {}
     for part in (RELATIVE_PATHS, TINY, overrides or {}):
-        _merge(params, json.loads(json.dumps(part)))
+        params = deep_merge(params, part)
     write_params(dst, params)
     run_cmd(dst, "git", "init", "-q", "-b", "main")
     run_cmd(dst, "git", "config", "user.email", "test@example.invalid")
@@ -78,7 +79,7 @@ def make_checkout(dst: Path, overrides: dict[str, Any] | None = None) -> Path:
 
 def set_params(checkout: Path, overrides: dict[str, Any]) -> None:
     data = yaml.safe_load((checkout / "params.yaml").read_text())
-    _merge(data, overrides)
+    data = deep_merge(data, overrides)
     (checkout / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 

@@ -304,6 +304,14 @@ def _format(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `base` with `over` laid on top, nested dicts merged key by key (inputs untouched)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def settings_from_dict(data: dict[str, Any], source: str = "<dict>") -> Settings:
     try:
         return Settings.model_validate(data or {})
