@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Prefect's server telemetry off by default: nothing leaves a hospital network unasked.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: setup retrain test servers stop-servers lint bench-ingest
 

