@@ -24,18 +24,20 @@ setup: $(VENV)/.installed
 ## Full retraining on the embedded defaults: MLflow server + Prefect flow over the DVC stages.
 retrain: setup
 	bash mlflow/server.sh start
+	@api="$${PREFECT_API_URL:-$$(bash deploy/servers.sh prefect-url)}"; \
+	if [ -n "$$api" ]; then export PREFECT_API_URL="$$api"; echo "Prefect API: $$api"; fi; \
 	$(PY) -m flows.retrain
 
 ## Create the environment and run the whole test suite.
 test: setup
 	$(PY) -m pytest -q
 
+## MLflow (SQLite under mlflow/) and the Prefect API + UI (.prefect/), in the background.
 servers: setup
-	bash mlflow/server.sh start
-	@echo "Prefect UI: run 'prefect server start' in another terminal (optional; flows use an ephemeral API otherwise)"
+	bash deploy/servers.sh start
 
 stop-servers:
-	bash mlflow/server.sh stop
+	bash deploy/servers.sh stop
 
 lint: setup
 	$(VENV)/bin/ruff check src flows tasks tests bench

@@ -4,15 +4,18 @@
 # Environment: MLFLOW_PORT (5000), MLFLOW_HOST (127.0.0.1),
 #   MLFLOW_ARTIFACTS_DESTINATION (default mlflow/artifacts; s3://bucket/prefix works, with
 #   MLFLOW_S3_ENDPOINT_URL for MinIO), MLFLOW_BACKEND_STORE_URI (default sqlite; postgresql://... scales out),
-#   MLFLOW_AUTH=1 to enable basic auth (mlflow/basic_auth.ini; change the admin password first!).
+#   MLFLOW_AUTH=1 to enable basic auth (mlflow/basic_auth.ini; change the admin password first!),
+#   MLFLOW_STORE_DIR (default mlflow/store: SQLite file, server log and pid file).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 port="${MLFLOW_PORT:-5000}"
 host="${MLFLOW_HOST:-127.0.0.1}"
-mkdir -p "$here/store" "$here/artifacts"
-pidfile="$here/store/server.pid"
-backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$here/store/mlflow.db}"
+store="${MLFLOW_STORE_DIR:-$here/store}"
+mkdir -p "$store"
+pidfile="$store/server.pid"
+backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$store/mlflow.db}"
 artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-$here/artifacts}"
+case "$artifacts" in *://*) ;; *) mkdir -p "$artifacts" ;; esac
 mlflow_bin="$(command -v mlflow || echo "$here/../.venv/bin/mlflow")"
 
 up() { curl -fsS "http://$host:$port/health" >/dev/null 2>&1; }
@@ -26,16 +29,16 @@ case "${1:-start}" in
     fi
     nohup "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
       --backend-store-uri "$backend" --artifacts-destination "$artifacts" "${extra[@]}" \
-      >"$here/store/server.log" 2>&1 &
+      >"$store/server.log" 2>&1 &
     echo $! >"$pidfile"
     for _ in $(seq 1 300); do
       if up; then echo "MLflow UI: http://$host:$port  (backend $backend)"; exit 0; fi
       if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-        echo "MLflow server exited; see $here/store/server.log" >&2; tail -20 "$here/store/server.log" >&2; exit 1
+        echo "MLflow server exited; see $store/server.log" >&2; tail -20 "$store/server.log" >&2; exit 1
       fi
       sleep 1
     done
-    echo "MLflow server did not answer on http://$host:$port within 300 s; see $here/store/server.log" >&2
+    echo "MLflow server did not answer on http://$host:$port within 300 s; see $store/server.log" >&2
     exit 1 ;;
   stop)
     if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi

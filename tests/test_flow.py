@@ -505,3 +505,41 @@ def test_gpu_dispatch_to_a_served_worker_in_another_clone(tmp_path, mlflow_serve
     assert (checkout / history).read_bytes() == (worker / history).read_bytes()
     assert json.loads(run_cmd(checkout, "dvc", "status", "--json") or "{}") == {}
     assert state.result()["model"]["alias"] == "challenger"
+
+
+def test_servers_script_starts_and_stops_mlflow_and_prefect(tmp_path):
+    """`make servers` (deploy/servers.sh): both servers up in the background, found by `prefect-url`, stopped."""
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    mlflow_port, prefect_port = free_port(), free_port()
+    env = {"MLFLOW_PORT": str(mlflow_port), "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"),
+           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "PREFECT_PORT": str(prefect_port),
+           "PREFECT_HOME": str(tmp_path / "prefect")}
+    script = str(ROOT / "deploy/servers.sh")
+    api = f"http://127.0.0.1:{prefect_port}/api"
+
+    def healthy(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        out = run_cmd(ROOT, "bash", script, "start", env=env)
+        assert f"http://127.0.0.1:{prefect_port}" in out and f"http://127.0.0.1:{mlflow_port}" in out, out
+        assert healthy(f"http://127.0.0.1:{mlflow_port}/health") and healthy(f"{api}/health")
+        assert (tmp_path / "mlflow" / "mlflow.db").exists() and (tmp_path / "prefect" / "server.pid").exists()
+        assert run_cmd(ROOT, "bash", script, "prefect-url", env=env).strip() == api
+        assert "Prefect: up" in run_cmd(ROOT, "bash", script, "status", env=env)
+        assert "already running" in run_cmd(ROOT, "bash", script, "start", env=env)
+    finally:
+        subprocess.run(["bash", script, "stop"], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                       timeout=60, check=False)
+    deadline = time.time() + 30
+    while time.time() < deadline and (healthy(f"{api}/health") or healthy(f"http://127.0.0.1:{mlflow_port}/health")):
+        time.sleep(0.5)
+    assert not healthy(f"{api}/health") and not healthy(f"http://127.0.0.1:{mlflow_port}/health")
+    assert run_cmd(ROOT, "bash", script, "prefect-url", env=env).strip() == ""
