@@ -10,8 +10,9 @@ PREFECT_API_URL Prefect starts a temporary local API for the run (ephemeral mode
 Stages talk to MLflow at `settings.mlflow.resolved_uri()` (MLFLOW_TRACKING_URI wins).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served or deployed run loads this file under another
+# module name, and Prefect's parameter model could not resolve the string annotation "StageName" there
+# (PydanticUserError "RetrainModel is not fully defined"; tests/test_flow.py::test_flow_serve_...).
 import argparse
 import json
 import os

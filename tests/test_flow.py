@@ -543,3 +543,39 @@ def test_servers_script_starts_and_stops_mlflow_and_prefect(tmp_path):
         time.sleep(0.5)
     assert not healthy(f"{api}/health") and not healthy(f"http://127.0.0.1:{mlflow_port}/health")
     assert run_cmd(ROOT, "bash", script, "prefect-url", env=env).strip() == ""
+
+
+def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api):
+    """`python -m flows.retrain --serve --cron ...` (flow.serve on one machine): scheduled deployment, runs work."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    checkout = make_checkout(tmp_path / "co")
+    name = f"served-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(tmp_path / "serve.log", "w") as log:
+        served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "15 2 * * *",
+                                   "--name", name, "--project-dir", str(checkout), "--no-push"],
+                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deployment = None
+        deadline = time.time() + 120
+        with get_client(sync_client=True) as client:
+            while deployment is None and time.time() < deadline and served.poll() is None:
+                try:
+                    deployment = client.read_deployment_by_name(f"medclf-retrain/{name}")
+                except Exception:  # noqa: BLE001 - ObjectNotFound until the served process registers it
+                    time.sleep(1)
+        assert deployment is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        (sched,) = deployment.schedules
+        assert sched.schedule.cron == "15 2 * * *" and sched.active
+        assert deployment.parameters["project_dir"] == str(checkout) and deployment.parameters["push"] is False
+        # a run of the served deployment (as the scheduler would create) is picked up and executed
+        run = run_deployment(f"medclf-retrain/{name}", parameters={"until": "ingest"}, timeout=240)
+        assert run.state.is_completed(), f"{run.state}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+        assert (checkout / "data/ingest/manifest.parquet").exists()
+        assert "ingest" in yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
+    finally:
+        served.terminate()
+        served.wait(30)
