@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Prefect's server telemetry off by default: nothing leaves a hospital network unasked.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup retrain test servers stop-servers lint bench-ingest
+.PHONY: setup retrain test servers stop-servers serve lint bench-ingest
 
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.5"
@@ -38,6 +38,13 @@ servers: setup
 
 stop-servers:
 	bash deploy/servers.sh stop
+
+## Serve a registered model over HTTP (MLflow pyfunc; base64 PNG/JPEG/DICOM in). MODEL=models:/name@alias
+MODEL ?= models:/medclf-demo@champion
+SERVE_PORT ?= 5001
+serve: setup
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-http://127.0.0.1:$${MLFLOW_PORT:-5000}}" \
+	  mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check src flows tasks tests bench
