@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "mobilenet_v2", "width": 0.35, "batch_size": 16}
@@ -255,7 +256,9 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     from medclf.stages import augment, ingest, train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    s = make_settings({"ingest": {"source": {"synthetic": {"n_patients": 200}}},
+    # the repository's own train section (write_params pins tests to the tiny from-scratch net)
+    demo_train = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    s = make_settings({"ingest": {"source": {"synthetic": {"n_patients": 200}}}, "train": demo_train,
                        "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-train-tests"}})
     ingest.run(s)
     augment.run(s)
