@@ -579,3 +579,37 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
     finally:
         served.terminate()
         served.wait(30)
+
+
+def test_weekly_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
+    """The scheduled `medclf-retrain/weekly` of prefect.yaml, executed the way production does: a process worker
+    on the CPU pool picks the run up and runs the flow from this checkout's entrypoint."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    deploy_all()
+    checkout = make_checkout(tmp_path / "co")
+    run = run_deployment("medclf-retrain/weekly", timeout=0, parameters={
+        "project_dir": str(checkout), "until": "validate", "gpu_deployment": None, "push": False})
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "medclf-cpu",
+                                   "--type", "process", "--limit", "1"], cwd=tmp_path, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline, state = time.time() + 300, None
+        with get_client(sync_client=True) as client:
+            while time.time() < deadline:
+                state = client.read_flow_run(run.id).state
+                if state is not None and state.is_final():
+                    break
+                time.sleep(2)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    log_text = (tmp_path / "worker.log").read_text()[-4000:]
+    assert state is not None and state.is_completed(), f"{state}\n{log_text}"
+    lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"ingest", "validate"}
+    assert (checkout / "reports/validation/summary.json").exists()
