@@ -549,6 +549,7 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
     """`python -m flows.retrain --serve --cron ...` (flow.serve on one machine): scheduled deployment, runs work."""
     from prefect import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
     checkout = make_checkout(tmp_path / "co")
@@ -565,7 +566,7 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
             while deployment is None and time.time() < deadline and served.poll() is None:
                 try:
                     deployment = client.read_deployment_by_name(f"medclf-retrain/{name}")
-                except Exception:  # noqa: BLE001 - ObjectNotFound until the served process registers it
+                except ObjectNotFound:  # until the served process has registered it
                     time.sleep(1)
         assert deployment is not None, (tmp_path / "serve.log").read_text()[-3000:]
         (sched,) = deployment.schedules
