@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Prefect's server telemetry off by default: nothing leaves a hospital network unasked.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup retrain test servers stop-servers serve lint bench-ingest
+.PHONY: setup data new-data retrain test servers stop-servers serve lint bench-ingest
 
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.5"
@@ -21,8 +21,20 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+## The embedded real demo data: batch 1 copied into the raw "drop folder" DVC tracks (data/raw/chest_xray).
+RAW ?= data/raw/chest_xray
+DEMO := data/chest_xray_demo
+data:
+	@if [ ! -d "$(RAW)" ]; then mkdir -p "$(RAW)" && cp -R "$(DEMO)/batch1/." "$(RAW)/" && \
+	  echo "data: $(RAW) <- $(DEMO)/batch1 ($$(find "$(RAW)" -type f | wc -l) images)"; fi
+
+## New patients arrive: batch 2 is added to the drop folder (existing files are never overwritten).
+new-data: data
+	cp -Rn "$(DEMO)/batch2/." "$(RAW)/"
+	@echo "new-data: $(RAW) now holds $$(find "$(RAW)" -type f | wc -l) images; run 'make retrain'"
+
 ## Full retraining on the embedded defaults: MLflow server + Prefect flow over the DVC stages.
-retrain: setup
+retrain: setup data
 	bash mlflow/server.sh start
 	@api="$${PREFECT_API_URL:-$$(bash deploy/servers.sh prefect-url)}"; \
 	if [ -n "$$api" ]; then export PREFECT_API_URL="$$api"; echo "Prefect API: $$api"; fi; \
@@ -30,6 +42,8 @@ retrain: setup
 
 ## Create the environment and run the whole test suite.
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 ## MLflow (SQLite under mlflow/) and the Prefect API + UI (.prefect/), in the background.
@@ -46,8 +60,10 @@ serve: setup
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-http://127.0.0.1:$${MLFLOW_PORT:-5000}}" \
 	  mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
+## ruff over the whole repository, mypy over src/ (settings in pyproject.toml); also run by `make test`.
 lint: setup
-	$(VENV)/bin/ruff check src flows tasks tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench-ingest: setup
 	$(PY) bench/ingest_bench.py

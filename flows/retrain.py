@@ -50,14 +50,17 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _dataset(root: Path, s: Settings) -> dict[str, Any]:
-    from medclf.tracking import dvc_lock_hash
+    from medclf.tracking import dvc_lock_hash, raw_data_version
 
     info: dict[str, Any] = {"path": str(s.paths.ingest_dir)}
     md5 = dvc_lock_hash(s.paths.ingest_dir, root / "dvc.lock")
     if md5:
         info["dvc_md5"] = md5
+    raw = raw_data_version(s.paths.raw_data, root / "dvc.lock")
+    if raw:
+        info["raw_data"] = raw
     summary = _read_json(_under(root, s.paths.reports_dir) / "ingest" / "summary.json") or {}
-    info.update({k: summary[k] for k in ("images", "patients", "splits", "classes", "quarantined")
+    info.update({k: summary[k] for k in ("images", "patients", "splits", "classes", "quarantined", "changes")
                  if k in summary})
     return info
 
@@ -169,7 +172,7 @@ def retrain(project_dir: str = ".", until: StageName | None = None, force: bool 
         raise
     bar.close()
     facts = _publish(root, s, outcomes, planned, t0, pushed, failure=None)
-    line = headline(outcomes, facts["register"])
+    line = headline(outcomes, facts["register"], facts["dataset"].get("changes"))
     log.info("%s (%.1f s)", line, time.perf_counter() - t0)
     return {"headline": line, "retrained": line != NO_CHANGE, "stages": outcomes, "push": pushed,
             "model": facts["register"], "dataset": facts["dataset"], "links": facts["links"],

@@ -14,17 +14,21 @@ from typing import Any
 NO_CHANGE = "no change, nothing retrained"
 
 
-def headline(outcomes: list[dict[str, Any]], register: dict[str, Any] | None) -> str:
-    """One line for the logs, the CLI and the artifact."""
+def headline(outcomes: list[dict[str, Any]], register: dict[str, Any] | None,
+             changes: dict[str, Any] | None = None) -> str:
+    """One line for the logs, the CLI and the artifact; says what changed in the data when ingest ran."""
+    from medclf.changes import describe
+
     ran = [o["stage"] for o in outcomes if o["status"] != "skipped"]
     if not ran:
         return NO_CHANGE
+    data = f" on new data ({describe(changes)})" if "ingest" in ran and describe(changes) else ""
     if "register" in ran and register and register.get("version") is not None:
-        return (f"retrained: {register.get('model_name')} version {register['version']} registered as "
+        return (f"retrained{data}: {register.get('model_name')} version {register['version']} registered as "
                 f"'{register.get('alias', 'challenger')}' (stages run: {', '.join(ran)})")
     if "train" in ran:
-        return f"retrained (stages run: {', '.join(ran)})"
-    return f"updated {', '.join(ran)}; model unchanged"
+        return f"retrained{data} (stages run: {', '.join(ran)})"
+    return f"updated {', '.join(ran)}{data}; model unchanged"
 
 
 def _fmt(v: Any) -> str:
@@ -91,8 +95,15 @@ def render_summary(*, outcomes: list[dict[str, Any]], dataset: dict[str, Any], g
         md += ["```", failure.strip(), "```", ""]
     md += ["## Dataset", ""]
     if dataset:
+        raw = dataset.get("raw_data") or {}
+        if raw:
+            md += [f"- **raw data (DVC md5 of `{raw.get('path')}`)**: `{raw.get('md5')}`, {raw.get('nfiles')} files"]
+        if dataset.get("changes"):
+            from medclf.changes import describe
+
+            md += [f"- **since the previous ingest**: {describe(dataset['changes'])}"]
         md += [f"- **version (DVC md5 of `{dataset.get('path', 'ingest')}`)**: `{dataset.get('dvc_md5', 'n/a')}`"]
-        for k in ("images", "patients", "splits", "classes", "quarantined"):
+        for k in ("images", "patients", "splits", "classes", "quarantined"):  # not "changes": said above
             if k in dataset:
                 md.append(f"- {k}: {dataset[k]}")
     else:

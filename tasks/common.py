@@ -18,6 +18,7 @@ back when each stage ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,41 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def source_env(root: Path) -> dict[str, str]:
+    """Environment DVC needs to see the raw source: the S3 endpoint of an `s3://` raw_data (MinIO, moto).
+
+    DVC checks an external S3 dependency by listing ETags through its own client, which reads the
+    endpoint from `AWS_ENDPOINT_URL_S3`; params.yaml names it once, in `ingest.source.s3_endpoint_url`.
+    An endpoint already set in the environment wins.
+    """
+    from medclf.config import ConfigError, load_settings
+
+    try:
+        s = load_settings(root / "params.yaml")
+    except ConfigError:
+        return {}  # the stage itself reports the bad config, with its key
+    endpoint = s.ingest.source.s3_endpoint_url
+    if not (endpoint and s.paths.raw_data.startswith("s3://")):
+        return {}
+    if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
+        return {}
+    return {"AWS_ENDPOINT_URL_S3": endpoint}
+
+
+@contextlib.contextmanager
+def patched_env(extra: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def describe_status(entries: list[Any]) -> str:
     """Turn `dvc status` entries into one human sentence ("params changed: ingest; ...")."""
     parts: list[str] = []
@@ -137,7 +174,7 @@ def dvc_status(stage: str, root: Path) -> list[Any]:
     """DVC's reasons why `stage` is out of date; [] when deps, params and outs match dvc.lock."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    with patched_env(source_env(root)), Repo(str(root)) as repo:
         found = repo.status(targets=[stage_target(root, stage)])
     return next(iter(found.values()), [])
 
@@ -188,7 +225,7 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     tail: deque[str] = deque(maxlen=200)
     result: dict[str, Any] | None = None
     block: list[str] | None = None  # the stage's JSON result (`medclf` prints it last), logged as one line
-    proc = subprocess.Popen(cmd, cwd=root, env=venv_env(env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=root, env=venv_env({**source_env(root), **(env or {})}), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
     assert proc.stdout is not None
     t_cmd: float | None = None  # DVC echoes "> medclf <stage>" as it starts the command

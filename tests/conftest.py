@@ -114,15 +114,25 @@ def prefect_api():
 def write_params(tmp: Path, overrides: dict | None = None) -> Path:
     """params.yaml for a test: the repository defaults, tiny sizes, all paths inside `tmp`."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    data["paths"] = {"ingest_dir": str(tmp / "data/ingest"), "augment_dir": str(tmp / "data/augment"),
-                     "model_dir": str(tmp / "models"), "reports_dir": str(tmp / "reports"),
-                     "cache_dir": str(tmp / ".cache")}
-    data["ingest"]["source"]["synthetic"].update(n_patients=40, images_per_patient=2, native_size=48)
+    data["paths"] = {"raw_data": str(tmp / "data/raw"), "ingest_dir": str(tmp / "data/ingest"),
+                     "augment_dir": str(tmp / "data/augment"), "model_dir": str(tmp / "models"),
+                     "reports_dir": str(tmp / "reports"), "cache_dir": str(tmp / ".cache")}
+    # in-process stage tests ingest tiny synthetic phantoms (the repository default is the real demo folder)
+    data["ingest"]["source"] = {"kind": "synthetic",
+                                "synthetic": {"n_patients": 40, "images_per_patient": 2, "native_size": 48}}
     data["ingest"]["image_size"] = 32
     # tests train the small from-scratch net whatever the demo default is (tests that need pretrained
     # weights say so); the demo's real ImageNet MobileNetV2 is width 1.0 and two-phase
     data["train"].update(weights="none", width=0.35)
     data = deep_merge(data, overrides or {})
+    src = data["ingest"]["source"]
+    if src.get("kind") != "synthetic" and "raw_data" not in ((overrides or {}).get("paths") or {}):
+        # a test that points ingest at files tracks exactly those files (params.yaml's rule)
+        from medclf.config import Source, source_location
+
+        where = source_location(Source.model_validate(src))
+        if where:
+            data["paths"]["raw_data"] = where
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -15,7 +15,9 @@ from tests.conftest import ROOT
 
 def test_repository_params_parse():
     s = load_settings(ROOT / "params.yaml")
-    assert s.ingest.source.kind == "synthetic"
+    # the default is the embedded REAL data, tracked by DVC as ingest's input
+    assert s.ingest.source.kind == "folder" and s.ingest.source.uri == s.paths.raw_data == "data/raw/chest_xray"
+    assert "- ${paths.raw_data}" in (ROOT / "dvc.yaml").read_text()
     assert s.registry.model_name and s.validation.drift_psi_max > 0
 
 

@@ -183,7 +183,7 @@ def project(tmp_path_factory, s3_server, mlflow_s3, prefect_api):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_s3["uri"])
         mp.delenv(GPU_ENV, raising=False)
-        yield {"checkout": checkout, "model": model, "mlflow": mlflow_s3["uri"], "mlflow_bucket": mlflow_s3["bucket"],
+        yield {"checkout": checkout, "model": model, "dvc_env": {"AWS_ENDPOINT_URL_S3": s3_server}, "mlflow": mlflow_s3["uri"], "mlflow_bucket": mlflow_s3["bucket"],
                "bucket": bucket, "client": client, "images": images, "tmp": tmp}
 
 
@@ -253,7 +253,11 @@ def test_full_flow_registers_challenger_and_resumes_killed_training(project):
     # dvc.lock is the record: every stage is in it and DVC agrees nothing is stale
     lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(stages)
-    assert run_cmd(checkout, "dvc", "status", "--json").strip() in ("{}", "")
+    # (plain `dvc` reads an S3 source's endpoint from the environment, as docs/ORCHESTRATION.md says)
+    assert run_cmd(checkout, "dvc", "status", "--json", env=project["dvc_env"]).strip() in ("{}", "")
+    # the raw bucket's hash is in dvc.lock and on the registered version: the model leads back to its images
+    (raw,) = [d for d in lock["ingest"]["deps"] if d["path"] == f"s3://{project['bucket']}/raw"]
+    assert versions[0].tags["raw_data_md5"] == raw["md5"] and raw["nfiles"] == project["images"]
     # pushed to the DVC remote (on S3) at the end
     assert result["push"]["remote"] == "s3store" and result["push"]["pushed"] > 0
     # artifacts: the run summary (dataset version, stages, gates, links) and the metrics table
@@ -298,7 +302,7 @@ def test_s3_end_to_end_data_remote_and_mlflow_artifacts(project):
     assert manifest.source_uri.str.startswith(f"s3://{project['bucket']}/raw/").all()
     assert s3_keys(client, project["bucket"], "dvcstore/")
     # every cached output of the run is on the remote (cache: false reports travel with git, not DVC)
-    assert json.loads(run_cmd(checkout, "dvc", "status", "--cloud", "--json") or "{}") == {}
+    assert json.loads(run_cmd(checkout, "dvc", "status", "--cloud", "--json", env=project["dvc_env"]) or "{}") == {}
     # MLflow stored the training run's files and the registered model on S3, via its artifact proxy
     run_id = json.loads((checkout / "models/train_run.json").read_text())["run_id"]
     stored = s3_keys(client, project["mlflow_bucket"], "mlflow/")
@@ -363,6 +367,41 @@ def test_failing_gate_fails_flow_without_new_version(project):
     assert "FAILED" in arts["medclf-retrain-summary"].data and "min_f1" in arts["medclf-retrain-summary"].data
     # the gate is deterministic: evaluate ran once, never retried
     assert outcomes["evaluate"].run_count == 1
+
+
+def test_s3_source_change_reingests_and_same_bytes_do_not(project):
+    """New data in the bucket is seen by ETag, without downloading; a re-upload of the same bytes is not new."""
+    from tasks.common import dvc_status
+
+    checkout, client, bucket = project["checkout"], project["client"], project["bucket"]
+    state = run_flow(checkout, until="ingest", push=False)
+    assert state.is_completed() and state.result()["stages"][0]["status"] == "skipped", state.result()
+    key = min(k for k in s3_keys(client, bucket, "raw/") if k.endswith(".png"))
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=body)  # same bytes, new object (new mtime, same ETag)
+    assert dvc_status("ingest", checkout) == []
+    label = key.split("/")[1]
+    client.put_object(Bucket=bucket, Key=f"raw/{label}/arrived-later.png", Body=_tweak_png(body))
+    state = run_flow(checkout, until="ingest", push=False)
+    assert state.is_completed(), state.message
+    result = state.result()
+    (ingest,) = result["stages"]
+    assert ingest["status"] == "ran" and f"s3://{bucket}/raw" in ingest["reason"], ingest
+    assert result["dataset"]["changes"]["added"] == 1 and "+1 image" in result["headline"], result["headline"]
+    assert "data/ingest" in json.dumps(dvc_status("train", checkout))
+
+
+def _tweak_png(data: bytes) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(data))).copy()
+    img[0, 0] ^= 0xFF
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- deployments

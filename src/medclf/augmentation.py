@@ -285,7 +285,8 @@ class _BatchesBase:
         """Row order of an epoch, padded to whole batches (training: from the next permutation)."""
         n, size = len(self.labels), len(self) * self.batch_size
         if not self.shuffle:
-            return np.r_[np.arange(n), np.zeros(size - n, np.int64)]
+            rows: np.ndarray = np.r_[np.arange(n), np.zeros(size - n, np.int64)]
+            return rows
         perm = np.random.default_rng([self.seed, epoch, 0]).permutation(n)
         if size > n:
             extra = np.random.default_rng([self.seed, epoch, 1]).permutation(n)

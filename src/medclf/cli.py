@@ -11,40 +11,45 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from medclf import STAGES, __version__
 
+if TYPE_CHECKING:
+    from medclf.config import Settings
 
-def _settings(args: argparse.Namespace):
+
+def _settings(args: argparse.Namespace) -> Settings:
     from medclf.config import load_settings
 
     return load_settings(args.params)
 
 
-def _run_stage(args: argparse.Namespace) -> dict:
+def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
     module = importlib.import_module(f"medclf.stages.{args.command}")
-    return module.run(_settings(args))
+    result: dict[str, Any] = module.run(_settings(args))
+    return result
 
 
-def _promote(args: argparse.Namespace) -> dict:
+def _promote(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.registry import promote
 
     return promote(_settings(args), version=args.version, alias=args.alias, by=args.by)
 
 
-def _rollback(args: argparse.Namespace) -> dict:
+def _rollback(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.registry import rollback
 
     return rollback(_settings(args), alias=args.alias, by=args.by)
 
 
-def _predict(args: argparse.Namespace) -> dict:
+def _predict(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.predict import predict_paths
 
     return predict_paths(args.paths, model_uri=args.model, out=args.out, settings=_settings(args))
 
 
-def _demo_data(args: argparse.Namespace) -> dict:
+def _demo_data(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.sources.demo import write_demo_folder
 
     return write_demo_folder(_settings(args).ingest.source.synthetic, Path(args.out))

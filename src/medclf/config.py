@@ -27,6 +27,12 @@ class _Section(BaseModel):
 
 # --------------------------------------------------------------------------- paths
 class Paths(_Section):
+    raw_data: str = "data/raw/chest_xray"
+    """The raw source as DVC sees it: ingest's data dependency (a folder, a file or an `s3://` prefix).
+
+    `dvc.yaml` lists it under ingest's deps, so adding, removing, changing or relabelling one image
+    makes ingest and everything after it stale, and `dvc.lock` records its hash. Every file the
+    configured source reads must lie under it (checked when params.yaml is parsed)."""
     ingest_dir: Path = Path("data/ingest")
     augment_dir: Path = Path("data/augment")
     model_dir: Path = Path("models")
@@ -282,6 +288,17 @@ class Settings(_Section):
     mlflow: MLflowCfg = MLflowCfg()
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _source_under_raw_data(self) -> Settings:
+        """A source outside `paths.raw_data` would be invisible to DVC: a silent "no change" forever."""
+        where = source_location(self.ingest.source)
+        if where is not None and not is_under(where, self.paths.raw_data):
+            raise ValueError(
+                f"ingest.source reads {where!r}, which is not under paths.raw_data {self.paths.raw_data!r}. "
+                "DVC tracks paths.raw_data as ingest's input, so changes to this source would never trigger a "
+                "retrain: set paths.raw_data to the source's folder (or a folder that contains it)")
+        return self
+
     @property
     def validation(self) -> Validate:
         """The `validate` section (`validate` itself is a pydantic method name)."""
@@ -291,6 +308,27 @@ class Settings(_Section):
     def registry(self) -> Register:
         """The `register` section (`register` shadows a pydantic attribute)."""
         return self.register_
+
+
+def source_location(source: Source) -> str | None:
+    """Where a source's bytes live (the folder a manifest's paths are relative to); None if generated."""
+    if source.kind in ("folder", "medmnist"):
+        return source.uri  # medmnist without uri: an MD5-checked download fixed by its params
+    if source.kind in ("manifest", "dicom"):
+        from medclf.sources.store import split_uri
+
+        manifest = source.manifest or source.uri
+        return split_uri(manifest)[0] if manifest else None
+    return None
+
+
+def is_under(path: str, root: str) -> bool:
+    """`path` equals `root` or lies below it (local paths normalised, `s3://` compared by prefix)."""
+    if path.startswith("s3://") or root.startswith("s3://"):
+        p, r = path.rstrip("/"), root.rstrip("/")
+        return p == r or p.startswith(r + "/")
+    lp, lr = Path(os.path.abspath(os.path.expanduser(path))), Path(os.path.abspath(os.path.expanduser(root)))
+    return lp == lr or lp.is_relative_to(lr)
 
 
 def _format(err: ValidationError, source: str) -> str:

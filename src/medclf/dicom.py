@@ -10,11 +10,11 @@ Every failure is a DecodeError whose message is the quarantine reason.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -70,7 +70,9 @@ def _check_truncation(ds: Dataset) -> None:
         )
     for container in (ds.file_meta, ds):
         for tag in container.keys():  # noqa: SIM118
-            elem = container.get_item(tag)
+            # pydicom's `get_item(tag)` overload says DataElement, but it returns the RawDataElement
+            # of a value never accessed (see its docstring): keep both in the static type
+            elem = cast("DataElement | RawDataElement", container.get_item(tag))
             if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
                 continue
             if elem.value is not None and len(elem.value) < elem.length:
@@ -115,14 +117,16 @@ def _voi(ds: Dataset, x: np.ndarray) -> np.ndarray:
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         out = apply_voi(x, ds, index=0).astype(np.float64)
-        return np.clip(np.round(out * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+        scale: float = 255.0 / (2**bits - 1)  # `int ** int` is typed Any (a negative exponent gives a float)
+        return np.clip(np.round(out * scale), 0, 255).astype(np.uint8)
     return to_uint8(x)
 
 
 def _scale_colour(arr: np.ndarray, bits: int) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
-    return np.clip(np.round(arr.astype(np.float64) * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+    scale: float = 255.0 / (2**bits - 1)
+    return np.clip(np.round(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
 
 
 def decode_dicom(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:

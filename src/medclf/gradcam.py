@@ -83,7 +83,8 @@ def gradcam(model: Any, images: np.ndarray, class_index: int) -> np.ndarray:
     weights = grads.mean(axis=(1, 2), keepdims=True)  # (N, 1, 1, C): importance of each channel
     cam = np.maximum((fmap * weights).sum(axis=-1), 0.0)
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-    return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0).astype(np.float32)
+    heat: np.ndarray = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)
+    return heat.astype(np.float32)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:

@@ -11,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Truncated files must raise, never decode as grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -84,7 +84,7 @@ def decode_image(data: bytes, max_pixels: int, channels: int | None = None, size
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DecodeError(f"decompression bomb: {err}") from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except OSError as err:
         raise DecodeError(f"truncated or corrupt image: {err}") from None

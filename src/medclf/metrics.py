@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
 ThresholdRule = Literal["target_sensitivity", "max_f1", "youden"]
@@ -48,7 +49,8 @@ def _check_binary(y_true: Any, p_pos: Any) -> tuple[np.ndarray, np.ndarray]:
 def _div(num: Any, den: Any) -> np.ndarray:
     """Elementwise num/den with 0.0 where den == 0 (the zero-division convention)."""
     num, den = np.broadcast_arrays(np.asarray(num, dtype=float), np.asarray(den, dtype=float))
-    return np.divide(num, den, out=np.zeros(num.shape), where=den > 0)
+    out: np.ndarray = np.divide(num, den, out=np.zeros(num.shape), where=den > 0)
+    return out
 
 
 def _bin_ids(p: np.ndarray, bins: int) -> np.ndarray:
@@ -261,7 +263,7 @@ def thresholded_labels(proba: np.ndarray, positive: int, threshold: float) -> np
 
 
 # ----------------------------------------------------------------------------- plot data
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+def confusion(y_true: ArrayLike, y_pred: ArrayLike, k: int) -> np.ndarray:
     """k x k confusion matrix, rows = true class, columns = predicted class."""
     t, q = np.asarray(y_true).astype(np.int64), np.asarray(y_pred).astype(np.int64)
     if t.shape != q.shape or (t.size and (min(t.min(), q.min()) < 0 or max(t.max(), q.max()) >= k)):

@@ -164,7 +164,8 @@ def _make_base(spec: Backbone, size: int, width: float, weights: str | None, nam
     return getattr(keras.applications, spec.app)(**kwargs)
 
 
-def make_backbone(name: str, size: int, width: float, weights: str, cache_dir: Path) -> tuple[keras.Model, dict]:
+def make_backbone(name: str, size: int, width: float, weights: str,
+                  cache_dir: Path) -> tuple[keras.Model, dict[str, Any]]:
     """The keras.applications base (include_top=False, pooling=None) with its weights loaded.
 
     Returns (model, info) where info says where the weights came from and which preprocessing they need.
@@ -244,7 +245,7 @@ def preprocessing_layers(x: Any, mode: Mode, channels: int, image_size: int, inp
 
 def build_model(backbone: str, n_classes: int, image_size: int, channels: int, *, input_size: int | None = None,
                 width: float = 1.0, dropout: float = 0.2, weights: str = "none", preprocessing: str = "auto",
-                cache_dir: Path = Path(".cache")) -> tuple[keras.Model, dict]:
+                cache_dir: Path = Path(".cache")) -> tuple[keras.Model, dict[str, Any]]:
     """The full classifier; returns (model, info).  Build it under the dtype policy / distribution scope wanted.
 
     With pretrained weights the backbone is called with training=False: its BatchNorm layers stay in

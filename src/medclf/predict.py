@@ -105,8 +105,8 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
                 rows.append({"path": str(f), **{c: rec[c] for c in cols}, "label": rec["label"],
                              "positive": bool(rec["positive"]), "error": ""})
     order = {str(f): i for i, f in enumerate(files)}
-    df = pd.DataFrame(sorted(rows, key=lambda r: order[r["path"]]),
-                      columns=["path", *cols, "label", "positive", "error"])
+    rows.sort(key=lambda r: order[r["path"]])
+    df = pd.DataFrame(rows, columns=["path", *cols, "label", "positive", "error"])
     # the threshold as its exact repr (float_format below would round it; the label depends on it)
     df["threshold"], df["model_uri"], df["model_version"] = repr(float(cfg.threshold)), uri, version
     out = Path(out)

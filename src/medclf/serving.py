@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 from medclf.images import DecodeError, decode_image, fit_square, to_channels, to_uint8
 
@@ -174,10 +174,10 @@ def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- the pyfunc
-class MedclfModel(mlflow.pyfunc.PythonModel):
+class MedclfModel(PythonModel):
     """Raw images in, probabilities + thresholded label out (see the module docstring)."""
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self.cfg = ServingConfig.from_dict(dict(context.model_config or {}))
         self.model = load_keras(context.artifacts[KERAS_ARTIFACT])
 
@@ -195,7 +195,7 @@ class MedclfModel(mlflow.pyfunc.PythonModel):
     # override the explicit signature (which must accept both strings and pixel lists). MLflow
     # then prints a one-time "Add type hints" UserWarning at import; it forces that warning
     # through its own `simplefilter("once")`, so a filter here cannot silence it.
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # see above
         cells = _cells(model_input)
         batch = []
         for i, cell in enumerate(cells):
@@ -229,11 +229,12 @@ def load_keras(path: str) -> Any:
 def signature(classes: Sequence[str]) -> Any:
     """Column `image` of any JSON type (base64 string or nested pixel list) → probabilities + label."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
 
-    outputs = [ColSpec("double", c) for c in output_columns(classes)]
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("double", c) for c in output_columns(classes)]
     outputs += [ColSpec("string", "label"), ColSpec("boolean", "positive")]
-    return ModelSignature(inputs=Schema([ColSpec(AnyType(), INPUT_COLUMN)]), outputs=Schema(outputs))
+    any_type = AnyType()  # type: ignore[no-untyped-call]  # mlflow leaves AnyType.__init__ unannotated
+    return ModelSignature(inputs=Schema([ColSpec(any_type, INPUT_COLUMN)]), outputs=Schema(outputs))
 
 
 def encode_file(data: bytes) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import subprocess
 import time
 import urllib.error
@@ -51,13 +52,26 @@ def configure(tracking_uri: str, experiment: str | None = None, attempts: int = 
     return ""
 
 
+# Files a run itself rewrites: DVC's records of what ran. They are lineage *outputs* (logged with the
+# model), so they do not make the code "dirty". See docs/ORCHESTRATION.md, "dvc.lock and lineage".
+RUN_RECORDS = ("dvc.lock", "*.dvc")
+
+
 def git_commit(cwd: str | Path = ".") -> str | None:
+    """HEAD, with `-dirty` only when tracked code or config differs from it (index or work tree).
+
+    `dvc.lock` and `.dvc` files are excluded: DVC rewrites (and, with autostage, stages) them on
+    every run, so counting them would tag every fresh-clone run `-dirty` although the code that ran is
+    exactly HEAD. Their content is recorded separately (the raw-data hash tag, the logged dvc.lock).
+    """
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True,
+                             timeout=10)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        excludes = [f":(exclude,glob)**/{pat}" for pat in RUN_RECORDS]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excludes],
+                               check=False, cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -76,20 +90,46 @@ def dir_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def dvc_lock_hash(out_path: str | Path, lock: str | Path = "dvc.lock") -> str | None:
-    """The md5 DVC recorded for an output in dvc.lock, if the stage ran under DVC."""
+def _lock(lock: str | Path) -> dict[str, Any]:
     import yaml
 
     lock = Path(lock)
     if not lock.exists():
-        return None
-    data = yaml.safe_load(lock.read_text()) or {}
+        return {}
+    return yaml.safe_load(lock.read_text()) or {}
+
+
+def dvc_lock_hash(out_path: str | Path, lock: str | Path = "dvc.lock") -> str | None:
+    """The md5 DVC recorded for an output in dvc.lock, if the stage ran under DVC."""
     want = str(Path(out_path))
-    for stage in (data.get("stages") or {}).values():
+    for stage in (_lock(lock).get("stages") or {}).values():
         for out in stage.get("outs", []) or []:
             if str(Path(out.get("path", ""))) == want:
-                return out.get("md5")
+                md5: str | None = out.get("md5")
+                return md5
     return None
+
+
+def _same_location(a: str, b: str, base: Path) -> bool:
+    if a.startswith("s3://") or b.startswith("s3://"):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.normpath(base / a) == os.path.normpath(base / b)
+
+
+def raw_data_version(raw_data: str, lock: str | Path = "dvc.lock") -> dict[str, Any]:
+    """The hash DVC recorded for the raw source when ingest last ran: {md5, nfiles, size, path}.
+
+    This is the hash of exactly the images the current ingest output (and so any model trained on
+    it) was made from: DVC writes it in the same transaction as ingest's outputs. {} when ingest has
+    not run under DVC (e.g. `medclf ingest` by hand).
+    """
+    lock = Path(lock)
+    ingest = ((_lock(lock).get("stages") or {}).get("ingest")) or {}
+    for dep in ingest.get("deps", []) or []:
+        if _same_location(str(dep.get("path", "")), raw_data, lock.resolve().parent):
+            md5 = dep.get("md5") or dep.get("etag") or dep.get("checksum")
+            return {"path": raw_data, "md5": md5, "nfiles": dep.get("nfiles"), "size": dep.get("size")}
+    return {}
 
 
 def data_version(path: str | Path) -> dict[str, str]:

@@ -6,9 +6,11 @@ support is not a second implementation of each source.
 
 from __future__ import annotations
 
+import builtins
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from medclf.sources.base import SourceError, safe_relpath
@@ -27,7 +29,7 @@ class Store:
     def uri(self, rel: str) -> str:
         return f"{self.root_uri.rstrip('/')}/{rel}"
 
-    def dirs(self) -> list[str]:
+    def dirs(self) -> builtins.list[str]:  # `list` here is the method above
         """Immediate sub-folders of the root (empty ones included where the store has them)."""
         raise NotImplementedError
 
@@ -59,7 +61,7 @@ class LocalStore(Store):
             raise SourceError(f"{self.root_uri}: {rel!r} resolves outside the root (symlink?)")
         return path.read_bytes()
 
-    def dirs(self) -> list[str]:
+    def dirs(self) -> builtins.list[str]:  # `list` here is the method above
         if not self.root.is_dir():
             raise SourceError(f"{self.root}: no such directory")
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -71,7 +73,7 @@ class LocalStore(Store):
 class S3Store(Store):
     """An `s3://bucket/prefix` read through boto3; endpoint URL configurable (MinIO, moto)."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None, client=None) -> None:
+    def __init__(self, uri: str, endpoint_url: str | None = None, client: Any = None) -> None:
         parsed = urlparse(uri)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise SourceError(f"{uri}: not an s3://bucket/prefix URI")
@@ -82,12 +84,12 @@ class S3Store(Store):
             "AWS_ENDPOINT_URL")
         self._client = client
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # boto3 clients cannot be pickled; each decode worker process makes its own.
         return {**self.__dict__, "_client": None}
 
     @property
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             import boto3
             from botocore.config import Config
@@ -127,11 +129,12 @@ class S3Store(Store):
 
         key = self._key(rel)
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return body
         except (BotoCoreError, ClientError) as err:
             raise SourceError(f"s3://{self.bucket}/{key}: cannot read ({self._where()}): {err}") from err
 
-    def dirs(self) -> list[str]:
+    def dirs(self) -> builtins.list[str]:  # `list` here is the method above
         from botocore.exceptions import BotoCoreError, ClientError
 
         pfx = f"{self.prefix}/" if self.prefix else ""

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], poli
     return buf.getvalue()
 
 
-def run(settings: Settings) -> dict:
+def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.augment, settings.paths
     t0 = time.perf_counter()
     policy = cfg.policy()
@@ -101,8 +102,8 @@ def run(settings: Settings) -> dict:
         np.save(tmp / "train_source_row.npy", res.source_row)
         after = np.bincount(res.labels, minlength=k)
         summary = {
-            "classes": classes, "counts_before": dict(zip(classes, before.tolist(), strict=True)),
-            "counts_after": dict(zip(classes, after.tolist(), strict=True)),
+            "classes": classes, "counts_before": dict[str, Any](zip(classes, before.tolist(), strict=True)),
+            "counts_after": dict[str, Any](zip(classes, after.tolist(), strict=True)),
             "synthetic": int(res.is_synthetic.sum()), "rows": int(total),
             "ratio_before": round(float(before.min() / before.max()), 4),
             "ratio_after": round(float(after.min() / after.max()), 4),

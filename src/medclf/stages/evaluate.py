@@ -57,7 +57,8 @@ def _multiclass_with_ci(y: np.ndarray, proba: np.ndarray, classes: list[str], n_
     """multiclass_metrics plus percentile CIs for its summary scores (same resampling as metrics.py)."""
     out = M.multiclass_metrics(y, proba, classes)
     if n_boot:
-        rng, boot = np.random.default_rng(seed), {k: [] for k in _MULTICLASS_CI}
+        rng = np.random.default_rng(seed)
+        boot: dict[str, list[float]] = {k: [] for k in _MULTICLASS_CI}
         for _ in range(n_boot):
             i = rng.integers(0, len(y), size=len(y))
             m = M.multiclass_metrics(y[i], proba[i], classes)
@@ -231,7 +232,7 @@ def _write_gallery(out: Path, inp: dict[str, Any], proba: np.ndarray, thr: float
     for name in GALLERY_GROUPS:
         idx = picks[name]
         images = np.asarray(inp["x_test"][idx]) if idx else np.zeros((0,) + inp["x_test"].shape[1:], np.uint8)
-        heat = gradcam.gradcam(inp["model"], images, pos) if idx else []
+        heat: np.ndarray | list[np.ndarray] = gradcam.gradcam(inp["model"], images, pos) if idx else []
         groups[name] = [{"overlay": gradcam.overlay(img, h),
                          "caption": f"#{i}  p({inp['positive']})={proba[i, pos]:.2f}"}
                         for i, img, h in zip(idx, images, heat)]

@@ -18,10 +18,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from medclf.changes import describe, diff_manifests
 from medclf.config import Ingest, Settings
 from medclf.images import DecodeError, decode_image, fit_square, to_channels
 from medclf.io import atomic_dir, write_json
@@ -135,7 +137,7 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
         rows.append({
             "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16], "source_uri": d.uri, "sha256": d.sha256,
             "patient_hash": hash_patient(pid) if pid else None, "label": d.record.label,
-            "label_index": classes.index(d.record.label), "split": split, "row": counters[split],
+            "label_index": classes.index(d.record.label or ""), "split": split, "row": counters[split],
             "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1], "orig_channels": d.orig_shape[2],
             "status": "ok", "reason": None,
         })
@@ -151,7 +153,7 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
     return pd.DataFrame(rows)
 
 
-def run(settings: Settings) -> dict:
+def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.ingest, settings.paths
     t0 = time.perf_counter()
     salt()  # resolve (or create) the key once, before decode workers fork
@@ -180,6 +182,7 @@ def run(settings: Settings) -> dict:
     splits = assign_splits(link_groups(keys), [d.record.label or "" for d in ok], official,
                            cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.seed)
     manifest = build_manifest(ok, splits, classes, bad)
+    changes = diff_manifests(_previous_manifest(paths.ingest_dir), manifest)
     counts = {}
     with atomic_dir(paths.ingest_dir) as tmp:
         for split in SPLITS:
@@ -190,8 +193,8 @@ def run(settings: Settings) -> dict:
                 arr[j] = ok[i].image
             arr.flush()
             del arr
-            np.save(tmp / f"{split}_labels.npy", np.array([classes.index(ok[i].record.label) for i in idx],
-                                                            dtype=np.int64))
+            label_idx = [classes.index(ok[i].record.label or "") for i in idx]  # `ok` labels are all in classes
+            np.save(tmp / f"{split}_labels.npy", np.array(label_idx, dtype=np.int64))
             counts[split] = len(idx)
         manifest.to_parquet(tmp / "manifest.parquet", index=False)
         write_json(tmp / "classes.json", {"classes": classes, "positive_class": cfg.positive_class or classes[-1],
@@ -199,10 +202,22 @@ def run(settings: Settings) -> dict:
     elapsed = time.perf_counter() - t0
     summary = {"images": len(ok), "quarantined": len(quarantine), "classes": classes, "splits": counts,
                "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
-               "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1)}
+               "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1),
+               "changes": changes}
     write_json(reports / "summary.json", summary)
-    log.info("ingest: %d images (%s), %d quarantined, %.1f s", len(ok), counts, len(quarantine), elapsed)
+    log.info("ingest: %d images (%s), %d quarantined, %.1f s; since the last ingest: %s", len(ok), counts,
+             len(quarantine), elapsed, describe(changes))
     return summary
+
+
+def _previous_manifest(ingest_dir: Path) -> pd.DataFrame | None:
+    """The last ingest's manifest (what the current model saw), to say what changed since."""
+    path = ingest_dir / "manifest.parquet"
+    try:
+        return pd.read_parquet(path, columns=["source_uri", "sha256", "label"]) if path.exists() else None
+    except (OSError, ValueError, KeyError) as err:  # an older layout: report "first ingest" rather than fail
+        log.warning("ingest: cannot read the previous manifest %s (%s); changes not computed", path, err)
+        return None
 
 
 def load_split(ingest_dir: Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:

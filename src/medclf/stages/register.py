@@ -133,6 +133,8 @@ def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gate
             name=PYFUNC_NAME, python_model=MedclfModel(), artifacts={KERAS_ARTIFACT: str(model_file)},
             model_config=cfg.to_dict(), signature=signature(cfg.classes), input_example=_png_example(meta),
             pip_requirements=reqs)
+        if Path("dvc.lock").is_file():  # the run's full record: raw-data hash, every stage's inputs/outputs
+            mlflow.log_artifact("dvc.lock", artifact_path="lineage")
         try:
             s, c, k = cfg.image_size, cfg.channels, len(cfg.classes)
             sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, s, s, c))]),
@@ -202,7 +204,9 @@ def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[st
                     tags: dict[str, str], run_id: str) -> Any:
     """Log, register, tag and alias as one unit: any failure removes what this call created."""
     name, alias = settings.registry.model_name, settings.registry.alias
-    created_model, infos, mv = _ensure_registered_model(cl, name), (None, None), None
+    created_model = _ensure_registered_model(cl, name)
+    infos: tuple[Any, Any] = (None, None)
+    mv: Any = None
     try:
         infos = _log_models(settings, model_file, meta, gates, run_id)
         pyfunc, keras = infos
@@ -233,10 +237,12 @@ def _rollback_partial(cl: Any, name: str, mv: Any, infos: tuple[Any, Any], creat
 
 
 def _provenance(settings: Settings, train_run: dict[str, Any]) -> dict[str, str]:
-    from medclf.tracking import data_version, git_commit, params_hash
+    from medclf.tracking import data_version, git_commit, params_hash, raw_data_version
 
     dv = data_version(settings.paths.ingest_dir)
-    return {"git_commit": git_commit() or "", "train_git_commit": str(train_run.get("git_commit") or ""),
+    raw = train_run.get("raw_data") or raw_data_version(settings.paths.raw_data)
+    return {"raw_data_md5": str(raw.get("md5") or ""), "raw_data_nfiles": str(raw.get("nfiles") or ""),
+            "raw_data": str(raw.get("path") or ""), "git_commit": git_commit() or "", "train_git_commit": str(train_run.get("git_commit") or ""),
             "data_digest": dv.get("data_digest", ""), "dvc_md5": dv.get("dvc_md5", ""),
             "data_version": json.dumps(train_run["data_version"]) if train_run.get("data_version") else "",
             "params_hash": params_hash(settings.ingest, settings.augment, settings.train, settings.evaluate)}
@@ -272,7 +278,7 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
                               f"is now {champ.version if champ else 'none'}; re-run `medclf evaluate`")
     mv = _existing(cl, reg.model_name, run_id, sha)
     created = mv is None
-    if created:
+    if mv is None:
         tags = version_tags(gates, read_json(metrics_file), read_json(paths.ingest_dir / "classes.json"),
                             train_run, _provenance(settings, train_run))
         meta = read_json(paths.ingest_dir / "classes.json")

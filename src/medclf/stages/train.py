@@ -300,12 +300,12 @@ def _callbacks_module() -> Any:
             super().__init__()
             self.run, self.phase = run, phase
 
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             self.run.train_ds.set_epoch(epoch)
             self.run.train_ds.reset_timing()
             self.t0 = time.perf_counter()
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             logs = logs if logs is not None else {}
             self.run.end_epoch(epoch, self.phase, logs, time.perf_counter() - self.t0)
 
@@ -317,7 +317,7 @@ def _callbacks_module() -> Any:
             super().__init__()
             self.run = run
 
-        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
             if self.run.first_step_s is None:
                 self.run.first_step_s = time.perf_counter() - self.run.t_fit_call
 
@@ -328,7 +328,7 @@ def _callbacks_module() -> Any:
             super().__init__()
             self.kill_epoch = epoch
 
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             if epoch == self.kill_epoch:
                 logging.shutdown()
                 os._exit(17)
@@ -350,7 +350,7 @@ class TrainingRun:
         self.best = backup.state.get("best", {})
         self.from_scratch = False
 
-    def end_epoch(self, epoch: int, phase: int, logs: dict, seconds: float) -> None:
+    def end_epoch(self, epoch: int, phase: int, logs: dict[str, Any], seconds: float) -> None:
         wait, batches = self.train_ds.reset_timing()
         if self.val_ds is not None:
             proba = self.model.predict(self.val_ds, verbose=0)[: len(self.data.y_val)]
@@ -450,7 +450,7 @@ def fit_phases(run: TrainingRun) -> None:
 
 
 # --------------------------------------------------------------------------- export
-def export_model(model: Any, info: dict, rt: Runtime, build: Any) -> Any:
+def export_model(model: Any, info: dict[str, Any], rt: Runtime, build: Any) -> Any:
     """An uncompiled float32 copy for serving: no optimizer state, loads anywhere with safe_mode=True."""
     import keras
 
@@ -490,7 +490,7 @@ def _verify_reload(reference: Any, path: Path, x: np.ndarray) -> float:
 
 def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
     """Data-wait share and throughput: steady state excludes each (attempt, phase)'s first epoch (compiling)."""
-    first = {}
+    first: dict[tuple[Any, Any], Any] = {}
     for r in history:
         first.setdefault((r.get("attempt"), r["phase"]), r["epoch"])
     steady = [r for r in history if first[(r.get("attempt"), r["phase"])] != r["epoch"]] or history
@@ -517,17 +517,18 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------- the stage
-def run(settings: Settings) -> dict:
+def run(settings: Settings) -> dict[str, Any]:
     import keras
 
     from medclf import modeling
-    from medclf.augmentation import AugmentedBatches  # type: ignore[attr-defined]
-    from medclf.tracking import data_version, flat_params, git_commit, params_hash
+    from medclf.augmentation import AugmentedBatches
+    from medclf.tracking import data_version, flat_params, git_commit, params_hash, raw_data_version
 
     cfg, paths = settings.train, settings.paths
     t_start = time.perf_counter()
     data = load_data(paths.ingest_dir, paths.augment_dir)
     versions = {"ingest": data_version(paths.ingest_dir), "augment": data_version(paths.augment_dir)}
+    raw = raw_data_version(paths.raw_data)  # the raw images this ingest output was made from (dvc.lock)
     fingerprint = params_hash(cfg, settings.augment) + "-" + "-".join(v["data_digest"][:12] for v in versions.values())
     backup = Backup(paths.cache_dir / "train_backup", fingerprint)
     rt = setup_runtime(cfg, paths.cache_dir, cfg.batch_size)
@@ -568,7 +569,9 @@ def run(settings: Settings) -> dict:
                       "git_commit": commit, "mlflow.source.git.commit": commit, "weights": info["weights"],
                       "preprocessing": info["preprocessing"], "mixed_precision": rt.policy,
                       "data.ingest.dvc_md5": versions["ingest"].get("dvc_md5"),
-                      "data.augment.dvc_md5": versions["augment"].get("dvc_md5")})
+                      "data.augment.dvc_md5": versions["augment"].get("dvc_md5"),
+                      "data.raw.md5": raw.get("md5"), "data.raw.nfiles": raw.get("nfiles"),
+                      "data.raw.path": raw.get("path")})
         trun = TrainingRun(cfg, data, model, rt, backup, tracker, train_ds, val_ds)
         trun.from_scratch = info["from_scratch"]
         if trun.from_scratch:
@@ -586,7 +589,7 @@ def run(settings: Settings) -> dict:
             "backbone": cfg.backbone, "weights": info["weights"], "weights_source": info["weights_source"],
             "preprocessing": info["preprocessing"], "classes": data.classes, "positive_class": data.positive_class,
             "image_size": data.image_size, "input_size": info["input_size"], "channels": data.channels,
-            "data_version": versions, "params_hash": params_hash(cfg, settings.augment), "git_commit": commit,
+            "data_version": versions, "raw_data": raw, "params_hash": params_hash(cfg, settings.augment), "git_commit": commit,
             "epochs_run": len(history), "epochs_executed_this_attempt": trun.epochs_executed, "attempt": attempt,
             "resumed_from_epoch": trun.epochs_executed[0] if attempt > 1 and trun.epochs_executed else None,
             "best_epoch": trun.best.get("epoch"), "best_val_auc": trun.best.get("val_auc"),

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -42,7 +43,7 @@ class ValidationFailed(RuntimeError):
     orchestrator can still publish the report of a failed run.
     """
 
-    def __init__(self, message: str, result: dict | None = None) -> None:
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.result = result or {}
 
@@ -51,8 +52,8 @@ def baseline_path(settings: Settings) -> Path:
     return settings.paths.cache_dir / "validation_baseline.json"
 
 
-def _drift_summary(baseline: dict | None, drift_table: pd.DataFrame, prevalence: pd.DataFrame,
-                   fingerprint: str) -> dict:
+def _drift_summary(baseline: dict[str, Any] | None, drift_table: pd.DataFrame, prevalence: pd.DataFrame,
+                   fingerprint: str) -> dict[str, Any]:
     if baseline is None:
         return {"baseline": None, "note": NO_BASELINE}
     shift = prevalence["shift"].max() if "shift" in prevalence else float("nan")
@@ -60,11 +61,12 @@ def _drift_summary(baseline: dict | None, drift_table: pd.DataFrame, prevalence:
     return {"baseline": {k: baseline.get(k) for k in ("fingerprint", "images", "created")},
             "same_dataset": same,
             "note": "dataset identical to the baseline" if same else "compared with the last validated version",
-            "intensity": {r.feature: {"psi": float(r.psi), "ks": float(r.ks)} for r in drift_table.itertuples()},
+            "intensity": {feature: {"psi": float(psi), "ks": float(ks)} for feature, psi, ks
+                          in zip(drift_table["feature"], drift_table["psi"], drift_table["ks"], strict=True)},
             "prevalence_shift_max": 0.0 if pd.isna(shift) else round(float(shift), 6)}
 
 
-def run(settings: Settings) -> dict:
+def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.validation, settings.paths
     t0 = time.perf_counter()
     data = tables.load_ingest(paths.ingest_dir)
@@ -95,7 +97,7 @@ def run(settings: Settings) -> dict:
                 if checks[name].status != OFF:
                     checks[name].status, checks[name].note = SKIPPED, "no baseline yet (first validated version)"
         t_gx = time.perf_counter()
-        counts = {s: int(n) for s, n in images["split"].value_counts().items()}
+        counts = {str(s): int(n) for s, n in images["split"].value_counts().items()}
         seconds = {"stats_and_hashes": round(t_stats - t0, 2), "tables_and_leakage": round(t_tables - t_stats, 2),
                    "great_expectations": round(t_gx - t_tables, 2), "total": round(t_gx - t0, 2)}
         summary = report.summarize(checks, leak.summary(cfg.max_examples),

@@ -9,6 +9,7 @@ duplicates, odd-looking exposures, drift from the last validated version).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ CHECKS: dict[str, tuple[str, str]] = {
 PASS, FAIL, WARN, OFF, SKIPPED = "pass", "fail", "warn", "off", "skipped"
 
 
-def severities(overrides: dict[str, str]) -> dict[str, str]:
+def severities(overrides: Mapping[str, str]) -> dict[str, str]:
     """Default severities with `validate.severity` applied (names are checked by the config)."""
     return {name: overrides.get(name, default) for name, (default, _) in CHECKS.items()}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ def fingerprint(images: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
-def _feature_profile(values: np.ndarray) -> dict:
+def _feature_profile(values: np.ndarray) -> dict[str, Any]:
     values = values[np.isfinite(values)]
     if not len(values):
         return {"edges": [], "fractions": [1.0], "quantiles": []}
@@ -38,7 +39,7 @@ def _feature_profile(values: np.ndarray) -> dict:
             "quantiles": np.quantile(values, np.linspace(0, 1, 101)).round(6).tolist()}
 
 
-def make_baseline(images: pd.DataFrame, prevalence: pd.DataFrame) -> dict:
+def make_baseline(images: pd.DataFrame, prevalence: pd.DataFrame) -> dict[str, Any]:
     shares: dict[str, dict[str, float]] = {}
     for split, cls, share in zip(prevalence["split"], prevalence["class"], prevalence["share"], strict=True):
         shares.setdefault(str(split), {})[str(cls)] = round(float(share), 6)
@@ -47,7 +48,7 @@ def make_baseline(images: pd.DataFrame, prevalence: pd.DataFrame) -> dict:
             "features": {f: _feature_profile(images[f].to_numpy(float)) for f in FEATURES}}
 
 
-def load_baseline(path: Path) -> dict | None:
+def load_baseline(path: Path) -> dict[str, Any] | None:
     """The baseline, or None when absent or unreadable (an old format counts as absent)."""
     if not path.exists():
         return None
@@ -58,7 +59,7 @@ def load_baseline(path: Path) -> dict | None:
     return data if isinstance(data, dict) and data.get("version") == BASELINE_VERSION else None
 
 
-def psi(values: np.ndarray, profile: dict) -> float:
+def psi(values: np.ndarray, profile: dict[str, Any]) -> float:
     """Population stability index of `values` against the baseline's decile bins."""
     values = values[np.isfinite(values)]
     base = np.asarray(profile["fractions"], float)
@@ -70,7 +71,7 @@ def psi(values: np.ndarray, profile: dict) -> float:
     return float(np.sum((cur - base) * np.log(cur / base)))
 
 
-def ks(values: np.ndarray, profile: dict) -> float:
+def ks(values: np.ndarray, profile: dict[str, Any]) -> float:
     """Largest CDF gap between `values` and the baseline (its CDF read from 101 stored quantiles)."""
     values = np.sort(values[np.isfinite(values)])
     q = np.asarray(profile.get("quantiles", []), float)
@@ -81,7 +82,8 @@ def ks(values: np.ndarray, profile: dict) -> float:
     return float(max(np.max(np.arange(1, n + 1) / n - cdf_base), np.max(cdf_base - np.arange(n) / n)))
 
 
-def compare(images: pd.DataFrame, prevalence: pd.DataFrame, baseline: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def compare(images: pd.DataFrame, prevalence: pd.DataFrame,
+            baseline: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(drift table: feature, psi, ks) and the prevalence table with `baseline_share` and `shift`."""
     rows = [{"feature": f, "psi": round(psi(images[f].to_numpy(float), baseline["features"][f]), 6),
              "ks": round(ks(images[f].to_numpy(float), baseline["features"][f]), 6)}

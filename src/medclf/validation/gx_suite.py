@@ -186,10 +186,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _examples(table: str, res: dict, max_examples: int) -> list[str]:
+def _examples(table: str, res: dict[str, Any], max_examples: int) -> list[str]:
     """Readable rows: the identifying columns, then the offending value(s); pairs listed once."""
     out: list[str] = []
-    seen: set = set()
+    seen: set[str | frozenset[str]] = set()
     index_cols = INDEX_COLUMNS[table]
     rows = [r for r in res.get("partial_unexpected_index_list") or [] if isinstance(r, dict)]
     if rows and all("sha256" in r for r in rows):  # identical files: one line per group
@@ -204,7 +204,7 @@ def _examples(table: str, res: dict, max_examples: int) -> list[str]:
         values = {k: v for k, v in row.items() if k not in index_cols}
         partner = next((v for k, v in values.items() if k.endswith("_of")), None)
         if partner is not None:
-            key: Any = frozenset((ident, str(partner)))
+            key: str | frozenset[str] = frozenset((ident, str(partner)))
             text = f"{ident} ↔ {partner}"
         elif "patient_in_splits" in values:
             key, text = ident, f"{ident} (patient {values['patient_in_splits']})"
@@ -217,7 +217,7 @@ def _examples(table: str, res: dict, max_examples: int) -> list[str]:
     return out[:max_examples]
 
 
-def _observed(table: str, res: dict, examples: list[str]) -> str:
+def _observed(table: str, res: dict[str, Any], examples: list[str]) -> str:
     if "unexpected_count" in res:
         n = res.get("unexpected_count") or 0
         if table in ROW_UNITS:
@@ -232,7 +232,8 @@ def _observed(table: str, res: dict, examples: list[str]) -> str:
 def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -> dict[str, CheckResult]:
     """Fold expectation results into one CheckResult per check (failed if any expectation failed)."""
     checks = {name: CheckResult(name, sev, status=outcome(sev, False)) for name, sev in severity.items()}
-    parts: dict[str, dict[str, list]] = defaultdict(lambda: {"observed": [], "bound": [], "examples": []})
+    parts: dict[str, dict[str, list[str]]] = defaultdict(
+        lambda: {"observed": [], "bound": [], "examples": []})
     failed: set[str] = set()
     evaluated: set[str] = set()
     for table, r in results:

@@ -8,6 +8,7 @@ the full pair lists go to the leakage summary and `leakage.csv`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,15 +30,17 @@ class Leakage:
         out["patients_in_several_splits"] = len(self.patients)
         return out
 
-    def summary(self, max_examples: int) -> dict:
-        out: dict = {"counts": self.counts()}
+    def summary(self, max_examples: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"counts": self.counts()}
         for kind in ("exact", "near"):
             cross = self.pairs[(self.pairs["kind"] == kind) & self.pairs["cross_split"]]
             out[f"{kind}_cross_split_examples"] = [
                 f"{r.file_a} ↔ {r.file_b}" + (f" (distance {r.distance})" if kind == "near" else "")
                 for r in cross.head(max_examples).itertuples()]
-        out["patient_overlap_examples"] = [f"{r.patient_hash} in {r.splits}: " + ", ".join(r.files[:4])
-                                           for r in self.patients.head(max_examples).itertuples()]
+        top = self.patients.head(max_examples)
+        out["patient_overlap_examples"] = [
+            f"{patient} in {splits}: " + ", ".join(files[:4])
+            for patient, splits, files in zip(top["patient_hash"], top["splits"], top["files"], strict=True)]
         return out
 
 

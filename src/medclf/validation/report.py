@@ -10,8 +10,8 @@ _MARK = {PASS: "✅ pass", FAIL: "❌ FAIL", WARN: "⚠️ warn", OFF: "· off",
 _ORDER = {FAIL: 0, WARN: 1, SKIPPED: 2, PASS: 3, OFF: 4}
 
 
-def summarize(checks: dict[str, CheckResult], leakage: dict, drift: dict, counts: dict[str, int],
-              seconds: dict[str, float], data_docs: str) -> dict[str, Any]:
+def summarize(checks: dict[str, CheckResult], leakage: dict[str, Any], drift: dict[str, Any],
+              counts: dict[str, int], seconds: dict[str, float], data_docs: str) -> dict[str, Any]:
     errors = [n for n, c in checks.items() if c.status == FAIL]
     warns = [n for n, c in checks.items() if c.status == WARN]
     return {"passed": not errors, "errors": errors, "warnings": warns, "n_errors": len(errors),
@@ -20,7 +20,7 @@ def summarize(checks: dict[str, CheckResult], leakage: dict, drift: dict, counts
             "seconds": seconds, "data_docs": data_docs}
 
 
-def metrics(summary: dict) -> dict[str, Any]:
+def metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The compact DVC metrics file: numbers (and the failed check names), nothing wordy.
 
     `dvc metrics show/diff` flattens every leaf into a column, so bounds and examples
@@ -50,7 +50,7 @@ def _cut(text: Any, width: int) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
-def console_table(summary: dict, checks: dict[str, CheckResult]) -> str:
+def console_table(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
     verdict = "PASSED" if summary["passed"] else "FAILED"
     head = (f"validate: {verdict} — {summary['images']} images {summary['splits']}, "
             f"{summary['n_errors']} error(s), {summary['n_warnings']} warning(s), "
@@ -75,7 +75,7 @@ def _md_cell(text: Any) -> str:
     return ("" if text is None else str(text)).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(summary: dict, checks: dict[str, CheckResult]) -> str:
+def markdown(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
     verdict = "✅ passed" if summary["passed"] else "❌ FAILED"
     splits = ", ".join(f"{k}: {v}" for k, v in summary["splits"].items())
     counts = (f"{summary['images']} images ({splits}); {summary['n_errors']} error(s), "

@@ -11,6 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ CHUNK = 128
 @dataclass
 class IngestData:
     manifest: pd.DataFrame
-    classes: dict
+    classes: dict[str, Any]
     images: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
 
@@ -52,8 +53,10 @@ def load_ingest(ingest_dir: Path) -> IngestData:
 
 def _gray(chunk: np.ndarray) -> np.ndarray:
     if chunk.shape[-1] == 1:
-        return chunk[..., 0]
-    return (chunk[..., :3].astype(np.uint16).sum(-1) // 3).astype(np.uint8)
+        grey: np.ndarray = chunk[..., 0]
+    else:
+        grey = (chunk[..., :3].astype(np.uint16).sum(-1) // 3).astype(np.uint8)
+    return grey
 
 
 def chunk_stats(chunk: np.ndarray) -> np.ndarray:
