@@ -22,7 +22,8 @@ def headline(outcomes: list[dict[str, Any]], register: dict[str, Any] | None,
     ran = [o["stage"] for o in outcomes if o["status"] != "skipped"]
     if not ran:
         return NO_CHANGE
-    data = f" on new data ({describe(changes)})" if "ingest" in ran and describe(changes) else ""
+    said = describe(changes) if "ingest" in ran else ""
+    data = "" if not said else f" ({said})" if (changes or {}).get("first") else f" on new data ({said})"
     if "register" in ran and register and register.get("version") is not None:
         return (f"retrained{data}: {register.get('model_name')} version {register['version']} registered as "
                 f"'{register.get('alias', 'challenger')}' (stages run: {', '.join(ran)})")

@@ -249,7 +249,8 @@ def test_full_flow_registers_challenger_and_resumes_killed_training(project):
     versions = model_versions(project["mlflow"], model)
     assert [int(v.version) for v in versions] == [int(reg["version"])]
     assert reg["alias"] == "challenger" and result["model"]["version"] == reg["version"]
-    assert result["headline"].startswith("retrained:") and "challenger" in result["headline"]
+    assert result["headline"].startswith(f"retrained (first ingest: {project['images']} images)")
+    assert "challenger" in result["headline"]
     # dvc.lock is the record: every stage is in it and DVC agrees nothing is stale
     lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
     assert set(lock) == set(stages)
@@ -367,41 +368,6 @@ def test_failing_gate_fails_flow_without_new_version(project):
     assert "FAILED" in arts["medclf-retrain-summary"].data and "min_f1" in arts["medclf-retrain-summary"].data
     # the gate is deterministic: evaluate ran once, never retried
     assert outcomes["evaluate"].run_count == 1
-
-
-def test_s3_source_change_reingests_and_same_bytes_do_not(project):
-    """New data in the bucket is seen by ETag, without downloading; a re-upload of the same bytes is not new."""
-    from tasks.common import dvc_status
-
-    checkout, client, bucket = project["checkout"], project["client"], project["bucket"]
-    state = run_flow(checkout, until="ingest", push=False)
-    assert state.is_completed() and state.result()["stages"][0]["status"] == "skipped", state.result()
-    key = min(k for k in s3_keys(client, bucket, "raw/") if k.endswith(".png"))
-    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    client.put_object(Bucket=bucket, Key=key, Body=body)  # same bytes, new object (new mtime, same ETag)
-    assert dvc_status("ingest", checkout) == []
-    label = key.split("/")[1]
-    client.put_object(Bucket=bucket, Key=f"raw/{label}/arrived-later.png", Body=_tweak_png(body))
-    state = run_flow(checkout, until="ingest", push=False)
-    assert state.is_completed(), state.message
-    result = state.result()
-    (ingest,) = result["stages"]
-    assert ingest["status"] == "ran" and f"s3://{bucket}/raw" in ingest["reason"], ingest
-    assert result["dataset"]["changes"]["added"] == 1 and "+1 image" in result["headline"], result["headline"]
-    assert "data/ingest" in json.dumps(dvc_status("train", checkout))
-
-
-def _tweak_png(data: bytes) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    img = np.asarray(Image.open(io.BytesIO(data))).copy()
-    img[0, 0] ^= 0xFF
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- deployments
@@ -653,3 +619,43 @@ def test_weekly_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
     lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
     assert set(lock) == {"ingest", "validate"}
     assert (checkout / "reports/validation/summary.json").exists()
+
+
+# --------------------------------------------------------------------------- new data on S3 (last: it changes the
+# shared project's raw data, so every test above sees the original bucket)
+def test_s3_source_change_reingests_and_same_bytes_do_not(project):
+    """New data in the bucket is seen by ETag, without downloading; a re-upload of the same bytes is not new."""
+    from tasks.common import dvc_status
+
+    checkout, client, bucket = project["checkout"], project["client"], project["bucket"]
+    state = run_flow(checkout, until="ingest", push=False)
+    assert state.is_completed() and state.result()["stages"][0]["status"] == "skipped", state.result()
+    key = min(k for k in s3_keys(client, bucket, "raw/") if k.endswith(".png"))
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=body)  # same bytes, new object (new mtime, same ETag)
+    assert dvc_status("ingest", checkout) == []
+    label = key.split("/")[1]
+    client.put_object(Bucket=bucket, Key=f"raw/{label}/arrived-later.png", Body=_new_phantom_png())
+    state = run_flow(checkout, until="ingest", push=False)
+    assert state.is_completed(), state.message
+    result = state.result()
+    (ingest,) = result["stages"]
+    assert ingest["status"] == "ran" and f"s3://{bucket}/raw" in ingest["reason"], ingest
+    assert result["dataset"]["changes"]["added"] == 1 and "+1 image" in result["headline"], result["headline"]
+    assert "data/ingest" in json.dumps(dvc_status("train", checkout))
+
+
+def _new_phantom_png() -> bytes:
+    """A new patient's image (another phantom seed): not a near-duplicate of anything in the bucket."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from medclf.config import SyntheticSource
+    from medclf.sources.synthetic import scan_synthetic
+
+    rec = scan_synthetic(SyntheticSource(n_patients=4, native_size=48, seed=99)).records[0]
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(rec.fetch())[..., 0]).save(buf, format="PNG")
+    return buf.getvalue()

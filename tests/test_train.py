@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -259,14 +260,17 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # the repository's own train section (write_params pins tests to the tiny from-scratch net)
-    demo_train = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
-    s = make_settings({"ingest": {"source": {"synthetic": {"n_patients": 200}}}, "train": demo_train,
+    repo = yaml.safe_load((ROOT / "params.yaml").read_text())
+    demo = ROOT / "data" / "chest_xray_demo" / "batch1"  # the embedded REAL X-rays, as `make retrain` uses them
+    s = make_settings({"ingest": {"source": {**repo["ingest"]["source"], "uri": str(demo)},
+                                  "image_size": repo["ingest"]["image_size"]},
+                       "augment": repo["augment"], "train": repo["train"],
                        "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-train-tests"}})
     ingest.run(s)
     augment.run(s)
     res = train.run(s)
-    # quality: the demo default recipe beats chance on held-out validation patients
-    assert res["best_val_auc"] > 0.7, res
+    # quality: the demo default recipe separates pneumonia on held-out validation patients (3 seeds: ~0.99)
+    assert res["best_val_auc"] > 0.95, res
     # the saved model takes raw uint8, loads with safe_mode=True and reproduces the recorded val AUC
     x_val, y_val = np.load(s.paths.ingest_dir / "val_images.npy"), np.load(s.paths.ingest_dir / "val_labels.npy")
     model = keras.saving.load_model(s.paths.model_dir / "model.keras", safe_mode=True)
@@ -277,7 +281,7 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     for key in ("run_id", "experiment_id", "tracking_uri", "backbone", "classes", "positive_class", "image_size",
                 "channels", "data_version", "epochs_run", "data_wait_fraction"):
         assert run_file.get(key) is not None, key
-    assert run_file["classes"] == ["normal", "opacity"] and run_file["channels"] == 1
+    assert run_file["classes"] == ["NORMAL", "PNEUMONIA"] and run_file["channels"] == 1
     assert 0 <= run_file["data_wait_fraction"] < 1 and run_file["epochs_run"] == len(
         [r for r in (s.paths.reports_dir / "train" / "history.csv").read_text().splitlines()[1:] if r])
     header = (s.paths.reports_dir / "train" / "history.csv").read_text().splitlines()[0].split(",")
@@ -297,7 +301,8 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     arts = {a.path for a in _mlflow(mlflow_server).list_artifacts(res["run_id"], "train")}
     assert "train/history.csv" in arts and "train/train_run.json" in arts
     logged = json.dumps([run.data.params, run.data.tags])
-    assert "SYN0" not in logged  # synthetic patient ids (the manifest only has hashes) never reach MLflow
+    # patient ids in the file names (pt<10 hex>_<n>.jpeg) never reach MLflow: only keyed hashes
+    assert not re.search(r"pt[0-9a-f]{10}", logged), re.search(r"pt[0-9a-f]{10}", logged)
 
 
 @pytest.mark.slow
