@@ -213,6 +213,10 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
 
     from medclf.serving import prepare
 
+    # the models:/ URI resolves against the *global* registry: without this it was MLflow's default local
+    # SQLite file whenever the URI came from params.yaml rather than MLFLOW_TRACKING_URI ("not found")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
     cfg = wrapper.cfg
     if list(cfg.classes) != list(classes):
