@@ -330,3 +330,31 @@ def test_salt_is_created_once_even_with_parallel_decode_workers(tmp_path, make_s
     assert out["images"] == 300
     assert len((tmp_path / "secrets/patient_salt").read_text()) == 64
 
+
+
+def test_exact_duplicates_stay_in_one_split(tmp_path, make_settings):
+    """README: "Exact-duplicate images are kept in the same split" (the `h:<sha256>` split key).
+
+    No patient regex, so nothing but the image hash links the copies: without the hash key the ten
+    byte-identical files (different names, both class folders' worth of neighbours) spread over the splits.
+    """
+    root = tmp_path / "raw"
+    for c, cls in enumerate(["NORMAL", "PNEUMONIA"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(15):
+            (root / cls / f"distinct_{c}_{i:02d}.png").write_bytes(_png(_texture(500 + c * 100 + i, bright=bool(c))))
+    dup = _png(_texture(4242))
+    for i in range(10):
+        (root / "NORMAL" / f"copy_{i:02d}_of_scan.png").write_bytes(dup)
+    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root)}}})
+    out = ingest.run(s)
+    assert out["images"] == 40 and out["quarantined"] == 0
+    m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
+    ok = m[m.status == "ok"]
+    assert ok.patient_hash.isna().all(), "the copies must be linked by their hash alone"
+    copies = ok[ok.sha256 == hashlib.sha256(dup).hexdigest()]
+    assert len(copies) == 10
+    assert copies.split.nunique() == 1, f"duplicates spread over splits: {copies.split.value_counts().to_dict()}"
+    assert ok.groupby("sha256").split.nunique().max() == 1
+    # the split is real: the other images do reach val and test, so one split for the copies is not by default
+    assert {"train", "val", "test"} <= set(ok.split)

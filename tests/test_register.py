@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port
-from tests.test_evaluate import _test_proba, build_project, run_evaluate, with_overrides, write_train_run
+from tests.test_evaluate import (
+    _test_proba,
+    assert_threshold_from_validation,
+    build_project,
+    run_evaluate,
+    with_overrides,
+    write_train_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +88,10 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     assert float(t["threshold"]) == doc["threshold"] == gates["threshold"]
     assert float(t["metric.f1"]) == doc["test"]["f1"]
     assert json.loads(t["gate_report"])["passed"] is True
-    assert t["gates_passed"] == "true" and t["threshold_source"] == "validation"
+    assert t["gates_passed"] == "true"
+    # the registered threshold is the rule applied to validation predictions (not the hard-coded
+    # "threshold_source" literal): recomputed here from the model file, and unlike the test split's pick
+    assert_threshold_from_validation(settings, float(t["threshold"]))
     reg = json.loads((settings.paths.reports_dir / "register.json").read_text())
     assert reg == {**out}
     assert set(reg) >= {"model_name", "version", "alias", "run_id", "model_uri"}
@@ -103,7 +113,20 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     model = mlflow.pyfunc.load_model(f"models:/{name}@challenger")
     assert model.unwrap_python_model().cfg.threshold == doc["threshold"]
     keras_model = mlflow.keras.load_model(t["keras_model_uri"])
-    assert keras_model.get_layer("backbone") is not None
+    # the Keras flavour is the trained model itself: same layers, same weights, same predictions
+    # (`get_layer(...) is not None` could not fail: get_layer raises instead of returning None)
+    from medclf.serving import load_keras
+    from medclf.stages.ingest import load_split
+
+    trained = load_keras(str(settings.paths.model_dir / "model.keras"))
+    assert [layer.name for layer in keras_model.layers] == [layer.name for layer in trained.layers]
+    got_w, want_w = keras_model.get_weights(), trained.get_weights()
+    assert len(got_w) == len(want_w) > 0
+    for got, want in zip(got_w, want_w, strict=True):
+        np.testing.assert_array_equal(got, want)
+    xv, _ = load_split(settings.paths.ingest_dir, "val", mmap=False)
+    np.testing.assert_allclose(keras_model.predict(xv[:8], verbose=0), trained.predict(xv[:8], verbose=0),
+                               atol=1e-6)
 
 
 def test_register_refuses_other_model_or_changed_champion(project, tmp_path):

@@ -144,3 +144,71 @@ def test_served_endpoint_matches_in_process_model(registered, tmp_path):
         # bad input: a clear 4xx naming the row and the reason, not a 500 stack trace
         with pytest.raises(RuntimeError, match=r"HTTP 4\d\d.*row 1.*base64"):
             invoke(url, image_payload([png_b64(x[0]), "not base64 at all!"]))
+
+
+# ----------------------------------------------------------------------------- resize mode (fast, no training)
+def _wide_png(seed: int) -> bytes:
+    """An 80×60 (W×H) grayscale PNG, never black, with bright side bands that a centre crop cuts off."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(60, 200, (60, 80), dtype=np.uint8)
+    arr[:, :10] = arr[:, -10:] = 250
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _Recorder:
+    """Stands in for the Keras model inside the real pyfunc: records the batch the model would see."""
+
+    def __init__(self) -> None:
+        self.seen: list[np.ndarray] = []
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        self.seen.append(np.asarray(x).copy())
+        return np.tile([0.25, 0.75], (len(x), 1))
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop"])
+def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make_settings, mode):
+    """Serving applies exactly the ingest geometry (`ingest.resize`), also to images not at the model's size.
+
+    The expected arrays come from ingest itself (what the model was trained on), and for `pad` also from a
+    hand-computed letterbox, never from `serving.prepare`.
+    """
+    from medclf.serving import MedclfModel, ServingConfig, prepare
+    from medclf.stages import ingest
+    from medclf.stages.ingest import load_split
+
+    root = tmp_path / "raw"
+    files: dict[str, bytes] = {}
+    for c, cls in enumerate(["NORMAL", "PNEUMONIA"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            name = f"{cls}/wide_{c}_{i}.png"
+            files[name] = _wide_png(100 * c + i)
+            (root / name).write_bytes(files[name])
+    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root)}, "resize": mode}})
+    ingest.run(s)
+    m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
+    assert (m.orig_height == 60).all() and (m.orig_width == 80).all()
+    meta = json.loads((s.paths.ingest_dir / "classes.json").read_text())
+    size = meta["image_size"]
+    cfg = ServingConfig(classes=meta["classes"], positive_class=meta["positive_class"], threshold=0.5,
+                        image_size=size, channels=meta["channels"], resize=s.ingest.resize)
+    wrapper = MedclfModel()
+    wrapper.cfg, wrapper.model = cfg, _Recorder()
+    names = [m.source_uri.iloc[j].split("/raw/", 1)[1] for j in range(len(m))]
+    wrapper.predict(None, pd.DataFrame({"image": [base64.b64encode(files[n]).decode() for n in names]}))
+    seen = np.concatenate(wrapper.model.seen)
+    for j, row in m.iterrows():
+        trained_on = load_split(s.paths.ingest_dir, row.split, mmap=False)[0][row.row]
+        np.testing.assert_array_equal(seen[j], trained_on, err_msg=f"{names[j]}: predict != ingest ({mode})")
+    # the two modes really differ on this image, so the check above can tell them apart
+    other = "crop" if mode == "pad" else "pad"
+    assert not np.array_equal(prepare(files[names[0]], cfg, resize=other), seen[0])
+    if mode == "pad":  # 80×60 → 32×24 letterboxed: rows 0..3 and 28..31 are black, the image is not
+        pad = (size - round(60 * size / 80)) // 2
+        assert pad == 4 and not seen[:, :pad].any() and not seen[:, size - pad:].any()
+        assert seen[:, pad:size - pad].min() > 0
+    else:  # the centre 60×60 is scaled to fill the square: no black border, the bright side bands gone
+        assert seen.min() > 0 and seen[:, :, 0].max() < 250
