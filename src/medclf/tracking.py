@@ -53,7 +53,7 @@ def configure(tracking_uri: str, experiment: str | None = None, attempts: int = 
 
 
 # Files a run itself rewrites: DVC's records of what ran. They are lineage *outputs* (logged with the
-# model), so they do not make the code "dirty". See docs/ORCHESTRATION.md, "dvc.lock and lineage".
+# model), so they do not make the code "dirty". See docs/ORCHESTRATION.md, "dvc.lock and the git commit tag".
 RUN_RECORDS = ("dvc.lock", "*.dvc")
 
 
