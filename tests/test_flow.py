@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from medclf.config import deep_merge
-from tests.conftest import ROOT, write_params
+from tests.conftest import ROOT, stop_process, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,11 @@ def make_checkout(dst: Path, overrides: dict[str, Any] | None = None) -> Path:
     params: dict[str, Any] = {}
     for part in (RELATIVE_PATHS, TINY, overrides or {}):
         params = deep_merge(params, part)
-    write_params(dst, params)
+    raw = yaml.safe_load(write_params(dst, params).read_text())["paths"]["raw_data"]
+    if not raw.startswith("s3://") and not (dst / raw).exists():
+        # the synthetic source reads no files, but dvc.yaml's ingest still depends on paths.raw_data
+        (dst / raw).mkdir(parents=True)
+        (dst / raw / "SYNTHETIC_SOURCE.txt").write_text("ingest.source.kind is synthetic: no raw files.\n")
     run_cmd(dst, "git", "init", "-q", "-b", "main")
     run_cmd(dst, "git", "config", "user.email", "test@example.invalid")
     run_cmd(dst, "git", "config", "user.name", "medclf test")
@@ -496,12 +500,11 @@ def test_gpu_dispatch_to_a_served_worker_in_another_clone(tmp_path, mlflow_serve
     with open(tmp_path / "serve.log", "w") as log:
         served = subprocess.Popen([sys.executable, "-m", "flows.train_remote", "--serve", "--name", "gpu",
                                    "--project-dir", str(worker)], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         state = run_flow(checkout, gpu_deployment="medclf-train/gpu")
     finally:
-        served.terminate()
-        served.wait(30)
+        stop_process(served)
     assert state.is_completed(), (state.message or "") + (tmp_path / "serve.log").read_text()[-3000:]
     train = next(o for o in state.result()["stages"] if o["stage"] == "train")
     assert train["status"] == "ran" and "on GPU deployment 'medclf-train/gpu'" in train["reason"]
@@ -563,7 +566,7 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
     with open(tmp_path / "serve.log", "w") as log:
         served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "15 2 * * *",
                                    "--name", name, "--project-dir", str(checkout), "--no-push"],
-                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deployment = None
         deadline = time.time() + 120
@@ -583,8 +586,7 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
         assert (checkout / "data/ingest/manifest.parquet").exists()
         assert "ingest" in yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
     finally:
-        served.terminate()
-        served.wait(30)
+        stop_process(served)
 
 
 def test_weekly_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
@@ -602,7 +604,7 @@ def test_weekly_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
     with open(tmp_path / "worker.log", "w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "medclf-cpu",
                                    "--type", "process", "--limit", "1"], cwd=tmp_path, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, state = time.time() + 300, None
         with get_client(sync_client=True) as client:
@@ -612,8 +614,7 @@ def test_weekly_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
                     break
                 time.sleep(2)
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop_process(worker)
     log_text = (tmp_path / "worker.log").read_text()[-4000:]
     assert state is not None and state.is_completed(), f"{state}\n{log_text}"
     lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]

@@ -210,7 +210,7 @@ def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], cla
     thr = report["threshold"]["threshold"]
     cm = M.confusion([classes.index(r["actual"]) for r in data["confusion"]],
                      [classes.index(r["predicted"]) for r in data["confusion"]], len(classes))
-    plots.confusion_png(cm, classes, out / "confusion.png", f"test set, threshold {thr:.3f} (from validation)")
+    plots.confusion_png(cm, classes, out / "confusion.png", f"test set, threshold {thr:.4f} (from validation)")
     t = report["test"]
     op = {"fpr": 1 - t["specificity"]["value"], "tpr": t["recall"]["value"],
           "recall": t["recall"]["value"], "precision": t["precision"]["value"]}
@@ -221,6 +221,13 @@ def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], cla
     plots.curve_png(data["calibration"], "mean_predicted", "fraction_positive", out / "calibration.png",
                     f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})", diagonal=True,
                     xlabel="mean predicted probability", ylabel="fraction positive")
+
+
+def gallery_caption(index: int, positive: str, p: float, threshold: float) -> str:
+    """Enough digits to tell each case from the threshold (a FN at 0.0071 and a FP at 0.0105 both read
+    "0.01" at two decimals beside "threshold 0.009"), and which side of it the case fell on."""
+    side = ">=" if p >= threshold else "<"
+    return f"#{index}  p({positive})={p:.4f} {side} {threshold:.4f}"
 
 
 def _write_gallery(out: Path, inp: dict[str, Any], proba: np.ndarray, thr: float, n: int) -> dict[str, int]:
@@ -234,10 +241,10 @@ def _write_gallery(out: Path, inp: dict[str, Any], proba: np.ndarray, thr: float
         images = np.asarray(inp["x_test"][idx]) if idx else np.zeros((0,) + inp["x_test"].shape[1:], np.uint8)
         heat: np.ndarray | list[np.ndarray] = gradcam.gradcam(inp["model"], images, pos) if idx else []
         groups[name] = [{"overlay": gradcam.overlay(img, h),
-                         "caption": f"#{i}  p({inp['positive']})={proba[i, pos]:.2f}"}
+                         "caption": gallery_caption(int(i), inp["positive"], float(proba[i, pos]), thr)}
                         for i, img, h in zip(idx, images, heat)]
     plots.gallery_png(groups, out / "gradcam.png", n,
-                      f"Grad-CAM for '{inp['positive']}' (backbone's last conv block), threshold {thr:.3f}")
+                      f"Grad-CAM for '{inp['positive']}' (backbone's last conv block), threshold {thr:.4f}")
     return {k: len(v) for k, v in picks.items()}
 
 

@@ -82,6 +82,60 @@ def version_tags(gates: dict[str, Any], metrics_doc: dict[str, Any], meta: dict[
     return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
 
 
+_DESC_METRICS = (("roc_auc", "ROC-AUC"), ("recall", "sensitivity (recall)"), ("specificity", "specificity"),
+                 ("precision", "precision (PPV)"), ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"),
+                 ("ece", "calibration error (ECE)"))
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{float(v):.{digits}f}"
+
+
+def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], provenance: dict[str, str],
+                        run_id: str) -> str:
+    """What a reviewer reads on the MLflow model version page before moving `champion`: markdown.
+
+    Headline metrics with their 95 % bootstrap intervals and the champion's values on the same test
+    set, the operating point and where it was chosen, every gate with its bound, and the data the
+    model learned from. Rounded for reading; the exact values stay in the tags and metrics.json.
+    """
+    test = metrics_doc.get("test") or {}
+    ni = {e.get("metric"): e for e in (gates.get("non_inferiority") or {}).get("entries", [])}
+    champ = gates.get("champion") or {}
+    cv = f"champion v{champ['version']}" if champ.get("version") else "champion"
+    rows = [f"| metric (test split, n={test.get('n', '?')}) | value | 95 % CI | {cv} |", "|---|---|---|---|"]
+    for key, label in _DESC_METRICS:
+        if test.get(key) is None:
+            continue
+        ci = (f"{_num(test.get(f'{key}_ci_low'))}–{_num(test.get(f'{key}_ci_high'))}"
+              if test.get(f"{key}_ci_low") is not None else "")
+        rows.append(f"| {label} | **{_num(test[key])}** | {ci} | {_num(ni[key]['champion']) if key in ni else ''} |")
+    gate_lines = [f"- {'pass' if g.get('passed') else 'FAIL'}: {g.get('metric')} {_num(g.get('value'))} "
+                  f"{g.get('op', '>=')} {_num(g.get('bound'))} ({g.get('name')})" for g in gates.get("gates", [])]
+    if ni:
+        gate_lines += [f"- {'pass' if e.get('passed') else 'FAIL'}: non-inferiority vs {cv}, {m} "
+                       f"{_num(e.get('value'))} >= {_num(e.get('champion'))} - {_num(e.get('margin'), 2)}"
+                       for m, e in ni.items()]
+    else:
+        gate_lines.append(f"- non-inferiority: not checked ({champ.get('note') or 'no champion'})")
+    raw = provenance.get("raw_data_md5")
+    data = (f"raw data `{provenance.get('raw_data')}`: DVC md5 `{raw}` over {provenance.get('raw_data_nfiles')} "
+            "files (tag `raw_data_md5`; full record in the run's `lineage/dvc.lock`)" if raw else
+            "raw data hash unknown (ingest did not run under DVC)")
+    positive = provenance.get("positive_class", "positive")
+    operating = (f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
+                 f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
+                 "above.")
+    return "\n".join([
+        "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.", "",
+        *rows, "",
+        operating, "",
+        "**Gates:**", *gate_lines, "",
+        f"**Data:** {data}.", "",
+        f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
+    ])
+
+
 def check_gates(gates: dict[str, Any], model_sha256: str, gates_file: Path) -> None:
     """Refuse unless the gate report passed and is about this exact model file."""
     if not gates.get("passed"):
@@ -201,7 +255,7 @@ def _ensure_registered_model(cl: Any, name: str) -> bool:
 
 
 def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
-                    tags: dict[str, str], run_id: str) -> Any:
+                    tags: dict[str, str], run_id: str, metrics_doc: dict[str, Any]) -> Any:
     """Log, register, tag and alias as one unit: any failure removes what this call created."""
     name, alias = settings.registry.model_name, settings.registry.alias
     created_model = _ensure_registered_model(cl, name)
@@ -211,9 +265,8 @@ def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[st
         infos = _log_models(settings, model_file, meta, gates, run_id)
         pyfunc, keras = infos
         tags = {**tags, "keras_model_uri": keras.model_uri}
-        desc = (f"Threshold {float(gates['threshold']):.4f} ({gates['threshold_rule']} on validation); "
-                f"test F1 {float(tags.get('metric.f1', 'nan')):.3f}, recall {float(tags.get('metric.recall', 'nan')):.3f}. "
-                f"Training run {run_id}.")
+        desc = version_description(gates, metrics_doc, {**tags, "positive_class": str(meta["positive_class"])},
+                                   run_id)
         mv = cl.create_model_version(name, source=pyfunc.model_uri, run_id=run_id, tags=tags, description=desc,
                                      model_id=pyfunc.model_id)
         _wait_ready(cl, name, mv.version)
@@ -282,7 +335,7 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
         tags = version_tags(gates, read_json(metrics_file), read_json(paths.ingest_dir / "classes.json"),
                             train_run, _provenance(settings, train_run))
         meta = read_json(paths.ingest_dir / "classes.json")
-        mv = _create_version(cl, settings, model_file, meta, gates, tags, run_id)
+        mv = _create_version(cl, settings, model_file, meta, gates, tags, run_id, read_json(metrics_file))
     elif reg.alias not in (mv.aliases or []):
         cl.set_registered_model_alias(reg.model_name, reg.alias, mv.version)
     out = {"model_name": reg.model_name, "version": int(mv.version), "alias": reg.alias, "run_id": run_id,

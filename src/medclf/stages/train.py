@@ -516,6 +516,13 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
             w.writerow({k: "" if r.get(k) is None else r[k] for k in HISTORY_COLUMNS})
 
 
+def run_name(backbone: str, raw: dict[str, Any], when: float | None = None) -> str:
+    """`train-mobilenet_v2-b19e20b2-1130-0722`: backbone, raw-data hash and time, so runs in the MLflow list
+    can be told apart (every run used to be `train-mobilenet_v2`)."""
+    md5 = str(raw.get("md5") or "")[:8] or "nodvc"
+    return f"train-{backbone}-{md5}-{time.strftime('%m%d-%H%M', time.localtime(when))}"
+
+
 # --------------------------------------------------------------------------- the stage
 def run(settings: Settings) -> dict[str, Any]:
     import keras
@@ -534,7 +541,7 @@ def run(settings: Settings) -> dict[str, Any]:
     rt = setup_runtime(cfg, paths.cache_dir, cfg.batch_size)
     prev_policy, prev_dist = keras.mixed_precision.global_policy(), keras.distribution.distribution()
     k, policy = len(data.classes), settings.augment.policy()
-    tracker = Tracker.start(settings, backup.state.get("run_id"), run_name=f"train-{cfg.backbone}")
+    tracker = Tracker.start(settings, backup.state.get("run_id"), run_name=run_name(cfg.backbone, raw))
     backup.state["run_id"] = tracker.run_id
     backup.save()
     train_ds = val_ds = None
