@@ -61,3 +61,37 @@ def test_cli_help_is_instant_and_bad_config_exits_2(tmp_path):
     bad.write_text("ingest: {channels: 2}\n")
     r = subprocess.run(exe + ["--params", str(bad), "ingest"], check=False, capture_output=True, text=True)
     assert r.returncode == 2 and "ingest.channels" in r.stderr
+
+
+# --------------------------------------------------------------------------- issue 12, rows 3-5
+@pytest.mark.parametrize("classes", [[], ["NORMAL"], ["NORMAL", "PNEUMONIA", "NORMAL"]])
+def test_classes_must_be_null_or_at_least_two_distinct_names(classes):
+    """Row 3: `classes: []` used to pass (and classes were silently inferred)."""
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({"ingest": {"classes": classes}}, "params.yaml")
+    assert "ingest.classes" in str(err.value)
+    assert settings_from_dict({"ingest": {"classes": ["NORMAL", "PNEUMONIA"]}}).ingest.classes == [
+        "NORMAL", "PNEUMONIA"]
+
+
+def test_positive_class_must_be_one_of_the_classes():
+    """Row 4: `positive_class: COVID` with classes NORMAL/PNEUMONIA used to pass."""
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({"ingest": {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "COVID"}},
+                           "params.yaml")
+    assert "ingest.positive_class" in str(err.value) and "COVID" in str(err.value)
+    ok = settings_from_dict({"ingest": {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "NORMAL"}})
+    assert ok.ingest.positive_class == "NORMAL"
+    # with classes inferred (null) the check happens at ingest, against the classes found
+    assert settings_from_dict({"ingest": {"positive_class": "COVID"}}).ingest.positive_class == "COVID"
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# all commented out\n# ingest: {}\n", "{}\n", "null\n"])
+def test_empty_params_file_is_an_error(tmp_path, text):
+    """Row 5: an empty params.yaml used to run the built-in synthetic defaults."""
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=r"params\.yaml.*(empty|no sections)"):
+        load_settings(p)
+    p.write_text("train: {batch_size: 8}\n")  # one section is enough: the others take their defaults
+    assert load_settings(p).train.batch_size == 8

@@ -227,3 +227,37 @@ def test_patient_id() -> None:
     assert dicom_patient_id(to_bytes(ds)) is None
     assert dicom_patient_id(b"not dicom at all" * 20) is None
     assert dicom_patient_id(b"") is None
+
+
+def test_png_renamed_dcm_is_not_a_dicom_file() -> None:
+    """Issue 12, row 10: a real PNG (and a JPEG) renamed `.dcm` is "not a DICOM file", nothing about pixel data."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for mode, fmt in (("L", "PNG"), ("RGB", "PNG"), ("I;16", "PNG"), ("RGB", "JPEG")):
+        img = Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        with pytest.raises(DecodeError, match="^not a DICOM file"):
+            decode_dicom(buf.getvalue())
+
+
+@pytest.mark.filterwarnings("ignore:VR lookup failed", "ignore:Expected explicit VR")
+@pytest.mark.parametrize("group", [b"\x08\x00", b"\x02\x00"])
+def test_bytes_that_only_start_like_preambleless_dicom_are_not_a_dicom_file(group: bytes) -> None:
+    """Row 10: no 'DICM' marker, and the first two bytes happen to be group 0008/0002 (a raw pixel dump, say):
+    the reason said "DICOM pixel data cannot be decoded: file is truncated ..." instead of "not a DICOM file"."""
+    rng = np.random.default_rng(12)
+    for n in (60, 400, 5000):
+        with pytest.raises(DecodeError, match="^not a DICOM file$"):
+            decode_dicom(group + rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+    dump = (np.arange(64 * 64, dtype="<u2") % 4096 + 8).tobytes()  # 12-bit pixels, first value 8: b"\x08\x00..."
+    with pytest.raises(DecodeError, match="^not a DICOM file$"):
+        decode_dicom(dump)
+    # a real preamble-less file that starts with the retired (0008,0000) group length is still read
+    ds = make_dataset(np.array([[0, 4095]], np.uint16))
+    del ds.file_meta
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=True, little_endian=True)
+    legacy = b"\x08\x00\x00\x00\x04\x00\x00\x00\x64\x00\x00\x00" + buf.getvalue()
+    assert decode_dicom(legacy)[..., 0].tolist() == [[0, 255]]

@@ -358,3 +358,111 @@ def test_exact_duplicates_stay_in_one_split(tmp_path, make_settings):
     assert ok.groupby("sha256").split.nunique().max() == 1
     # the split is real: the other images do reach val and test, so one split for the copies is not by default
     assert {"train", "val", "test"} <= set(ok.split)
+
+
+# --------------------------------------------------------------------------- issue 12
+def test_positive_class_must_be_among_the_inferred_classes(tmp_path, make_settings):
+    """Row 4 (classes: null): classes.json used to name COVID, which no image has, as the positive class."""
+    root = make_folder(tmp_path / "raw", per_class=4)
+    s = folder_settings(make_settings, root, positive_class="COVID")
+    with pytest.raises(IngestError, match=r"ingest\.positive_class 'COVID' is not one of the classes found"):
+        ingest.run(s)
+    assert not (s.paths.ingest_dir / "classes.json").exists()
+    out = ingest.run(folder_settings(make_settings, root, positive_class="NORMAL"))
+    assert out["images"] == 8
+
+
+def test_missing_manifest_file_names_the_manifest_line_and_path(tmp_path, make_settings):
+    """Row 9: the reason for a row whose file is missing names the manifest, its line and the path."""
+    raw = tmp_path / "raw"
+    (raw / "img").mkdir(parents=True)
+    rows = []
+    for i in range(12):
+        (raw / "img" / f"{i}.png").write_bytes(_png(_texture(i)))
+        rows.append({"path": f"img/{i}.png", "label": ["benign", "malignant"][i % 2], "patient_id": f"P{i}"})
+    rows[3]["path"] = "img/gone_P3.png"  # data line 4 = file line 5 (line 1 is the header)
+    pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
+    s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
+                                  "max_quarantine_fraction": 0.5}})
+    ingest.run(s)
+    q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
+    reason = q[q.uri.str.contains("img/gone_")].reason.iloc[0]
+    assert f"{raw / 'labels.csv'} line 5" in reason, reason
+    assert "img/gone_" in reason and "No such file" in reason, reason
+    assert "P3" not in reason, "the patient id in the file name must be redacted, as in the uri"
+
+
+def test_png_renamed_dcm_in_a_dicom_manifest_is_not_a_dicom_file(tmp_path, make_settings):
+    """Row 10, end to end: `fake.dcm` (a PNG) listed in a DICOM manifest is quarantined as "not a DICOM file"."""
+    raw = tmp_path / "dcm"
+    raw.mkdir()
+    (raw / "fake.dcm").write_bytes(_png(np.dstack([_texture(1, size=200)] * 3)))
+    pd.DataFrame([{"path": "fake.dcm", "label": "a"}]).to_csv(raw / "labels.csv", index=False)
+    s = make_settings({"ingest": {"source": {"kind": "dicom", "manifest": str(raw / "labels.csv")}}})
+    with pytest.raises(IngestError):
+        ingest.run(s)
+    q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
+    assert q.reason.tolist() == ["not a DICOM file"]
+
+
+def test_failed_run_on_a_missing_source_creates_no_salt(tmp_path, make_settings, monkeypatch):
+    """Row 11: a run that fails on a nonexistent source used to leave a new secrets/patient_salt behind."""
+    from medclf import privacy
+
+    monkeypatch.delenv("MEDCLF_PATIENT_SALT", raising=False)
+    monkeypatch.delenv("MEDCLF_PATIENT_SALT_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    s = folder_settings(make_settings, tmp_path / "nope")
+    privacy._salt.cache_clear()
+    try:
+        with pytest.raises(SourceError, match="no such directory"):
+            ingest.run(s)
+        assert not (tmp_path / "secrets").exists(), "a failed run created the patient-id salt"
+        ingest.run(folder_settings(make_settings, make_folder(tmp_path / "raw", per_class=4)))
+        assert len((tmp_path / "secrets/patient_salt").read_text()) == 64  # a good run still creates it
+    finally:
+        privacy._salt.cache_clear()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width×height (1-bit grey) and holds no pixel data: a bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height", [(10_000, 9_000), (20_000, 10_000)])  # 1.1× and 2.5× the limit
+def test_decompression_bomb_message_quotes_the_configured_limit(width, height):
+    """Row 17: past twice the limit the reason quoted Pillow's 160,000,000, not max_image_pixels=80,000,000."""
+    from medclf.images import DecodeError, decode_image
+
+    with pytest.raises(DecodeError) as err:
+        decode_image(_png_header_only(width, height), 80_000_000)
+    msg = str(err.value)
+    assert msg.startswith("decompression bomb:") and "max_image_pixels=80000000" in msg, msg
+    assert f"{width * height}" in msg and "160000000" not in msg, msg
+
+
+def test_jpeg_original_size_is_the_files_not_the_draft_decode(tmp_path, make_settings):
+    """Row 15: a 200×200 JPEG was recorded as 100×100 (libjpeg's reduced DCT scale); RGB as 1 channel."""
+    root = tmp_path / "raw"
+    for c, cls in enumerate(["NORMAL", "PNEUMONIA"]):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            rgb = np.dstack([_texture(10 * c + i, size=200)] * 3)
+            (root / cls / f"IM-{c}{i:03d}-1.jpg").write_bytes(_png(rgb, fmt="JPEG"))
+            (root / cls / f"IM-{c}{i:03d}-2.jpg").write_bytes(_png(_texture(10 * c + i, size=200)[:, :150],
+                                                                   fmt="JPEG"))
+    s = folder_settings(make_settings, root)
+    assert s.ingest.image_size * 2 <= 100  # small enough that libjpeg decodes at a reduced scale
+    ingest.run(s)
+    m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
+    rgb, grey = m[m.source_uri.str.endswith("-1.jpg")], m[m.source_uri.str.endswith("-2.jpg")]
+    assert len(rgb) == len(grey) == 8
+    assert (rgb.orig_height == 200).all() and (rgb.orig_width == 200).all() and (rgb.orig_channels == 3).all()
+    assert (grey.orig_height == 200).all() and (grey.orig_width == 150).all() and (grey.orig_channels == 1).all()

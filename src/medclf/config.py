@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -97,6 +105,26 @@ class Ingest(_Section):
     max_image_pixels: int = Field(80_000_000, gt=0)
     workers: int = Field(0, ge=0)
     """Decode threads; 0 means one per CPU core."""
+
+    @field_validator("classes")
+    @classmethod
+    def _two_distinct_classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError(f"got {v!r}: must be null (infer the classes from the data) or at least 2 class names")
+        dupes = sorted({c for c in v if v.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate class name(s) {dupes} in {v!r}")
+        return v
+
+    @field_validator("positive_class")
+    @classmethod
+    def _positive_among_classes(cls, v: str | None, info: ValidationInfo) -> str | None:
+        classes = info.data.get("classes")  # absent when `classes` itself failed validation
+        if v is not None and classes and v not in classes:
+            raise ValueError(f"{v!r} is not one of ingest.classes {classes}")
+        return v
 
 
 # --------------------------------------------------------------------------- validate
@@ -366,6 +394,8 @@ def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not data:  # an empty (or all-commented) file would silently run the built-in synthetic demo
+        raise ConfigError(f"{path}: the parameters file is empty (no sections); see params.yaml in the repository")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return settings_from_dict(data, str(path))

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_has_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -40,7 +41,7 @@ def _read(data: bytes, stop_before_pixels: bool = False) -> Dataset:
             tags = list(ds.file_meta.keys()) + list(ds.keys())
         except Exception:  # noqa: BLE001 - any parse failure of arbitrary bytes means "not DICOM"
             raise DecodeError("not a DICOM file") from None
-        if not tags or tags[0] >> 16 not in (0x0002, 0x0008):
+        if not tags or tags[0] >> 16 not in (0x0002, 0x0008) or not _plausible_first(ds, tags[0]):
             raise DecodeError("not a DICOM file") from None
     except Exception as err:  # noqa: BLE001 - has the DICM marker but the header does not parse
         raise DecodeError(f"DICOM header cannot be parsed: {type(err).__name__}: {err}") from None
@@ -57,6 +58,19 @@ def _read(data: bytes, stop_before_pixels: bool = False) -> Dataset:
             else ExplicitVRLittleEndian
         )
     return ds
+
+
+def _plausible_first(ds: Dataset, tag: int) -> bool:
+    """Without the 'DICM' marker, two bytes 02 00 or 08 00 are weak evidence (a raw pixel dump starts so):
+    the first element must also be a standard one whose value is all there, else it is "not a DICOM file"
+    rather than a confusing "truncated" DICOM."""
+    if not (dictionary_has_tag(tag) or tag & 0xFFFF == 0x0000):  # (gggg,0000): a group length, older files
+        return False
+    container = ds.file_meta if tag >> 16 == 0x0002 else ds
+    elem = cast("DataElement | RawDataElement", container.get_item(tag))
+    if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH or elem.value is None:
+        return True
+    return len(elem.value) >= elem.length
 
 
 def _check_truncation(ds: Dataset) -> None:

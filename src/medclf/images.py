@@ -8,6 +8,7 @@ RGB) produces a dataset that trains but means nothing.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -67,6 +68,16 @@ def decode_image(data: bytes, max_pixels: int, channels: int | None = None, size
     and, when much larger than needed, at a reduced DCT scale (PIL's draft mode):
     several times faster than decoding full-size RGB and converting afterwards.
     """
+    return decode_image_sized(data, max_pixels, channels, size)[0]
+
+
+def decode_image_sized(data: bytes, max_pixels: int, channels: int | None = None,
+                       size: int | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`decode_image`, plus the file's own (height, width, channels).
+
+    A JPEG decoded in draft mode comes back smaller (and grey) than the file is; the
+    second value is what the file holds, for the manifest's orig_* columns.
+    """
     if not data:
         raise DecodeError("zero-byte file")
     try:
@@ -77,13 +88,17 @@ def decode_image(data: bytes, max_pixels: int, channels: int | None = None, size
             w, h = img.size
             if w * h > max_pixels:
                 raise DecodeError(f"decompression bomb: {w}x{h} pixels exceeds max_image_pixels={max_pixels}")
+            file_rgb = img.mode == "RGB"
             if img.format == "JPEG" and img.mode in ("RGB", "L") and (channels or size):
                 img.draft("L" if channels == 1 else img.mode, (size, size) if size else img.size)
             img.load()
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DecodeError(f"decompression bomb: {err}") from None
+        # Pillow quotes its own limit, which is twice ours past 2× (an error, not a warning): quote ours
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        what = f"{found.group(1)} pixels" if found else "the image"
+        raise DecodeError(f"decompression bomb: {what} exceeds max_image_pixels={max_pixels}") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except OSError as err:
@@ -92,7 +107,8 @@ def decode_image(data: bytes, max_pixels: int, channels: int | None = None, size
         raise DecodeError(f"corrupt image: {err}") from None
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)  # multi-page TIFF: the first page is the image
-    return _pil_to_array(img)
+    arr = _pil_to_array(img)
+    return arr, (h, w, 3 if file_rgb else int(arr.shape[2]))
 
 
 def to_channels(arr: np.ndarray, channels: int) -> np.ndarray:

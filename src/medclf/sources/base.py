@@ -32,6 +32,8 @@ class Record:
     kind: Kind = "image"
     patient_id: str | None = None
     split: str | None = None
+    where: str | None = None
+    """Where the record was listed, for error messages: e.g. `labels.csv line 5` (manifest sources)."""
 
 
 @dataclass

@@ -52,5 +52,5 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind) -> Sour
             scan.quarantine.append((store.uri(rel), f"missing label at {where}"))
             continue
         scan.records.append(Record(uri=store.uri(rel), label=label, fetch=functools.partial(store.read, rel),
-                                   kind=kind, patient_id=pid, split=split))
+                                   kind=kind, patient_id=pid, split=split, where=where))
     return scan

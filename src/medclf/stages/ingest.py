@@ -25,7 +25,7 @@ import pandas as pd
 
 from medclf.changes import describe, diff_manifests
 from medclf.config import Ingest, Settings
-from medclf.images import DecodeError, decode_image, fit_square, to_channels
+from medclf.images import DecodeError, decode_image_sized, fit_square, to_channels
 from medclf.io import atomic_dir, write_json
 from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
@@ -50,6 +50,7 @@ class Decoded:
 
 def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
     out = Decoded(record=rec, uri=redact(rec.uri, rec.patient_id))
+    orig: tuple[int, int, int] | None = None  # the file's own size where the decoder reads it smaller
     try:
         payload = rec.fetch()
         if isinstance(payload, np.ndarray):
@@ -66,13 +67,14 @@ def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
 
                 arr = decode_dicom(payload)
             else:
-                arr = decode_image(payload, cfg.max_image_pixels, cfg.channels, cfg.image_size)
-        out.orig_shape = tuple(int(v) for v in arr.shape)  # type: ignore[assignment]
+                arr, orig = decode_image_sized(payload, cfg.max_image_pixels, cfg.channels, cfg.image_size)
+        out.orig_shape = orig or tuple(int(v) for v in arr.shape)  # type: ignore[assignment]
         out.image = fit_square(to_channels(arr, cfg.channels), cfg.image_size, cfg.resize)
     except DecodeError as err:
         out.reason = str(err)
     except (SourceError, OSError) as err:
-        out.reason = f"cannot read: {err}"
+        at = f" (listed at {rec.where})" if rec.where else ""  # e.g. the manifest and its line
+        out.reason = redact(f"cannot read: {err}{at}", rec.patient_id)
     return out
 
 
@@ -156,10 +158,14 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.ingest, settings.paths
     t0 = time.perf_counter()
-    salt()  # resolve (or create) the key once, before decode workers fork
     scanned = scan(cfg.source, cfg.classes)
     labels = [r.label or "" for r in scanned.records]
     classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
+    if cfg.positive_class is not None and cfg.positive_class not in classes:  # classes: null (else config checks)
+        raise IngestError(f"ingest.positive_class {cfg.positive_class!r} is not one of the classes found {classes}")
+    # resolve (or create) the key once, before decode workers fork; only after the source was found, so that
+    # a run that fails on a missing or bad source or configuration leaves no new secrets/patient_salt behind
+    salt()
     decoded = decode_all(scanned.records, cfg)
     t_decode = time.perf_counter() - t0
     for d in decoded:
