@@ -381,4 +381,8 @@ def test_jax_backend_without_tf_or_mlflow_trains_data_parallel_on_two_devices(tm
     # the JAX-trained file loads on TensorFlow (this process) and predicts like the JAX run recorded
     model = keras.saving.load_model(s.paths.model_dir / "model.keras", safe_mode=True)
     x_val, y_val = np.load(s.paths.ingest_dir / "val_images.npy"), np.load(s.paths.ingest_dir / "val_labels.npy")
-    assert _auc(y_val, model.predict(x_val, verbose=0)[:, 1]) == pytest.approx(res["best_val_auc"], abs=0.01)
+    # within one ranked pair: float differences between the JAX and TF kernels may swap two near-tied scores,
+    # which moves the AUC of this tiny validation split by 1/(positives x negatives) (0.018 here)
+    one_pair = 1.0 / (int(y_val.sum()) * int(len(y_val) - y_val.sum()))
+    assert _auc(y_val, model.predict(x_val, verbose=0)[:, 1]) == pytest.approx(res["best_val_auc"],
+                                                                              abs=one_pair + 1e-9)
