@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.states import Completed
 
 from flows.summary import NO_CHANGE, headline, metric_rows, render_summary
 from medclf import STAGES
@@ -93,6 +94,19 @@ def mlflow_links(uri: str, register: dict[str, Any] | None, train_run: dict[str,
 def backoff(base: float, retries: int) -> list[float] | float:
     """Delays base, 2·base, 4·base, ... (Prefect wants a list, or a number when there are none)."""
     return [base * 2**i for i in range(retries)] if base and retries else 0
+
+
+def _tag_run(tags: list[str]) -> None:
+    """Add tags to this flow run (the runs list in the UI filters on them); never fails the run."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run.id)
+            client.update_flow_run(run.id, tags=sorted(set(run.tags or []) | {f"medclf:{t}" for t in tags}))
+    except Exception as err:  # noqa: BLE001 - tags are a convenience; the run's outcome must not depend on them
+        get_run_logger().warning("could not tag the flow run: %s", err)
 
 
 def _stage_task(stage: str, s: Settings, delay: float, gpu_deployment: str | None) -> Any:
@@ -169,14 +183,23 @@ def retrain(project_dir: str = ".", until: StageName | None = None, force: bool 
     except StageFailed as err:
         bar.close()
         _publish(root, s, outcomes, planned, t0, pushed, failure=str(err))
+        _tag_run([f"failed:{err.stage}"] + (["gate-failed"] if err.error_type == "GateFailed" else []))
         raise
     bar.close()
     facts = _publish(root, s, outcomes, planned, t0, pushed, failure=None)
     line = headline(outcomes, facts["register"], facts["dataset"].get("changes"))
     log.info("%s (%.1f s)", line, time.perf_counter() - t0)
-    return {"headline": line, "retrained": line != NO_CHANGE, "stages": outcomes, "push": pushed,
-            "model": facts["register"], "dataset": facts["dataset"], "links": facts["links"],
-            "seconds": round(time.perf_counter() - t0, 2)}
+    ran = any(o["status"] != "skipped" for o in outcomes)
+    registered = next((o for o in outcomes if o["stage"] == "register" and o["status"] != "skipped"), None)
+    version = (facts["register"] or {}).get("version") if registered else None
+    _tag_run(["retrained" if ran and version is not None else "updated" if ran else "no-change"]
+             + ([f"model-v{version}"] if version is not None else [])
+             + (["new-data"] if ran and (facts["dataset"].get("changes") or {}).get("first") is False else []))
+    result = {"headline": line, "retrained": line != NO_CHANGE, "stages": outcomes, "push": pushed,
+              "model": facts["register"], "dataset": facts["dataset"], "links": facts["links"],
+              "seconds": round(time.perf_counter() - t0, 2)}
+    # the headline is the run's state message, so the Prefect runs list tells "retrained v2" from "no change"
+    return Completed(message=line, data=result)  # type: ignore[return-value]
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -110,6 +110,13 @@ def model_versions(uri: str, name: str) -> list[Any]:
     return MlflowClient(tracking_uri=uri).search_model_versions(f"name='{name}'")
 
 
+def run_tags(flow_run_id: Any) -> list[str]:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_flow_run(flow_run_id).tags or [])
+
+
 def task_runs(flow_run_id: Any) -> dict[str, Any]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -274,6 +281,8 @@ def test_full_flow_registers_challenger_and_resumes_killed_training(project):
     table = json.loads(arts["medclf-metrics"].data)
     assert any(r["metric"] == "test.f1" for r in table)
     assert "medclf-validate" in arts  # validate's own markdown report
+    assert {"medclf:retrained", f"medclf:model-v{reg['version']}"} <= set(run_tags(state.state_details.flow_run_id))
+    assert state.message == result["headline"]
     project["version"] = reg["version"]
     project["resume"] = stages["train"]
 
@@ -350,6 +359,9 @@ def test_unchanged_rerun_skips_every_stage(project):
     assert {o["status"] for o in result["stages"]} == {"skipped"}
     assert all("unchanged" in o["reason"] for o in result["stages"])
     assert result["headline"] == "no change, nothing retrained" and result["retrained"] is False
+    # the runs list in the Prefect UI tells this run apart: its state message and tags
+    assert state.message == result["headline"]
+    assert "medclf:no-change" in run_tags(state.state_details.flow_run_id)
     assert len(model_versions(project["mlflow"], project["model"])) == 1
     arts = flow_artifacts(state.state_details.flow_run_id)
     assert "no change, nothing retrained" in arts["medclf-retrain-summary"].data
@@ -372,6 +384,7 @@ def test_failing_gate_fails_flow_without_new_version(project):
     assert "FAILED" in arts["medclf-retrain-summary"].data and "min_f1" in arts["medclf-retrain-summary"].data
     # the gate is deterministic: evaluate ran once, never retried
     assert outcomes["evaluate"].run_count == 1
+    assert {"medclf:failed:evaluate", "medclf:gate-failed"} <= set(run_tags(state.state_details.flow_run_id))
 
 
 # --------------------------------------------------------------------------- deployments
