@@ -261,3 +261,49 @@ def test_bytes_that_only_start_like_preambleless_dicom_are_not_a_dicom_file(grou
     ds.save_as(buf, implicit_vr=True, little_endian=True)
     legacy = b"\x08\x00\x00\x00\x04\x00\x00\x00\x64\x00\x00\x00" + buf.getvalue()
     assert decode_dicom(legacy)[..., 0].tolist() == [[0, 255]]
+
+
+def test_dicom_patient_id_drives_the_patient_split(tmp_path, make_settings) -> None:
+    """Issue 12, row 2: with no patient column in the manifest, the (hashed) DICOM PatientID groups the split."""
+    import pandas as pd
+
+    from medclf.privacy import hash_patient
+    from medclf.stages import ingest
+
+    raw = tmp_path / "dcm"
+    raw.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(20):
+        for j in range(2):
+            name = f"p{p}_{j}.dcm"
+            (raw / name).write_bytes(make_dicom(rng.integers(0, 4096, (24, 24)).astype(np.uint16),
+                                                PatientID=f"MRN-{p:04d}"))
+            rows.append({"path": name, "label": "a" if p % 2 else "b"})
+    pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)  # no patient_id column
+    s = make_settings({"ingest": {"source": {"kind": "dicom", "manifest": str(raw / "labels.csv")}}})
+    out = ingest.run(s)
+    assert out["images"] == 40 and out["patients"] == 20
+    m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
+    assert m["patient_hash"].notna().all()
+    splits = m.groupby("patient_hash")["split"].nunique()
+    assert (splits == 1).all(), m[["source_uri", "patient_hash", "split"]]
+    assert set(m["patient_hash"]) == {hash_patient(f"MRN-{p:04d}") for p in range(20)}
+    blob = (s.paths.ingest_dir / "manifest.parquet").read_bytes()
+    blob += b"".join(f.read_bytes() for f in (s.paths.reports_dir / "ingest").iterdir())
+    assert b"MRN-" not in blob  # never written in clear
+
+
+def test_manifest_patient_column_wins_over_the_dicom_patient_id(tmp_path) -> None:
+    import pandas as pd
+
+    from medclf.sources.manifest import scan_manifest
+
+    for i in range(3):
+        (tmp_path / f"{i}.dcm").write_bytes(make_dicom(np.zeros((8, 8), np.uint16), PatientID=f"TAG{i}"))
+    pd.DataFrame({"path": ["0.dcm", "1.dcm", "2.dcm"], "label": ["a"] * 3,
+                  "patient_id": ["COL0", "", "COL2"]}).to_csv(tmp_path / "m.csv", index=False)
+    scan = scan_manifest(str(tmp_path / "m.csv"), None, kind="dicom")
+    assert [r.patient_id for r in scan.records] == ["COL0", "TAG1", "COL2"]  # a blank cell falls back to the tag
+    scan = scan_manifest(str(tmp_path / "m.csv"), None, kind="image")
+    assert [r.patient_id for r in scan.records] == ["COL0", None, "COL2"]  # images have no tags to read

@@ -335,3 +335,45 @@ def test_great_expectations_is_imported_only_inside_functions():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.startswith("great_expectations") for n in names), path
+
+
+# --------------------------------------------------------------------------- label conflicts (issue 12, row 1)
+def test_same_file_under_two_labels_is_an_error_naming_both_paths(tmp_path):
+    """Issue 12, row 1: identical bytes as NORMAL/x.png and PNEUMONIA/y.png passed with only a warning."""
+    specs = clean_specs()
+    a, b = pick(specs, "train", "normal", 0), pick(specs, "train", "opacity", 0)
+    b["img"] = a["img"].copy()  # the same file under the other label, in the same split
+    result = run_validate(tmp_path, specs, expect_fail=True)
+    assert problems(result) == {"duplicate_within_split": "warn", "label_conflict": "fail"}
+    assert result["checks"]["label_conflict"]["severity"] == "error"
+    text = examples(result, "label_conflict")
+    assert a["name"] in text and b["name"] in text, text
+    assert "label_conflict: observed" in result["error_message"]
+    assert a["name"] in result["error_message"] and b["name"] in result["error_message"]
+    assert result["leakage"]["counts"]["label_conflict_pairs"] == 1
+
+
+def test_label_conflict_across_splits_is_found_by_sha256():
+    images = pd.DataFrame({"file": ["train:N/x.png", "test:P/y.png", "val:N/z.png", "val:N/w.png"],
+                           "split": ["train", "test", "val", "val"], "label": ["normal", "opacity", "normal", "normal"],
+                           "sha256": ["s1", "s1", "s2", "s2"], "patient_hash": [None] * 4})
+    leak = leakage.find_leakage(images.assign(_h=None), np.zeros((0, 32), bool), 0)
+    out = leakage.annotate(images, leak)
+    assert out["label_conflict_of"].tolist()[:2] == ["test:P/y.png (label opacity)", "train:N/x.png (label normal)"]
+    assert out["label_conflict_of"].iloc[2:].isna().all()  # same bytes, same label: a duplicate, not a conflict
+    assert "label_conflict" in CHECKS and CHECKS["label_conflict"][0] == "error"
+
+
+def test_sliver_images_warn_by_a_configurable_aspect_bound(tmp_path):
+    """Issue 12, row 7: a 4000×40 sliver passed `image_size` with no aspect check."""
+    specs = clean_specs()
+    sliver = pick(specs, "train", "normal", 1)
+
+    def edit(m: pd.DataFrame) -> None:
+        at = m["source_uri"] == f"synthetic-test://{sliver['name']}"
+        m.loc[at, "orig_height"], m.loc[at, "orig_width"] = 40, 4000
+    result = run_validate(tmp_path, specs, manifest_edit=edit, max_size=5000)
+    assert problems(result) == {"aspect_ratio": "warn"}
+    assert sliver["name"] in examples(result, "aspect_ratio") and "aspect_ratio=100" in examples(result, "aspect_ratio")
+    result = run_validate(tmp_path / "loose", specs, manifest_edit=edit, max_size=5000, max_aspect_ratio=100)
+    assert "aspect_ratio" not in problems(result)

@@ -135,7 +135,11 @@ class Validate(_Section):
     severity: dict[str, Severity] = Field(default_factory=dict)
     """Per-check severity overrides (check name -> error|warn|off)."""
     min_size: int = Field(16, ge=1)
+    """Smallest original side in pixels (check `image_size`); a registered model refuses smaller inputs."""
     max_size: int = Field(4096, ge=1)
+    max_aspect_ratio: float = Field(4.0, ge=1.0)
+    """Largest long side / short side of an original image (check `aspect_ratio`, a warning by default);
+    a registered model refuses more elongated inputs (e.g. a 4000×40 sliver) with this reason."""
     prevalence_bounds: tuple[float, float] = (0.05, 0.95)
     max_prevalence_gap: float = Field(0.10, ge=0, le=1)
     """Largest allowed difference of a class's share between splits."""

@@ -2,7 +2,9 @@
 
 The same pyfunc that `mlflow models serve` runs does the preprocessing and the thresholding,
 so a CSV from here and a response from the endpoint agree to the last digit. Files that cannot
-be decoded get a row with the reason in `error` instead of stopping the batch.
+be decoded, or that the model refuses (smaller than its `min_size`, more elongated than its
+`max_aspect_ratio`, over `ingest.max_image_pixels`), get a row with the reason in `error` instead of
+stopping the batch.
 """
 
 from __future__ import annotations
@@ -40,16 +42,16 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def _decode(path: Path) -> Any:
-    """File → uint8 pixel array (DICOM by extension or by its 'DICM' marker)."""
+def _decode(path: Path, max_pixels: int) -> Any:
+    """File → uint8 pixel array (DICOM by extension or by its 'DICM' marker), bomb-guarded by `max_pixels`."""
     from medclf.serving import decode_one
 
     data = path.read_bytes()
     if path.suffix.lower() in (".dcm", ".dicom"):
         from medclf.dicom import decode_dicom
 
-        return decode_dicom(data)
-    return decode_one(data)
+        return decode_dicom(data, max_pixels=max_pixels)
+    return decode_one(data, max_pixels)
 
 
 def default_model_uri(settings: Settings) -> str:
@@ -78,7 +80,7 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
 
     from medclf.images import DecodeError
     from medclf.io import atomic_file
-    from medclf.serving import INPUT_COLUMN, output_columns
+    from medclf.serving import INPUT_COLUMN, check_geometry, output_columns
 
     uri = model_uri or default_model_uri(settings)
     files = expand_paths(paths)
@@ -95,7 +97,8 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
         chunk, arrays, ok = files[start:start + CHUNK], [], []
         for f in chunk:
             try:
-                arrays.append(_decode(f))
+                # the model's size/aspect bounds here too, so a refused file gets its own error row
+                arrays.append(check_geometry(_decode(f, settings.ingest.max_image_pixels), cfg))
                 ok.append(f)
             except (DecodeError, OSError) as err:
                 rows.append({"path": str(f), "error": f"{type(err).__name__}: {err}"})

@@ -14,6 +14,12 @@ Input (pyfunc `predict` / `POST /invocations`):
   * an ndarray (H, W[, C]) or (N, H, W[, C]) — in-process only, bypasses schema checks when
     called via ``unwrap_python_model().predict_images``.
 Output: DataFrame with `p_<class>` per class, `label`, and `positive` (bool, p_pos >= threshold).
+
+Refused inputs: a cell that cannot be decoded, is a decompression bomb (over `max_pixels`), is
+smaller than `min_size` pixels on a side, or is more elongated than `max_aspect_ratio` (long side /
+short side) fails the *whole request* with HTTP 400 and the message `input row <i>: <reason>`;
+the output schema stays as above. `medclf predict` applies the same checks per file and writes the
+reason into that file's `error` column instead, so one bad file does not stop a batch.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from medclf.images import DecodeError, decode_image, fit_square, to_channels, to
 INPUT_COLUMN = "image"
 KERAS_ARTIFACT = "keras_model"
 MAX_PIXELS = 80_000_000
+MIN_SIZE = 16
+MAX_ASPECT_RATIO = 4.0
 _DICM_OFFSET = 128
 
 
@@ -47,18 +55,27 @@ class ServingConfig:
     channels: int
     resize: str = "pad"
     batch_size: int = 32
+    min_size: int = MIN_SIZE
+    """Smallest accepted input side in pixels (`validate.min_size`): a 1×1 image is refused, not classified."""
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+    """Largest accepted long side / short side (`validate.max_aspect_ratio`): a 4000×40 sliver is refused."""
+    max_pixels: int = MAX_PIXELS
+    """Decompression-bomb guard for every decoder, PNG/JPEG and DICOM (`ingest.max_image_pixels`)."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServingConfig:
         return cls(classes=list(d["classes"]), positive_class=str(d["positive_class"]),
                    threshold=float(d["threshold"]), image_size=int(d["image_size"]),
                    channels=int(d["channels"]), resize=str(d.get("resize", "pad")),
-                   batch_size=int(d.get("batch_size", 32)))
+                   batch_size=int(d.get("batch_size", 32)), min_size=int(d.get("min_size", MIN_SIZE)),
+                   max_aspect_ratio=float(d.get("max_aspect_ratio", MAX_ASPECT_RATIO)),
+                   max_pixels=int(d.get("max_pixels", MAX_PIXELS)))  # models registered before these keys
 
     def to_dict(self) -> dict[str, Any]:
         return {"classes": self.classes, "positive_class": self.positive_class, "threshold": self.threshold,
                 "image_size": self.image_size, "channels": self.channels, "resize": self.resize,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "min_size": self.min_size,
+                "max_aspect_ratio": self.max_aspect_ratio, "max_pixels": self.max_pixels}
 
     @property
     def positive_index(self) -> int:
@@ -70,13 +87,13 @@ def output_columns(classes: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- decoding
-def _decode_bytes(data: bytes) -> np.ndarray:
+def _decode_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image file bytes → uint8 H×W×C; DICOM is recognised by its 'DICM' marker."""
     if len(data) > _DICM_OFFSET + 4 and data[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM":
         from medclf.dicom import decode_dicom
 
-        return decode_dicom(data, max_pixels=MAX_PIXELS)
-    return decode_image(data, MAX_PIXELS)
+        return decode_dicom(data, max_pixels=max_pixels)
+    return decode_image(data, max_pixels)
 
 
 def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -102,16 +119,16 @@ def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
     return to_uint8(a)
 
 
-def decode_one(item: Any) -> np.ndarray:
+def decode_one(item: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One input cell → uint8 H×W×C (not yet resized). Raises DecodeError with the reason."""
     if isinstance(item, str):
         try:
             data = base64.b64decode(item.strip(), validate=True)
         except (binascii.Error, ValueError):
             raise DecodeError("string input is not valid base64 (send base64-encoded image bytes)") from None
-        return _decode_bytes(data)
+        return _decode_bytes(data, max_pixels)
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(item))
+        return _decode_bytes(bytes(item), max_pixels)
     if item is None:
         raise DecodeError("missing image (null)")
     try:
@@ -129,9 +146,26 @@ def decode_one(item: Any) -> np.ndarray:
     return _array_to_uint8(arr)
 
 
+def check_geometry(arr: np.ndarray, cfg: ServingConfig) -> np.ndarray:
+    """Refuse (DecodeError) an image too small to classify or too elongated to letterbox meaningfully.
+
+    A 1×1 image scaled to the model size is one flat colour, yet the model still returns a confident
+    probability; a 4000×40 sliver padded to a square is 99 % padding. Neither resembles the training data.
+    """
+    h, w = int(arr.shape[0]), int(arr.shape[1])
+    if min(h, w) < cfg.min_size:
+        raise DecodeError(f"image {w}x{h} (WxH) is smaller than the minimum {cfg.min_size} px on a side "
+                          f"(validate.min_size)")
+    ratio = max(h, w) / min(h, w)
+    if ratio > cfg.max_aspect_ratio:
+        raise DecodeError(f"image {w}x{h} (WxH) has aspect ratio {ratio:.4g}:1, above the maximum "
+                          f"{cfg.max_aspect_ratio:g}:1 (validate.max_aspect_ratio)")
+    return arr
+
+
 def prepare(item: Any, cfg: ServingConfig, resize: str | None = None) -> np.ndarray:
-    """Decode and map one input to the model's uint8 (size, size, channels), as ingest does."""
-    arr = decode_one(item)
+    """Decode, check and map one input to the model's uint8 (size, size, channels), as ingest does."""
+    arr = check_geometry(decode_one(item, cfg.max_pixels), cfg)
     return fit_square(to_channels(arr, cfg.channels), cfg.image_size, resize or cfg.resize)
 
 

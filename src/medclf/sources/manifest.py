@@ -1,16 +1,35 @@
-"""CSV or Parquet manifests: `path,label[,patient_id][,split]`, paths relative to the manifest."""
+"""CSV or Parquet manifests: `path,label[,patient_id][,split]`, paths relative to the manifest.
+
+For DICOM manifests (`kind="dicom"`) a row without a `patient_id` (no column, or a blank cell)
+takes the file's own PatientID tag, read from the header only (pixel data is not parsed), so that
+the patient split groups a patient's images. The raw id stays in `Record.patient_id`; ingest
+hashes it before anything is written or logged. A manifest `patient_id` always wins.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
 from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, safe_relpath
-from medclf.sources.store import open_store, split_uri
+from medclf.sources.store import Store, open_store, split_uri
 
 REQUIRED = ("path", "label")
+_HEADER_THREADS = 8
+
+
+def _dicom_patient(store: Store, rel: str) -> str | None:
+    """PatientID of one DICOM file, or None (missing, unreadable, no tag: decode reports the file)."""
+    from medclf.dicom import dicom_patient_id
+
+    try:
+        return dicom_patient_id(store.read(rel))
+    except (SourceError, OSError):
+        return None
 
 
 def read_table(data: bytes, name: str) -> pd.DataFrame:
@@ -38,6 +57,7 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind) -> Sour
     if df.empty:
         raise SourceError(f"{uri}: manifest has no rows")
     scan = SourceScan(records=[])
+    rels: list[str] = []  # the path of each record, in order
     for i, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
         where = f"{uri} line {i}"
         rel = safe_relpath(str(row["path"]).strip(), where)  # traversal fails the whole manifest
@@ -53,4 +73,19 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind) -> Sour
             continue
         scan.records.append(Record(uri=store.uri(rel), label=label, fetch=functools.partial(store.read, rel),
                                    kind=kind, patient_id=pid, split=split, where=where))
+        rels.append(rel)
+    if kind == "dicom":
+        _fill_dicom_patients(scan, store, rels)
     return scan
+
+
+def _fill_dicom_patients(scan: SourceScan, store: Store, rels: list[str]) -> None:
+    """Records without a manifest patient id take their DICOM PatientID (headers read on a few threads)."""
+    todo = [i for i, r in enumerate(scan.records) if r.patient_id is None]
+    if not todo:
+        return
+    with ThreadPoolExecutor(min(_HEADER_THREADS, len(todo))) as pool:
+        found = list(pool.map(lambda i: _dicom_patient(store, rels[i]), todo))
+    for i, pid in zip(todo, found, strict=True):
+        if pid is not None:
+            scan.records[i] = dataclasses.replace(scan.records[i], patient_id=pid)

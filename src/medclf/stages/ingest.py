@@ -3,17 +3,26 @@
 Outputs (all under `paths.ingest_dir`, swapped in atomically as one directory):
 `manifest.parquet`, `<split>_images.npy` (N×H×W×C uint8, memory-mappable),
 `<split>_labels.npy` (int64), `classes.json`. Quarantined inputs are listed in
-`reports/ingest/quarantine.csv` with a reason each.
+`reports/ingest/quarantine.csv` with a reason each, beside `summary.json`.
+
+Data and reports are committed together (`io.atomic_dirs`), so `reports/ingest/` always describes the
+dataset in `data/ingest/`. A failed run keeps a good previous dataset and its reports, and says why it
+failed in `reports/ingest/failed_run.json` and `failed_quarantine.csv` (the next good run removes them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
 import hashlib
 import logging
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +35,7 @@ import pandas as pd
 from medclf.changes import describe, diff_manifests
 from medclf.config import Ingest, Settings
 from medclf.images import DecodeError, decode_image_sized, fit_square, to_channels
-from medclf.io import atomic_dir, write_json
+from medclf.io import atomic_dir, atomic_dirs, atomic_file, recover_dir, write_json
 from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
 from medclf.splits import SPLITS, assign_splits, link_groups
@@ -65,7 +74,7 @@ def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
             if rec.kind == "dicom":
                 from medclf.dicom import decode_dicom
 
-                arr = decode_dicom(payload)
+                arr = decode_dicom(payload, max_pixels=cfg.max_image_pixels)
             else:
                 arr, orig = decode_image_sized(payload, cfg.max_image_pixels, cfg.channels, cfg.image_size)
         out.orig_shape = orig or tuple(int(v) for v in arr.shape)  # type: ignore[assignment]
@@ -86,6 +95,30 @@ def _picklable(obj: object) -> bool:
         return False
 
 
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a decode worker dies with ingest (a SIGKILLed ingest cannot shut its pool down).
+
+    Linux: a parent-death signal (prctl PR_SET_PDEATHSIG); elsewhere, or if prctl fails, a watchdog thread
+    polling the parent pid. Either way, a parent that died before this ran is caught by the pid check.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            armed = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="parent-watchdog").start()
+
+
 def decode_all(records: list[Record], cfg: Ingest) -> list[Decoded]:
     """Decode on every core.
 
@@ -98,7 +131,8 @@ def decode_all(records: list[Record], cfg: Ingest) -> list[Decoded]:
     use_procs = workers > 1 and len(records) >= 256 and _picklable(records[0])
     if use_procs:
         ctx = multiprocessing.get_context("fork")
-        pool: ProcessPoolExecutor | ThreadPoolExecutor = ProcessPoolExecutor(workers, mp_context=ctx)
+        pool: ProcessPoolExecutor | ThreadPoolExecutor = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),))
         chunk = max(1, min(64, len(records) // (workers * 8)))
     else:
         pool, chunk = ThreadPoolExecutor(max_workers=workers), 1
@@ -158,6 +192,9 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.ingest, settings.paths
     t0 = time.perf_counter()
+    reports = paths.reports_dir / "ingest"
+    for out in (paths.ingest_dir, reports):  # finish a commit a kill interrupted; drop dead runs' staging dirs
+        recover_dir(out)
     scanned = scan(cfg.source, cfg.classes)
     labels = [r.label or "" for r in scanned.records]
     classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
@@ -175,12 +212,16 @@ def run(settings: Settings) -> dict[str, Any]:
     ok = [d for d in decoded if d.reason is None]
     bad = [d for d in decoded if d.reason is not None]
     quarantine = scanned.quarantine + [(d.uri, d.reason or "") for d in bad]
-    reports = paths.reports_dir / "ingest"
-    with atomic_dir(reports) as tmp:
-        pd.DataFrame(quarantine, columns=["uri", "reason"]).to_csv(tmp / "quarantine.csv", index=False)
-    problem = _quarantine_report(quarantine, len(decoded) + len(scanned.quarantine), cfg.max_quarantine_fraction)
+    qdf = pd.DataFrame(quarantine, columns=["uri", "reason"])
+    total = len(decoded) + len(scanned.quarantine)
+    problem = _quarantine_report(quarantine, total, cfg.max_quarantine_fraction)
     if problem or not ok:
-        raise IngestError((problem or "no usable images") + f"\nSee {reports / 'quarantine.csv'}.")
+        problem = problem or "no usable images"
+        where = _record_failure(paths.ingest_dir, reports, qdf, {
+            "status": "failed", "error": problem, "inputs": total, "images": len(ok),
+            "quarantined": len(quarantine), "classes": classes,
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        raise IngestError(problem + f"\nSee {where}.")
 
     keys = [[f"p:{hash_patient(d.record.patient_id)}"] if d.record.patient_id else [] for d in ok]
     keys = [k + [f"h:{d.sha256}"] for k, d in zip(keys, ok, strict=True)]
@@ -190,7 +231,7 @@ def run(settings: Settings) -> dict[str, Any]:
     manifest = build_manifest(ok, splits, classes, bad)
     changes = diff_manifests(_previous_manifest(paths.ingest_dir), manifest)
     counts = {}
-    with atomic_dir(paths.ingest_dir) as tmp:
+    with atomic_dirs(paths.ingest_dir, reports) as (tmp, rtmp):  # data and its reports, committed together
         for split in SPLITS:
             idx = [i for i, s in enumerate(splits) if s == split]
             shape = (len(idx), cfg.image_size, cfg.image_size, cfg.channels)
@@ -205,15 +246,37 @@ def run(settings: Settings) -> dict[str, Any]:
         manifest.to_parquet(tmp / "manifest.parquet", index=False)
         write_json(tmp / "classes.json", {"classes": classes, "positive_class": cfg.positive_class or classes[-1],
                                           "image_size": cfg.image_size, "channels": cfg.channels})
-    elapsed = time.perf_counter() - t0
-    summary = {"images": len(ok), "quarantined": len(quarantine), "classes": classes, "splits": counts,
-               "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
-               "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1),
-               "changes": changes}
-    write_json(reports / "summary.json", summary)
+        elapsed = time.perf_counter() - t0
+        summary = {"images": len(ok), "quarantined": len(quarantine), "classes": classes, "splits": counts,
+                   "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
+                   "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1),
+                   "changes": changes}
+        qdf.to_csv(rtmp / "quarantine.csv", index=False)
+        write_json(rtmp / "summary.json", summary)
     log.info("ingest: %d images (%s), %d quarantined, %.1f s; since the last ingest: %s", len(ok), counts,
              len(quarantine), elapsed, describe(changes))
     return summary
+
+
+def _record_failure(ingest_dir: Path, reports: Path, quarantine: pd.DataFrame, record: dict[str, Any]) -> Path:
+    """Write a failed run's reports without contradicting the dataset in `ingest_dir`; return the quarantine's path.
+
+    With a good previous dataset, its `summary.json` and `quarantine.csv` stay as they are (they describe
+    `data/ingest`, which the failed run kept); the failure goes to `failed_run.json` and
+    `failed_quarantine.csv` beside them. With no dataset there is nothing to contradict: the reports
+    directory is replaced by the failed run's quarantine.csv (and the same two files).
+    """
+    if (ingest_dir / "manifest.parquet").exists():
+        reports.mkdir(parents=True, exist_ok=True)
+        with atomic_file(reports / "failed_quarantine.csv") as fh:
+            quarantine.to_csv(fh, index=False)
+        write_json(reports / "failed_run.json", record)
+        return reports / "failed_quarantine.csv"
+    with atomic_dir(reports) as tmp:
+        quarantine.to_csv(tmp / "quarantine.csv", index=False)
+        quarantine.to_csv(tmp / "failed_quarantine.csv", index=False)
+        write_json(tmp / "failed_run.json", record)
+    return reports / "failed_quarantine.csv"
 
 
 def _previous_manifest(ingest_dir: Path) -> pd.DataFrame | None:

@@ -2,7 +2,7 @@
 
 Names are the keys of `validate.severity` in params.yaml. Defaults follow one
 rule: `error` where the dataset would make training or the test metrics wrong
-(leakage, unknown labels, broken arrays, blank scans, a skewed split), `warn`
+(leakage, unknown or conflicting labels, broken arrays, blank scans, a skewed split), `warn`
 where a person should look but the data may well be right (within-split
 duplicates, odd-looking exposures, drift from the last validated version).
 """
@@ -21,9 +21,11 @@ CHECKS: dict[str, tuple[str, str]] = {
     "unique_id": ("error", "image ids are unique"),
     "array_consistency": ("error", "arrays agree with the manifest: rows per split, labels, image shape"),
     "image_size": ("error", "original height and width within [min_size, max_size]"),
+    "aspect_ratio": ("warn", "original long side / short side at most validate.max_aspect_ratio"),
     "channels": ("error", "original channel count within 1..4"),
     "duplicate_within_split": ("warn", "identical files (sha256) inside one split"),
     "duplicate_cross_split": ("error", "identical files (sha256) in two splits: test leakage"),
+    "label_conflict": ("error", "identical files (sha256) under two different labels, in any splits"),
     "near_duplicate_within_split": ("warn", "perceptually identical images inside one split"),
     "near_duplicate_cross_split": ("error", "perceptually identical images in two splits: test leakage"),
     "patient_overlap": ("error", "one patient in two splits: test leakage"),

@@ -75,12 +75,16 @@ def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
     for col in ("orig_height", "orig_width"):
         add("images", "image_size", gxe.ExpectColumnValuesToBeBetween, f"{cfg.min_size} ≤ size ≤ {cfg.max_size}",
             column=col, min_value=cfg.min_size, max_value=cfg.max_size)
+    add("images", "aspect_ratio", gxe.ExpectColumnValuesToBeBetween,
+        f"long side / short side ≤ {cfg.max_aspect_ratio:g}", column="aspect_ratio", max_value=cfg.max_aspect_ratio)
     add("images", "channels", gxe.ExpectColumnValuesToBeBetween, "1 ≤ channels ≤ 4", column="orig_channels",
         min_value=1, max_value=4)
     add("images", "duplicate_within_split", gxe.ExpectCompoundColumnsToBeUnique, "(split, sha256) unique",
         column_list=["split", "sha256"])
     add("images", "duplicate_cross_split", gxe.ExpectColumnValuesToBeNull,
         "no identical file in another split", column="duplicate_cross_split_of")
+    add("images", "label_conflict", gxe.ExpectColumnValuesToBeNull, "no identical file under another label",
+        column="label_conflict_of")
     dist = f"no image within phash distance {cfg.near_duplicate_max_distance}"
     add("images", "near_duplicate_cross_split", gxe.ExpectColumnValuesToBeNull, f"{dist} in another split",
         column="near_duplicate_cross_split_of")

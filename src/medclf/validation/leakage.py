@@ -1,4 +1,5 @@
-"""Leakage evidence: exact duplicates (sha256), near-duplicates (perceptual hash), patient overlap.
+"""Leakage evidence: exact duplicates (sha256), near-duplicates (perceptual hash), patient overlap,
+and label conflicts (the same file under two labels).
 
 Pairs are found here (numpy/pandas) and written onto the images table as
 "partner" columns, so the GX suite can check them and Data Docs lists the rows;
@@ -16,18 +17,22 @@ import pandas as pd
 from medclf.splits import SPLITS
 
 PAIR_COLUMNS = ["kind", "file_a", "file_b", "split_a", "split_b", "distance", "cross_split"]
+CONFLICT_COLUMNS = ["file_a", "file_b", "label_a", "label_b", "sha256"]
 
 
 @dataclass
 class Leakage:
     pairs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PAIR_COLUMNS))
     patients: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["patient_hash", "splits", "files"]))
+    conflicts: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONFLICT_COLUMNS))
+    """Pairs of identical files (sha256) with different labels, in any splits."""
 
     def counts(self) -> dict[str, int]:
         p = self.pairs
         out = {f"{kind}_{where}_pairs": int(((p["kind"] == kind) & (p["cross_split"] == cross)).sum())
                for kind in ("exact", "near") for where, cross in (("cross_split", True), ("within_split", False))}
         out["patients_in_several_splits"] = len(self.patients)
+        out["label_conflict_pairs"] = len(self.conflicts)
         return out
 
     def summary(self, max_examples: int) -> dict[str, Any]:
@@ -41,6 +46,8 @@ class Leakage:
         out["patient_overlap_examples"] = [
             f"{patient} in {splits}: " + ", ".join(files[:4])
             for patient, splits, files in zip(top["patient_hash"], top["splits"], top["files"], strict=True)]
+        out["label_conflict_examples"] = [f"{r.file_a} ({r.label_a}) ↔ {r.file_b} ({r.label_b})"
+                                          for r in self.conflicts.head(max_examples).itertuples()]
         return out
 
 
@@ -79,6 +86,20 @@ def _exact_pairs(images: pd.DataFrame) -> pd.DataFrame:
             for y in range(x + 1, len(recs)):
                 rows.append(("exact", recs[x][0], recs[y][0], recs[x][1], recs[y][1], 0, recs[x][1] != recs[y][1]))
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def _label_conflicts(images: pd.DataFrame) -> pd.DataFrame:
+    """Identical files (sha256) whose labels differ: one row per pair of differently labelled files."""
+    sha = images["sha256"].astype(object)
+    dup = images[sha.notna() & sha.duplicated(keep=False)]
+    rows = []
+    for h, grp in dup.groupby(dup["sha256"].astype(str), sort=True):
+        recs = list(zip(grp["file"], grp["label"].astype(object), strict=True))
+        for x in range(len(recs)):
+            for y in range(x + 1, len(recs)):
+                if recs[x][1] != recs[y][1]:
+                    rows.append((recs[x][0], recs[y][0], recs[x][1], recs[y][1], h))
+    return pd.DataFrame(rows, columns=CONFLICT_COLUMNS)
 
 
 def _near_pairs(images: pd.DataFrame, hashes: np.ndarray, max_distance: int) -> pd.DataFrame:
@@ -122,7 +143,7 @@ def _partner(pairs: pd.DataFrame, cross: bool) -> dict[str, str]:
 def find_leakage(images: pd.DataFrame, hashes: np.ndarray, max_distance: int) -> Leakage:
     pairs = pd.concat([_exact_pairs(images), _near_pairs(images, hashes, max_distance)], ignore_index=True)
     pairs["cross_split"] = pairs["cross_split"].astype(bool)
-    return Leakage(pairs=pairs, patients=_patients(images))
+    return Leakage(pairs=pairs, patients=_patients(images), conflicts=_label_conflicts(images))
 
 
 def annotate(images: pd.DataFrame, leak: Leakage) -> pd.DataFrame:
@@ -133,6 +154,12 @@ def annotate(images: pd.DataFrame, leak: Leakage) -> pd.DataFrame:
     out["duplicate_cross_split_of"] = out["file"].map(_partner(exact, True))
     out["near_duplicate_cross_split_of"] = out["file"].map(_partner(near, True))
     out["near_duplicate_within_split_of"] = out["file"].map(_partner(near, False))
+    partner: dict[str, str] = {}
+    for a, b, la, lb in zip(leak.conflicts["file_a"], leak.conflicts["file_b"], leak.conflicts["label_a"],
+                            leak.conflicts["label_b"], strict=True):
+        partner.setdefault(a, f"{b} (label {lb})")
+        partner.setdefault(b, f"{a} (label {la})")
+    out["label_conflict_of"] = out["file"].map(partner)
     out["patient_in_splits"] = out["patient_hash"].astype(object).map(
         {p: f"{p} in {s}" for p, s in zip(leak.patients["patient_hash"], leak.patients["splits"], strict=True)})
     return out

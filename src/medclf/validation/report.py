@@ -95,7 +95,8 @@ def markdown(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
     leak = summary["leakage"]
     out += ["## Leakage", "", "| finding | count |", "|---|---|"]
     out += [f"| {k.replace('_', ' ')} | {v} |" for k, v in leak["counts"].items()]
-    for key in ("exact_cross_split_examples", "near_cross_split_examples", "patient_overlap_examples"):
+    for key in ("exact_cross_split_examples", "near_cross_split_examples", "patient_overlap_examples",
+                "label_conflict_examples"):
         if leak.get(key):
             out += ["", f"{key.replace('_', ' ').capitalize()}:"] + [f"- `{_md_cell(e)}`" for e in leak[key]]
     drift = summary["drift"]

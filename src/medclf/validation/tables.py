@@ -149,6 +149,10 @@ def images_table(manifest: pd.DataFrame, stats: pd.DataFrame, classes: list[str]
     index = {c: float(i) for i, c in enumerate(classes)}
     ok["expected_label_index"] = [index.get(v, np.nan) for v in ok["label"].astype(object)]
     ok["label_index"] = pd.to_numeric(ok["label_index"], errors="coerce").astype(float)
+    h = pd.to_numeric(ok["orig_height"], errors="coerce").astype(float)
+    w = pd.to_numeric(ok["orig_width"], errors="coerce").astype(float)
+    short = pd.concat([h, w], axis=1).min(axis=1)
+    ok["aspect_ratio"] = pd.concat([h, w], axis=1).max(axis=1) / short.where(short > 0)
     ok["file"] = ok["split"].astype(object).fillna("?").astype(str) + ":" + ok["source_uri"].astype(object).fillna(
         "?").astype(str)
     return ok.reset_index(drop=True)

@@ -1,0 +1,136 @@
+"""Issue 12, rows 6, 7 and 16: bad inputs to `medclf predict` and the served pyfunc.
+
+No MLflow server: the real `MedclfModel` wrapper runs with a stand-in Keras model, and
+`mlflow.pyfunc.load_model` is replaced by a loader that returns it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medclf.serving import MAX_PIXELS, MedclfModel, ServingConfig, prepare
+
+CFG = ServingConfig(classes=["normal", "opacity"], positive_class="opacity", threshold=0.5, image_size=32,
+                    channels=1)
+
+
+class _Model:
+    """Stands in for the Keras model: a fixed probability per image."""
+
+    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
+        return np.tile([0.69, 0.31], (len(x), 1))
+
+
+class _Loaded:
+    """What `mlflow.pyfunc.load_model` returns: the real wrapper behind `predict`/`unwrap_python_model`."""
+
+    def __init__(self, cfg: ServingConfig) -> None:
+        self.wrapper = MedclfModel()
+        self.wrapper.cfg, self.wrapper.model = cfg, _Model()
+
+    def unwrap_python_model(self) -> MedclfModel:
+        return self.wrapper
+
+    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
+        return self.wrapper.predict(None, df)
+
+
+def png(h: int, w: int) -> bytes:
+    arr = np.random.default_rng(h * 7919 + w).integers(30, 220, (h, w), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def dicom(h: int, w: int) -> bytes:
+    from tests.test_dicom import make_dicom
+
+    return make_dicom(np.random.default_rng(0).integers(0, 4096, (h, w)).astype(np.uint16))
+
+
+@pytest.fixture
+def run_predict(tmp_path, make_settings, monkeypatch):
+    import mlflow.pyfunc
+
+    from medclf.predict import predict_paths
+
+    def run(files: dict[str, bytes], cfg: ServingConfig = CFG, **ingest) -> pd.DataFrame:
+        folder = tmp_path / "in"
+        folder.mkdir(exist_ok=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda uri: _Loaded(cfg))
+        s = make_settings({"ingest": ingest} if ingest else None)
+        predict_paths([folder], str(tmp_path / "model"), tmp_path / "out.csv", s)
+        return pd.read_csv(tmp_path / "out.csv", keep_default_na=False).set_index("path")
+
+    return run
+
+
+# ----------------------------------------------------------------------------- row 16: one pixel guard
+def test_predict_guards_dicom_decoding_with_ingest_max_image_pixels(run_predict, tmp_path):
+    """Row 16: `ingest.max_image_pixels` was not passed to the DICOM decoder in `medclf predict`."""
+    out = run_predict({"big.dcm": dicom(40, 40), "ok.dcm": dicom(20, 20)}, max_image_pixels=1000)
+    big, ok = out.loc[str(tmp_path / "in/big.dcm")], out.loc[str(tmp_path / "in/ok.dcm")]
+    assert "decompression bomb" in big["error"] and "max_image_pixels=1000" in big["error"], big["error"]
+    assert ok["error"] == "" and ok["label"] == "normal"
+
+
+def test_predict_guards_png_decoding_with_ingest_max_image_pixels(run_predict, tmp_path):
+    out = run_predict({"big.png": png(40, 40)}, max_image_pixels=1000)
+    assert "max_image_pixels=1000" in out.loc[str(tmp_path / "in/big.png"), "error"]
+
+
+def test_served_model_carries_its_pixel_limit():
+    cfg = ServingConfig.from_dict({**CFG.to_dict(), "max_pixels": 1000})
+    assert cfg.to_dict()["max_pixels"] == 1000
+    with pytest.raises(Exception, match="max_image_pixels=1000"):
+        prepare(dicom(40, 40), cfg)
+    with pytest.raises(Exception, match="max_image_pixels=1000"):
+        prepare(png(40, 40), cfg)
+
+
+# ----------------------------------------------------------------------------- rows 6 and 7: size and shape
+def test_predict_refuses_tiny_and_sliver_images_per_file(run_predict, tmp_path):
+    """Row 6: a 1×1 image was labelled at p = 0.31; row 7: a 4000×40 sliver was accepted."""
+    out = run_predict({"dot.png": png(1, 1), "sliver.png": png(40, 4000), "fine.png": png(64, 48),
+                       "dot.dcm": dicom(4, 4)})
+    dot, sliver = out.loc[str(tmp_path / "in/dot.png")], out.loc[str(tmp_path / "in/sliver.png")]
+    assert "1x1" in dot["error"] and "smaller than" in dot["error"] and "16" in dot["error"], dot["error"]
+    assert dot["label"] == "" and dot["p_opacity"] == ""
+    assert "aspect ratio 100" in sliver["error"] and "4" in sliver["error"], sliver["error"]
+    assert "smaller than" in out.loc[str(tmp_path / "in/dot.dcm"), "error"]
+    assert out.loc[str(tmp_path / "in/fine.png"), "error"] == ""
+
+
+def test_served_pyfunc_refuses_tiny_and_sliver_images_naming_the_row():
+    from mlflow.exceptions import MlflowException
+
+    model = _Loaded(CFG)
+    ok = base64.b64encode(png(64, 64)).decode()
+    for bad, reason in ((base64.b64encode(png(1, 1)).decode(), "smaller than"),
+                        (np.zeros((40, 4000), np.uint8).tolist(), "aspect ratio"),
+                        (np.zeros((4000, 40), np.uint8), "aspect ratio")):
+        with pytest.raises(MlflowException, match=f"input row 1: .*{reason}") as err:
+            model.predict(pd.DataFrame({"image": [ok, bad]}))
+        assert err.value.get_http_status_code() == 400
+    assert len(model.predict(pd.DataFrame({"image": [ok, np.zeros((16, 64), np.uint8)]}))) == 2  # 4:1 is allowed
+
+
+def test_size_and_aspect_bounds_are_configurable_and_old_models_get_the_defaults():
+    old = {k: v for k, v in CFG.to_dict().items() if k not in ("min_size", "max_aspect_ratio", "max_pixels")}
+    cfg = ServingConfig.from_dict(old)
+    assert (cfg.min_size, cfg.max_aspect_ratio, cfg.max_pixels) == (16, 4.0, MAX_PIXELS)
+    loose = ServingConfig.from_dict({**old, "min_size": 1, "max_aspect_ratio": 200})
+    assert prepare(np.zeros((40, 4000), np.uint8), loose).shape == (32, 32, 1)
+    assert prepare(np.zeros((1, 1), np.uint8), loose).shape == (32, 32, 1)
+    from medclf.config import settings_from_dict
+
+    v = settings_from_dict({}).validation
+    assert (v.min_size, v.max_aspect_ratio) == (16, 4.0)
