@@ -23,7 +23,7 @@ setup: $(VENV)/.installed
 
 ## The embedded real demo data: batch 1 copied into the raw "drop folder" DVC tracks (data/raw/chest_xray).
 RAW ?= data/raw/chest_xray
-DEMO := data/chest_xray_demo
+DEMO := data/demo
 data:
 	@if [ ! -d "$(RAW)" ]; then mkdir -p "$(RAW)" && cp -R "$(DEMO)/batch1/." "$(RAW)/" && \
 	  echo "data: $(RAW) <- $(DEMO)/batch1 ($$(find "$(RAW)" -type f | wc -l) images)"; fi

@@ -13,7 +13,7 @@ augment, train, evaluate) with a fixed MEDCLF_PATIENT_SALT. From `reports/metric
 threshold chosen on validation (a failed release gate is reported, not fatal).
 
 Unseen patients (`--shared`, the Kermany release's train/{NORMAL,PNEUMONIA}, 5,216 images): the demo
-(batch1 + batch2) was built from it by `data/chest_xray_demo/regenerate.py`, whose file names carry
+(batch1 + batch2) was built from it by `data/demo/regenerate.py`, whose file names carry
 `pseudonym(<release patient id>)`. Every release patient whose pseudonym is in neither batch is unseen;
 its images (byte-identical copies within a class kept once, as regenerate.py does, and any file
 byte-identical to a demo patient's file dropped) go through regenerate.py's own `encode` (grayscale,
@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from medclf.config import Settings, load_settings
 from medclf.images import decode_image, fit_square, to_channels
 
-DEMO = ROOT / "data" / "chest_xray_demo"
+DEMO = ROOT / "data" / "demo"
 STAGES = ("ingest", "validate", "augment", "train", "evaluate")
 METRICS = ("roc_auc", "recall", "specificity", "f1", "accuracy", "balanced_accuracy")
 SHORT = {"roc_auc": "AUC", "recall": "sens", "specificity": "spec", "f1": "F1", "accuracy": "acc",
@@ -65,7 +65,7 @@ def load1() -> float:
 
 
 def regenerate_module() -> ModuleType:
-    """`data/chest_xray_demo/regenerate.py` imported as a module (its pseudonym, patients and encode)."""
+    """`data/demo/regenerate.py` imported as a module (its pseudonym, patients and encode)."""
     path = DEMO / "regenerate.py"
     spec = importlib.util.spec_from_file_location("chest_xray_demo_regenerate", path)
     if spec is None or spec.loader is None:

@@ -267,7 +267,7 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # the repository's own train section (write_params pins tests to the tiny from-scratch net)
     repo = yaml.safe_load((ROOT / "params.yaml").read_text())
-    demo = ROOT / "data" / "chest_xray_demo" / "batch1"  # the embedded REAL X-rays, as `make retrain` uses them
+    demo = ROOT / "data" / "demo" / "batch1"  # the embedded REAL X-rays, as `make retrain` uses them
     s = make_settings({"ingest": {"source": {**repo["ingest"]["source"], "uri": str(demo)},
                                   "image_size": repo["ingest"]["image_size"]},
                        "augment": repo["augment"], "train": repo["train"],

@@ -21,7 +21,7 @@ sha256(b"medclf-demo/v1:" + release patient id), and `<k>` = 1, 2, ... numbers t
 batch and class in the sorted order of their original names. The patient stays parseable by
 `^(pt[0-9a-f]{10})_`; the variant (bacteria/virus) is not in the name.
 
-    python data/chest_xray_demo/regenerate.py [--shared ../shared/data/chest_xray] [--out OUT_DIR]
+    python data/demo/regenerate.py [--shared ../shared/data/chest_xray] [--out OUT_DIR]
 """
 
 from __future__ import annotations
