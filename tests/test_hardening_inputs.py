@@ -1,44 +1,46 @@
 """Issue 12, rows 6, 7 and 16: bad inputs to `medclf predict` and the served pyfunc.
 
-No MLflow server: the real `MedclfModel` wrapper runs with a stand-in Keras model, and
-`mlflow.pyfunc.load_model` is replaced by a loader that returns it.
+Real components: the real `MedclfModel` pyfunc, saved with MLflow and loaded back through
+`mlflow.pyfunc.load_model` (a local model directory, so no tracking server is needed), around a real
+tiny Keras model whose output is a fixed probability (p(opacity) = 0.31 for every image).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from medclf.serving import MAX_PIXELS, MedclfModel, ServingConfig, prepare
+from medclf.serving import MAX_PIXELS, ServingConfig, prepare
 
 CFG = ServingConfig(classes=["normal", "opacity"], positive_class="opacity", threshold=0.5, image_size=32,
                     channels=1)
 
 
-class _Model:
-    """Stands in for the Keras model: a fixed probability per image."""
+@pytest.fixture(scope="module")
+def pyfunc_dir(tmp_path_factory) -> Path:
+    """The served pyfunc as `medclf register` builds it, saved to a local MLflow model directory."""
+    import keras
+    import mlflow.pyfunc
 
-    def predict_on_batch(self, x: np.ndarray) -> np.ndarray:
-        return np.tile([0.69, 0.31], (len(x), 1))
+    from medclf.serving import KERAS_ARTIFACT, MedclfModel, signature
 
-
-class _Loaded:
-    """What `mlflow.pyfunc.load_model` returns: the real wrapper behind `predict`/`unwrap_python_model`."""
-
-    def __init__(self, cfg: ServingConfig) -> None:
-        self.wrapper = MedclfModel()
-        self.wrapper.cfg, self.wrapper.model = cfg, _Model()
-
-    def unwrap_python_model(self) -> MedclfModel:
-        return self.wrapper
-
-    def predict(self, df: pd.DataFrame) -> pd.DataFrame:
-        return self.wrapper.predict(None, df)
+    tmp = tmp_path_factory.mktemp("pyfunc")
+    inp = keras.Input((32, 32, 1))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inp))
+    out = keras.layers.Dense(2, activation="softmax", kernel_initializer="zeros",
+                             bias_initializer=keras.initializers.Constant(np.log([0.69, 0.31])))(x)
+    keras.Model(inp, out).save(tmp / "model.keras")
+    path = tmp / "pyfunc"
+    mlflow.pyfunc.save_model(str(path), python_model=MedclfModel(),
+                             artifacts={KERAS_ARTIFACT: str(tmp / "model.keras")}, model_config=CFG.to_dict(),
+                             signature=signature(CFG.classes))
+    return path
 
 
 def png(h: int, w: int) -> bytes:
@@ -55,19 +57,16 @@ def dicom(h: int, w: int) -> bytes:
 
 
 @pytest.fixture
-def run_predict(tmp_path, make_settings, monkeypatch):
-    import mlflow.pyfunc
-
+def run_predict(tmp_path, make_settings, pyfunc_dir):
     from medclf.predict import predict_paths
 
-    def run(files: dict[str, bytes], cfg: ServingConfig = CFG, **ingest) -> pd.DataFrame:
+    def run(files: dict[str, bytes], **ingest) -> pd.DataFrame:
         folder = tmp_path / "in"
         folder.mkdir(exist_ok=True)
         for name, data in files.items():
             (folder / name).write_bytes(data)
-        monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda uri: _Loaded(cfg))
         s = make_settings({"ingest": ingest} if ingest else None)
-        predict_paths([folder], str(tmp_path / "model"), tmp_path / "out.csv", s)
+        predict_paths([folder], str(pyfunc_dir), tmp_path / "out.csv", s)
         return pd.read_csv(tmp_path / "out.csv", keep_default_na=False).set_index("path")
 
     return run
@@ -109,10 +108,11 @@ def test_predict_refuses_tiny_and_sliver_images_per_file(run_predict, tmp_path):
     assert out.loc[str(tmp_path / "in/fine.png"), "error"] == ""
 
 
-def test_served_pyfunc_refuses_tiny_and_sliver_images_naming_the_row():
+def test_served_pyfunc_refuses_tiny_and_sliver_images_naming_the_row(pyfunc_dir):
+    import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    model = _Loaded(CFG)
+    model = mlflow.pyfunc.load_model(str(pyfunc_dir))
     ok = base64.b64encode(png(64, 64)).decode()
     for bad, reason in ((base64.b64encode(png(1, 1)).decode(), "smaller than"),
                         (np.zeros((40, 4000), np.uint8).tolist(), "aspect ratio"),
