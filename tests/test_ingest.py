@@ -151,13 +151,19 @@ def test_decompression_bomb_and_limit_summary(tmp_path, make_settings):
     assert "max_quarantine_fraction" in msg
 
 
-def test_unknown_and_missing_labels_from_manifest(tmp_path, make_settings):
-    raw = tmp_path / "raw"
+def _manifest_images(raw: Path, n: int = 12) -> list[dict[str, str]]:
+    """`n` textured PNGs under raw/img/ and their manifest rows (two classes, one patient each)."""
     (raw / "img").mkdir(parents=True)
     rows = []
-    for i in range(12):
+    for i in range(n):
         (raw / "img" / f"{i}.png").write_bytes(_png(_texture(i)))
         rows.append({"path": f"img/{i}.png", "label": ["benign", "malignant"][i % 2], "patient_id": f"P{i}"})
+    return rows
+
+
+def test_unknown_and_missing_labels_from_manifest(tmp_path, make_settings):
+    raw = tmp_path / "raw"
+    rows = _manifest_images(raw)
     rows[0]["label"] = "tumour?"
     rows[1]["label"] = ""
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
@@ -375,11 +381,7 @@ def test_positive_class_must_be_among_the_inferred_classes(tmp_path, make_settin
 def test_missing_manifest_file_names_the_manifest_line_and_path(tmp_path, make_settings):
     """Row 9: the reason for a row whose file is missing names the manifest, its line and the path."""
     raw = tmp_path / "raw"
-    (raw / "img").mkdir(parents=True)
-    rows = []
-    for i in range(12):
-        (raw / "img" / f"{i}.png").write_bytes(_png(_texture(i)))
-        rows.append({"path": f"img/{i}.png", "label": ["benign", "malignant"][i % 2], "patient_id": f"P{i}"})
+    rows = _manifest_images(raw)
     rows[3]["path"] = "img/gone_P3.png"  # data line 4 = file line 5 (line 1 is the header)
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
