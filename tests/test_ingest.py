@@ -231,11 +231,27 @@ def test_medmnist_npz_labels_n_and_n1(tmp_path, make_settings):
         y = rng.integers(0, 2, n)
         arrays[f"{split}_labels"] = y[:, None] if split == "train" else y
     np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
-    s = make_settings({"ingest": {"source": {"kind": "medmnist", "uri": str(tmp_path / "pneumoniamnist.npz"),
+    # image_size 28 = the file's size: ingest stores the pixels unchanged, so each stored row can be matched
+    # to its .npz image exactly, independently of the manifest's bookkeeping
+    s = make_settings({"ingest": {"image_size": 28,
+                                  "source": {"kind": "medmnist", "uri": str(tmp_path / "pneumoniamnist.npz"),
                                              "medmnist_flag": "pneumoniamnist"}}})
     out = ingest.run(s)
     assert out["splits"] == {"train": 30, "val": 6, "test": 8}
     assert out["classes"] == ["normal", "pneumonia"]
+    # per image: the label ingest stored is the .npz label, for the (N, 1) train labels and the (N,) others
+    names = ["normal", "pneumonia"]  # pneumoniamnist's label order (medmnist INFO)
+    m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet").set_index("source_uri")
+    for split in ("train", "val", "test"):
+        x, y = load_split(s.paths.ingest_dir, split, mmap=False)
+        want = arrays[f"{split}_labels"].reshape(-1)
+        assert arrays[f"{split}_labels"].shape == ((30, 1) if split == "train" else (len(want),))
+        assert sorted(y.tolist()) == sorted(want.tolist())  # same label counts in the split ...
+        for i, img in enumerate(arrays[f"{split}_images"]):  # ... and on the same images
+            row = m.loc[f"{s.ingest.source.uri}#{split}/{i}"]
+            assert row.split == split and row.label == names[want[i]], (split, i)
+            np.testing.assert_array_equal(x[row.row][..., 0], img, err_msg=f"{split}/{i}: not this row's image")
+            assert y[row.row] == out["classes"].index(names[want[i]]), (split, i, y[row.row], want[i])
 
 
 def test_medmnist_download_checks_md5_and_fails_offline_clearly(tmp_path, monkeypatch):
