@@ -150,6 +150,8 @@ class Validate(_Section):
     low_contrast_std_max: float = 8.0
     saturated_fraction_max: float = 0.5
     inverted_border_mean_min: float = 200.0
+    inverted_center_contrast_min: float = -15.0
+    """Check `inverted`: the centre of the image must be at least this much brighter than its border."""
     near_duplicate_hash_size: int = Field(16, ge=4, le=32)
     """Perceptual hash side: 16 → 256-bit pHash. 64-bit (8) hashes collide between different chest X-rays."""
     near_duplicate_max_distance: int = Field(10, ge=0)

@@ -106,6 +106,9 @@ def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
             max_value=cfg.saturated_fraction_max, row_condition=visible)
     add("images", "inverted", gxe.ExpectColumnValuesToBeBetween, f"border mean < {cfg.inverted_border_mean_min}",
         column="border_mean", max_value=cfg.inverted_border_mean_min, strict_max=True, row_condition=visible)
+    add("images", "inverted", gxe.ExpectColumnValuesToBeBetween,
+        f"centre − border mean ≥ {cfg.inverted_center_contrast_min}", column="center_contrast",
+        min_value=cfg.inverted_center_contrast_min, row_condition=visible)
 
     # splits and prevalence
     for a, b, what in (("rows", "array_rows", "manifest rows = array rows"),
