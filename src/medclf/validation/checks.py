@@ -33,8 +33,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "blank": ("error", "blank image (pixel std below validate.blank_std_max)"),
     "low_contrast": ("warn", "low-contrast image (pixel std below validate.low_contrast_std_max)"),
     "saturated": ("warn", "too many pixels at the white or black extreme"),
-    "inverted": ("warn", "bright border, or a centre darker than the border: looks inverted (MONOCHROME1 read as "
-                 "MONOCHROME2?)"),
+    "inverted": ("warn", "bright border, or a centre darker than its border: looks inverted (MONOCHROME1?)"),
     "prevalence_bounds": ("error", "each class's share per split within validate.prevalence_bounds"),
     "prevalence_gap": ("error", "a class's share differs between splits by more than validate.max_prevalence_gap"),
     "split_fractions": ("warn", "split sizes within validate.split_fraction_bounds"),
