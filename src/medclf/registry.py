@@ -169,13 +169,16 @@ def rollback(settings: Settings, alias: str = "champion", by: str | None = None,
 
 
 def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test: Any, classes: list[str],
-                       alias: str = "champion", reachable: bool | None = None) -> dict[str, Any]:
+                       alias: str = "champion", reachable: bool | None = None,
+                       rescore: bool = False) -> dict[str, Any]:
     """The current champion's test metrics on THIS test set, for the non-inferiority gate.
 
     Read from the champion version's `metric.*` tags when it was evaluated on the same test set
     (same `test_set_digest`); otherwise the champion model is re-scored here on the current test
     set at its own registered threshold, because metrics from a different test set are not
-    comparable. Skipped (with a note) when there is no champion or the server is unreachable;
+    comparable. With `rescore` the model is always re-scored, and the reference also carries `proba`
+    (the champion's positive-class probabilities) and `threshold`, for the challenger-versus-champion
+    report. Skipped (with a note) when there is no champion or the server is unreachable;
     `register` re-checks the champion, so a skip cannot let a worse model past a champion.
     """
     import json
@@ -207,7 +210,7 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     if champ_classes is not None and list(champ_classes) != list(classes):
         return {**base, "note": f"{alias} v{mv.version} has classes {champ_classes}, not {classes}: not comparable"}
     stored = version_metrics(mv)
-    if tags.get(TAG_TEST_DIGEST) == test_digest and {"f1", "recall"} <= stored.keys():
+    if not rescore and tags.get(TAG_TEST_DIGEST) == test_digest and {"f1", "recall"} <= stored.keys():
         return {**base, "checked": True, "source": "version tags (same test set)", "metrics": stored}
     import mlflow.pyfunc
 
@@ -226,6 +229,7 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
         x = np.stack([prepare(img, cfg) for img in x])
     proba = wrapper.predict_images(x)
     pos = cfg.positive_index
-    metrics = M.binary_metrics((np.asarray(y_test) == pos).astype(int), np.clip(proba[:, pos], 0, 1), cfg.threshold)
+    p_pos = np.clip(proba[:, pos], 0, 1)
+    metrics = M.binary_metrics((np.asarray(y_test) == pos).astype(int), p_pos, cfg.threshold)
     return {**base, "checked": True, "source": "re-scored on this test set at its registered threshold",
-            "metrics": metrics}
+            "metrics": metrics, "proba": p_pos, "threshold": float(cfg.threshold)}

@@ -41,6 +41,9 @@ def wait_for_server(uri: str, attempts: int = 5, delay: float = 1.0) -> None:
         "Start it with `bash mlflow/server.sh start` or set MLFLOW_TRACKING_URI.")
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def configure(tracking_uri: str, experiment: str | None = None, attempts: int = 5) -> str:
     """Point the mlflow client at the server; returns the experiment id (if one is named)."""
     import mlflow
@@ -48,7 +51,11 @@ def configure(tracking_uri: str, experiment: str | None = None, attempts: int = 
     wait_for_server(tracking_uri, attempts=attempts)
     mlflow.set_tracking_uri(tracking_uri)
     if experiment:
-        return mlflow.set_experiment(experiment).experiment_id
+        exp = mlflow.set_experiment(experiment)
+        if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            # MLflow 3 opens an experiment without this tag on its GenAI overview; with it, on the runs table
+            mlflow.MlflowClient(tracking_uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return str(exp.experiment_id)
     return ""
 
 

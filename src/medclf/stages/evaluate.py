@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from medclf import metrics as M
+from medclf.comparison import comparison_png, paired_differences
 from medclf.config import Evaluate, Settings
 from medclf.io import atomic_dir, read_json, write_json
 
@@ -133,6 +134,16 @@ def metrics_document(report: dict[str, Any]) -> dict[str, Any]:
         doc["multiclass"] = {**{k: _num(v) for k, v in mc.items()},
                              "per_class": {c: {k: _num(v) for k, v in d.items()} for c, d in per_class.items()}}
     return doc
+
+
+def champion_comparison(y_test: np.ndarray, proba_test: np.ndarray, positive: int, threshold: float,
+                        champion: dict[str, Any], cfg: Evaluate) -> dict[str, Any] | None:
+    """Challenger minus champion on the same test images, each at its own threshold (None without one)."""
+    if champion.get("proba") is None:
+        return None
+    yb, pb = binary_view(y_test, proba_test, positive)
+    return paired_differences(yb, pb, threshold, np.asarray(champion["proba"]), float(champion["threshold"]),
+                              cfg.bootstrap, cfg.seed)
 
 
 def plot_data(y_test: np.ndarray, proba_test: np.ndarray, classes: list[str], positive: int,
@@ -265,6 +276,36 @@ def _predictions_csv(path: Path, inp: dict[str, Any], proba: np.ndarray, thr: fl
     df.to_csv(path, index_label="test_row")
 
 
+def final_step(train_run: dict[str, Any]) -> int:
+    """The step test metrics are logged at: one past the last training epoch, so the logged model
+    (registered with this step) links the final figures, not epoch 0's training curve."""
+    return int(train_run.get("epochs_run") or 0)
+
+
+def run_metrics(doc: dict[str, Any]) -> dict[str, float]:
+    """Point values only, for the run's metrics (the 95 % CIs go to a table, see `ci_table`)."""
+    out: dict[str, float] = {"decision_threshold": float(doc["threshold"])}
+    for sec, prefix in (("test", "test_"), ("test_default_threshold", "test_t050_"), ("val", "val_")):
+        for k, v in doc[sec].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_ci_low", "_ci_high")):
+                out[prefix + k] = float(v)
+    return out
+
+
+def ci_table(doc: dict[str, Any]) -> dict[str, list[Any]]:
+    """One row per test metric: value and 95 % bootstrap CI, at the registered and at the 0.5 threshold."""
+    rows: dict[str, list[Any]] = {"metric": [], "threshold": [], "value": [], "ci_low": [], "ci_high": []}
+    for sec, thr in (("test", "registered"), ("test_default_threshold", "0.5")):
+        for k, v in doc[sec].items():
+            if f"{k}_ci_low" in doc[sec]:
+                rows["metric"].append(k)
+                rows["threshold"].append(thr)
+                rows["value"].append(v)
+                rows["ci_low"].append(doc[sec][f"{k}_ci_low"])
+                rows["ci_high"].append(doc[sec][f"{k}_ci_high"])
+    return rows
+
+
 def reachable(uri: str) -> bool:
     """One quick reachability probe per run (2 attempts): evaluation must work offline too."""
     from medclf.tracking import TrackingUnavailable, wait_for_server
@@ -290,14 +331,13 @@ def _log_to_mlflow(settings: Settings, inp: dict[str, Any], doc: dict[str, Any],
     if not online:
         return f"not logged to MLflow: server at {uri} unreachable"
     cl, now = MlflowClient(tracking_uri=uri), int(time.time() * 1000)
-    flat = {f"{sec}_{k}": v for sec in ("test", "test_default_threshold") for k, v in doc[sec].items()}
-    flat.update({"decision_threshold": doc["threshold"], **{f"val_{k}": v for k, v in doc["val"].items()}})
-    ms = [Metric(k.replace("test_default_threshold", "test_t050"), float(v), now, 0)
-          for k, v in flat.items() if isinstance(v, (int, float)) and v is not None]
+    step = final_step(inp["train_run"])
+    ms = [Metric(k, float(v), now, step) for k, v in run_metrics(doc).items()]
     tags = [RunTag("evaluate.gates_passed", str(gates["passed"]).lower()),
             RunTag("evaluate.threshold_rule", str(settings.evaluate.threshold_rule))]
     for i in range(0, len(ms), 500):
         cl.log_batch(run_id, metrics=ms[i:i + 500], tags=tags if i == 0 else [])
+    cl.log_table(run_id, data=ci_table(doc), artifact_file="evaluate/metrics_ci.json")
     cl.log_artifacts(run_id, str(report_dir), "evaluate")
     for f in ("metrics.json", "gates.json"):
         cl.log_artifact(run_id, str(settings.paths.reports_dir / f), "evaluate")
@@ -317,12 +357,14 @@ def run(settings: Settings) -> dict[str, Any]:
     thr = report["threshold"]["threshold"]
     online = reachable(settings.mlflow.resolved_uri())
     champion = champion_reference(settings, inp["test_digest"], inp["x_test"], inp["y_test"], classes,
-                                  reachable=online)
+                                  reachable=online, rescore=True)
+    comparison = champion_comparison(inp["y_test"], proba_test, pos, thr, champion, cfg)
     gates = M.evaluate_gates(point_metrics(report), cfg.gates, champion.get("metrics"))
     gates.update({"threshold": thr, "threshold_rule": cfg.threshold_rule, "threshold_source": "validation",
                   "model_sha256": inp["model_sha256"], "test_set_digest": inp["test_digest"],
                   "train_run_id": inp["train_run"].get("run_id"),
-                  "champion": {k: v for k, v in champion.items() if k != "metrics"}})
+                  "champion": {k: v for k, v in champion.items() if k not in ("metrics", "proba")},
+                  **({"comparison": comparison} if comparison else {})})
     if champion.get("note") and gates["non_inferiority"].get("skipped"):
         gates["non_inferiority"]["note"] = champion["note"]
     doc = metrics_document(report)
@@ -334,6 +376,12 @@ def run(settings: Settings) -> dict[str, Any]:
         gallery = _write_gallery(tmp, inp, proba_test, thr, cfg.gradcam_n) if cfg.gradcam_n else {}
         _predictions_csv(tmp / "test_predictions.csv", inp, proba_test, thr, paths.ingest_dir)
         write_json(tmp / "threshold.json", report["threshold"])
+        if comparison:
+            yb, pb = binary_view(inp["y_test"], proba_test, pos)
+            comparison_png(yb, pb, thr, champion["proba"], champion["threshold"],
+                           (f"not {inp['positive']}" if len(classes) > 2 else classes[1 - pos], inp["positive"]),
+                           tmp / "champion_comparison.png", f"champion v{champion['version']}")
+            write_json(tmp / "champion_comparison.json", comparison)
     for name, records in data.items():
         write_json(paths.reports_dir / "plots" / f"{name}.json", records)
     write_json(paths.reports_dir / "metrics.json", doc)

@@ -91,14 +91,40 @@ def _num(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{float(v):.{digits}f}"
 
 
+def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict[str, str]:
+    """MLflow UI links for the version page (empty when the tracking URI is not an HTTP server)."""
+    if not tracking_uri.startswith(("http://", "https://")) or not experiment_id:
+        return {}
+    run = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return {"training run": run, "model card": f"{run}/artifacts/review/model_card.md",
+            "Grad-CAM gallery": f"{run}/artifacts/evaluate/gradcam.png",
+            "challenger vs champion": f"{run}/artifacts/evaluate/champion_comparison.png",
+            "metrics with 95 % CIs": f"{run}/artifacts/evaluate/metrics_ci.json"}
+
+
+LIMITATIONS = (
+    ("Figures come from an internal, patient-level split of the same source; on an external set from another "
+    "site or time they are typically lower (see docs/PERFORMANCE.md for the measured gap)."),
+    "The score is not a calibrated risk: read it against the threshold, not as a probability of disease.",
+    ("Trained and tested only on the population and devices of the training data (for the embedded demo: "
+    "pediatric chest X-rays of one hospital); any other use needs its own validation."),
+    "Research use only: not a medical device, not for diagnosis without regulatory clearance.",
+)
+
+
 def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], provenance: dict[str, str],
-                        run_id: str) -> str:
+                        run_id: str, validation: dict[str, Any] | None = None,
+                        links: dict[str, str] | None = None) -> str:
     """What a reviewer reads on the MLflow model version page before moving `champion`: markdown.
 
     Headline metrics with their 95 % bootstrap intervals and the champion's values on the same test
-    set, the operating point and where it was chosen, every gate with its bound, and the data the
-    model learned from. Rounded for reading; the exact values stay in the tags and metrics.json.
+    set, the paired difference with its CI, the operating point and where it was chosen, every gate
+    with its bound, calibration, the data the model learned from with its validation warnings, links
+    to the evidence, and the limitations. Rounded for reading; the exact values stay in the run's
+    `evaluate/metrics.json`, `evaluate/gates.json` and `evaluate/metrics_ci.json`.
     """
+    from medclf.comparison import comparison_rows
+
     test = metrics_doc.get("test") or {}
     ni = {e.get("metric"): e for e in (gates.get("non_inferiority") or {}).get("entries", [])}
     champ = gates.get("champion") or {}
@@ -118,22 +144,59 @@ def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], prov
                        for m, e in ni.items()]
     else:
         gate_lines.append(f"- non-inferiority: not checked ({champ.get('note') or 'no champion'})")
+    compare = (["", (f"**Challenger vs {cv}, both on these test images, each at its own threshold** "
+                "(paired bootstrap; a CI that excludes 0 is a real difference):"), "",
+                *comparison_rows(gates["comparison"], cv)] if gates.get("comparison") else [])
     raw = provenance.get("raw_data_md5")
     data = (f"raw data `{provenance.get('raw_data')}`: DVC md5 `{raw}` over {provenance.get('raw_data_nfiles')} "
             "files (tag `raw_data_md5`; full record in the run's `lineage/dvc.lock`)" if raw else
             "raw data hash unknown (ingest did not run under DVC)")
+    if provenance.get("dvc_md5"):
+        data += f"; processed dataset (data/ingest) DVC md5 `{provenance['dvc_md5']}`"
+    if validation is not None:
+        warns = validation.get("warnings") or []
+        offending = validation.get("offending") or {}
+        data += (f". Validation passed with {len(warns)} warning(s)"
+                 + (": " + ", ".join(f"`{w}` ({offending.get(w, '?')})" for w in warns) if warns else ""))
     positive = provenance.get("positive_class", "positive")
     operating = (f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
                  f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
                  "above.")
+    calib = (f"**Calibration:** ECE {_num(test.get('ece'))}, Brier {_num(test.get('brier'))} on the test split; no "
+             "recalibration is applied, so the score ranks cases but is not a risk." if test.get("ece") is not None
+             else "")
+    link_line = (["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else [])
     return "\n".join([
         "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.", "",
-        *rows, "",
+        *rows, *compare, "",
         operating, "",
         "**Gates:**", *gate_lines, "",
+        *([calib, ""] if calib else []),
         f"**Data:** {data}.", "",
         f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
+        *link_line, "",
+        "**Limitations:**", *[f"- {x}" for x in LIMITATIONS],
     ])
+
+
+def model_card(description: str, meta: dict[str, Any], provenance: dict[str, str], train_run: dict[str, Any],
+               splits: dict[str, int]) -> str:
+    """A model card (after Mitchell et al. 2019) in markdown, logged with the run as `review/model_card.md`."""
+    split_line = ", ".join(f"{k} {v}" for k, v in splits.items()) or "unknown"
+    return "\n".join([
+        f"# Model card: {train_run.get('backbone', 'classifier')} for {' vs '.join(meta['classes'])}", "",
+        "## Intended use",
+        f"Research and method development: flag images as `{meta['positive_class']}` for a human reader to review.",
+        "Not a medical device. Not for diagnosis or any clinical decision without regulatory clearance.", "",
+        "## Model",
+        (f"Backbone `{train_run.get('backbone')}` ({train_run.get('weights')} weights), input "
+        f"{meta['image_size']} px, {meta['channels']} channel(s); trained by `medclf train` (params hash "
+        f"`{provenance.get('params_hash')}`, git commit `{provenance.get('git_commit') or 'unknown'}`)."), "",
+        "## Data",
+        (f"Source `{provenance.get('raw_data') or 'unknown'}` (DVC md5 `{provenance.get('raw_data_md5') or 'unknown'}`), "
+        f"split by patient: {split_line} images."), "",
+        "## Evaluation, operating point, gates, limitations", "",
+        description, ""])
 
 
 def check_gates(gates: dict[str, Any], model_sha256: str, gates_file: Path) -> None:
@@ -163,7 +226,7 @@ def _png_example(meta: dict[str, Any]) -> Any:
 
 
 def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
-                run_id: str) -> tuple[Any, Any]:
+                run_id: str, step: int, card: str) -> tuple[Any, Any]:
     """Log the serving pyfunc (with input example + signature) and the Keras flavour into the run."""
     import mlflow.keras
     import mlflow.pyfunc
@@ -188,7 +251,8 @@ def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gate
         pyfunc = mlflow.pyfunc.log_model(
             name=PYFUNC_NAME, python_model=MedclfModel(), artifacts={KERAS_ARTIFACT: str(model_file)},
             model_config=cfg.to_dict(), signature=signature(cfg.classes), input_example=_png_example(meta),
-            pip_requirements=reqs)
+            pip_requirements=reqs, step=step)  # step: links the test metrics evaluate logged there
+        mlflow.log_text(card, "review/model_card.md")
         if Path("dvc.lock").is_file():  # the run's full record: raw-data hash, every stage's inputs/outputs
             mlflow.log_artifact("dvc.lock", artifact_path="lineage")
         try:
@@ -196,7 +260,7 @@ def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gate
             sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, s, s, c))]),
                                  outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, k))]))
             keras = mlflow.keras.log_model(load_keras(str(model_file)), name=KERAS_NAME, signature=sig,
-                                           pip_requirements=reqs)
+                                           pip_requirements=reqs, step=step)
         except Exception:
             _delete_logged(pyfunc)
             raise
@@ -215,17 +279,25 @@ def _delete_logged(*infos: Any) -> None:
             log.warning("could not delete logged model %s: %s", info.model_id, err)
 
 
-def _existing(cl: Any, name: str, run_id: str, sha: str) -> Any | None:
-    """A READY version of `name` already registered from this run for this exact model file."""
+def _existing(cl: Any, name: str, run_id: str, sha: str, inputs: dict[str, str] | None = None) -> Any | None:
+    """A READY version of `name` for this exact model file: from this run, or (registry hygiene) from any
+    run when it was also evaluated on the same inputs (every key of `inputs` equal among its tags).
+
+    A forced rerun that reproduces the same bytes from the same data is the same model; registering
+    it again would show a reviewer two versions with identical figures.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
-        found = cl.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        found = cl.search_model_versions(f"name = '{name}'")
     except MlflowException as err:
         if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    hits = [mv for mv in found if (mv.tags or {}).get("model_sha256") == sha and mv.status == "READY"]
+    ready = [mv for mv in found if (mv.tags or {}).get("model_sha256") == sha and mv.status == "READY"]
+    same_run = [mv for mv in ready if mv.run_id == run_id]
+    same_inputs = [mv for mv in ready if inputs and all((mv.tags or {}).get(k) == v for k, v in inputs.items())]
+    hits = same_run or same_inputs
     return min(hits, key=lambda mv: int(mv.version)) if hits else None
 
 
@@ -257,18 +329,27 @@ def _ensure_registered_model(cl: Any, name: str) -> bool:
 
 
 def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
-                    tags: dict[str, str], run_id: str, metrics_doc: dict[str, Any]) -> Any:
+                    tags: dict[str, str], train_run: dict[str, Any], metrics_doc: dict[str, Any]) -> Any:
     """Log, register, tag and alias as one unit: any failure removes what this call created."""
     name, alias = settings.registry.model_name, settings.registry.alias
     created_model = _ensure_registered_model(cl, name)
     infos: tuple[Any, Any] = (None, None)
     mv: Any = None
+    run_id = str(train_run["run_id"])
+    from medclf.stages.evaluate import final_step
+
+    vfile = settings.paths.reports_dir / "validation" / "summary.json"
+    validation = read_json(vfile) if vfile.exists() else None
+    prov = {**tags, "positive_class": str(meta["positive_class"])}
+    links = run_links(settings.mlflow.resolved_uri(), train_run.get("experiment_id"), run_id)
+    desc = version_description(gates, metrics_doc, prov, run_id, validation, links)
+    splits = {k: int(v) for k, v in ((validation or {}).get("splits") or {}).items()}
+    card = model_card(version_description(gates, metrics_doc, prov, run_id, validation), meta, prov, train_run,
+                      splits)
     try:
-        infos = _log_models(settings, model_file, meta, gates, run_id)
+        infos = _log_models(settings, model_file, meta, gates, run_id, final_step(train_run), card)
         pyfunc, keras = infos
         tags = {**tags, "keras_model_uri": keras.model_uri}
-        desc = version_description(gates, metrics_doc, {**tags, "positive_class": str(meta["positive_class"])},
-                                   run_id)
         mv = cl.create_model_version(name, source=pyfunc.model_uri, run_id=run_id, tags=tags, description=desc,
                                      model_id=pyfunc.model_id)
         _wait_ready(cl, name, mv.version)
@@ -331,19 +412,26 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
     if (champ.version if champ else None) != evaluated:
         raise RegisterRefused(f"{gates_file}: evaluated against champion {evaluated or 'none'}, but the champion "
                               f"is now {champ.version if champ else 'none'}; re-run `medclf evaluate`")
-    mv = _existing(cl, reg.model_name, run_id, sha)
-    created = mv is None
+    provenance = _provenance(settings, train_run)
+    inputs = {"test_set_digest": str(gates.get("test_set_digest") or ""),
+              "raw_data_md5": provenance.get("raw_data_md5", ""), "data_digest": provenance.get("data_digest", "")}
+    mv = _existing(cl, reg.model_name, run_id, sha, inputs)
+    created, note = mv is None, ""
     if mv is None:
-        tags = version_tags(gates, read_json(metrics_file), read_json(paths.ingest_dir / "classes.json"),
-                            train_run, _provenance(settings, train_run))
         meta = read_json(paths.ingest_dir / "classes.json")
-        mv = _create_version(cl, settings, model_file, meta, gates, tags, run_id, read_json(metrics_file))
-    elif reg.alias not in (mv.aliases or []):
-        cl.set_registered_model_alias(reg.model_name, reg.alias, mv.version)
+        tags = version_tags(gates, read_json(metrics_file), meta, train_run, provenance)
+        mv = _create_version(cl, settings, model_file, meta, gates, tags, train_run, read_json(metrics_file))
+    else:
+        note = (f"identical model file and inputs to version {mv.version} (run {mv.run_id}); not registered again"
+                if mv.run_id != run_id else "already registered for this run; reused")
+        if "champion" in (mv.aliases or []):
+            note += "; it is the champion, so no challenger alias was set"
+        elif reg.alias not in (mv.aliases or []):
+            cl.set_registered_model_alias(reg.model_name, reg.alias, mv.version)
     out = {"model_name": reg.model_name, "version": int(mv.version), "alias": reg.alias, "run_id": run_id,
            "model_uri": f"models:/{reg.model_name}/{mv.version}",
-           "alias_uri": f"models:/{reg.model_name}@{reg.alias}", "created": created}
+           "alias_uri": f"models:/{reg.model_name}@{reg.alias}", "created": created,
+           **({"note": note} if note else {})}
     write_json(paths.reports_dir / "register.json", out)
-    log.info("register: %s version %s (%s) %s", reg.model_name, mv.version, reg.alias,
-             "created" if created else "already registered for this run; reused")
+    log.info("register: %s version %s (%s) %s", reg.model_name, mv.version, reg.alias, note or "created")
     return out

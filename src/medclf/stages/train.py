@@ -280,6 +280,25 @@ class Tracker:
             finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
             self.mlflow.log_metrics(finite, step=step)
 
+    def datasets(self, ingest_dir: Path, version: dict[str, str], counts: dict[str, int]) -> None:
+        """The splits as MLflow dataset inputs: the DVC-tracked file is the source, DVC's md5 the digest.
+
+        Nothing is uploaded (a MetaDataset carries only the reference); the runs table's Dataset
+        column then names the data a run learned from and which version of it.
+        """
+        if not self:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # made at import
+
+        digest = (version.get("dvc_md5") or version["data_digest"]).removesuffix(".dir")[:32]
+        for split, n in counts.items():
+            context = {"train": "training", "val": "validation", "test": "testing"}[split]
+            source = LocalArtifactDatasetSource(f"{ingest_dir}/{split}_images.npy")
+            ds = MetaDataset(source, name=f"{ingest_dir.name}/{split} ({n} images)",  # type: ignore[abstract]
+                             digest=digest)
+            self.mlflow.log_input(ds, context=context)
+
     def artifact(self, path: Path, subdir: str | None = None) -> None:
         if self and path.exists():
             self.mlflow.log_artifact(str(path), artifact_path=subdir)
@@ -516,6 +535,16 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
             w.writerow({k: "" if r.get(k) is None else r[k] for k in HISTORY_COLUMNS})
 
 
+def split_counts(ingest_dir: Path) -> dict[str, int]:
+    """Images per split, read from the label files' headers (nothing is loaded)."""
+    out = {}
+    for split in ("train", "val", "test"):
+        f = ingest_dir / f"{split}_labels.npy"
+        if f.exists():
+            out[split] = int(np.load(f, mmap_mode="r").shape[0])
+    return out
+
+
 def run_name(backbone: str, raw: dict[str, Any], when: float | None = None) -> str:
     """`train-mobilenet_v2-b19e20b2-1130-0722`: backbone, raw-data hash and time, so runs in the MLflow list
     can be told apart (every run used to be `train-mobilenet_v2`)."""
@@ -579,6 +608,7 @@ def run(settings: Settings) -> dict[str, Any]:
                       "data.augment.dvc_md5": versions["augment"].get("dvc_md5"),
                       "data.raw.md5": raw.get("md5"), "data.raw.nfiles": raw.get("nfiles"),
                       "data.raw.path": raw.get("path")})
+        tracker.datasets(paths.ingest_dir, versions["ingest"], split_counts(paths.ingest_dir))
         trun = TrainingRun(cfg, data, model, rt, backup, tracker, train_ds, val_ds)
         trun.from_scratch = info["from_scratch"]
         if trun.from_scratch:
