@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from medclf.stages.register import version_description
 
 GATES = {
@@ -58,3 +60,117 @@ def test_training_runs_are_named_by_backbone_data_and_time():
     name = run_name("mobilenet_v2", {"md5": "b19e20b2ecab44d4555c3ec6b6e1b1cb.dir"}, when=0)
     assert name.startswith("train-mobilenet_v2-b19e20b2-") and name != run_name("mobilenet_v2", {}, when=0)
     assert run_name("resnet50", {}, when=0).startswith("train-resnet50-nodvc-")
+
+
+# ----------------------------------------------------------------------------- challenger versus champion
+def _two_models(n: int = 400, seed: int = 3):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    strong = np.clip(0.55 * y + 0.45 * rng.random(n), 0, 1)
+    weak = np.clip(0.25 * y + 0.75 * rng.random(n), 0, 1)
+    return y, strong, weak
+
+
+def test_paired_difference_is_exactly_the_loop_over_the_same_resamples():
+    """The vectorised paired bootstrap equals the plain loop: same resamples for both models, A minus B."""
+    import numpy as np
+
+    from medclf import metrics as M
+
+    y, a, b = _two_models()
+    got = M.paired_difference_ci(y, a, 0.5, b, 0.4, ["roc_auc", "recall", "specificity"], n_boot=60, seed=5)
+    for key in ("roc_auc", "recall", "specificity"):
+        diffs = [M.binary_metrics(y[i], a[i], 0.5)[key] - M.binary_metrics(y[i], b[i], 0.4)[key]
+                 for i in M._resample_indices(len(y), 60, 5)]
+        lo, hi = np.quantile(diffs, 0.025), np.quantile(diffs, 0.975)
+        assert got[key]["ci_low"] == pytest.approx(lo, abs=1e-12) and got[key]["ci_high"] == pytest.approx(hi, abs=1e-12)
+        assert got[key]["diff"] == pytest.approx(M.binary_metrics(y, a, 0.5)[key] - M.binary_metrics(y, b, 0.4)[key])
+    assert got["roc_auc"]["ci_low"] > 0.1  # the strong model is clearly better on ranking
+    same = M.paired_difference_ci(y, a, 0.5, a, 0.5, ["roc_auc"], n_boot=50, seed=0)["roc_auc"]
+    assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0  # paired: identical models never differ
+
+
+def test_description_shows_the_paired_comparison_validation_warnings_links_and_limitations():
+    from medclf.comparison import paired_differences
+    from medclf.stages.register import run_links
+
+    y, a, b = _two_models()
+    gates = {**GATES, "comparison": paired_differences(y, a, 0.5, b, 0.4, n_boot=200, seed=0)}
+    links = run_links("http://127.0.0.1:5000", "7", "run123")
+    md = version_description(gates, {"test": {**METRICS["test"], "ece": 0.0412, "brier": 0.0571}},
+                             {**PROV, "dvc_md5": "aa11.dir"}, "run123",
+                             {"warnings": ["near_duplicates"], "offending": {"near_duplicates": 39}}, links)
+    roc = gates["comparison"]["roc_auc"]
+    assert (f"| ROC-AUC | {roc['challenger']:.3f} | {roc['champion']:.3f} | **{roc['diff']:+.3f}** | "
+            f"{roc['ci_low']:+.3f} to {roc['ci_high']:+.3f} |") in md
+    assert "Challenger vs champion v1, both on these test images" in md
+    assert "**Calibration:** ECE 0.041, Brier 0.057" in md
+    assert "processed dataset (data/ingest) DVC md5 `aa11.dir`" in md
+    assert "Validation passed with 1 warning(s): `near_duplicates` (39)" in md
+    assert "[training run](http://127.0.0.1:5000/#/experiments/7/runs/run123)" in md
+    assert "[Grad-CAM gallery](http://127.0.0.1:5000/#/experiments/7/runs/run123/artifacts/evaluate/gradcam.png)" in md
+    assert "**Limitations:**" in md and "internal, patient-level split" in md
+    assert run_links("file:///tmp/mlruns", "7", "r") == {}  # no UI to link to
+
+
+def test_run_metrics_are_point_values_and_the_cis_go_to_one_table():
+    from medclf.stages.evaluate import ci_table, final_step, run_metrics
+
+    doc = {"threshold": 0.31, "val": {"f1": 0.8, "n": 50},
+           "test": {"f1": 0.9, "f1_ci_low": 0.8, "f1_ci_high": 0.95, "tp": 40, "n": 100},
+           "test_default_threshold": {"f1": 0.7, "f1_ci_low": 0.6, "f1_ci_high": 0.8, "threshold": 0.5}}
+    m = run_metrics(doc)
+    assert m == {"decision_threshold": 0.31, "val_f1": 0.8, "val_n": 50.0, "test_f1": 0.9, "test_tp": 40.0,
+                 "test_n": 100.0, "test_t050_f1": 0.7, "test_t050_threshold": 0.5}
+    assert ci_table(doc) == {"metric": ["f1", "f1"], "threshold": ["registered", "0.5"], "value": [0.9, 0.7],
+                             "ci_low": [0.8, 0.6], "ci_high": [0.95, 0.8]}
+    assert final_step({"epochs_run": 7}) == 7 and final_step({}) == 0
+
+
+# ----------------------------------------------------------------------------- against a real MLflow server
+def test_experiment_opens_on_training_runs_and_splits_are_dataset_inputs(mlflow_server, tmp_path):
+    import numpy as np
+
+    import mlflow
+    from medclf.stages.train import Tracker, split_counts
+    from medclf.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure
+
+    exp_id = configure(mlflow_server, "review-kind")
+    cl = mlflow.MlflowClient(mlflow_server)
+    assert cl.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    for split, n in (("train", 5), ("val", 3), ("test", 2)):
+        np.save(ingest / f"{split}_labels.npy", np.zeros(n, np.int64))
+    tracker = Tracker()
+    tracker.mlflow, tracker.uri = mlflow, mlflow_server
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        tracker.datasets(ingest, {"data_digest": "d" * 64, "dvc_md5": "0123456789abcdef0123456789abcdef.dir"},
+                         split_counts(ingest))
+    inputs = cl.get_run(run.info.run_id).inputs.dataset_inputs
+    got = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert set(got) == {"training", "validation", "testing"}
+    assert got["training"].name == "ingest/train (5 images)" and got["testing"].name == "ingest/test (2 images)"
+    assert got["validation"].digest == "0123456789abcdef0123456789abcdef"  # DVC's md5 of the split's folder
+    assert f"{ingest}/val_images.npy" in got["validation"].source
+
+
+def test_identical_model_bytes_and_inputs_from_another_run_are_not_registered_again(mlflow_server):
+    """Registry hygiene: a forced rerun that reproduced the same file from the same data finds the old version."""
+    import mlflow
+    from medclf.stages.register import _existing
+
+    cl, name = mlflow.MlflowClient(mlflow_server, mlflow_server), "review-dedupe"
+    cl.create_registered_model(name)
+    exp = cl.create_experiment("review-dedupe")
+    run1, run2 = cl.create_run(exp).info.run_id, cl.create_run(exp).info.run_id
+    inputs = {"test_set_digest": "t1", "raw_data_md5": "r1.dir", "data_digest": "d1"}
+    v1 = cl.create_model_version(name, source=f"runs:/{run1}/m", run_id=run1,
+                                 tags={"model_sha256": "abc", **inputs})
+    assert _existing(cl, name, run2, "abc", inputs).version == v1.version  # another run, same bytes and inputs
+    assert _existing(cl, name, run1, "abc").version == v1.version  # the same run: reused as before
+    assert _existing(cl, name, run2, "abc", {**inputs, "raw_data_md5": "r2.dir"}) is None  # new data
+    assert _existing(cl, name, run2, "other", inputs) is None  # different bytes
+    assert _existing(cl, name, run2, "abc") is None  # no inputs to compare: never merged across runs
