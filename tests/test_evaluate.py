@@ -410,7 +410,8 @@ def test_multiclass_report_has_macro_weighted_per_class_with_ci():
 
 
 def test_gradcam_highlights_the_region_that_drives_the_score():
-    """A hand-built model whose score is the brightness of the top-left quadrant: CAM must peak there."""
+    """A hand-built model whose score is the brightness of the top-left quadrant: CAM must peak there,
+    and the overlay (the heatmap upsampled to the image's size) must be hot there and cold elsewhere."""
     import keras
 
     from medclf.gradcam import gradcam, overlay
@@ -433,15 +434,47 @@ def test_gradcam_highlights_the_region_that_drives_the_score():
     assert cam[0, 0, 0] == pytest.approx(1.0) and cam[0].sum() == pytest.approx(1.0)
     ov = overlay(img[0], cam[0])
     assert ov.shape == (16, 16, 3) and ov.dtype == np.uint8
+    # on a black image the overlay is the jet colour of the upsampled heat: red-hot over the top-left
+    # quadrant that drives the score, blue-cold far from it (bilinear upsampling blurs one cell's border)
+    ov = overlay(np.zeros((16, 16, 1), np.uint8), cam[0]).astype(int)
+    red, blue = ov[..., 0], ov[..., 2]
+    assert (red[:2, :2] > 40).all() and (blue[:2, :2] < 10).all()
+    assert (blue[8:, :] > 40).all() and (red[8:, :] < 10).all() and (blue[:, 8:] > 40).all()
+
+
+def _reference_gradcam(model, x: np.ndarray, class_index: int) -> np.ndarray:
+    """Grad-CAM by its definition (Selvaraju et al.), written out here with tf.GradientTape on the model's own
+    layers, not with medclf.gradcam: A = backbone output, w_k = mean_ij d score / d A_ijk,
+    cam = ReLU(sum_k w_k A_k), divided by its maximum per image."""
+    import tensorflow as tf
+
+    h = model.get_layer("rescale")(tf.convert_to_tensor(x))
+    h = model.get_layer("to_rgb")([h, h, h])
+    fmap = model.get_layer("backbone")(h, training=False)
+    with tf.GradientTape() as tape:
+        tape.watch(fmap)
+        score = model.get_layer("classifier")(model.get_layer("pool")(fmap))[:, class_index]
+    a, g = fmap.numpy().astype(np.float64), tape.gradient(score, fmap).numpy().astype(np.float64)
+    cam = np.maximum(np.einsum("nijk,nk->nij", a, g.mean(axis=(1, 2))), 0.0)
+    return cam / cam.max(axis=(1, 2), keepdims=True)
 
 
 def test_gradcam_on_nested_keras_applications_backbone():
-    """The split at "pool".input works for the train stage's real backbone (MobileNetV2, nested)."""
+    """The split at "pool".input works for the train stage's real backbone (MobileNetV2, nested).
+
+    128 px gives MobileNetV2's 4x4 feature map (a 32 px input gives 1x1, where any non-negative map scaled to
+    [0, 1] is the single value 1 and a range check cannot fail): the heatmaps must equal Grad-CAM computed by
+    its definition, each scaled so that its peak is exactly 1, and must vary over the image.
+    """
     from medclf.gradcam import gradcam, split_model
 
-    model = tiny_model(32, 1, 2, backbone="mobilenet")
-    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    model = tiny_model(128, 1, 2, backbone="mobilenet")
+    x = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 1), dtype=np.uint8)
     features, head = split_model(model)
     np.testing.assert_allclose(np.asarray(head(features(x))), np.asarray(model(x)), atol=1e-5)
-    cam = gradcam(model, x, class_index=1)
-    assert cam.shape == (2, 1, 1) and np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+    for class_index in (0, 1):
+        cam = gradcam(model, x, class_index=class_index)
+        assert cam.shape == (2, 4, 4) and np.isfinite(cam).all() and cam.min() >= 0
+        np.testing.assert_allclose(cam.max(axis=(1, 2)), 1.0, atol=1e-6)
+        assert (cam.reshape(2, -1).std(axis=1) > 0.05).all(), cam  # a real map, not a constant
+        np.testing.assert_allclose(cam, _reference_gradcam(model, x, class_index), atol=1e-4)
