@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Prefect's server telemetry off by default: nothing leaves a hospital network unasked.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup data new-data retrain test servers stop-servers serve lint bench-ingest
+.PHONY: setup data new-data retrain test servers stop-servers serve lint bench-ingest mutate
 
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.5"
@@ -67,3 +67,11 @@ lint: setup
 
 bench-ingest: setup
 	$(PY) bench/ingest_bench.py
+
+## On demand, NOT part of `make test` or CI: mutation testing of the pure core modules (metrics, threshold and
+## gates, splits, config validation) against their fast unit tests; settings in pyproject.toml [tool.mutmut].
+## Re-runs reuse mutants/ (only changed code is re-tested); `rm -rf mutants` for a fresh score.
+MUTATE_JOBS ?= 2
+mutate: setup
+	$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS)
+	$(VENV)/bin/mutmut results

@@ -95,3 +95,103 @@ def test_empty_params_file_is_an_error(tmp_path, text):
         load_settings(p)
     p.write_text("train: {batch_size: 8}\n")  # one section is enough: the others take their defaults
     assert load_settings(p).train.batch_size == 8
+
+
+# --------------------------------------------------------------------------- issue 15: mutation survivors
+# Each test below kills mutants that `make mutate` found surviving (docs/TESTING.md, "Mutation score").
+def test_error_report_layout_names_the_source_and_explains_unknown_keys():
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({"ingest": {"imgae_size": 64}}, "params.yaml")
+    assert str(err.value).split("\n") == [
+        "invalid configuration in params.yaml:",
+        "  - ingest.imgae_size: unknown key (check the spelling; see params.yaml in the repository for the schema)"]
+    with pytest.raises(ConfigError, match=r"^invalid configuration in <dict>:\n  - train.optimizer: "):
+        settings_from_dict({"train": {"optimizer": "lion"}})  # default source name
+
+
+def test_a_whole_settings_error_is_reported_at_root():
+    """The source-under-raw_data check belongs to no single key: it is reported as `<root>`."""
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({"paths": {"raw_data": "data/raw/xr"},
+                            "ingest": {"source": {"kind": "folder", "uri": "elsewhere/xr"}}}, "params.yaml")
+    lines = str(err.value).split("\n")
+    assert lines[1].startswith("  - <root>: ") and "'elsewhere/xr', which is not under paths.raw_data" in lines[1]
+
+
+def test_load_settings_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"^{missing}: no such parameters file"):
+        load_settings(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: not valid YAML: "):
+        load_settings(bad)
+    bad.write_text("- ingest\n- train\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: the top level must be a mapping of sections"):
+        load_settings(bad)
+    bad.write_text("train: {optimizer: lion}\n")
+    with pytest.raises(ConfigError, match=rf"^invalid configuration in {bad}:\n  - train.optimizer"):
+        load_settings(bad)
+
+
+@pytest.mark.parametrize("source, where", [
+    ({"kind": "synthetic"}, None),
+    ({"kind": "folder", "uri": "data/raw/xr"}, "data/raw/xr"),
+    ({"kind": "medmnist", "uri": "data/raw/p.npz"}, "data/raw/p.npz"),
+    ({"kind": "medmnist", "medmnist_flag": "pneumoniamnist"}, None),  # an MD5-checked download
+    ({"kind": "manifest", "uri": "data/raw/m/labels.csv"}, "data/raw/m"),
+    ({"kind": "manifest", "uri": "s3://bucket/raw/labels.csv"}, "s3://bucket/raw"),
+    ({"kind": "dicom", "manifest": "data/raw/d/index.csv", "uri": "data/other/x.csv"}, "data/raw/d"),
+    ({"kind": "dicom", "uri": "data/raw/d2/index.parquet"}, "data/raw/d2"),  # uri stands in for the manifest
+])
+def test_source_location(source, where):
+    from medclf.config import Source, source_location
+
+    assert source_location(Source(**source)) == where
+
+
+@pytest.mark.parametrize("path, root, under", [
+    ("s3://b/raw", "s3://b/raw", True),
+    ("s3://b/raw/x/", "s3://b/raw/", True),  # trailing slashes ignored on both sides
+    ("s3://b/raw/", "s3://b/raw", True),
+    ("s3://b/raw", "s3://b/raw/", True),
+    ("s3://b/raw2/x", "s3://b/raw", False),  # a prefix of the name is not a parent folder
+    ("s3://b/x/raw", "s3://b/raw", False),
+    ("s3://b/rawX", "s3://b/rawX", True),
+    ("s3://b/raw/X", "s3://b/raw/X", True),
+    # an s3:// path is never under a local root, nor the reverse: as local paths both would normalise to
+    # the same "s3:/b/raw/..." folder
+    ("s3://b/raw/x", "s3:/b/raw", False),
+    ("s3:/b/raw/x", "s3://b/raw", False),
+    ("data/raw/xr", "data/raw/xr", True),
+    ("data/raw/xr/", "data/raw/xr", True),
+    ("data/raw/xr/sub/f.csv", "./data/raw", True),
+    ("data/raw2", "data/raw", False),
+    ("data", "data/raw", False),
+])
+def test_is_under(path, root, under):
+    from medclf.config import is_under
+
+    assert is_under(path, root) is under
+
+
+def test_deep_merge_merges_nested_sections_without_touching_its_inputs():
+    from medclf.config import deep_merge
+
+    base = {"ingest": {"image_size": 64, "splits": {"seed": 1, "val_fraction": 0.1}}, "train": {"seed": 3}}
+    over = {"ingest": {"splits": {"seed": 2}}, "train": 5, "evaluate": {"seed": 0}}
+    out = deep_merge(base, over)
+    assert out == {"ingest": {"image_size": 64, "splits": {"seed": 2, "val_fraction": 0.1}}, "train": 5,
+                   "evaluate": {"seed": 0}}
+    assert base == {"ingest": {"image_size": 64, "splits": {"seed": 1, "val_fraction": 0.1}}, "train": {"seed": 3}}
+    assert deep_merge({"a": 1}, {"a": {"b": 2}}) == {"a": {"b": 2}}  # a mapping replaces a scalar
+
+
+def test_mlflow_uri_from_the_environment_first(monkeypatch):
+    cfg = settings_from_dict({"mlflow": {"tracking_uri": "http://params:5000"}}).mlflow
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cfg.resolved_uri() == "http://params:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert cfg.resolved_uri() == "http://env:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # empty counts as unset
+    assert cfg.resolved_uri() == "http://params:5000"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
+from sklearn.exceptions import UndefinedMetricWarning
 
 from medclf import metrics as M
 
@@ -331,3 +332,217 @@ def test_gates_accept_pydantic_settings() -> None:
     config = pytest.importorskip("medclf.config")
     g = config.Gates(min_f1=0.7, min_recall=0.8, non_inferiority_margin=0.02)
     assert M.evaluate_gates({"f1": 0.7, "recall": 0.8}, g, None)["passed"]
+
+
+# ----------------------------------------------------------------------------- issue 15: mutation survivors
+# Each test below kills mutants that `make mutate` found surviving (docs/TESTING.md, "Mutation score").
+def test_bad_input_errors_say_what_is_wrong() -> None:
+    with pytest.raises(ValueError, match="equal-length, non-empty 1-D"):
+        M.binary_metrics(np.array([[0, 1]]), np.array([[0.1, 0.2]]), 0.5)  # 2-D, though shapes agree
+    with pytest.raises(ValueError, match="only 0/1 labels"):
+        M.binary_metrics(np.array([0, 2]), np.array([0.1, 0.2]), 0.5)
+    with pytest.raises(ValueError, match=r"finite and within \[0, 1\]"):
+        M.binary_metrics(np.array([0, 1]), np.array([0.1, 1.2]), 0.5)
+    for n, alpha in ((-1, 0.05), (10, 0.0), (10, 1.0), (10, 1.5)):
+        with pytest.raises(ValueError, match="need n >= 0 resamples and alpha in"):
+            M.metrics_with_ci(np.array([0, 1]), np.array([0.1, 0.9]), 0.5, n, 0, alpha)
+        with pytest.raises(ValueError, match="need n >= 0"):
+            M.bootstrap_ci(lambda a, b: 0.0, np.array([0, 1]), np.array([0.1, 0.9]), n, 0, alpha)
+
+
+def test_float32_scores_are_compared_at_their_float64_value() -> None:
+    # float32(0.7) is 0.69999998...: below a 0.7 threshold. Compared in float32 it would count as positive.
+    p32 = np.array([0.7, 0.2, 0.9], dtype=np.float32)
+    y = np.array([1, 0, 1])
+    assert M.binary_metrics(y, p32, 0.7) == M.binary_metrics(y, p32.astype(np.float64), 0.7)
+    assert M.binary_metrics(y, p32, 0.7)["tp"] == 1
+    proba = np.array([[0.3, 0.7], [0.8, 0.2]], dtype=np.float32)
+    np.testing.assert_array_equal(M.thresholded_labels(proba, 1, 0.7), [0, 0])
+
+
+def test_zero_division_is_exactly_zero_even_on_reused_memory() -> None:
+    for n in (3, 100, 5000):
+        junk = np.full(n, 3.0)  # leave non-zero bytes in memory the next allocation may reuse
+        del junk
+        out = M._div(np.ones(n), np.zeros(n))
+        assert out.shape == (n,) and not out.any()
+    np.testing.assert_array_equal(M._div([1, 3], [2, 0]), [0.5, 0.0])
+
+
+@pytest.mark.parametrize("y, p", [([1], [0.9]), ([0], [0.9]), ([1, 0], [0.9, 0.1]), ([1, 1, 0], [0.8, 0.3, 0.6]),
+                                  ([0, 0, 1], [0.8, 0.3, 0.6]), ([1, 1, 1], [0.8, 0.3, 0.6])])
+def test_tiny_and_single_class_inputs_match_sklearn(y: list[int], p: list[float]) -> None:
+    """One positive, one negative, or a single class: balanced accuracy and AUC follow sklearn."""
+    m = M.binary_metrics(np.array(y), np.array(p), 0.5)
+    pred = (np.array(p) >= 0.5).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
+    if 0 < sum(y) < len(y):
+        assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+        assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p), abs=1e-12)
+    else:
+        assert math.isnan(m["roc_auc"]) and math.isnan(m["pr_auc"])
+
+
+def test_percentile_ci_uses_alpha_over_two_on_each_side() -> None:
+    calls = iter(range(101))  # fn returns 0, 1, ..., 100: the 5% and 95% quantiles are 5 and 95
+
+    def counter(a: np.ndarray, b: np.ndarray) -> float:
+        return float(next(calls))
+
+    y, p = np.array([0, 1]), np.array([0.2, 0.8])
+    assert M.bootstrap_ci(counter, y, p, n=101, seed=0, alpha=0.1) == (pytest.approx(5.0), pytest.approx(95.0))
+
+
+def test_metrics_with_ci_is_independent_of_the_block_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    y, p = _data(n=300, seed=14)
+    whole = M.metrics_with_ci(y, p, 0.5, n_boot=10, seed=2)
+    monkeypatch.setattr(M, "_CHUNK_ELEMS", 1000)  # 3 resamples per block: blocks of 3, 3, 3 and 1
+    assert M.metrics_with_ci(y, p, 0.5, n_boot=10, seed=2) == whole
+
+
+def test_multiclass_rejects_bad_shapes_and_labels_with_a_message() -> None:
+    y, proba = np.array([0, 1, 2]), np.eye(3)
+    with pytest.raises(ValueError, match=r"proba must be \(N, 3\)"):
+        M.multiclass_metrics(y, np.eye(3, 4), ["a", "b", "c"])  # 2-D, one column too many
+    for bad in ([0, 1, 3], [0, 1, -1]):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            M.multiclass_metrics(np.array(bad), proba, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        M.multiclass_metrics(np.array([0, 1, 3]), proba, ["a", "b", "c"])  # label == K
+    one = M.multiclass_metrics(np.array([1]), np.array([[0.2, 0.7, 0.1]]), ["a", "b", "c"])  # one sample is fine
+    assert one["accuracy"] == 1.0 and math.isnan(one["roc_auc"])
+
+
+def test_multiclass_auc_is_defined_for_a_class_seen_once_and_never_asks_sklearn_for_undefined_ones() -> None:
+    y = np.array([0, 0, 1, 2, 2])  # class 1 occurs once
+    proba = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .7, .1], [.1, .2, .7], [.3, .1, .6]])
+    m = M.multiclass_metrics(y, proba, ["a", "b", "c"])
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro"))
+    # an absent class (or one that is every sample) yields NaN without asking sklearn for an undefined AUC
+    y_abs = np.array([0, 1, 1, 1])
+    p_abs = np.array([[.8, .1, .1], [.6, .3, .1], [.2, .7, .1], [.1, .8, .1]])  # class 2 never predicted either
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", UndefinedMetricWarning)
+        absent = M.multiclass_metrics(y_abs, p_abs, ["a", "b", "c"])
+        every = M.multiclass_metrics(np.array([0, 0]), np.array([[.8, .2], [.4, .6]]), ["a", "b"])
+    assert math.isnan(absent["roc_auc"]) and math.isnan(every["roc_auc"])
+    # macro averages run over all K classes, the absent one counting as 0
+    pred = p_abs.argmax(1)
+    assert absent["macro_f1"] == pytest.approx(skm.f1_score(y_abs, pred, average="macro", labels=[0, 1, 2],
+                                                            zero_division=0))
+    assert absent["macro_f1"] < skm.f1_score(y_abs, pred, average="macro", zero_division=0)
+
+
+def test_confusion_rejects_mismatched_lengths_and_out_of_range_labels() -> None:
+    for t, q in (([0, 1], [0]), ([-1], [0]), ([0], [3]), ([3], [0])):
+        with pytest.raises(ValueError, match=r"equal-length labels in \[0, 3\)"):
+            M.confusion(np.array(t), np.array(q), 3)
+
+
+def test_downsample_keeps_exactly_max_points_including_both_ends() -> None:
+    pts = [{"i": i} for i in range(1000)]
+    thin = M._downsample(pts)
+    assert len(thin) == M.MAX_PLOT_POINTS and thin[0] == pts[0] and thin[-1] == pts[-1]
+    assert M._downsample(pts[:200]) == pts[:200]
+
+
+def test_calibration_points_hand_computed() -> None:
+    # bins 0 (0, .1], 3 (.3, .4] and 5 (.5, .6]; the top bins are empty
+    y = np.array([0, 1, 1, 0, 1])
+    p = np.array([0.05, 0.05, 0.35, 0.55, 0.6])
+    pts = M.calibration_curve_points(y, p)
+    assert pts == [pytest.approx(d, abs=1e-12) for d in (
+        {"bin": 0, "bin_lower": 0.0, "bin_upper": 0.1, "mean_predicted": 0.05, "fraction_positive": 0.5, "count": 2},
+        {"bin": 3, "bin_lower": 0.3, "bin_upper": 0.4, "mean_predicted": 0.35, "fraction_positive": 1.0, "count": 1},
+        {"bin": 5, "bin_lower": 0.5, "bin_upper": 0.6, "mean_predicted": 0.575, "fraction_positive": 0.5, "count": 2})]
+    assert [type(d["bin"]) for d in pts] == [int] * 3 and [type(d["count"]) for d in pts] == [int] * 3
+
+
+def test_roc_and_pr_points_carry_sklearns_thresholds() -> None:
+    y, p = _data(n=50, seed=13)
+    _, _, thr = skm.roc_curve(y, p)
+    roc = M.roc_points(y, p)
+    assert roc[0]["threshold"] is None  # sklearn's +inf sentinel
+    assert [d["threshold"] for d in roc[1:]] == [float(t) for t in thr[1:]]
+    prec, rec, pthr = skm.precision_recall_curve(y, p)
+    pr = M.pr_points(y, p)
+    assert [(d["recall"], d["precision"], d["threshold"]) for d in pr] == list(
+        zip(rec[::-1], prec[::-1], [None, *map(float, pthr[::-1])]))
+
+
+def test_thresholded_labels_binary_and_one_vs_rest() -> None:
+    two = np.array([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    out = M.thresholded_labels(two, 1, 0.5)
+    np.testing.assert_array_equal(out, [0, 1, 1])  # inclusive at the threshold
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(M.thresholded_labels(two, 0, 0.6), [0, 1, 1])
+    # K = 3, positive = 1: below the threshold the most probable OTHER class wins, even if 1 is the argmax
+    three = np.array([[0.1, 0.5, 0.4], [0.3, 0.45, 0.25], [0.1, 0.8, 0.1], [0.6, 0.1, 0.3]])
+    np.testing.assert_array_equal(M.thresholded_labels(three, 1, 0.7), [2, 0, 1, 0])
+    np.testing.assert_array_equal(M.thresholded_labels(np.ones((3, 1)), 0, 0.5), [0, 0, 0])
+    assert M.thresholded_labels(np.ones((3, 1)), 0, 0.5).dtype == np.int64
+    for proba, pos in ((two, 2), (two, -1), (np.array([0.2, 0.8]), 0)):
+        with pytest.raises(ValueError, match=r"proba must be \(N, K\) with 0 <= positive < K"):
+            M.thresholded_labels(proba, pos, 0.5)
+
+
+def test_choose_threshold_ties_are_called_positive_whatever_their_order() -> None:
+    # the tied pair at 0.5 holds the positive FIRST: both are called positive at 0.5, so spec = 1/2
+    r = M.choose_threshold(np.array([1, 1, 0, 0]), np.array([0.8, 0.5, 0.5, 0.2]), "target_sensitivity", 1.0)
+    assert (r["threshold"], r["val_sensitivity"], r["val_specificity"]) == (0.5, 1.0, 0.5)
+
+
+def test_choose_threshold_can_pick_the_lowest_score() -> None:
+    for rule in ("target_sensitivity", "max_f1", "youden"):
+        r = M.choose_threshold(np.array([0, 1]), np.array([0.9, 0.1]), rule, 1.0)  # type: ignore[arg-type]
+        assert r["threshold"] == 0.1 and r["val_sensitivity"] == 1.0, rule
+
+
+def test_choose_threshold_defaults_validation_and_report() -> None:
+    r = M.choose_threshold(Y_A, P_A, "target_sensitivity")  # default target 0.9
+    assert r["target_sensitivity"] == 0.9 and r["threshold"] == 0.3
+    assert r == {"threshold": 0.3, "rule": "target_sensitivity", "val_sensitivity": 1.0,
+                 "val_specificity": pytest.approx(0.4), "val_f1": pytest.approx(10 / 13), "target_sensitivity": 0.9}
+    assert "target_sensitivity" not in M.choose_threshold(Y_A, P_A, "max_f1")
+    assert "target_sensitivity" not in M.choose_threshold(Y_A, P_A, "youden")
+    ok = M.choose_threshold(np.array([1, 1, 0]), np.array([0.9, 0.4, 0.6]), "youden")  # one negative is enough
+    assert ok["threshold"] == 0.9
+    for y in (np.zeros(4, dtype=int), np.ones(4, dtype=int)):
+        with pytest.raises(ValueError, match="must contain both classes"):
+            M.choose_threshold(y, np.linspace(0, 1, 4), "youden")
+    for target in (0.0, 1.0001, 1.5):
+        with pytest.raises(ValueError, match=r"target_sensitivity must be in \(0, 1\]"):
+            M.choose_threshold(Y_A, P_A, "target_sensitivity", target)
+    with pytest.raises(ValueError, match="unknown threshold rule 'bogus'"):
+        M.choose_threshold(Y_A, P_A, "bogus")  # type: ignore[arg-type]
+
+
+def test_optional_gate_after_a_disabled_one_is_still_checked() -> None:
+    r = M.evaluate_gates({"f1": 0.9, "recall": 0.9, "specificity": 0.4},
+                         {**GATES, "min_auc": None, "min_specificity": 0.5}, None)
+    assert [g["name"] for g in r["gates"]] == ["min_f1", "min_recall", "min_specificity"]
+    assert not r["passed"] and r["failures"] == ["specificity 0.400 < min_specificity 0.500"]
+
+
+def test_non_inferiority_entries_margin_zero_and_missing_metrics() -> None:
+    champ = {"f1": 0.75, "recall": 0.85}
+    strict = M.evaluate_gates({"f1": 0.74, "recall": 0.9}, {**GATES, "non_inferiority_margin": 0.0}, champ)
+    assert not strict["passed"]  # margin 0: any drop fails
+    assert strict["failures"] == ["f1 0.740 < champion 0.750 - margin 0.000 = 0.750 (non-inferiority)"]
+    assert strict["non_inferiority"]["margin"] == 0.0
+    assert strict["non_inferiority"]["entries"][0] == {"metric": "f1", "value": 0.74, "champion": 0.75,
+                                                       "margin": 0.0, "bound": 0.75, "op": ">=", "passed": False}
+    unset = M.evaluate_gates({"f1": 0.74, "recall": 0.9}, {**GATES, "non_inferiority_margin": None}, champ)
+    assert not unset["passed"] and unset["non_inferiority"]["margin"] == 0.0
+    # the champion lacks f1: that entry is skipped, recall is still compared
+    partial = M.evaluate_gates({"f1": 0.9, "recall": 0.8}, GATES, {"recall": 0.9})
+    assert partial["non_inferiority"]["entries"][0] == {"metric": "f1", "skipped": True,
+                                                        "note": "champion lacks this metric"}
+    assert [e["metric"] for e in partial["non_inferiority"]["entries"]] == ["f1", "recall"]
+    assert not partial["passed"] and "recall 0.800 < champion 0.900" in partial["failures"][0]
+    # the candidate lacks recall (NaN): it fails instead of crashing
+    missing = M.evaluate_gates({"f1": 0.9}, {**GATES, "min_recall": 0.0}, champ)
+    assert not missing["passed"] and [e["passed"] for e in missing["non_inferiority"]["entries"]] == [True, False]
