@@ -172,3 +172,82 @@ def make_settings(tmp_path):
         return load_settings(write_params(tmp_path, overrides))
 
     return make
+
+
+# --------------------------------------------------------------------------- end-of-suite leak check
+# Every process a test starts inherits this marker (tests pass `{**os.environ, ...}` to their children), so a
+# leaked process is found even after its parent died and it was re-parented to init. The value is unique to
+# this pytest process: another suite running on the machine is not counted.
+_LEAK_MARKER = "MEDCLF_PYTEST_SESSION"
+_LEAK_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
+os.environ[_LEAK_MARKER] = _LEAK_TOKEN
+_LEAK_TEST = "MEDCLF_PYTEST_TEST"  # the nodeid of the test running when a process was started
+# Python's own helpers that live as long as the interpreter, by design, and die with it
+_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "loky.backend.popen",
+                        "joblib.externals.loky")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    os.environ[_LEAK_TEST] = item.nodeid
+
+
+def leaked_processes() -> list[tuple[object, str]]:
+    """Live processes started during this session and still running: descendants of pytest, and any process
+    carrying this session's marker in its environment (orphans included). Returns (psutil.Process, who)."""
+    import psutil
+
+    me = psutil.Process()
+    found: dict[int, psutil.Process] = {p.pid: p for p in me.children(recursive=True)}
+    for p in psutil.process_iter():
+        if p.pid == me.pid or p.pid in found:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get(_LEAK_MARKER) == _LEAK_TOKEN:
+                found[p.pid] = p
+    leaked = []
+    for p in found.values():
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(p.cmdline()) or p.name()
+            who = p.environ().get(_LEAK_TEST, "?")
+        except psutil.Error:
+            continue  # exited meanwhile, or not ours to read
+        if any(h in cmd for h in _INTERPRETER_HELPERS):
+            continue
+        leaked.append((p, f"pid {p.pid} `{cmd[:200]}` (started during {who})"))
+    return leaked
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test left a process behind (issue 12, row 18), naming it; then kill it.
+
+    Runs after every fixture's teardown (session servers included), so anything still alive leaked.
+    A process that is just exiting gets a few seconds first.
+    """
+    if sys.platform != "linux" or hasattr(session.config, "workerinput"):
+        return
+    import psutil
+
+    leaked = leaked_processes()
+    if leaked:
+        _gone, alive = psutil.wait_procs([p for p, _ in leaked], timeout=5)
+        alive_pids = {p.pid for p in alive}
+        leaked = [(p, what) for p, what in leaked if p.pid in alive_pids]
+    if not leaked:
+        return
+    lines = ["", f"LEAKED PROCESSES: {len(leaked)} process(es) started by the tests are still running:"]
+    lines += [f"  {what}" for _, what in leaked]
+    for p, _ in leaked:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    lines.append("  (killed now; a test must stop what it starts, e.g. with tests/conftest.py::stop_process)")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        print("\n".join(lines), file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -53,3 +53,62 @@ def test_inverted_chest_xray_is_flagged_and_real_ones_are_not(tmp_path):
     stats = chunk_stats(np.stack([s["img"] for s in specs]))
     assert stats[-1, 4] < settings.validate_.inverted_border_mean_min
     assert (stats[:-1, 5] >= settings.validate_.inverted_center_contrast_min).all()
+
+
+# --------------------------------------------------------------------------- S3: an object changes under ingest
+
+
+def test_s3_object_changed_between_listing_and_reading_fails_the_run_and_a_rerun_reads_it_consistently(
+        s3_server, make_settings, monkeypatch, tmp_path):
+    """The listing's ETag is sent with every read (If-Match): a changed object fails the ingest run (no mix of
+    versions, nothing written) with an error naming the object; the next run lists again and reads the new one."""
+    import json
+    import uuid
+
+    import boto3
+    import pandas as pd
+
+    from medclf.sources import store as store_mod
+    from medclf.sources.base import SourceChanged
+    from medclf.stages import ingest
+    from tests.conftest import KERMANY_REGEX
+    from tests.test_ingest import _png, _texture
+
+    client, bucket = boto3.client("s3", endpoint_url=s3_server), f"faults-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=bucket)
+    for c, cls in enumerate(["NORMAL", "PNEUMONIA"]):
+        for i in range(12):
+            name = f"person{i:03d}_bacteria_{i}.png" if c else f"IM-{i:04d}-{i}.png"
+            client.put_object(Bucket=bucket, Key=f"raw/{cls}/{name}", Body=_png(_texture(c * 100 + i, 24, bool(c))))
+    victim, new_bytes = "raw/NORMAL/IM-0003-3.png", _png(_texture(999, 24))
+    settings = make_settings({"ingest": {"source": {"kind": "folder", "uri": f"s3://{bucket}/raw",
+                                                    "s3_endpoint_url": s3_server, "patient_id_regex": KERMANY_REGEX},
+                                         "workers": 0}})
+    listed = store_mod.S3Store.list
+
+    def list_then_change(self):  # a real overwrite on the real (moto) server, right after the listing
+        keys = listed(self)
+        if self.prefix.endswith("NORMAL") and not changed:
+            client.put_object(Bucket=bucket, Key=victim, Body=new_bytes)
+            changed.append(victim)
+        return keys
+
+    changed: list[str] = []
+    monkeypatch.setattr(store_mod.S3Store, "list", list_then_change)
+    try:
+        ingest.run(settings)
+        raise AssertionError("ingest read an object that changed after it was listed")
+    except SourceChanged as err:
+        assert f"s3://{bucket}/{victim}" in str(err) and "changed between listing and reading" in str(err)
+    assert changed and not (settings.paths.ingest_dir / "manifest.parquet").exists()
+    for parent in (settings.paths.ingest_dir.parent, settings.paths.reports_dir):
+        assert not parent.exists() or not [p for p in parent.iterdir() if p.name.endswith(".staging")]
+    monkeypatch.setattr(store_mod.S3Store, "list", listed)
+    ingest.run(settings)  # the retry: a fresh listing, read consistently
+    manifest = pd.read_parquet(settings.paths.ingest_dir / "manifest.parquet")
+    import hashlib
+
+    shas = set(manifest["sha256"])
+    assert hashlib.sha256(new_bytes).hexdigest() in shas  # the new version, never the listed one
+    assert hashlib.sha256(_png(_texture(3, 24))).hexdigest() not in shas
+    assert json.loads((settings.paths.reports_dir / "ingest" / "summary.json").read_text())

@@ -17,6 +17,14 @@ class SourceError(ValueError):
     """A source that cannot be read at all (missing, empty, unsafe, unreachable)."""
 
 
+class SourceChanged(RuntimeError):
+    """An object changed between listing and reading (its ETag no longer matches the listing).
+
+    Not a SourceError: ingest quarantines an unreadable file, but a change means the listing is no
+    longer the dataset, so the whole run fails (and a retry lists again) rather than mixing versions.
+    """
+
+
 @dataclass(frozen=True)
 class Record:
     """One image as the source knows it, before decoding.

@@ -32,7 +32,7 @@ def _class_records(store: Store, split: str | None, regex: re.Pattern[str] | Non
             continue
         for rel in files:
             name = rel.rsplit("/", 1)[-1]
-            scan.records.append(Record(uri=sub.uri(rel), label=cls, fetch=functools.partial(sub.read, rel),
+            scan.records.append(Record(uri=sub.uri(rel), label=cls, fetch=functools.partial(sub.read, rel, sub.version(rel)),
                                        kind="image", patient_id=patient_from_name(name, regex), split=split))
 
 

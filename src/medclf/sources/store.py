@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from medclf.sources.base import SourceError, safe_relpath
+from medclf.sources.base import SourceChanged, SourceError, safe_relpath
 
 
 class Store:
@@ -23,8 +23,13 @@ class Store:
         """All object keys (relative, '/'-separated) under the root, sorted."""
         raise NotImplementedError
 
-    def read(self, rel: str) -> bytes:
+    def read(self, rel: str, version: str | None = None) -> bytes:
+        """The bytes of `rel`; with `version` (from `version(rel)`), only if the object is still that version."""
         raise NotImplementedError
+
+    def version(self, rel: str) -> str | None:
+        """The version `list()` saw for `rel` (S3: its ETag), to read exactly what was listed; None if unknown."""
+        return None
 
     def uri(self, rel: str) -> str:
         return f"{self.root_uri.rstrip('/')}/{rel}"
@@ -54,7 +59,7 @@ class LocalStore(Store):
                 out.append(Path(dirpath, f).relative_to(self.root).as_posix())
         return sorted(out)
 
-    def read(self, rel: str) -> bytes:
+    def read(self, rel: str, version: str | None = None) -> bytes:
         rel = safe_relpath(rel, self.root_uri)
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root.resolve()):
@@ -83,10 +88,12 @@ class S3Store(Store):
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
             "AWS_ENDPOINT_URL")
         self._client = client
+        self._etags: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # boto3 clients cannot be pickled; each decode worker process makes its own.
-        return {**self.__dict__, "_client": None}
+        # boto3 clients cannot be pickled; each decode worker process makes its own. The listing's ETags
+        # travel with each record's fetch (`version`), not with every pickled copy of the store.
+        return {**self.__dict__, "_client": None, "_etags": {}}
 
     @property
     def client(self) -> Any:
@@ -117,6 +124,8 @@ class S3Store(Store):
                         keys.append(safe_relpath(rel, self.root_uri))
                     except SourceError as err:
                         raise SourceError(f"unsafe S3 key {obj['Key']!r} in {self.root_uri}: {err}") from None
+                    if obj.get("ETag"):
+                        self._etags[keys[-1]] = obj["ETag"]
         except (BotoCoreError, ClientError) as err:
             raise SourceError(f"{self.root_uri}: cannot list ({self._where()}): {err}") from err
         return sorted(keys)
@@ -124,14 +133,28 @@ class S3Store(Store):
     def _where(self) -> str:
         return f"endpoint {self.endpoint_url}" if self.endpoint_url else "AWS default endpoint"
 
-    def read(self, rel: str) -> bytes:
+    def version(self, rel: str) -> str | None:
+        return self._etags.get(rel)
+
+    def read(self, rel: str, version: str | None = None) -> bytes:
+        """The object's bytes; with `version` (the listed ETag) S3 answers only if it is unchanged (If-Match)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         key = self._key(rel)
         try:
-            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            extra = {"IfMatch": version} if version else {}
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"].read()
             return body
-        except (BotoCoreError, ClientError) as err:
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if version and (code == "PreconditionFailed" or status == 412):
+                raise SourceChanged(
+                    f"s3://{self.bucket}/{key}: cannot read consistently: the object changed between listing and "
+                    f"reading (listed ETag {version}); nothing of this run is kept, and a new attempt lists "
+                    "the source again") from None
+            raise SourceError(f"s3://{self.bucket}/{key}: cannot read ({self._where()}): {err}") from err
+        except BotoCoreError as err:
             raise SourceError(f"s3://{self.bucket}/{key}: cannot read ({self._where()}): {err}") from err
 
     def dirs(self) -> builtins.list[str]:  # `list` here is the method above
