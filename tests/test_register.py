@@ -5,6 +5,7 @@ nothing half-registered, the champion is re-checked, and aliases move forwards a
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tests.test_evaluate import (
     _test_proba,
     assert_threshold_from_validation,
     build_project,
+    copy_project,
     run_evaluate,
     with_overrides,
     write_train_run,
@@ -162,6 +164,47 @@ def test_failure_after_version_creation_leaves_nothing(project):
     models = cl.search_logged_models(experiment_ids=[run2["experiment_id"]],
                                      filter_string=f"source_run_id = '{run2['run_id']}'")
     assert models == []  # the logged pyfunc/keras models of the failed attempt were deleted too
+
+
+def test_failure_after_creating_the_registered_model_deletes_it(project, tmp_path, monkeypatch):
+    """First registration under a name that does not exist yet: this call creates the registered model, then
+    the server refuses the alias (`latest` is reserved) -> the version AND the registered model are deleted.
+    (In suite order the project's model already exists, so the test above never reaches that branch.)"""
+    from mlflow.exceptions import MlflowException
+
+    from medclf.stages import register
+    from mlflow import MlflowClient
+
+    root, settings = project
+    fresh = f"{settings.registry.model_name}-fresh-{uuid.uuid4().hex[:6]}"
+    s2 = copy_project(settings, root, tmp_path / "proj", {"register": {"model_name": fresh, "alias": "latest"},
+                                                          "evaluate": {"bootstrap": 0, "gradcam_n": 0}})
+    run2 = write_train_run(s2, s2.mlflow.resolved_uri())  # its own training run: the project's stays as it is
+    _res, _doc, gates = run_evaluate(s2)
+    assert gates["passed"] is True, gates
+    cl = _client(s2)
+    with pytest.raises(MlflowException) as absent:
+        cl.get_registered_model(fresh)
+    assert absent.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    created: list[str] = []  # a pass-through spy on the real client: proves the call did create the model
+    real_create = MlflowClient.create_registered_model
+
+    def spy(self, name, *args, **kwargs):
+        created.append(name)
+        return real_create(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_registered_model", spy)
+    with pytest.raises(register.RegisterError, match="rolled back"):
+        register.run(s2)
+    assert created == [fresh]
+    assert cl.search_registered_models(filter_string=f"name = '{fresh}'") == []
+    with pytest.raises(MlflowException) as gone:
+        cl.get_registered_model(fresh)
+    assert gone.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    assert cl.search_model_versions(f"name = '{fresh}'") == []
+    assert cl.search_logged_models(experiment_ids=[run2["experiment_id"]],
+                                   filter_string=f"source_run_id = '{run2['run_id']}'") == []
+    assert not (s2.paths.reports_dir / "register.json").exists()
 
 
 def test_unreachable_server_fails_fast_with_clear_error(project, monkeypatch):
