@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
-from flows.summary import NO_CHANGE, headline, metric_rows, render_summary
+from flows.summary import NO_CHANGE, failure_outcome, headline, metrics_table, render_summary, run_tags
 from medclf import STAGES
 from medclf.config import Settings, load_settings
 from tasks import RETRIES, TASKS
@@ -126,8 +126,8 @@ def _stage_artifact(stage: str, outcome: dict[str, Any]) -> None:
 
 
 def _publish(root: Path, s: Settings, outcomes: list[dict[str, Any]], planned: list[str], t0: float,
-             push: dict[str, Any] | None, failure: str | None) -> dict[str, Any]:
-    """Markdown run summary + metrics table in the Prefect UI; returns the facts used."""
+             push: dict[str, Any] | None, failure: StageFailed | None) -> dict[str, Any]:
+    """Markdown run summary + metrics table in the Prefect UI; returns the facts used and the outcome line."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     reports = _under(root, s.paths.reports_dir)
@@ -136,13 +136,24 @@ def _publish(root: Path, s: Settings, outcomes: list[dict[str, Any]], planned: l
     train_run = _read_json(_under(root, s.paths.model_dir) / "train_run.json")
     links = mlflow_links(s.mlflow.resolved_uri(), register, train_run)
     dataset = _dataset(root, s)
-    md = render_summary(outcomes=outcomes, dataset=dataset, gates=gates, register=register, links=links,
-                        push=push, wall_seconds=time.perf_counter() - t0, failure=failure, planned=planned)
-    create_markdown_artifact(md, key="medclf-retrain-summary", description="medclf retraining run summary")
-    rows = metric_rows(_read_json(reports / "metrics.json"))
+    # metrics.json describes this run's model only if evaluate ran, was up to date, or failed a gate
+    evaluated = any(o["stage"] == "evaluate" for o in outcomes) or (failure is not None and failure.stage == "evaluate")
+    metrics = _read_json(reports / "metrics.json") if evaluated else None
+    if failure is not None:
+        outcome = failure_outcome(failure.stage, failure.error, gates, failure.error_type)
+    else:
+        outcome = headline(outcomes, register, dataset.get("changes"))
+    md = render_summary(outcomes=outcomes, dataset=dataset, gates=gates if evaluated else None, register=register,
+                        links=links, push=push, wall_seconds=time.perf_counter() - t0,
+                        failure=None if failure is None else str(failure), planned=planned, metrics=metrics,
+                        outcome=outcome)
+    create_markdown_artifact(md, key="medclf-retrain-summary", description=outcome)
+    rows = metrics_table(metrics)
     if rows:
-        create_table_artifact(rows, key="medclf-metrics", description="reports/metrics.json of this run")
-    return {"register": register, "gates": gates, "dataset": dataset, "links": links, "markdown": md}
+        create_table_artifact(rows, key="medclf-metrics",
+                              description="reports/metrics.json at 3 decimals (95 % CIs; counts as integers)")
+    return {"register": register, "gates": gates, "dataset": dataset, "links": links, "markdown": md,
+            "outcome": outcome}
 
 
 @flow(name="medclf-retrain", description="Retrain through DVC: ingest, validate, augment, train, evaluate, "
@@ -182,23 +193,22 @@ def retrain(project_dir: str = ".", until: StageName | None = None, force: bool 
             pushed = _push.with_options(retry_delay_seconds=backoff(retry_delay_seconds, 3))(str(root))
     except StageFailed as err:
         bar.close()
-        _publish(root, s, outcomes, planned, t0, pushed, failure=str(err))
-        _tag_run([f"failed:{err.stage}"] + (["gate-failed"] if err.error_type == "GateFailed" else []))
-        raise
+        facts = _publish(root, s, outcomes, planned, t0, pushed, failure=err)
+        _tag_run(run_tags(outcomes, facts["register"], facts["dataset"], failed_stage=err.stage,
+                          gate_failed=err.error_type == "GateFailed"))
+        log.error("%s", err)
+        # the outcome leads the state message ("gate failed: recall 0.773 < 0.800"), the stage's error follows;
+        # `state.result()` still raises the StageFailed
+        return Failed(message=f"{facts['outcome']}\n{err}", data=err)  # type: ignore[return-value]
     bar.close()
     facts = _publish(root, s, outcomes, planned, t0, pushed, failure=None)
-    line = headline(outcomes, facts["register"], facts["dataset"].get("changes"))
+    line = facts["outcome"]
     log.info("%s (%.1f s)", line, time.perf_counter() - t0)
-    ran = any(o["status"] != "skipped" for o in outcomes)
-    registered = next((o for o in outcomes if o["stage"] == "register" and o["status"] != "skipped"), None)
-    version = (facts["register"] or {}).get("version") if registered else None
-    _tag_run(["retrained" if ran and version is not None else "updated" if ran else "no-change"]
-             + ([f"model-v{version}"] if version is not None else [])
-             + (["new-data"] if ran and (facts["dataset"].get("changes") or {}).get("first") is False else []))
+    _tag_run(run_tags(outcomes, facts["register"], facts["dataset"]))
     result = {"headline": line, "retrained": line != NO_CHANGE, "stages": outcomes, "push": pushed,
               "model": facts["register"], "dataset": facts["dataset"], "links": facts["links"],
               "seconds": round(time.perf_counter() - t0, 2)}
-    # the headline is the run's state message, so the Prefect runs list tells "retrained v2" from "no change"
+    # the headline is the run's state message, so the Prefect runs list tells "challenger v2" from "no change"
     return Completed(message=line, data=result)  # type: ignore[return-value]
 
 

@@ -33,6 +33,15 @@ from pathlib import Path
 from typing import Any
 
 TAIL_LINES = 15
+# Colour codes (MLflow's warnings, tqdm): the Prefect UI shows them as "[33m" noise.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# Start-up chatter relayed at DEBUG, not INFO: absl's pre-init notice and TF/XLA C++ INFO/WARNING lines
+# (`I0000 00:00:17.. port.cc:153] oneDNN ...`: printed before TF_CPP_MIN_LOG_LEVEL is read) and tqdm
+# progress steps short of 100 %. Errors (E/F lines) and everything else stay at INFO.
+_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} \d\d:\d\d:\d+\.\d+ "
+                      r"+\d+ [\w./-]+:\d+\]|To enable the following instructions: |.*\b\d{1,2}%\|.*\| *\d+/\d+ \[)")
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+"""Defaults for stage processes (an explicit setting in the environment wins): no TensorFlow INFO/WARNING lines."""
 # Errors a later attempt can fix: network, throttling, servers down, a killed process.
 _TRANSIENT = re.compile(
     r"cannot (list|read)|unreachable|timed? ?out|connection|temporar|throttl|slowdown|"
@@ -97,7 +106,7 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     `sys.executable` is not resolved on purpose: a venv's `python` is a symlink to the
     base interpreter, and only the unresolved path points at the venv's bin dir.
     """
-    env = dict(os.environ)
+    env = {**QUIET_ENV, **os.environ}
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -231,7 +240,7 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     t_cmd: float | None = None  # DVC echoes "> medclf <stage>" as it starts the command
     t_end: float | None = None  # the stage's JSON result is the command's last output
     for raw in proc.stdout:
-        line = raw.rstrip()
+        line = _ANSI.sub("", raw).rstrip()
         if not line:
             continue
         tail.append(line)
@@ -243,9 +252,9 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
             block.append(line)
             if line == "}":
                 result, block, t_end = _parse_result(block), None, time.perf_counter()
-                log.info("%s | result: %s", stage, json.dumps(result, default=str) if result else "")
+                log.info("%s | result: %s", stage, result_line(result))
         else:
-            log.info("%s | %s", stage, line)
+            log.log(logging.DEBUG if _CHATTER.match(line) else logging.INFO, "%s | %s", stage, line)
     rc = proc.wait()
     lines = list(tail)
     if rc != 0:
@@ -257,6 +266,32 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     own = round(t_end - t_cmd, 2) if t_cmd is not None and t_end is not None else None
     return StageOutcome(stage, status, reason, round(time.perf_counter() - t0, 2), attempt, lines[-TAIL_LINES:],
                         result, own)
+
+
+def result_line(result: dict[str, Any] | None, width: int = 240) -> str:
+    """A stage's JSON result as one short log line: its scalar fields, floats at 3 decimals.
+
+    The full result (kilobytes: per-check details, markdown) stays in the task's return value and
+    the stage's report files; the log only says what happened.
+    """
+    if not result:
+        return "(none)"
+    parts, hidden = [], 0
+    for k, v in result.items():
+        if isinstance(v, bool) or v is None:
+            parts.append(f"{k}={str(v).lower()}")
+        elif isinstance(v, int):
+            parts.append(f"{k}={v}")
+        elif isinstance(v, float):
+            parts.append(f"{k}={v:.3f}")
+        elif isinstance(v, str) and len(v) <= 60 and "\n" not in v:
+            parts.append(f"{k}={v}")
+        else:
+            hidden += 1
+    text = ", ".join(parts)
+    if len(text) > width:
+        text = text[: width - 1] + "…"
+    return text + (f" (+{hidden} structured field(s) in the stage's report)" if hidden else "")
 
 
 def _parse_result(block: list[str]) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from medclf.config import Validate
@@ -43,11 +44,13 @@ def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
 
     suites: dict[str, list[Any]] = defaultdict(list)
 
-    def add(table: str, check: str, exp: type, bound: str, **kwargs: Any) -> None:
+    def add(table: str, check: str, exp: type, bound: str, where: dict[str, str] | None = None,
+            **kwargs: Any) -> None:
         sev = severity[check]
         if sev == "off":
             return
-        suites[table].append(exp(**kwargs, meta={"check": check, "bound": bound},
+        meta = {"check": check, "bound": bound, **({"where": where} if where else {})}
+        suites[table].append(exp(**kwargs, meta=meta,
                                  severity="critical" if sev == "error" else "warning",
                                  notes=f"medclf check `{check}` ({sev}): {CHECKS[check][1]}"))
 
@@ -117,7 +120,8 @@ def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
         add("splits", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual, what, column_A=a, column_B=b)
     for split, (lo, hi) in cfg.split_fraction_bounds.items():
         add("splits", "split_fractions", gxe.ExpectColumnValuesToBeBetween, f"{split}: {lo} ≤ fraction ≤ {hi}",
-            column="fraction", min_value=lo, max_value=hi, row_condition=Column("split") == split)
+            column="fraction", min_value=lo, max_value=hi, row_condition=Column("split") == split,
+            where={"split": split})
     lo, hi = cfg.prevalence_bounds
     add("prevalence", "prevalence_bounds", gxe.ExpectColumnValuesToBeBetween, f"{lo} ≤ share ≤ {hi}",
         column="share", min_value=lo, max_value=hi)
@@ -181,6 +185,11 @@ def run_suites(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], si
             fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 2 * max_examples,
                    "unexpected_index_column_names": INDEX_COLUMNS[table]}
             res = vd.run(batch_parameters={"dataframe": tables[table]}, result_format=fmt)
+            for r in res.results:
+                conf = r.expectation_config
+                seen = conf and _column_summary(tables[table], conf.kwargs or {}, conf.meta or {})
+                if seen and isinstance(r.result, dict):
+                    r.result["medclf_observed"] = seen
             results += [(table, r) for r in res.results]
         if site_dir is not None:
             ctx.build_data_docs(site_names=[SITE])
@@ -188,9 +197,57 @@ def run_suites(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], si
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.3f}"
+    if isinstance(v, np.integer):
+        return str(int(v))
     return str(v)
+
+
+def _column_summary(df: pd.DataFrame, kwargs: dict[str, Any], meta: dict[str, Any]) -> str | None:
+    """What a passing bounded check saw: "fraction 0.647", "gap max 0.012", "orig_height 128–2916".
+
+    GX reports only the offending rows of a column-map expectation, so the observed value of a
+    check that passed is read from the evidence table it ran on (the rows its `meta.where` selects).
+    Expectations restricted by another row condition are left to GX's "0 of N" count.
+    """
+    col = kwargs.get("column")
+    if not col or col not in df.columns or "min_value" not in kwargs and "max_value" not in kwargs:
+        return None
+    where = meta.get("where") or {}
+    if kwargs.get("row_condition") is not None and not where:
+        return None
+    rows = df
+    for key, value in where.items():
+        rows = rows[rows[key] == value]
+    vals = pd.to_numeric(rows[col], errors="coerce").dropna()
+    if vals.empty:
+        return None
+    lo, hi = vals.min(), vals.max()
+    if lo == hi:
+        seen = f"{col} {_fmt(lo)}"
+    elif kwargs.get("min_value") is None:
+        seen = f"{col} max {_fmt(hi)}"
+    elif kwargs.get("max_value") is None:
+        seen = f"{col} min {_fmt(lo)}"
+    else:
+        seen = f"{col} {_fmt(lo)}–{_fmt(hi)}"
+    label = " ".join(str(v) for v in where.values())
+    return f"{label}: {seen}" if label else seen
+
+
+def _passed(table: str, res: dict[str, Any]) -> list[str]:
+    """The observed value of an expectation that passed: the column's values, else GX's own count/value."""
+    parts = []
+    if "unexpected_count" in res and (table in ROW_UNITS or not res.get("medclf_observed")):
+        parts.append(f"{res.get('unexpected_count') or 0} of {res.get('element_count', '?')} "
+                     f"{ROW_UNITS.get(table, 'rows')}")
+    if res.get("medclf_observed"):
+        parts.append(str(res["medclf_observed"]))
+    elif "observed_value" in res:
+        seen = res["observed_value"]
+        parts.append(f"{len(seen)} columns" if isinstance(seen, (list, tuple)) else _fmt(seen))
+    return parts
 
 
 def _examples(table: str, res: dict[str, Any], max_examples: int) -> list[str]:
@@ -240,7 +297,7 @@ def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -
     """Fold expectation results into one CheckResult per check (failed if any expectation failed)."""
     checks = {name: CheckResult(name, sev, status=outcome(sev, False)) for name, sev in severity.items()}
     parts: dict[str, dict[str, list[str]]] = defaultdict(
-        lambda: {"observed": [], "bound": [], "examples": []})
+        lambda: {"observed": [], "bound": [], "examples": [], "passed": []})
     failed: set[str] = set()
     evaluated: set[str] = set()
     for table, r in results:
@@ -257,6 +314,7 @@ def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -
         if meta.get("bound") and meta["bound"] not in p["bound"]:
             p["bound"].append(meta["bound"])
         if r.success and not raised:
+            p["passed"] += _passed(table, res)
             continue
         failed.add(name)
         if raised:
@@ -278,5 +336,5 @@ def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -
         elif name not in evaluated and c.status != OFF:
             c.status, c.observed = SKIPPED, "not evaluated"
         else:
-            c.observed = "ok" if c.status != OFF else None
+            c.observed = "; ".join(dict.fromkeys(p["passed"])) or "ok" if c.status != OFF else None
     return checks

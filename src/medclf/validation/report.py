@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from medclf.validation.checks import FAIL, OFF, PASS, SKIPPED, WARN, CheckResult
@@ -52,7 +53,8 @@ def _cut(text: Any, width: int) -> str:
 
 def console_table(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
     verdict = "PASSED" if summary["passed"] else "FAILED"
-    head = (f"validate: {verdict} — {summary['images']} images {summary['splits']}, "
+    splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+    head = (f"validate: {verdict} — {summary['images']} images ({splits}), "
             f"{summary['n_errors']} error(s), {summary['n_warnings']} warning(s), "
             f"{summary['seconds'].get('total', 0):.1f} s")
     rows = [("check", "severity", "status", "observed", "bound")]
@@ -67,7 +69,7 @@ def console_table(summary: dict[str, Any], checks: dict[str, CheckResult]) -> st
             lines += [f"  - {e}" for e in c.examples]
     if not summary["drift"].get("baseline"):
         lines.append("drift: " + summary["drift"]["note"])
-    lines.append(f"Data Docs: {summary['data_docs']}")
+    lines.append(f"Data Docs: {docs_url(summary['data_docs'])}")
     return "\n".join(lines)
 
 
@@ -107,7 +109,15 @@ def markdown(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
         b = drift["baseline"]
         out.append(f"Against baseline `{b['fingerprint']}` ({b['images']} images, validated {b['created']}).")
         out += ["", "| feature | PSI | KS |", "|---|---|---|"]
-        out += [f"| {f} | {v['psi']:.4f} | {v['ks']:.4f} |" for f, v in drift["intensity"].items()]
-        out.append(f"\nLargest class-share shift: {drift['prevalence_shift_max']:.4f}.")
-    out += ["", f"Data Docs: `{summary['data_docs']}`"]
+        out += [f"| {f} | {v['psi']:.3f} | {v['ks']:.3f} |" for f, v in drift["intensity"].items()]
+        out.append(f"\nLargest class-share shift: {drift['prevalence_shift_max']:.3f}.")
+    out += ["", (f"[Great Expectations Data Docs]({docs_url(summary['data_docs'])}): every expectation with its "
+                 "result (opens from the machine that ran the stage).")]
     return "\n".join(out)
+
+
+def docs_url(location: str) -> str:
+    """A link the reader can click: an http(s) URL as is, a local path as an absolute `file://` URL."""
+    if location.startswith(("http://", "https://", "file://")):
+        return location
+    return Path(location).resolve().as_uri()
