@@ -7,6 +7,7 @@ Every case uses real components: a real `mlflow server`, a real `prefect server`
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,56 @@ def test_s3_object_changed_between_listing_and_reading_fails_the_run_and_a_rerun
     assert hashlib.sha256(new_bytes).hexdigest() in shas  # the new version, never the listed one
     assert hashlib.sha256(_png(_texture(3, 24))).hexdigest() not in shas
     assert json.loads((settings.paths.reports_dir / "ingest" / "summary.json").read_text())
+
+
+# --------------------------------------------------------------------------- MLflow down at train, evaluate, register
+
+
+def test_mlflow_down_at_train_evaluate_and_register_is_retried_then_named_and_the_next_run_completes(
+        make_settings, mlflow_server, monkeypatch, caplog):
+    """A dead tracking URI (nothing listens on the port): train and register retry with exponential backoff,
+    then fail naming the server, before writing anything (no run, no model file, no version); evaluate works
+    offline and says which server it could not reach. With the server back, the same stages complete."""
+    import time
+    import uuid
+
+    import pytest
+
+    from medclf.stages import augment, evaluate, ingest, register, train
+    from medclf.stages.register import RegisterRefused
+    from medclf.tracking import TrackingUnavailable
+    from tests.conftest import free_port
+    from tests.test_flow import TINY, model_versions
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MEDCLF_MLFLOW_ATTEMPTS", "3")
+    monkeypatch.setenv("MEDCLF_MLFLOW_RETRY_DELAY", "0.2")
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    s = make_settings({**TINY, "register": {"model_name": name, "experiment": "medclf-fault-tests"},
+                       "ingest": {"source": {"synthetic": {"n_patients": 24, "images_per_patient": 2,
+                                                           "native_size": 32}}}})
+    ingest.run(s)
+    augment.run(s)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    t0 = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"MLflow tracking server at {dead} is unreachable after 3 attempts"):
+        train.run(s)
+    assert time.monotonic() - t0 >= 0.2 + 0.4  # backoff 0.2 s, then 0.4 s
+    assert sum("retrying in" in r.getMessage() for r in caplog.records) >= 2
+    assert not (s.paths.model_dir / "model.keras").exists() and not (s.paths.model_dir / "train_run.json").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # the server is back: the next run completes
+    train.run(s)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    offline = evaluate.run(s)  # the champion lookup cannot happen: said, and register re-checks it
+    assert f"MLflow server at {dead} unreachable" in json.dumps(offline, default=str)
+    with pytest.raises((TrackingUnavailable, RegisterRefused), match=dead):
+        register.run(s)
+    assert not (s.paths.reports_dir / "register.json").exists()
+    assert model_versions(mlflow_server, name) == []  # nothing (half-)registered
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    evaluate.run(s)
+    out = register.run(s)
+    assert out["created"] and [int(v.version) for v in model_versions(mlflow_server, name)] == [out["version"]]

@@ -22,10 +22,20 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server cannot be reached (after retries)."""
 
 
+RETRY_ENV = ("MEDCLF_MLFLOW_ATTEMPTS", "MEDCLF_MLFLOW_RETRY_DELAY")
+"""Environment overrides of the reachability retries: attempts (at least 1) and the first delay in seconds."""
+
+
 def wait_for_server(uri: str, attempts: int = 5, delay: float = 1.0) -> None:
-    """Fail fast and clearly when an http(s) tracking server is down, instead of a deep stack trace."""
+    """Fail fast and clearly when an http(s) tracking server is down, instead of a deep stack trace.
+
+    `attempts` probes of `/health`, `delay`, 2·`delay`, 4·`delay`… apart (exponential backoff), then a
+    TrackingUnavailable naming the server. MEDCLF_MLFLOW_ATTEMPTS / MEDCLF_MLFLOW_RETRY_DELAY override both.
+    """
     if not uri.startswith(("http://", "https://")):
         return
+    attempts = max(1, int(os.environ.get(RETRY_ENV[0]) or attempts))
+    delay = float(os.environ.get(RETRY_ENV[1]) or delay)
     url = uri.rstrip("/") + "/health"
     last: Exception | None = None
     for i in range(attempts):
@@ -35,7 +45,10 @@ def wait_for_server(uri: str, attempts: int = 5, delay: float = 1.0) -> None:
                     return
         except (urllib.error.URLError, OSError) as err:
             last = err
-        time.sleep(delay * (2**i))
+        if i < attempts - 1:
+            log.warning("MLflow server at %s unreachable (attempt %d/%d): retrying in %.1f s", uri, i + 1, attempts,
+                        delay * (2**i))
+            time.sleep(delay * (2**i))
     raise TrackingUnavailable(
         f"MLflow tracking server at {uri} is unreachable after {attempts} attempts ({last}). "
         "Start it with `bash mlflow/server.sh start` or set MLFLOW_TRACKING_URI.")
