@@ -4,7 +4,9 @@
 # Environment: MLFLOW_PORT (5000), MLFLOW_HOST (127.0.0.1),
 #   MLFLOW_ARTIFACTS_DESTINATION (default mlflow/artifacts; s3://bucket/prefix works, with
 #   MLFLOW_S3_ENDPOINT_URL for MinIO), MLFLOW_BACKEND_STORE_URI (default sqlite; postgresql://... scales out),
-#   MLFLOW_AUTH=1 to enable basic auth (mlflow/basic_auth.ini; change the admin password first!),
+#   MLFLOW_AUTH=1 to enable basic auth (mlflow/basic_auth.ini; change the admin password first! Its users
+#   database goes to MLFLOW_STORE_DIR/basic_auth.db; needs mlflow[auth], i.e. Flask-WTF; the Flask secret is
+#   MLFLOW_FLASK_SERVER_SECRET_KEY, else one kept in MLFLOW_STORE_DIR/flask_secret_key),
 #   MLFLOW_STORE_DIR (default mlflow/store: SQLite file, server log and pid file).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -25,7 +27,18 @@ case "${1:-start}" in
     if up; then echo "MLflow already running at http://$host:$port"; exit 0; fi
     extra=()
     if [ "${MLFLOW_AUTH:-0}" = "1" ]; then
-      export MLFLOW_AUTH_CONFIG_PATH="$here/basic_auth.ini"; extra+=(--app-name basic-auth)
+      # basic_auth.ini's relative sqlite:///mlflow/store/ means "beside the tracking store": rewritten to
+      # $store, so the users database follows MLFLOW_STORE_DIR and does not depend on the current directory
+      sed "s|^database_uri = sqlite:///mlflow/store/|database_uri = sqlite:///$store/|" \
+        "$here/basic_auth.ini" >"$store/basic_auth.ini"
+      export MLFLOW_AUTH_CONFIG_PATH="$store/basic_auth.ini"; extra+=(--app-name basic-auth)
+      # the auth app refuses to start without a Flask secret (CSRF): one per store, created once, kept private
+      if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
+        if [ ! -s "$store/flask_secret_key" ]; then
+          (umask 077; od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$store/flask_secret_key")
+        fi
+        MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$store/flask_secret_key")"; export MLFLOW_FLASK_SERVER_SECRET_KEY
+      fi
     fi
     nohup "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
       --backend-store-uri "$backend" --artifacts-destination "$artifacts" "${extra[@]}" \
