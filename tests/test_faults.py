@@ -166,3 +166,39 @@ def test_mlflow_down_at_train_evaluate_and_register_is_retried_then_named_and_th
     evaluate.run(s)
     out = register.run(s)
     assert out["created"] and [int(v.version) for v in model_versions(mlflow_server, name)] == [out["version"]]
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_during_ingest_keeps_the_previous_dataset_names_the_error_and_leaves_no_staging(tmp_path):
+    """RLIMIT_FSIZE (the kernel's per-file size limit: writes past it fail with EFBIG, as a full disk fails
+    with ENOSPC) on a real `medclf ingest` after a good one: the error names it, the previous dataset and
+    reports are byte-identical, and no staging directory is left."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from tests.conftest import write_params
+    from tests.test_kill import _ingest
+
+    params = write_params(tmp_path, {"ingest": {"source": {"synthetic": {"seed": 1}}}})
+    _ingest(params)
+    before = {p: p.read_bytes() for d in ("data/ingest", "reports/ingest") for p in (tmp_path / d).rglob("*")
+              if p.is_file()}
+    params = write_params(tmp_path, {"ingest": {"source": {"synthetic": {"seed": 2}}}})  # a new release
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, 16_000))
+
+    medclf = str(Path(sys.executable).with_name("medclf"))
+    out = subprocess.run([medclf, "--params", str(params), "ingest"], check=False, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=small_files)
+    assert out.returncode != 0
+    assert "File too large" in out.stderr or "EFBIG" in out.stderr or "No space" in out.stderr, out.stderr[-2000:]
+    after = {p: p.read_bytes() for d in ("data/ingest", "reports/ingest") for p in (tmp_path / d).rglob("*")
+             if p.is_file()}
+    assert after == before
+    debris = [p for d in ("data", "reports") for p in (tmp_path / d).iterdir() if p.name.endswith(".staging")]
+    assert debris == []
