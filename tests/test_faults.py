@@ -1,7 +1,9 @@
 """Issue 12: the fault matrix, end to end, and the inverted-image input (row 8).
 
-Every case uses real components: a real `mlflow server`, a real `prefect server`, DVC, moto for S3, the
-`medclf` CLI in subprocesses where a process dies. Tiny images and the small from-scratch net keep it cheap.
+Every case uses real components: a real `mlflow server`, moto's S3 server, the `medclf` CLI in a subprocess
+where the kernel must refuse a write. Tiny images and the small from-scratch net keep it cheap. Not covered
+yet (docs/RELIABILITY.md): a Prefect API restart, disk full in the model save and a DVC push, SIGKILL of the
+stages after ingest, a corrupted DVC cache entry.
 """
 
 from __future__ import annotations
