@@ -50,9 +50,45 @@ def _expected_labels(proba: np.ndarray, meta: dict, threshold: float) -> list[st
     return [meta["classes"][pos] if p[pos] >= threshold else meta["classes"][1 - pos] for p in proba]
 
 
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _grey_square_reference(data: bytes, size: int = 32) -> np.ndarray:
+    """A square image file as the model's (size, size, 1) grey input, written out here with PIL alone (no
+    medclf code): decoded, ITU-R 601 luma, scaled bilinearly; pad and crop agree on a square image."""
+    img = Image.open(io.BytesIO(data)).convert("L")
+    assert img.size[0] == img.size[1] and size == 32
+    return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))[..., None]
+
+
+def _wide_80x60_reference(data: bytes, mode: str) -> np.ndarray:
+    """An 80x60 (WxH) image file as the model's 32x32x1 grey input, by the ingest geometry written out here
+    with PIL alone for this one shape: pad = scaled to 32x24 and letterboxed with black on rows 4..27;
+    crop = the centre 60x60 (columns 10..69) scaled to 32x32."""
+    img = Image.open(io.BytesIO(data)).convert("L")
+    assert img.size == (80, 60)
+    out = np.zeros((32, 32, 1), np.uint8)
+    if mode == "pad":
+        out[4:28, :, 0] = np.asarray(img.resize((32, 24), Image.Resampling.BILINEAR))
+    elif mode == "crop":
+        out[..., 0] = np.asarray(img.crop((10, 0, 70, 60)).resize((32, 32), Image.Resampling.BILINEAR))
+    else:
+        raise AssertionError(mode)
+    return out
+
+
+def _full_range(img: np.ndarray) -> np.ndarray:
+    """The image with one black and one white pixel: the DICOM min-max VOI then maps 16*v back to v exactly."""
+    out = img.copy()
+    out[0, 0], out[-1, -1] = 0, 255
+    return out
+
+
 def test_predict_files_folders_dicom_match_in_process_model(registered, tmp_path):
     from medclf.predict import predict_paths
-    from medclf.serving import ServingConfig, prepare
 
     r = registered
     x, model, meta = r["x"][:6], r["model"], r["meta"]
@@ -61,9 +97,8 @@ def test_predict_files_folders_dicom_match_in_process_model(registered, tmp_path
     for i, img in enumerate(x):  # exact-size PNGs: the reference needs no serving code at all
         Image.fromarray(img[..., 0]).save(folder / f"img{i}.png")
     big = np.asarray(Image.fromarray(x[0][..., 0]).resize((80, 60)).convert("RGB"))  # other size + RGB
-    Image.fromarray(big).save(tmp_path / "in" / "big_rgb.jpg", quality=95)
-    dimg = x[1].copy()
-    dimg[0, 0], dimg[-1, -1] = 0, 255  # full range, so the DICOM min-max VOI maps 16*v back to v
+    (tmp_path / "in" / "big_rgb.jpg").write_bytes(_jpeg(big))
+    dimg = _full_range(x[1])
     raw16 = dimg[..., 0].astype(np.uint16) * 16  # a 12-bit DICOM of a test image
     (tmp_path / "in" / "scan.dcm").write_bytes(make_dicom(raw16))
     (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -85,17 +120,15 @@ def test_predict_files_folders_dicom_match_in_process_model(registered, tmp_path
     assert by_name.loc[[f"img{i}.png" for i in range(6)], "label"].tolist() == \
         _expected_labels(ref, meta, r["threshold"])
     np.testing.assert_allclose(by_name.loc[["single.png"], cols].to_numpy(), ref[2:3], atol=ATOL)
-    # resized RGB JPEG and DICOM: the ingest geometry (to_channels + fit_square), then the model
-    cfg = ServingConfig(classes=meta["classes"], positive_class=meta["positive_class"], threshold=r["threshold"],
-                        image_size=meta["image_size"], channels=meta["channels"], resize=r["settings"].ingest.resize)
-    from medclf.dicom import decode_dicom
-    from medclf.images import decode_image
-
-    jpg = prepare(decode_image((tmp_path / "in" / "big_rgb.jpg").read_bytes(), 10**8), cfg)
-    dcm = prepare(decode_dicom((tmp_path / "in" / "scan.dcm").read_bytes()), cfg)
-    np.testing.assert_array_equal(dcm, dimg)  # 12-bit min-max back to the same 8-bit image
-    ref2 = _reference(model, np.stack([jpg, dcm]))
+    # resized RGB JPEG and DICOM, against inputs computed here without serving code: the JPEG letterboxed by
+    # hand (ingest.resize), the DICOM's display image is the 8-bit test image it was made from
+    mode = r["settings"].ingest.resize
+    jpg_bytes = (tmp_path / "in" / "big_rgb.jpg").read_bytes()
+    ref2 = _reference(model, np.stack([_wide_80x60_reference(jpg_bytes, mode), dimg]))
     np.testing.assert_allclose(by_name.loc[["big_rgb.jpg", "scan.dcm"], cols].to_numpy(), ref2, atol=ATOL)
+    # the check can tell the resize modes apart on this image (pad and crop give other probabilities)
+    other = _reference(model, _wide_80x60_reference(jpg_bytes, "crop" if mode == "pad" else "pad")[None])
+    assert np.abs(other - ref2[:1]).max() > 100 * ATOL
     broken = by_name.loc["broken.png"]
     assert "DecodeError" in broken["error"] and np.isnan(broken[cols[0]])
     assert (df["threshold"] == r["threshold"]).all()
@@ -136,14 +169,28 @@ def test_served_endpoint_matches_in_process_model(registered, tmp_path):
         # pixel arrays (nested lists), dataframe_records
         recs = invoke(url, {"dataframe_records": [{"image": img[..., 0].tolist()} for img in x[:2]]})
         np.testing.assert_allclose([[p[c] for c in cols] for p in recs["predictions"]], ref[:2], atol=ATOL)
-        # a larger JPEG, base64: resized by the pyfunc like ingest does
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(Image.fromarray(x[0][..., 0]).resize((64, 64)))).save(buf, format="JPEG")
-        one = invoke(url, image_payload([base64.b64encode(buf.getvalue()).decode()]))["predictions"][0]
-        assert 0.0 <= one[cols[0]] <= 1.0 and abs(sum(one[c] for c in cols) - 1.0) < 1e-5
         # bad input: a clear 4xx naming the row and the reason, not a 500 stack trace
         with pytest.raises(RuntimeError, match=r"HTTP 4\d\d.*row 1.*base64"):
             invoke(url, image_payload([png_b64(x[0]), "not base64 at all!"]))
+        # base64 JPEG and DICOM files (what the README says the endpoint accepts), against inputs computed here
+        # without serving code: a 64x64 grey JPEG and an 80x60 RGB JPEG, resized by the pyfunc like ingest
+        # does; 12-bit DICOMs, MONOCHROME2 and MONOCHROME1 (inverted), whose display image is the test image
+        grey64 = _jpeg(np.asarray(Image.fromarray(x[0][..., 0]).resize((64, 64))))
+        wide = _jpeg(np.asarray(Image.fromarray(x[2][..., 0]).resize((80, 60)).convert("RGB")))
+        dimg = _full_range(x[3])
+        mono2 = make_dicom(dimg[..., 0].astype(np.uint16) * 16)
+        mono1 = make_dicom((255 - dimg[..., 0]).astype(np.uint16) * 16, photometric="MONOCHROME1")
+        files = [grey64, wide, mono2, mono1]
+        preds = invoke(url, image_payload([base64.b64encode(f).decode() for f in files]))["predictions"]
+        mode = r["settings"].ingest.resize
+        expected = np.stack([_grey_square_reference(grey64), _wide_80x60_reference(wide, mode), dimg, dimg])
+        ref_files = _reference(model, expected)
+        np.testing.assert_allclose([[p[c] for c in cols] for p in preds], ref_files, atol=ATOL)
+        assert [p["label"] for p in preds] == _expected_labels(ref_files, meta, r["threshold"])
+        # ... and the check can tell: the other resize mode, or a DICOM left un-inverted, would differ
+        wrong = _reference(model, np.stack([_wide_80x60_reference(wide, "crop" if mode == "pad" else "pad"),
+                                            255 - dimg]))
+        assert (np.abs(wrong - ref_files[[1, 3]]).max(axis=1) > 100 * ATOL).all()
 
 
 # ----------------------------------------------------------------------------- resize mode (fast, no training)
@@ -172,10 +219,10 @@ class _Recorder:
 def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make_settings, mode):
     """Serving applies exactly the ingest geometry (`ingest.resize`), also to images not at the model's size.
 
-    The expected arrays come from ingest itself (what the model was trained on), and for `pad` also from a
-    hand-computed letterbox, never from `serving.prepare`.
+    The expected arrays come from ingest itself (what the model was trained on) and from the geometry written
+    out by hand with PIL (`_wide_80x60_reference`), never from `serving.prepare`.
     """
-    from medclf.serving import MedclfModel, ServingConfig, prepare
+    from medclf.serving import MedclfModel, ServingConfig
     from medclf.stages import ingest
     from medclf.stages.ingest import load_split
 
@@ -203,9 +250,11 @@ def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make
     for j, row in m.iterrows():
         trained_on = load_split(s.paths.ingest_dir, row.split, mmap=False)[0][row.row]
         np.testing.assert_array_equal(seen[j], trained_on, err_msg=f"{names[j]}: predict != ingest ({mode})")
-    # the two modes really differ on this image, so the check above can tell them apart
+        # ... and equals the geometry written out by hand (PIL alone) for this 80x60 shape
+        np.testing.assert_array_equal(seen[j], _wide_80x60_reference(files[names[j]], mode), err_msg=names[j])
+    # the two modes really differ on this image, so the checks above can tell them apart
     other = "crop" if mode == "pad" else "pad"
-    assert not np.array_equal(prepare(files[names[0]], cfg, resize=other), seen[0])
+    assert not np.array_equal(_wide_80x60_reference(files[names[0]], other), seen[0])
     if mode == "pad":  # 80×60 → 32×24 letterboxed: rows 0..3 and 28..31 are black, the image is not
         pad = (size - round(60 * size / 80)) // 2
         assert pad == 4 and not seen[:, :pad].any() and not seen[:, size - pad:].any()

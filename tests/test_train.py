@@ -51,6 +51,33 @@ sys.exit(rc)
 """
 
 
+# Records, inside the JAX training process, what data parallelism actually did: the sharding of the batches
+# Keras hands to the train step (keras' JAX trainer puts every batch through `_distribute_data`) and of the
+# model's variables after each fit; written to sharding.json at exit.
+SHARDING_PROBE = """
+import atexit, json
+from keras.src.backend.jax import trainer as _jt
+_seen = {"batches": [], "fits": []}
+_distribute = _jt._distribute_data
+def _probe_distribute(data, layouts=None):
+    out = _distribute(data, layouts)
+    if len(_seen["batches"]) < 3:
+        x = out[0]
+        _seen["batches"].append({"shape": list(x.shape), "shards": sorted(
+            [str(sh.device), list(sh.data.shape), sh.index[0].start or 0] for sh in x.addressable_shards)})
+    return out
+_jt._distribute_data = _probe_distribute
+_fit = _jt.JAXTrainer.fit
+def _probe_fit(self, *args, **kwargs):
+    out = _fit(self, *args, **kwargs)
+    _seen["fits"].append([{"path": v.path, "replicated": bool(v.value.sharding.is_fully_replicated),
+                           "devices": sorted(str(d) for d in v.value.sharding.device_set)} for v in self.variables])
+    return out
+_jt.JAXTrainer.fit = _probe_fit
+atexit.register(lambda: open("sharding.json", "w").write(json.dumps(_seen)))
+"""
+
+
 def _backbone_file(path: Path, seed: int = 3, alpha: float = 0.35) -> Path:
     """A 'pretrained' backbone weights file, made here (random init, fixed seed)."""
     import keras
@@ -371,7 +398,8 @@ def test_jax_backend_without_tf_or_mlflow_trains_data_parallel_on_two_devices(tm
     augment.run(s)
     # As on the GPU box (keras + jax, no TensorFlow, no MLflow): both imports are made to fail, and a
     # configured-but-dead tracking URI must not matter when mlflow is not installed.
-    out = subprocess.run([sys.executable, "-c", NO_TF_NO_MLFLOW], cwd=tmp_path, capture_output=True, text=True,
+    script = NO_TF_NO_MLFLOW.replace("from medclf.cli import main", SHARDING_PROBE + "from medclf.cli import main")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                          timeout=900, check=False, env=_env(
                              KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2",
                              MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
@@ -389,3 +417,16 @@ def test_jax_backend_without_tf_or_mlflow_trains_data_parallel_on_two_devices(tm
     x_val = np.load(s.paths.ingest_dir / "val_images.npy")
     jax_pred = np.load(tmp_path / "jax_val_pred.npy")
     assert np.allclose(model.predict(x_val, verbose=0), jax_pred, atol=1e-4), "TF and JAX predictions differ"
+    # what really happened, not the stage's own report: every training batch is split along the batch axis,
+    # half on each device; every variable (weights, BatchNorm statistics) is a full copy on both devices
+    seen = json.loads((tmp_path / "sharding.json").read_text())
+    devices = sorted(res["devices"])
+    assert seen["batches"], "no batch went through Keras' data distribution"
+    for batch in seen["batches"]:
+        assert batch["shape"][0] == 16  # train.batch_size
+        assert batch["shards"] == [[devices[0], [8, *batch["shape"][1:]], 0],
+                                   [devices[1], [8, *batch["shape"][1:]], 8]], batch
+    assert seen["fits"] and all(seen["fits"])
+    for variables in seen["fits"]:
+        odd = [v for v in variables if not (v["replicated"] and v["devices"] == devices)]
+        assert not odd, odd[:3]
