@@ -159,6 +159,7 @@ def test_source_location(source, where):
     ("s3://b/x/raw", "s3://b/raw", False),
     ("s3://b/rawX", "s3://b/rawX", True),
     ("s3://b/raw/X", "s3://b/raw/X", True),
+    ("s3://b/raw ", "s3://b/raw", False),  # another name (trailing space), not the folder itself
     # an s3:// path is never under a local root, nor the reverse: as local paths both would normalise to
     # the same "s3:/b/raw/..." folder
     ("s3://b/raw/x", "s3:/b/raw", False),

@@ -339,9 +339,9 @@ def test_gates_accept_pydantic_settings() -> None:
 def test_bad_input_errors_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match="equal-length, non-empty 1-D"):
         M.binary_metrics(np.array([[0, 1]]), np.array([[0.1, 0.2]]), 0.5)  # 2-D, though shapes agree
-    with pytest.raises(ValueError, match="only 0/1 labels"):
+    with pytest.raises(ValueError, match=r"^y_true must contain only 0/1 labels$"):
         M.binary_metrics(np.array([0, 2]), np.array([0.1, 0.2]), 0.5)
-    with pytest.raises(ValueError, match=r"finite and within \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"^probabilities must be finite and within \[0, 1\]$"):
         M.binary_metrics(np.array([0, 1]), np.array([0.1, 1.2]), 0.5)
     for n, alpha in ((-1, 0.05), (10, 0.0), (10, 1.0), (10, 1.5)):
         with pytest.raises(ValueError, match="need n >= 0 resamples and alpha in"):
@@ -511,7 +511,7 @@ def test_choose_threshold_defaults_validation_and_report() -> None:
     ok = M.choose_threshold(np.array([1, 1, 0]), np.array([0.9, 0.4, 0.6]), "youden")  # one negative is enough
     assert ok["threshold"] == 0.9
     for y in (np.zeros(4, dtype=int), np.ones(4, dtype=int)):
-        with pytest.raises(ValueError, match="must contain both classes"):
+        with pytest.raises(ValueError, match="^validation data must contain both classes to choose a threshold$"):
             M.choose_threshold(y, np.linspace(0, 1, 4), "youden")
     for target in (0.0, 1.0001, 1.5):
         with pytest.raises(ValueError, match=r"target_sensitivity must be in \(0, 1\]"):
@@ -546,3 +546,35 @@ def test_non_inferiority_entries_margin_zero_and_missing_metrics() -> None:
     # the candidate lacks recall (NaN): it fails instead of crashing
     missing = M.evaluate_gates({"f1": 0.9}, {**GATES, "min_recall": 0.0}, champ)
     assert not missing["passed"] and [e["passed"] for e in missing["non_inferiority"]["entries"]] == [True, False]
+
+
+def test_paired_difference_is_a_minus_b_at_each_models_threshold() -> None:
+    """Challenger (A) minus champion (B) on the same rows; the paired CI is the loop over shared resamples."""
+    y, a = _data(n=200, seed=15, decimals=None)
+    b = np.clip(a + np.random.default_rng(16).normal(0, 0.25, a.size), 0, 1)
+    keys = ["roc_auc", "f1", "specificity"]
+    got = M.paired_difference_ci(y, a, 0.5, b, 0.4, keys, n_boot=40, seed=9, alpha=0.1)
+    assert list(got) == keys
+    ma, mb = M.binary_metrics(y, a, 0.5), M.binary_metrics(y, b, 0.4)
+    for k in keys:
+        diffs = [M.binary_metrics(y[i], a[i], 0.5)[k] - M.binary_metrics(y[i], b[i], 0.4)[k]
+                 for i in M._resample_indices(y.size, 40, 9)]
+        assert got[k] == pytest.approx({"a": ma[k], "b": mb[k], "diff": ma[k] - mb[k],
+                                        "ci_low": np.quantile(diffs, 0.05), "ci_high": np.quantile(diffs, 0.95)},
+                                       abs=1e-12), k
+    assert got["roc_auc"]["diff"] > 0.05  # A is the better ranker: the sign is A minus B
+    assert all(type(v) is float for d in got.values() for v in d.values())
+
+
+def test_paired_difference_blocks_no_bootstrap_and_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    y, a = _data(n=120, seed=17)
+    b = a[::-1].copy()
+    whole = M.paired_difference_ci(y, a, 0.5, b, 0.5, ["recall", "pr_auc"], n_boot=7, seed=1)
+    monkeypatch.setattr(M, "_CHUNK_ELEMS", 360)  # 3 resamples per block: 3, 3 and 1
+    assert M.paired_difference_ci(y, a, 0.5, b, 0.5, ["recall", "pr_auc"], n_boot=7, seed=1) == whole
+    none = M.paired_difference_ci(y, a, 0.5, b, 0.5, ["recall"], n_boot=0, seed=1)["recall"]
+    assert math.isnan(none["ci_low"]) and math.isnan(none["ci_high"]) and not math.isnan(none["diff"])
+    with pytest.raises(ValueError, match="finite and within"):
+        M.paired_difference_ci(y, a, 0.5, b + 1, 0.5, ["recall"], n_boot=5, seed=1)  # B is checked too
+    with pytest.raises(ValueError, match="need n >= 0"):
+        M.paired_difference_ci(y, a, 0.5, b, 0.5, ["recall"], n_boot=-1, seed=1)
