@@ -5,10 +5,13 @@ real MLflow server storing its artifacts on that S3, real `dvc repro` of every s
 synthetic data, real Keras training. The main project is the production-like configuration,
 so one pipeline run covers both the flow and S3 end to end (the suite must stay short on 2
 cores): raw PNGs in a bucket, the DVC remote on S3 (credentials only in `.dvc/config.local`),
-MLflow artifacts on S3. The tests sharing it run in order: full run with a killed and resumed
-training → S3 checks and a `dvc pull` in a fresh clone → unchanged rerun → GPU dispatch without
-a worker → failing gate. S3 failure modes (transient errors, traversal keys, server down) are
-in test_s3.py.
+MLflow artifacts on S3. The tests sharing it run in order: full run → S3 checks and a `dvc pull`
+in a fresh clone → unchanged rerun → GPU dispatch without a worker → failing gate. S3 failure
+modes (transient errors, traversal keys, server down) are in test_s3.py.
+
+A second, smaller checkout of its own (`small_project`: synthetic phantoms, no S3) holds the tests
+that each run alone: a SIGKILLed training resumed by the flow's retry, its backup discarded when
+the params change, and `dvc repro` against the flow recording the same `dvc.lock`.
 """
 
 from __future__ import annotations
@@ -198,20 +201,39 @@ def project(tmp_path_factory, s3_server, mlflow_s3, prefect_api):
                "bucket": bucket, "client": client, "images": images, "tmp": tmp}
 
 
-class TrainKiller:
-    """SIGKILL the real `medclf train` process once, right after it finished training phase 1.
+def backed_up_epochs(phase_dir: Path, since: float = 0.0) -> int | None:
+    """How many epochs Keras' BackupAndRestore has saved in `phase_dir` (its `training_metadata.json`
+    holds the next epoch to run), or None when no backup written at or after `since` is there yet."""
+    meta = phase_dir / "training_metadata.json"
+    try:
+        if meta.stat().st_mtime < since:
+            return None
+        return int(json.loads(meta.read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not written yet, or caught while Keras rewrites it
 
-    The signal is the trigger: `phase1_end.npz` is written atomically by the train stage when
-    phase 1 (head) is done, so a correct resume continues with phase 2 instead of epoch 0.
-    Only this test process's own descendants are looked at (the flow runs in-process and DVC
-    runs the stage as a grandchild), so nothing else is ever signalled.
+
+class TrainKiller:
+    """SIGKILL the real `medclf train` process once, mid-training, right after BackupAndRestore saved
+    its first epoch (a backup written at or after `since`, so a stale backup of an earlier run is no trigger).
+
+    Only this test process's own descendants are looked at (the flow runs in-process and DVC runs the
+    stage as a grandchild; a `medclf train` the test starts itself is a child), so nothing else is ever
+    signalled. Once the killed process is gone, what it left for the retry is recorded: the number of
+    backed-up epochs (`epochs`), the resume state (`state`) and the per-epoch history rows (`history`).
     """
 
-    def __init__(self, marker: Path) -> None:
-        self.marker, self.killed_pid, self.stop = marker, None, threading.Event()
+    def __init__(self, backup: Path, since: float) -> None:
+        self.backup, self.since = backup, since
+        self.killed_pid: int | None = None
+        self.epochs: int | None = None
+        self.state: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
-    def _train_pid(self) -> int | None:
+    @staticmethod
+    def _train_pid() -> int | None:
         import psutil
 
         for p in psutil.Process().children(recursive=True):
@@ -224,13 +246,27 @@ class TrainKiller:
         return None
 
     def _watch(self) -> None:
+        import psutil
+
         while not self.stop.is_set():
             pid = self._train_pid()
-            if pid and self.marker.exists():
+            if pid and (backed_up_epochs(self.backup / "phase1", self.since) or 0) >= 1:
                 os.kill(pid, signal.SIGKILL)
                 self.killed_pid = pid
+                deadline = time.time() + 30
+                while time.time() < deadline:  # dead; not reaped here (its parent reads its exit status)
+                    try:
+                        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                            break
+                    except psutil.NoSuchProcess:
+                        break
+                    time.sleep(0.05)
+                self.epochs = backed_up_epochs(self.backup / "phase1")
+                self.state = json.loads((self.backup / "state.json").read_text())
+                rows = (self.backup / "history.jsonl").read_text().splitlines()
+                self.history = [json.loads(r) for r in rows if r.strip()]
                 return
-            time.sleep(0.2)
+            time.sleep(0.05)
 
     def __enter__(self) -> Self:
         self.thread.start()
@@ -238,23 +274,19 @@ class TrainKiller:
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
-        self.thread.join(5)
+        self.thread.join(40)
 
 
 # --------------------------------------------------------------------------- tests
-def test_full_flow_registers_challenger_and_resumes_killed_training(project):
+def test_full_flow_registers_challenger(project):
     checkout, model = project["checkout"], project["model"]
-    with TrainKiller(checkout / ".cache/train_backup/phase1_end.npz") as killer:
-        state = run_flow(checkout)
+    state = run_flow(checkout)
     assert state.is_completed(), state.message
     result = state.result()
     stages = {o["stage"]: o for o in result["stages"]}
     assert [o["stage"] for o in result["stages"]] == ["ingest", "validate", "augment", "train", "evaluate",
                                                      "register"]
     assert all(o["status"] == "ran" for o in stages.values()), stages
-    # the killed training attempt was retried and resumed rather than restarted
-    assert killer.killed_pid is not None, "training finished before the backup appeared; nothing was killed"
-    assert stages["train"]["attempt"] == 2, stages["train"]
     # a challenger exists in the real registry, and the flow reports the same version
     reg = json.loads((checkout / "reports/register.json").read_text())
     versions = model_versions(project["mlflow"], model)
@@ -284,24 +316,6 @@ def test_full_flow_registers_challenger_and_resumes_killed_training(project):
     assert {"medclf:retrained", f"medclf:model-v{reg['version']}"} <= set(run_tags(state.state_details.flow_run_id))
     assert state.message == result["headline"]
     project["version"] = reg["version"]
-    project["resume"] = stages["train"]
-
-
-def test_killed_training_resumed_from_backup(project):
-    """The retry continued after the finished head phase instead of starting over at epoch 0."""
-    outcome = project.get("resume")
-    if outcome is None:
-        pytest.skip("needs the full run")
-    res = outcome.get("result") or {}
-    assert res.get("attempt") == 2, res
-    executed = res.get("epochs_executed_this_attempt")
-    # epoch 0 (phase 1) was not trained again; depending on when the kill landed, the retry ran
-    # phase 2's epoch 1 or (killed after the last epoch, while exporting) no epoch at all
-    assert executed in ([1], []), res
-    assert res.get("resumed_from_epoch") == (1 if executed else None), res
-    assert res.get("epochs_run") == 2, res
-    train_run = json.loads((project["checkout"] / "models/train_run.json").read_text())
-    assert train_run["run_id"] == res["run_id"]  # one MLflow run across both attempts
 
 
 def test_s3_end_to_end_data_remote_and_mlflow_artifacts(project):
@@ -385,6 +399,130 @@ def test_failing_gate_fails_flow_without_new_version(project):
     # the gate is deterministic: evaluate ran once, never retried
     assert outcomes["evaluate"].run_count == 1
     assert {"medclf:failed:evaluate", "medclf:gate-failed"} <= set(run_tags(state.state_details.flow_run_id))
+
+
+# --------------------------------------------------------------------------- a small checkout of its own
+RESUME_EPOCHS = 6  # weights: none trains from scratch in one phase of head_epochs + finetune_epochs
+SMALL_TRAIN = {"head_epochs": 1, "finetune_epochs": RESUME_EPOCHS - 1}
+UP_TO_AUGMENT = ("ingest", "validate", "augment")
+
+
+@pytest.fixture(scope="module")
+def small_project(tmp_path_factory, mlflow_server, prefect_api):
+    """A checkout of tiny synthetic phantoms (no S3), run by the flow up to augment; and a pristine copy
+    of it taken before that run (`template`), for a run of the same checkout by other means."""
+    tmp = tmp_path_factory.mktemp("small")
+    template = make_checkout(tmp / "template", {"paths": {"raw_data": "data/raw"}, "train": SMALL_TRAIN,
+                                                "register": {"model_name": f"small-{uuid.uuid4().hex[:8]}"}})
+    checkout = tmp / "checkout"
+    shutil.copytree(template, checkout, symlinks=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.delenv(GPU_ENV, raising=False)
+        state = run_flow(checkout, until="augment", push=False)
+        assert state.is_completed(), state.message
+        yield {"template": template, "checkout": checkout, "tmp": tmp,
+               "flow_lock": yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]}
+
+
+def test_killed_training_resumes_and_a_params_change_discards_the_backup(small_project):
+    """docs/ORCHESTRATION.md, "Training resumes instead of restarting" (and its backup of another configuration
+    is discarded), with real SIGKILLs of `medclf train` mid-training:
+
+    1. a training started by hand is killed after its first backed-up epoch; then `train.seed` changes;
+    2. the flow's training must not resume that backup: it starts again at epoch 0 (attempt 1, a new
+       MLflow run), and is itself killed after its first backed-up epoch(s);
+    3. the flow's retry resumes it: it runs only the epochs not backed up, in the same MLflow run.
+    """
+    checkout = small_project["checkout"]
+    backup = checkout / ".cache/train_backup"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # 1. killed by hand, mid-training, leaving a backup of the seed-1234 configuration
+    with open(small_project["tmp"] / "train-by-hand.log", "w") as log, TrainKiller(backup, since=0.0) as first:
+        proc = subprocess.Popen([str(BIN / "medclf"), "train"], cwd=checkout, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(600)
+        finally:
+            stop_process(proc)
+    assert rc == -signal.SIGKILL and first.killed_pid == proc.pid, (
+        f"`medclf train` was not killed after a backed-up epoch (rc {rc}; no BackupAndRestore backup in {backup}?):\n"
+        + (small_project["tmp"] / "train-by-hand.log").read_text()[-3000:])
+    assert first.epochs is not None and 1 <= first.epochs < RESUME_EPOCHS, first.epochs
+    assert first.state["attempt"] == 1 and first.state["run_id"], first.state
+    assert not (checkout / "models/model.keras").exists()
+    set_params(checkout, {"train": {"seed": 99}})  # between the kill and the retry, the params change
+    try:
+        # 2. + 3. the flow: its attempt 1 is killed in turn once it has backed up an epoch of its own
+        with TrainKiller(backup, since=time.time()) as second:
+            state = run_flow(checkout, until="train", push=False)
+    finally:
+        set_params(checkout, {"train": {"seed": TINY_SEED}})
+    assert state.is_completed(), state.message
+    assert second.killed_pid is not None and second.epochs is not None, "the flow's training was never killed"
+    assert second.epochs < RESUME_EPOCHS, f"the kill landed after the last epoch ({second.epochs}); nothing to resume"
+    # 2. the other configuration's backup was discarded, not resumed: a new fingerprint, attempt 1, a new
+    #    MLflow run, and its history starts at epoch 0 with none of the first run's rows
+    assert second.state["fingerprint"] != first.state["fingerprint"], second.state
+    assert second.state["attempt"] == 1, f"the backup of another configuration was resumed: {second.state}"
+    assert second.state["run_id"] != first.state["run_id"], second.state
+    assert [(r["epoch"], r["attempt"]) for r in second.history] == [(e, 1) for e in range(second.epochs)], (
+        second.history)
+    # 3. the retry resumed from the last backed-up epoch; no finished epoch was trained again
+    (train,) = [o for o in state.result()["stages"] if o["stage"] == "train"]
+    res = train["result"] or {}
+    assert train["status"] == "ran" and train["attempt"] == 2, train
+    assert res["attempt"] == 2 and res["resumed_from_epoch"] == second.epochs, res
+    assert res["epochs_executed_this_attempt"] == list(range(second.epochs, RESUME_EPOCHS)), res
+    assert res["epochs_run"] == RESUME_EPOCHS and res["run_id"] == second.state["run_id"], res
+    epochs = [int(r.split(",")[0]) for r in (checkout / "reports/train/history.csv").read_text().split()[1:]]
+    assert epochs == list(range(RESUME_EPOCHS))
+    assert not backup.exists()  # cleared once the model is saved
+
+
+def lock_fields(lock: dict[str, Any], stages: tuple[str, ...]) -> dict[tuple[str, str, str], Any]:
+    """dvc.lock flattened: (stage, "cmd" | "params" | "deps" | "outs", name) -> value (md5 for files)."""
+    flat: dict[tuple[str, str, str], Any] = {}
+    for stage in stages:
+        entry = lock[stage]
+        flat[(stage, "cmd", "")] = entry["cmd"]
+        for file, params in entry.get("params", {}).items():
+            flat[(stage, "params", file)] = params
+        for kind in ("deps", "outs"):
+            for item in entry.get(kind, []):
+                flat[(stage, kind, item["path"])] = item["md5"]
+    return flat
+
+
+# Reports that record a run's duration or time of day ("seconds", "created", GX's run time): they differ
+# between any two runs, by whichever way; they are metrics, never inputs of training.
+RUN_TIME_REPORTS = {"reports/ingest/summary.json", "reports/validation/summary.json", "reports/validation/site",
+                    ".cache/validation_baseline.json"}
+
+
+def test_medclf_dvc_repro_and_the_flow_record_the_same_dvc_lock(small_project):
+    """README: "The same stage code runs three ways ...". On the same checkout: `medclf ingest` by hand writes
+    the same data but records nothing in dvc.lock; `dvc repro` then writes the dvc.lock the flow wrote
+    (`small_project`): same stages, commands, params, code and data hashes. Only the run-time reports differ."""
+    checkout = small_project["tmp"] / "by-hand"
+    shutil.copytree(small_project["template"], checkout, symlinks=True)
+    run_cmd(checkout, str(BIN / "medclf"), "ingest")
+    from tasks.common import dvc_status
+
+    assert not (checkout / "dvc.lock").exists()  # the stage alone records nothing for DVC,
+    assert dvc_status("ingest", checkout)  # which still calls it stale
+    by_hand = digests(checkout / "data/ingest")
+    run_cmd(checkout, "dvc", "repro", "-q", "augment")
+    assert digests(checkout / "data/ingest") == by_hand  # same code, same data, whichever way runs it
+    repro = lock_fields(yaml.safe_load((checkout / "dvc.lock").read_text())["stages"], UP_TO_AUGMENT)
+    flow = lock_fields(small_project["flow_lock"], UP_TO_AUGMENT)
+    assert repro.keys() == flow.keys()
+    differ = {k for k in repro if repro[k] != flow[k]}
+    assert {k[2] for k in differ} <= RUN_TIME_REPORTS, sorted(differ)
+    # the data every later stage trains on is recorded with identical hashes
+    for out in ("data/ingest", "data/augment"):
+        (key,) = [k for k in repro if k[1] == "outs" and k[2] == out]
+        assert repro[key] == flow[key] and repro[key].endswith(".dir"), key
 
 
 # --------------------------------------------------------------------------- deployments
