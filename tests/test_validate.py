@@ -129,6 +129,10 @@ def clean_runs(tmp_path_factory):
     first = run_validate(tmp, clean_specs())
     baseline_written = (tmp / "cache_dir" / "validation_baseline.json").exists()
     second = validate.run(settings_for(tmp))
+    summary_json = tmp / "reports_dir" / "validation" / "summary.json"
+    summary_second = summary_json.read_bytes()
+    validate.run(settings_for(tmp, drift_psi_max=0.35))  # a validate param that does not change the verdict
+    summary_param_changed = summary_json.read_bytes()
     shifted = clean_specs()
     for split in SPLITS:  # a new release: brighter scans, and 3/4 instead of 1/2 'opacity' in every split
         for s in [s for s in shifted if s["split"] == split and s["label"] == "normal"][::2]:
@@ -136,7 +140,8 @@ def clean_runs(tmp_path_factory):
     for s in shifted:
         s["img"] = np.clip(s["img"].astype(int) + 25, 0, 255).astype(np.uint8)
     drifted = run_validate(tmp, shifted)
-    return {"tmp": tmp, "first": first, "baseline_written": baseline_written, "second": second, "drifted": drifted}
+    return {"tmp": tmp, "first": first, "baseline_written": baseline_written, "second": second, "drifted": drifted,
+            "summary_second": summary_second, "summary_param_changed": summary_param_changed}
 
 
 def test_clean_dataset_passes_without_alarms_and_becomes_the_baseline(clean_runs):
@@ -158,12 +163,20 @@ def test_clean_dataset_passes_without_alarms_and_becomes_the_baseline(clean_runs
     assert second["drift"]["same_dataset"] and second["drift"]["intensity"]["mean"]["psi"] == pytest.approx(0)
 
 
+def test_same_verdict_leaves_the_dvc_metrics_file_byte_identical(clean_runs):
+    """augment depends on reports/validation/summary.json (dvc.yaml): a validate rerun with the same
+    outcome (here a changed drift bound) must not change it, or DVC retrains for nothing. It held the
+    run's seconds, so a validate-only param change made augment, train, evaluate and register stale."""
+    assert clean_runs["summary_param_changed"] == clean_runs["summary_second"]
+    assert b"seconds" not in clean_runs["summary_second"]
+
+
 def test_drift_against_the_last_validated_version_warns(clean_runs):
     result = clean_runs["drifted"]
     assert result["passed"]  # drift warns by default
     assert problems(result) == {"drift_prevalence": "warn", "drift_intensity": "warn"}
     assert result["drift"]["intensity"]["mean"]["psi"] > 0.2 and result["drift"]["prevalence_shift_max"] > 0.1
-    assert "all/opacity (shift=0.25)" in examples(result, "drift_prevalence")
+    assert "all/opacity (shift=0.250)" in examples(result, "drift_prevalence")  # 3 decimals since 852b0b6
     assert "mean (psi=" in examples(result, "drift_intensity")
 
 

@@ -25,14 +25,16 @@ def metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The compact DVC metrics file: numbers (and the failed check names), nothing wordy.
 
     `dvc metrics show/diff` flattens every leaf into a column, so bounds and examples
-    live in the Data Docs site's `checks.json` instead.
+    live in the Data Docs site's `checks.json` instead. No timings: augment depends on this
+    file, so it must change only when the verdict or the data does (a rerun of validate with
+    the same outcome must not retrain); the seconds are in `checks.json`.
     """
     drift = summary["drift"]
     out: dict[str, Any] = {
         "passed": summary["passed"], "n_errors": summary["n_errors"], "n_warnings": summary["n_warnings"],
         "errors": summary["errors"], "warnings": summary["warnings"], "images": summary["images"],
         "splits": summary["splits"], "offending": {n: c["count"] for n, c in summary["checks"].items()},
-        "leakage": summary["leakage"]["counts"], "seconds": summary["seconds"]["total"]}
+        "leakage": summary["leakage"]["counts"]}
     if drift.get("baseline"):
         out["drift"] = {**{f"psi_{f}": v["psi"] for f, v in drift["intensity"].items()},
                         "prevalence_shift_max": drift["prevalence_shift_max"]}
