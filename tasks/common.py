@@ -197,6 +197,66 @@ def in_lock(stage: str, root: Path) -> bool:
     return stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {})
 
 
+def _md5(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def corrupted_outputs(stage: str, root: Path) -> list[str]:
+    """The files of `stage`'s cached outputs whose bytes do not hash to dvc.lock's md5, each named by its path;
+    their cache objects are removed (so DVC cannot serve them again). [] when every byte matches.
+
+    DVC trusts a cache object whose size and mtime are unchanged (its state database), so a corrupted
+    object with its old mtime (bit rot, a bad copy that kept times) is copied out by `dvc checkout` and by
+    `dvc repro`'s run-cache restore, and `dvc status` then agrees. Hashing the restored bytes is the check.
+    """
+    import yaml
+    from dvc.repo import Repo
+
+    entry = ((yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}).get(stage) or {}
+    with Repo(str(root)) as repo:
+        cache = Path(repo.cache.local.path)
+    bad: list[str] = []
+
+    def obj(md5: str) -> Path:
+        return cache / md5[:2] / md5[2:]
+
+    def check(path: Path, md5: str, shown: str) -> None:
+        if not path.is_file() or _md5(path) != md5:
+            bad.append(shown)
+            with contextlib.suppress(OSError):
+                obj(md5).chmod(0o644)
+                obj(md5).unlink()
+
+    for out in entry.get("outs") or []:
+        md5 = str(out.get("md5") or "")
+        if not md5 or out.get("cache") is False:
+            continue
+        path = root / out["path"]
+        if not md5.endswith(".dir"):
+            check(path, md5, out["path"])
+            continue
+        listing = obj(md5)
+        try:
+            files = json.loads(listing.read_bytes()) if _md5(listing) == md5[:-4] else None
+        except (OSError, ValueError):
+            files = None
+        if files is None:  # the directory's own listing object is corrupted
+            bad.append(f"{out['path']} (listing {md5})")
+            with contextlib.suppress(OSError):
+                listing.chmod(0o644)
+                listing.unlink()
+            continue
+        for item in files:
+            check(path / item["relpath"], item["md5"], f"{out['path']}/{item['relpath']}")
+    return bad
+
+
 def _stage_error(stage: str, lines: list[str], returncode: int) -> str:
     """The most telling text: the stage's own `medclf <stage>: Type: message` (all its lines), else DVC's."""
     starts = [i for i, ln in enumerate(lines) if ln.startswith(f"medclf {stage}:")]
@@ -262,6 +322,13 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     cached = any("is cached - skipping run" in ln for ln in lines)
     status = "restored" if cached else "ran"
     if cached:
+        bad = corrupted_outputs(stage, root)
+        if bad:  # DVC copied a cache object whose bytes are not its hash: never hand that on as data
+            log.warning("%s: %d restored file(s) do not match dvc.lock (corrupted DVC cache): %s; the corrupted "
+                        "cache entries were removed, recomputing the stage", stage, len(bad), ", ".join(bad[:5]))
+            again = run_stage_via_dvc(stage, root, force=True, logger=log, env=env, attempt=attempt)
+            again.reason = f"{reason}; its run-cache outputs were corrupted ({', '.join(bad[:5])}): recomputed"
+            return again
         reason += " (outputs restored from DVC's run-cache, not recomputed)"
     own = round(t_end - t_cmd, 2) if t_cmd is not None and t_end is not None else None
     return StageOutcome(stage, status, reason, round(time.perf_counter() - t0, 2), attempt, lines[-TAIL_LINES:],

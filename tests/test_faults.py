@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from medclf.images import fit_square
 from medclf.stages import validate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_process
 
 # --------------------------------------------------------------------------- row 8: an inverted chest X-ray
 
@@ -204,3 +206,333 @@ def test_disk_full_during_ingest_keeps_the_previous_dataset_names_the_error_and_
     assert after == before
     debris = [p for d in ("data", "reports") for p in (tmp_path / d).iterdir() if p.name.endswith(".staging")]
     assert debris == []
+
+
+# --------------------------------------------------------------------------- one pipeline checkout, many faults
+
+# Loaded into every `medclf` process the tests below start (via PYTHONPATH; Python imports `sitecustomize` at
+# start-up). It only picks the moment of a real fault; the fault itself is the kernel's:
+# * MEDCLF_FAULT_KILL=<stage>: the stage process SIGKILLs itself at a fixed point of that stage, its worst
+#   moment (an external kill polled against the stage's files missed short windows on a loaded machine);
+# * MEDCLF_FAULT_FSIZE=<output dir name>:<bytes>: RLIMIT_FSIZE is set when the stage starts writing that
+#   output (a limit from the start would fail training's own, larger, backup files first).
+_FAULT_HOOK = """
+import os, signal, sys
+
+_KILL = os.environ.get("MEDCLF_FAULT_KILL")
+_FSIZE = os.environ.get("MEDCLF_FAULT_FSIZE")
+
+
+def _die(*_a, **_k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _validate(m):  # while Great Expectations runs: the Data Docs staging dir exists, nothing is committed
+    m.run_suites = _die
+
+
+def _augment(m):  # the commit is journaled, nothing swapped in yet
+    m._swap_in = _die
+
+
+def _evaluate(m):  # reports/evaluate committed and plots written; metrics.json and gates.json not yet
+    write_json = m.write_json
+
+    def dying(path, data):
+        if os.path.basename(str(path)) == "metrics.json":
+            _die()
+        return write_json(path, data)
+    m.write_json = dying
+
+
+def _register(m):  # the version exists, READY and tagged; the alias is not set yet
+    m.MlflowClient.set_registered_model_alias = _die
+
+
+def _limit(m):
+    import resource
+
+    name, size = _FSIZE.split(":")
+    new_staging = m._new_staging
+
+    def limited(final):
+        if final.name == name:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(size), int(size)))
+        return new_staging(final)
+    m._new_staging = limited
+
+
+def _after_import(target, patch):
+    import importlib.abc
+
+    class PostImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target_=None):
+            if name != target:
+                return None
+            for finder in sys.meta_path:
+                spec = None if finder is self else finder.find_spec(name, path, target_)
+                if spec is not None:
+                    break
+            else:
+                return None
+            exec_module = spec.loader.exec_module
+
+            def patched(module):
+                exec_module(module)
+                patch(module)
+            spec.loader.exec_module = patched
+            return spec
+
+    sys.meta_path.insert(0, PostImport())
+
+
+_PATCHES = {"validate": ("medclf.validation.gx_suite", _validate), "augment": ("medclf.io", _augment),
+            "evaluate": ("medclf.io", _evaluate), "register": ("mlflow.tracking.client", _register)}
+
+if os.path.basename(sys.argv[0]) == "medclf":
+    if _KILL == "train":  # MEDCLF_TEST_KILL_AFTER_EPOCH exits right after an epoch's backup: make it a SIGKILL
+        os._exit = _die
+    elif _KILL in _PATCHES:
+        _after_import(*_PATCHES[_KILL])
+    if _FSIZE:
+        _after_import("medclf.io", _limit)
+"""
+
+STAGES = ("ingest", "validate", "augment", "train", "evaluate", "register")
+
+
+class Pipeline:
+    """A git + DVC checkout of this pipeline (tiny synthetic data) shared by the tests below, with `medclf`
+    processes carrying `_FAULT_HOOK`."""
+
+    def __init__(self, root: Path, mlflow_uri: str) -> None:
+        import os
+        import uuid
+
+        from tests.test_flow import BIN, make_checkout
+
+        self.name, self.mlflow = f"faults-{uuid.uuid4().hex[:8]}", mlflow_uri
+        self.co = make_checkout(root / "co", {
+            "paths": {"raw_data": "data/raw"},
+            "register": {"model_name": self.name, "experiment": "medclf-fault-tests"},
+            "ingest": {"source": {"synthetic": {"n_patients": 24, "images_per_patient": 2, "native_size": 32}}}})
+        hook = root / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(_FAULT_HOOK)
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_uri,
+                    "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)}
+
+    def run(self, *cmd: str, env: dict[str, str] | None = None, preexec_fn=None):
+        """Run `cmd` in the checkout in its own process group; (returncode, output, pgid)."""
+        import subprocess
+
+        proc = subprocess.Popen(list(cmd), cwd=self.co, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=preexec_fn)  # noqa: PLW1509 - setrlimit only, before exec
+        try:
+            out, _ = proc.communicate(timeout=600)
+        finally:
+            stop_process(proc)
+        return proc.returncode, out, proc.pid
+
+    def repro(self, stage: str | None = None) -> str:
+        rc, out, _ = self.run("dvc", "repro", *(["--single-item", stage] if stage else []))
+        assert rc == 0, out[-3000:]
+        return out
+
+    def status(self, stage: str) -> list:
+        from tasks.common import dvc_status
+
+        return dvc_status(stage, self.co)
+
+    def versions(self) -> list:
+        from tests.test_flow import model_versions
+
+        return model_versions(self.mlflow, self.name)
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> version (search results do not carry aliases in MLflow 3.17; the registered model does)."""
+        from mlflow import MlflowClient
+
+        return {k: str(v) for k, v in MlflowClient(tracking_uri=self.mlflow).get_registered_model(self.name)
+                .aliases.items()}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, mlflow_server) -> Pipeline:
+    return Pipeline(tmp_path_factory.mktemp("faults-pipeline"), mlflow_server)
+
+
+def _group_gone(pgid: int, timeout: float = 10) -> bool:
+    import os
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _debris(root: Path) -> list[str]:
+    """Leftovers of an interrupted commit anywhere in the checkout (DVC's and git's own folders aside)."""
+    found = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if rel.parts[0] in (".git", ".dvc"):
+            continue
+        if p.name.endswith((".staging", ".old")) or ".commit" in p.name or (p.name.endswith(".tmp")
+                                                                           and p.name.startswith(".")):
+            found.append(str(rel))
+    return sorted(found)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- SIGKILL at every stage
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="real process kills, Linux only")
+def test_sigkill_of_each_stage_under_dvc_leaves_no_orphan_or_debris_and_the_rerun_agrees_with_dvc_lock(pipeline):
+    """SIGKILL of the real `medclf <stage>` that `dvc repro --single-item <stage>` runs (as the flow does), for
+    validate, augment, train, evaluate and register, each at its worst moment (see `_FAULT_HOOK`); ingest:
+    tests/test_kill.py. After each kill: DVC fails naming the signal, nothing of its process group is left,
+    dvc.lock records nothing for the stage and the stages before it are still up to date (their outputs
+    intact). After a plain rerun: the stage is up to date in `dvc status`, no staging debris anywhere, train
+    resumed from its backup, and register adopted the version the kill left (one version, with its alias)."""
+    import yaml
+
+    co = pipeline.co
+    pipeline.repro("ingest")
+    for k, stage in enumerate(STAGES[1:], start=1):
+        rc, out, pgid = pipeline.run("dvc", "repro", "--single-item", stage,
+                                     env={"MEDCLF_FAULT_KILL": stage, "MEDCLF_TEST_KILL_AFTER_EPOCH": "0"})
+        assert rc != 0 and f"failed to run: medclf {stage}, exited with -9" in out, out[-3000:]
+        assert _group_gone(pgid), f"processes of the killed `dvc repro {stage}` are still running"
+        locked = (yaml.safe_load((co / "dvc.lock").read_text()) or {}).get("stages") or {}
+        assert stage not in locked, f"dvc.lock records the killed {stage}"
+        for before in STAGES[:k]:  # the earlier stages' outputs still match dvc.lock
+            assert pipeline.status(before) == [], (stage, before, pipeline.status(before))
+        if stage == "register":  # killed after the version, before the alias
+            versions = pipeline.versions()
+            assert len(versions) == 1 and versions[0].status == "READY", versions
+            assert versions[0].tags.get("model_sha256") and pipeline.aliases() == {}, versions[0]
+        pipeline.repro(stage)
+        assert pipeline.status(stage) == [], (stage, pipeline.status(stage))
+        assert _debris(co) == [], (stage, _debris(co))
+        if stage == "train":  # the retry resumed after the epoch the kill interrupted
+            run = json.loads((co / "models" / "train_run.json").read_text())
+            assert run["attempt"] == 2 and run["resumed_from_epoch"] is not None, run
+            assert run["epochs_executed_this_attempt"] == [run["resumed_from_epoch"]], run
+    versions = pipeline.versions()
+    assert len(versions) == 1 and pipeline.aliases() == {"challenger": versions[0].version}, versions
+    assert json.loads((co / "reports" / "register.json").read_text())["version"] == int(versions[0].version)
+    assert all(pipeline.status(s) == [] for s in STAGES)
+
+
+# --------------------------------------------------------------------------- disk full: the model save, a DVC push
+
+
+def test_disk_full_during_the_model_save_keeps_the_previous_model_and_names_the_error(pipeline):
+    """RLIMIT_FSIZE (1 MB) from the moment `medclf train` starts writing models/ (the model file is 2.2 MB):
+    the run fails naming "File too large", models/ is byte-identical to the previous (DVC-tracked) model, no
+    partial model.keras or staging directory is left, and dvc.lock still agrees with models/."""
+    co = pipeline.co
+    pipeline.repro()
+    before = _tree(co / "models")
+    rc, out, _ = pipeline.run("medclf", "train", env={"MEDCLF_FAULT_FSIZE": "models:1000000"})
+    assert rc != 0 and "medclf train:" in out, out[-3000:]
+    assert "File too large" in out or "errno = 27" in out, out[-3000:]
+    assert _tree(co / "models") == before
+    assert _debris(co) == [] and sorted(p.name for p in co.rglob("model.keras")) == ["model.keras"]
+    assert pipeline.status("train") == []
+
+
+def test_disk_full_during_dvc_push_fails_clearly_and_leaves_no_object_a_later_push_trusts(pipeline, tmp_path):
+    """`dvc push` to a local-folder remote under RLIMIT_FSIZE (1 MB; the model object is 2.2 MB) fails naming
+    "File too large". DVC uploads to a hidden temporary name and renames: every object under a hash name
+    hashes to it, and the listing of models/ is not pushed while its file is missing. With the limit lifted,
+    the next push uploads what is missing and `dvc status -c` finds the remote complete. (DVC leaves the
+    failed upload's `.<random>.tmp` in the remote; no DVC command reads it.)"""
+    import hashlib
+    import resource
+
+    import yaml
+
+    def objects(remote: Path) -> dict[str, Path]:
+        """hash -> file, for the files DVC would read (hash names); hidden temporary uploads left out."""
+        return {p.parent.name + p.name.removesuffix(".dir"): p for p in remote.rglob("*")
+                if p.is_file() and not p.name.startswith(".")}
+
+    pipeline.repro()
+    remote = tmp_path / "remote"
+    rc, out, _ = pipeline.run("dvc", "remote", "add", "-f", "-d", "faults", str(remote))
+    assert rc == 0, out
+    models = next(o for o in yaml.safe_load((pipeline.co / "dvc.lock").read_text())["stages"]["train"]["outs"]
+                  if o["path"] == "models")["md5"]
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    rc, out, _ = pipeline.run("dvc", "push", preexec_fn=small_files)
+    assert rc != 0 and "failed to push data to the cloud" in out and "File too large" in out, out[-3000:]
+    partial = objects(remote)
+    for md5, p in partial.items():  # a partial upload never sits under a hash name
+        assert hashlib.md5(p.read_bytes()).hexdigest() == md5, p
+    assert models.removesuffix(".dir") not in partial  # models/ is not listed while its model file is missing
+    rc, out, _ = pipeline.run("dvc", "status", "-c")
+    assert rc == 0 and "models" in out, out  # the remote is known to be incomplete
+    rc, out, _ = pipeline.run("dvc", "push")
+    assert rc == 0, out[-3000:]
+    rc, out, _ = pipeline.run("dvc", "status", "-c")
+    assert rc == 0 and "in sync" in out, out
+    complete = objects(remote)
+    assert models.removesuffix(".dir") in complete and len(complete) > len(partial)
+    for md5, p in complete.items():
+        assert hashlib.md5(p.read_bytes()).hexdigest() == md5, p
+
+
+# --------------------------------------------------------------------------- a corrupted DVC cache entry
+
+
+def test_corrupted_dvc_cache_entry_is_detected_on_restore_and_never_served_as_data(pipeline):
+    """A cache object of data/augment flipped in place with its mtime kept (bit rot): DVC's state database
+    trusts it, and `dvc repro` restores it from the run-cache as 'cached'. The flow's stage runner hashes
+    restored outputs against dvc.lock: the corrupted file is named, its cache entry removed, the stage
+    recomputed; the data on disk then matches dvc.lock byte for byte."""
+    import logging
+    import os
+    import shutil
+
+    import yaml
+
+    from tasks.common import corrupted_outputs, run_stage_via_dvc
+
+    co = pipeline.co
+    pipeline.repro()
+    good = _tree(co / "data" / "augment")
+    out = next(o for o in yaml.safe_load((co / "dvc.lock").read_text())["stages"]["augment"]["outs"])
+    cache = co / ".dvc" / "cache" / "files" / "md5"
+    files = json.loads((cache / out["md5"][:2] / out["md5"][2:]).read_text())
+    victim = next(f for f in files if f["relpath"] == "train_images.npy")
+    obj = cache / victim["md5"][:2] / victim["md5"][2:]
+    st = obj.stat()
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[-100] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    obj.chmod(0o444)
+    os.utime(obj, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.rmtree(co / "data" / "augment")  # a fresh workspace: the outputs come from the cache
+
+    outcome = run_stage_via_dvc("augment", co, logger=logging.getLogger("test"))
+    assert outcome.status == "ran" and "corrupted" in outcome.reason, outcome
+    assert "data/augment/train_images.npy" in outcome.reason
+    assert corrupted_outputs("augment", co) == []
+    assert pipeline.status("augment") == []
+    assert _tree(co / "data" / "augment") == good  # the stage is deterministic: the same bytes again

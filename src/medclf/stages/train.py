@@ -635,8 +635,6 @@ def run(settings: Settings) -> dict[str, Any]:
             "n_train": len(data.y_train), "n_synthetic": data.n_synthetic, "n_val": len(data.y_val),
             "class_weights": cw, "params": info["params"],
         }
-        hist_path = paths.reports_dir / "train" / "history.csv"
-        write_history(hist_path, history)
         with atomic_dir(paths.model_dir) as tmp:
             export.save(tmp / "model.keras")
             src = data.x_val if len(data.y_val) else data.x_train
@@ -644,6 +642,9 @@ def run(settings: Settings) -> dict[str, Any]:
             _verify_reload(model if rt.policy == "float32" else export, tmp / "model.keras", probe)
             result["seconds"] = round(time.perf_counter() - t_start, 2)
             write_json(tmp / "train_run.json", result)
+        # after the model: a run whose model save fails (disk full) keeps the previous model's history
+        hist_path = paths.reports_dir / "train" / "history.csv"
+        write_history(hist_path, history)
         tracker.metrics({"best_val_auc": result["best_val_auc"], "data_wait_fraction": stats["data_wait_fraction"],
                          "images_per_second": stats["images_per_second"], "epochs_run": len(history),
                          "time_to_first_step_s": result["time_to_first_step_s"], "train_seconds": result["seconds"]})
