@@ -84,13 +84,19 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     train_run = json.loads((settings.paths.model_dir / "train_run.json").read_text())
     assert mv.run_id == train_run["run_id"] == out["run_id"]
     t = mv.tags
-    for key in ("git_commit", "data_digest", "params_hash", "threshold", "threshold_rule", "gate_report",
+    for key in ("git_commit", "data_digest", "params_hash", "threshold", "threshold_rule", "gates",
                 "model_sha256", "test_set_digest", "train_run_id", "metric.f1", "metric.recall", "keras_model_uri"):
         assert t.get(key), key
     assert float(t["threshold"]) == doc["threshold"] == gates["threshold"]
     assert float(t["metric.f1"]) == doc["test"]["f1"]
-    assert json.loads(t["gate_report"])["passed"] is True
-    assert t["gates_passed"] == "true"
+    assert t["gates"] == "passed" and t["gates_passed"] == "true" and t["auc"] == f"{doc['test']['roc_auc']:.3f}"
+    # tags are short searchable scalars: no JSON documents (those are the run's evaluate/ artifacts)
+    assert not [k for k, v in t.items() if v.lstrip().startswith("{")], t
+    # the logged model shows the final test metrics, not epoch 0 of the training curve
+    assert mv.source.startswith("models:/m-"), mv.source  # the pyfunc's LoggedModel
+    lm = _client(settings).get_logged_model(mv.model_id or mv.source.removeprefix("models:/"))
+    final = {m.key: m.value for m in lm.metrics or []}
+    assert final["test_f1"] == pytest.approx(doc["test"]["f1"]) and "loss" not in final, final
     # the registered threshold is the rule applied to validation predictions (not the hard-coded
     # "threshold_source" literal): recomputed here from the model file, and unlike the test split's pick
     assert_threshold_from_validation(settings, float(t["threshold"]))
@@ -155,10 +161,18 @@ def test_failure_after_version_creation_leaves_nothing(project):
 
     root, settings = project
     before = {v.version for v in _versions(settings)}
-    run2 = write_train_run(settings, settings.mlflow.resolved_uri())  # a new run -> would be a new version
+    model_file = settings.paths.model_dir / "model.keras"
+    original = model_file.read_bytes()
+    run2 = write_train_run(settings, settings.mlflow.resolved_uri())  # a new run...
+    nudge_model(settings)  # ...with a new model file -> would be a new version (identical bytes would be reused)
+    run_evaluate(settings)
     bad = with_overrides(settings, root, {"register": {"alias": "latest"}})
-    with pytest.raises(register.RegisterError, match="rolled back"):
-        register.run(bad)
+    try:
+        with pytest.raises(register.RegisterError, match="rolled back"):
+            register.run(bad)
+    finally:  # the later tests in this module continue from the first model
+        model_file.write_bytes(original)
+        run_evaluate(settings)
     assert {v.version for v in _versions(settings)} == before
     cl = _client(settings)
     models = cl.search_logged_models(experiment_ids=[run2["experiment_id"]],
@@ -221,6 +235,20 @@ def test_unreachable_server_fails_fast_with_clear_error(project, monkeypatch):
     assert len(_versions(settings)) == before
 
 
+def nudge_model(settings) -> None:
+    """A retrained model in miniature: the same network with its output bias moved (new bytes, new scores)."""
+    import keras
+
+    f = settings.paths.model_dir / "model.keras"
+    model = keras.models.load_model(f, compile=False)
+    last = [w for w in model.weights if w.path.endswith("bias")][-1]
+    last.assign(last.numpy() + np.linspace(-0.3, 0.3, last.shape[0]).astype(last.dtype))
+    kernel = [w for w in model.weights if w.path.endswith("kernel")][-1]
+    rng = np.random.default_rng(1)
+    kernel.assign(kernel.numpy() + rng.normal(0, 0.02 * float(np.std(kernel.numpy())), kernel.shape).astype(kernel.dtype))
+    model.save(f)
+
+
 def test_non_inferiority_against_champion_then_promote_and_rollback(project, monkeypatch):
     """v1 -> champion; a new run is gated against it (from its tags, and re-scored when the test set
     differs), registered as v2, promoted, rolled back; a worse-than-champion model is refused."""
@@ -262,7 +290,22 @@ def test_non_inferiority_against_champion_then_promote_and_rollback(project, mon
     cl.set_model_version_tag(name, str(v1), "metric.f1", repr(doc["test"]["f1"]))
     _res, _doc, gates = run_evaluate(settings)
     assert gates["passed"] is True
+    # registry hygiene: the same model file from another run, on the same inputs, is version 1 again
+    same = register.run(settings)
+    assert same["created"] is False and same["version"] == v1 and "identical" in same["note"]
+    assert [int(v.version) for v in _versions(settings)] == [v1]
+    nudge_model(settings)  # a genuinely new model: retrained, so different bytes
+    _res, doc, gates = run_evaluate(settings)
+    assert gates["passed"] is True
     v2 = register.run(settings)["version"]
+    mv2 = cl.get_model_version(name, str(v2))
+    # the reviewer's page, once a champion exists: both models on the same test images, the difference with CI
+    cmp = gates["comparison"]["roc_auc"]
+    assert cmp["diff"] == pytest.approx(cmp["challenger"] - cmp["champion"]) and cmp["ci_low"] <= cmp["ci_high"]
+    assert f"Challenger vs champion v{v1}, both on these test images" in mv2.description
+    assert f"| ROC-AUC | {cmp['challenger']:.3f} | {cmp['champion']:.3f} | **{cmp['diff']:+.3f}** |" in mv2.description
+    assert "- pass: min_recall" in mv2.description or "- pass: recall" in mv2.description
+    assert (settings.paths.reports_dir / "evaluate" / "champion_comparison.png").stat().st_size > 10_000
     # > v1 + 1: the version created and deleted by the failed attempt above keeps its number
     assert v2 > v1 and sorted(int(v.version) for v in _versions(settings)) == [v1, v2]
 

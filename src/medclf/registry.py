@@ -176,9 +176,9 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     Read from the champion version's `metric.*` tags when it was evaluated on the same test set
     (same `test_set_digest`); otherwise the champion model is re-scored here on the current test
     set at its own registered threshold, because metrics from a different test set are not
-    comparable. With `rescore` the model is always re-scored, and the reference also carries `proba`
-    (the champion's positive-class probabilities) and `threshold`, for the challenger-versus-champion
-    report. Skipped (with a note) when there is no champion or the server is unreachable;
+    comparable. With `rescore` the model is also run on the test set when its tags suffice, so the
+    reference always carries `proba` (the champion's positive-class probabilities) and `threshold`, for
+    the challenger-versus-champion report (the gate still reads the tags). Skipped (with a note) when there is no champion or the server is unreachable;
     `register` re-checks the champion, so a skip cannot let a worse model past a champion.
     """
     import json
@@ -210,7 +210,8 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     if champ_classes is not None and list(champ_classes) != list(classes):
         return {**base, "note": f"{alias} v{mv.version} has classes {champ_classes}, not {classes}: not comparable"}
     stored = version_metrics(mv)
-    if not rescore and tags.get(TAG_TEST_DIGEST) == test_digest and {"f1", "recall"} <= stored.keys():
+    from_tags = tags.get(TAG_TEST_DIGEST) == test_digest and {"f1", "recall"} <= stored.keys()
+    if from_tags and not rescore:
         return {**base, "checked": True, "source": "version tags (same test set)", "metrics": stored}
     import mlflow.pyfunc
 
@@ -220,7 +221,13 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     # SQLite file whenever the URI came from params.yaml rather than MLFLOW_TRACKING_URI ("not found")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
+    try:
+        wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
+    except Exception as err:  # the tags still give the gate its figures
+        if not from_tags:
+            raise
+        log.warning("%s v%s could not be loaded for the comparison report: %s", alias, mv.version, err)
+        return {**base, "checked": True, "source": "version tags (same test set)", "metrics": stored}
     cfg = wrapper.cfg
     if list(cfg.classes) != list(classes):
         return {**base, "note": f"{alias} v{mv.version} has classes {cfg.classes}, not {classes}: not comparable"}
@@ -230,6 +237,9 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     proba = wrapper.predict_images(x)
     pos = cfg.positive_index
     p_pos = np.clip(proba[:, pos], 0, 1)
+    scores = {"proba": p_pos, "threshold": float(cfg.threshold)}
+    if from_tags:
+        return {**base, "checked": True, "source": "version tags (same test set)", "metrics": stored, **scores}
     metrics = M.binary_metrics((np.asarray(y_test) == pos).astype(int), p_pos, cfg.threshold)
     return {**base, "checked": True, "source": "re-scored on this test set at its registered threshold",
-            "metrics": metrics, "proba": p_pos, "threshold": float(cfg.threshold)}
+            "metrics": metrics, **scores}

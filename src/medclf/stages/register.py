@@ -34,11 +34,10 @@ PYFUNC_NAME, KERAS_NAME = "medclf_pyfunc", "keras_model"
 _REQUIREMENTS = ("mlflow", "keras", "tensorflow-cpu", "tensorflow", "numpy", "pandas", "pillow", "pydicom",
                  "scikit-learn", "pydantic")
 _TAG_MAX = 5000
-# Gated metrics get their own tag (read by the non-inferiority gate, visible in the UI's version
-# table); every test metric is in the one `metrics` JSON tag, so the table stays readable.
+# Gated metrics get their own full-precision tag, read by the non-inferiority gate.
 _METRIC_TAGS = ("f1", "recall", "specificity", "roc_auc")
-_ALL_METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc",
-                "pr_auc", "mcc", "brier", "ece")
+# Searchable 3-decimal copies for the registry's version table (`tags.auc > '0.95'` style filters).
+_SHORT_TAGS = (("auc", "roc_auc"), ("sensitivity", "recall"), ("specificity", "specificity"), ("f1", "f1"))
 
 
 class RegisterRefused(RuntimeError):
@@ -63,23 +62,30 @@ def pip_requirements() -> list[str]:
 
 def version_tags(gates: dict[str, Any], metrics_doc: dict[str, Any], meta: dict[str, Any], train_run: dict[str, Any],
                  provenance: dict[str, str]) -> dict[str, str]:
-    """The version's tags: provenance, threshold, metrics and the gate report (all strings)."""
+    """The version's tags: short scalars a reviewer can read and search (`gates = 'passed'`, `auc`,
+    `raw_data_md5`). The documents behind them (gates.json, metrics.json, the CI table) are artifacts
+    of the training run; the machine-read `metric.*` and `threshold` tags keep full precision."""
     test = metrics_doc["test"]
-    report = json.dumps({k: gates[k] for k in ("passed", "gates", "non_inferiority", "failures")},
-                        separators=(",", ":"), default=str)
     tags = {
         "train_run_id": str(train_run["run_id"]), "model_sha256": gates["model_sha256"],
         "test_set_digest": gates["test_set_digest"], "threshold": repr(float(gates["threshold"])),
         "threshold_rule": str(gates["threshold_rule"]), "threshold_source": "validation",
-        "gates_passed": "true", "gate_report": report[:_TAG_MAX],
+        "gates_passed": "true", "gates": "passed",
+        "non_inferiority": _ni_word(gates.get("non_inferiority") or {}),
         "classes": json.dumps(meta["classes"]), "positive_class": str(meta["positive_class"]),
         "image_size": str(meta["image_size"]), "channels": str(meta["channels"]),
         "backbone": str(train_run.get("backbone", "")),
         **{f"metric.{k}": repr(float(test[k])) for k in _METRIC_TAGS if test.get(k) is not None},
-        "metrics": json.dumps({k: test.get(k) for k in _ALL_METRICS}, separators=(",", ":")),
+        **{k: f"{float(test[m]):.3f}" for k, m in _SHORT_TAGS if test.get(m) is not None},
         **{k: v for k, v in provenance.items() if v},
     }
     return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
+
+
+def _ni_word(ni: dict[str, Any]) -> str:
+    if ni.get("skipped") or not ni.get("entries"):
+        return "not checked"
+    return "passed" if all(e.get("passed") for e in ni["entries"]) else "failed"
 
 
 _DESC_METRICS = (("roc_auc", "ROC-AUC"), ("recall", "sensitivity (recall)"), ("specificity", "specificity"),
@@ -380,7 +386,6 @@ def _provenance(settings: Settings, train_run: dict[str, Any]) -> dict[str, str]
     return {"raw_data_md5": str(raw.get("md5") or ""), "raw_data_nfiles": str(raw.get("nfiles") or ""),
             "raw_data": str(raw.get("path") or ""), "git_commit": git_commit() or "", "train_git_commit": str(train_run.get("git_commit") or ""),
             "data_digest": dv.get("data_digest", ""), "dvc_md5": dv.get("dvc_md5", ""),
-            "data_version": json.dumps(train_run["data_version"]) if train_run.get("data_version") else "",
             "params_hash": params_hash(settings.ingest, settings.augment, settings.train, settings.evaluate)}
 
 
@@ -413,8 +418,11 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
         raise RegisterRefused(f"{gates_file}: evaluated against champion {evaluated or 'none'}, but the champion "
                               f"is now {champ.version if champ else 'none'}; re-run `medclf evaluate`")
     provenance = _provenance(settings, train_run)
-    inputs = {"test_set_digest": str(gates.get("test_set_digest") or ""),
-              "raw_data_md5": provenance.get("raw_data_md5", ""), "data_digest": provenance.get("data_digest", "")}
+    inputs = {k: v for k, v in (("test_set_digest", str(gates.get("test_set_digest") or "")),
+                                 ("raw_data_md5", provenance.get("raw_data_md5", "")),
+                                 ("data_digest", provenance.get("data_digest", ""))) if v}
+    if "test_set_digest" not in inputs or "data_digest" not in inputs:
+        inputs = {}  # too little known about the inputs to call two runs identical
     mv = _existing(cl, reg.model_name, run_id, sha, inputs)
     created, note = mv is None, ""
     if mv is None:
