@@ -310,8 +310,17 @@ def test_full_flow_registers_challenger(project):
     assert lock["ingest"]["outs"][0]["md5"] in summary
     assert "## Gates (passed)" in summary and "min_f1" in summary
     assert f"/#/models/{model}/versions/{reg['version']}" in summary and "/runs/" in summary
-    table = json.loads(arts["medclf-metrics"].data)
-    assert any(r["metric"] == "test.f1" for r in table)
+    table = {r["metric"]: r for r in json.loads(arts["medclf-metrics"].data)}
+    # one set of headline numbers: `dvc metrics show`, the Prefect metrics table and the MLflow version page
+    shown = json.loads(run_cmd(checkout, "dvc", "metrics", "show", "--json", env=project["dvc_env"]))
+    (dvc_doc,) = [d["data"]["reports/metrics.json"]["data"] for d in shown.values()]
+    page = versions[0].description
+    for key in ("roc_auc", "recall", "specificity", "f1"):
+        value, lo, hi = (f"{dvc_doc['test'][k]:.3f}" for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+        assert table[key]["test"] == value and table[key]["95 % CI"] == f"{lo}–{hi}", (key, table[key])
+        assert f"**{value}** | {lo}–{hi} |" in page, (key, value, page)
+        assert f"{value} ({lo}–{hi})" in summary, (key, value)
+    assert table["threshold"]["test"] == f"{dvc_doc['threshold']:.3f}" and f"{dvc_doc['threshold']:.4f}" in page
     assert "medclf-validate" in arts  # validate's own markdown report
     assert {"medclf:retrained", f"medclf:model-v{reg['version']}"} <= set(run_tags(state.state_details.flow_run_id))
     assert state.message == result["headline"]

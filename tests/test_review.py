@@ -68,8 +68,8 @@ def _two_models(n: int = 400, seed: int = 3):
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
-    strong = np.clip(0.55 * y + 0.45 * rng.random(n), 0, 1)
-    weak = np.clip(0.25 * y + 0.75 * rng.random(n), 0, 1)
+    strong = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)  # overlapping classes: no metric is saturated
+    weak = np.clip(0.1 * y + 0.9 * rng.random(n), 0, 1)
     return y, strong, weak
 
 
@@ -88,6 +88,7 @@ def test_paired_difference_is_exactly_the_loop_over_the_same_resamples():
         assert got[key]["ci_low"] == pytest.approx(lo, abs=1e-12) and got[key]["ci_high"] == pytest.approx(hi, abs=1e-12)
         assert got[key]["diff"] == pytest.approx(M.binary_metrics(y, a, 0.5)[key] - M.binary_metrics(y, b, 0.4)[key])
     assert got["roc_auc"]["ci_low"] > 0.1  # the strong model is clearly better on ranking
+    assert 0.7 < M.binary_metrics(y, a, 0.5)["roc_auc"] < 0.99  # not saturated: resamples do differ
     same = M.paired_difference_ci(y, a, 0.5, a, 0.5, ["roc_auc"], n_boot=50, seed=0)["roc_auc"]
     assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0  # paired: identical models never differ
 
