@@ -15,6 +15,8 @@ host=127.0.0.1
 port="${PREFECT_PORT:-4200}"
 api="http://$host:$port/api"
 log="$PREFECT_HOME/server.log"
+# the UI's own API address: without it the UI calls :4200 whatever PREFECT_PORT says ("Can't connect to Server API")
+export PREFECT_UI_API_URL="${PREFECT_UI_API_URL:-$api}"
 
 prefect_up() { curl -fsS "$api/health" >/dev/null 2>&1; }
 

@@ -113,6 +113,7 @@ def test_description_shows_the_paired_comparison_validation_warnings_links_and_l
     assert "[training run](http://127.0.0.1:5000/#/experiments/7/runs/run123)" in md
     assert "[Grad-CAM gallery](http://127.0.0.1:5000/#/experiments/7/runs/run123/artifacts/evaluate/gradcam.png)" in md
     assert "**Limitations:**" in md and "internal, patient-level split" in md
+    assert "[all training runs](http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning)" in md
     assert run_links("file:///tmp/mlruns", "7", "r") == {}  # no UI to link to
 
 

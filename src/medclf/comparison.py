@@ -73,7 +73,9 @@ def comparison_rows(diffs: dict[str, dict[str, float]], champion_name: str) -> l
         return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
     def d(v: float) -> str:
-        return "n/a" if v is None or not math.isfinite(v) else f"{v:+.3f}"
+        if v is None or not math.isfinite(v):
+            return "n/a"
+        return "0.000" if abs(v) < 0.0005 else f"{v:+.3f}"
 
     rows = [f"| metric (same test images) | challenger | {champion_name} | difference | 95 % CI of the difference |",
             "|---|---|---|---|---|"]

@@ -105,7 +105,9 @@ def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict
     return {"training run": run, "model card": f"{run}/artifacts/review/model_card.md",
             "Grad-CAM gallery": f"{run}/artifacts/evaluate/gradcam.png",
             "challenger vs champion": f"{run}/artifacts/evaluate/champion_comparison.png",
-            "metrics with 95 % CIs": f"{run}/artifacts/evaluate/metrics_ci.json"}
+            "metrics with 95 % CIs": f"{run}/artifacts/evaluate/metrics_ci.json",
+            # MLflow 3.17's UI starts on its GenAI view unless told (a per-browser switch)
+            "all training runs": f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"}
 
 
 LIMITATIONS = (
@@ -141,7 +143,9 @@ def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], prov
             continue
         ci = (f"{_num(test.get(f'{key}_ci_low'))}–{_num(test.get(f'{key}_ci_high'))}"
               if test.get(f"{key}_ci_low") is not None else "")
-        rows.append(f"| {label} | **{_num(test[key])}** | {ci} | {_num(ni[key]['champion']) if key in ni else ''} |")
+        champ_value = (ni[key]["champion"] if key in ni else
+                       (gates.get("comparison") or {}).get(key, {}).get("champion"))
+        rows.append(f"| {label} | **{_num(test[key])}** | {ci} | {'' if champ_value is None else _num(champ_value)} |")
     gate_lines = [f"- {'pass' if g.get('passed') else 'FAIL'}: {g.get('metric')} {_num(g.get('value'))} "
                   f"{g.get('op', '>=')} {_num(g.get('bound'))} ({g.get('name')})" for g in gates.get("gates", [])]
     if ni:
