@@ -72,6 +72,12 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     from medclf.stages import register
 
     _root, settings = project
+    # a trained run: 3 epochs of training curve (epoch 0's loss is what MLflow would link by default)
+    run_file = settings.paths.model_dir / "train_run.json"
+    train_run = {**json.loads(run_file.read_text()), "epochs_run": 3}
+    run_file.write_text(json.dumps(train_run))
+    for epoch, loss in enumerate((0.9, 0.5, 0.3)):
+        _client(settings).log_metric(train_run["run_id"], "loss", loss, step=epoch)
     _res, doc, gates = run_evaluate(settings)
     assert gates["passed"] is True, gates
     out = register.run(settings)
