@@ -3,7 +3,7 @@
 Every case uses real components: a real `mlflow server`, moto's S3 server, a real `prefect server start`, real
 `dvc repro`/`dvc push`, the `medclf` CLI in a subprocess that the kernel kills (SIGKILL) or refuses a write
 (RLIMIT_FSIZE). Tiny images and the small from-scratch net keep it cheap; the pipeline faults share one
-checkout (`pipeline`). Not covered (docs/RELIABILITY.md): an HTTP call of the flow during a Prefect API outage.
+checkout (`pipeline`). Not covered (docs/RELIABILITY.md): a Prefect API down for longer than its client retries.
 """
 
 from __future__ import annotations
@@ -553,12 +553,14 @@ sys.exit(0 if state.is_completed() else 1)
 
 
 def test_prefect_api_restarted_while_a_stage_runs_the_flow_run_still_completes(pipeline, tmp_path):
-    """A real `prefect server start` (own PREFECT_HOME, SQLite, free port) is stopped and started again on the
-    same port and database while the flow's evaluate stage runs in another process. The Prefect client retries
-    (exponential backoff, 2 + 4 + 8 + ... s) through the outage: the flow run completes (evaluate and register
-    ran, the rest skipped), the restarted server has it COMPLETED, every stage agrees with dvc.lock, and nothing
-    of the flow's process group is left running. (`--no-services`: no task-run recorder, so the stages'
-    outcomes are read from the flow's result, not from the server.)"""
+    """A real `prefect server start` (own PREFECT_HOME, SQLite, free port) is stopped while the flow's evaluate
+    stage runs in another process, and started again on the same port and database only after evaluate ended,
+    so the flow's next API call (its progress update) meets the outage. The Prefect client retries it
+    (exponential backoff, 2 + 4 + 8 + ... s; its debug log says so): the flow run completes (evaluate and
+    register ran, the rest skipped), the restarted server has it COMPLETED, every stage agrees with dvc.lock,
+    and nothing of the flow's process group is left running. (`--no-services`: no task-run recorder, so the
+    stages' outcomes are read from the flow's result, not from the server.)"""
+    import contextlib
     import os
     import subprocess
     import time
@@ -589,7 +591,8 @@ def test_prefect_api_restarted_while_a_stage_runs_the_flow_run_still_completes(p
         with open(flow_log, "w") as fh:
             flow = subprocess.Popen([sys.executable, "-c", _FLOW, str(pipeline.co)], cwd=tmp_path, stdout=fh,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**pipeline.env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client")})
+                                    env={**pipeline.env, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client"),
+                                         "PREFECT_LOGGING_LEVEL": "DEBUG"})
         deadline, stage = time.time() + 300, None
         while stage is None and time.time() < deadline and flow.poll() is None:
             for child in psutil.Process(flow.pid).children(recursive=True):
@@ -602,10 +605,14 @@ def test_prefect_api_restarted_while_a_stage_runs_the_flow_run_still_completes(p
         assert stage is not None, "the flow never started evaluate"
         stop_process(server)  # the API goes away while evaluate runs ...
         assert flow.poll() is None, "the flow ended before the API was stopped"
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stage.wait(300)
+        time.sleep(1.0)  # the flow is past evaluate: its progress update is being retried
         server = start()  # ... and comes back on the same port and database
         flow.wait(600)
         out = flow_log.read_text()
         assert flow.returncode == 0, out[-4000:]
+        assert "Another attempt will be made" in out, out[-4000:]  # a call met the outage and was retried
         assert _group_gone(flow.pid), "processes of the flow run are still running"
         _, run_id, _, stages = next(line for line in out.splitlines() if line.startswith("FLOW_RUN")).split(" ", 3)
         from prefect import get_client
