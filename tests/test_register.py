@@ -80,6 +80,12 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
         _client(settings).log_metric(train_run["run_id"], "loss", loss, step=epoch)
     _res, doc, gates = run_evaluate(settings)
     assert gates["passed"] is True, gates
+    # an earlier `mlflow.set_experiment` in this process (training in process does one) must not break the
+    # reopening of the training run ("active experiment ID does not match", seen in a full-suite run)
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow.resolved_uri())
+    mlflow.set_experiment("another-experiment")
     out = register.run(settings)
     name = settings.registry.model_name
     assert out["created"] is True and out["alias"] == "challenger" and out["model_name"] == name

@@ -255,6 +255,9 @@ def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gate
     reqs = pip_requirements()
     # MLflow prints "View run ..." links to stdout when the run ends; `medclf register` prints its
     # JSON result there, so those lines go to stderr instead.
+    # MLflow refuses to reopen a run of another experiment than the process's active one (set by an
+    # earlier `mlflow.set_experiment` in this process, or MLFLOW_EXPERIMENT_NAME/_ID): take the run's own
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with contextlib.redirect_stdout(sys.stderr), mlflow.start_run(run_id=run_id):
         # input_example works for the pyfunc flavour (mlflow.keras.log_model(input_example=...) raised
         # FileNotFoundError in 3.17.2); MLflow runs predict() on it, so a broken model fails here.
