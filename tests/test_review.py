@@ -176,3 +176,18 @@ def test_identical_model_bytes_and_inputs_from_another_run_are_not_registered_ag
     assert _existing(cl, name, run2, "abc", {**inputs, "raw_data_md5": "r2.dir"}) is None  # new data
     assert _existing(cl, name, run2, "other", inputs) is None  # different bytes
     assert _existing(cl, name, run2, "abc") is None  # no inputs to compare: never merged across runs
+
+
+def test_comparison_is_strict_json_when_a_metric_is_undefined():
+    """gates.json is a DVC metrics file: an AUC undefined on a one-class test set is null, never NaN."""
+    import json
+
+    import numpy as np
+
+    from medclf.comparison import comparison_rows, paired_differences
+
+    y, p = np.zeros(20, int), np.linspace(0, 1, 20)
+    d = paired_differences(y, p, 0.5, p[::-1], 0.5, n_boot=30, seed=0)
+    assert d["roc_auc"] == {"challenger": None, "champion": None, "diff": None, "ci_low": None, "ci_high": None}
+    json.dumps(d, allow_nan=False)  # raises on NaN
+    assert "| ROC-AUC | n/a | n/a | **n/a** | n/a to n/a |" in comparison_rows(d, "champion v1")

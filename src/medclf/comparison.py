@@ -21,12 +21,15 @@ COMPARED = (("roc_auc", "ROC-AUC"), ("recall", "sensitivity"), ("specificity", "
 
 
 def paired_differences(y: np.ndarray, p_challenger: np.ndarray, t_challenger: float, p_champion: np.ndarray,
-                       t_champion: float, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
+                       t_champion: float, n_boot: int, seed: int) -> dict[str, dict[str, float | None]]:
     """`{metric: {challenger, champion, diff, ci_low, ci_high}}`, diff = challenger - champion."""
     raw = M.paired_difference_ci(y, p_challenger, t_challenger, p_champion, t_champion, [k for k, _ in COMPARED],
                                  n_boot, seed)
-    return {k: {"challenger": v["a"], "champion": v["b"], "diff": v["diff"], "ci_low": v["ci_low"],
-                "ci_high": v["ci_high"]} for k, v in raw.items()}
+    def finite(x: float) -> float | None:  # strict JSON: gates.json is a DVC metrics file
+        return x if math.isfinite(x) else None
+
+    return {k: {"challenger": finite(v["a"]), "champion": finite(v["b"]), "diff": finite(v["diff"]),
+                "ci_low": finite(v["ci_low"]), "ci_high": finite(v["ci_high"])} for k, v in raw.items()}
 
 
 def comparison_png(y: np.ndarray, p_challenger: np.ndarray, t_challenger: float, p_champion: np.ndarray,
@@ -67,12 +70,12 @@ def comparison_png(y: np.ndarray, p_challenger: np.ndarray, t_challenger: float,
     return _save(fig, path)
 
 
-def comparison_rows(diffs: dict[str, dict[str, float]], champion_name: str) -> list[str]:
+def comparison_rows(diffs: dict[str, dict[str, float | None]], champion_name: str) -> list[str]:
     """The markdown table of the version page: both values, the difference and its 95 % CI."""
-    def f(v: float) -> str:
+    def f(v: float | None) -> str:
         return "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
 
-    def d(v: float) -> str:
+    def d(v: float | None) -> str:
         if v is None or not math.isfinite(v):
             return "n/a"
         return "0.000" if abs(v) < 0.0005 else f"{v:+.3f}"
