@@ -55,6 +55,24 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def hash_update(h: Any, path: str | Path) -> Any:
+    """Feed a file's bytes to a hashlib object in 1 MiB chunks; returns it."""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def file_digest(*files: str | Path, algo: str = "sha256") -> str:
+    """The one file hasher: hex digest of the files' bytes, concatenated in order (md5 for DVC's own hashes)."""
+    import hashlib
+
+    h = hashlib.new(algo, usedforsecurity=False) if algo == "md5" else hashlib.new(algo)
+    for f in files:
+        hash_update(h, f)
+    return str(h.hexdigest())
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

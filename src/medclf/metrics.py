@@ -127,6 +127,34 @@ def _check_boot(n: int, alpha: float) -> None:
 
 
 # ----------------------------------------------------------------------------- metrics
+def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
+    """The one ROC AUC: exact binary AUC (Mann-Whitney, ties count one half); NaN if one class is absent."""
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    s = np.asarray(score)[order]
+    ranks = np.empty(len(s))
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends, strict=True):
+        ranks[a:b] = (a + b + 1) / 2  # average 1-based rank of a tie group
+    r = np.empty(len(s))
+    r[order] = ranks
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def macro_auc(y: np.ndarray, proba: np.ndarray) -> float:
+    """Binary (2 columns): AUC of the last class. K > 2: the mean one-vs-rest AUC, NaN when any class is
+    absent (or is every sample), as evaluate reports it; training selects epochs by the same number."""
+    y, proba = np.asarray(y).astype(np.int64), np.asarray(proba)
+    k = proba.shape[1]
+    if k == 2:
+        return roc_auc(y == 1, proba[:, 1])
+    return float(np.mean([roc_auc(y == c, proba[:, c]) for c in range(k)]))
+
+
 def binary_metrics(y_true: np.ndarray, p_pos: np.ndarray, threshold: float) -> dict[str, float]:
     """Threshold, ranking and calibration metrics for a binary classifier.
 

@@ -1,0 +1,148 @@
+"""The catalog: every artifact the stages and the orchestrator exchange, named once.
+
+A stage never spells a file name: it asks the catalog (`catalog.MODEL.path(settings.paths)`, or
+`catalog.IMAGES.under(staging_dir, split="val")` while it builds an output in a staging directory).
+The orchestrator reads results through the same entries. Paths are `params.yaml`'s `paths.*` roots
+joined with the relative name declared here; `dvc.yaml` templates the same roots (`${paths.*}`), and
+tests/test_dvc_deps.py checks that each stage's declared outputs are the ones dvc.yaml lists.
+
+Like Kedro's `catalog.yml`, adapted: DVC stays the single record of what ran, so the catalog only names
+files and gives them typed load/save; it never decides whether something is stale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from medclf.config import Paths
+
+Root = Literal["ingest_dir", "augment_dir", "model_dir", "reports_dir", "cache_dir"]
+Kind = Literal["json", "npy", "csv", "parquet", "png", "keras", "md", "dir"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One named file (or directory) under one of the `paths.*` roots.
+
+    `rel` may hold `{split}` (or other `str.format` fields), filled by the keyword arguments of
+    `path`, `under`, `load` and `save`."""
+
+    name: str
+    root: Root
+    rel: str
+    kind: Kind
+    doc: str = ""
+
+    def path(self, paths: Paths, **fields: str) -> Path:
+        """Where the artifact lives in the project."""
+        return Path(getattr(paths, self.root)) / self.rel.format(**fields)
+
+    def under(self, base: str | Path, **fields: str) -> Path:
+        """The same relative name under another directory: a stage's staging copy of its output root."""
+        return Path(base) / self.rel.format(**fields)
+
+    def load(self, paths: Paths, *, mmap: bool = False, **fields: str) -> Any:
+        """Read it: JSON → object, npy → array (memory-mapped on request), csv/parquet → DataFrame."""
+        return load_file(self.path(paths, **fields), self.kind, mmap=mmap)
+
+    def save(self, paths_or_dir: Paths | str | Path, data: Any, **fields: str) -> Path:
+        """Write it atomically (JSON, npy, csv/parquet DataFrames). A `Path`/`str` is a staging directory
+        that stands for this artifact's root."""
+        target = (self.under(paths_or_dir, **fields) if isinstance(paths_or_dir, (str, Path))
+                  else self.path(paths_or_dir, **fields))
+        save_file(target, self.kind, data)
+        return target
+
+
+def load_file(path: Path, kind: Kind, *, mmap: bool = False) -> Any:
+    if kind == "json":
+        return json.loads(path.read_text())
+    if kind == "npy":
+        import numpy as np
+
+        return np.load(path, mmap_mode="r" if mmap else None)
+    if kind == "csv":
+        import pandas as pd
+
+        return pd.read_csv(path)
+    if kind == "parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path)
+    if kind in ("md",):
+        return path.read_text()
+    raise TypeError(f"{path}: the catalog has no loader for kind {kind!r}")
+
+
+def save_file(path: Path, kind: Kind, data: Any) -> None:
+    from medclf.io import atomic_file, write_json
+
+    if kind == "json":
+        write_json(path, data)
+    elif kind == "npy":
+        import numpy as np
+
+        with atomic_file(path, "wb") as fh:
+            np.save(fh, np.asarray(data))
+    elif kind in ("csv", "parquet"):
+        with atomic_file(path, "wb") as fh:
+            (data.to_csv if kind == "csv" else data.to_parquet)(fh, index=False)
+    elif kind == "md":
+        with atomic_file(path) as fh:
+            fh.write(str(data))
+    else:
+        raise TypeError(f"{path}: the catalog has no writer for kind {kind!r}")
+
+
+def load_split(paths: Paths, split: str, *, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(images N×H×W×C uint8, labels N int64) of one ingest split."""
+    return IMAGES.load(paths, split=split, mmap=mmap), LABELS.load(paths, split=split)
+
+
+# --------------------------------------------------------------------------- ingest (paths.ingest_dir)
+CLASSES = Artifact("classes", "ingest_dir", "classes.json", "json", "class names, positive class, image size")
+MANIFEST = Artifact("manifest", "ingest_dir", "manifest.parquet", "parquet", "one row per image (hashed ids)")
+IMAGES = Artifact("images", "ingest_dir", "{split}_images.npy", "npy", "N×H×W×C uint8 per split")
+LABELS = Artifact("labels", "ingest_dir", "{split}_labels.npy", "npy", "N int64 class indices per split")
+INGEST_REPORTS = Artifact("ingest_reports", "reports_dir", "ingest", "dir")
+QUARANTINE = Artifact("quarantine", "reports_dir", "ingest/quarantine.csv", "csv", "refused images, a reason each")
+INGEST_SUMMARY = Artifact("ingest_summary", "reports_dir", "ingest/summary.json", "json")
+INGEST_FAILED_RUN = Artifact("ingest_failed_run", "reports_dir", "ingest/failed_run.json", "json")
+INGEST_FAILED_QUARANTINE = Artifact("ingest_failed_quarantine", "reports_dir", "ingest/failed_quarantine.csv", "csv")
+
+# --------------------------------------------------------------------------- validate
+VALIDATION_SITE = Artifact("validation_site", "reports_dir", "validation/site", "dir", "Data Docs + report.md")
+VALIDATION_SUMMARY = Artifact("validation_summary", "reports_dir", "validation/summary.json", "json")
+VALIDATION_BASELINE = Artifact("validation_baseline", "cache_dir", "validation_baseline.json", "json")
+
+# --------------------------------------------------------------------------- augment (paths.augment_dir)
+TRAIN_IMAGES = Artifact("train_images", "augment_dir", "train_images.npy", "npy", "balanced training images")
+TRAIN_LABELS = Artifact("train_labels", "augment_dir", "train_labels.npy", "npy")
+TRAIN_IS_SYNTHETIC = Artifact("train_is_synthetic", "augment_dir", "train_is_synthetic.npy", "npy")
+TRAIN_SOURCE_ROW = Artifact("train_source_row", "augment_dir", "train_source_row.npy", "npy")
+AUGMENT_SUMMARY = Artifact("augment_summary", "augment_dir", "augment.json", "json")
+AUGMENT_PREVIEW = Artifact("augment_preview", "reports_dir", "augment/preview.png", "png")
+
+# --------------------------------------------------------------------------- train (paths.model_dir)
+MODEL = Artifact("model", "model_dir", "model.keras", "keras", "the trained Keras model (takes raw uint8)")
+TRAIN_RUN = Artifact("train_run", "model_dir", "train_run.json", "json", "run id, epochs, resume, timings")
+HISTORY = Artifact("history", "reports_dir", "train/history.csv", "csv", "per-epoch metrics (DVC plot)")
+
+# --------------------------------------------------------------------------- evaluate
+METRICS = Artifact("metrics", "reports_dir", "metrics.json", "json")
+GATES = Artifact("gates", "reports_dir", "gates.json", "json")
+EVALUATE_REPORTS = Artifact("evaluate_reports", "reports_dir", "evaluate", "dir", "figures, predictions, CIs")
+PLOTS = Artifact("plots", "reports_dir", "plots/{name}.json", "json", "ROC/PR/calibration points (DVC plots)")
+
+# --------------------------------------------------------------------------- register
+REGISTER = Artifact("register", "reports_dir", "register.json", "json", "the registered version (or why none)")
+
+# --------------------------------------------------------------------------- every stage
+STAGE_RESULT = Artifact("stage_result", "cache_dir", "runs/{stage}.json", "json",
+                        "what `medclf <stage>` returned, or its structured error (the orchestrator reads this)")
