@@ -1,15 +1,31 @@
-"""`medclf <stage>`: the same `run(settings)` that DVC and Prefect call.
+"""`medclf <stage>`: the same stage declaration (`medclf.pipeline.invoke`) that DVC and Prefect run.
 
-Nothing heavy is imported at module level, so `medclf --help` answers at once.
+Every exit of `medclf <stage>` leaves its outcome in a small result file, `catalog.STAGE_RESULT`
+(`<cache_dir>/runs/<stage>.json`, or the path in MEDCLF_STAGE_RESULT), written atomically:
+
+    {"stage": "train", "token": "<MEDCLF_RUN_TOKEN>", "exit_code": 0, "seconds": 41.2, "result": {...}}
+    {"stage": "evaluate", "token": "...", "exit_code": 3, "seconds": 9.1,
+     "error": {"stage": "evaluate", "error_type": "GateFailed", "message": "...", "transient": false,
+               "exit_code": 3}}
+
+The orchestrator (tasks/common.py) reads that file, never the stage's stdout: the token it passes in the
+environment tells it the file is this invocation's. Under a token the file is first written with
+`"status": "running"`, so a process that was killed (no final record) is told from a stage DVC never
+started. Exit codes: 0 ok, 2 config error, 3 deterministic stage failure (a failed gate or check: a retry
+fails identically), 75 transient (EX_TEMPFAIL: network, throttling, a server down), 1 anything else.
+Whether an error is transient is said where it is raised (`transient` on the exception, see
+`is_transient`), not guessed from its text. Nothing heavy is imported at module level, so
+`medclf --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +33,106 @@ from medclf import STAGES, __version__
 
 if TYPE_CHECKING:
     from medclf.config import Settings
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_STAGE, EXIT_TEMPFAIL = 0, 1, 2, 3, 75
+RUN_TOKEN_ENV = "MEDCLF_RUN_TOKEN"
+"""Set by the orchestrator: copied into the result file, so it knows the file is from this invocation."""
+RESULT_FILE_ENV = "MEDCLF_STAGE_RESULT"
+"""Where to write the result file instead of `catalog.STAGE_RESULT` (the orchestrator sets it, so even a
+params.yaml that does not load, and so has no `cache_dir`, gets its structured error)."""
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+              "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+              "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
+
+
+def _network_types() -> tuple[type[BaseException], ...]:
+    """Exception types of a connection that failed or timed out; third-party ones only if already imported
+    (an exception of a library that was never imported cannot be in the chain)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("botocore.exceptions", ("ConnectionError", "HTTPClientError")),
+                          ("requests.exceptions", ("ConnectionError", "Timeout")),
+                          ("urllib3.exceptions", ("ProtocolError", "NewConnectionError", "TimeoutError")),
+                          ("socket", ("gaierror",))):
+        mod = sys.modules.get(module)
+        found += [t for t in (getattr(mod, n, None) for n in names) if isinstance(t, type)]
+    return tuple(found)
+
+
+def _status_transient(err: BaseException) -> bool | None:
+    """A service's answer that says "later": HTTP 429/5xx, or a throttling/unavailable error code."""
+    response = getattr(err, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        code = str((response.get("Error") or {}).get("Code") or "")
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        return code in _THROTTLED or (isinstance(status, int) and (status == 429 or status >= 500))
+    http = getattr(err, "code", None)  # urllib.error.HTTPError
+    if isinstance(http, int) and isinstance(err, OSError) and http >= 400:
+        return http == 429 or http >= 500
+    mlflow_code = getattr(err, "error_code", None)  # MlflowException
+    if isinstance(mlflow_code, str) and mlflow_code:
+        return mlflow_code in _THROTTLED
+    return None
+
+
+def is_transient(err: BaseException) -> bool | None:
+    """Is another attempt worth it? True / False when known, None when nothing says.
+
+    Walks the exception and its causes: the first `transient` attribute (a bool, set on the class or the
+    instance where the error is raised: `TrackingUnavailable`, `SourceChanged`, a `SourceError` of a
+    failed download, `GateFailed`, `ValidationFailed` ...) decides; else a failed connection or timeout, or
+    a service answering 429/5xx/throttling, anywhere in the chain, is transient."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    unknown = True
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        flag = getattr(cur, "transient", None)
+        if isinstance(flag, bool):
+            return flag
+        if isinstance(cur, _network_types()):
+            return True
+        said = _status_transient(cur)
+        if said:
+            return True
+        unknown = unknown and said is None
+        reason = getattr(cur, "reason", None)  # urllib's URLError wraps the socket error it met
+        cur = (cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+               or (reason if isinstance(reason, BaseException) else None))
+    return None if unknown else False
+
+
+def error_record(stage: str, err: BaseException) -> dict[str, Any]:
+    """The structured error of a failed stage: {stage, error_type, message, transient, exit_code}."""
+    from medclf.config import ConfigError
+
+    transient = False if isinstance(err, ConfigError) else is_transient(err)
+    code = (EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_TEMPFAIL if transient
+            else EXIT_STAGE if transient is False else EXIT_ERROR)
+    return {"stage": stage, "error_type": type(err).__name__, "message": str(err), "transient": bool(transient),
+            "exit_code": code}
+
+
+def result_path(stage: str, settings: Settings | None) -> Path | None:
+    """Where this invocation's result file goes: MEDCLF_STAGE_RESULT, else `catalog.STAGE_RESULT`."""
+    if os.environ.get(RESULT_FILE_ENV):
+        return Path(os.environ[RESULT_FILE_ENV])
+    if settings is None:
+        return None
+    from medclf import catalog
+
+    return catalog.STAGE_RESULT.path(settings.paths, stage=stage)
+
+
+def write_result(path: Path | None, record: dict[str, Any]) -> None:
+    """Write the result file atomically (never fails the stage: its outputs are already committed)."""
+    if path is None:
+        return
+    from medclf.io import write_json
+
+    try:
+        write_json(path, {**record, "token": os.environ.get(RUN_TOKEN_ENV)})
+    except OSError as err:
+        logging.getLogger("medclf.cli").warning("could not write the result file %s: %s", path, err)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -26,9 +142,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
-    module = importlib.import_module(f"medclf.stages.{args.command}")
-    result: dict[str, Any] = module.run(_settings(args))
-    return result
+    from medclf.pipeline import invoke
+
+    args.settings = _settings(args)
+    return invoke(args.command, args.settings)
 
 
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,18 +207,38 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from medclf.config import ConfigError
 
+    stage = args.command if args.command in STAGES else None
+    args.settings = None
+    t0 = time.perf_counter()
+    if stage and os.environ.get(RUN_TOKEN_ENV):  # killed before the end: the orchestrator finds "running"
+        write_result(result_path(stage, None), {"stage": stage, "status": "running", "pid": os.getpid()})
     try:
         result = args.func(args)
-    except ConfigError as err:
-        print(f"medclf: {err}", file=sys.stderr)
-        return 2
     except Exception as err:  # every stage error reaches the user as one clear line + cause
+        if stage:
+            record = error_record(stage, err)
+            body: dict[str, Any] = {"stage": stage, "exit_code": record["exit_code"], "error": record}
+            detail = getattr(err, "result", None)  # a failed check still has its report (ValidationFailed)
+            if isinstance(detail, dict):
+                body["result"] = detail
+            write_result(result_path(stage, args.settings),
+                         {**body, "seconds": round(time.perf_counter() - t0, 3)})
+        if isinstance(err, ConfigError):
+            print(f"medclf: {err}", file=sys.stderr)
+            return EXIT_CONFIG
         if args.verbose:
             raise
         print(f"medclf {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return int(error_record(args.command, err)["exit_code"])
+    if stage:
+        path = result_path(stage, args.settings)
+        write_result(path, {"stage": stage, "exit_code": EXIT_OK, "seconds": round(time.perf_counter() - t0, 3),
+                            "result": result})
+        if os.environ.get(RUN_TOKEN_ENV):  # the orchestrator reads the file and logs the result itself
+            print(f"medclf {stage}: done in {time.perf_counter() - t0:.1f} s; result in {path}")
+            return EXIT_OK
     print(json.dumps(result, indent=2, default=str))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server cannot be reached (after retries)."""
 
+    transient = True  # a later attempt may find it up (medclf.cli.is_transient)
+
 
 RETRY_ENV = ("MEDCLF_MLFLOW_ATTEMPTS", "MEDCLF_MLFLOW_RETRY_DELAY")
 """Environment overrides of the reachability retries: attempts (at least 1) and the first delay in seconds."""

@@ -14,7 +14,16 @@ Kind = Literal["image", "dicom", "array"]
 
 
 class SourceError(ValueError):
-    """A source that cannot be read at all (missing, empty, unsafe, unreachable)."""
+    """A source that cannot be read at all (missing, empty, unsafe, unreachable).
+
+    `transient`: True when a later attempt may succeed (a failed download), False when it cannot, None
+    when the cause decides (an S3 error chained with `from`: throttling or 5xx is; medclf.cli.is_transient).
+    """
+
+    def __init__(self, *args: object, transient: bool | None = None) -> None:
+        super().__init__(*args)
+        if transient is not None:
+            self.transient = transient
 
 
 class SourceChanged(RuntimeError):
@@ -23,6 +32,8 @@ class SourceChanged(RuntimeError):
     Not a SourceError: ingest quarantines an unreadable file, but a change means the listing is no
     longer the dataset, so the whole run fails (and a retry lists again) rather than mixing versions.
     """
+
+    transient = True  # a new attempt lists the source again (medclf.cli.is_transient)
 
 
 @dataclass(frozen=True)

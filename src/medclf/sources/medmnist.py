@@ -77,7 +77,8 @@ def download(flag: str, size: int, cache_dir: Path, url_template: str = ZENODO) 
         tmp.unlink(missing_ok=True)
         raise SourceError(
             f"cannot download MedMNIST {flag} ({size}px) from {url}: {err}. Offline? Download the file "
-            f"elsewhere and set ingest.source.uri to its local path, e.g. data/raw/{target.name}") from None
+            f"elsewhere and set ingest.source.uri to its local path, e.g. data/raw/{target.name}",
+            transient=True) from None
     got = md5_file(tmp)
     if got != expected:
         tmp.unlink(missing_ok=True)

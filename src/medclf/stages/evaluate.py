@@ -34,6 +34,8 @@ _MULTICLASS_CI = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "m
 class GateFailed(RuntimeError):
     """The model did not pass the release gates; reports were written, nothing is registered."""
 
+    transient = False  # the same model fails the same gates on every attempt (medclf.cli.is_transient)
+
 
 class EvaluateError(RuntimeError):
     """Evaluation inputs are missing or inconsistent (the message names the file)."""

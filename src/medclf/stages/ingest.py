@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 class IngestError(RuntimeError):
     """Ingest refused to produce a dataset (too much bad input, nothing usable)."""
 
+    transient = False  # the same input is refused again (medclf.cli.is_transient)
+
 
 @dataclass
 class Decoded:

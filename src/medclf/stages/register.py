@@ -43,6 +43,8 @@ _SHORT_TAGS = (("auc", "roc_auc"), ("sensitivity", "recall"), ("specificity", "s
 class RegisterRefused(RuntimeError):
     """Registration is not allowed (failed/missing gates, changed model or champion)."""
 
+    transient = False  # refused again on every attempt (medclf.cli.is_transient)
+
 
 class RegisterError(RuntimeError):
     """Registration failed part-way; anything it had created was removed again."""

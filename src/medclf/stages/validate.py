@@ -43,6 +43,8 @@ class ValidationFailed(RuntimeError):
     orchestrator can still publish the report of a failed run.
     """
 
+    transient = False  # the same data fails the same checks on every attempt (medclf.cli.is_transient)
+
     def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.result = result or {}
