@@ -203,7 +203,8 @@ def test_torchvision_checkpoint_weights_and_epsilon_survive_reload(tmp_path):
     import keras
 
     from medclf.modeling import build_model
-    from medclf.weights import find_offline_mobilenet_v2, read_torch_checkpoint
+    from medclf.training.pretrained import find_offline_mobilenet_v2
+    from medclf.weights import read_torch_checkpoint
 
     pth = find_offline_mobilenet_v2()
     if pth is None:
@@ -226,12 +227,12 @@ def test_torchvision_checkpoint_weights_and_epsilon_survive_reload(tmp_path):
 
 
 def test_offline_weights_spec_errors_name_the_fix(monkeypatch):
-    from medclf import weights
     from medclf.modeling import WeightsError, build_model
+    from medclf.training import pretrained
 
     with pytest.raises(WeightsError, match="mobilenet_v2 only"):
         build_model("resnet50", 2, 32, 1, weights="offline:resnet50")
-    monkeypatch.setattr(weights, "OFFLINE_MOBILENET_V2", ("no_such_package_medclf", "w.pth"))
+    monkeypatch.setattr(pretrained, "OFFLINE_MOBILENET_V2", ("no_such_package_medclf", "w.pth"))
     with pytest.raises(WeightsError, match=r"not installed\. Run `make setup`"):
         build_model("mobilenet_v2", 2, 32, 1, width=1.0, weights="offline:mobilenet_v2")
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medclf import weights
+from medclf.training import pretrained
+from medclf.training.pretrained import find_offline_mobilenet_v2
 from medclf.weights import (
     RestrictedUnpickler,
-    find_offline_mobilenet_v2,
     import_torchvision_weights,
     read_torch_checkpoint,
     set_bn_epsilon,
@@ -155,7 +155,7 @@ def test_module_import_does_not_load_keras() -> None:
 
 
 def test_find_offline_returns_none_when_package_absent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(weights, "OFFLINE_MOBILENET_V2", ("no_such_package_medclf", "w.pth"))
+    monkeypatch.setattr(pretrained, "OFFLINE_MOBILENET_V2", ("no_such_package_medclf", "w.pth"))
     assert find_offline_mobilenet_v2() is None
 
 

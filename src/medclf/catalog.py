@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from medclf.config import Paths
 
 Root = Literal["ingest_dir", "augment_dir", "model_dir", "reports_dir", "cache_dir"]
-Kind = Literal["json", "npy", "csv", "parquet", "png", "keras", "md", "dir"]
+Kind = Literal["json", "npy", "csv", "parquet", "png", "keras", "md", "dir", "jsonl", "npz", "weights"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,19 @@ AUGMENT_PREVIEW = Artifact("augment_preview", "reports_dir", "augment/preview.pn
 MODEL = Artifact("model", "model_dir", "model.keras", "keras", "the trained Keras model (takes raw uint8)")
 TRAIN_RUN = Artifact("train_run", "model_dir", "train_run.json", "json", "run id, epochs, resume, timings")
 HISTORY = Artifact("history", "reports_dir", "train/history.csv", "csv", "per-epoch metrics (DVC plot)")
+# train's own cache (paths.cache_dir, outside model_dir, which DVC deletes before a rerun)
+TRAIN_BACKUP = Artifact("train_backup", "cache_dir", "train_backup", "dir",
+                        "what a killed run leaves for its retry; keyed by a params+data fingerprint, deleted on success")
+TRAIN_STATE = Artifact("train_state", "cache_dir", "train_backup/state.json", "json",
+                       "fingerprint, attempt, phases done, best epoch, MLflow run id")
+TRAIN_EPOCHS = Artifact("train_epochs", "cache_dir", "train_backup/history.jsonl", "jsonl", "one row per finished epoch")
+TRAIN_WEIGHTS = Artifact("train_weights", "cache_dir", "train_backup/{name}.npz", "npz",
+                         "`best` and `phase<n>_end` weights (np.savez of get_weights())")
+TRAIN_PHASE_BACKUP = Artifact("train_phase_backup", "cache_dir", "train_backup/phase{phase}", "dir",
+                              "Keras BackupAndRestore of an unfinished phase")
+JAX_CACHE = Artifact("jax_cache", "cache_dir", "jax", "dir", "JAX persistent compilation cache (train.compile_cache)")
+WEIGHTS_CACHE = Artifact("weights_cache", "cache_dir", "weights/{bucket}/{key}", "weights",
+                         "an s3:// train.weights file, downloaded once")
 
 # --------------------------------------------------------------------------- evaluate
 METRICS = Artifact("metrics", "reports_dir", "metrics.json", "json")

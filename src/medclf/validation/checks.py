@@ -1,4 +1,4 @@
-"""The check catalogue: every check's name, default severity and meaning, and its outcome type.
+"""The check catalogue (`CHECKS`, defined in `medclf.config` next to `validate.severity`) and the outcome type.
 
 Names are the keys of `validate.severity` in params.yaml. Defaults follow one
 rule: `error` where the dataset would make training or the test metrics wrong
@@ -13,33 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-CHECKS: dict[str, tuple[str, str]] = {
-    # name: (default severity, what a failure means)
-    "schema": ("error", "manifest columns, status and split values follow the ingest contract"),
-    "not_null": ("error", "every usable row has id, uri, sha256, label, split, row and original size"),
-    "unknown_label": ("error", "every label is one of the configured classes"),
-    "unique_id": ("error", "image ids are unique"),
-    "array_consistency": ("error", "arrays agree with the manifest: rows per split, labels, image shape"),
-    "image_size": ("error", "original height and width within [min_size, max_size]"),
-    "aspect_ratio": ("warn", "original long side / short side at most validate.max_aspect_ratio"),
-    "channels": ("error", "original channel count within 1..4"),
-    "duplicate_within_split": ("warn", "identical files (sha256) inside one split"),
-    "duplicate_cross_split": ("error", "identical files (sha256) in two splits: test leakage"),
-    "label_conflict": ("error", "identical files (sha256) under two different labels, in any splits"),
-    "near_duplicate_within_split": ("warn", "perceptually identical images inside one split"),
-    "near_duplicate_cross_split": ("error", "perceptually identical images in two splits: test leakage"),
-    "patient_overlap": ("error", "one patient in two splits: test leakage"),
-    "patient_id_missing": ("warn", "rows without a patient id cannot be checked for patient leakage"),
-    "blank": ("error", "blank image (pixel std below validate.blank_std_max)"),
-    "low_contrast": ("warn", "low-contrast image (pixel std below validate.low_contrast_std_max)"),
-    "saturated": ("warn", "too many pixels at the white or black extreme"),
-    "inverted": ("warn", "bright border, or a centre darker than its border: looks inverted (MONOCHROME1?)"),
-    "prevalence_bounds": ("error", "each class's share per split within validate.prevalence_bounds"),
-    "prevalence_gap": ("error", "a class's share differs between splits by more than validate.max_prevalence_gap"),
-    "split_fractions": ("warn", "split sizes within validate.split_fraction_bounds"),
-    "drift_prevalence": ("warn", "class share moved more than validate.drift_prevalence_max since the baseline"),
-    "drift_intensity": ("warn", "intensity distribution PSI above validate.drift_psi_max since the baseline"),
-}
+from medclf.config import CHECKS  # name -> (default severity, meaning): the vocabulary of validate.severity
 
 PASS, FAIL, WARN, OFF, SKIPPED = "pass", "fail", "warn", "off", "skipped"
 
