@@ -27,10 +27,12 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
 from flows.summary import NO_CHANGE, failure_outcome, headline, metrics_table, render_summary, run_tags
-from medclf import STAGES
+from medclf import STAGES, catalog
+from medclf.catalog import Artifact
 from medclf.config import Settings, load_settings
 from tasks import RETRIES, TASKS
-from tasks.common import StageFailed, push_task
+from tasks.common import StageFailed, artifact_path
+from tasks.push import push_task
 from tasks.train import train_on_gpu
 
 GPU_ENV = "MEDCLF_GPU_DEPLOYMENT"
@@ -39,15 +41,14 @@ StageName = Literal["ingest", "validate", "augment", "train", "evaluate", "regis
 _push = push_task()
 
 
-def _under(root: Path, p: Path) -> Path:
-    return p if p.is_absolute() else root / p
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read(root: Path, artifact: Artifact) -> dict[str, Any] | None:
+    """A JSON catalog entry of the checkout at `root` (a stage's result), None when absent or unreadable."""
+    path = artifact_path(root, artifact)
     try:
-        return json.loads(path.read_text())
+        data = catalog.load_file(path, "json") if path is not None else None
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _dataset(root: Path, s: Settings) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def _dataset(root: Path, s: Settings) -> dict[str, Any]:
     raw = raw_data_version(s.paths.raw_data, root / "dvc.lock")
     if raw:
         info["raw_data"] = raw
-    summary = _read_json(_under(root, s.paths.reports_dir) / "ingest" / "summary.json") or {}
+    summary = _read(root, catalog.INGEST_SUMMARY) or {}
     info.update({k: summary[k] for k in ("images", "patients", "splits", "classes", "quarantined", "changes")
                  if k in summary})
     return info
@@ -130,15 +131,14 @@ def _publish(root: Path, s: Settings, outcomes: list[dict[str, Any]], planned: l
     """Markdown run summary + metrics table in the Prefect UI; returns the facts used and the outcome line."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    reports = _under(root, s.paths.reports_dir)
-    register = _read_json(reports / "register.json")
-    gates = _read_json(reports / "gates.json")
-    train_run = _read_json(_under(root, s.paths.model_dir) / "train_run.json")
+    register = _read(root, catalog.REGISTER)
+    gates = _read(root, catalog.GATES)
+    train_run = _read(root, catalog.TRAIN_RUN)
     links = mlflow_links(s.mlflow.resolved_uri(), register, train_run)
     dataset = _dataset(root, s)
     # metrics.json describes this run's model only if evaluate ran, was up to date, or failed a gate
     evaluated = any(o["stage"] == "evaluate" for o in outcomes) or (failure is not None and failure.stage == "evaluate")
-    metrics = _read_json(reports / "metrics.json") if evaluated else None
+    metrics = _read(root, catalog.METRICS) if evaluated else None
     if failure is not None:
         outcome = failure_outcome(failure.stage, failure.error, gates, failure.error_type)
     else:
@@ -193,6 +193,8 @@ def retrain(project_dir: str = ".", until: StageName | None = None, force: bool 
             pushed = _push.with_options(retry_delay_seconds=backoff(retry_delay_seconds, 3))(str(root))
     except StageFailed as err:
         bar.close()
+        if err.result:  # a failed check still has its report (validate's markdown)
+            _stage_artifact(err.stage, {"result": err.result})
         facts = _publish(root, s, outcomes, planned, t0, pushed, failure=err)
         _tag_run(run_tags(outcomes, facts["register"], facts["dataset"], failed_stage=err.stage,
                           gate_failed=err.error_type == "GateFailed"))

@@ -9,9 +9,10 @@ worker shares only the DVC remote and the Prefect API with the caller, so it
 3. runs the same task as in-process training (`dvc repro --single-item train`,
    resumable through BackupAndRestore under `paths.cache_dir`, so keep that on a
    persistent volume for resume-after-preemption);
-4. pushes the model to the DVC remote and publishes the `train` entry of its
-   `dvc.lock` as the artifact `medclf-train-lock`, which the caller merges. The stage's
-   `cache: false` outputs (the history plot) travel inside that artifact: DVC never pushes them.
+4. pushes every output to the DVC remote (the stage's `cache: false` outputs, e.g. the
+   history plot, as objects named by their dvc.lock md5) and returns the `train` entry of
+   its `dvc.lock`, also published as the structured artifact `medclf-train-lock`, which the
+   caller writes into its dvc.lock before pulling the outputs by those hashes.
 
     python -m flows.train_remote --serve        # serve it from any machine, e.g. a GPU box
 """
@@ -26,8 +27,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from medclf.config import load_settings
-from tasks.common import dvc_push, stage_target
-from tasks.train import LOCK_ARTIFACT_KEY, lock_entry, lock_markdown, pack_files, uncached_outs
+from tasks.common import lock_entry, stage_target
+from tasks.push import dvc_push
+from tasks.train import publish_lock_entry, push_uncached
 from tasks.train import retries as train_retries
 from tasks.train import train as train_task
 
@@ -43,12 +45,11 @@ def _write_if_changed(path: Path, text: str | None) -> bool:
 
 
 @flow(name="medclf-train", description="Train on this worker (GPU pool) with the caller's params and "
-      "inputs; publish the dvc.lock entry and push the model to the DVC remote.")
+      "inputs; push the outputs to the DVC remote and return the dvc.lock entry.")
 def train_remote(params_yaml: str | None = None, dvc_lock: str | None = None, project_dir: str = ".",
                  force: bool = False, pull: bool = True, push: bool = True,
                  retry_delay_seconds: float = 10.0) -> dict[str, Any]:
     from dvc.repo import Repo
-    from prefect.artifacts import create_markdown_artifact
 
     from flows.retrain import backoff
 
@@ -69,10 +70,10 @@ def train_remote(params_yaml: str | None = None, dvc_lock: str | None = None, pr
     entry = lock_entry(root, "train")
     if entry is None:
         raise RuntimeError(f"{root / 'dvc.lock'} has no 'train' entry after training")
-    pushed = dvc_push(root, logger=log) if push else None
-    files = pack_files(root, uncached_outs(root, "train"))  # DVC does not push these (history.csv)
-    create_markdown_artifact(lock_markdown(entry, files), key=LOCK_ARTIFACT_KEY,
-                             description="dvc.lock entry of the train stage run on this worker")
+    pushed = None
+    if push:
+        pushed = {**dvc_push(root, logger=log), "uncached": push_uncached(root, "train")}
+    publish_lock_entry(entry)
     return {"outcome": outcome, "push": pushed, "lock_entry": entry}
 
 

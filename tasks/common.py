@@ -1,19 +1,22 @@
-"""The one edge between Prefect and the stages: run a stage *through DVC*.
+"""The one edge between Prefect and the stages: a DVC adapter that runs a stage *through DVC*.
 
-Why through DVC and not by calling `medclf.stages.<stage>.run` directly: DVC
-already knows whether a stage's code, params and inputs changed, skips it when
-not, and records what ran in `dvc.lock`. Calling the stage ourselves would make
-a second, disagreeing record. So a task here only
+Why through DVC and not by calling the stage directly: DVC already knows whether a stage's code, params
+and inputs changed, skips it when not, and records what ran in `dvc.lock`. Calling the stage ourselves
+would make a second, disagreeing record. So a task here only
 
-1. asks DVC (Python API, in process: ~0.2 s instead of ~2-5 s for a `dvc status`
-   process) whether the stage is up to date and, if not, why;
-2. if it is not, runs `dvc repro --single-item <stage>` as a child process, with
-   this interpreter's bin directory first on PATH so `medclf` is the venv's.
+1. asks DVC (Python API, in process: ~0.2 s instead of ~2-5 s for a `dvc status` process) whether the
+   stage is up to date and, if not, why (`plan`);
+2. if it is not, runs `dvc repro --single-item <stage>` as a child process, with this interpreter's bin
+   directory first on PATH so `medclf` is the venv's, and a fresh run token in its environment;
+3. reads what the stage did from its result file (`catalog.STAGE_RESULT`, written by `medclf <stage>` on
+   every exit, see medclf/cli.py), never from its output: the result dict, or a structured error that
+   says whether it is transient. A result file without this run's token means the command never ran
+   (DVC restored the outputs from its run-cache, or refused to start it); one still saying "running"
+   means the process was killed (OOM killer, preemption, SIGKILL): transient, resumable.
 
-The child process is deliberate: its output is streamed into the task log line by
-line (progress in the UI), the stage's own error line can be lifted into the
-exception, a killed stage kills only the child, and TensorFlow's memory is given
-back when each stage ends.
+The child process is deliberate: its output is streamed into the task log line by line (progress in
+the UI, for humans only), a killed stage kills only the child, and TensorFlow's memory is given back
+when each stage ends.
 """
 
 from __future__ import annotations
@@ -25,12 +28,19 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from medclf.cli import RESULT_FILE_ENV, RUN_TOKEN_ENV
+
+if TYPE_CHECKING:
+    from medclf.catalog import Artifact
 
 TAIL_LINES = 15
 # Colour codes (MLflow's warnings, tqdm): the Prefect UI shows them as "[33m" noise.
@@ -42,42 +52,42 @@ _CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(
                       r"+\d+ [\w./-]+:\d+\]|To enable the following instructions: |.*\b\d{1,2}%\|.*\| *\d+/\d+ \[)")
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 """Defaults for stage processes (an explicit setting in the environment wins): no TensorFlow INFO/WARNING lines."""
-# Errors a later attempt can fix: network, throttling, servers down, a killed process.
-_TRANSIENT = re.compile(
-    r"cannot (list|read)|unreachable|timed? ?out|connection|temporar|throttl|slowdown|"
-    r"service ?unavailable|internal ?error|too many requests|\b50[0234]\b|"
-    r"exited with -\d+|exited with 13[47]|killed|broken pipe|reset by peer|TrackingUnavailable",
-    re.IGNORECASE)
-# DVC's words for a stage command that ended without reporting an error itself.
-_DIED = re.compile(r"failed to run: .*, exited with -?\d+")
-# Errors that will fail identically on every attempt: retrying only wastes time.
-_DETERMINISTIC = {"ValidationFailed", "GateFailed", "ConfigError", "IngestError", "ValidationError",
-                  "NoGpuWorker", "RemoteMismatch"}
+UNCHANGED = "unchanged: code, params and inputs match dvc.lock"
 
 
 class StageFailed(RuntimeError):
-    """A stage exited non-zero. The message leads with the stage's own error line."""
+    """A stage failed; `error_type` and `transient` come from its structured error, not from its output.
 
-    def __init__(self, stage: str, returncode: int, error: str, tail: list[str]) -> None:
-        self.stage, self.returncode, self.error, self.tail = stage, returncode, error, tail
-        m = re.match(rf"medclf {stage}: (\w+):", error)
-        self.error_type = m.group(1) if m else None
-        body = "\n".join(f"    {line}" for line in tail)
-        super().__init__(f"stage '{stage}' failed: {error}\n  last lines of its output:\n{body}")
+    `error` is the one-line `medclf <stage>: Type: message` a person reads; `tail` the last lines of
+    DVC's output, shown in the message for context only.
+    """
 
-    @property
-    def transient(self) -> bool:
-        """Worth another attempt? Killed/crashed processes and network trouble are; checks are not.
+    def __init__(self, stage: str, error_type: str, message: str, *, transient: bool,
+                 exit_code: int | None = None, tail: list[str] | None = None,
+                 result: dict[str, Any] | None = None) -> None:
+        self.stage, self.error_type, self.message, self.transient = stage, error_type, message, transient
+        self.exit_code, self.tail, self.result = exit_code, list(tail or []), result
+        self.error = f"medclf {stage}: {error_type}: {message}"
+        body = "".join(f"\n    {line}" for line in self.tail)
+        super().__init__(f"stage '{stage}' failed: {self.error}" + (f"\n  last lines of its output:{body}"
+                                                                   if body else ""))
 
-        A stage that raised reports `medclf <stage>: Type: message` (the CLI catches every
-        exception). A process that ended without that line was killed or crashed (OOM killer,
-        preemption, SIGKILL), which is exactly what resumable training is for.
-        """
-        if self.error_type in _DETERMINISTIC:
-            return False
-        if self.error_type is None and _DIED.search(self.error):
-            return True
-        return bool(_TRANSIENT.search(self.error) or _TRANSIENT.search("\n".join(self.tail[-5:])))
+    @classmethod
+    def from_run(cls, stage: str, record: dict[str, Any] | None, tail: list[str]) -> StageFailed:
+        """Classify a failed `dvc repro` of `stage` by what its result file (`record`, this run's) says."""
+        error = (record or {}).get("error")
+        if isinstance(error, dict):
+            detail = (record or {}).get("result")
+            return cls(stage, str(error.get("error_type")), str(error.get("message")),
+                       transient=bool(error.get("transient")), exit_code=error.get("exit_code"), tail=tail,
+                       result=detail if isinstance(detail, dict) else None)
+        dvc_said = next((ln for ln in reversed(tail) if ln.startswith("ERROR")), "")  # shown, not parsed
+        if record is not None:  # "running": it started and never reported, so it was killed or crashed
+            return cls(stage, "Killed", "the stage process ended without reporting an outcome (killed: "
+                       f"SIGKILL, OOM killer, preemption?); a retry resumes it. {dvc_said}".rstrip(),
+                       transient=True, tail=tail)
+        return cls(stage, "DvcError", f"DVC did not start the stage command. {dvc_said}".rstrip(),
+                   transient=False, tail=tail)
 
 
 @dataclass
@@ -91,10 +101,10 @@ class StageOutcome:
     attempt: int = 1
     tail: list[str] = field(default_factory=list)
     result: dict[str, Any] | None = None
-    """The stage's own JSON result, as printed by `medclf <stage>`."""
+    """The stage's own result, as `medclf <stage>` wrote it to its result file (catalog.STAGE_RESULT)."""
     command_seconds: float | None = None
-    """Wall time of the `medclf <stage>` command itself, from DVC starting it to its result (last
-    attempt); `seconds - command_seconds` is what DVC + Prefect added around it."""
+    """Wall time of the `medclf <stage>` command itself, as it measured it (last attempt);
+    `seconds - command_seconds` is what DVC + Prefect added around it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +124,16 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _settings(root: Path) -> Any:
+    """The checkout's settings, or None when params.yaml does not load (the stage reports that itself)."""
+    from medclf.config import ConfigError, load_settings
+
+    try:
+        return load_settings(root / "params.yaml")
+    except (ConfigError, OSError):
+        return None
+
+
 def source_env(root: Path) -> dict[str, str]:
     """Environment DVC needs to see the raw source: the S3 endpoint of an `s3://` raw_data (MinIO, moto).
 
@@ -121,18 +141,40 @@ def source_env(root: Path) -> dict[str, str]:
     endpoint from `AWS_ENDPOINT_URL_S3`; params.yaml names it once, in `ingest.source.s3_endpoint_url`.
     An endpoint already set in the environment wins.
     """
-    from medclf.config import ConfigError, load_settings
-
-    try:
-        s = load_settings(root / "params.yaml")
-    except ConfigError:
-        return {}  # the stage itself reports the bad config, with its key
-    endpoint = s.ingest.source.s3_endpoint_url
+    s = _settings(root)
+    endpoint = s.ingest.source.s3_endpoint_url if s is not None else None
     if not (endpoint and s.paths.raw_data.startswith("s3://")):
         return {}
     if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
         return {}
     return {"AWS_ENDPOINT_URL_S3": endpoint}
+
+
+def artifact_path(root: Path, artifact: Artifact, **fields: str) -> Path | None:
+    """Where a catalog entry lives in the checkout at `root` (None when its params.yaml does not load)."""
+    s = _settings(root)
+    if s is None:
+        return None
+    path = artifact.path(s.paths, **fields)
+    return path if path.is_absolute() else Path(root) / path
+
+
+def result_file(root: Path, stage: str) -> Path:
+    """Where `medclf <stage>` writes its outcome for this checkout: `catalog.STAGE_RESULT` under the root
+    (a temporary file when params.yaml does not load, so a config error still has its structured error)."""
+    from medclf import catalog
+
+    path = artifact_path(root, catalog.STAGE_RESULT, stage=stage)
+    return path or Path(tempfile.mkdtemp(prefix="medclf-run-")) / f"{stage}.json"
+
+
+def read_result(path: Path, token: str) -> dict[str, Any] | None:
+    """The result file if this invocation (`token`) wrote it, else None (absent, another run's, unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("token") == token else None
 
 
 @contextlib.contextmanager
@@ -188,23 +230,38 @@ def dvc_status(stage: str, root: Path) -> list[Any]:
     return next(iter(found.values()), [])
 
 
-def in_lock(stage: str, root: Path) -> bool:
+def lock_entry(root: Path, stage: str) -> dict[str, Any] | None:
+    """`stage`'s record in `<root>/dvc.lock` (the one reader of dvc.lock here), None when it has none."""
     import yaml
 
-    lock = root / "dvc.lock"
+    lock = Path(root) / "dvc.lock"
     if not lock.exists():
-        return False
-    return stage in ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {})
+        return None
+    entry = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage)
+    return entry if isinstance(entry, dict) else None
 
 
-def _md5(path: Path) -> str:
-    import hashlib
+def merge_lock_entry(root: Path, stage: str, entry: dict[str, Any]) -> None:
+    """Put one stage's record, produced elsewhere (the GPU worker), into this checkout's dvc.lock (atomically)."""
+    import yaml
 
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from medclf.io import atomic_file
+
+    lock = Path(root) / "dvc.lock"
+    data = (yaml.safe_load(lock.read_text()) if lock.exists() else None) or {"schema": "2.0", "stages": {}}
+    data.setdefault("stages", {})[stage] = entry
+    with atomic_file(lock) as fh:
+        yaml.safe_dump(data, fh, sort_keys=False)
+
+
+def plan(stage: str, root: Path, force: bool) -> str | None:
+    """Why `stage` must run ("forced", "first run ...", DVC's reasons), or None when DVC says it is up to date."""
+    entries = dvc_status(stage, root)
+    if not entries and not force:
+        return None
+    if force:
+        return "forced"
+    return describe_status(entries) if lock_entry(root, stage) is not None else "first run (not in dvc.lock yet)"
 
 
 def corrupted_outputs(stage: str, root: Path) -> list[str]:
@@ -215,10 +272,11 @@ def corrupted_outputs(stage: str, root: Path) -> list[str]:
     object with its old mtime (bit rot, a bad copy that kept times) is copied out by `dvc checkout` and by
     `dvc repro`'s run-cache restore, and `dvc status` then agrees. Hashing the restored bytes is the check.
     """
-    import yaml
     from dvc.repo import Repo
 
-    entry = ((yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}).get(stage) or {}
+    from medclf.io import file_digest
+
+    entry = lock_entry(root, stage) or {}
     with Repo(str(root)) as repo:
         cache = Path(repo.cache.local.path)
     bad: list[str] = []
@@ -227,7 +285,7 @@ def corrupted_outputs(stage: str, root: Path) -> list[str]:
         return cache / md5[:2] / md5[2:]
 
     def check(path: Path, md5: str, shown: str) -> None:
-        if not path.is_file() or _md5(path) != md5:
+        if not path.is_file() or file_digest(path, algo="md5") != md5:
             bad.append(shown)
             with contextlib.suppress(OSError):
                 obj(md5).chmod(0o644)
@@ -243,7 +301,7 @@ def corrupted_outputs(stage: str, root: Path) -> list[str]:
             continue
         listing = obj(md5)
         try:
-            files = json.loads(listing.read_bytes()) if _md5(listing) == md5[:-4] else None
+            files = json.loads(listing.read_bytes()) if file_digest(listing, algo="md5") == md5[:-4] else None
         except (OSError, ValueError):
             files = None
         if files is None:  # the directory's own listing object is corrupted
@@ -257,86 +315,53 @@ def corrupted_outputs(stage: str, root: Path) -> list[str]:
     return bad
 
 
-def _stage_error(stage: str, lines: list[str], returncode: int) -> str:
-    """The most telling text: the stage's own `medclf <stage>: Type: message` (all its lines), else DVC's."""
-    starts = [i for i, ln in enumerate(lines) if ln.startswith(f"medclf {stage}:")]
-    if starts:
-        own = []
-        for ln in lines[starts[-1]:starts[-1] + 40]:
-            if ln.startswith("ERROR: failed to reproduce"):
-                break
-            own.append(ln)
-        return "\n".join(own)
-    dvc_err = [ln for ln in lines if ln.startswith("ERROR")]
-    return dvc_err[-1] if dvc_err else f"exited with {returncode}"
-
-
 def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool = False,
                       logger: logging.Logger | None = None, env: dict[str, str] | None = None,
                       attempt: int = 1) -> StageOutcome:
-    """Skip `stage` if DVC says it is up to date, else `dvc repro --single-item` it."""
+    """Skip `stage` if DVC says it is up to date, else `dvc repro --single-item` it and read its result file."""
     log = logger or logging.getLogger(f"medclf.tasks.{stage}")
     root = Path(project_dir).resolve()
     t0 = time.perf_counter()
-    entries = dvc_status(stage, root)
-    if not entries and not force:
-        reason = "unchanged: code, params and inputs match dvc.lock"
-        log.info("%s: %s - skipped", stage, reason)
-        return StageOutcome(stage, "skipped", reason, round(time.perf_counter() - t0, 2), attempt)
-    if force:
-        reason = "forced"
-    elif not in_lock(stage, root):
-        reason = "first run (not in dvc.lock yet)"
-    else:
-        reason = describe_status(entries)
+    reason = plan(stage, root, force)
+    if reason is None:
+        log.info("%s: %s - skipped", stage, UNCHANGED)
+        return StageOutcome(stage, "skipped", UNCHANGED, round(time.perf_counter() - t0, 2), attempt)
     log.info("%s: running (%s)", stage, reason)
+    token, path = uuid.uuid4().hex, result_file(root, stage)
     cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
-    tail: deque[str] = deque(maxlen=200)
-    result: dict[str, Any] | None = None
-    block: list[str] | None = None  # the stage's JSON result (`medclf` prints it last), logged as one line
-    proc = subprocess.Popen(cmd, cwd=root, env=venv_env({**source_env(root), **(env or {})}), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace")
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            errors="replace", env=venv_env({**source_env(root), **(env or {}),
+                                                            RUN_TOKEN_ENV: token, RESULT_FILE_ENV: str(path)}))
     assert proc.stdout is not None
-    t_cmd: float | None = None  # DVC echoes "> medclf <stage>" as it starts the command
-    t_end: float | None = None  # the stage's JSON result is the command's last output
-    for raw in proc.stdout:
+    for raw in proc.stdout:  # relayed for people to read; nothing here is parsed
         line = _ANSI.sub("", raw).rstrip()
-        if not line:
-            continue
-        tail.append(line)
-        if t_cmd is None and line.startswith("> "):
-            t_cmd = time.perf_counter()
-        if line == "{" and block is None:
-            block = [line]
-        elif block is not None:
-            block.append(line)
-            if line == "}":
-                result, block, t_end = _parse_result(block), None, time.perf_counter()
-                log.info("%s | result: %s", stage, result_line(result))
-        else:
+        if line:
+            tail.append(line)
             log.log(logging.DEBUG if _CHATTER.match(line) else logging.INFO, "%s | %s", stage, line)
     rc = proc.wait()
-    lines = list(tail)
+    record = read_result(path, token)
     if rc != 0:
-        raise StageFailed(stage, rc, _stage_error(stage, lines, rc), lines[-TAIL_LINES:])
-    cached = any("is cached - skipping run" in ln for ln in lines)
-    status = "restored" if cached else "ran"
-    if cached:
-        bad = corrupted_outputs(stage, root)
-        if bad:  # DVC copied a cache object whose bytes are not its hash: never hand that on as data
-            log.warning("%s: %d restored file(s) do not match dvc.lock (corrupted DVC cache): %s; the corrupted "
-                        "cache entries were removed, recomputing the stage", stage, len(bad), ", ".join(bad[:5]))
-            again = run_stage_via_dvc(stage, root, force=True, logger=log, env=env, attempt=attempt)
-            again.reason = f"{reason}; its run-cache outputs were corrupted ({', '.join(bad[:5])}): recomputed"
-            return again
-        reason += " (outputs restored from DVC's run-cache, not recomputed)"
-    own = round(t_end - t_cmd, 2) if t_cmd is not None and t_end is not None else None
-    return StageOutcome(stage, status, reason, round(time.perf_counter() - t0, 2), attempt, lines[-TAIL_LINES:],
-                        result, own)
+        raise StageFailed.from_run(stage, record, list(tail))
+    if record is not None and "result" in record:
+        result = record["result"] if isinstance(record["result"], dict) else None
+        log.info("%s | result: %s", stage, result_line(result))
+        return StageOutcome(stage, "ran", reason, round(time.perf_counter() - t0, 2), attempt, list(tail),
+                            result, record.get("seconds"))
+    # success without a result of this run: DVC restored the outputs from its run-cache instead of running
+    bad = corrupted_outputs(stage, root)
+    if bad:  # DVC copied a cache object whose bytes are not its hash: never hand that on as data
+        log.warning("%s: %d restored file(s) do not match dvc.lock (corrupted DVC cache): %s; the corrupted "
+                    "cache entries were removed, recomputing the stage", stage, len(bad), ", ".join(bad[:5]))
+        again = run_stage_via_dvc(stage, root, force=True, logger=log, env=env, attempt=attempt)
+        again.reason = f"{reason}; its run-cache outputs were corrupted ({', '.join(bad[:5])}): recomputed"
+        return again
+    return StageOutcome(stage, "restored", f"{reason} (outputs restored from DVC's run-cache, not recomputed)",
+                        round(time.perf_counter() - t0, 2), attempt, list(tail))
 
 
 def result_line(result: dict[str, Any] | None, width: int = 240) -> str:
-    """A stage's JSON result as one short log line: its scalar fields, floats at 3 decimals.
+    """A stage's result as one short log line: its scalar fields, floats at 3 decimals.
 
     The full result (kilobytes: per-check details, markdown) stays in the task's return value and
     the stage's report files; the log only says what happened.
@@ -361,14 +386,6 @@ def result_line(result: dict[str, Any] | None, width: int = 240) -> str:
     return text + (f" (+{hidden} structured field(s) in the stage's report)" if hidden else "")
 
 
-def _parse_result(block: list[str]) -> dict[str, Any] | None:
-    try:
-        out = json.loads("\n".join(block))
-    except ValueError:
-        return None
-    return out if isinstance(out, dict) else None
-
-
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry network/killed failures, never a failed check or gate."""
     try:
@@ -378,28 +395,6 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:  # noqa: BLE001 - anything else (DVC lock, OS) is worth one more try
         return True
     return False
-
-
-def dvc_push(project_dir: str | Path = ".", remote: str | None = None,
-             logger: logging.Logger | None = None) -> dict[str, Any]:
-    """Push every cached output in dvc.lock to the configured remote (no-op if none is set)."""
-    from dvc.config import NoRemoteError
-    from dvc.repo import Repo
-
-    log = logger or logging.getLogger("medclf.tasks.push")
-    t0 = time.perf_counter()
-    with Repo(str(Path(project_dir).resolve())) as repo:
-        name = remote or repo.config["core"].get("remote")
-        if not name:
-            log.warning("no DVC remote configured (`dvc remote add -d NAME URL`); outputs stay local")
-            return {"remote": None, "pushed": 0, "seconds": 0.0}
-        try:
-            pushed = repo.push(remote=name)
-        except NoRemoteError as err:
-            raise RuntimeError(f"dvc push: {err}") from err
-    out = {"remote": name, "pushed": int(pushed), "seconds": round(time.perf_counter() - t0, 2)}
-    log.info("dvc push to '%s': %d file(s) uploaded", name, out["pushed"])
-    return out
 
 
 def stage_task(stage: str, description: str) -> Any:
@@ -423,15 +418,3 @@ def stage_task(stage: str, description: str) -> Any:
     _run.__doc__ = description
     return task(_run, name=stage, description=description, cache_policy=NO_CACHE, persist_result=False,
                 retry_condition_fn=transient_only)
-
-
-def push_task() -> Any:
-    """Prefect task `dvc-push`: uploads are network I/O, so up to 3 retries with backoff."""
-    from prefect import get_run_logger, task
-    from prefect.cache_policies import NO_CACHE
-
-    def dvc_push_task(project_dir: str = ".") -> dict[str, Any]:
-        return dvc_push(project_dir, logger=get_run_logger())
-
-    return task(dvc_push_task, name="dvc-push", cache_policy=NO_CACHE, persist_result=False, retries=3,
-                description="Push every DVC-cached output to the configured remote.")

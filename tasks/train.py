@@ -7,39 +7,48 @@ Prefect retries the task.
 
 GPU dispatch (`train_on_gpu`) runs the `medclf-train` deployment on the GPU pool
 with `run_deployment`. The GPU worker shares nothing with this machine except the
-DVC remote and the Prefect API, so: the inputs are pushed first; the worker gets
-this checkout's `params.yaml` and `dvc.lock`, pulls the inputs by hash, runs the
-very same `dvc repro --single-item train`, pushes the model, and publishes its
-`dvc.lock` entry for `train` as an artifact. Here that entry is merged into
-`dvc.lock` and the model pulled, and DVC must then agree that `train` is up to
-date, which proves the worker ran the same code on the same inputs and params.
+DVC remote and the Prefect API, so the stage's outputs travel through the DVC remote
+and its `dvc.lock` entry through the API:
+
+1. here: the inputs are pushed to the DVC remote; the run gets this checkout's
+   `params.yaml` and `dvc.lock`;
+2. the worker pulls the inputs by hash, runs the very same `dvc repro --single-item train`,
+   pushes every output to the DVC remote (`cache: false` ones too, as objects named by their
+   dvc.lock md5: `push_uncached`), and returns its `dvc.lock` entry for `train` (the
+   structured artifact `medclf-train-lock`: JSON, no text to parse);
+3. here: the entry is written into `dvc.lock`, the outputs are pulled by the hashes it names,
+   and DVC must then agree that `train` is up to date, which proves the worker ran the same
+   code on the same inputs and params.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import contextlib
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from medclf.config import Settings
 from tasks.common import (
+    UNCHANGED,
     StageFailed,
     StageOutcome,
+    artifact_path,
     describe_status,
-    dvc_push,
     dvc_status,
-    in_lock,
+    lock_entry,
+    merge_lock_entry,
+    plan,
     stage_target,
     stage_task,
+    transient_only,
 )
+from tasks.push import dvc_push
 
 LOCK_ARTIFACT_KEY = "medclf-train-lock"
+LOCK_ARTIFACT_TYPE = "dvc-lock-entry"
 START_TIMEOUT_ENV = "MEDCLF_GPU_START_TIMEOUT_S"
-MAX_PACKED_BYTES = 10 * 2**20
 
 train = stage_task("train", "Train the classifier (head, then fine-tune); resumes from its backup on retry.")
 
@@ -49,87 +58,74 @@ def retries(settings: Settings) -> int:
     return 2
 
 
-def lock_entry(root: Path, stage: str) -> dict[str, Any] | None:
-    import yaml
-
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return None
-    return ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage)
-
-
-def merge_lock_entry(root: Path, stage: str, entry: dict[str, Any]) -> None:
-    """Put one stage's record, produced elsewhere, into this checkout's dvc.lock (atomically)."""
-    import yaml
-
-    from medclf.io import atomic_file
-
-    lock = root / "dvc.lock"
-    data = (yaml.safe_load(lock.read_text()) if lock.exists() else None) or {"schema": "2.0", "stages": {}}
-    data.setdefault("stages", {})[stage] = entry
-    with atomic_file(lock) as fh:
-        yaml.safe_dump(data, fh, sort_keys=False)
-
-
-def uncached_outs(root: Path, stage: str) -> list[str]:
-    """The stage's `cache: false` outputs (reports, plots): DVC never pushes these to a remote."""
+def uncached_outs(root: Path, stage: str) -> dict[str, str]:
+    """The stage's `cache: false` outputs (reports, plots) as {path: md5 in dvc.lock}: `dvc push` skips them."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        for st in repo.index.stages:
-            if getattr(st, "name", None) == stage:
-                return [str(o.def_path) for o in st.outs if not o.use_cache]
-    return []
+        names = next(([str(o.def_path) for o in st.outs if not o.use_cache] for st in repo.index.stages
+                      if getattr(st, "name", None) == stage), [])
+    outs = {o["path"]: str(o.get("md5") or "") for o in (lock_entry(root, stage) or {}).get("outs") or []}
+    found = {p: outs.get(p, "") for p in names}
+    bad = [p for p, md5 in found.items() if not md5 or md5.endswith(".dir")]
+    if bad:
+        raise RuntimeError(f"'{stage}' outputs {bad}: a cache: false output must be one file recorded in dvc.lock "
+                           "to travel through the DVC remote; declare directories with cache: true")
+    return found
 
 
-def pack_files(root: Path, rel_paths: list[str]) -> dict[str, str]:
-    """Small report files as {relative path: base64}, to travel inside the lock artifact."""
-    out: dict[str, str] = {}
-    for rel in rel_paths:
-        p = root / rel
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-        for f in files:
-            out[f.relative_to(root).as_posix()] = base64.b64encode(f.read_bytes()).decode()
-    size = sum(len(v) for v in out.values())
-    if size > MAX_PACKED_BYTES:
-        raise RuntimeError(f"the train stage's cache: false outputs {sorted(out)} total {size} bytes (base64), "
-                           f"above {MAX_PACKED_BYTES}; declare large outputs with cache: true in dvc.yaml")
-    return out
+def _remote_odb(repo: Any) -> Any:
+    return repo.cloud.get_remote_odb(None, "push")
 
 
-def unpack_files(root: Path, files: dict[str, str]) -> None:
-    from medclf.io import atomic_file
+def push_uncached(root: Path, stage: str) -> list[str]:
+    """Upload the stage's `cache: false` outputs to the DVC remote as objects named by their dvc.lock md5."""
+    from dvc.repo import Repo
+    from dvc_objects.fs.local import LocalFileSystem
 
-    base = root.resolve()
-    for rel, b64 in files.items():
-        dest = (base / rel).resolve()
-        if not dest.is_relative_to(base) or Path(rel).is_absolute():
-            raise RuntimeError(f"refusing to write {rel!r} from the GPU run: outside {base}")
-        with atomic_file(dest, "wb") as fh:
-            fh.write(base64.b64decode(b64))
-
-
-def lock_markdown(entry: dict[str, Any], files: dict[str, str] | None = None) -> str:
-    """The artifact the GPU run leaves: its dvc.lock entry (yaml) and its uncached outputs (json)."""
-    import yaml
-
-    md = "# dvc.lock entry of `train`\n\n```yaml\n" + yaml.safe_dump(entry, sort_keys=False) + "```\n"
-    if files:
-        md += "\n## cache: false outputs (base64)\n\n```json\n" + json.dumps(files) + "\n```\n"
-    return md
+    outs = uncached_outs(root, stage)
+    with Repo(str(root)) as repo:
+        odb = _remote_odb(repo)
+        for rel, md5 in outs.items():
+            odb.add(str(root / rel), LocalFileSystem(), md5)
+    return sorted(outs)
 
 
-def parse_lock_markdown(markdown: str) -> tuple[dict[str, Any], dict[str, str]]:
-    import yaml
+def pull_uncached(root: Path, stage: str) -> list[str]:
+    """Fetch the `cache: false` outputs dvc.lock names from the DVC remote, each checked against its md5."""
+    from dvc.repo import Repo
 
-    m = re.search(r"```yaml\n(.*?)```", markdown, re.DOTALL)
-    if not m:
-        raise ValueError("the GPU run's lock artifact holds no ```yaml block")
-    f = re.search(r"```json\n(.*?)\n```", markdown, re.DOTALL)
-    return yaml.safe_load(m.group(1)), (json.loads(f.group(1)) if f else {})
+    from medclf.io import file_digest
+
+    outs = uncached_outs(root, stage)
+    with Repo(str(root)) as repo:
+        odb = _remote_odb(repo)
+        for rel, md5 in outs.items():
+            dest = (root / rel).resolve()
+            if not dest.is_relative_to(root.resolve()):
+                raise RuntimeError(f"refusing to write {rel!r} from the GPU run: outside {root}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            try:
+                odb.fs.get_file(odb.oid_to_path(md5), str(tmp))
+                if file_digest(tmp, algo="md5") != md5:
+                    raise RuntimeError(f"{rel}: the DVC remote's object {md5} does not hash to {md5}")
+                os.replace(tmp, dest)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+    return sorted(outs)
 
 
-def _remote_lock_entry(flow_run_id: Any) -> tuple[dict[str, Any], dict[str, str]]:
+def publish_lock_entry(entry: dict[str, Any]) -> None:
+    """The worker's half: its dvc.lock entry for `train`, as a structured (JSON) Prefect artifact."""
+    from prefect.artifacts import Artifact
+
+    Artifact(key=LOCK_ARTIFACT_KEY, type=LOCK_ARTIFACT_TYPE, data={"stage": "train", "entry": entry},
+             description="dvc.lock entry of the train stage run on this worker").create()
+
+
+def _remote_lock_entry(flow_run_id: Any) -> dict[str, Any]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
@@ -137,9 +133,12 @@ def _remote_lock_entry(flow_run_id: Any) -> tuple[dict[str, Any], dict[str, str]
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[LOCK_ARTIFACT_KEY]),
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    if not arts:
-        raise RuntimeError(f"GPU flow run {flow_run_id} finished without a '{LOCK_ARTIFACT_KEY}' artifact")
-    return parse_lock_markdown(str(arts[-1].data))
+    data = arts[-1].data if arts else None
+    if not (isinstance(data, dict) and data.get("stage") == "train" and isinstance(data.get("entry"), dict)):
+        raise StageFailed("train", "RemoteRunFailed", f"GPU flow run {flow_run_id} finished without a "
+                          f"'{LOCK_ARTIFACT_KEY}' artifact holding its dvc.lock entry", transient=False)
+    entry: dict[str, Any] = data["entry"]
+    return entry
 
 
 def _wait_for(flow_run_id: Any, deployment: str, start_timeout_s: float, poll_s: float = 2.0) -> Any:
@@ -160,9 +159,9 @@ def _wait_for(flow_run_id: Any, deployment: str, start_timeout_s: float, poll_s:
             if run.state is not None and run.state.is_scheduled() and time.monotonic() - t0 > start_timeout_s:
                 client.set_flow_run_state(flow_run_id, Cancelled(message="no GPU worker picked it up"),
                                           force=True)
-                raise StageFailed("train", 1, f"medclf train: NoGpuWorker: no worker picked up the run of "
-                                  f"'{deployment}' within {start_timeout_s:.0f} s (env {START_TIMEOUT_ENV}); "
-                                  "start one: `prefect worker start --pool medclf-gpu`", [])
+                raise StageFailed("train", "NoGpuWorker", f"no worker picked up the run of '{deployment}' within "
+                                  f"{start_timeout_s:.0f} s (env {START_TIMEOUT_ENV}); start one: "
+                                  "`prefect worker start --pool medclf-gpu`", transient=False)
             time.sleep(poll_s)
 
 
@@ -172,16 +171,15 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
     from prefect.deployments import run_deployment
     from prefect.runtime import task_run
 
+    from medclf import catalog
+
     log = get_run_logger()
     root = Path(project_dir).resolve()
     t0 = time.perf_counter()
-    entries = dvc_status("train", root)
     attempt = task_run.run_count or 1
-    if not entries and not force:
-        return StageOutcome("train", "skipped", "unchanged: code, params and inputs match dvc.lock",
-                            round(time.perf_counter() - t0, 2), attempt).to_dict()
-    reason = "forced" if force else describe_status(entries) if in_lock("train", root) else \
-        "first run (not in dvc.lock yet)"
+    reason = plan("train", root, force)
+    if reason is None:
+        return StageOutcome("train", "skipped", UNCHANGED, round(time.perf_counter() - t0, 2), attempt).to_dict()
     log.info("train: dispatching to deployment '%s' (%s); pushing inputs to the DVC remote first",
              deployment, reason)
     dvc_push(root, logger=log)
@@ -193,33 +191,33 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
     run = _wait_for(run.id, deployment, float(os.environ.get(START_TIMEOUT_ENV, "1800")))
     state = run.state
     if state is None or not state.is_completed():
-        msg = state.message if state else "no state"
-        raise StageFailed("train", 1, f"medclf train: RemoteRunFailed: GPU flow run '{run.name}' on "
-                          f"'{deployment}' ended {state.type.value if state else '?'}: {msg}", [])
-    entry, files = _remote_lock_entry(run.id)
-    merge_lock_entry(root, "train", entry)
-    unpack_files(root, files)
+        # crashed (worker lost, pod evicted): another attempt may land on a healthy worker; a failed run
+        # has already had its own retries on the worker
+        raise StageFailed("train", "RemoteRunFailed", f"GPU flow run '{run.name}' on '{deployment}' ended "
+                          f"{state.type.value if state else '?'}: {state.message if state else 'no state'}",
+                          transient=bool(state and state.is_crashed()))
+    merge_lock_entry(root, "train", _remote_lock_entry(run.id))
     with Repo(str(root)) as repo:
         repo.pull(targets=[stage_target(root, "train")])
+    pull_uncached(root, "train")
     left = dvc_status("train", root)
     if left:
-        raise StageFailed("train", 1, "medclf train: RemoteMismatch: the GPU run's dvc.lock entry does not "
-                          f"match this checkout ({describe_status(left)}); is the worker on the same commit?",
-                          [])
+        raise StageFailed("train", "RemoteMismatch", "the GPU run's dvc.lock entry does not match this checkout "
+                          f"({describe_status(left)}); is the worker on the same commit?", transient=False)
+    run_file = artifact_path(root, catalog.TRAIN_RUN)
+    result = catalog.load_file(run_file, "json") if run_file is not None and run_file.exists() else None
     return StageOutcome("train", "ran", f"{reason} (on GPU deployment '{deployment}', flow run '{run.name}')",
-                        round(time.perf_counter() - t0, 2), attempt).to_dict()
+                        round(time.perf_counter() - t0, 2), attempt, result=result).to_dict()
 
 
 def _make_gpu_task() -> Any:
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    from tasks.common import transient_only
-
     return task(_train_on_gpu, name="train-on-gpu", cache_policy=NO_CACHE, persist_result=False,
                 retry_condition_fn=transient_only,
-                description="Run the train stage on the GPU work pool (run_deployment) and bring back "
-                            "its dvc.lock entry and model.")
+                description="Run the train stage on the GPU work pool (run_deployment); its outputs come back "
+                            "through the DVC remote, its dvc.lock entry through the Prefect API.")
 
 
 train_on_gpu = _make_gpu_task()

@@ -127,7 +127,7 @@ def test_deleted_augment_output_is_restored_from_the_run_cache(checkout):
 
 # --------------------------------------------------------------------------- dvc push
 def test_dvc_push_without_a_remote_is_a_warned_no_op(checkout, caplog):
-    from tasks.common import dvc_push
+    from tasks.push import dvc_push
 
     logger = logging.getLogger("medclf.tests.push")
     with caplog.at_level(logging.WARNING, logger="medclf.tests.push"):

@@ -608,24 +608,29 @@ def test_gpu_dispatch_without_a_worker_fails_clearly(project, monkeypatch):
 
 # --------------------------------------------------------------------------- pure pieces (fast)
 def test_stage_failure_classification():
+    """From the stage's real exception, through the structured error `medclf <stage>` writes
+    (`medclf.cli.error_record`), to the StageFailed the flow raises (`StageFailed.from_run`)."""
     from tasks.common import StageFailed
+    from tests.test_retry import _check, _gate, _s3_throttled, failed_stage
 
     died = "ERROR: failed to reproduce 'train': failed to run: medclf train, exited with -9"
-    assert StageFailed("train", 255, died, []).transient  # SIGKILL / OOM: resume is worth it
-    gate = "medclf evaluate: GateFailed: release gates failed: f1 0.4 < min_f1 1.0"
-    assert not StageFailed("evaluate", 255, gate, []).transient
-    assert StageFailed("evaluate", 255, gate, []).error_type == "GateFailed"
-    assert not StageFailed("validate", 255, "medclf validate: ValidationFailed: leakage (cannot read x)", []).transient
-    s3 = "medclf ingest: SourceError: s3://b/raw: cannot list (endpoint http://x): SlowDown"
-    assert StageFailed("ingest", 255, s3, []).transient
+    assert failed_stage("train", None, [died]).transient  # SIGKILL / OOM: resume is worth it
+    gate = failed_stage("evaluate", _gate())
+    assert not gate.transient
+    assert gate.error_type == "GateFailed" and gate.exit_code == 3
+    assert "stage 'evaluate' failed: medclf evaluate: GateFailed: release gates failed" in str(gate)
+    assert not failed_stage("validate", _check()).transient
+    s3 = failed_stage("ingest", _s3_throttled())
+    assert s3.transient and s3.error_type == "SourceError" and s3.exit_code == 75
+    # DVC refused before the stage command ran (no result file of this run): deterministic
     missing = "ERROR: failed to reproduce 'augment': dependency 'src/medclf/augmentation.py' does not exist"
-    assert not StageFailed("augment", 255, missing, []).transient
+    refused = StageFailed.from_run("augment", None, [missing])
+    assert not refused.transient and refused.error_type == "DvcError" and missing in refused.error
 
 
 def test_status_reasons_and_summary_wording():
     from flows.summary import NO_CHANGE, headline, metric_rows
     from tasks.common import describe_status
-    from tasks.train import lock_markdown, parse_lock_markdown
 
     entries = [{"changed deps": {"src/medclf/stages/train.py": "modified", "params.yaml": {"train": "modified"}}},
                {"changed outs": {"models": "deleted"}}]
@@ -636,10 +641,6 @@ def test_status_reasons_and_summary_wording():
     rows = metric_rows({"threshold": 0.4, "test": {"f1": 0.8, "f1_ci_low": 0.7, "f1_ci_high": 0.9, "tp": 3}})
     assert {"metric": "test.f1", "value": 0.8, "ci_low": 0.7, "ci_high": 0.9} in rows
     assert not any(r["metric"].endswith("_ci_low") for r in rows)
-    entry = {"cmd": "medclf train", "outs": [{"path": "models", "md5": "abc.dir"}]}
-    assert parse_lock_markdown(lock_markdown(entry)) == (entry, {})
-    files = {"reports/train/history.csv": "ZXBvY2gK"}
-    assert parse_lock_markdown(lock_markdown(entry, files)) == (entry, files)
 
 
 @pytest.mark.skipif(not os.environ.get("MEDCLF_TEST_GPU_DISPATCH"),

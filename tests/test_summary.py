@@ -199,8 +199,11 @@ STAGE_SCRIPT = textwrap.dedent("""
     print("Downloading artifacts:  12%|#         | 1/8 [00:00<00:00, 53.99it/s]")
     print("UserWarning: \\x1b[33mAdd type hints to the `predict` method\\x1b[0m")
     print("epoch 1: loss 0.5")
-    print(json.dumps({"passed": True, "f1": 0.9323843416370107, "n": 290, "markdown": "x" * 7000,
-                      "checks": {f"c{i}": {"observed": "y" * 50} for i in range(50)}}, indent=2))
+    print(json.dumps({"passed": False, "f1": 0.1}, indent=2))  # stdout is for people: never read as the result
+    result = {"passed": True, "f1": 0.9323843416370107, "n": 290, "markdown": "x" * 7000,
+              "checks": {f"c{i}": {"observed": "y" * 50} for i in range(50)}}
+    with open(os.environ["MEDCLF_STAGE_RESULT"], "w") as fh:  # what `medclf <stage>` writes (medclf/cli.py)
+        json.dump({"stage": "chatty", "token": os.environ["MEDCLF_RUN_TOKEN"], "exit_code": 0, "result": result}, fh)
 """)
 
 

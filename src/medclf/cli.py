@@ -231,11 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medclf {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return int(error_record(args.command, err)["exit_code"])
     if stage:
-        path = result_path(stage, args.settings)
-        write_result(path, {"stage": stage, "exit_code": EXIT_OK, "seconds": round(time.perf_counter() - t0, 3),
-                            "result": result})
+        path, seconds = result_path(stage, args.settings), round(time.perf_counter() - t0, 3)
+        write_result(path, {"stage": stage, "exit_code": EXIT_OK, "seconds": seconds, "result": result})
         if os.environ.get(RUN_TOKEN_ENV):  # the orchestrator reads the file and logs the result itself
-            print(f"medclf {stage}: done in {time.perf_counter() - t0:.1f} s; result in {path}")
+            print(f"medclf {stage}: done in {seconds:.1f} s; result in {path}")
             return EXIT_OK
     print(json.dumps(result, indent=2, default=str))
     return EXIT_OK
