@@ -10,6 +10,7 @@ import pytest
 
 from medclf.augmentation import apply_policy, balance_classes, balance_plan, random_affine, warp_affine
 from medclf.config import PRESETS, AugmentPolicy, ConfigError, settings_from_dict
+from medclf.pipeline import invoke
 
 
 def _images(n: int = 40, size: int = 24, c: int = 1, seed: int = 0) -> np.ndarray:
@@ -128,13 +129,12 @@ def test_overrides_apply_and_bad_keys_fail_at_parse_time():
 
 # --------------------------------------------------------------------------- the stage
 def test_augment_stage_outputs_and_determinism(make_settings):
-    from medclf.stages import augment, ingest
 
     s = make_settings({"augment": {"target_ratio": 0.9, "preview_n": 8}})
-    ingest.run(s)
+    invoke("ingest", s)
     ing = s.paths.ingest_dir
     ingest_digests = {p.name: _digest(p) for p in ing.iterdir()}
-    res = augment.run(s)
+    res = invoke("augment", s)
     out = s.paths.augment_dir
     x, y = np.load(out / "train_images.npy"), np.load(out / "train_labels.npy")
     syn, src = np.load(out / "train_is_synthetic.npy"), np.load(out / "train_source_row.npy")
@@ -153,20 +153,19 @@ def test_augment_stage_outputs_and_determinism(make_settings):
     assert w > 600 and h > 150
     assert {p.name: _digest(p) for p in ing.iterdir()} == ingest_digests  # ingest is never touched
     first = {p.name: _digest(p) for p in out.iterdir()}
-    augment.run(s)
+    invoke("augment", s)
     assert {p.name: _digest(p) for p in out.iterdir()} == first  # same params -> byte-identical output
     assert not [p for p in out.parent.iterdir() if "staging" in p.name or p.name.endswith(".old")]
 
 
 def test_augment_stage_without_balancing_and_missing_input(make_settings):
-    from medclf.stages import augment, ingest
     from medclf.stages.augment import AugmentError
 
     s = make_settings({"augment": {"balance": False}})
     with pytest.raises(AugmentError, match="train_images.npy: missing; run `medclf ingest` first"):
-        augment.run(s)
-    ingest.run(s)
-    res = augment.run(s)
+        invoke("augment", s)
+    invoke("ingest", s)
+    res = invoke("augment", s)
     assert res["synthetic"] == 0 and res["counts_before"] == res["counts_after"]
 
 

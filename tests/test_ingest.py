@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from medclf.catalog import load_split
+from medclf.pipeline import invoke
 from medclf.sources.base import SourceError
-from medclf.stages import ingest
-from medclf.stages.ingest import IngestError, load_split
+from medclf.stages.ingest import IngestError
 from tests.conftest import CHEST_XRAY, KERMANY_REGEX
 
 
@@ -62,16 +63,16 @@ def folder_settings(make_settings, root: Path, **over):
 
 def test_synthetic_default_is_patient_disjoint_and_deterministic(make_settings):
     s = make_settings()
-    r1 = ingest.run(s)
+    r1 = invoke("ingest", s)
     m1 = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
-    x1, _ = load_split(s.paths.ingest_dir, "train", mmap=False)
+    x1, _ = load_split(s.paths, "train", mmap=False)
     assert r1["images"] == 80 and set(r1["splits"]) == {"train", "val", "test"}
     ok = m1[m1.status == "ok"]
     per_patient = ok.groupby("patient_hash")["split"].nunique()
     assert per_patient.max() == 1, "a patient appears in more than one split"
-    ingest.run(s)
+    invoke("ingest", s)
     m2 = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
-    x2, _ = load_split(s.paths.ingest_dir, "train", mmap=False)
+    x2, _ = load_split(s.paths, "train", mmap=False)
     pd.testing.assert_frame_equal(m1, m2)
     assert np.array_equal(x1, x2)
     assert x1.dtype == np.uint8 and x1.shape[1:] == (32, 32, 1)
@@ -97,18 +98,18 @@ def test_folder_source_modes_are_converted_deliberately(tmp_path, make_settings)
     (d / "IM-0904-1.bmp").write_bytes(_png(_texture(7), fmt="BMP"))
     (d / "IM-0905-1.tif").write_bytes(_png(_texture(8), fmt="TIFF"))
     s = folder_settings(make_settings, root, max_quarantine_fraction=0.0)
-    out = ingest.run(s)
+    out = invoke("ingest", s)
     assert out["quarantined"] == 0 and out["images"] == 30
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
     from medclf.privacy import hash_patient
 
     row = m[m.patient_hash == hash_patient("IM-0900")].iloc[0]
-    x, _ = load_split(s.paths.ingest_dir, row.split)
+    x, _ = load_split(s.paths, row.split)
     img = x[row.row]
     # 16-bit ramp is scaled (not clipped): the full 0..255 range survives the resize.
     assert img.max() >= 250 and img.min() <= 5
     row = m[m.patient_hash == hash_patient("IM-0901")].iloc[0]
-    rgba_img = load_split(s.paths.ingest_dir, row.split)[0][row.row]
+    rgba_img = load_split(s.paths, row.split)[0][row.row]
     # 200 red at alpha 0.5 over black -> ~100 red -> luma ~30 (not 255-ish: no white compositing).
     assert 20 <= int(rgba_img[16, 16, 0]) <= 40
 
@@ -129,7 +130,7 @@ def test_bad_inputs_are_quarantined_with_reasons(tmp_path, make_settings):
     (root / "EMPTYCLASS").mkdir()
     before = tree_digest(root)
     s = folder_settings(make_settings, root, max_quarantine_fraction=0.5, classes=["NORMAL", "PNEUMONIA"])
-    out = ingest.run(s)
+    out = invoke("ingest", s)
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
     for name, (_, reason) in BAD_INPUTS.items():
         hit = q[q.uri.str.endswith(name)]
@@ -145,7 +146,7 @@ def test_decompression_bomb_and_limit_summary(tmp_path, make_settings):
     (root / "NORMAL" / "IM-0999-1.png").write_bytes(_png(np.zeros((400, 400), np.uint8)))
     s = folder_settings(make_settings, root, max_image_pixels=100_000, max_quarantine_fraction=0.0)
     with pytest.raises(IngestError) as err:
-        ingest.run(s)
+        invoke("ingest", s)
     msg = str(err.value)
     assert "1 of 9 inputs" in msg and "decompression bomb" in msg and "-1.png" in msg
     assert "max_quarantine_fraction" in msg
@@ -169,7 +170,7 @@ def test_unknown_and_missing_labels_from_manifest(tmp_path, make_settings):
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
                                   "classes": ["benign", "malignant"], "max_quarantine_fraction": 0.5}})
-    ingest.run(s)
+    invoke("ingest", s)
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
     assert q[q.uri.str.endswith("img/0.png")].reason.iloc[0].startswith("unknown label 'tumour?'")
     assert "missing label" in q[q.uri.str.endswith("img/1.png")].reason.iloc[0]
@@ -184,20 +185,20 @@ def test_manifest_path_traversal_is_rejected(tmp_path, make_settings, bad):
     pd.DataFrame([{"path": bad, "label": "a"}]).to_csv(raw / "m.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "m.csv")}}})
     with pytest.raises(SourceError, match=r"m\.csv line 2: path .*(escapes its root|is absolute)"):
-        ingest.run(s)
+        invoke("ingest", s)
 
 
 def test_empty_folder_and_missing_source(tmp_path, make_settings):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no class sub-folders"):
-        ingest.run(folder_settings(make_settings, tmp_path / "empty"))
+        invoke("ingest", folder_settings(make_settings, tmp_path / "empty"))
     with pytest.raises(SourceError, match="no such directory"):
-        ingest.run(folder_settings(make_settings, tmp_path / "nope"))
+        invoke("ingest", folder_settings(make_settings, tmp_path / "nope"))
 
 
 def test_killed_ingest_leaves_previous_outputs_intact(tmp_path, make_settings, monkeypatch):
     s = make_settings()
-    ingest.run(s)
+    invoke("ingest", s)
     before = {p.name: p.read_bytes() for p in s.paths.ingest_dir.iterdir()}
 
     def boom(*a, **k):
@@ -205,7 +206,7 @@ def test_killed_ingest_leaves_previous_outputs_intact(tmp_path, make_settings, m
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", boom)
     with pytest.raises(KeyboardInterrupt):
-        ingest.run(make_settings({"ingest": {"image_size": 48}}))
+        invoke("ingest", make_settings({"ingest": {"image_size": 48}}))
     after = {p.name: p.read_bytes() for p in s.paths.ingest_dir.iterdir()}
     assert before == after
     leftovers = [p for p in s.paths.ingest_dir.parent.iterdir() if "staging" in p.name]
@@ -215,7 +216,7 @@ def test_killed_ingest_leaves_previous_outputs_intact(tmp_path, make_settings, m
 def test_official_splits_kept_and_missing_val_carved_by_patient(tmp_path, make_settings):
     root = make_folder(tmp_path / "raw", per_class=24, splits=True)
     s = folder_settings(make_settings, root)
-    ingest.run(s)
+    invoke("ingest", s)
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
     test_uris = m[m.split == "test"].source_uri
     assert test_uris.str.contains("/test/").all() and len(test_uris) == 12
@@ -236,14 +237,14 @@ def test_medmnist_npz_labels_n_and_n1(tmp_path, make_settings):
     s = make_settings({"ingest": {"image_size": 28,
                                   "source": {"kind": "medmnist", "uri": str(tmp_path / "pneumoniamnist.npz"),
                                              "medmnist_flag": "pneumoniamnist"}}})
-    out = ingest.run(s)
+    out = invoke("ingest", s)
     assert out["splits"] == {"train": 30, "val": 6, "test": 8}
     assert out["classes"] == ["normal", "pneumonia"]
     # per image: the label ingest stored is the .npz label, for the (N, 1) train labels and the (N,) others
     names = ["normal", "pneumonia"]  # pneumoniamnist's label order (medmnist INFO)
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet").set_index("source_uri")
     for split in ("train", "val", "test"):
-        x, y = load_split(s.paths.ingest_dir, split, mmap=False)
+        x, y = load_split(s.paths, split, mmap=False)
         want = arrays[f"{split}_labels"].reshape(-1)
         assert arrays[f"{split}_labels"].shape == ((30, 1) if split == "train" else (len(want),))
         assert sorted(y.tolist()) == sorted(want.tolist())  # same label counts in the split ...
@@ -301,7 +302,7 @@ def test_dicom_via_manifest(tmp_path, make_settings):
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "dicom", "manifest": str(raw / "labels.csv")},
                                   "max_quarantine_fraction": 0.2}})
-    out = ingest.run(s)
+    out = invoke("ingest", s)
     assert out["images"] == 10 and out["patients"] == 5
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
     assert q.uri.str.endswith("bad.dcm").any() and "DICOM" in q.reason.iloc[0]
@@ -310,7 +311,7 @@ def test_dicom_via_manifest(tmp_path, make_settings):
 def test_patient_ids_never_reach_outputs_in_clear(tmp_path, make_settings):
     root = make_folder(tmp_path / "raw")
     s = folder_settings(make_settings, root)
-    ingest.run(s)
+    invoke("ingest", s)
     blob = b"".join(p.read_bytes() for p in s.paths.ingest_dir.iterdir() if p.suffix != ".npy")
     blob += b"".join(p.read_bytes() for p in (s.paths.reports_dir / "ingest").iterdir())
     for pid in (b"person1000", b"IM-0001", b"person1001"):
@@ -323,7 +324,7 @@ def test_real_chest_xray_splits_are_patient_disjoint(tmp_path, make_settings):
         pytest.skip(f"{CHEST_XRAY} is absent (../shared not beside the checkout)")
     s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(CHEST_XRAY),
                                              "patient_id_regex": KERMANY_REGEX}, "image_size": 32}})
-    out = ingest.run(s)
+    out = invoke("ingest", s)
     assert out["images"] + out["quarantined"] == 5216
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
     ok = m[m.status == "ok"]
@@ -346,7 +347,7 @@ def test_salt_is_created_once_even_with_parallel_decode_workers(tmp_path, make_s
     privacy._salt.cache_clear()
     root = make_folder(tmp_path / "raw", per_class=150)
     try:
-        out = ingest.run(folder_settings(make_settings, root, workers=2))
+        out = invoke("ingest", folder_settings(make_settings, root, workers=2))
     finally:
         privacy._salt.cache_clear()
     assert out["images"] == 300
@@ -369,7 +370,7 @@ def test_exact_duplicates_stay_in_one_split(tmp_path, make_settings):
     for i in range(10):
         (root / "NORMAL" / f"copy_{i:02d}_of_scan.png").write_bytes(dup)
     s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root)}}})
-    out = ingest.run(s)
+    out = invoke("ingest", s)
     assert out["images"] == 40 and out["quarantined"] == 0
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
     ok = m[m.status == "ok"]
@@ -388,9 +389,9 @@ def test_positive_class_must_be_among_the_inferred_classes(tmp_path, make_settin
     root = make_folder(tmp_path / "raw", per_class=4)
     s = folder_settings(make_settings, root, positive_class="COVID")
     with pytest.raises(IngestError, match=r"ingest\.positive_class 'COVID' is not one of the classes found"):
-        ingest.run(s)
+        invoke("ingest", s)
     assert not (s.paths.ingest_dir / "classes.json").exists()
-    out = ingest.run(folder_settings(make_settings, root, positive_class="NORMAL"))
+    out = invoke("ingest", folder_settings(make_settings, root, positive_class="NORMAL"))
     assert out["images"] == 8
 
 
@@ -402,7 +403,7 @@ def test_missing_manifest_file_names_the_manifest_line_and_path(tmp_path, make_s
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
                                   "max_quarantine_fraction": 0.5}})
-    ingest.run(s)
+    invoke("ingest", s)
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
     reason = q[q.uri.str.contains("img/gone_")].reason.iloc[0]
     assert f"{raw / 'labels.csv'} line 5" in reason, reason
@@ -418,7 +419,7 @@ def test_png_renamed_dcm_in_a_dicom_manifest_is_not_a_dicom_file(tmp_path, make_
     pd.DataFrame([{"path": "fake.dcm", "label": "a"}]).to_csv(raw / "labels.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "dicom", "manifest": str(raw / "labels.csv")}}})
     with pytest.raises(IngestError):
-        ingest.run(s)
+        invoke("ingest", s)
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
     assert q.reason.tolist() == ["not a DICOM file"]
 
@@ -434,9 +435,9 @@ def test_failed_run_on_a_missing_source_creates_no_salt(tmp_path, make_settings,
     privacy._salt.cache_clear()
     try:
         with pytest.raises(SourceError, match="no such directory"):
-            ingest.run(s)
+            invoke("ingest", s)
         assert not (tmp_path / "secrets").exists(), "a failed run created the patient-id salt"
-        ingest.run(folder_settings(make_settings, make_folder(tmp_path / "raw", per_class=4)))
+        invoke("ingest", folder_settings(make_settings, make_folder(tmp_path / "raw", per_class=4)))
         assert len((tmp_path / "secrets/patient_salt").read_text()) == 64  # a good run still creates it
     finally:
         privacy._salt.cache_clear()
@@ -478,7 +479,7 @@ def test_jpeg_original_size_is_the_files_not_the_draft_decode(tmp_path, make_set
                                                                    fmt="JPEG"))
     s = folder_settings(make_settings, root)
     assert s.ingest.image_size * 2 <= 100  # small enough that libjpeg decodes at a reduced scale
-    ingest.run(s)
+    invoke("ingest", s)
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
     rgb, grey = m[m.source_uri.str.endswith("-1.jpg")], m[m.source_uri.str.endswith("-2.jpg")]
     assert len(rgb) == len(grey) == 8

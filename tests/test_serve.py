@@ -24,9 +24,9 @@ ATOL = 1e-5  # same float32 model; batch composition may change the last bits
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, mlflow_server):
+    from medclf.catalog import load_split
     from medclf.serving import load_keras
     from medclf.stages import register
-    from medclf.stages.ingest import load_split
 
     root = tmp_path_factory.mktemp("serve")
     settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 0, "gradcam_n": 0,
@@ -35,7 +35,7 @@ def registered(tmp_path_factory, mlflow_server):
     assert gates["passed"], gates
     reg = register.run(settings)
     model = load_keras(str(settings.paths.model_dir / "model.keras"))
-    x, y = load_split(settings.paths.ingest_dir, "test", mmap=False)
+    x, y = load_split(settings.paths, "test", mmap=False)
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
     return {"root": root, "settings": settings, "reg": reg, "model": model, "x": x, "y": y, "meta": meta,
             "threshold": doc["threshold"]}
@@ -222,9 +222,9 @@ def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make
     The expected arrays come from ingest itself (what the model was trained on) and from the geometry written
     out by hand with PIL (`_wide_80x60_reference`), never from `serving.prepare`.
     """
+    from medclf.catalog import load_split
     from medclf.serving import MedclfModel, ServingConfig
     from medclf.stages import ingest
-    from medclf.stages.ingest import load_split
 
     root = tmp_path / "raw"
     files: dict[str, bytes] = {}
@@ -248,7 +248,7 @@ def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make
     wrapper.predict(None, pd.DataFrame({"image": [base64.b64encode(files[n]).decode() for n in names]}))
     seen = np.concatenate(wrapper.model.seen)
     for j, row in m.iterrows():
-        trained_on = load_split(s.paths.ingest_dir, row.split, mmap=False)[0][row.row]
+        trained_on = load_split(s.paths, row.split, mmap=False)[0][row.row]
         np.testing.assert_array_equal(seen[j], trained_on, err_msg=f"{names[j]}: predict != ingest ({mode})")
         # ... and equals the geometry written out by hand (PIL alone) for this 80x60 shape
         np.testing.assert_array_equal(seen[j], _wide_80x60_reference(files[names[j]], mode), err_msg=names[j])

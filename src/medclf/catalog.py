@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from medclf.config import Paths
 
-Root = Literal["ingest_dir", "augment_dir", "model_dir", "reports_dir", "cache_dir"]
+Root = Literal["raw_data", "ingest_dir", "augment_dir", "model_dir", "reports_dir", "cache_dir"]
 Kind = Literal["json", "npy", "csv", "parquet", "png", "keras", "md", "dir", "jsonl", "npz", "weights"]
 
 
@@ -106,6 +106,7 @@ def load_split(paths: Paths, split: str, *, mmap: bool = True) -> tuple[np.ndarr
 
 
 # --------------------------------------------------------------------------- ingest (paths.ingest_dir)
+RAW_DATA = Artifact("raw_data", "raw_data", "", "dir", "the raw source (folder, file or s3:// prefix) ingest reads")
 CLASSES = Artifact("classes", "ingest_dir", "classes.json", "json", "class names, positive class, image size")
 MANIFEST = Artifact("manifest", "ingest_dir", "manifest.parquet", "parquet", "one row per image (hashed ids)")
 IMAGES = Artifact("images", "ingest_dir", "{split}_images.npy", "npy", "N×H×W×C uint8 per split")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -144,3 +145,35 @@ def fit_square(arr: np.ndarray, size: int, mode: str) -> np.ndarray:
     res = np.asarray(img)
     out[top : top + nh, left : left + nw] = res[..., None] if res.ndim == 2 else res
     return out
+
+
+# ----------------------------------------------------------------------------- the one decode dispatcher
+DICOM_SUFFIXES = (".dcm", ".dicom")
+_DICM_OFFSET = 128
+
+
+def is_dicom(data: bytes) -> bool:
+    """The DICOM Part 10 marker: 'DICM' after the 128-byte preamble."""
+    return len(data) > _DICM_OFFSET + 4 and data[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
+
+
+def decode_bytes(data: bytes, max_pixels: int, *, kind: Literal["image", "dicom"] | None = None,
+                 name: str | None = None, channels: int | None = None,
+                 size: int | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """File bytes → (uint8 H×W×C, the file's own (height, width, channels)): ingest, `medclf predict` and the
+    served model all decode through here, so an input is refused (DecodeError) or read the same way by each.
+
+    DICOM when `kind` says so, else (no `kind`) when `name` ends in .dcm/.dicom or the bytes carry the 'DICM'
+    marker; `kind="image"` (a source that knows its files are raster images) never sniffs. Raster formats go
+    through Pillow (`channels`/`size` are decode hints, see `decode_image`). Either way `max_pixels` guards
+    against decompression bombs.
+    """
+    dicom = (kind == "dicom" if kind is not None
+             else bool(name and name.lower().endswith(DICOM_SUFFIXES)) or is_dicom(data))
+    if dicom:
+        # lazy: pydicom loads only when a DICOM arrives (and medclf.dicom imports this module)
+        from medclf.dicom import decode_dicom
+
+        arr = decode_dicom(data, max_pixels=max_pixels)
+        return arr, (int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]))
+    return decode_image_sized(data, max_pixels, channels, size)

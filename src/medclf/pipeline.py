@@ -5,19 +5,36 @@ The CLI is wired from these declarations, and tests/test_dvc_deps.py checks dvc.
 inputs + the stage's whole import closure; params: exactly `params`; outs/metrics/plots: the outputs), so
 the declarations, dvc.yaml and the code cannot drift apart. Importing this module is cheap: a stage's
 module (and its heavy imports) loads only when the stage runs.
+
+Params usage is enforced at run time: `invoke` hands the stage a view of the settings in which only its
+declared `params` (plus the locations `paths` and `mlflow`) can be read; any other read raises
+`UndeclaredParam`, naming the stage, the key and dvc.yaml. `paths` is exempt because dvc.yaml templates
+it into deps/outs (a changed path is a changed dep or out); `mlflow` because it says where runs are
+recorded, not what is computed (and `MLFLOW_TRACKING_URI` overrides it, which DVC could not see anyway).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from medclf import catalog as c
 
 if TYPE_CHECKING:
     from medclf.catalog import Artifact
     from medclf.config import Settings
+
+EXEMPT = ("paths", "mlflow")
+"""Settings sections every stage may read without declaring them (see the module docstring)."""
+DIR_OUTS = ("raw_data", "ingest_dir", "augment_dir", "model_dir")
+"""`paths.*` roots DVC tracks as one directory: an artifact under one is a dep/out as the whole root."""
+
+
+class UndeclaredParam(RuntimeError):
+    """A stage read a params.yaml key its declaration (and so its dvc.yaml `params:`) does not list."""
 
 
 @dataclass(frozen=True)
@@ -30,31 +47,93 @@ class Stage:
     metrics: tuple[Artifact, ...] = field(default=())
     """headline-number files (`dvc metrics show`)."""
     plots: tuple[Artifact, ...] = field(default=())
+    fields: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """values of the `{field}`s in output names that dvc.yaml lists one by one (evaluate's plot names)."""
+
+    def view(self, settings: Settings) -> Settings:
+        """`settings` as this stage may read it: only its declared params (and `paths`, `mlflow`)."""
+        if isinstance(settings, _ParamsView):
+            return settings
+        return cast("Settings", _ParamsView(settings, "", self))
 
     def run(self, settings: Settings) -> dict[str, Any]:
         """`medclf.stages.<name>.run(settings)`: the one implementation DVC and Prefect both execute."""
-        result: dict[str, Any] = importlib.import_module(f"medclf.stages.{self.name}").run(settings)
+        result: dict[str, Any] = importlib.import_module(f"medclf.stages.{self.name}").run(self.view(settings))
         return result
 
 
+class _ParamsView:
+    """A read-only stand-in for a `Settings` object (or one of its sections) that checks each read.
+
+    A declared key gives the real value; a section of which only some keys are declared gives another
+    view; anything else raises `UndeclaredParam`. Methods and properties of the config classes run against
+    the view, so their reads are checked too (`augment.policy()` reads `augment.preset`, `augment.overrides`);
+    pydantic's own methods (`model_dump`, ...) read the whole section and are refused on a partial view."""
+
+    __slots__ = ("_key", "_obj", "_stage")
+
+    def __init__(self, obj: Any, key: str, stage: Stage) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_stage", stage)
+
+    def _refuse(self, key: str) -> UndeclaredParam:
+        stage: Stage = object.__getattribute__(self, "_stage")
+        return UndeclaredParam(
+            f"stage '{stage.name}' reads params.yaml key '{key}', which it does not declare "
+            f"(declared: {', '.join(stage.params) or 'none'}). Add it to the stage's `params` in "
+            f"src/medclf/pipeline.py and to `stages.{stage.name}.params` in dvc.yaml, so that `dvc repro` "
+            "reruns the stage when it changes")
+
+    def __getattr__(self, name: str) -> Any:
+        obj, prefix = object.__getattribute__(self, "_obj"), object.__getattribute__(self, "_key")
+        stage: Stage = object.__getattribute__(self, "_stage")
+        model_fields = type(obj).model_fields
+        if name in model_fields:
+            key = f"{prefix}.{model_fields[name].alias or name}" if prefix else (model_fields[name].alias or name)
+            value = getattr(obj, name)
+            if key in EXEMPT or any(key == p or key.startswith(p + ".") for p in stage.params):
+                return value
+            if any(p.startswith(key + ".") for p in stage.params):
+                return _ParamsView(value, key, stage)
+            raise self._refuse(key)
+        attr = inspect.getattr_static(obj, name)
+        owner = next((k for k in type(obj).__mro__ if name in vars(k)), None)
+        if owner is not None and owner.__module__ == "medclf.config":  # our own methods/properties: checked reads
+            if isinstance(attr, property) and attr.fget is not None:
+                return attr.fget(self)
+            if isinstance(attr, (staticmethod, classmethod)):
+                return getattr(obj, name)
+            if inspect.isfunction(attr):
+                return types.MethodType(attr, self)
+        raise self._refuse(f"{prefix or '<all sections>'}.* (via {name})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError("settings are read-only")
+
+
 PIPELINE: dict[str, Stage] = {s.name: s for s in (
-    Stage("ingest", inputs=(), outputs=(c.CLASSES, c.MANIFEST, c.IMAGES, c.LABELS, c.QUARANTINE),
-          params=("ingest",), metrics=(c.INGEST_SUMMARY,)),
-    Stage("validate", inputs=(c.CLASSES, c.MANIFEST, c.IMAGES, c.LABELS), outputs=(c.VALIDATION_SITE,
-          c.VALIDATION_BASELINE), params=("validate", "ingest.classes"), metrics=(c.VALIDATION_SUMMARY,)),
-    Stage("augment", inputs=(c.CLASSES, c.IMAGES, c.LABELS),
+    Stage("ingest", inputs=(c.RAW_DATA,), outputs=(c.CLASSES, c.MANIFEST, c.IMAGES, c.LABELS, c.QUARANTINE,
+          c.INGEST_SUMMARY), params=("ingest",), metrics=(c.INGEST_METRICS,)),
+    Stage("validate", inputs=(c.CLASSES, c.MANIFEST, c.IMAGES, c.LABELS),
+          outputs=(c.VALIDATION_SITE, c.VALIDATION_BASELINE, c.VALIDATION_SUMMARY),
+          params=("validate", "ingest.classes"), metrics=(c.VALIDATE_METRICS,)),
+    # the validation summary is an input so that augment (and all after it) waits for data that passed
+    Stage("augment", inputs=(c.CLASSES, c.IMAGES, c.LABELS, c.VALIDATION_SUMMARY),
           outputs=(c.TRAIN_IMAGES, c.TRAIN_LABELS, c.TRAIN_IS_SYNTHETIC, c.TRAIN_SOURCE_ROW, c.AUGMENT_SUMMARY),
           params=("augment",), plots=(c.AUGMENT_PREVIEW,)),
     Stage("train", inputs=(c.CLASSES, c.IMAGES, c.LABELS, c.TRAIN_IMAGES, c.TRAIN_LABELS),
-          outputs=(c.MODEL, c.TRAIN_RUN), params=("train",), plots=(c.HISTORY,)),
+          outputs=(c.MODEL, c.TRAIN_RUN), params=("train", "augment", "register.experiment"), plots=(c.HISTORY,)),
     Stage("evaluate", inputs=(c.CLASSES, c.IMAGES, c.LABELS, c.MODEL, c.TRAIN_RUN),
-          outputs=(c.EVALUATE_REPORTS,), params=("evaluate",), metrics=(c.METRICS, c.GATES), plots=(c.PLOTS,)),
-    Stage("register", inputs=(c.MODEL, c.TRAIN_RUN, c.METRICS, c.GATES), outputs=(c.REGISTER,),
-          params=("register",)),
+          outputs=(c.EVALUATE_REPORTS, c.METRICS, c.GATES), params=("evaluate", "register.model_name"),
+          metrics=(c.EVALUATE_METRICS,), plots=(c.PLOTS,),
+          fields={"name": ("roc", "pr", "calibration", "confusion")}),
+    Stage("register", inputs=(c.MODEL, c.TRAIN_RUN, c.METRICS, c.GATES, c.VALIDATION_SUMMARY), outputs=(c.REGISTER,),
+          params=("register", "ingest", "validate.min_size", "validate.max_aspect_ratio", "augment", "train",
+                  "evaluate")),
 )}
-"""Illustrative until each entry is checked against dvc.yaml by tests/test_dvc_deps.py."""
 
 
 def invoke(name: str, settings: Settings) -> dict[str, Any]:
-    """Run stage `name` with `settings` (the CLI's one entry point for stages)."""
+    """Run stage `name` with `settings` (the CLI's one entry point for stages), reading only its declared params."""
     return PIPELINE[name].run(settings)

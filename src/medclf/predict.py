@@ -44,14 +44,9 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 def _decode(path: Path, max_pixels: int) -> Any:
     """File → uint8 pixel array (DICOM by extension or by its 'DICM' marker), bomb-guarded by `max_pixels`."""
-    from medclf.serving import decode_one
+    from medclf.images import decode_bytes
 
-    data = path.read_bytes()
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        from medclf.dicom import decode_dicom
-
-        return decode_dicom(data, max_pixels=max_pixels)
-    return decode_one(data, max_pixels)
+    return decode_bytes(path.read_bytes(), max_pixels, name=path.name)[0]
 
 
 def default_model_uri(settings: Settings) -> str:

@@ -34,14 +34,13 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
-from medclf.images import DecodeError, decode_image, fit_square, to_channels, to_uint8
+from medclf.images import DecodeError, decode_bytes, fit_square, to_channels, to_uint8
 
 INPUT_COLUMN = "image"
 KERAS_ARTIFACT = "keras_model"
 MAX_PIXELS = 80_000_000
 MIN_SIZE = 16
 MAX_ASPECT_RATIO = 4.0
-_DICM_OFFSET = 128
 
 
 @dataclass(frozen=True)
@@ -87,15 +86,6 @@ def output_columns(classes: Sequence[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- decoding
-def _decode_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Image file bytes → uint8 H×W×C; DICOM is recognised by its 'DICM' marker."""
-    if len(data) > _DICM_OFFSET + 4 and data[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM":
-        from medclf.dicom import decode_dicom
-
-        return decode_dicom(data, max_pixels=max_pixels)
-    return decode_image(data, max_pixels)
-
-
 def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Pixel arrays from JSON arrive as int64/float64; keep 0..255 values as they are.
 
@@ -126,9 +116,9 @@ def decode_one(item: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             data = base64.b64decode(item.strip(), validate=True)
         except (binascii.Error, ValueError):
             raise DecodeError("string input is not valid base64 (send base64-encoded image bytes)") from None
-        return _decode_bytes(data, max_pixels)
+        return decode_bytes(data, max_pixels)[0]  # DICOM by its marker, else Pillow
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(item), max_pixels)
+        return decode_bytes(bytes(item), max_pixels)[0]
     if item is None:
         raise DecodeError("missing image (null)")
     try:

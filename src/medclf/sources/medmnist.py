@@ -8,7 +8,6 @@ MD5 (the values the `medmnist` package records in `INFO`). Offline, point
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medclf.config import Source
+from medclf.io import file_digest
 from medclf.sources.base import Record, SourceError, SourceScan
 from medclf.sources.store import open_store, split_uri
 
@@ -49,14 +49,6 @@ def _same(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(flag: str, size: int, cache_dir: Path, url_template: str = ZENODO) -> Path:
     """Fetch the official file once into `cache_dir` and verify its MD5."""
     if flag not in KNOWN:
@@ -64,7 +56,7 @@ def download(flag: str, size: int, cache_dir: Path, url_template: str = ZENODO) 
     expected = KNOWN[flag][1][size]
     suffix = "" if size == 28 else f"_{size}"
     target = cache_dir / f"{flag}{suffix}.npz"
-    if target.exists() and md5_file(target) == expected:
+    if target.exists() and file_digest(target, algo="md5") == expected:
         return target
     url = url_template.format(flag=flag, suffix=suffix)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +71,7 @@ def download(flag: str, size: int, cache_dir: Path, url_template: str = ZENODO) 
             f"cannot download MedMNIST {flag} ({size}px) from {url}: {err}. Offline? Download the file "
             f"elsewhere and set ingest.source.uri to its local path, e.g. data/raw/{target.name}",
             transient=True) from None
-    got = md5_file(tmp)
+    got = file_digest(tmp, algo="md5")
     if got != expected:
         tmp.unlink(missing_ok=True)
         raise SourceError(f"{url}: MD5 mismatch (got {got}, expected {expected}); file discarded")

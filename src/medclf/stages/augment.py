@@ -15,16 +15,15 @@ shows originals next to augmented versions under the same policy training uses o
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medclf import catalog as c
 from medclf.augmentation import apply_policy, balance_classes, balance_plan
-from medclf.config import AugmentPolicy, Settings
+from medclf.config import AugmentPolicy, Paths, Settings
 from medclf.io import atomic_dir, atomic_file, write_json
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,13 @@ class AugmentError(RuntimeError):
     """The ingest output is missing or unusable for augmentation."""
 
 
-def _load_train(ingest_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    xp, yp, cp = ingest_dir / "train_images.npy", ingest_dir / "train_labels.npy", ingest_dir / "classes.json"
+def _load_train(paths: Paths) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    xp, yp, cp = (c.IMAGES.path(paths, split="train"), c.LABELS.path(paths, split="train"), c.CLASSES.path(paths))
     for p in (xp, yp, cp):
         if not p.exists():
             raise AugmentError(f"{p}: missing; run `medclf ingest` first")
-    x = np.load(xp, mmap_mode="r")  # read-only: the ingest output cannot be modified from here
-    y = np.load(yp)
-    classes = json.loads(cp.read_text())["classes"]
+    x, y = c.load_split(paths, "train")  # memory-mapped read-only: the ingest output cannot be modified from here
+    classes = c.CLASSES.load(paths)["classes"]
     if x.ndim != 4 or x.dtype != np.uint8 or len(x) != len(y):
         raise AugmentError(f"{xp}: expected N×H×W×C uint8 matching {yp}; got {x.dtype} {x.shape} and {y.shape}")
     if len(x) == 0:
@@ -86,20 +84,20 @@ def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.augment, settings.paths
     t0 = time.perf_counter()
     policy = cfg.policy()
-    x, y, classes = _load_train(paths.ingest_dir)
+    x, y, classes = _load_train(paths)
     k = len(classes)
     before = np.bincount(y, minlength=k)
-    plan = balance_plan(y, cfg.target_ratio, k) if cfg.balance else {c: 0 for c in range(k)}
+    plan = balance_plan(y, cfg.target_ratio, k) if cfg.balance else {i: 0 for i in range(k)}
     total = len(y) + sum(plan.values())
     with atomic_dir(paths.augment_dir) as tmp:
-        out = np.lib.format.open_memmap(tmp / "train_images.npy", mode="w+", dtype=np.uint8,
+        out = np.lib.format.open_memmap(c.TRAIN_IMAGES.under(tmp), mode="w+", dtype=np.uint8,
                                         shape=(total, *x.shape[1:]))
         res = balance_classes(x, y, policy, cfg.target_ratio if cfg.balance else 0.0, k, cfg.seed, out=out)
         out.flush()
         del out
-        np.save(tmp / "train_labels.npy", res.labels)
-        np.save(tmp / "train_is_synthetic.npy", res.is_synthetic)
-        np.save(tmp / "train_source_row.npy", res.source_row)
+        np.save(c.TRAIN_LABELS.under(tmp), res.labels)
+        np.save(c.TRAIN_IS_SYNTHETIC.under(tmp), res.is_synthetic)
+        np.save(c.TRAIN_SOURCE_ROW.under(tmp), res.source_row)
         after = np.bincount(res.labels, minlength=k)
         summary = {
             "classes": classes, "counts_before": dict[str, Any](zip(classes, before.tolist(), strict=True)),
@@ -110,9 +108,9 @@ def run(settings: Settings) -> dict[str, Any]:
             "balance": cfg.balance, "target_ratio": cfg.target_ratio, "seed": cfg.seed,
             "preset": cfg.preset, "policy": policy.model_dump(),
         }
-        write_json(tmp / "augment.json", summary)
+        write_json(c.AUGMENT_SUMMARY.under(tmp), summary)
     png = preview_png(x, y, classes, policy, cfg.preview_n, cfg.seed)
-    with atomic_file(paths.reports_dir / "augment" / "preview.png", "wb") as fh:
+    with atomic_file(c.AUGMENT_PREVIEW.path(paths), "wb") as fh:
         fh.write(png)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     log.info("augment: %s -> %s (%d synthetic rows, preset %s), %.1f s", summary["counts_before"],

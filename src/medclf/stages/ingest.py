@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medclf import catalog as c
 from medclf.changes import describe, diff_manifests
-from medclf.config import Ingest, Settings
-from medclf.images import DecodeError, decode_image_sized, fit_square, to_channels
+from medclf.config import Ingest, Paths, Settings
+from medclf.images import DecodeError, decode_bytes, fit_square, to_channels, to_uint8
 from medclf.io import atomic_dir, atomic_dirs, atomic_file, recover_dir, write_json
 from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
@@ -61,25 +62,19 @@ class Decoded:
 
 def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
     out = Decoded(record=rec, uri=redact(rec.uri, rec.patient_id))
-    orig: tuple[int, int, int] | None = None  # the file's own size where the decoder reads it smaller
     try:
         payload = rec.fetch()
         if isinstance(payload, np.ndarray):
             arr = payload if payload.ndim == 3 else payload[..., None]
             out.sha256 = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-            if arr.dtype != np.uint8:
-                from medclf.images import to_uint8
-
-                arr = to_uint8(arr)
+            arr = to_uint8(arr)
+            out.orig_shape = (int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]))
         else:
             out.sha256 = hashlib.sha256(payload).hexdigest()
-            if rec.kind == "dicom":
-                from medclf.dicom import decode_dicom
-
-                arr = decode_dicom(payload, max_pixels=cfg.max_image_pixels)
-            else:
-                arr, orig = decode_image_sized(payload, cfg.max_image_pixels, cfg.channels, cfg.image_size)
-        out.orig_shape = orig or tuple(int(v) for v in arr.shape)  # type: ignore[assignment]
+            # the source knows its kind: a raster file is never sniffed for DICOM here
+            arr, out.orig_shape = decode_bytes(payload, cfg.max_image_pixels,
+                                               kind="dicom" if rec.kind == "dicom" else "image",
+                                               channels=cfg.channels, size=cfg.image_size)
         out.image = fit_square(to_channels(arr, cfg.channels), cfg.image_size, cfg.resize)
     except DecodeError as err:
         out.reason = str(err)
@@ -194,7 +189,7 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.ingest, settings.paths
     t0 = time.perf_counter()
-    reports = paths.reports_dir / "ingest"
+    reports = c.INGEST_REPORTS.path(paths)
     for out in (paths.ingest_dir, reports):  # finish a commit a kill interrupted; drop dead runs' staging dirs
         recover_dir(out)
     scanned = scan(cfg.source, cfg.classes)
@@ -219,7 +214,7 @@ def run(settings: Settings) -> dict[str, Any]:
     problem = _quarantine_report(quarantine, total, cfg.max_quarantine_fraction)
     if problem or not ok:
         problem = problem or "no usable images"
-        where = _record_failure(paths.ingest_dir, reports, qdf, {
+        where = _record_failure(paths, qdf, {
             "status": "failed", "error": problem, "inputs": total, "images": len(ok),
             "quarantined": len(quarantine), "classes": classes,
             "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
@@ -231,36 +226,43 @@ def run(settings: Settings) -> dict[str, Any]:
     splits = assign_splits(link_groups(keys), [d.record.label or "" for d in ok], official,
                            cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.seed)
     manifest = build_manifest(ok, splits, classes, bad)
-    changes = diff_manifests(_previous_manifest(paths.ingest_dir), manifest)
+    changes = diff_manifests(_previous_manifest(paths), manifest)
     counts = {}
     with atomic_dirs(paths.ingest_dir, reports) as (tmp, rtmp):  # data and its reports, committed together
         for split in SPLITS:
             idx = [i for i, s in enumerate(splits) if s == split]
             shape = (len(idx), cfg.image_size, cfg.image_size, cfg.channels)
-            arr = np.lib.format.open_memmap(tmp / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=shape)
+            arr = np.lib.format.open_memmap(c.IMAGES.under(tmp, split=split), mode="w+", dtype=np.uint8,
+                                            shape=shape)
             for j, i in enumerate(idx):
                 arr[j] = ok[i].image
             arr.flush()
             del arr
             label_idx = [classes.index(ok[i].record.label or "") for i in idx]  # `ok` labels are all in classes
-            np.save(tmp / f"{split}_labels.npy", np.array(label_idx, dtype=np.int64))
+            np.save(c.LABELS.under(tmp, split=split), np.array(label_idx, dtype=np.int64))
             counts[split] = len(idx)
-        manifest.to_parquet(tmp / "manifest.parquet", index=False)
-        write_json(tmp / "classes.json", {"classes": classes, "positive_class": cfg.positive_class or classes[-1],
+        manifest.to_parquet(c.MANIFEST.under(tmp), index=False)
+        write_json(c.CLASSES.under(tmp), {"classes": classes, "positive_class": cfg.positive_class or classes[-1],
                                           "image_size": cfg.image_size, "channels": cfg.channels})
         elapsed = time.perf_counter() - t0
         summary = {"images": len(ok), "quarantined": len(quarantine), "classes": classes, "splits": counts,
                    "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
                    "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1),
                    "changes": changes}
-        qdf.to_csv(rtmp / "quarantine.csv", index=False)
-        write_json(rtmp / "summary.json", summary)
+        qdf.to_csv(_in_reports(rtmp, c.QUARANTINE), index=False)
+        write_json(_in_reports(rtmp, c.INGEST_SUMMARY), summary)
+    c.INGEST_METRICS.save(paths, {"images": len(ok), "quarantined": len(quarantine)})  # `dvc metrics show`
     log.info("ingest: %d images (%s), %d quarantined, %.1f s; since the last ingest: %s", len(ok), counts,
              len(quarantine), elapsed, describe(changes))
     return summary
 
 
-def _record_failure(ingest_dir: Path, reports: Path, quarantine: pd.DataFrame, record: dict[str, Any]) -> Path:
+def _in_reports(reports: Path, artifact: c.Artifact) -> Path:
+    """`artifact` (under `paths.reports_dir`) inside `reports`, a directory standing for `INGEST_REPORTS`."""
+    return reports / Path(artifact.rel).relative_to(c.INGEST_REPORTS.rel)
+
+
+def _record_failure(paths: Paths, quarantine: pd.DataFrame, record: dict[str, Any]) -> Path:
     """Write a failed run's reports without contradicting the dataset in `ingest_dir`; return the quarantine's path.
 
     With a good previous dataset, its `summary.json` and `quarantine.csv` stay as they are (they describe
@@ -268,22 +270,23 @@ def _record_failure(ingest_dir: Path, reports: Path, quarantine: pd.DataFrame, r
     `failed_quarantine.csv` beside them. With no dataset there is nothing to contradict: the reports
     directory is replaced by the failed run's quarantine.csv (and the same two files).
     """
-    if (ingest_dir / "manifest.parquet").exists():
-        reports.mkdir(parents=True, exist_ok=True)
-        with atomic_file(reports / "failed_quarantine.csv") as fh:
+    failed_csv = c.INGEST_FAILED_QUARANTINE.path(paths)
+    if c.MANIFEST.path(paths).exists():
+        failed_csv.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(failed_csv) as fh:
             quarantine.to_csv(fh, index=False)
-        write_json(reports / "failed_run.json", record)
-        return reports / "failed_quarantine.csv"
-    with atomic_dir(reports) as tmp:
-        quarantine.to_csv(tmp / "quarantine.csv", index=False)
-        quarantine.to_csv(tmp / "failed_quarantine.csv", index=False)
-        write_json(tmp / "failed_run.json", record)
-    return reports / "failed_quarantine.csv"
+        write_json(c.INGEST_FAILED_RUN.path(paths), record)
+        return failed_csv
+    with atomic_dir(c.INGEST_REPORTS.path(paths)) as tmp:
+        quarantine.to_csv(_in_reports(tmp, c.QUARANTINE), index=False)
+        quarantine.to_csv(_in_reports(tmp, c.INGEST_FAILED_QUARANTINE), index=False)
+        write_json(_in_reports(tmp, c.INGEST_FAILED_RUN), record)
+    return failed_csv
 
 
-def _previous_manifest(ingest_dir: Path) -> pd.DataFrame | None:
+def _previous_manifest(paths: Paths) -> pd.DataFrame | None:
     """The last ingest's manifest (what the current model saw), to say what changed since."""
-    path = ingest_dir / "manifest.parquet"
+    path = c.MANIFEST.path(paths)
     try:
         return pd.read_parquet(path, columns=["source_uri", "sha256", "label"]) if path.exists() else None
     except (OSError, ValueError, KeyError) as err:  # an older layout: report "first ingest" rather than fail
@@ -292,7 +295,5 @@ def _previous_manifest(ingest_dir: Path) -> pd.DataFrame | None:
 
 
 def load_split(ingest_dir: Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Images (memory-mapped uint8) and labels of one split."""
-    x = np.load(ingest_dir / f"{split}_images.npy", mmap_mode="r" if mmap else None)
-    y = np.load(ingest_dir / f"{split}_labels.npy")
-    return x, y
+    """Deprecated: `catalog.load_split(paths, split)`. Kept while the evaluate stage still imports it."""
+    return c.load_split(Paths(ingest_dir=ingest_dir), split, mmap=mmap)

@@ -15,6 +15,8 @@ from typing import Any
 
 from medclf.config import CHECKS  # name -> (default severity, meaning): the vocabulary of validate.severity
 
+__all__ = ["CHECKS", "FAIL", "OFF", "PASS", "SKIPPED", "WARN", "CheckResult", "outcome", "severities"]
+
 PASS, FAIL, WARN, OFF, SKIPPED = "pass", "fail", "warn", "off", "skipped"
 
 

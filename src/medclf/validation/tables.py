@@ -6,7 +6,6 @@ arrays, so 5,000 224-px X-rays take about a second. Nothing imports GX.
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medclf import catalog
 from medclf.splits import SPLITS
 
 MANIFEST_COLUMNS = ("id", "source_uri", "sha256", "patient_hash", "label", "label_index", "split", "row",
@@ -36,17 +36,17 @@ class IngestData:
 
 def load_ingest(ingest_dir: Path) -> IngestData:
     """Manifest, classes.json and memory-mapped arrays; a missing file says to run ingest first."""
-    manifest_path = ingest_dir / "manifest.parquet"
+    manifest_path = catalog.MANIFEST.under(ingest_dir)
     if not manifest_path.exists():
         raise FileNotFoundError(f"{manifest_path} not found: run `medclf ingest` first")
     manifest = pd.read_parquet(manifest_path)
-    classes = json.loads((ingest_dir / "classes.json").read_text())
+    classes = catalog.load_file(catalog.CLASSES.under(ingest_dir), "json")
     images, labels = {}, {}
     for split in SPLITS:
-        img = ingest_dir / f"{split}_images.npy"
+        img = catalog.IMAGES.under(ingest_dir, split=split)
         if img.exists():
             images[split] = np.load(img, mmap_mode="r")
-            lab = ingest_dir / f"{split}_labels.npy"
+            lab = catalog.LABELS.under(ingest_dir, split=split)
             labels[split] = np.load(lab) if lab.exists() else np.full(len(images[split]), -1, np.int64)
     return IngestData(manifest, classes, images, labels)
 
