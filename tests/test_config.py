@@ -29,6 +29,9 @@ def test_repository_params_parse():
     ({"evaluate": {"gates": {"min_f1": 1.5}}}, "evaluate.gates.min_f1"),
     ({"augment": {"preset": "cardiac_mri"}}, "augment.preset"),
     ({"augment": {"overrides": {"rotation_deg": 500}}}, None),
+    ({"train": {"backbone": "resnet9000"}}, "train.backbone"),
+    ({"train": {"preprocessing": "bgr"}}, "train.preprocessing"),
+    ({"validate": {"severity": {"no_such_check": "warn"}}}, "validate.severity"),
 ])
 def test_bad_values_name_the_key(data, key):
     if key is None:  # overrides are validated when the policy is built
@@ -132,6 +135,22 @@ def test_load_settings_errors_name_the_file(tmp_path):
     bad.write_text("train: {optimizer: lion}\n")
     with pytest.raises(ConfigError, match=rf"^invalid configuration in {bad}:\n  - train.optimizer"):
         load_settings(bad)
+
+
+def test_config_is_a_leaf_that_owns_the_vocabularies_its_validators_check():
+    """config imports nothing from medclf (every stage's closure starts with it; it used to import modeling,
+    validation.checks and sources.store lazily), so the names it validates are defined in it, once."""
+    from medclf import config, modeling
+    from medclf.validation import checks
+    from tests.test_dvc_deps import import_closure
+
+    assert import_closure("medclf.config") == {"src/medclf/__init__.py", "src/medclf/config.py"}
+    assert checks.CHECKS is config.CHECKS and modeling.BACKBONES.keys() == config.BACKBONES.keys()
+    assert modeling.BACKBONES["inception_v3"] == modeling.Backbone("InceptionV3", "tf", None, False, 75)
+    for name in ("densenet121", "mobilenet_v3_small", "efficientnet_b7", "efficientnet_v2_s"):
+        assert settings_from_dict({"train": {"backbone": name}}).train.backbone == name
+    assert set(settings_from_dict({"validate": {"severity": dict.fromkeys(config.CHECKS, "off")}})
+               .validation.severity) == set(checks.severities({}))
 
 
 @pytest.mark.parametrize("source, where", [

@@ -114,6 +114,22 @@ def test_train_import_chain_stays_small():
     assert out.stdout.strip() == "[]"
 
 
+def test_val_scores_are_the_one_auc_evaluate_reports():
+    """Epoch selection uses `metrics.macro_auc` (mean, not nanmean): a class absent from val makes the K>2
+    val AUC NaN, so no epoch is picked on a partial number that evaluate would never report."""
+    from medclf.metrics import macro_auc
+    from medclf.training.data import val_scores
+
+    rng = np.random.default_rng(0)
+    y2, p2 = rng.integers(0, 2, 40), rng.dirichlet([1, 1], 40)
+    got = val_scores(y2, p2)
+    assert got["val_auc"] == pytest.approx(_auc(y2, p2[:, 1])) == macro_auc(y2, p2)
+    assert got["val_loss"] == pytest.approx(-np.mean(np.log(p2[np.arange(40), y2])))
+    y3, p3 = rng.integers(0, 3, 60), rng.dirichlet([1, 1, 1], 60)
+    assert val_scores(y3, p3)["val_auc"] == pytest.approx(macro_auc(y3, p3))
+    assert np.isnan(val_scores(np.where(y3 == 2, 0, y3), p3)["val_auc"])  # class 2 absent from val
+
+
 @pytest.mark.parametrize(("backbone", "channels", "app_module"), [
     ("mobilenet_v2", 1, "mobilenet_v2"),  # tf mode, grayscale replicated in-model
     ("resnet50", 3, "resnet50"),  # caffe mode: RGB->BGR and mean subtraction
@@ -342,7 +358,7 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, mlflow_server):
     from medclf.stages import augment, ingest, train
-    from medclf.stages.train import KILL_ENV
+    from medclf.training.callbacks import KILL_ENV
 
     weights = _backbone_file(tmp_path / "bb.weights.h5")
     s = make_settings({"train": {**TINY, "weights": str(weights), "head_epochs": 1, "finetune_epochs": 2,

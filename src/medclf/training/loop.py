@@ -1,0 +1,223 @@
+"""The fit loop: two phases, per-epoch bookkeeping, the best epoch, the export and its reload check.
+
+* Phase 1 trains the head with the backbone frozen; phase 2 unfreezes the top `unfreeze_top`
+  backbone layers (BatchNorm stays frozen) and recompiles with `finetune_lr`. From scratch
+  (weights=none) one phase trains everything.
+* Each phase resumes from its own Keras backup (`medclf.training.resume`); finished phases are skipped.
+* The best epoch is the one with the highest exact val AUC (`medclf.training.data.val_scores`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medclf import catalog
+from medclf.config import Paths, Train
+from medclf.io import atomic_dir, atomic_file
+from medclf.training import TrainError
+from medclf.training.data import Data, val_scores
+from medclf.training.resume import Backup
+from medclf.training.runtime import Runtime
+from medclf.training.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "loss", "val_loss", "auc", "val_auc", "phase", "lr", "data_wait_fraction", "seconds",
+                   "images_per_second"]
+
+
+class TrainingRun:
+    """State shared by the phases of one training attempt."""
+
+    def __init__(self, cfg: Train, data: Data, model: Any, rt: Runtime, backup: Backup, tracker: Tracker,
+                 train_ds: Any, val_ds: Any, from_scratch: bool = False) -> None:
+        self.cfg, self.data, self.model, self.rt = cfg, data, model, rt
+        self.backup, self.tracker, self.train_ds, self.val_ds = backup, tracker, train_ds, val_ds
+        self.t_fit_call = time.perf_counter()
+        self.first_step_s: float | None = None
+        self.epochs_executed: list[int] = []
+        self.best: dict[str, Any] = backup.state.get("best", {})
+        self.from_scratch = from_scratch
+
+    def end_epoch(self, epoch: int, phase: int, logs: dict[str, Any], seconds: float) -> None:
+        wait, batches = self.train_ds.reset_timing()
+        if self.val_ds is not None:
+            proba = self.model.predict(self.val_ds, verbose=0)[: len(self.data.y_val)]
+            logs.update(val_scores(self.data.y_val, proba))
+        lr = self.model.optimizer.learning_rate
+        row = {"epoch": epoch, "phase": phase, "loss": _f(logs.get("loss")), "auc": _f(logs.get("auc")),
+               "val_loss": _f(logs.get("val_loss")), "val_auc": _f(logs.get("val_auc")),
+               "lr": _f(np.asarray(lr)), "data_wait_fraction": round(wait / seconds, 4) if seconds else None,
+               "seconds": round(seconds, 3),
+               "images_per_second": round(batches * self.train_ds.batch_size / seconds, 1) if seconds else None,
+               "attempt": self.backup.state["attempt"]}
+        score = row["val_auc"] if self.val_ds is not None else float(epoch)
+        if score is not None and np.isfinite(score) and score > self.best.get("score", -np.inf):
+            self.backup.save_weights("best", self.model)
+            self.best = {"score": score, "epoch": epoch, "val_auc": row["val_auc"]}
+            self.backup.state["best"] = self.best
+            self.backup.save()
+        self.backup.append(row)
+        self.epochs_executed.append(epoch)
+        self.tracker.metrics({k: row[k] for k in ("loss", "auc", "val_loss", "val_auc", "lr") if row[k] is not None}
+                             | {"epoch_seconds": row["seconds"], "data_wait_fraction_epoch": row["data_wait_fraction"],
+                                "images_per_second_epoch": row["images_per_second"]}, step=epoch)
+        log.info("train: epoch %d (phase %d) loss %.4f auc %s val_auc %s val_loss %s | %.1fs, %s img/s, data wait %s",
+                 epoch, phase, row["loss"] or float("nan"), row["auc"], row["val_auc"], row["val_loss"], seconds,
+                 row["images_per_second"], row["data_wait_fraction"])
+
+
+def _f(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(np.asarray(v))
+    return round(v, 6) if np.isfinite(v) else None
+
+
+def phase_plan(cfg: Train, from_scratch: bool = False) -> list[tuple[int, int, int, float]]:
+    """(phase, first epoch, end epoch, lr); epochs are numbered globally across both phases.
+
+    From scratch (weights=none) there is nothing to protect by freezing: one phase trains everything
+    for head_epochs + finetune_epochs at head_lr (cosine-decayed), and costs one compile instead of two.
+    """
+    if from_scratch and cfg.head_epochs + cfg.finetune_epochs:
+        return [(1, 0, cfg.head_epochs + cfg.finetune_epochs, cfg.head_lr)]
+    plan = []
+    if cfg.head_epochs:
+        plan.append((1, 0, cfg.head_epochs, cfg.head_lr))
+    if cfg.finetune_epochs:
+        plan.append((2, cfg.head_epochs, cfg.head_epochs + cfg.finetune_epochs, cfg.finetune_lr))
+    if not plan:
+        raise TrainError("train.head_epochs and train.finetune_epochs are both 0: nothing to train")
+    return plan
+
+
+def fit_phases(run: TrainingRun) -> None:
+    """Run the phases not finished by an earlier attempt; each resumes from its own Keras backup."""
+    import keras
+
+    from medclf.modeling import compile_model, freeze_backbone, unfreeze_top
+    from medclf.training.callbacks import EpochMonitor, FirstStep, KillAfterEpoch, kill_epoch
+
+    cfg, model, backup = run.cfg, run.model, run.backup
+    done: list[int] = backup.state.setdefault("phases_done", [])
+    pending: str | None = None
+    kill = kill_epoch()
+    for phase, start, stop, lr in phase_plan(cfg, run.from_scratch):
+        if phase in done:
+            pending = f"phase{phase}_end"
+            continue
+        if pending:
+            backup.load_weights(pending, model)
+            pending = None
+        if run.from_scratch:
+            model.get_layer("backbone").trainable = True
+        elif phase == 1:
+            freeze_backbone(model)
+        else:
+            log.info("train: phase 2 unfreezes %s", unfreeze_top(model, cfg.unfreeze_top))
+        with run.rt.scope():
+            compile_model(model, cfg, lr, len(run.train_ds), stop - start, len(run.data.classes), run.rt.jit_compile)
+        callbacks = [EpochMonitor(run, phase)] + ([FirstStep(run)] if run.first_step_s is None else [])
+        if run.val_ds is not None and cfg.early_stopping_patience:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", verbose=0,
+                                                           patience=cfg.early_stopping_patience))
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup.phase_dir(phase)), double_checkpoint=True,
+                                                          delete_checkpoint=False))
+        if kill is not None:
+            callbacks.append(KillAfterEpoch(kill))
+        model._initial_epoch = None  # Keras keeps a restored epoch on the model across fit() calls
+        run.t_fit_call = time.perf_counter()
+        model.fit(run.train_ds, initial_epoch=start, epochs=stop, callbacks=callbacks, verbose=0)
+        backup.save_weights(f"phase{phase}_end", model)
+        done.append(phase)
+        backup.save()
+        shutil.rmtree(backup.phase_dir(phase), ignore_errors=True)
+    if pending:
+        backup.load_weights(pending, model)
+
+
+def export_model(model: Any, info: dict[str, Any], rt: Runtime, build: Any) -> Any:
+    """An uncompiled float32 copy for serving: no optimizer state, loads anywhere with safe_mode=True."""
+    import keras
+
+    if rt.policy == "float32":
+        return keras.Model(model.inputs, model.outputs, name=model.name)
+    prev = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        export, _ = build(weights="none")
+    finally:
+        keras.mixed_precision.set_global_policy(prev)
+    export.set_weights(model.get_weights())
+    if info.get("weights") == "torch":  # epsilon is layer config, not a weight: carry it over
+        from medclf.weights import set_bn_epsilon
+
+        set_bn_epsilon(export, 1e-5)
+    return export
+
+
+def verify_reload(reference: Any, path: Path, x: np.ndarray) -> float:
+    """Reload the saved file with safe_mode=True and check it predicts what the in-memory model does.
+
+    `reference` is the trained model itself when it ran in float32 (its predict function is already
+    compiled), else the float32 export.
+    """
+    import keras
+
+    reloaded = keras.saving.load_model(str(path), safe_mode=True, compile=False)
+    # predict(), not predict_on_batch(): under a tf.distribute strategy the latter returns one copy per replica
+    a = np.asarray(reference.predict(x, batch_size=len(x), verbose=0))
+    b = np.asarray(reloaded.predict(x, batch_size=len(x), verbose=0))
+    diff = float(np.abs(a - b).max())
+    if diff > 1e-4:
+        raise TrainError(f"{path}: the reloaded model predicts differently (max |diff| {diff:.2e})")
+    return diff
+
+
+def save_model(paths: Paths, export: Any, reference: Any, probe: np.ndarray, result: dict[str, Any],
+               t_start: float) -> None:
+    """model.keras and train_run.json, atomically together, after the reload check passed."""
+    with atomic_dir(paths.model_dir) as tmp:
+        model_file = catalog.MODEL.under(tmp)
+        export.save(model_file)
+        verify_reload(reference, model_file, probe)
+        result["seconds"] = round(time.perf_counter() - t_start, 2)
+        catalog.TRAIN_RUN.save(tmp, result)
+
+
+def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Data-wait share and throughput: steady state excludes each (attempt, phase)'s first epoch (compiling)."""
+    first: dict[tuple[Any, Any], Any] = {}
+    for r in history:
+        first.setdefault((r.get("attempt"), r["phase"]), r["epoch"])
+    steady = [r for r in history if first[(r.get("attempt"), r["phase"])] != r["epoch"]] or history
+
+    def share(rows: list[dict[str, Any]]) -> float | None:
+        sec = sum(r["seconds"] for r in rows if r["data_wait_fraction"] is not None)
+        return round(sum(r["data_wait_fraction"] * r["seconds"] for r in rows
+                         if r["data_wait_fraction"] is not None) / sec, 4) if sec else None
+
+    ips = [r["images_per_second"] for r in steady if r["images_per_second"]]
+    return {"data_wait_fraction": share(steady), "data_wait_fraction_all_epochs": share(history),
+            "images_per_second": round(float(np.median(ips)), 1) if ips else None,
+            "train_seconds": round(sum(r["seconds"] for r in history), 2)}
+
+
+def write_history(paths: Paths, history: list[dict[str, Any]]) -> Path:
+    """reports/train/history.csv (a DVC plot), one row per epoch."""
+    import csv
+
+    path = catalog.HISTORY.path(paths)
+    with atomic_file(path) as fh:
+        w = csv.DictWriter(fh, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(history, key=lambda r: r["epoch"]):
+            w.writerow({k: "" if r.get(k) is None else r[k] for k in HISTORY_COLUMNS})
+    return path

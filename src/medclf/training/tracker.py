@@ -1,0 +1,135 @@
+"""The training run's MLflow record: optional, so that a GPU box with only keras + jax + numpy trains.
+
+MLflow is imported only when a tracking URI is set ('off'/'' disables it), and a missing mlflow
+package only logs a warning. A retried run continues the MLflow run its first attempt started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medclf import catalog
+from medclf.config import Settings
+from medclf.training.data import Data, split_counts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medclf.training.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+"""Split -> MLflow dataset-input context."""
+
+
+def run_name(backbone: str, raw: dict[str, Any], when: float | None = None) -> str:
+    """`train-mobilenet_v2-b19e20b2-1130-0722`: backbone, raw-data hash and time, so runs in the MLflow list
+    can be told apart (every run used to be `train-mobilenet_v2`)."""
+    md5 = str(raw.get("md5") or "")[:8] or "nodvc"
+    return f"train-{backbone}-{md5}-{time.strftime('%m%d-%H%M', time.localtime(when))}"
+
+
+class Tracker:
+    """MLflow logging when mlflow is installed and a tracking URI is set; every method is a no-op otherwise."""
+
+    def __init__(self) -> None:
+        self.mlflow: Any = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.uri: str | None = None
+
+    @classmethod
+    def start(cls, settings: Settings, resume_run_id: str | None, run_name: str) -> Tracker:
+        self = cls()
+        uri = settings.mlflow.resolved_uri()
+        if uri.strip().lower() in ("", "off", "none", "disabled"):
+            log.info("train: MLflow tracking disabled (tracking_uri=%r)", uri)
+            return self
+        try:
+            import mlflow
+        except ImportError:
+            log.warning("train: mlflow is not installed; this run is not tracked")
+            return self
+        from medclf.tracking import configure
+
+        self.experiment_id = configure(uri, settings.registry.experiment)
+        self.mlflow, self.uri = mlflow, uri
+        run = None
+        if resume_run_id:
+            with contextlib.suppress(Exception):  # the old run may be gone (another server): start afresh
+                run = mlflow.start_run(run_id=resume_run_id)
+        run = run or mlflow.start_run(run_name=run_name, experiment_id=self.experiment_id)
+        self.run_id = run.info.run_id
+        return self
+
+    def __bool__(self) -> bool:
+        return self.mlflow is not None
+
+    def params(self, params: dict[str, Any]) -> None:
+        if self:
+            items = list(params.items())
+            for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
+                self.mlflow.log_params(dict(items[i: i + 90]))
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        if self:
+            self.mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+
+    def metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self:
+            finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+            self.mlflow.log_metrics(finite, step=step)
+
+    def inputs(self, settings: Settings, data: Data, rt: Runtime, info: dict[str, Any], versions: dict[str, Any],
+               raw: dict[str, Any], commit: str | None) -> None:
+        """What the run learned from: params (train, augment, the data), tags (code, data versions), datasets."""
+        if not self:
+            return
+        from medclf.tracking import flat_params
+
+        cfg, aug = settings.train, settings.augment
+        self.params(flat_params(cfg, "train.") | flat_params(aug, "augment.")
+                    | {f"augment.policy.{k}": v for k, v in aug.policy().model_dump().items()}
+                    | {"data.n_train": len(data.y_train), "data.n_synthetic": data.n_synthetic,
+                       "data.n_val": len(data.y_val), "data.classes": ",".join(data.classes),
+                       "data.image_size": data.image_size, "data.channels": data.channels,
+                       "data.ingest_digest": versions["ingest"]["data_digest"],
+                       "data.augment_digest": versions["augment"]["data_digest"]})
+        self.tags({"stage": "train", "backbone": cfg.backbone, "backend": rt.backend, "devices": len(rt.devices),
+                   "git_commit": commit, "mlflow.source.git.commit": commit, "weights": info["weights"],
+                   "preprocessing": info["preprocessing"], "mixed_precision": rt.policy,
+                   "data.ingest.dvc_md5": versions["ingest"].get("dvc_md5"),
+                   "data.augment.dvc_md5": versions["augment"].get("dvc_md5"),
+                   "data.raw.md5": raw.get("md5"), "data.raw.nfiles": raw.get("nfiles"), "data.raw.path": raw.get("path")})
+        self.datasets(settings.paths.ingest_dir, versions["ingest"], split_counts(settings.paths.ingest_dir))
+
+    def datasets(self, ingest_dir: Path, version: dict[str, str], counts: dict[str, int]) -> None:
+        """The splits as MLflow dataset inputs: the DVC-tracked file is the source, DVC's md5 the digest.
+
+        Nothing is uploaded (a MetaDataset carries only the reference); the runs table's Dataset
+        column then names the data a run learned from and which version of it.
+        """
+        if not self:
+            return
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # made at import
+
+        digest = (version.get("dvc_md5") or version["data_digest"]).removesuffix(".dir")[:32]
+        for split, n in counts.items():
+            source = LocalArtifactDatasetSource(str(catalog.IMAGES.under(ingest_dir, split=split)))
+            ds = MetaDataset(source, name=f"{ingest_dir.name}/{split} ({n} images)",  # type: ignore[abstract]
+                             digest=digest)
+            self.mlflow.log_input(ds, context=CONTEXTS[split])
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        if self and path.exists():
+            self.mlflow.log_artifact(str(path), artifact_path=subdir)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self:
+            self.mlflow.end_run(status=status)
