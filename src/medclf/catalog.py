@@ -116,11 +116,30 @@ QUARANTINE = Artifact("quarantine", "reports_dir", "ingest/quarantine.csv", "csv
 INGEST_SUMMARY = Artifact("ingest_summary", "reports_dir", "ingest/summary.json", "json")
 INGEST_FAILED_RUN = Artifact("ingest_failed_run", "reports_dir", "ingest/failed_run.json", "json")
 INGEST_FAILED_QUARANTINE = Artifact("ingest_failed_quarantine", "reports_dir", "ingest/failed_quarantine.csv", "csv")
+INGEST_METRICS = Artifact("ingest_metrics", "reports_dir", "ingest.json", "json",
+                          "headline (DVC metrics): images kept, images quarantined")
 
 # --------------------------------------------------------------------------- validate
 VALIDATION_SITE = Artifact("validation_site", "reports_dir", "validation/site", "dir", "Data Docs + report.md")
-VALIDATION_SUMMARY = Artifact("validation_summary", "reports_dir", "validation/summary.json", "json")
+VALIDATION_SUMMARY = Artifact("validation_summary", "reports_dir", "validation/summary.json", "json",
+                              "verdict, failed/warned checks, per-check counts, leakage, drift (detail)")
 VALIDATION_BASELINE = Artifact("validation_baseline", "cache_dir", "validation_baseline.json", "json")
+VALIDATE_METRICS = Artifact("validate_metrics", "reports_dir", "validate.json", "json",
+                            "headline (DVC metrics): failed (error-severity) and warning check counts")
+
+
+def inside(directory: Artifact, artifact: Artifact, staging: str | Path, **fields: str) -> Path:
+    """Where `artifact`, a file inside the `directory` artifact, goes in that directory's staging copy."""
+    return Path(staging) / Path(artifact.rel.format(**fields)).relative_to(directory.rel)
+
+
+# inside VALIDATION_SITE (built in a staging directory: `inside(VALIDATION_SITE, X, staging)`)
+VALIDATION_CHECKS = Artifact("validation_checks", "reports_dir", "validation/site/checks.json", "json",
+                             "every check with its bound and examples, timings")
+VALIDATION_REPORT = Artifact("validation_report", "reports_dir", "validation/site/report.md", "md")
+VALIDATION_LEAKAGE = Artifact("validation_leakage", "reports_dir", "validation/site/leakage.csv", "csv",
+                              "every duplicate / shared-patient pair")
+VALIDATION_DOCS = Artifact("validation_docs", "reports_dir", "validation/site/index.html", "md", "GX Data Docs")
 
 # --------------------------------------------------------------------------- augment (paths.augment_dir)
 TRAIN_IMAGES = Artifact("train_images", "augment_dir", "train_images.npy", "npy", "balanced training images")
@@ -149,10 +168,23 @@ WEIGHTS_CACHE = Artifact("weights_cache", "cache_dir", "weights/{bucket}/{key}",
                          "an s3:// train.weights file, downloaded once")
 
 # --------------------------------------------------------------------------- evaluate
-METRICS = Artifact("metrics", "reports_dir", "metrics.json", "json")
-GATES = Artifact("gates", "reports_dir", "gates.json", "json")
+EVALUATE_METRICS = Artifact("evaluate_metrics", "reports_dir", "evaluate.json", "json",
+                            "headline (DVC metrics): test auc, f1, recall, specificity, threshold, failed gates")
+METRICS = Artifact("metrics", "reports_dir", "metrics.json", "json",
+                   "every test/val metric with its 95 % CI, at the chosen and at the 0.5 threshold (detail)")
+GATES = Artifact("gates", "reports_dir", "gates.json", "json",
+                 "the release decision: each gate, non-inferiority, champion, comparison (detail)")
 EVALUATE_REPORTS = Artifact("evaluate_reports", "reports_dir", "evaluate", "dir", "figures, predictions, CIs")
 PLOTS = Artifact("plots", "reports_dir", "plots/{name}.json", "json", "ROC/PR/calibration points (DVC plots)")
+PLOTS_DIR = Artifact("plots_dir", "reports_dir", "plots", "dir", "the directory of PLOTS")
+# inside EVALUATE_REPORTS (written into its staging directory: `inside(EVALUATE_REPORTS, X, staging)`)
+TEST_PREDICTIONS = Artifact("test_predictions", "reports_dir", "evaluate/test_predictions.csv", "csv",
+                            "per-image test probabilities, keyed by manifest id")
+THRESHOLD = Artifact("threshold", "reports_dir", "evaluate/threshold.json", "json", "the validation-chosen threshold")
+CHAMPION_COMPARISON = Artifact("champion_comparison", "reports_dir", "evaluate/champion_comparison.json", "json",
+                               "challenger minus champion, paired bootstrap CIs")
+FIGURE = Artifact("figure", "reports_dir", "evaluate/{name}.png", "png",
+                  "confusion, roc, pr, calibration, gradcam, champion_comparison")
 
 # --------------------------------------------------------------------------- register
 REGISTER = Artifact("register", "reports_dir", "register.json", "json", "the registered version (or why none)")

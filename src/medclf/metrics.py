@@ -108,10 +108,18 @@ def _weighted_binary(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
 
 
 def _resample_indices(n_samples: int, n: int, seed: int) -> Iterator[np.ndarray]:
-    """The i.i.d. with-replacement resamples shared by ``bootstrap_ci`` and ``metrics_with_ci``."""
+    """The i.i.d. with-replacement resamples: the ONE bootstrap draw, shared by every CI in this module."""
     rng = np.random.default_rng(seed)
     for _ in range(n):
         yield rng.integers(0, n_samples, size=n_samples)
+
+
+def _weight_blocks(n_samples: int, n: int, seed: int) -> Iterator[np.ndarray]:
+    """The same resamples as B x N multiplicity matrices, in blocks of bounded memory (vectorised CIs)."""
+    resamples, block = _resample_indices(n_samples, n, seed), max(1, _CHUNK_ELEMS // n_samples)
+    for start in range(0, n, block):
+        yield np.stack([np.bincount(next(resamples), minlength=n_samples)
+                        for _ in range(min(block, n - start))]).astype(float)
 
 
 def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
@@ -185,9 +193,7 @@ def multiclass_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[
     for avg in ("macro", "weighted"):
         pr, rc, f1, _ = skm.precision_recall_fscore_support(y, pred, average=avg, **kw)
         out.update({f"{avg}_precision": float(pr), f"{avg}_recall": float(rc), f"{avg}_f1": float(f1)})
-    ovr = [skm.roc_auc_score(y == c, prob[:, c]) if 0 < (y == c).sum() < y.size else math.nan
-           for c in range(k)]
-    out["roc_auc"] = float(np.mean(ovr))  # NaN if any class is absent (or is every sample)
+    out["roc_auc"] = macro_auc(y, prob)  # the one AUC; NaN if any class is absent (or is every sample)
     out["mcc"] = float(skm.matthews_corrcoef(y, pred))
     out["brier"] = float(((prob - np.eye(k)[y]) ** 2).sum(axis=1).mean())
     out["ece"] = _ece(prob.max(axis=1), (pred == y).astype(float))
@@ -197,17 +203,44 @@ def multiclass_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[
     return out
 
 
-def bootstrap_ci(fn: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, p: np.ndarray, n: int,
-                 seed: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``fn(y, p)`` over ``n`` seeded resamples of the rows.
+def bootstrap(stat: Callable[[np.ndarray], Mapping[str, float]], n_samples: int, n: int, seed: int,
+              alpha: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CI of each value of ``stat(rows)`` over ``n`` seeded resamples of the rows.
 
-    Resamples where ``fn`` is undefined (NaN, e.g. AUC on one class) are skipped rather than
-    biasing the interval; with ``n == 0`` (bootstrap disabled) the CI is (nan, nan).
+    The generic path (any statistic, one call per resample); ``metrics_with_ci`` and
+    ``paired_difference_ci`` evaluate the same resamples vectorised. Resamples where a value is
+    undefined (NaN, e.g. AUC on one class) are skipped rather than biasing the interval; with
+    ``n == 0`` (bootstrap disabled) every CI is (nan, nan).
     """
     _check_boot(n, alpha)
+    vals: dict[str, list[float]] = {}
+    for i in _resample_indices(n_samples, n, seed):
+        for k, v in stat(i).items():
+            vals.setdefault(k, []).append(v)
+    return {k: _percentile_ci(np.asarray(v, dtype=float), alpha) for k, v in vals.items()}
+
+
+def bootstrap_ci(fn: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, p: np.ndarray, n: int,
+                 seed: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``fn(y, p)`` (see ``bootstrap``); (nan, nan) when ``n == 0``."""
     y, p = np.asarray(y), np.asarray(p)
-    vals = np.array([fn(y[i], p[i]) for i in _resample_indices(len(y), n, seed)], dtype=float)
-    return _percentile_ci(vals, alpha)
+    return bootstrap(lambda i: {"v": fn(y[i], p[i])}, len(y), n, seed, alpha).get("v", (math.nan, math.nan))
+
+
+MULTICLASS_CI = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_recall", "roc_auc")
+
+
+def multiclass_with_ci(y: np.ndarray, proba: np.ndarray, class_names: list[str], n_boot: int,
+                       seed: int) -> dict[str, Any]:
+    """``multiclass_metrics`` plus ``<name>_ci_low/_ci_high`` for its summary scores (same resamples)."""
+    y, proba = np.asarray(y), np.asarray(proba, dtype=float)
+    out = multiclass_metrics(y, proba, class_names)
+    if n_boot:
+        cis = bootstrap(lambda i: {k: multiclass_metrics(y[i], proba[i], class_names)[k] for k in MULTICLASS_CI},
+                        len(y), n_boot, seed)
+        for k in MULTICLASS_CI:
+            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = cis[k]
+    return out
 
 
 def metrics_with_ci(y_true: np.ndarray, p_pos: np.ndarray, threshold: float, n_boot: int, seed: int,
@@ -215,17 +248,14 @@ def metrics_with_ci(y_true: np.ndarray, p_pos: np.ndarray, threshold: float, n_b
     """``{metric: {"value", "ci_low", "ci_high"}}`` for every non-count binary metric.
 
     The threshold stays fixed across resamples (it was chosen on validation data), so the CI
-    reflects test-set sampling noise only. Resamples are the same ones ``bootstrap_ci`` draws
+    reflects test-set sampling noise only. Resamples are the same ones ``bootstrap`` draws
     for the same seed, evaluated in vectorised blocks.
     """
     _check_boot(n_boot, alpha)
     y, p = _check_binary(y_true, p_pos)
     point = binary_metrics(y, p, threshold)
     boot: dict[str, list[np.ndarray]] = {k: [] for k in BINARY_SCORES}
-    resamples, block = _resample_indices(y.size, n_boot, seed), max(1, _CHUNK_ELEMS // y.size)
-    for start in range(0, n_boot, block):
-        w = np.stack([np.bincount(next(resamples), minlength=y.size)
-                      for _ in range(min(block, n_boot - start))]).astype(float)
+    for w in _weight_blocks(y.size, n_boot, seed):
         for k, v in _weighted_binary(y, p, float(threshold), w).items():
             if k in boot:
                 boot[k].append(v)
@@ -239,7 +269,7 @@ def paired_difference_ci(y_true: np.ndarray, p_a: np.ndarray, t_a: float, p_b: n
                          alpha: float = 0.05) -> dict[str, dict[str, float]]:
     """Model A minus model B on the same rows, each at its own threshold, with a paired bootstrap CI.
 
-    Every resample weights the same rows for both models (the resamples ``bootstrap_ci`` draws for
+    Every resample weights the same rows for both models (the resamples ``bootstrap`` draws for
     this seed), so the interval is that of the difference itself.
     """
     _check_boot(n_boot, alpha)
@@ -247,10 +277,7 @@ def paired_difference_ci(y_true: np.ndarray, p_a: np.ndarray, t_a: float, p_b: n
     _, pb = _check_binary(y_true, p_b)
     a, b = binary_metrics(y, pa, t_a), binary_metrics(y, pb, t_b)
     boot: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    resamples, block = _resample_indices(y.size, n_boot, seed), max(1, _CHUNK_ELEMS // y.size)
-    for start in range(0, n_boot, block):
-        w = np.stack([np.bincount(next(resamples), minlength=y.size)
-                      for _ in range(min(block, n_boot - start))]).astype(float)
+    for w in _weight_blocks(y.size, n_boot, seed):
         wa, wb = _weighted_binary(y, pa, float(t_a), w), _weighted_binary(y, pb, float(t_b), w)
         for k in keys:
             boot[k].append(wa[k] - wb[k])

@@ -25,6 +25,7 @@ TAG_MODEL_SHA = "model_sha256"
 TAG_TEST_DIGEST = "test_set_digest"
 TAG_THRESHOLD = "threshold"
 TAG_METRIC = "metric."
+TAG_CLASSES = "classes"
 
 
 class RegistryError(RuntimeError):
@@ -206,7 +207,7 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
         return {**base, "note": f"no {alias} registered for {name}"}
     base["version"] = str(mv.version)
     tags = mv.tags or {}
-    champ_classes = json.loads(tags["classes"]) if tags.get("classes") else None
+    champ_classes = json.loads(tags[TAG_CLASSES]) if tags.get(TAG_CLASSES) else None
     if champ_classes is not None and list(champ_classes) != list(classes):
         return {**base, "note": f"{alias} v{mv.version} has classes {champ_classes}, not {classes}: not comparable"}
     stored = version_metrics(mv)

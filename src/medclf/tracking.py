@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from medclf.io import hash_update
+
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,12 @@ def configure(tracking_uri: str, experiment: str | None = None, attempts: int = 
 
 # Files a run itself rewrites: DVC's records of what ran. They are lineage *outputs* (logged with the
 # model), so they do not make the code "dirty". See docs/ORCHESTRATION.md, "dvc.lock and the git commit tag".
+def final_step(train_run: dict[str, Any]) -> int:
+    """The step test metrics are logged at (evaluate) and the models are logged with (register): one past
+    the last training epoch, so the logged model links the final figures, not epoch 0's training curve."""
+    return int(train_run.get("epochs_run") or 0)
+
+
 RUN_RECORDS = ("dvc.lock", "*.dvc")
 
 
@@ -102,13 +110,11 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 def dir_digest(path: str | Path) -> str:
     """A content hash of a file or directory (names + bytes), stable across machines."""
     path = Path(path)
-    h = hashlib.md5()
+    h = hashlib.md5(usedforsecurity=False)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        hash_update(h, f)
     return h.hexdigest()
 
 

@@ -6,11 +6,15 @@ are then reported at that threshold and at 0.5, with bootstrap 95% CIs. The gate
 test metrics with absolute floors and with the current `champion` (non-inferiority on the same
 test set). Every report is written before a failed gate raises `GateFailed`, so a failed run
 still leaves its evidence; `register` reads `gates.json` and refuses anything that did not pass.
+
+Files (names in `medclf.catalog`, evaluate section): `reports/evaluate.json` is the headline that
+`dvc metrics show/diff` reads (test AUC, F1, recall, specificity, threshold, failed gates);
+`reports/metrics.json` (every metric with its CI) and `reports/gates.json` (the decision, the champion,
+the comparison) are the detail, beside the figures and predictions in `reports/evaluate/`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -19,16 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from medclf import catalog as c
 from medclf import metrics as M
 from medclf.comparison import comparison_png, paired_differences
 from medclf.config import Evaluate, Settings
-from medclf.io import atomic_dir, read_json, write_json
+from medclf.io import atomic_dir, file_digest, write_json
+from medclf.tracking import final_step
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 GALLERY_GROUPS = ("true positives", "false positives", "false negatives")
-_MULTICLASS_CI = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_recall", "roc_auc")
 
 
 class GateFailed(RuntimeError):
@@ -55,26 +60,6 @@ def choose_operating_threshold(y_val: np.ndarray, proba_val: np.ndarray, positiv
     return M.choose_threshold(yb, pb, cfg.threshold_rule, cfg.target_sensitivity)
 
 
-def _multiclass_with_ci(y: np.ndarray, proba: np.ndarray, classes: list[str], n_boot: int,
-                        seed: int) -> dict[str, Any]:
-    """multiclass_metrics plus percentile CIs for its summary scores (same resampling as metrics.py)."""
-    out = M.multiclass_metrics(y, proba, classes)
-    if n_boot:
-        rng = np.random.default_rng(seed)
-        boot: dict[str, list[float]] = {k: [] for k in _MULTICLASS_CI}
-        for _ in range(n_boot):
-            i = rng.integers(0, len(y), size=len(y))
-            m = M.multiclass_metrics(y[i], proba[i], classes)
-            for k in _MULTICLASS_CI:
-                boot[k].append(m[k])
-        for k in _MULTICLASS_CI:
-            v = np.asarray(boot[k], float)
-            v = v[~np.isnan(v)]
-            lo, hi = (np.quantile(v, 0.025), np.quantile(v, 0.975)) if v.size else (math.nan, math.nan)
-            out[f"{k}_ci_low"], out[f"{k}_ci_high"] = float(lo), float(hi)
-    return out
-
-
 def evaluate_predictions(y_val: np.ndarray, proba_val: np.ndarray, y_test: np.ndarray, proba_test: np.ndarray,
                          classes: list[str], positive_class: str, cfg: Evaluate) -> dict[str, Any]:
     """Every number of the evaluation, from predictions (pure; the stage adds I/O around it)."""
@@ -92,8 +77,7 @@ def evaluate_predictions(y_val: np.ndarray, proba_val: np.ndarray, y_test: np.nd
         "n_val": len(y_val), "n_test": len(y_test),
     }
     if len(classes) > 2:
-        report["multiclass"] = _multiclass_with_ci(np.asarray(y_test), np.asarray(proba_test, float), classes,
-                                                   cfg.bootstrap, cfg.seed)
+        report["multiclass"] = M.multiclass_with_ci(y_test, proba_test, classes, cfg.bootstrap, cfg.seed)
     return report
 
 
@@ -138,6 +122,20 @@ def metrics_document(report: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+HEADLINE = ("roc_auc", "f1", "recall", "specificity")
+
+
+def headline(doc: dict[str, Any], gates: dict[str, Any]) -> dict[str, Any]:
+    """`reports/evaluate.json`, the stage's line in `dvc metrics show`: the test split's AUC, F1, recall
+    and specificity at the chosen threshold (3 decimals, as the registry shows them), the threshold, and
+    how many release gates failed (0 = passed; the column validate's headline uses for failed checks).
+    CIs, the 0.5-threshold figures, per-class values and the champion stay in metrics.json / gates.json."""
+    test = doc["test"]
+    out: dict[str, Any] = {("auc" if k == "roc_auc" else k): None if test.get(k) is None else round(test[k], 3)
+                           for k in HEADLINE}
+    return {**out, "threshold": doc["threshold"], "failed": len(gates["failures"])}
+
+
 def champion_comparison(y_test: np.ndarray, proba_test: np.ndarray, positive: int, threshold: float,
                         champion: dict[str, Any], cfg: Evaluate) -> dict[str, Any] | None:
     """Challenger minus champion on the same test images, each at its own threshold (None without one)."""
@@ -173,41 +171,30 @@ def gallery_indices(y_test: np.ndarray, proba_test: np.ndarray, positive: int, t
 
 
 # ----------------------------------------------------------------------------- edges
-def file_digest(*files: Path) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _inputs(settings: Settings) -> dict[str, Any]:
     """Model + class metadata + val/test splits, checked against each other (errors name the file)."""
     from medclf.serving import load_keras
-    from medclf.stages.ingest import load_split
 
     paths = settings.paths
-    classes_file, model_file = paths.ingest_dir / "classes.json", paths.model_dir / "model.keras"
+    classes_file, model_file, run_file = c.CLASSES.path(paths), c.MODEL.path(paths), c.TRAIN_RUN.path(paths)
     for f, stage in ((classes_file, "ingest"), (model_file, "train")):
         if not f.exists():
             raise EvaluateError(f"{f}: missing (run `medclf {stage}` first)")
-    meta = read_json(classes_file)
+    meta = c.CLASSES.load(paths)
     classes, positive = list(meta["classes"]), meta["positive_class"]
-    run_file = paths.model_dir / "train_run.json"
-    train_run = read_json(run_file) if run_file.exists() else {}
+    train_run = c.TRAIN_RUN.load(paths) if run_file.exists() else {}
     if train_run.get("classes") and list(train_run["classes"]) != classes:
         raise EvaluateError(f"{run_file}: model classes {train_run['classes']} differ from {classes_file} {classes}")
     model = load_keras(str(model_file))
     k = int(model.output_shape[-1])
     if k != len(classes):
         raise EvaluateError(f"{model_file}: model outputs {k} classes, {classes_file} lists {len(classes)}")
-    x_val, y_val = load_split(paths.ingest_dir, "val")
-    x_test, y_test = load_split(paths.ingest_dir, "test")
+    x_val, y_val = c.load_split(paths, "val")
+    x_test, y_test = c.load_split(paths, "test")
     for split, x in (("val", x_val), ("test", x_test)):
         if len(x) == 0:
-            raise EvaluateError(f"{paths.ingest_dir}/{split}_images.npy: the {split} split is empty")
-    digest = file_digest(paths.ingest_dir / "test_images.npy", paths.ingest_dir / "test_labels.npy")
+            raise EvaluateError(f"{c.IMAGES.path(paths, split=split)}: the {split} split is empty")
+    digest = file_digest(c.IMAGES.path(paths, split="test"), c.LABELS.path(paths, split="test"))
     return {"meta": meta, "classes": classes, "positive": positive, "train_run": train_run, "model": model,
             "model_sha256": file_digest(model_file), "x_val": x_val, "y_val": y_val, "x_test": x_test,
             "y_test": y_test, "test_digest": digest}
@@ -217,21 +204,25 @@ def predict_proba(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray
     return np.asarray(model.predict(np.asarray(x), batch_size=batch_size, verbose=0), dtype=np.float64)
 
 
+def _fig(staging: Path, name: str) -> Path:
+    return c.inside(c.EVALUATE_REPORTS, c.FIGURE, staging, name=name)
+
+
 def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], classes: list[str]) -> None:
     from medclf import plots
 
     thr = report["threshold"]["threshold"]
     cm = M.confusion([classes.index(r["actual"]) for r in data["confusion"]],
                      [classes.index(r["predicted"]) for r in data["confusion"]], len(classes))
-    plots.confusion_png(cm, classes, out / "confusion.png", f"test set, threshold {thr:.4f} (from validation)")
+    plots.confusion_png(cm, classes, _fig(out, "confusion"), f"test set, threshold {thr:.4f} (from validation)")
     t = report["test"]
     op = {"fpr": 1 - t["specificity"]["value"], "tpr": t["recall"]["value"],
           "recall": t["recall"]["value"], "precision": t["precision"]["value"]}
-    plots.curve_png(data["roc"], "fpr", "tpr", out / "roc.png",
+    plots.curve_png(data["roc"], "fpr", "tpr", _fig(out, "roc"),
                     f"ROC (AUC {t['roc_auc']['value']:.3f})", diagonal=True, marker=op)
-    plots.curve_png(data["pr"], "recall", "precision", out / "pr.png",
+    plots.curve_png(data["pr"], "recall", "precision", _fig(out, "pr"),
                     f"Precision-recall (AP {t['pr_auc']['value']:.3f})", marker=op)
-    plots.curve_png(data["calibration"], "mean_predicted", "fraction_positive", out / "calibration.png",
+    plots.curve_png(data["calibration"], "mean_predicted", "fraction_positive", _fig(out, "calibration"),
                     f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})", diagonal=True,
                     xlabel="mean predicted probability", ylabel="fraction positive")
 
@@ -256,19 +247,18 @@ def _write_gallery(out: Path, inp: dict[str, Any], proba: np.ndarray, thr: float
         groups[name] = [{"overlay": gradcam.overlay(img, h),
                          "caption": gallery_caption(int(i), inp["positive"], float(proba[i, pos]), thr)}
                         for i, img, h in zip(idx, images, heat)]
-    plots.gallery_png(groups, out / "gradcam.png", n,
+    plots.gallery_png(groups, _fig(out, "gradcam"), n,
                       f"Grad-CAM for '{inp['positive']}' (backbone's last conv block), threshold {thr:.4f}")
     return {k: len(v) for k, v in picks.items()}
 
 
-def _predictions_csv(path: Path, inp: dict[str, Any], proba: np.ndarray, thr: float, ingest_dir: Path) -> None:
+def _predictions_csv(path: Path, inp: dict[str, Any], proba: np.ndarray, thr: float, manifest: Path) -> None:
     """Per-image test predictions keyed by the manifest id (no paths, no patient data)."""
     import pandas as pd
 
     classes, pos = inp["classes"], inp["classes"].index(inp["positive"])
     df = pd.DataFrame(proba, columns=[f"p_{c}" for c in classes])
     df.insert(0, "label", [classes[int(i)] for i in inp["y_test"]])
-    manifest = ingest_dir / "manifest.parquet"
     if manifest.exists():
         m = pd.read_parquet(manifest, columns=["id", "split", "row"])
         ids = m[m.split == "test"].sort_values("row")["id"].tolist()
@@ -276,12 +266,6 @@ def _predictions_csv(path: Path, inp: dict[str, Any], proba: np.ndarray, thr: fl
             df.insert(0, "id", ids)
     df["predicted"] = [classes[i] for i in M.thresholded_labels(proba, pos, thr)]
     df.to_csv(path, index_label="test_row")
-
-
-def final_step(train_run: dict[str, Any]) -> int:
-    """The step test metrics are logged at: one past the last training epoch, so the logged model
-    (registered with this step) links the final figures, not epoch 0's training curve."""
-    return int(train_run.get("epochs_run") or 0)
 
 
 def run_metrics(doc: dict[str, Any]) -> dict[str, float]:
@@ -341,9 +325,9 @@ def _log_to_mlflow(settings: Settings, inp: dict[str, Any], doc: dict[str, Any],
         cl.log_batch(run_id, metrics=ms[i:i + 500], tags=tags if i == 0 else [])
     cl.log_table(run_id, data=ci_table(doc), artifact_file="evaluate/metrics_ci.json")
     cl.log_artifacts(run_id, str(report_dir), "evaluate")
-    for f in ("metrics.json", "gates.json"):
-        cl.log_artifact(run_id, str(settings.paths.reports_dir / f), "evaluate")
-    cl.log_artifacts(run_id, str(settings.paths.reports_dir / "plots"), "evaluate/plots")
+    for art in (c.EVALUATE_METRICS, c.METRICS, c.GATES):
+        cl.log_artifact(run_id, str(art.path(settings.paths)), "evaluate")
+    cl.log_artifacts(run_id, str(c.PLOTS_DIR.path(settings.paths)), "evaluate/plots")
     return f"logged to run {run_id}"
 
 
@@ -372,22 +356,24 @@ def run(settings: Settings) -> dict[str, Any]:
     doc = metrics_document(report)
     data = plot_data(inp["y_test"], proba_test, classes, pos, thr)
 
-    report_dir = paths.reports_dir / "evaluate"
+    report_dir = c.EVALUATE_REPORTS.path(paths)
     with atomic_dir(report_dir) as tmp:
         _write_pictures(tmp, data, report, classes)
         gallery = _write_gallery(tmp, inp, proba_test, thr, cfg.gradcam_n) if cfg.gradcam_n else {}
-        _predictions_csv(tmp / "test_predictions.csv", inp, proba_test, thr, paths.ingest_dir)
-        write_json(tmp / "threshold.json", report["threshold"])
+        _predictions_csv(c.inside(c.EVALUATE_REPORTS, c.TEST_PREDICTIONS, tmp), inp, proba_test, thr,
+                         c.MANIFEST.path(paths))
+        write_json(c.inside(c.EVALUATE_REPORTS, c.THRESHOLD, tmp), report["threshold"])
         if comparison:
             yb, pb = binary_view(inp["y_test"], proba_test, pos)
             comparison_png(yb, pb, thr, champion["proba"], champion["threshold"],
                            (f"not {inp['positive']}" if len(classes) > 2 else classes[1 - pos], inp["positive"]),
-                           tmp / "champion_comparison.png", f"champion v{champion['version']}")
-            write_json(tmp / "champion_comparison.json", comparison)
+                           _fig(tmp, "champion_comparison"), f"champion v{champion['version']}")
+            write_json(c.inside(c.EVALUATE_REPORTS, c.CHAMPION_COMPARISON, tmp), comparison)
     for name, records in data.items():
-        write_json(paths.reports_dir / "plots" / f"{name}.json", records)
-    write_json(paths.reports_dir / "metrics.json", doc)
-    write_json(paths.reports_dir / "gates.json", gates)
+        c.PLOTS.save(paths, records, name=name)
+    c.METRICS.save(paths, doc)
+    c.GATES.save(paths, gates)
+    c.EVALUATE_METRICS.save(paths, headline(doc, gates))
     mlflow_note = _log_to_mlflow(settings, inp, doc, gates, report_dir, online)
     result = {"passed": gates["passed"], "threshold": thr, "f1": doc["test"]["f1"], "recall": doc["test"]["recall"],
               "roc_auc": doc["test"]["roc_auc"], "failures": gates["failures"], "gradcam": gallery,
@@ -398,5 +384,5 @@ def run(settings: Settings) -> dict[str, Any]:
              "passed" if gates["passed"] else "FAILED")
     if not gates["passed"]:
         raise GateFailed("release gates failed: " + "; ".join(gates["failures"])
-                         + f" (see {paths.reports_dir / 'gates.json'})")
+                         + f" (see {c.GATES.path(paths)})")
     return result

@@ -25,8 +25,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from medclf import catalog as c
+from medclf import registry as R
 from medclf.config import Settings
-from medclf.io import read_json, write_json
+from medclf.io import file_digest
+from medclf.model_card import CARD_ARTIFACT, model_card, run_links, version_description
+from medclf.tracking import final_step
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +73,15 @@ def version_tags(gates: dict[str, Any], metrics_doc: dict[str, Any], meta: dict[
     of the training run; the machine-read `metric.*` and `threshold` tags keep full precision."""
     test = metrics_doc["test"]
     tags = {
-        "train_run_id": str(train_run["run_id"]), "model_sha256": gates["model_sha256"],
-        "test_set_digest": gates["test_set_digest"], "threshold": repr(float(gates["threshold"])),
+        R.TAG_TRAIN_RUN: str(train_run["run_id"]), R.TAG_MODEL_SHA: gates["model_sha256"],
+        R.TAG_TEST_DIGEST: gates["test_set_digest"], R.TAG_THRESHOLD: repr(float(gates["threshold"])),
         "threshold_rule": str(gates["threshold_rule"]), "threshold_source": "validation",
         "gates_passed": "true", "gates": "passed",
         "non_inferiority": _ni_word(gates.get("non_inferiority") or {}),
-        "classes": json.dumps(meta["classes"]), "positive_class": str(meta["positive_class"]),
+        R.TAG_CLASSES: json.dumps(meta["classes"]), "positive_class": str(meta["positive_class"]),
         "image_size": str(meta["image_size"]), "channels": str(meta["channels"]),
         "backbone": str(train_run.get("backbone", "")),
-        **{f"metric.{k}": repr(float(test[k])) for k in _METRIC_TAGS if test.get(k) is not None},
+        **{f"{R.TAG_METRIC}{k}": repr(float(test[k])) for k in _METRIC_TAGS if test.get(k) is not None},
         **{k: f"{float(test[m]):.3f}" for k, m in _SHORT_TAGS if test.get(m) is not None},
         **{k: v for k, v in provenance.items() if v},
     }
@@ -88,127 +92,6 @@ def _ni_word(ni: dict[str, Any]) -> str:
     if ni.get("skipped") or not ni.get("entries"):
         return "not checked"
     return "passed" if all(e.get("passed") for e in ni["entries"]) else "failed"
-
-
-_DESC_METRICS = (("roc_auc", "ROC-AUC"), ("recall", "sensitivity (recall)"), ("specificity", "specificity"),
-                 ("precision", "precision (PPV)"), ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"),
-                 ("ece", "calibration error (ECE)"))
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{float(v):.{digits}f}"
-
-
-def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict[str, str]:
-    """MLflow UI links for the version page (empty when the tracking URI is not an HTTP server)."""
-    if not tracking_uri.startswith(("http://", "https://")) or not experiment_id:
-        return {}
-    run = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return {"training run": run, "model card": f"{run}/artifacts/review/model_card.md",
-            "Grad-CAM gallery": f"{run}/artifacts/evaluate/gradcam.png",
-            "challenger vs champion": f"{run}/artifacts/evaluate/champion_comparison.png",
-            "metrics with 95 % CIs": f"{run}/artifacts/evaluate/metrics_ci.json",
-            # MLflow 3.17's UI starts on its GenAI view unless told (a per-browser switch)
-            "all training runs": f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"}
-
-
-LIMITATIONS = (
-    ("Figures come from an internal, patient-level split of the same source; on an external set from another "
-    "site or time they are typically lower (see docs/PERFORMANCE.md for the measured gap)."),
-    "The score is not a calibrated risk: read it against the threshold, not as a probability of disease.",
-    ("Trained and tested only on the population and devices of the training data (for the embedded demo: "
-    "pediatric chest X-rays of one hospital); any other use needs its own validation."),
-    "Research use only: not a medical device, not for diagnosis without regulatory clearance.",
-)
-
-
-def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], provenance: dict[str, str],
-                        run_id: str, validation: dict[str, Any] | None = None,
-                        links: dict[str, str] | None = None) -> str:
-    """What a reviewer reads on the MLflow model version page before moving `champion`: markdown.
-
-    Headline metrics with their 95 % bootstrap intervals and the champion's values on the same test
-    set, the paired difference with its CI, the operating point and where it was chosen, every gate
-    with its bound, calibration, the data the model learned from with its validation warnings, links
-    to the evidence, and the limitations. Rounded for reading; the exact values stay in the run's
-    `evaluate/metrics.json`, `evaluate/gates.json` and `evaluate/metrics_ci.json`.
-    """
-    from medclf.comparison import comparison_rows
-
-    test = metrics_doc.get("test") or {}
-    ni = {e.get("metric"): e for e in (gates.get("non_inferiority") or {}).get("entries", [])}
-    champ = gates.get("champion") or {}
-    cv = f"champion v{champ['version']}" if champ.get("version") else "champion"
-    rows = [f"| metric (test split, n={test.get('n', '?')}) | value | 95 % CI | {cv} |", "|---|---|---|---|"]
-    for key, label in _DESC_METRICS:
-        if test.get(key) is None:
-            continue
-        ci = (f"{_num(test.get(f'{key}_ci_low'))}–{_num(test.get(f'{key}_ci_high'))}"
-              if test.get(f"{key}_ci_low") is not None else "")
-        champ_value = (ni[key]["champion"] if key in ni else
-                       (gates.get("comparison") or {}).get(key, {}).get("champion"))
-        rows.append(f"| {label} | **{_num(test[key])}** | {ci} | {'' if champ_value is None else _num(champ_value)} |")
-    gate_lines = [f"- {'pass' if g.get('passed') else 'FAIL'}: {g.get('metric')} {_num(g.get('value'))} "
-                  f"{g.get('op', '>=')} {_num(g.get('bound'))} ({g.get('name')})" for g in gates.get("gates", [])]
-    if ni:
-        gate_lines += [f"- {'pass' if e.get('passed') else 'FAIL'}: non-inferiority vs {cv}, {m} "
-                       f"{_num(e.get('value'))} >= {_num(e.get('champion'))} - {_num(e.get('margin'), 2)}"
-                       for m, e in ni.items()]
-    else:
-        gate_lines.append(f"- non-inferiority: not checked ({champ.get('note') or 'no champion'})")
-    compare = (["", (f"**Challenger vs {cv}, both on these test images, each at its own threshold** "
-                "(paired bootstrap; a CI that excludes 0 is a real difference):"), "",
-                *comparison_rows(gates["comparison"], cv)] if gates.get("comparison") else [])
-    raw = provenance.get("raw_data_md5")
-    data = (f"raw data `{provenance.get('raw_data')}`: DVC md5 `{raw}` over {provenance.get('raw_data_nfiles')} "
-            "files (tag `raw_data_md5`; full record in the run's `lineage/dvc.lock`)" if raw else
-            "raw data hash unknown (ingest did not run under DVC)")
-    if provenance.get("dvc_md5"):
-        data += f"; processed dataset (data/ingest) DVC md5 `{provenance['dvc_md5']}`"
-    if validation is not None:
-        warns = validation.get("warnings") or []
-        offending = validation.get("offending") or {}
-        data += (f". Validation passed with {len(warns)} warning(s)"
-                 + (": " + ", ".join(f"`{w}` ({offending.get(w, '?')})" for w in warns) if warns else ""))
-    positive = provenance.get("positive_class", "positive")
-    operating = (f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
-                 f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
-                 "above.")
-    calib = (f"**Calibration:** ECE {_num(test.get('ece'))}, Brier {_num(test.get('brier'))} on the test split; no "
-             "recalibration is applied, so the score ranks cases but is not a risk." if test.get("ece") is not None
-             else "")
-    link_line = (["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else [])
-    return "\n".join([
-        "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.", "",
-        *rows, *compare, "",
-        operating, "",
-        "**Gates:**", *gate_lines, "",
-        *([calib, ""] if calib else []),
-        f"**Data:** {data}.", "",
-        f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
-        *link_line, "",
-        "**Limitations:**", *[f"- {x}" for x in LIMITATIONS],
-    ])
-
-
-def model_card(description: str, meta: dict[str, Any], provenance: dict[str, str], train_run: dict[str, Any],
-               splits: dict[str, int]) -> str:
-    """A model card (after Mitchell et al. 2019) in markdown, logged with the run as `review/model_card.md`."""
-    split_line = ", ".join(f"{k} {v}" for k, v in splits.items()) or "unknown"
-    return "\n".join([
-        f"# Model card: {train_run.get('backbone', 'classifier')} for {' vs '.join(meta['classes'])}", "",
-        "## Intended use",
-        f"Research and method development: flag images as `{meta['positive_class']}` for a human reader to review.",
-        "Not a medical device. Not for diagnosis or any clinical decision without regulatory clearance.", "",
-        "## Model",
-        (f"Backbone `{train_run.get('backbone')}` ({train_run.get('weights')} weights), input "
-        f"{meta['image_size']} px, {meta['channels']} channel(s); trained by `medclf train` (params hash "
-        f"`{provenance.get('params_hash')}`, git commit `{provenance.get('git_commit') or 'unknown'}`)."), "",
-        "## Data",
-        (f"Source `{provenance.get('raw_data') or 'unknown'}` (DVC md5 `{provenance.get('raw_data_md5') or 'unknown'}`), "
-        f"split by patient: {split_line} images."), "",
-        "## Evaluation, operating point, gates, limitations", "",
-        description, ""])
 
 
 def check_gates(gates: dict[str, Any], model_sha256: str, gates_file: Path) -> None:
@@ -267,7 +150,7 @@ def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gate
             name=PYFUNC_NAME, python_model=MedclfModel(), artifacts={KERAS_ARTIFACT: str(model_file)},
             model_config=cfg.to_dict(), signature=signature(cfg.classes), input_example=_png_example(meta),
             pip_requirements=reqs, step=step)  # step: links the test metrics evaluate logged there
-        mlflow.log_text(card, "review/model_card.md")
+        mlflow.log_text(card, CARD_ARTIFACT)
         if Path("dvc.lock").is_file():  # the run's full record: raw-data hash, every stage's inputs/outputs
             mlflow.log_artifact("dvc.lock", artifact_path="lineage")
         try:
@@ -351,10 +234,8 @@ def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[st
     infos: tuple[Any, Any] = (None, None)
     mv: Any = None
     run_id = str(train_run["run_id"])
-    from medclf.stages.evaluate import final_step
-
-    vfile = settings.paths.reports_dir / "validation" / "summary.json"
-    validation = read_json(vfile) if vfile.exists() else None
+    vfile = c.VALIDATION_SUMMARY.path(settings.paths)
+    validation = c.VALIDATION_SUMMARY.load(settings.paths) if vfile.exists() else None
     prov = {**tags, "positive_class": str(meta["positive_class"])}
     links = run_links(settings.mlflow.resolved_uri(), train_run.get("experiment_id"), run_id)
     desc = version_description(gates, metrics_doc, prov, run_id, validation, links)
@@ -399,29 +280,26 @@ def _provenance(settings: Settings, train_run: dict[str, Any]) -> dict[str, str]
 
 
 def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
-    from medclf.registry import alias_version, client
-    from medclf.stages.evaluate import file_digest
-
     paths, reg = settings.paths, settings.registry
-    gates_file, model_file = paths.reports_dir / "gates.json", paths.model_dir / "model.keras"
-    run_file, metrics_file = paths.model_dir / "train_run.json", paths.reports_dir / "metrics.json"
+    gates_file, model_file = c.GATES.path(paths), c.MODEL.path(paths)
+    run_file, metrics_file = c.TRAIN_RUN.path(paths), c.METRICS.path(paths)
     for f, stage in ((gates_file, "evaluate"), (metrics_file, "evaluate"), (model_file, "train"),
                      (run_file, "train")):
         if not f.exists():
             raise RegisterRefused(f"{f}: missing (run `medclf {stage}` first); nothing registered")
-    gates, sha = read_json(gates_file), file_digest(model_file)
+    gates, sha = c.GATES.load(paths), file_digest(model_file)
     check_gates(gates, sha, gates_file)
-    train_run = read_json(run_file)
+    train_run = c.TRAIN_RUN.load(paths)
     if not train_run.get("run_id"):
         raise RegisterRefused(f"{run_file}: no run_id; the training run to log the model into is unknown")
     run_id = str(train_run["run_id"])
-    cl = client(settings, attempts)  # reachability check with retries, then a clear error
+    cl = R.client(settings, attempts)  # reachability check with retries, then a clear error
     try:
         cl.get_run(run_id)
     except Exception as err:  # noqa: BLE001 - any lookup failure means we cannot link the version
         raise RegisterRefused(f"{run_file}: training run {run_id} not found at {settings.mlflow.resolved_uri()} "
                               f"({type(err).__name__}); nothing registered") from None
-    champ = alias_version(cl, reg.model_name, "champion")
+    champ = R.alias_version(cl, reg.model_name, "champion")
     evaluated = (gates.get("champion") or {}).get("version")
     if (champ.version if champ else None) != evaluated:
         raise RegisterRefused(f"{gates_file}: evaluated against champion {evaluated or 'none'}, but the champion "
@@ -435,9 +313,9 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
     mv = _existing(cl, reg.model_name, run_id, sha, inputs)
     created, note = mv is None, ""
     if mv is None:
-        meta = read_json(paths.ingest_dir / "classes.json")
-        tags = version_tags(gates, read_json(metrics_file), meta, train_run, provenance)
-        mv = _create_version(cl, settings, model_file, meta, gates, tags, train_run, read_json(metrics_file))
+        meta, metrics_doc = c.CLASSES.load(paths), c.METRICS.load(paths)
+        tags = version_tags(gates, metrics_doc, meta, train_run, provenance)
+        mv = _create_version(cl, settings, model_file, meta, gates, tags, train_run, metrics_doc)
     else:
         note = (f"identical model file and inputs to version {mv.version} (run {mv.run_id}); not registered again"
                 if mv.run_id != run_id else "already registered for this run; reused")
@@ -449,6 +327,6 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
            "model_uri": f"models:/{reg.model_name}/{mv.version}",
            "alias_uri": f"models:/{reg.model_name}@{reg.alias}", "created": created,
            **({"note": note} if note else {})}
-    write_json(paths.reports_dir / "register.json", out)
+    c.REGISTER.save(paths, out)
     log.info("register: %s version %s (%s) %s", reg.model_name, mv.version, reg.alias, note or "created")
     return out

@@ -7,8 +7,11 @@ last validated version), checks them with the GX suite in
 
 - `reports/validation/site/` — GX Data Docs, plus `checks.json` (every check with its
   bound and example files), `report.md` and `leakage.csv` (every duplicate pair);
-- `reports/validation/summary.json` — compact DVC metrics (counts, pass/fail, PSI);
+- `reports/validation/summary.json` — the compact verdict (per-check counts, leakage, PSI) that
+  augment waits on and register quotes;
+- `reports/validate.json` — the headline for `dvc metrics show/diff`: failed and warning counts;
 - `<cache_dir>/validation_baseline.json` — the drift baseline, only after a pass.
+(Names: `medclf.catalog`, validate section.)
 
 Each check has a severity (`validate.severity`, defaults in
 `medclf.validation.checks.CHECKS`): `error` fails the stage with
@@ -25,8 +28,9 @@ from typing import Any
 
 import pandas as pd
 
+from medclf import catalog as c
 from medclf.config import Settings
-from medclf.io import atomic_dir, atomic_file, write_json
+from medclf.io import atomic_dir
 from medclf.validation import drift as drift_mod
 from medclf.validation import gx_suite, leakage, report, tables
 from medclf.validation.checks import CHECKS, OFF, SKIPPED, severities
@@ -51,7 +55,7 @@ class ValidationFailed(RuntimeError):
 
 
 def baseline_path(settings: Settings) -> Path:
-    return settings.paths.cache_dir / "validation_baseline.json"
+    return c.VALIDATION_BASELINE.path(settings.paths)
 
 
 def _drift_summary(baseline: dict[str, Any] | None, drift_table: pd.DataFrame, prevalence: pd.DataFrame,
@@ -90,7 +94,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     severity = severities(cfg.severity)
     suites = gx_suite.build_suites(cfg, severity, classes, has_baseline=baseline is not None)
-    site = paths.reports_dir / "validation" / "site"
+    site = c.VALIDATION_SITE.path(paths)
     with atomic_dir(site) as tmp:
         results = gx_suite.run_suites(evidence, suites, tmp, cfg.max_examples)
         checks = gx_suite.to_checks(results, severity, cfg.max_examples)
@@ -104,19 +108,19 @@ def run(settings: Settings) -> dict[str, Any]:
                    "great_expectations": round(t_gx - t_tables, 2), "total": round(t_gx - t0, 2)}
         summary = report.summarize(checks, leak.summary(cfg.max_examples),
                                    _drift_summary(baseline, drift_table, prevalence, drift_mod.fingerprint(images)),
-                                   counts, seconds, str(site / "index.html"))
+                                   counts, seconds, str(c.VALIDATION_DOCS.path(paths)))
         markdown = report.markdown(summary, checks)
-        with atomic_file(tmp / "leakage.csv") as fh:
-            leak.pairs.to_csv(fh, index=False)
-        write_json(tmp / "checks.json", summary)
-        with atomic_file(tmp / "report.md") as fh:
-            fh.write(markdown + "\n")
-    write_json(paths.reports_dir / "validation" / "summary.json", report.metrics(summary))
+        staged: tuple[tuple[c.Artifact, Any], ...] = (
+            (c.VALIDATION_LEAKAGE, leak.pairs), (c.VALIDATION_CHECKS, summary), (c.VALIDATION_REPORT, markdown + "\n"))
+        for art, content in staged:
+            c.save_file(c.inside(c.VALIDATION_SITE, art, tmp), art.kind, content)
+    c.VALIDATION_SUMMARY.save(paths, report.metrics(summary))
+    c.VALIDATE_METRICS.save(paths, report.headline(summary))
     print(report.console_table(summary, checks), file=sys.stderr)
     result = {**summary, "markdown": markdown}
     if not summary["passed"]:
         raise ValidationFailed(report.failure_message(checks), result)
-    write_json(baseline_path(settings), drift_mod.make_baseline(images, prevalence))
+    c.VALIDATION_BASELINE.save(paths, drift_mod.make_baseline(images, prevalence))
     log.info("validate: passed with %d warning(s) in %.1f s", summary["n_warnings"], seconds["total"])
     return result
 

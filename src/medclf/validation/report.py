@@ -22,11 +22,10 @@ def summarize(checks: dict[str, CheckResult], leakage: dict[str, Any], drift: di
 
 
 def metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The compact DVC metrics file: numbers (and the failed check names), nothing wordy.
+    """The compact verdict file (`reports/validation/summary.json`): numbers and the failed check names.
 
-    `dvc metrics show/diff` flattens every leaf into a column, so bounds and examples
-    live in the Data Docs site's `checks.json` instead. No timings: augment depends on this
-    file, so it must change only when the verdict or the data does (a rerun of validate with
+    Detail, not a DVC metric (`headline` is): bounds and examples live in the Data Docs site's
+    `checks.json`. No timings: augment depends on this file, so it must change only when the verdict or the data does (a rerun of validate with
     the same outcome must not retrain); the seconds are in `checks.json`.
     """
     drift = summary["drift"]
@@ -39,6 +38,14 @@ def metrics(summary: dict[str, Any]) -> dict[str, Any]:
         out["drift"] = {**{f"psi_{f}": v["psi"] for f, v in drift["intensity"].items()},
                         "prevalence_shift_max": drift["prevalence_shift_max"]}
     return out
+
+
+def headline(summary: dict[str, Any]) -> dict[str, int]:
+    """The stage's headline for `dvc metrics show/diff` (`reports/validate.json`): how many checks failed
+    (error severity: the stage fails) and how many warned. Every other number stays in `metrics`' file.
+
+    `failed` is the column evaluate's headline uses for failed release gates: 0 reads "passed" in both."""
+    return {"failed": int(summary["n_errors"]), "warnings": int(summary["n_warnings"])}
 
 
 def failure_message(checks: dict[str, CheckResult]) -> str:

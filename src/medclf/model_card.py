@@ -1,0 +1,133 @@
+"""The reviewer's documents of a model version: the MLflow version description and the model card.
+
+Pure markdown builders over the evaluate reports (`gates.json`, `metrics.json`), the validation summary
+and the provenance tags; `medclf register` attaches them to the version it creates. Rounded for reading;
+the exact values stay in the run's `evaluate/` artifacts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CARD_ARTIFACT = "review/model_card.md"
+"""Where the model card lies among the training run's MLflow artifacts."""
+
+_DESC_METRICS = (("roc_auc", "ROC-AUC"), ("recall", "sensitivity (recall)"), ("specificity", "specificity"),
+                 ("precision", "precision (PPV)"), ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"),
+                 ("ece", "calibration error (ECE)"))
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{float(v):.{digits}f}"
+
+
+def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict[str, str]:
+    """MLflow UI links for the version page (empty when the tracking URI is not an HTTP server)."""
+    if not tracking_uri.startswith(("http://", "https://")) or not experiment_id:
+        return {}
+    run = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return {"training run": run, "model card": f"{run}/artifacts/{CARD_ARTIFACT}",
+            "Grad-CAM gallery": f"{run}/artifacts/evaluate/gradcam.png",
+            "challenger vs champion": f"{run}/artifacts/evaluate/champion_comparison.png",
+            "metrics with 95 % CIs": f"{run}/artifacts/evaluate/metrics_ci.json",
+            # MLflow 3.17's UI starts on its GenAI view unless told (a per-browser switch)
+            "all training runs": f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"}
+
+
+LIMITATIONS = (
+    ("Figures come from an internal, patient-level split of the same source; on an external set from another "
+    "site or time they are typically lower (see docs/PERFORMANCE.md for the measured gap)."),
+    "The score is not a calibrated risk: read it against the threshold, not as a probability of disease.",
+    ("Trained and tested only on the population and devices of the training data (for the embedded demo: "
+    "pediatric chest X-rays of one hospital); any other use needs its own validation."),
+    "Research use only: not a medical device, not for diagnosis without regulatory clearance.",
+)
+
+
+def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], provenance: dict[str, str],
+                        run_id: str, validation: dict[str, Any] | None = None,
+                        links: dict[str, str] | None = None) -> str:
+    """What a reviewer reads on the MLflow model version page before moving `champion`: markdown.
+
+    Headline metrics with their 95 % bootstrap intervals and the champion's values on the same test
+    set, the paired difference with its CI, the operating point and where it was chosen, every gate
+    with its bound, calibration, the data the model learned from with its validation warnings, links
+    to the evidence, and the limitations. Rounded for reading; the exact values stay in the run's
+    `evaluate/metrics.json`, `evaluate/gates.json` and `evaluate/metrics_ci.json`.
+    """
+    from medclf.comparison import comparison_rows
+
+    test = metrics_doc.get("test") or {}
+    ni = {e.get("metric"): e for e in (gates.get("non_inferiority") or {}).get("entries", [])}
+    champ = gates.get("champion") or {}
+    cv = f"champion v{champ['version']}" if champ.get("version") else "champion"
+    rows = [f"| metric (test split, n={test.get('n', '?')}) | value | 95 % CI | {cv} |", "|---|---|---|---|"]
+    for key, label in _DESC_METRICS:
+        if test.get(key) is None:
+            continue
+        ci = (f"{_num(test.get(f'{key}_ci_low'))}–{_num(test.get(f'{key}_ci_high'))}"
+              if test.get(f"{key}_ci_low") is not None else "")
+        champ_value = (ni[key]["champion"] if key in ni else
+                       (gates.get("comparison") or {}).get(key, {}).get("champion"))
+        rows.append(f"| {label} | **{_num(test[key])}** | {ci} | {'' if champ_value is None else _num(champ_value)} |")
+    gate_lines = [f"- {'pass' if g.get('passed') else 'FAIL'}: {g.get('metric')} {_num(g.get('value'))} "
+                  f"{g.get('op', '>=')} {_num(g.get('bound'))} ({g.get('name')})" for g in gates.get("gates", [])]
+    if ni:
+        gate_lines += [f"- {'pass' if e.get('passed') else 'FAIL'}: non-inferiority vs {cv}, {m} "
+                       f"{_num(e.get('value'))} >= {_num(e.get('champion'))} - {_num(e.get('margin'), 2)}"
+                       for m, e in ni.items()]
+    else:
+        gate_lines.append(f"- non-inferiority: not checked ({champ.get('note') or 'no champion'})")
+    compare = (["", (f"**Challenger vs {cv}, both on these test images, each at its own threshold** "
+                "(paired bootstrap; a CI that excludes 0 is a real difference):"), "",
+                *comparison_rows(gates["comparison"], cv)] if gates.get("comparison") else [])
+    raw = provenance.get("raw_data_md5")
+    data = (f"raw data `{provenance.get('raw_data')}`: DVC md5 `{raw}` over {provenance.get('raw_data_nfiles')} "
+            "files (tag `raw_data_md5`; full record in the run's `lineage/dvc.lock`)" if raw else
+            "raw data hash unknown (ingest did not run under DVC)")
+    if provenance.get("dvc_md5"):
+        data += f"; processed dataset (data/ingest) DVC md5 `{provenance['dvc_md5']}`"
+    if validation is not None:
+        warns = validation.get("warnings") or []
+        offending = validation.get("offending") or {}
+        data += (f". Validation passed with {len(warns)} warning(s)"
+                 + (": " + ", ".join(f"`{w}` ({offending.get(w, '?')})" for w in warns) if warns else ""))
+    positive = provenance.get("positive_class", "positive")
+    operating = (f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
+                 f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
+                 "above.")
+    calib = (f"**Calibration:** ECE {_num(test.get('ece'))}, Brier {_num(test.get('brier'))} on the test split; no "
+             "recalibration is applied, so the score ranks cases but is not a risk." if test.get("ece") is not None
+             else "")
+    link_line = (["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else [])
+    return "\n".join([
+        "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.", "",
+        *rows, *compare, "",
+        operating, "",
+        "**Gates:**", *gate_lines, "",
+        *([calib, ""] if calib else []),
+        f"**Data:** {data}.", "",
+        f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
+        *link_line, "",
+        "**Limitations:**", *[f"- {x}" for x in LIMITATIONS],
+    ])
+
+
+def model_card(description: str, meta: dict[str, Any], provenance: dict[str, str], train_run: dict[str, Any],
+               splits: dict[str, int]) -> str:
+    """A model card (after Mitchell et al. 2019) in markdown, logged with the run as `CARD_ARTIFACT`."""
+    split_line = ", ".join(f"{k} {v}" for k, v in splits.items()) or "unknown"
+    return "\n".join([
+        f"# Model card: {train_run.get('backbone', 'classifier')} for {' vs '.join(meta['classes'])}", "",
+        "## Intended use",
+        f"Research and method development: flag images as `{meta['positive_class']}` for a human reader to review.",
+        "Not a medical device. Not for diagnosis or any clinical decision without regulatory clearance.", "",
+        "## Model",
+        (f"Backbone `{train_run.get('backbone')}` ({train_run.get('weights')} weights), input "
+        f"{meta['image_size']} px, {meta['channels']} channel(s); trained by `medclf train` (params hash "
+        f"`{provenance.get('params_hash')}`, git commit `{provenance.get('git_commit') or 'unknown'}`)."), "",
+        "## Data",
+        (f"Source `{provenance.get('raw_data') or 'unknown'}` (DVC md5 `{provenance.get('raw_data_md5') or 'unknown'}`), "
+        f"split by patient: {split_line} images."), "",
+        "## Evaluation, operating point, gates, limitations", "",
+        description, ""])
