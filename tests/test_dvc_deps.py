@@ -9,12 +9,17 @@ conservative: an import inside a function counts even if that function never run
 from __future__ import annotations
 
 import ast
+import itertools
+import re
+import string
 from pathlib import Path
 
 import pytest
 import yaml
 
 from medclf import STAGES
+from medclf.config import Paths, load_settings
+from medclf.pipeline import DIR_OUTS, PIPELINE, Stage, UndeclaredParam
 from tests.conftest import ROOT
 
 SRC = ROOT / "src"
@@ -62,23 +67,166 @@ def _deps(stage: str) -> list[str]:
     return [d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])]
 
 
-def _covered(path: str, deps: list[str]) -> bool:
-    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+def _render(entry: str, paths: dict[str, str]) -> str:
+    """dvc.yaml's `${paths.x}` templates filled from params.yaml, as DVC does."""
+    return Path(re.sub(r"\$\{paths\.(\w+)\}", lambda m: str(paths[m.group(1)]), entry)).as_posix()
+
+
+def _entries(items: list | None) -> list[str]:
+    return [d if isinstance(d, str) else next(iter(d)) for d in items or []]
+
+
+def _code_files(dep: str) -> set[str]:
+    """A `src/` dep as the Python files it stands for (a package directory: every module in it)."""
+    p = ROOT / dep
+    if p.is_dir():
+        return {f.relative_to(ROOT).as_posix() for f in p.rglob("*.py") if "__pycache__" not in f.parts}
+    return {dep}
+
+
+def _artifact_paths(stage: Stage, artifacts: tuple, paths: Paths) -> set[str]:
+    """Declared artifacts as dvc.yaml names them: an artifact under a root that a stage writes as one
+    directory (DIR_OUTS) is that root; `{field}`s are filled from `stage.fields` (one entry each)."""
+    out: set[str] = set()
+    for a in artifacts:
+        if a.root in DIR_OUTS:
+            out.add(Path(getattr(paths, a.root)).as_posix())
+            continue
+        names = {n for _, n, _, _ in string.Formatter().parse(a.rel) if n}
+        combos = [dict(zip(names, v, strict=True)) for v in itertools.product(*(stage.fields[n] for n in names))]
+        out |= {a.path(paths, **f).as_posix() for f in combos}
+    return out
+
+
+def expected_dvc_stage(stage: Stage, paths: Paths) -> dict[str, set[str]]:
+    """dvc.yaml's entry for `stage` as its declaration implies it (paths rendered).
+
+    deps: the declared inputs, the stage module's whole import closure, and what `medclf <stage>` runs
+    before it (cli.py, the pipeline module and its closure); params: exactly the declared keys;
+    outs/metrics/plots: the declared outputs/metrics/plots."""
+    code = import_closure(f"medclf.stages.{stage.name}") | import_closure("medclf.pipeline") | {"src/medclf/cli.py"}
+    return {"deps": code | _artifact_paths(stage, stage.inputs, paths), "params": set(stage.params),
+            "outs": _artifact_paths(stage, stage.outputs, paths),
+            "metrics": _artifact_paths(stage, stage.metrics, paths),
+            "plots": _artifact_paths(stage, stage.plots, paths)}
+
+
+def actual_dvc_stage(stage: str) -> dict[str, set[str]]:
+    """dvc.yaml's entry for `stage`, `${paths.*}` rendered with params.yaml's paths, code dirs expanded."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    paths = yaml.safe_load((ROOT / "params.yaml").read_text())["paths"]
+    deps: set[str] = set()
+    for d in _entries(spec.get("deps")):
+        deps |= _code_files(d) if d.startswith("src/") else {_render(d, paths)}
+    params: set[str] = set()
+    for p in spec.get("params") or []:
+        params |= {p} if isinstance(p, str) else {k for keys in p.values() for k in keys}
+    return {"deps": deps, "params": params,
+            **{k: {_render(o, paths) for o in _entries(spec.get(k))} for k in ("outs", "metrics", "plots")}}
+
+
+def test_the_declarations_are_the_stages_of_dvc_yaml():
+    assert tuple(PIPELINE) == STAGES
+    assert tuple(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]) == STAGES
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_stage_deps_cover_its_import_closure(stage):
-    closure = import_closure(f"medclf.stages.{stage}") | {"src/medclf/cli.py"}  # `medclf <stage>` runs cli.py
-    missing = sorted(p for p in closure if not _covered(p, _deps(stage)))
-    assert not missing, f"dvc.yaml stage '{stage}' misses imported modules in its deps: {missing}"
+def test_dvc_yaml_is_exactly_what_the_declaration_and_the_import_closure_imply(stage):
+    """Deps (inputs + import closure), params, outs, metrics and plots: any difference, either way, fails.
+
+    A dep missing from dvc.yaml lets a change leave `dvc repro` saying "up to date" (a stale model); an
+    extra one reruns a stage for nothing and hides that the declaration is wrong."""
+    expected = expected_dvc_stage(PIPELINE[stage], load_settings(ROOT / "params.yaml").paths)
+    actual = actual_dvc_stage(stage)
+    problems = [f"{key}: dvc.yaml misses {sorted(expected[key] - actual[key])}, "
+                f"lists undeclared {sorted(actual[key] - expected[key])}"
+                for key in expected if expected[key] != actual[key]]
+    assert not problems, f"dvc.yaml stage '{stage}' differs from src/medclf/pipeline.py: " + "; ".join(problems)
+
+
+def _module_level_imports(mod: str) -> set[str]:
+    """Modules `mod` imports when it is imported (top-level statements, `if TYPE_CHECKING:` excluded),
+    each as the deepest `medclf` module the import names."""
+    path = _module_file(mod)
+    assert path is not None
+    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    found: set[str] = set()
+
+    def visit(stmts: list[ast.stmt]) -> None:
+        for node in stmts:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+            elif isinstance(node, (ast.If, ast.Try)):
+                visit(node.body)
+                visit(node.orelse)
+                for h in getattr(node, "handlers", []):
+                    visit(h.body)
+                visit(getattr(node, "finalbody", []))
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                for a in node.names:
+                    found.add(f"{base}.{a.name}" if _module_file(f"{base}.{a.name}") else base)
+
+    visit(ast.parse(path.read_text()).body)
+    return {m for m in found if m.split(".")[0] == "medclf" and _module_file(m) and m != mod}
+
+
+def _all_modules() -> list[str]:
+    out = []
+    for f in sorted((SRC / "medclf").rglob("*.py")):
+        parts = f.relative_to(SRC).with_suffix("").parts
+        out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return out
+
+
+def test_src_has_no_import_cycle():
+    """Module-level imports only (what runs at import time): a cycle makes import order matter."""
+    graph = {m: _module_level_imports(m) for m in _all_modules()}
+    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def dfs(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                dfs(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            dfs(m)
+    assert not cycles, "import cycles in src/medclf: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_stage_imports_another_stage():
+    """Stages exchange data through catalog entries, never through each other's code."""
+    offenders = {}
+    for stage in STAGES:
+        mod = f"medclf.stages.{stage}"
+        others = {m for m in _imports(_module_file(mod), mod)
+                  if m.startswith("medclf.stages.") and m.split(".")[2] != stage}
+        if others:
+            offenders[stage] = sorted(others)
+    assert not offenders, f"stage modules import other stages: {offenders}"
 
 
 def test_closure_follows_lazy_and_transitive_imports():
     """The walker itself: ingest reaches privacy (direct), sources/folder (a lazy import in the sources
-    dispatcher); not modeling, since config imports nothing from medclf (it used to, lazily)."""
+    dispatcher), dicom (imported inside images.decode_bytes: lazy and transitive); not modeling, since
+    config imports nothing from medclf (it used to, lazily)."""
     closure = import_closure("medclf.stages.ingest")
     assert {"src/medclf/privacy.py", "src/medclf/config.py", "src/medclf/sources/folder.py",
-            "src/medclf/__init__.py"} <= closure
+            "src/medclf/dicom.py", "src/medclf/__init__.py"} <= closure
     assert "src/medclf/stages/train.py" not in closure and "src/medclf/modeling.py" not in closure
 
 
@@ -87,3 +235,28 @@ def test_every_declared_code_dep_exists():
         for dep in _deps(stage):
             if dep.startswith("src/"):
                 assert (ROOT / dep).exists(), f"{stage}: {dep} does not exist"
+
+
+def test_a_stage_reads_only_its_declared_params_and_an_undeclared_read_names_stage_key_and_dvc_yaml():
+    """`invoke` (and `@declared` on each stage's `run`) hands the stage a checked view of the settings:
+    a read that its declaration, and so dvc.yaml, does not list fails in every test that runs the stage."""
+    s = load_settings(ROOT / "params.yaml")
+    v = PIPELINE["validate"].view(s)
+    assert v.validation.min_size == s.validation.min_size  # the stage's own section (through its property)
+    assert v.ingest.classes == s.ingest.classes  # one declared key of another section
+    assert v.paths.ingest_dir == s.paths.ingest_dir and v.mlflow.tracking_uri == s.mlflow.tracking_uri  # exempt
+    with pytest.raises(UndeclaredParam, match=r"stage 'validate' reads params.yaml key 'ingest\.image_size'.*"
+                                              r"src/medclf/pipeline\.py.*`stages\.validate\.params` in dvc\.yaml"):
+        _ = v.ingest.image_size
+    with pytest.raises(UndeclaredParam, match=r"stage 'validate' reads params.yaml key 'train'"):
+        _ = v.train
+    # methods and properties of the config classes run against the view: their own reads are checked too
+    partial = Stage("t", (), (), params=("augment.preset",)).view(s)
+    with pytest.raises(UndeclaredParam, match=r"'augment\.overrides'"):
+        partial.augment.policy()
+    with pytest.raises(UndeclaredParam, match=r"'augment\.\* \(via model_dump\)'"):
+        partial.augment.model_dump()  # a whole-section read (params_hash, flat_params) needs the whole section
+    both = Stage("t", (), (), params=("augment.preset", "augment.overrides")).view(s)
+    assert both.augment.policy() == s.augment.policy()
+    with pytest.raises(TypeError, match="read-only"):
+        v.paths = s.paths

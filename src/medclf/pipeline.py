@@ -15,11 +15,13 @@ recorded, not what is computed (and `MLFLOW_TRACKING_URI` overrides it, which DV
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from medclf import catalog as c
 
@@ -132,6 +134,21 @@ PIPELINE: dict[str, Stage] = {s.name: s for s in (
           params=("register", "ingest", "validate.min_size", "validate.max_aspect_ratio", "augment", "train",
                   "evaluate")),
 )}
+
+
+R = TypeVar("R")
+
+
+def declared(run: Callable[..., R]) -> Callable[..., R]:
+    """Decorate a stage module's `run(settings, ...)`: wherever it is called from (the CLI, a flow, a test),
+    the stage sees the settings through its declaration's view, so an undeclared read fails at once."""
+    name = run.__module__.rsplit(".", 1)[-1]
+
+    @functools.wraps(run)
+    def checked(settings: Settings, *args: Any, **kwargs: Any) -> R:
+        return run(PIPELINE[name].view(settings), *args, **kwargs)
+
+    return checked
 
 
 def invoke(name: str, settings: Settings) -> dict[str, Any]:

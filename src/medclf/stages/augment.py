@@ -25,6 +25,7 @@ from medclf import catalog as c
 from medclf.augmentation import apply_policy, balance_classes, balance_plan
 from medclf.config import AugmentPolicy, Paths, Settings
 from medclf.io import atomic_dir, atomic_file, write_json
+from medclf.pipeline import declared
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], poli
     return buf.getvalue()
 
 
+@declared
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.augment, settings.paths
     t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from medclf.changes import describe, diff_manifests
 from medclf.config import Ingest, Paths, Settings
 from medclf.images import DecodeError, decode_bytes, fit_square, to_channels, to_uint8
 from medclf.io import atomic_dir, atomic_dirs, atomic_file, recover_dir, write_json
+from medclf.pipeline import declared
 from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
 from medclf.splits import SPLITS, assign_splits, link_groups
@@ -186,6 +187,7 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
     return pd.DataFrame(rows)
 
 
+@declared
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.ingest, settings.paths
     t0 = time.perf_counter()
