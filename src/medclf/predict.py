@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from medclf.config import Settings
+from medclf.images import DICOM_SUFFIXES, DecodeError, decode_bytes
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", *DICOM_SUFFIXES}
 CHUNK = 256
 
 
@@ -44,8 +45,6 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 def _decode(path: Path, max_pixels: int) -> Any:
     """File → uint8 pixel array (DICOM by extension or by its 'DICM' marker), bomb-guarded by `max_pixels`."""
-    from medclf.images import decode_bytes
-
     return decode_bytes(path.read_bytes(), max_pixels, name=path.name)[0]
 
 
@@ -73,7 +72,6 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
     import numpy as np
     import pandas as pd
 
-    from medclf.images import DecodeError
     from medclf.io import atomic_file
     from medclf.serving import INPUT_COLUMN, check_geometry, output_columns
 

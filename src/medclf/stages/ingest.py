@@ -295,7 +295,3 @@ def _previous_manifest(paths: Paths) -> pd.DataFrame | None:
         log.warning("ingest: cannot read the previous manifest %s (%s); changes not computed", path, err)
         return None
 
-
-def load_split(ingest_dir: Path, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Deprecated: `catalog.load_split(paths, split)`. Kept while the evaluate stage still imports it."""
-    return c.load_split(Paths(ingest_dir=ingest_dir), split, mmap=mmap)
