@@ -59,10 +59,10 @@ def train_tiny(settings, epochs: int = 5, seed: int = 0) -> Path:
     """Fit the tiny model on the train split and save `model_dir/model.keras` (the train contract)."""
     import keras
 
-    from medclf.stages.ingest import load_split
+    from medclf.catalog import load_split
 
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
-    x, y = load_split(settings.paths.ingest_dir, "train", mmap=False)
+    x, y = load_split(settings.paths, "train", mmap=False)
     model = tiny_model(meta["image_size"], meta["channels"], len(meta["classes"]), seed)
     # jit_compile=False: XLA compilation of MobileNetV2 costs ~a minute on 2 CPU cores
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
@@ -164,12 +164,12 @@ def first_run(project):
 
 def _test_proba(settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model probabilities on val/test computed here, independently of the stage."""
+    from medclf.catalog import load_split
     from medclf.serving import load_keras
-    from medclf.stages.ingest import load_split
 
     model = load_keras(str(settings.paths.model_dir / "model.keras"))
-    xv, yv = load_split(settings.paths.ingest_dir, "val", mmap=False)
-    xt, yt = load_split(settings.paths.ingest_dir, "test", mmap=False)
+    xv, yv = load_split(settings.paths, "val", mmap=False)
+    xt, yt = load_split(settings.paths, "test", mmap=False)
     return yv, np.asarray(model.predict(xv, verbose=0), float), (yt, np.asarray(model.predict(xt, verbose=0), float))
 
 
@@ -224,6 +224,12 @@ def test_stage_metrics_match_sklearn(project, first_run):
             assert m[f"{k}_ci_low"] <= m[k] + 1e-9 and m[k] <= m[f"{k}_ci_high"] + 1e-9, k
     assert doc["test_default_threshold"]["threshold"] == 0.5
     assert doc["test"]["n"] == len(yt) and doc["val"]["n"] == len(yv)
+    # the headline `dvc metrics show` reads: the same numbers at 3 decimals, no CIs, no 0.5-threshold block
+    head = json.loads((settings.paths.reports_dir / "evaluate.json").read_text())
+    assert head == {"auc": round(skm.roc_auc_score(yb, pb), 3), "f1": round(skm.f1_score(yb, pb >= thr), 3),
+                    "recall": round(skm.recall_score(yb, pb >= thr), 3),
+                    "specificity": round(skm.recall_score(yb, pb >= thr, pos_label=0), 3),
+                    "threshold": thr, "failed": 0}, head
     # DVC plot files: one confusion record per test image agreeing with the counts
     plots = settings.paths.reports_dir / "plots"
     conf = json.loads((plots / "confusion.json").read_text())
@@ -276,7 +282,8 @@ def test_metrics_and_pictures_logged_to_training_run(project, first_run):
     assert run.data.metrics["decision_threshold"] == pytest.approx(doc["threshold"])
     assert run.data.tags["evaluate.gates_passed"] == "true"
     names = {a.path for a in cl.list_artifacts(run_id, "evaluate")}
-    assert {"evaluate/roc.png", "evaluate/gradcam.png", "evaluate/metrics.json", "evaluate/gates.json"} <= names
+    assert {"evaluate/roc.png", "evaluate/gradcam.png", "evaluate/metrics.json", "evaluate/gates.json",
+            "evaluate/evaluate.json"} <= names
 
 
 # ----------------------------------------------------------------------------- threshold: validation only
@@ -370,6 +377,7 @@ def test_gate_passes_at_bound_and_fails_just_above(hard, gate, metric):
     entry = next(g for g in gates["gates"] if g["name"] == gate)
     assert entry["passed"] is False
     assert json.loads((settings.paths.reports_dir / "metrics.json").read_text())["test"][metric] == value
+    assert json.loads((settings.paths.reports_dir / "evaluate.json").read_text())["failed"] == 1  # the verdict
 
 
 @pytest.mark.slow

@@ -135,8 +135,8 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     keras_model = mlflow.keras.load_model(t["keras_model_uri"])
     # the Keras flavour is the trained model itself: same layers, same weights, same predictions
     # (`get_layer(...) is not None` could not fail: get_layer raises instead of returning None)
+    from medclf.catalog import load_split
     from medclf.serving import load_keras
-    from medclf.stages.ingest import load_split
 
     trained = load_keras(str(settings.paths.model_dir / "model.keras"))
     assert [layer.name for layer in keras_model.layers] == [layer.name for layer in trained.layers]
@@ -144,7 +144,7 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     assert len(got_w) == len(want_w) > 0
     for got, want in zip(got_w, want_w, strict=True):
         np.testing.assert_array_equal(got, want)
-    xv, _ = load_split(settings.paths.ingest_dir, "val", mmap=False)
+    xv, _ = load_split(settings.paths, "val", mmap=False)
     np.testing.assert_allclose(keras_model.predict(xv[:8], verbose=0), trained.predict(xv[:8], verbose=0),
                                atol=1e-6)
 

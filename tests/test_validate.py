@@ -151,8 +151,10 @@ def test_clean_dataset_passes_without_alarms_and_becomes_the_baseline(clean_runs
     assert "No baseline" in first["markdown"] and first["drift"]["baseline"] is None
     assert clean_runs["baseline_written"]
     reports = tmp / "reports_dir" / "validation"
-    metrics = json.loads((reports / "summary.json").read_text())  # compact: numbers for `dvc metrics`
+    metrics = json.loads((reports / "summary.json").read_text())  # compact verdict (augment waits on it)
     assert metrics["passed"] is True and metrics["offending"]["blank"] == 0 and metrics["images"] == 48
+    # `dvc metrics show` reads only the headline: the two counts, no per-check detail
+    assert json.loads((tmp / "reports_dir" / "validate.json").read_text()) == {"failed": 0, "warnings": 0}
     for name in ("index.html", "leakage.csv", "checks.json", "report.md"):
         assert (reports / "site" / name).exists(), name
     assert json.loads((reports / "site" / "checks.json").read_text())["checks"]["blank"]["bound"] == "std > 2.0"
@@ -274,6 +276,7 @@ def test_prevalence_gap_between_splits_fails(tmp_path):
     assert problems(result) == {"prevalence_gap": "fail"}
     assert "test/opacity (gap=0.375)" in examples(result, "prevalence_gap")
     assert "prevalence_gap: observed" in result["error_message"] and "≤ 0.1" in result["error_message"]
+    assert json.loads((tmp_path / "reports_dir" / "validate.json").read_text()) == {"failed": 1, "warnings": 0}
 
 
 # --------------------------------------------------------------------------- warnings and severity
@@ -299,6 +302,7 @@ def test_warnings_name_the_files_and_severity_overrides_apply(tmp_path):
     assert blank["name"] in examples(result, "blank")
     assert result["checks"]["unknown_label"]["status"] == "off" and "fracture" not in result["markdown"]
     assert "⚠️ warn" in result["markdown"] and saturated["name"] in result["markdown"]
+    assert json.loads((tmp_path / "reports_dir" / "validate.json").read_text()) == {"failed": 0, "warnings": 4}
 
 
 def test_unknown_check_name_in_severity_is_rejected():

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from medclf import catalog as c
 from medclf.io import hash_update
 
 log = logging.getLogger(__name__)
@@ -76,21 +77,23 @@ def configure(tracking_uri: str, experiment: str | None = None, attempts: int = 
     return ""
 
 
-# Files a run itself rewrites: DVC's records of what ran. They are lineage *outputs* (logged with the
-# model), so they do not make the code "dirty". See docs/ORCHESTRATION.md, "dvc.lock and the git commit tag".
 def final_step(train_run: dict[str, Any]) -> int:
     """The step test metrics are logged at (evaluate) and the models are logged with (register): one past
     the last training epoch, so the logged model links the final figures, not epoch 0's training curve."""
     return int(train_run.get("epochs_run") or 0)
 
 
-RUN_RECORDS = ("dvc.lock", "*.dvc")
+# Files a run itself rewrites: DVC's records of what ran. They are lineage *outputs* (logged with the
+# model), so they do not make the code "dirty". See docs/ORCHESTRATION.md, "dvc.lock and the git commit tag".
+RUN_RECORDS = ("dvc.lock", "*.dvc", *(a.rel for a in (c.INGEST_METRICS, c.VALIDATE_METRICS, c.EVALUATE_METRICS)))
+"""dvc.lock, .dvc files, and the headline metrics files (committed, so that `dvc metrics diff HEAD~1`
+compares two runs; the rest of reports/ is git-ignored)."""
 
 
 def git_commit(cwd: str | Path = ".") -> str | None:
     """HEAD, with `-dirty` only when tracked code or config differs from it (index or work tree).
 
-    `dvc.lock` and `.dvc` files are excluded: DVC rewrites (and, with autostage, stages) them on
+    `dvc.lock`, `.dvc` files and the headline metrics files are excluded: DVC rewrites (and, with autostage, stages) them on
     every run, so counting them would tag every fresh-clone run `-dirty` although the code that ran is
     exactly HEAD. Their content is recorded separately (the raw-data hash tag, the logged dvc.lock).
     """
