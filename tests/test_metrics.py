@@ -14,6 +14,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 
 from medclf import metrics as M
+from medclf.gates import evaluate_gates
 
 
 def _data(n: int = 1000, seed: int = 1, decimals: int | None = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -291,7 +292,7 @@ GATES = {"min_f1": 0.7, "min_recall": 0.8, "min_auc": None, "min_specificity": N
 
 
 def test_gates_pass_exactly_at_boundary() -> None:
-    r = M.evaluate_gates({"f1": 0.7, "recall": 0.8, "roc_auc": 0.9}, GATES, None)
+    r = evaluate_gates({"f1": 0.7, "recall": 0.8, "roc_auc": 0.9}, GATES, None)
     assert r["passed"] and r["failures"] == []
     assert [g["name"] for g in r["gates"]] == ["min_f1", "min_recall"]  # None gates are skipped
     assert r["gates"][0] == {"name": "min_f1", "metric": "f1", "value": 0.7, "bound": 0.7, "op": ">=",
@@ -300,14 +301,14 @@ def test_gates_pass_exactly_at_boundary() -> None:
 
 
 def test_gates_fail_just_below_boundary() -> None:
-    r = M.evaluate_gates({"f1": float(np.nextafter(0.7, 0)), "recall": 0.8}, GATES, None)
+    r = evaluate_gates({"f1": float(np.nextafter(0.7, 0)), "recall": 0.8}, GATES, None)
     assert not r["passed"] and [g["passed"] for g in r["gates"]] == [False, True]
     # 3 decimals would print "0.700 < 0.700"; the message shows full precision instead
     assert r["failures"] == ["f1 0.6999999999999998 < min_f1 0.7"]
 
 
 def test_gate_failure_message_and_nan_fails() -> None:
-    r = M.evaluate_gates({"f1": 0.612, "recall": 0.9, "roc_auc": math.nan},
+    r = evaluate_gates({"f1": 0.612, "recall": 0.9, "roc_auc": math.nan},
                          {**GATES, "min_auc": 0.8, "min_specificity": 0.5}, None)
     assert "f1 0.612 < min_f1 0.700" in r["failures"]
     auc = next(g for g in r["gates"] if g["name"] == "min_auc")
@@ -318,11 +319,11 @@ def test_gate_failure_message_and_nan_fails() -> None:
 
 def test_non_inferiority_against_champion() -> None:
     champ = {"f1": 0.75, "recall": 0.85}
-    ok = M.evaluate_gates({"f1": 0.74, "recall": 0.85 - 0.02}, GATES, champ)  # within margin / at bound
+    ok = evaluate_gates({"f1": 0.74, "recall": 0.85 - 0.02}, GATES, champ)  # within margin / at bound
     assert ok["passed"] and not ok["non_inferiority"]["skipped"]
     assert [e["metric"] for e in ok["non_inferiority"]["entries"]] == ["f1", "recall"]
     assert all(e["passed"] for e in ok["non_inferiority"]["entries"])
-    bad = M.evaluate_gates({"f1": 0.72, "recall": 0.9}, GATES, champ)  # f1 dropped 0.03 > 0.02
+    bad = evaluate_gates({"f1": 0.72, "recall": 0.9}, GATES, champ)  # f1 dropped 0.03 > 0.02
     assert not bad["passed"]
     assert [e["passed"] for e in bad["non_inferiority"]["entries"]] == [False, True]
     assert len(bad["failures"]) == 1 and "non-inferiority" in bad["failures"][0]
@@ -331,7 +332,7 @@ def test_non_inferiority_against_champion() -> None:
 def test_gates_accept_pydantic_settings() -> None:
     config = pytest.importorskip("medclf.config")
     g = config.Gates(min_f1=0.7, min_recall=0.8, non_inferiority_margin=0.02)
-    assert M.evaluate_gates({"f1": 0.7, "recall": 0.8}, g, None)["passed"]
+    assert evaluate_gates({"f1": 0.7, "recall": 0.8}, g, None)["passed"]
 
 
 # ----------------------------------------------------------------------------- issue 15: mutation survivors
@@ -521,7 +522,7 @@ def test_choose_threshold_defaults_validation_and_report() -> None:
 
 
 def test_optional_gate_after_a_disabled_one_is_still_checked() -> None:
-    r = M.evaluate_gates({"f1": 0.9, "recall": 0.9, "specificity": 0.4},
+    r = evaluate_gates({"f1": 0.9, "recall": 0.9, "specificity": 0.4},
                          {**GATES, "min_auc": None, "min_specificity": 0.5}, None)
     assert [g["name"] for g in r["gates"]] == ["min_f1", "min_recall", "min_specificity"]
     assert not r["passed"] and r["failures"] == ["specificity 0.400 < min_specificity 0.500"]
@@ -529,22 +530,22 @@ def test_optional_gate_after_a_disabled_one_is_still_checked() -> None:
 
 def test_non_inferiority_entries_margin_zero_and_missing_metrics() -> None:
     champ = {"f1": 0.75, "recall": 0.85}
-    strict = M.evaluate_gates({"f1": 0.74, "recall": 0.9}, {**GATES, "non_inferiority_margin": 0.0}, champ)
+    strict = evaluate_gates({"f1": 0.74, "recall": 0.9}, {**GATES, "non_inferiority_margin": 0.0}, champ)
     assert not strict["passed"]  # margin 0: any drop fails
     assert strict["failures"] == ["f1 0.740 < champion 0.750 - margin 0.000 = 0.750 (non-inferiority)"]
     assert strict["non_inferiority"]["margin"] == 0.0
     assert strict["non_inferiority"]["entries"][0] == {"metric": "f1", "value": 0.74, "champion": 0.75,
                                                        "margin": 0.0, "bound": 0.75, "op": ">=", "passed": False}
-    unset = M.evaluate_gates({"f1": 0.74, "recall": 0.9}, {**GATES, "non_inferiority_margin": None}, champ)
+    unset = evaluate_gates({"f1": 0.74, "recall": 0.9}, {**GATES, "non_inferiority_margin": None}, champ)
     assert not unset["passed"] and unset["non_inferiority"]["margin"] == 0.0
     # the champion lacks f1: that entry is skipped, recall is still compared
-    partial = M.evaluate_gates({"f1": 0.9, "recall": 0.8}, GATES, {"recall": 0.9})
+    partial = evaluate_gates({"f1": 0.9, "recall": 0.8}, GATES, {"recall": 0.9})
     assert partial["non_inferiority"]["entries"][0] == {"metric": "f1", "skipped": True,
                                                         "note": "champion lacks this metric"}
     assert [e["metric"] for e in partial["non_inferiority"]["entries"]] == ["f1", "recall"]
     assert not partial["passed"] and "recall 0.800 < champion 0.900" in partial["failures"][0]
     # the candidate lacks recall (NaN): it fails instead of crashing
-    missing = M.evaluate_gates({"f1": 0.9}, {**GATES, "min_recall": 0.0}, champ)
+    missing = evaluate_gates({"f1": 0.9}, {**GATES, "min_recall": 0.0}, champ)
     assert not missing["passed"] and [e["passed"] for e in missing["non_inferiority"]["entries"]] == [True, False]
 
 

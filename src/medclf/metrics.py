@@ -1,7 +1,7 @@
-"""Evaluation metrics, operating thresholds, bootstrap CIs and release gates.
+"""Evaluation metrics, operating thresholds and bootstrap CIs (the release gates: `medclf.gates`).
 
 Pure functions over numpy arrays (no I/O, MLflow or Keras), so the evaluate stage, the
-registry gate and the tests share one definition of every number that decides a release.
+gates and the tests share one definition of every number that decides a release.
 Conventions, fixed here once:
 
 * a case is called positive when ``p >= threshold``;
@@ -28,10 +28,6 @@ BINARY_SCORES = ("accuracy", "balanced_accuracy", "precision", "recall", "specif
 COUNTS = ("tp", "fp", "tn", "fn")
 ECE_BINS, MAX_PLOT_POINTS = 10, 200
 _CHUNK_ELEMS = 2_000_000  # bootstrap weight-matrix entries per block (~16 MB of float64)
-# (gate key in params, metric it bounds); optional gates are skipped when their bound is None.
-_GATES = (("min_f1", "f1"), ("min_recall", "recall"), ("min_auc", "roc_auc"),
-          ("min_specificity", "specificity"))
-_NON_INFERIORITY = ("f1", "recall")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -398,53 +394,3 @@ def pr_points(y: np.ndarray, p: np.ndarray) -> list[dict[str, Any]]:
     pts = [{"recall": float(r), "precision": float(q), "threshold": t}
            for r, q, t in zip(rec, prec, [*map(float, thr), None])]
     return _downsample(pts[::-1])
-
-
-# ----------------------------------------------------------------------------- gates
-def _fmt_pair(value: float, bound: float) -> tuple[str, str]:
-    """3-decimal strings, or full precision when rounding would hide why a gate failed."""
-    a, b = f"{value:.3f}", f"{bound:.3f}"
-    return (repr(float(value)), repr(float(bound))) if a == b else (a, b)
-
-
-def evaluate_gates(metrics: Mapping[str, float], gates: Mapping[str, Any] | Any,
-                   champion: Mapping[str, float] | None) -> dict[str, Any]:
-    """Release decision: absolute quality floors plus non-inferiority to the current champion.
-
-    ``gates`` is a mapping (or a pydantic ``Gates`` object) with min_f1, min_recall, optional
-    min_auc / min_specificity (None = not gated) and non_inferiority_margin. A gate passes when
-    ``value >= bound`` (exactly at the bound passes); a NaN or missing value fails, because an
-    undefined metric cannot demonstrate quality. Non-inferiority requires
-    ``value >= champion - margin`` for f1 and recall, and is skipped when there is no champion.
-    """
-    g = gates.model_dump() if hasattr(gates, "model_dump") else dict(gates)
-    results, failures = [], []
-    for name, metric in _GATES:
-        bound = g.get(name)
-        if bound is None:
-            continue
-        value = float(metrics.get(metric, math.nan))
-        ok = bool(value >= float(bound))  # False for NaN
-        results.append({"name": name, "metric": metric, "value": value, "bound": float(bound),
-                        "op": ">=", "passed": ok})
-        if not ok:
-            v, b = _fmt_pair(value, float(bound))
-            failures.append(f"{metric} {v} < {name} {b}")
-    margin, entries = float(g.get("non_inferiority_margin") or 0.0), []
-    if champion:
-        for metric in _NON_INFERIORITY:
-            value, champ = float(metrics.get(metric, math.nan)), float(champion.get(metric, math.nan))
-            if math.isnan(champ):
-                entries.append({"metric": metric, "skipped": True, "note": "champion lacks this metric"})
-                continue
-            bound = champ - margin
-            ok = bool(value >= bound)
-            entries.append({"metric": metric, "value": value, "champion": champ, "margin": margin,
-                            "bound": bound, "op": ">=", "passed": ok})
-            if not ok:
-                v, b = _fmt_pair(value, bound)
-                failures.append(f"{metric} {v} < champion {champ:.3f} - margin {margin:.3f} = {b} "
-                                "(non-inferiority)")
-    ni = ({"skipped": False, "margin": margin, "entries": entries} if champion
-          else {"skipped": True, "note": "no champion registered"})
-    return {"passed": not failures, "gates": results, "non_inferiority": ni, "failures": failures}

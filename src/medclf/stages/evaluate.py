@@ -27,7 +27,9 @@ from medclf import catalog as c
 from medclf import metrics as M
 from medclf.comparison import comparison_png, paired_differences
 from medclf.config import Evaluate, Settings
+from medclf.gates import evaluate_gates
 from medclf.io import atomic_dir, file_digest, write_json
+from medclf.pipeline import declared
 from medclf.tracking import final_step
 
 log = logging.getLogger(__name__)
@@ -331,6 +333,7 @@ def _log_to_mlflow(settings: Settings, inp: dict[str, Any], doc: dict[str, Any],
     return f"logged to run {run_id}"
 
 
+@declared
 def run(settings: Settings) -> dict[str, Any]:
     from medclf.registry import champion_reference
 
@@ -345,7 +348,7 @@ def run(settings: Settings) -> dict[str, Any]:
     champion = champion_reference(settings, inp["test_digest"], inp["x_test"], inp["y_test"], classes,
                                   reachable=online, rescore=True)
     comparison = champion_comparison(inp["y_test"], proba_test, pos, thr, champion, cfg)
-    gates = M.evaluate_gates(point_metrics(report), cfg.gates, champion.get("metrics"))
+    gates = evaluate_gates(point_metrics(report), cfg.gates, champion.get("metrics"))
     gates.update({"threshold": thr, "threshold_rule": cfg.threshold_rule, "threshold_source": "validation",
                   "model_sha256": inp["model_sha256"], "test_set_digest": inp["test_digest"],
                   "train_run_id": inp["train_run"].get("run_id"),
