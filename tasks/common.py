@@ -1,22 +1,17 @@
 """The one edge between Prefect and the stages: a DVC adapter that runs a stage *through DVC*.
 
-Why through DVC and not by calling the stage directly: DVC already knows whether a stage's code, params
-and inputs changed, skips it when not, and records what ran in `dvc.lock`. Calling the stage ourselves
-would make a second, disagreeing record. So a task here only
+DVC knows whether a stage's code, params and inputs changed, skips it when not, and records what ran in
+`dvc.lock`; calling the stage ourselves would make a second, disagreeing record. So a task here only
 
-1. asks DVC (Python API, in process: ~0.2 s instead of ~2-5 s for a `dvc status` process) whether the
-   stage is up to date and, if not, why (`plan`);
-2. if it is not, runs `dvc repro --single-item <stage>` as a child process, with this interpreter's bin
-   directory first on PATH so `medclf` is the venv's, and a fresh run token in its environment;
+1. asks DVC, in process (~0.2 s; a `dvc status` process takes 2-5 s), whether and why the stage is stale;
+2. if it is, runs `dvc repro --single-item <stage>` as a child process (this interpreter's bin directory
+   first on PATH, a fresh run token in its environment), its output streamed to the task log for people;
 3. reads what the stage did from its result file (`catalog.STAGE_RESULT`, written by `medclf <stage>` on
-   every exit, see medclf/cli.py), never from its output: the result dict, or a structured error that
-   says whether it is transient. A result file without this run's token means the command never ran
-   (DVC restored the outputs from its run-cache, or refused to start it); one still saying "running"
-   means the process was killed (OOM killer, preemption, SIGKILL): transient, resumable.
+   every exit, see medclf/cli.py), never from its output: the result, or a structured error that says
+   whether it is transient. No file of this run: DVC restored the outputs from its run-cache, or never
+   started the command; a file still saying "running": the process was killed (transient, resumable).
 
-The child process is deliberate: its output is streamed into the task log line by line (progress in
-the UI, for humans only), a killed stage kills only the child, and TensorFlow's memory is given back
-when each stage ends.
+A child process, so a killed stage kills only the child and TensorFlow's memory is given back.
 """
 
 from __future__ import annotations
@@ -24,20 +19,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medclf.cli import RESULT_FILE_ENV, RUN_TOKEN_ENV
+from tasks.env import patched_env, settings_or_none, source_env, venv_env
 
 if TYPE_CHECKING:
     from medclf.catalog import Artifact
@@ -50,8 +43,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # progress steps short of 100 %. Errors (E/F lines) and everything else stay at INFO.
 _CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} \d\d:\d\d:\d+\.\d+ "
                       r"+\d+ [\w./-]+:\d+\]|To enable the following instructions: |.*\b\d{1,2}%\|.*\| *\d+/\d+ \[)")
-QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-"""Defaults for stage processes (an explicit setting in the environment wins): no TensorFlow INFO/WARNING lines."""
 UNCHANGED = "unchanged: code, params and inputs match dvc.lock"
 
 
@@ -82,12 +73,12 @@ class StageFailed(RuntimeError):
                        transient=bool(error.get("transient")), exit_code=error.get("exit_code"), tail=tail,
                        result=detail if isinstance(detail, dict) else None)
         dvc_said = next((ln for ln in reversed(tail) if ln.startswith("ERROR")), "")  # shown, not parsed
-        if record is not None:  # "running": it started and never reported, so it was killed or crashed
+        if (record or {}).get("status") == "running":  # it started and never reported: killed or crashed
             return cls(stage, "Killed", "the stage process ended without reporting an outcome (killed: "
                        f"SIGKILL, OOM killer, preemption?); a retry resumes it. {dvc_said}".rstrip(),
                        transient=True, tail=tail)
-        return cls(stage, "DvcError", f"DVC did not start the stage command. {dvc_said}".rstrip(),
-                   transient=False, tail=tail)
+        said = "the stage command succeeded, then DVC failed" if record else "DVC did not start the stage command"
+        return cls(stage, "DvcError", f"{said}. {dvc_said}".rstrip(), transient=False, tail=tail)
 
 
 @dataclass
@@ -110,49 +101,9 @@ class StageOutcome:
         return asdict(self)
 
 
-def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for stage processes: this interpreter's bin dir first on PATH.
-
-    `sys.executable` is not resolved on purpose: a venv's `python` is a symlink to the
-    base interpreter, and only the unresolved path points at the venv's bin dir.
-    """
-    env = {**QUIET_ENV, **os.environ}
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(extra or {})
-    return env
-
-
-def _settings(root: Path) -> Any:
-    """The checkout's settings, or None when params.yaml does not load (the stage reports that itself)."""
-    from medclf.config import ConfigError, load_settings
-
-    try:
-        return load_settings(root / "params.yaml")
-    except (ConfigError, OSError):
-        return None
-
-
-def source_env(root: Path) -> dict[str, str]:
-    """Environment DVC needs to see the raw source: the S3 endpoint of an `s3://` raw_data (MinIO, moto).
-
-    DVC checks an external S3 dependency by listing ETags through its own client, which reads the
-    endpoint from `AWS_ENDPOINT_URL_S3`; params.yaml names it once, in `ingest.source.s3_endpoint_url`.
-    An endpoint already set in the environment wins.
-    """
-    s = _settings(root)
-    endpoint = s.ingest.source.s3_endpoint_url if s is not None else None
-    if not (endpoint and s.paths.raw_data.startswith("s3://")):
-        return {}
-    if os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"):
-        return {}
-    return {"AWS_ENDPOINT_URL_S3": endpoint}
-
-
 def artifact_path(root: Path, artifact: Artifact, **fields: str) -> Path | None:
     """Where a catalog entry lives in the checkout at `root` (None when its params.yaml does not load)."""
-    s = _settings(root)
+    s = settings_or_none(root)
     if s is None:
         return None
     path = artifact.path(s.paths, **fields)
@@ -175,20 +126,6 @@ def read_result(path: Path, token: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("token") == token else None
-
-
-@contextlib.contextmanager
-def patched_env(extra: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in extra}
-    os.environ.update(extra)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def describe_status(entries: list[Any]) -> str:

@@ -24,6 +24,7 @@ and its `dvc.lock` entry through the API:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -134,6 +135,8 @@ def _remote_lock_entry(flow_run_id: Any) -> dict[str, Any]:
             key=ArtifactFilterKey(any_=[LOCK_ARTIFACT_KEY]),
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     data = arts[-1].data if arts else None
+    with contextlib.suppress(TypeError, ValueError):  # Prefect stores an artifact's data as JSON text
+        data = json.loads(data) if isinstance(data, str) else data
     if not (isinstance(data, dict) and data.get("stage") == "train" and isinstance(data.get("entry"), dict)):
         raise StageFailed("train", "RemoteRunFailed", f"GPU flow run {flow_run_id} finished without a "
                           f"'{LOCK_ARTIFACT_KEY}' artifact holding its dvc.lock entry", transient=False)

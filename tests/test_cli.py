@@ -115,3 +115,34 @@ def test_exit_code_follows_what_the_exception_says(make, code):
     """Transient where the error is raised (an attribute) or by what caused it, never by its text."""
     record = error_record("ingest", make())
     assert record["exit_code"] == code and record["transient"] is (code == EXIT_TEMPFAIL), record
+
+
+def test_a_killed_stage_leaves_its_running_marker_and_is_transient(tmp_path):
+    """The real `medclf ingest`, SIGKILLed once it started: no final record replaces the marker it wrote
+    first, so the orchestrator reads "killed" (transient, a retry resumes) from this run's file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tasks.common import StageFailed, read_result
+
+    out = tmp_path / "ingest.json"
+    env = {**os.environ, RUN_TOKEN_ENV: "tok-3", RESULT_FILE_ENV: str(out)}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("medclf")), "--params", str(write_params(tmp_path)),
+                             "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not out.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL, "the stage ended before it could be killed"
+    record = read_result(out, "tok-3")
+    assert record == {"stage": "ingest", "status": "running", "pid": proc.pid, "token": "tok-3"}, record
+    assert read_result(out, "another-run") is None  # a file of another invocation is never read as this one's
+    killed = StageFailed.from_run("ingest", record, [])
+    assert killed.transient and killed.error_type == "Killed"
