@@ -30,6 +30,7 @@ from medclf import registry as R
 from medclf.config import Settings
 from medclf.io import file_digest
 from medclf.model_card import CARD_ARTIFACT, model_card, run_links, version_description
+from medclf.pipeline import declared
 from medclf.tracking import final_step
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,7 @@ def _provenance(settings: Settings, train_run: dict[str, Any]) -> dict[str, str]
             "params_hash": params_hash(settings.ingest, settings.augment, settings.train, settings.evaluate)}
 
 
+@declared
 def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
     paths, reg = settings.paths, settings.registry
     gates_file, model_file = c.GATES.path(paths), c.MODEL.path(paths)

@@ -22,6 +22,7 @@ import numpy as np
 
 from medclf import catalog
 from medclf.config import Settings
+from medclf.pipeline import declared
 from medclf.training import TrainError
 from medclf.training.data import class_weights, load_data, split_counts
 from medclf.training.loop import TrainingRun, export_model, fit_phases, save_model, summarise, write_history
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Tracker", "TrainError", "run", "run_name", "split_counts"]
 
 
+@declared
 def run(settings: Settings) -> dict[str, Any]:
     import keras
 

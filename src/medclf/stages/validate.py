@@ -31,6 +31,7 @@ import pandas as pd
 from medclf import catalog as c
 from medclf.config import Settings
 from medclf.io import atomic_dir
+from medclf.pipeline import declared
 from medclf.validation import drift as drift_mod
 from medclf.validation import gx_suite, leakage, report, tables
 from medclf.validation.checks import CHECKS, OFF, SKIPPED, severities
@@ -72,6 +73,7 @@ def _drift_summary(baseline: dict[str, Any] | None, drift_table: pd.DataFrame, p
             "prevalence_shift_max": 0.0 if pd.isna(shift) else round(float(shift), 6)}
 
 
+@declared
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.validation, settings.paths
     t0 = time.perf_counter()
