@@ -1,9 +1,13 @@
-"""dvc.yaml cannot drift from the code: each stage's deps cover its whole import closure.
+"""dvc.yaml cannot drift from the code: each stage's entry is exactly what its declaration implies.
 
-A module a stage imports (at module level or inside a function, directly or through other
-modules) but that its `deps:` do not list would let a change to it leave `dvc repro` saying
-"up to date": a silent stale model. The closure is computed from the source (ast), so it is
-conservative: an import inside a function counts even if that function never runs.
+`medclf.pipeline` declares each stage's inputs, outputs, metrics, plots and params. dvc.yaml must list
+exactly those (paths rendered from params.yaml), and as deps also the stage's whole import closure: a
+module a stage imports (at module level or inside a function, directly or through other modules) but
+that its `deps:` do not list would let a change to it leave `dvc repro` saying "up to date": a silent
+stale model. The closure is computed from the source (ast), so it is conservative: an import inside a
+function counts even if that function never runs. Params usage is enforced at run time (a stage sees
+only its declared params, see `pipeline.declared`), so the declaration, and through the test below
+dvc.yaml, follows the code. Also here: no import cycle, and no stage imports another.
 """
 
 from __future__ import annotations
