@@ -134,3 +134,34 @@ def test_size_and_aspect_bounds_are_configurable_and_old_models_get_the_defaults
 
     v = settings_from_dict({}).validation
     assert (v.min_size, v.max_aspect_ratio) == (16, 4.0)
+
+
+def test_one_decode_dispatcher_for_ingest_predict_and_serving(tmp_path):
+    """images.decode_bytes decides DICOM vs raster once for all three callers: by the source's kind (ingest),
+    else by the file name (predict) or the 'DICM' marker (serving); the same bytes give the same pixels."""
+    from medclf.images import DecodeError, decode_bytes
+    from medclf.predict import _decode
+    from medclf.serving import decode_one
+    from tests.test_dicom import make_dicom
+
+    pixels = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)
+    dcm = make_dicom(pixels)
+    by_marker, shape = decode_bytes(dcm, MAX_PIXELS)
+    assert by_marker.shape == (64, 48, 1) and shape == (64, 48, 1)
+    assert (decode_bytes(dcm, MAX_PIXELS, kind="dicom")[0] == by_marker).all()
+    assert (decode_one(dcm) == by_marker).all() and (decode_one(base64.b64encode(dcm).decode()) == by_marker).all()
+    with pytest.raises(DecodeError, match="not an image"):  # a source that says 'image' is never sniffed
+        decode_bytes(dcm, MAX_PIXELS, kind="image")
+    no_preamble = dcm[132:]  # no 128-byte preamble + 'DICM': only the name (predict) says it is DICOM
+    with pytest.raises(DecodeError, match="not an image"):
+        decode_bytes(no_preamble, MAX_PIXELS)
+    assert (decode_bytes(no_preamble, MAX_PIXELS, name="SCAN.DCM")[0] == by_marker).all()
+    (tmp_path / "scan.dcm").write_bytes(no_preamble)
+    assert (_decode(tmp_path / "scan.dcm", MAX_PIXELS) == by_marker).all()  # `medclf predict` on the file
+    with pytest.raises(DecodeError, match="decompression bomb: 48x64 pixels exceeds max_image_pixels=100"):
+        decode_bytes(dcm, 100, name="x.dcm")  # the same pixel guard for DICOM and raster
+    png = io.BytesIO()
+    Image.fromarray(np.full((20, 30), 7, np.uint8)).save(png, format="PNG")
+    assert decode_bytes(png.getvalue(), MAX_PIXELS, name="x.png")[0].shape == (20, 30, 1)
+    with pytest.raises(DecodeError, match="decompression bomb: 600 pixels exceeds max_image_pixels=100"):
+        decode_bytes(png.getvalue(), 100)
