@@ -313,10 +313,13 @@ def test_full_flow_registers_challenger(project):
     table = {r["metric"]: r for r in json.loads(arts["medclf-metrics"].data)}
     # one set of headline numbers: `dvc metrics show`, the Prefect metrics table and the MLflow version page
     shown = json.loads(run_cmd(checkout, "dvc", "metrics", "show", "--json", env=project["dvc_env"]))
-    (dvc_doc,) = [d["data"]["reports/metrics.json"]["data"] for d in shown.values()]
+    (head,) = [d["data"]["reports/evaluate.json"]["data"] for d in shown.values()]
+    dvc_doc = json.loads((checkout / "reports/metrics.json").read_text())  # the detail behind it (CIs)
+    assert head["threshold"] == dvc_doc["threshold"] and head["failed"] == 0
     page = versions[0].description
     for key in ("roc_auc", "recall", "specificity", "f1"):
         value, lo, hi = (f"{dvc_doc['test'][k]:.3f}" for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+        assert f"{head['auc' if key == 'roc_auc' else key]:.3f}" == value, (key, head)
         assert table[key]["test"] == value and table[key]["95 % CI"] == f"{lo}–{hi}", (key, table[key])
         assert f"**{value}** | {lo}–{hi} |" in page, (key, value, page)
         assert f"{value} ({lo}–{hi})" in summary, (key, value)
