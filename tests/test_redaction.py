@@ -107,7 +107,7 @@ def test_folder_file_names_and_patient_ids_never_reach_logs_or_mlflow_in_clear(
     failing = write_params(tmp_path / "failing", {"ingest": {"source": source, "max_quarantine_fraction": 0.0}})
     bad = subprocess.run([MEDCLF, "--params", str(failing), "ingest"], capture_output=True, text=True,
                          timeout=600, check=False)
-    assert bad.returncode == 1 and "IngestError" in bad.stderr and "Examples:" in bad.stderr, bad.stderr[-3000:]
+    assert bad.returncode == 3 and "IngestError" in bad.stderr and "Examples:" in bad.stderr, bad.stderr[-3000:]
     # 4. augment + train in process, logging to MLflow
     augment.run(settings)
     run_id = train.run(settings)["run_id"]
