@@ -201,6 +201,8 @@ def test_life_cycle_batch1_champion_batch2_challenger_v2(tmp_path, mlflow_server
     assert first.is_completed(), first.message
     v1 = first.result()["model"]["version"]
     promote(settings, version=int(v1), by="lifecycle-test")
+    run_cmd(checkout, "git", "add", "-A")  # dvc.lock and the headline metrics (.gitignore lets them in)
+    run_cmd(checkout, "git", "commit", "-qm", "batch 1")
     # batch 2: new patients arrive in the drop folder
     batch2 = write_phantoms(tmp_path / "batch2", 8, seed=3)
     for f in batch2:
@@ -232,5 +234,24 @@ def test_life_cycle_batch1_champion_batch2_challenger_v2(tmp_path, mlflow_server
     aliases = MlflowClient(tracking_uri=mlflow_server)
     assert aliases.get_model_version_by_alias(name, "champion").version == str(v1)
     assert aliases.get_model_version_by_alias(name, "challenger").version == str(v2)
+    # `dvc metrics` shows headline numbers only: readable in 120 columns, and the diff with the batch-1 commit
+    # is a comparison, one changed number per line (issue 11: 137 metrics in a table 3,620 characters wide)
+    run_cmd(checkout, "git", "add", "-A")
+    run_cmd(checkout, "git", "commit", "-qm", "batch 2")
+    show = run_cmd(checkout, "dvc", "metrics", "show")
+    diff = run_cmd(checkout, "dvc", "metrics", "diff", "HEAD~1", "--all")  # --all: unchanged rows too (wider)
+    for text in (show, diff):
+        assert max(map(len, text.splitlines())) <= 120, text
+    assert [line.split()[0] for line in show.splitlines()[1:]] == [
+        "reports/ingest.json", "reports/validate.json", "reports/evaluate.json"], show
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in diff.splitlines()[1:]}
+    assert set(rows) == {("reports/ingest.json", "images"), ("reports/ingest.json", "quarantined"),
+                         ("reports/validate.json", "failed"), ("reports/validate.json", "warnings"),
+                         *(("reports/evaluate.json", k)
+                           for k in ("auc", "f1", "recall", "specificity", "threshold", "failed"))}, diff
+    assert rows[("reports/ingest.json", "images")][2] == str(len(batch2)), diff  # old, new, change
+    plots = tmp_path / "plots"
+    run_cmd(checkout, "dvc", "plots", "diff", "HEAD~1", "-o", str(plots))
+    assert "roc.json" in (plots / "index.html").read_text()
     third = run_flow(checkout, push=False)
     assert third.is_completed() and third.result()["headline"] == "no change, nothing retrained"
