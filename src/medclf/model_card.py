@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from medclf import catalog as c
+
 CARD_ARTIFACT = "review/model_card.md"
 """Where the model card lies among the training run's MLflow artifacts."""
+CI_TABLE_ARTIFACT = "evaluate/metrics_ci.json"
+"""The table of every test metric with its 95 % CI (logged by evaluate)."""
 
 _DESC_METRICS = (("roc_auc", "ROC-AUC"), ("recall", "sensitivity (recall)"), ("specificity", "specificity"),
                  ("precision", "precision (PPV)"), ("f1", "F1"), ("balanced_accuracy", "balanced accuracy"),
@@ -27,9 +31,9 @@ def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict
         return {}
     run = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return {"training run": run, "model card": f"{run}/artifacts/{CARD_ARTIFACT}",
-            "Grad-CAM gallery": f"{run}/artifacts/evaluate/gradcam.png",
-            "challenger vs champion": f"{run}/artifacts/evaluate/champion_comparison.png",
-            "metrics with 95 % CIs": f"{run}/artifacts/evaluate/metrics_ci.json",
+            "Grad-CAM gallery": f"{run}/artifacts/{c.FIGURE.rel.format(name='gradcam')}",
+            "challenger vs champion": f"{run}/artifacts/{c.FIGURE.rel.format(name='champion_comparison')}",
+            "metrics with 95 % CIs": f"{run}/artifacts/{CI_TABLE_ARTIFACT}",
             # MLflow 3.17's UI starts on its GenAI view unless told (a per-browser switch)
             "all training runs": f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"}
 

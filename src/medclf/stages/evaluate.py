@@ -29,6 +29,7 @@ from medclf.comparison import comparison_png, paired_differences
 from medclf.config import Evaluate, Settings
 from medclf.gates import evaluate_gates
 from medclf.io import atomic_dir, file_digest, write_json
+from medclf.model_card import CI_TABLE_ARTIFACT
 from medclf.pipeline import declared
 from medclf.tracking import final_step
 
@@ -120,7 +121,7 @@ def metrics_document(report: dict[str, Any]) -> dict[str, Any]:
         mc = dict(report["multiclass"])
         per_class = mc.pop("per_class")
         doc["multiclass"] = {**{k: _num(v) for k, v in mc.items()},
-                             "per_class": {c: {k: _num(v) for k, v in d.items()} for c, d in per_class.items()}}
+                             "per_class": {name: {k: _num(v) for k, v in d.items()} for name, d in per_class.items()}}
     return doc
 
 
@@ -325,11 +326,12 @@ def _log_to_mlflow(settings: Settings, inp: dict[str, Any], doc: dict[str, Any],
             RunTag("evaluate.threshold_rule", str(settings.evaluate.threshold_rule))]
     for i in range(0, len(ms), 500):
         cl.log_batch(run_id, metrics=ms[i:i + 500], tags=tags if i == 0 else [])
-    cl.log_table(run_id, data=ci_table(doc), artifact_file="evaluate/metrics_ci.json")
-    cl.log_artifacts(run_id, str(report_dir), "evaluate")
+    cl.log_table(run_id, data=ci_table(doc), artifact_file=CI_TABLE_ARTIFACT)
+    # the figures land under the run's `evaluate/` as under reports/ (the version page links them so)
+    cl.log_artifacts(run_id, str(report_dir), c.EVALUATE_REPORTS.rel)
     for art in (c.EVALUATE_METRICS, c.METRICS, c.GATES):
-        cl.log_artifact(run_id, str(art.path(settings.paths)), "evaluate")
-    cl.log_artifacts(run_id, str(c.PLOTS_DIR.path(settings.paths)), "evaluate/plots")
+        cl.log_artifact(run_id, str(art.path(settings.paths)), c.EVALUATE_REPORTS.rel)
+    cl.log_artifacts(run_id, str(c.PLOTS_DIR.path(settings.paths)), f"{c.EVALUATE_REPORTS.rel}/plots")
     return f"logged to run {run_id}"
 
 
