@@ -138,13 +138,14 @@ def test_load_settings_errors_name_the_file(tmp_path):
 
 
 def test_config_is_a_leaf_that_owns_the_vocabularies_its_validators_check():
-    """config imports nothing from medclf (every stage's closure starts with it; it used to import modeling,
+    """config imports nothing from medclf but its own vocabulary (every stage's closure starts with it; it used to import modeling,
     validation.checks and sources.store lazily), so the names it validates are defined in it, once."""
     from medclf import config, modeling
     from medclf.validation import checks
     from tests.test_dvc_deps import import_closure
 
-    assert import_closure("medclf.config") == {"src/medclf/__init__.py", "src/medclf/config.py"}
+    assert import_closure("medclf.config") == {"src/medclf/__init__.py", "src/medclf/config/__init__.py",
+                                               "src/medclf/config/vocabulary.py"}
     assert checks.CHECKS is config.CHECKS and modeling.BACKBONES.keys() == config.BACKBONES.keys()
     assert modeling.BACKBONES["inception_v3"] == modeling.Backbone("InceptionV3", "tf", None, False, 75)
     for name in ("densenet121", "mobilenet_v3_small", "efficientnet_b7", "efficientnet_v2_s"):

@@ -229,7 +229,7 @@ def test_closure_follows_lazy_and_transitive_imports():
     dispatcher), dicom (imported inside images.decode_bytes: lazy and transitive); not modeling, since
     config imports nothing from medclf (it used to, lazily)."""
     closure = import_closure("medclf.stages.ingest")
-    assert {"src/medclf/privacy.py", "src/medclf/config.py", "src/medclf/sources/folder.py",
+    assert {"src/medclf/privacy.py", "src/medclf/config/__init__.py", "src/medclf/sources/folder.py",
             "src/medclf/dicom.py", "src/medclf/__init__.py"} <= closure
     assert "src/medclf/stages/train.py" not in closure and "src/medclf/modeling.py" not in closure
 

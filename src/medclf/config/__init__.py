@@ -4,9 +4,10 @@ Every section forbids unknown keys, so a typo fails loudly with the dotted key
 that is wrong instead of being silently ignored. Each stage receives only the
 section(s) it reads, which mirrors the `params:` lists in `dvc.yaml`.
 
-This module imports nothing from `medclf`: every stage's import closure starts here, so the vocabularies
-the validators need (check names, backbones, augmentation presets) are defined here, once, and the
-modules that act on them (`validation.checks`, `modeling`, `augmentation`) import them from here.
+This package imports nothing else from `medclf`: every stage's import closure starts here, so the
+vocabularies the validators need (check names and backbones in `config.vocabulary`, augmentation presets
+here) are defined in it, once, and the modules that act on them (`validation.checks`, `modeling`,
+`augmentation`) import them from it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from medclf.config.vocabulary import BACKBONES as BACKBONES
+from medclf.config.vocabulary import CHECKS as CHECKS
+from medclf.config.vocabulary import Mode as Mode
+from medclf.config.vocabulary import Severity as Severity
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -132,37 +138,6 @@ class Ingest(_Section):
 
 
 # --------------------------------------------------------------------------- validate
-Severity = Literal["error", "warn", "off"]
-
-CHECKS: dict[str, tuple[Severity, str]] = {
-    # The keys of `validate.severity`: name -> (default severity, what a failure means); see validation.checks.
-    "schema": ("error", "manifest columns, status and split values follow the ingest contract"),
-    "not_null": ("error", "every usable row has id, uri, sha256, label, split, row and original size"),
-    "unknown_label": ("error", "every label is one of the configured classes"),
-    "unique_id": ("error", "image ids are unique"),
-    "array_consistency": ("error", "arrays agree with the manifest: rows per split, labels, image shape"),
-    "image_size": ("error", "original height and width within [min_size, max_size]"),
-    "aspect_ratio": ("warn", "original long side / short side at most validate.max_aspect_ratio"),
-    "channels": ("error", "original channel count within 1..4"),
-    "duplicate_within_split": ("warn", "identical files (sha256) inside one split"),
-    "duplicate_cross_split": ("error", "identical files (sha256) in two splits: test leakage"),
-    "label_conflict": ("error", "identical files (sha256) under two different labels, in any splits"),
-    "near_duplicate_within_split": ("warn", "perceptually identical images inside one split"),
-    "near_duplicate_cross_split": ("error", "perceptually identical images in two splits: test leakage"),
-    "patient_overlap": ("error", "one patient in two splits: test leakage"),
-    "patient_id_missing": ("warn", "rows without a patient id cannot be checked for patient leakage"),
-    "blank": ("error", "blank image (pixel std below validate.blank_std_max)"),
-    "low_contrast": ("warn", "low-contrast image (pixel std below validate.low_contrast_std_max)"),
-    "saturated": ("warn", "too many pixels at the white or black extreme"),
-    "inverted": ("warn", "bright border, or a centre darker than its border: looks inverted (MONOCHROME1?)"),
-    "prevalence_bounds": ("error", "each class's share per split within validate.prevalence_bounds"),
-    "prevalence_gap": ("error", "a class's share differs between splits by more than validate.max_prevalence_gap"),
-    "split_fractions": ("warn", "split sizes within validate.split_fraction_bounds"),
-    "drift_prevalence": ("warn", "class share moved more than validate.drift_prevalence_max since the baseline"),
-    "drift_intensity": ("warn", "intensity distribution PSI above validate.drift_psi_max since the baseline"),
-}
-
-
 class Validate(_Section):
     severity: dict[str, Severity] = Field(default_factory=dict)
     """Per-check severity overrides (check name -> error|warn|off)."""
@@ -265,28 +240,6 @@ class Augment(_Section):
 
 
 # --------------------------------------------------------------------------- train
-Mode = Literal["tf", "torch", "caffe", "raw"]
-"""How a backbone wants its input (keras.applications' `preprocess_input` modes):
-tf: x/127.5 - 1; torch: x/255 then ImageNet mean/std; caffe: RGB->BGR then minus the BGR means;
-raw: 0..255 floats (EfficientNet, EfficientNetV2 and MobileNetV3 normalise inside themselves)."""
-
-BACKBONES: dict[str, tuple[str, Mode, str | None, bool, int]] = {
-    # train.backbone -> (keras.applications constructor, input mode, torchvision arch whose checkpoint maps onto
-    # it, takes a width multiplier `alpha`, smallest input side); `medclf.modeling.Backbone` names the fields.
-    "vgg16": ("VGG16", "caffe", None, False, 32),
-    "resnet50": ("ResNet50", "caffe", "resnet50", False, 32),
-    "resnet50_v2": ("ResNet50V2", "tf", None, False, 32),
-    "densenet121": ("DenseNet121", "torch", "densenet121", False, 32),
-    "inception_v3": ("InceptionV3", "tf", None, False, 75),
-    **{f"efficientnet_b{i}": (f"EfficientNetB{i}", "raw", None, False, 32) for i in range(8)},
-    **{f"efficientnet_v2_b{i}": (f"EfficientNetV2B{i}", "raw", None, False, 32) for i in range(4)},
-    "efficientnet_v2_s": ("EfficientNetV2S", "raw", None, False, 32),
-    "mobilenet_v2": ("MobileNetV2", "tf", "mobilenet_v2", True, 32),
-    "mobilenet_v3_small": ("MobileNetV3Small", "raw", None, True, 32),
-    "mobilenet_v3_large": ("MobileNetV3Large", "raw", None, True, 32),
-}
-
-
 class Train(_Section):
     backbone: str = "mobilenet_v2"
     weights: str = "none"
