@@ -264,3 +264,18 @@ def test_a_stage_reads_only_its_declared_params_and_an_undeclared_read_names_sta
     assert both.augment.policy() == s.augment.policy()
     with pytest.raises(TypeError, match="read-only"):
         v.paths = s.paths
+
+
+def test_design_page_shows_the_declarations_as_they_are():
+    """docs/DESIGN.md's one-page map is `pipeline.markdown()`: a changed declaration or catalog entry
+    without the page following fails here (regenerate the block between the markers)."""
+    from medclf import pipeline
+
+    page = (ROOT / "docs" / "DESIGN.md").read_text()
+    start = page.index("<!-- pipeline.markdown() begins")
+    block = page[page.index("\n", start) + 1: page.index("<!-- pipeline.markdown() ends -->")]
+    assert block == pipeline.markdown()
+    for s in pipeline.PIPELINE.values():  # the one name, across the places the page promises
+        for place in (f"src/medclf/stages/{s.name}.py", f"tasks/{s.name}.py", f"tests/test_{s.name}.py"):
+            assert (ROOT / place).exists(), place
+        assert s.name in yaml.safe_load((ROOT / "params.yaml").read_text()), s.name

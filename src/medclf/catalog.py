@@ -113,7 +113,8 @@ IMAGES = Artifact("images", "ingest_dir", "{split}_images.npy", "npy", "N×H×W�
 LABELS = Artifact("labels", "ingest_dir", "{split}_labels.npy", "npy", "N int64 class indices per split")
 INGEST_REPORTS = Artifact("ingest_reports", "reports_dir", "ingest", "dir")
 QUARANTINE = Artifact("quarantine", "reports_dir", "ingest/quarantine.csv", "csv", "refused images, a reason each")
-INGEST_SUMMARY = Artifact("ingest_summary", "reports_dir", "ingest/summary.json", "json")
+INGEST_SUMMARY = Artifact("ingest_summary", "reports_dir", "ingest/summary.json", "json",
+                          "counts per split and class, patients, what changed since the last run (detail)")
 INGEST_FAILED_RUN = Artifact("ingest_failed_run", "reports_dir", "ingest/failed_run.json", "json")
 INGEST_FAILED_QUARANTINE = Artifact("ingest_failed_quarantine", "reports_dir", "ingest/failed_quarantine.csv", "csv")
 INGEST_METRICS = Artifact("ingest_metrics", "reports_dir", "ingest.json", "json",
@@ -123,7 +124,8 @@ INGEST_METRICS = Artifact("ingest_metrics", "reports_dir", "ingest.json", "json"
 VALIDATION_SITE = Artifact("validation_site", "reports_dir", "validation/site", "dir", "Data Docs + report.md")
 VALIDATION_SUMMARY = Artifact("validation_summary", "reports_dir", "validation/summary.json", "json",
                               "verdict, failed/warned checks, per-check counts, leakage, drift (detail)")
-VALIDATION_BASELINE = Artifact("validation_baseline", "cache_dir", "validation_baseline.json", "json")
+VALIDATION_BASELINE = Artifact("validation_baseline", "cache_dir", "validation_baseline.json", "json",
+                               "the drift reference: first accepted run's prevalence and intensities")
 VALIDATE_METRICS = Artifact("validate_metrics", "reports_dir", "validate.json", "json",
                             "headline (DVC metrics): failed (error-severity) and warning check counts")
 
@@ -143,11 +145,14 @@ VALIDATION_DOCS = Artifact("validation_docs", "reports_dir", "validation/site/in
 
 # --------------------------------------------------------------------------- augment (paths.augment_dir)
 TRAIN_IMAGES = Artifact("train_images", "augment_dir", "train_images.npy", "npy", "balanced training images")
-TRAIN_LABELS = Artifact("train_labels", "augment_dir", "train_labels.npy", "npy")
-TRAIN_IS_SYNTHETIC = Artifact("train_is_synthetic", "augment_dir", "train_is_synthetic.npy", "npy")
-TRAIN_SOURCE_ROW = Artifact("train_source_row", "augment_dir", "train_source_row.npy", "npy")
-AUGMENT_SUMMARY = Artifact("augment_summary", "augment_dir", "augment.json", "json")
-AUGMENT_PREVIEW = Artifact("augment_preview", "reports_dir", "augment/preview.png", "png")
+TRAIN_LABELS = Artifact("train_labels", "augment_dir", "train_labels.npy", "npy", "their labels")
+TRAIN_IS_SYNTHETIC = Artifact("train_is_synthetic", "augment_dir", "train_is_synthetic.npy", "npy",
+                              "which rows are oversampled copies")
+TRAIN_SOURCE_ROW = Artifact("train_source_row", "augment_dir", "train_source_row.npy", "npy",
+                            "each row's ingest train row")
+AUGMENT_SUMMARY = Artifact("augment_summary", "augment_dir", "augment.json", "json", "policy and class counts")
+AUGMENT_PREVIEW = Artifact("augment_preview", "reports_dir", "augment/preview.png", "png",
+                           "a grid of augmented training images")
 
 # --------------------------------------------------------------------------- train (paths.model_dir)
 MODEL = Artifact("model", "model_dir", "model.keras", "keras", "the trained Keras model (takes raw uint8)")
@@ -192,3 +197,7 @@ REGISTER = Artifact("register", "reports_dir", "register.json", "json", "the reg
 # --------------------------------------------------------------------------- every stage
 STAGE_RESULT = Artifact("stage_result", "cache_dir", "runs/{stage}.json", "json",
                         "what `medclf <stage>` returned, or its structured error (the orchestrator reads this)")
+
+
+ENTRIES: tuple[Artifact, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, Artifact))
+"""Every entry, in declaration order."""

@@ -154,3 +154,23 @@ def declared(run: Callable[..., R]) -> Callable[..., R]:
 def invoke(name: str, settings: Settings) -> dict[str, Any]:
     """Run stage `name` with `settings` (the CLI's one entry point for stages), reading only its declared params."""
     return PIPELINE[name].run(settings)
+
+
+def _names(artifacts: tuple[Artifact, ...]) -> str:
+    return ", ".join(f"`{a.name}`" for a in artifacts) or "–"
+
+
+def markdown() -> str:
+    """The pipeline on one page (docs/DESIGN.md embeds this; tests/test_dvc_deps.py keeps it current): each
+    stage by its one name across params.yaml, dvc.yaml, the core module, the task and the test, with the
+    catalog entries it reads and writes."""
+    rows = [("| stage = dvc.yaml stage | params.yaml keys | core module | Prefect task | test | reads | writes "
+             "| headline metrics · plots |"), "|---|---|---|---|---|---|---|---|"]
+    for s in PIPELINE.values():
+        rows.append(f"| `{s.name}` | {', '.join(f'`{p}`' for p in s.params)} | `medclf/stages/{s.name}.py` "
+                    f"| `tasks/{s.name}.py` | `tests/test_{s.name}.py` | {_names(s.inputs)} | {_names(s.outputs)} "
+                    f"| {_names(s.metrics + s.plots)} |")
+    used = {a.name for s in PIPELINE.values() for a in (*s.inputs, *s.outputs, *s.metrics, *s.plots)}
+    rows += ["", "| catalog entry | file (under its `paths.*` root) | what it is |", "|---|---|---|"]
+    rows += [f"| `{a.name}` | `{a.root}/{a.rel}` | {a.doc} |" for a in c.ENTRIES if a.name in used]
+    return "\n".join(rows) + "\n"
