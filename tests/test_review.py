@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medclf.stages.register import version_description
+from medclf.model_card import version_description
 
 GATES = {
     "threshold": 0.7123258113861084, "threshold_rule": "target_sensitivity",
@@ -95,7 +95,7 @@ def test_paired_difference_is_exactly_the_loop_over_the_same_resamples():
 
 def test_description_shows_the_paired_comparison_validation_warnings_links_and_limitations():
     from medclf.comparison import paired_differences
-    from medclf.stages.register import run_links
+    from medclf.model_card import run_links
 
     y, a, b = _two_models()
     gates = {**GATES, "comparison": paired_differences(y, a, 0.5, b, 0.4, n_boot=200, seed=0)}
@@ -118,7 +118,8 @@ def test_description_shows_the_paired_comparison_validation_warnings_links_and_l
 
 
 def test_run_metrics_are_point_values_and_the_cis_go_to_one_table():
-    from medclf.stages.evaluate import ci_table, final_step, run_metrics
+    from medclf.stages.evaluate import ci_table, run_metrics
+    from medclf.tracking import final_step
 
     doc = {"threshold": 0.31, "val": {"f1": 0.8, "n": 50},
            "test": {"f1": 0.9, "f1_ci_low": 0.8, "f1_ci_high": 0.95, "tp": 40, "n": 100},
