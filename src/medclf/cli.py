@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medclf import STAGES, __version__
+from medclf import __version__
+from medclf.pipeline import PIPELINE
 
 if TYPE_CHECKING:
     from medclf.config import Settings
@@ -179,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        sub.add_parser(stage, help=f"run the {stage} stage").set_defaults(func=_run_stage)
+    for name, decl in PIPELINE.items():  # wired from the declarations
+        reads = ", ".join(a.name for a in decl.inputs) or "nothing"
+        sub.add_parser(name, help=f"run the {name} stage (reads {reads}; params: {', '.join(decl.params)})",
+                       description=f"Writes {', '.join(a.name for a in decl.outputs + decl.metrics + decl.plots)}."
+                       ).set_defaults(func=_run_stage)
     pr = sub.add_parser("promote", help="move an alias (default: champion) to a model version")
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--alias", default="champion")
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from medclf.config import ConfigError
 
-    stage = args.command if args.command in STAGES else None
+    stage = args.command if args.command in PIPELINE else None
     args.settings = None
     t0 = time.perf_counter()
     if stage and os.environ.get(RUN_TOKEN_ENV):  # killed before the end: the orchestrator finds "running"

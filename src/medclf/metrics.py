@@ -89,7 +89,14 @@ def _weighted_binary(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
            "mcc": _div(tp * tn - fp * fn, np.sqrt((tp + fp) * n_pos * n_neg * (tn + fn))),
            "brier": _div(sq, n), "ece": _div(np.abs(s[:, 5:]).sum(axis=1), n),
            "tp": tp, "fp": fp, "tn": tn, "fn": fn}
-    # Ranking metrics from per-distinct-score class weights, walking scores high -> low.
+    out["roc_auc"], out["pr_auc"] = _ranking(y, p, w, n_pos, n_neg)
+    return out
+
+
+def _ranking(y: np.ndarray, p: np.ndarray, w: np.ndarray, n_pos: np.ndarray,
+             n_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ROC AUC, average precision) per row of ``w``, NaN where a class is absent: from per-distinct-score
+    class weights, walking scores high -> low."""
     order = np.argsort(-p, kind="stable")
     ps, ys, wo = p[order], y[order].astype(float), w[:, order]
     starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
@@ -99,8 +106,7 @@ def _weighted_binary(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
     below = n_neg[:, None] - cum_neg  # negatives scored strictly lower; ties count one half
     auc = _div((pos_g * (below + 0.5 * neg_g)).sum(axis=1), n_pos * n_neg)
     ap = _div((pos_g * _div(cum_pos, cum_pos + cum_neg)).sum(axis=1), n_pos)  # sum dRecall * precision
-    out["roc_auc"], out["pr_auc"] = np.where(valid, auc, np.nan), np.where(valid, ap, np.nan)
-    return out
+    return np.where(valid, auc, np.nan), np.where(valid, ap, np.nan)
 
 
 def _resample_indices(n_samples: int, n: int, seed: int) -> Iterator[np.ndarray]:
@@ -132,21 +138,13 @@ def _check_boot(n: int, alpha: float) -> None:
 
 # ----------------------------------------------------------------------------- metrics
 def roc_auc(y: np.ndarray, score: np.ndarray) -> float:
-    """The one ROC AUC: exact binary AUC (Mann-Whitney, ties count one half); NaN if one class is absent."""
-    y = np.asarray(y).astype(bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    s = np.asarray(score)[order]
-    ranks = np.empty(len(s))
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    ends = np.r_[starts[1:], len(s)]
-    for a, b in zip(starts, ends, strict=True):
-        ranks[a:b] = (a + b + 1) / 2  # average 1-based rank of a tie group
-    r = np.empty(len(s))
-    r[order] = ranks
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """The one ROC AUC (ties count one half); NaN if one class is absent. It is the ranking part of
+    `_weighted_binary` with unit weights, so the AUC that selects epochs, the one reported and the one
+    bootstrapped are the same computation."""
+    y, p = np.asarray(y).astype(bool).astype(np.int64), np.asarray(score, dtype=float)
+    n_pos = np.array([float(y.sum())])
+    auc, _ = _ranking(y, p, np.ones((1, y.size)), n_pos, y.size - n_pos)
+    return float(auc[0])
 
 
 def macro_auc(y: np.ndarray, proba: np.ndarray) -> float:
