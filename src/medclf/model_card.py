@@ -100,9 +100,14 @@ def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], prov
     operating = (f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
                  f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
                  "above.")
-    calib = (f"**Calibration:** ECE {_num(test.get('ece'))}, Brier {_num(test.get('brier'))} on the test split; no "
-             "recalibration is applied, so the score ranks cases but is not a risk." if test.get("ece") is not None
-             else "")
+    cal = metrics_doc.get("calibration") or {}
+    calib = (f"**Calibration:** ECE {_num(test.get('ece'))}, Brier {_num(test.get('brier'))} on the test split; "
+             + (f"temperature scaling, T = {_num(cal['temperature'])} fitted on the validation split and stored in "
+                f"the model: ECE {_num(cal.get('ece_before'))} → {_num(cal.get('ece_after'))}, Brier "
+                f"{_num(cal.get('brier_before'))} → {_num(cal.get('brier_after'))} (before → after). Calibrated on "
+                "this population; a shifted one needs its own check." if cal.get("temperature") else
+                "no recalibration is applied, so the score ranks cases but is not a risk.")
+             if test.get("ece") is not None else "")
     link_line = (["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else [])
     return "\n".join([
         "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.", "",

@@ -54,8 +54,9 @@ def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path, title: str
 
 def curve_png(points: list[dict[str, Any]], x: str, y: str, path: Path, title: str,
               diagonal: bool = False, xlabel: str | None = None, ylabel: str | None = None,
-              marker: dict[str, float] | None = None) -> Path:
-    """One curve (ROC, PR or reliability) with an optional chance diagonal and operating point."""
+              marker: dict[str, float] | None = None, before: list[dict[str, Any]] | None = None) -> Path:
+    """One curve (ROC, PR or reliability) with an optional chance diagonal and operating point; `before`: the
+    same curve before calibration, drawn dashed (reliability diagram: before vs after temperature scaling)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     if points:
@@ -63,6 +64,11 @@ def curve_png(points: list[dict[str, Any]], x: str, y: str, path: Path, title: s
                 marker="o" if len(points) <= 12 else None)
     else:
         ax.text(0.5, 0.5, "undefined (one class only)", ha="center", va="center")
+    if before:
+        ax.plot([p[x] for p in before], [p[y] for p in before], lw=1.5, ls="--", color="darkorange",
+                marker="s" if len(before) <= 12 else None, label="before calibration")
+        ax.lines[0].set_label("calibrated")
+        ax.legend(loc="upper left", fontsize=8)
     if diagonal:
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     if marker:

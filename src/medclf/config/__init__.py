@@ -265,6 +265,8 @@ class Train(_Section):
     focal_gamma: float = Field(2.0, ge=0)
     class_weights: bool = True
     early_stopping_patience: int = Field(5, ge=0)
+    calibration: Literal["temperature", "none"] = "temperature"
+    """temperature: fit T on val after the best epoch and fold it into the saved model (`medclf.calibration`)."""
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     online_augment: bool = True
     augment_workers: int = Field(2, ge=0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from medclf import calibration
 from medclf import catalog as c
 from medclf import metrics as M
 from medclf.comparison import comparison_png, paired_differences
@@ -117,6 +118,8 @@ def metrics_document(report: dict[str, Any]) -> dict[str, Any]:
         "test_default_threshold": {**_flat(report["test_default_threshold"], report["test_default_counts"]),
                                    "threshold": DEFAULT_THRESHOLD},
     }
+    if report.get("calibration"):
+        doc["calibration"] = {k: _num(v) for k, v in report["calibration"].items()}
     if "multiclass" in report:
         mc = dict(report["multiclass"])
         per_class = mc.pop("per_class")
@@ -211,7 +214,8 @@ def _fig(staging: Path, name: str) -> Path:
     return c.inside(c.EVALUATE_REPORTS, c.FIGURE, staging, name=name)
 
 
-def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], classes: list[str]) -> None:
+def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], classes: list[str],
+                    before: list[dict[str, Any]] | None = None) -> None:
     from medclf import plots
 
     thr = report["threshold"]["threshold"]
@@ -225,9 +229,11 @@ def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], cla
                     f"ROC (AUC {t['roc_auc']['value']:.3f})", diagonal=True, marker=op)
     plots.curve_png(data["pr"], "recall", "precision", _fig(out, "pr"),
                     f"Precision-recall (AP {t['pr_auc']['value']:.3f})", marker=op)
+    cal = report.get("calibration")
     plots.curve_png(data["calibration"], "mean_predicted", "fraction_positive", _fig(out, "calibration"),
-                    f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})", diagonal=True,
-                    xlabel="mean predicted probability", ylabel="fraction positive")
+                    f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})"
+                    + (f"; T={cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} before" if cal else ""),
+                    diagonal=True, xlabel="mean predicted probability", ylabel="fraction positive", before=before)
 
 
 def gallery_caption(index: int, positive: str, p: float, threshold: float) -> str:
@@ -358,12 +364,15 @@ def run(settings: Settings) -> dict[str, Any]:
                   **({"comparison": comparison} if comparison else {})})
     if champion.get("note") and gates["non_inferiority"].get("skipped"):
         gates["non_inferiority"]["note"] = champion["note"]
+    t_cal = (inp["train_run"].get("calibration") or {}).get("temperature")  # folded into the model by train
+    report["calibration"] = calibration.effect(inp["y_test"], proba_test, pos, t_cal) if t_cal else None
     doc = metrics_document(report)
-    data = plot_data(inp["y_test"], proba_test, classes, pos, thr)
+    data = plot_data(inp["y_test"], proba_test, classes, pos, thr)  # before: drawn beside, not a DVC plot
+    before = plot_data(inp["y_test"], calibration.rescale(proba_test, 1 / t_cal), classes, pos, thr) if t_cal else {}
 
     report_dir = c.EVALUATE_REPORTS.path(paths)
     with atomic_dir(report_dir) as tmp:
-        _write_pictures(tmp, data, report, classes)
+        _write_pictures(tmp, data, report, classes, before.get("calibration"))
         gallery = _write_gallery(tmp, inp, proba_test, thr, cfg.gradcam_n) if cfg.gradcam_n else {}
         _predictions_csv(c.inside(c.EVALUATE_REPORTS, c.TEST_PREDICTIONS, tmp), inp, proba_test, thr,
                          c.MANIFEST.path(paths))

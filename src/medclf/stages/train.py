@@ -25,7 +25,15 @@ from medclf.config import Settings
 from medclf.pipeline import declared
 from medclf.training import TrainError
 from medclf.training.data import class_weights, load_data, split_counts
-from medclf.training.loop import TrainingRun, export_model, fit_phases, save_model, summarise, write_history
+from medclf.training.loop import (
+    TrainingRun,
+    calibrate_export,
+    export_model,
+    fit_phases,
+    save_model,
+    summarise,
+    write_history,
+)
 from medclf.training.resume import Backup
 from medclf.training.runtime import setup_runtime
 from medclf.training.tracker import Tracker, run_name
@@ -88,6 +96,7 @@ def run(settings: Settings) -> dict[str, Any]:
             log.info("train: restored the best epoch %s (val_auc %s)", trun.best.get("epoch"), trun.best.get("val_auc"))
         history = sorted(backup.history(), key=lambda r: r["epoch"])
         export = export_model(model, info, rt, build)
+        calibration = calibrate_export(trun, export)  # T folded into the export; evaluate/predict/serve apply it
         stats = summarise(history)
         result = {
             "run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "tracking_uri": tracker.uri,
@@ -102,7 +111,7 @@ def run(settings: Settings) -> dict[str, Any]:
             **stats, "time_to_first_step_s": None if trun.first_step_s is None else round(trun.first_step_s, 2),
             "backend": rt.backend, "devices": rt.devices, "mixed_precision": rt.policy, "jit_compile": rt.jit_compile,
             "n_train": len(data.y_train), "n_synthetic": data.n_synthetic, "n_val": len(data.y_val),
-            "class_weights": cw, "params": info["params"],
+            "class_weights": cw, "params": info["params"], "calibration": calibration,
         }
         src = data.x_val if len(data.y_val) else data.x_train
         probe = np.asarray(src[np.arange(cfg.batch_size) % len(src)])  # one full batch: the compiled shape
@@ -111,7 +120,8 @@ def run(settings: Settings) -> dict[str, Any]:
         hist_path = write_history(paths, history)
         tracker.metrics({"best_val_auc": result["best_val_auc"], "data_wait_fraction": stats["data_wait_fraction"],
                          "images_per_second": stats["images_per_second"], "epochs_run": len(history),
-                         "time_to_first_step_s": result["time_to_first_step_s"], "train_seconds": result["seconds"]})
+                         "time_to_first_step_s": result["time_to_first_step_s"], "train_seconds": result["seconds"],
+                         "temperature": calibration["temperature"]})
         tracker.artifact(hist_path, "train")
         tracker.artifact(catalog.TRAIN_RUN.path(paths), "train")
         tracker.artifact(catalog.AUGMENT_PREVIEW.path(paths), "augment")

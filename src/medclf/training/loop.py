@@ -163,6 +163,24 @@ def export_model(model: Any, info: dict[str, Any], rt: Runtime, build: Any) -> A
     return export
 
 
+def calibrate_export(run: TrainingRun, export: Any) -> dict[str, Any]:
+    """train.calibration=temperature: fit T on the val predictions of the restored best epoch and fold it
+    into the export's classifier (`medclf.calibration`), so the saved model outputs calibrated probabilities."""
+    from medclf.calibration import calibrate, fold_into_classifier
+
+    if run.cfg.calibration == "none" or run.val_ds is None:
+        return {"method": "none", "temperature": 1.0,
+                "note": "train.calibration: none" if run.cfg.calibration == "none" else "no validation split"}
+    y_val = run.data.y_val
+    proba = np.asarray(run.model.predict(run.val_ds, verbose=0)[: len(y_val)], dtype=np.float64)
+    record = calibrate(y_val, proba)
+    fold_into_classifier(export, record["temperature"])
+    log.info("train: temperature scaling T=%.4f on %d val images: NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+             record["temperature"], len(y_val), record["val_before"]["nll"], record["val_after"]["nll"],
+             record["val_before"]["ece"], record["val_after"]["ece"])
+    return record
+
+
 def verify_reload(reference: Any, path: Path, x: np.ndarray) -> float:
     """Reload the saved file with safe_mode=True and check it predicts what the in-memory model does.
 
