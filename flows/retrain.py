@@ -30,6 +30,8 @@ from flows.summary import NO_CHANGE, failure_outcome, headline, metrics_table, r
 from medclf import STAGES, catalog
 from medclf.catalog import Artifact
 from medclf.config import Settings, load_settings
+from medclf.lock import FLOW_TIMEOUT, project_lock
+from medclf.lock import timeout as lock_timeout
 from tasks import RETRIES, TASKS
 from tasks.common import StageFailed, artifact_path
 from tasks.push import push_task
@@ -164,14 +166,28 @@ def retrain(project_dir: str = ".", until: StageName | None = None, force: bool 
 
     gpu_deployment: `flow/deployment` to train on (GPU work pool); default env MEDCLF_GPU_DEPLOYMENT,
     unset = train in this process. retry_delay_seconds: base of the exponential backoff.
+
+    The run holds the project lock (medclf/lock.py) from start to end, and its stage processes inherit its
+    token: another flow, `medclf <stage>` or plain `dvc repro` on this checkout waits or is refused
+    (MEDCLF_LOCK_TIMEOUT, default lock.FLOW_TIMEOUT here; docs/ORCHESTRATION.md "Concurrent runs").
     """
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from tqdm import tqdm
+    from prefect.runtime import flow_run
 
     log = get_run_logger()
     t0 = time.perf_counter()
     root = Path(project_dir).resolve()
     s = load_settings(root / "params.yaml")
+    with project_lock(s.paths, f"flow run {flow_run.id} (medclf-retrain)", root=root, hold_stage=False,
+                      wait=lock_timeout(FLOW_TIMEOUT), log=log):
+        return _run(root, s, t0, until, force, push, gpu_deployment, retry_delay_seconds)
+
+
+def _run(root: Path, s: Settings, t0: float, until: str | None, force: bool, push: bool,
+         gpu_deployment: str | None, retry_delay_seconds: float) -> dict[str, Any]:
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from tqdm import tqdm
+
+    log = get_run_logger()
     gpu = gpu_deployment or os.environ.get(GPU_ENV) or None
     planned = list(STAGES[: STAGES.index(until) + 1] if until else STAGES)
     log.info("medclf retrain in %s: %s%s", root, " → ".join(planned), f" (train on GPU: {gpu})" if gpu else "")
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     params = {"project_dir": str(Path(args.project_dir).resolve()), "until": args.until, "force": args.force,
               "push": args.push, "gpu_deployment": args.gpu_deployment, "retry_delay_seconds": args.retry_delay}
     if args.serve:
-        retrain.serve(name=args.name, cron=args.cron, parameters=params)
+        retrain.serve(name=args.name, cron=args.cron, parameters=params, global_limit=1)  # one run at a time
         return 0
     state = retrain(**params, return_state=True)
     if state.is_completed():

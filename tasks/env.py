@@ -9,12 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medclf.lock import held_env
+
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 """Defaults for stage processes (an explicit setting in the environment wins): no TensorFlow INFO/WARNING lines."""
 
 
 def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for stage processes: this interpreter's bin dir first on PATH.
+    """The environment for stage processes: this interpreter's bin dir first on PATH, and the token of the
+    project lock this process holds (MEDCLF_PROJECT_LOCK: the stage runs under it instead of waiting for it).
 
     `sys.executable` is not resolved on purpose: a venv's `python` is a symlink to the
     base interpreter, and only the unresolved path points at the venv's bin dir.
@@ -23,6 +26,7 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(held_env())
     env.update(extra or {})
     return env
 

@@ -197,6 +197,11 @@ REGISTER = Artifact("register", "reports_dir", "register.json", "json", "the reg
 # --------------------------------------------------------------------------- every stage
 STAGE_RESULT = Artifact("stage_result", "cache_dir", "runs/{stage}.json", "json",
                         "what `medclf <stage>` returned, or its structured error (the orchestrator reads this)")
+PROJECT_LOCK = Artifact("project_lock", "cache_dir", "locks/project.lock", "json",
+                        "flock'd by whoever holds the checkout (a flow run, a `medclf <stage>`): its pid, host, "
+                        "what, since and the token its stage processes inherit (medclf/lock.py)")
+STAGE_LOCK = Artifact("stage_lock", "cache_dir", "locks/stage.lock", "json",
+                      "flock'd by the `medclf <stage>` process now running (outlives a killed flow)")
 
 
 ENTRIES: tuple[Artifact, ...] = tuple(v for v in dict(globals()).values() if isinstance(v, Artifact))

@@ -12,15 +12,21 @@ The orchestrator (tasks/common.py) reads that file, never the stage's stdout: th
 environment tells it the file is this invocation's. Under a token the file is first written with
 `"status": "running"`, so a process that was killed (no final record) is told from a stage DVC never
 started. Exit codes: 0 ok, 2 config error, 3 deterministic stage failure (a failed gate or check: a retry
-fails identically), 75 transient (EX_TEMPFAIL: network, throttling, a server down), 1 anything else.
+fails identically), 75 transient (EX_TEMPFAIL: network, throttling, a server down, the project locked by
+another run), 1 anything else.
 Whether an error is transient is said where it is raised (`transient` on the exception, see
 `is_transient`), not guessed from its text. Nothing heavy is imported at module level, so
 `medclf --help` answers at once.
+
+A stage command holds the project lock (medclf/lock.py) while it runs, unless the flow that started it holds
+it (its token in MEDCLF_PROJECT_LOCK): a second run on the checkout fails fast (MEDCLF_LOCK_TIMEOUT: wait),
+naming the holder, and leaves the holder's outputs and result file alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medclf import __version__
+from medclf.lock import STAGE_TIMEOUT, LockBusy, project_lock, timeout
 from medclf.pipeline import PIPELINE
 
 if TYPE_CHECKING:
@@ -146,6 +153,8 @@ def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.pipeline import invoke
 
     args.settings = _settings(args)
+    args.hold.enter_context(project_lock(args.settings.paths, f"medclf {args.command}", wait=timeout(STAGE_TIMEOUT),
+                                         log=logging.getLogger("medclf.cli")))
     return invoke(args.command, args.settings)
 
 
@@ -207,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with contextlib.ExitStack() as args.hold:  # a stage's project lock, released once its result file is written
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from medclf.config import ConfigError
@@ -219,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except Exception as err:  # every stage error reaches the user as one clear line + cause
-        if stage:
+        # refused by the lock: the default result file is the holder's, only an orchestrator's own path is ours
+        if stage and not (isinstance(err, LockBusy) and not os.environ.get(RESULT_FILE_ENV)):
             record = error_record(stage, err)
             body: dict[str, Any] = {"stage": stage, "exit_code": record["exit_code"], "error": record}
             detail = getattr(err, "result", None)  # a failed check still has its report (ValidationFailed)
