@@ -570,6 +570,7 @@ def test_prefect_yaml_deploys_with_schedule_and_pools(prefect_api):
     assert sched.schedule.cron == "0 3 * * 1" and sched.schedule.timezone == "UTC" and sched.active
     assert weekly.work_pool_name == "medclf-cpu" and weekly.entrypoint == "flows/retrain.py:retrain"
     assert weekly.parameters["gpu_deployment"] == "medclf-train/gpu"
+    assert weekly.global_concurrency_limit.limit == 1 == gpu.global_concurrency_limit.limit  # one run at a time
     assert gpu.work_pool_name == "medclf-gpu" and not gpu.schedules
     assert gpu.job_variables["gpu_count"] == 1
     # the GPU pool's template, rendered by Prefect's own templating, asks Kubernetes for a GPU
@@ -744,6 +745,7 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
         (sched,) = deployment.schedules
         assert sched.schedule.cron == "15 2 * * *" and sched.active
         assert deployment.parameters["project_dir"] == str(checkout) and deployment.parameters["push"] is False
+        assert deployment.global_concurrency_limit.limit == 1  # one run at a time (plus the project lock)
         # a run of the served deployment (as the scheduler would create) is picked up and executed
         run = run_deployment(f"medclf-retrain/{name}", parameters={"until": "ingest"}, timeout=240)
         assert run.state.is_completed(), f"{run.state}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
