@@ -182,14 +182,14 @@ def test_a_waiting_run_gets_the_lock_once_the_holder_releases(tmp_path, monkeypa
         with pytest.raises(LockBusy, match=r"locked by flow run w .* Waited 0 s") as busy:
             _take(tmp_path, "impatient", wait=0.3)
         assert time.monotonic() - t0 >= 0.3 and busy.value.waited >= 0.3
-        waiting = subprocess.Popen([MEDCLF, "--params", str(params), "ingest"], env=_env(**{TIMEOUT_ENV: "120"}),
+        waiting = subprocess.Popen([MEDCLF, "--params", str(params), "ingest"], env=_env(**{TIMEOUT_ENV: "30"}),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             assert waiting.stderr is not None
             lines = []
             for line in waiting.stderr:  # released only once the stage says it waits
                 lines.append(line)
-                if "waiting up to 120 s for the project lock" in line:
+                if "waiting up to 30 s for the project lock" in line:
                     break
             assert f"held by flow run w (pid {proc.pid} on " in "".join(lines), "".join(lines)[-2000:]
             assert waiting.poll() is None
@@ -209,8 +209,8 @@ def test_a_waiting_run_gets_the_lock_once_the_holder_releases(tmp_path, monkeypa
 
 def test_two_ingests_started_at_once_exactly_one_runs_and_its_output_is_whole(tmp_path):
     """Two real `medclf ingest` started together on one project: the one that gets the lock holds it until its
-    result file is written (it pauses there), the other is refused with exit 75 meanwhile; the outputs, the
-    summary and the result file then all describe the one run."""
+    result file is written (it pauses there), the other is refused with exit 75 meanwhile, and so is a third
+    started during the pause; the outputs, the summary and the result file then all describe the one run."""
     import numpy as np
     import pandas as pd
 
@@ -237,7 +237,11 @@ def test_two_ingests_started_at_once_exactly_one_runs_and_its_output_is_whole(tm
         while time.monotonic() < deadline and winner.poll() is None and not list(tmp_path.glob("go.*.reached")):
             time.sleep(0.05)
         assert [p.name for p in tmp_path.glob("go.*.reached")] == [f"go.{winner.pid}.reached"]
-        assert winner.poll() is None  # paused before its result file, still holding the lock
+        assert winner.poll() is None  # paused before its result file, still holding the lock:
+        before = _snapshot(tmp_path)
+        late = _ingest(params)  # a third one, started now, is refused too and changes nothing
+        assert late.returncode == EXIT_TEMPFAIL and f"(pid {winner.pid} " in late.stderr, late.stderr[-2000:]
+        assert _snapshot(tmp_path) == before
         flag.touch()
         assert winner.wait(120) == EXIT_OK, winner.communicate()[1][-2000:]
     finally:
