@@ -74,13 +74,15 @@ def train_tiny(settings, epochs: int = 5, seed: int = 0) -> Path:
     return path
 
 
-def write_train_run(settings, tracking_uri: str | None, experiment: str = "medclf-tests") -> dict:
+def write_train_run(settings, tracking_uri: str | None, experiment: str = "medclf-tests",
+                    calibration: dict | None = None) -> dict:
     """What the train stage leaves behind: a (finished) MLflow run and train_run.json pointing to it."""
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
     from medclf.tracking import data_version, git_commit
 
     info = {"run_id": None, "experiment_id": None, "tracking_uri": tracking_uri, "backbone": "mobilenet_v2",
-            **meta, "data_version": data_version(settings.paths.ingest_dir), "git_commit": git_commit()}
+            **meta, "data_version": data_version(settings.paths.ingest_dir), "git_commit": git_commit(),
+            **({"calibration": calibration} if calibration else {})}
     if tracking_uri:
         from mlflow import MlflowClient
 
@@ -95,8 +97,11 @@ def write_train_run(settings, tracking_uri: str | None, experiment: str = "medcl
     return info
 
 
-def build_project(root: Path, tracking_uri: str | None, overrides: dict | None = None):
-    """ingest (real, synthetic phantoms 32x32) + tiny trained model + train run; returns Settings."""
+def build_project(root: Path, tracking_uri: str | None, overrides: dict | None = None, calibrate: bool = False):
+    """ingest (real, synthetic phantoms 32x32) + tiny trained model + train run; returns Settings.
+
+    calibrate: as train does, fit a temperature on the val predictions and fold it into model.keras
+    (train_run.json records it under `calibration`)."""
     from medclf.config import load_settings
     from medclf.stages import ingest
 
@@ -106,9 +111,24 @@ def build_project(root: Path, tracking_uri: str | None, overrides: dict | None =
     root.mkdir(parents=True, exist_ok=True)
     settings = load_settings(write_params(root, deep_merge(base, overrides or {})))
     ingest.run(settings)
-    train_tiny(settings)
-    write_train_run(settings, tracking_uri)
+    path = train_tiny(settings)
+    record = calibrate_tiny(settings, path) if calibrate else None
+    write_train_run(settings, tracking_uri, calibration=record)
     return settings
+
+
+def calibrate_tiny(settings, path: Path) -> dict:
+    """What train's `calibrate_export` does, on the tiny model: T from val only, folded into the saved file."""
+    from medclf import calibration
+    from medclf.catalog import load_split
+    from medclf.serving import load_keras
+
+    model = load_keras(str(path))
+    xv, yv = load_split(settings.paths, "val", mmap=False)
+    record = calibration.calibrate(yv, np.asarray(model.predict(xv, verbose=0), float))
+    calibration.fold_into_classifier(model, record["temperature"])
+    model.save(path)
+    return record
 
 
 def with_overrides(settings, root: Path, overrides: dict):
@@ -150,7 +170,8 @@ def run_evaluate(settings):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("evaluate")
-    settings = build_project(root, mlflow_server, {"evaluate": {"gates": {"min_f1": 0.0, "min_recall": 0.0}}})
+    settings = build_project(root, mlflow_server, {"evaluate": {"gates": {"min_f1": 0.0, "min_recall": 0.0}}},
+                             calibrate=True)
     return root, settings
 
 
@@ -242,6 +263,23 @@ def test_stage_metrics_match_sklearn(project, first_run):
     assert {"recall", "precision"} <= json.loads((plots / "pr.json").read_text())[0].keys()
     cal = json.loads((plots / "calibration.json").read_text())
     assert sum(r["count"] for r in cal) == len(yt)
+    # calibration: the model outputs softmax(log p_raw / T) for the T train_run.json records, T is the val-NLL
+    # optimum (refitting on the val raw probabilities gives it back; on test it would not), and metrics.json
+    # holds test ECE/Brier of p_raw = softmax(T log p) (before) and of the model's output (after)
+    from medclf import calibration as C
+
+    t = json.loads((settings.paths.model_dir / "train_run.json").read_text())["calibration"]["temperature"]
+    cal_doc = doc["calibration"]
+    assert cal_doc["temperature"] == t and abs(np.log(t)) > 0.05, cal_doc  # the tiny net is not calibrated
+    assert C.fit_temperature(yv, C.rescale(pv, 1 / t)) == pytest.approx(t, rel=1e-3)
+    assert abs(C.fit_temperature(yt, C.rescale(pt, 1 / t)) - t) > 1e-2
+    raw = C.rescale(pt, 1 / t)[:, pos]
+    assert cal_doc["brier_after"] == pytest.approx(m["brier"], abs=1e-9) and cal_doc["ece_after"] == pytest.approx(
+        doc["test"]["ece"], abs=1e-9)
+    assert cal_doc["brier_before"] == pytest.approx(skm.brier_score_loss(yb, raw), abs=1e-6)
+    from medclf.metrics import binary_metrics
+
+    assert cal_doc["ece_before"] == pytest.approx(binary_metrics(yb, raw, 0.5)["ece"], abs=1e-9)
     # the per-image CSV holds the same probabilities as the model, keyed by manifest id
     import pandas as pd
 

@@ -30,7 +30,8 @@ def registered(tmp_path_factory, mlflow_server):
 
     root = tmp_path_factory.mktemp("serve")
     settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 0, "gradcam_n": 0,
-                                                                "gates": {"min_f1": 0.0, "min_recall": 0.0}}})
+                                                                "gates": {"min_f1": 0.0, "min_recall": 0.0}}},
+                             calibrate=True)  # the model.keras served is the calibrated one, as train writes it
     _res, doc, gates = run_evaluate(settings)
     assert gates["passed"], gates
     reg = register.run(settings)

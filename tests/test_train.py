@@ -328,6 +328,19 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     assert p.shape == (len(y_val), 2) and np.allclose(p.sum(1), 1, atol=1e-5)
     assert _auc(y_val, p[:, 1]) == pytest.approx(res["best_val_auc"], abs=1e-6)
     run_file = json.loads((s.paths.model_dir / "train_run.json").read_text())
+    # calibration (train.calibration: temperature): the saved model outputs softmax(log p_raw / T), i.e. its val
+    # NLL/ECE/Brier are the recorded "after"; undoing T gives the recorded "before", and refitting T on those
+    # val probabilities gives T back (fitted on val, not on train)
+    from medclf import calibration as C
+
+    cal, pf = run_file["calibration"], p.astype(float)
+    t = cal["temperature"]
+    assert cal["method"] == "temperature" and cal["fitted_on"] == "val" and cal["n"] == len(y_val), cal
+    assert cal["val_after"]["nll"] <= cal["val_before"]["nll"] and abs(np.log(t)) > 0.01, cal
+    for k in ("nll", "ece", "brier"):
+        assert C.summary(y_val, pf)[k] == pytest.approx(cal["val_after"][k], abs=1e-4), k
+        assert C.summary(y_val, C.rescale(pf, 1 / t))[k] == pytest.approx(cal["val_before"][k], abs=2e-3), k
+    assert C.fit_temperature(y_val, C.rescale(pf, 1 / t)) == pytest.approx(t, rel=2e-3)
     for key in ("run_id", "experiment_id", "tracking_uri", "backbone", "classes", "positive_class", "image_size",
                 "channels", "data_version", "epochs_run", "data_wait_fraction"):
         assert run_file.get(key) is not None, key
@@ -348,6 +361,7 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     assert sorted(m.step for m in hist) == list(range(res["epochs_run"]))
     assert run.data.metrics["data_wait_fraction"] == pytest.approx(res["data_wait_fraction"])
     assert {"best_val_auc", "images_per_second", "loss", "auc"} <= set(run.data.metrics)
+    assert run.data.metrics["temperature"] == pytest.approx(t)
     arts = {a.path for a in _mlflow(mlflow_server).list_artifacts(res["run_id"], "train")}
     assert "train/history.csv" in arts and "train/train_run.json" in arts
     logged = json.dumps([run.data.params, run.data.tags])
