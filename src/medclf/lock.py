@@ -193,9 +193,10 @@ def project_lock(paths: Paths, what: str, *, wait: float, root: Path | None = No
         if not got:
             project.take(deadline, what, log)
         token = uuid.uuid4().hex
-        project.write(_record(what, token=token))
     stage: _Flock | None = None
     try:
+        if token is not None:
+            project.write(_record(what, token=token))
         stage = _Flock.open(where(catalog.STAGE_LOCK))
         stage.take(deadline, what, log)
         if hold_stage:
