@@ -152,6 +152,17 @@ def test_cli_predict_defaults_to_champion(registered, tmp_path):
     assert df["model_uri"].iloc[0] == f"models:/{settings.registry.model_name}@champion"
     np.testing.assert_allclose(df[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy(),
                                _reference(r["model"], r["x"][:1]), atol=ATOL)
+    # the same (calibrated) probabilities evaluate reported for this test image, and the version says how calibrated
+    ev = pd.read_csv(settings.paths.reports_dir / "evaluate" / "test_predictions.csv")
+    np.testing.assert_allclose(df[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy(),
+                               ev[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy()[:1], atol=ATOL)
+    from mlflow import MlflowClient
+
+    desc = MlflowClient(settings.mlflow.resolved_uri()).get_model_version(settings.registry.model_name,
+                                                                           r["reg"]["version"]).description
+    t = json.loads((settings.paths.model_dir / "train_run.json").read_text())["calibration"]["temperature"]
+    assert f"temperature scaling, T = {t:.3f} fitted on the validation split" in desc, desc
+    assert "ECE " in desc and " → " in desc and "(before → after)" in desc, desc
 
 
 def test_served_endpoint_matches_in_process_model(registered, tmp_path):
