@@ -376,7 +376,7 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, ml
 
     weights = _backbone_file(tmp_path / "bb.weights.h5")
     s = make_settings({"train": {**TINY, "weights": str(weights), "head_epochs": 1, "finetune_epochs": 2,
-                                 "unfreeze_top": 10},
+                                 "unfreeze_top": 10, "calibration": "none"},
                        "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-train-tests"}})
     ingest.run(s)
     augment.run(s)
@@ -401,6 +401,7 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, ml
     assert res["attempt"] == 2 and res["resumed_from_epoch"] == 2
     assert res["epochs_executed_this_attempt"] == [2] and res["epochs_run"] == 3
     assert res["run_id"] == state["run_id"]  # the same MLflow run continues
+    assert res["calibration"] == {"method": "none", "temperature": 1.0, "note": "train.calibration: none"}
     epochs = [int(r.split(",")[0]) for r in (s.paths.reports_dir / "train" / "history.csv").read_text().split()[1:]]
     assert epochs == [0, 1, 2]
     steps = sorted(m.step for m in _mlflow(mlflow_server).get_metric_history(res["run_id"], "loss"))
