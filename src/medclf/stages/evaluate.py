@@ -118,8 +118,7 @@ def metrics_document(report: dict[str, Any]) -> dict[str, Any]:
         "test_default_threshold": {**_flat(report["test_default_threshold"], report["test_default_counts"]),
                                    "threshold": DEFAULT_THRESHOLD},
     }
-    if report.get("calibration"):
-        doc["calibration"] = {k: _num(v) for k, v in report["calibration"].items()}
+    doc.update({"calibration": {k: _num(v) for k, v in report["calibration"].items()}} if report.get("calibration") else {})
     if "multiclass" in report:
         mc = dict(report["multiclass"])
         per_class = mc.pop("per_class")
@@ -229,10 +228,10 @@ def _write_pictures(out: Path, data: dict[str, Any], report: dict[str, Any], cla
                     f"ROC (AUC {t['roc_auc']['value']:.3f})", diagonal=True, marker=op)
     plots.curve_png(data["pr"], "recall", "precision", _fig(out, "pr"),
                     f"Precision-recall (AP {t['pr_auc']['value']:.3f})", marker=op)
-    cal = report.get("calibration")
     plots.curve_png(data["calibration"], "mean_predicted", "fraction_positive", _fig(out, "calibration"),
                     f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})"
-                    + (f"; T={cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} before" if cal else ""),
+                    + (f"; T={cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} before"
+                       if (cal := report.get("calibration")) else ""),
                     diagonal=True, xlabel="mean predicted probability", ylabel="fraction positive", before=before)
 
 
