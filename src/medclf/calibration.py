@@ -7,8 +7,8 @@ softmax(z / T), so train folds T into the final Dense layer (kernel and bias div
 the same T without any code of their own. T is recorded in train_run.json (`calibration.temperature`);
 evaluate undoes it (softmax(T log p), `rescale(p, 1 / T)`) only to report the "before" figures.
 
-Pure numpy (the train stage's import chain stays keras + numpy); ECE uses sklearn's bin edges, as
-`medclf.metrics` does.
+Pure numpy (the train stage's import chain stays keras + numpy). The ECE is defined here, once
+(`ece_of`, sklearn's bin edges): `medclf.metrics` imports it for its point estimates and bootstrap.
 """
 
 from __future__ import annotations
@@ -50,6 +50,27 @@ def brier(y: np.ndarray, proba: np.ndarray, positive: int | None = None) -> floa
     return float(((p - np.eye(p.shape[1])[y]) ** 2).sum(axis=1).mean())
 
 
+def bin_ids(p: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bin index per probability, identical to sklearn's calibration_curve."""
+    return np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], p, side="left")
+
+
+def ece_design(conf: np.ndarray, outcome: np.ndarray, bins: int) -> np.ndarray:
+    """N x bins matrix holding conf - outcome in each sample's bin column.
+
+    ECE = sum_b n_b/N * |mean conf_b - mean outcome_b| = sum_b |sum_{i in b}(conf_i - outcome_i)| / N,
+    so with resample weights W the per-resample ECE is |W @ D|.sum(1) / W.sum(1) (`medclf.metrics`' bootstrap).
+    """
+    d = np.zeros((conf.size, bins))
+    d[np.arange(conf.size), bin_ids(conf, bins)] = conf - outcome
+    return d
+
+
+def ece_of(conf: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
+    """The one ECE: confidences vs 0/1 outcomes, `bins` equal-width bins weighted by count."""
+    return float(np.abs(ece_design(conf, outcome, bins).sum(axis=0)).sum() / max(conf.size, 1))
+
+
 def ece(y: np.ndarray, proba: np.ndarray, positive: int | None = None, bins: int = ECE_BINS) -> float:
     """Binary (or one-vs-rest on `positive`): ECE of p(positive, default the last class) vs the outcome;
     K > 2 without `positive`: top-label ECE. 10 equal-width bins, sklearn's edges (as `medclf.metrics`)."""
@@ -59,8 +80,7 @@ def ece(y: np.ndarray, proba: np.ndarray, positive: int | None = None, bins: int
         conf, outcome = p[:, pos], (y == pos).astype(float)
     else:
         conf, outcome = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
-    ids = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], conf, side="left")
-    return float(np.abs(np.bincount(ids, weights=conf - outcome, minlength=bins)).sum() / max(len(y), 1))
+    return ece_of(conf, outcome, bins)
 
 
 def summary(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:

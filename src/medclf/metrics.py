@@ -22,11 +22,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
+from medclf.calibration import ECE_BINS, bin_ids, ece_design, ece_of
+
 ThresholdRule = Literal["target_sensitivity", "max_f1", "youden"]
 BINARY_SCORES = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1",
                  "roc_auc", "pr_auc", "mcc", "brier", "ece")
 COUNTS = ("tp", "fp", "tn", "fn")
-ECE_BINS, MAX_PLOT_POINTS = 10, 200
+MAX_PLOT_POINTS = 200
 _CHUNK_ELEMS = 2_000_000  # bootstrap weight-matrix entries per block (~16 MB of float64)
 
 
@@ -49,26 +51,6 @@ def _div(num: Any, den: Any) -> np.ndarray:
     return out
 
 
-def _bin_ids(p: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-width bin index per probability, identical to sklearn's calibration_curve."""
-    return np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], p, side="left")
-
-
-def _ece_design(conf: np.ndarray, outcome: np.ndarray, bins: int) -> np.ndarray:
-    """N x bins matrix holding conf - outcome in each sample's bin column.
-
-    ECE = sum_b n_b/N * |mean conf_b - mean outcome_b| = sum_b |sum_{i in b}(conf_i - outcome_i)| / N,
-    so with resample weights W the per-resample ECE is |W @ D|.sum(1) / W.sum(1).
-    """
-    d = np.zeros((conf.size, bins))
-    d[np.arange(conf.size), _bin_ids(conf, bins)] = conf - outcome
-    return d
-
-
-def _ece(conf: np.ndarray, outcome: np.ndarray, bins: int = ECE_BINS) -> float:
-    return float(np.abs(_ece_design(conf, outcome, bins).sum(axis=0)).sum() / conf.size)
-
-
 def _weighted_binary(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
     """Every binary metric for each row of ``w`` (B x N sample multiplicities).
 
@@ -78,7 +60,7 @@ def _weighted_binary(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
     """
     pred, pos = p >= threshold, y == 1
     cols = np.column_stack([pos & pred, ~pos & pred, ~pos & ~pred, pos & ~pred, (p - y) ** 2])
-    s = w @ np.hstack([cols.astype(float), _ece_design(p, y.astype(float), ECE_BINS)])
+    s = w @ np.hstack([cols.astype(float), ece_design(p, y.astype(float), ECE_BINS)])
     tp, fp, tn, fn, sq = s[:, :5].T
     n, n_pos, n_neg = tp + fp + tn + fn, tp + fn, tn + fp
     recall, spec = _div(tp, n_pos), _div(tn, n_neg)
@@ -190,7 +172,7 @@ def multiclass_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[
     out["roc_auc"] = macro_auc(y, prob)  # the one AUC; NaN if any class is absent (or is every sample)
     out["mcc"] = float(skm.matthews_corrcoef(y, pred))
     out["brier"] = float(((prob - np.eye(k)[y]) ** 2).sum(axis=1).mean())
-    out["ece"] = _ece(prob.max(axis=1), (pred == y).astype(float))
+    out["ece"] = ece_of(prob.max(axis=1), (pred == y).astype(float))
     pr, rc, f1, sup = skm.precision_recall_fscore_support(y, pred, average=None, **kw)
     out["per_class"] = {name: {"precision": float(pr[c]), "recall": float(rc[c]), "f1": float(f1[c]),
                                "support": int(sup[c])} for c, name in enumerate(class_names)}
@@ -358,7 +340,7 @@ def _downsample(points: list[dict[str, Any]], max_points: int = MAX_PLOT_POINTS)
 def calibration_curve_points(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, Any]]:
     """Reliability-diagram points for the non-empty equal-width bins (sklearn's bin edges)."""
     yy, pp = _check_binary(y, p)
-    ids, edges = _bin_ids(pp, bins), np.linspace(0.0, 1.0, bins + 1)
+    ids, edges = bin_ids(pp, bins), np.linspace(0.0, 1.0, bins + 1)
     count = np.bincount(ids, minlength=bins)
     mean_p = _div(np.bincount(ids, weights=pp, minlength=bins), count)
     frac = _div(np.bincount(ids, weights=yy, minlength=bins), count)
