@@ -44,22 +44,34 @@ def mlflow_bin() -> str:
 
 @contextlib.contextmanager
 def served(model_uri: str, tracking_uri: str | None, port: int | None = None, log_path: Path | None = None,
-           timeout: float = 300) -> Iterator[str]:
-    """`mlflow models serve` in its own process group; yields the base URL; always stopped after."""
+           timeout: float = 300, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow models serve` in its own process group; yields the base URL; always stopped after.
+
+    env: extra environment for the server, e.g. MLFLOW_PYFUNC_INFERENCE_CONFIG (model_config overrides)."""
+    with served_process(model_uri, tracking_uri, port, log_path, timeout, workers, env) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def served_process(model_uri: str, tracking_uri: str | None, port: int | None = None,
+                   log_path: Path | None = None, timeout: float = 300, workers: int = 1,
+                   env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As `served`, yielding (base URL, the `mlflow models serve` process) for callers that watch it."""
     port = port or free_port()
     # mlflow runs `bash -c "exec uvicorn ..."`: the venv's bin must be on PATH (exit 127 otherwise)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    full_env = {**os.environ, **(env or {}),
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
+        full_env["MLFLOW_TRACKING_URI"] = tracking_uri
     log_path = log_path or Path(f"/tmp/medclf-serve-{port}.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([mlflow_bin(), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                 "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
+                                stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc, timeout, log_path)
-        yield url
+        yield url, proc
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # uvicorn workers are children: stop the whole group

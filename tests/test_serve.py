@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from bench.serve_bench import image_payload, invoke, png_b64, served
+from medclf.serving import MAX_IMAGE_BYTES
 from tests.test_dicom import make_dicom
 from tests.test_evaluate import build_project, run_evaluate
 
@@ -172,7 +173,9 @@ def test_served_endpoint_matches_in_process_model(registered, tmp_path):
     ref = _reference(model, x)
     cols = [f"p_{c}" for c in meta["classes"]]
     uri = f"models:/{r['reg']['model_name']}@challenger"
-    with served(uri, r["settings"].mlflow.resolved_uri(), log_path=tmp_path / "serve.log") as url:
+    # the request limits are model_config keys, so the operator's MLflow override reaches them at serve time
+    limits = {"MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps({"max_request_images": 8})}
+    with served(uri, r["settings"].mlflow.resolved_uri(), log_path=tmp_path / "serve.log", env=limits) as url:
         # base64 PNGs, dataframe_split (what bench/serve_bench.py sends)
         preds = invoke(url, image_payload([png_b64(img) for img in x]))["predictions"]
         got = np.array([[p[c] for c in cols] for p in preds])
@@ -184,6 +187,13 @@ def test_served_endpoint_matches_in_process_model(registered, tmp_path):
         # bad input: a clear 4xx naming the row and the reason, not a 500 stack trace
         with pytest.raises(RuntimeError, match=r"HTTP 4\d\d.*row 1.*base64"):
             invoke(url, image_payload([png_b64(x[0]), "not base64 at all!"]))
+        # oversized requests: HTTP 400 with the size and the limit, refused before anything is decoded
+        with pytest.raises(RuntimeError, match=r"HTTP 400.*request has 9 images, above the limit of 8 "):
+            invoke(url, image_payload([png_b64(x[0])] * 9))
+        over = "A" * (4 * (MAX_IMAGE_BYTES // 3 + 1))  # base64 of the default 20 MiB limit + 1 byte
+        with pytest.raises(RuntimeError, match=r"HTTP 400.*input row 1: image is 20\.0 MiB \(20,971,521 bytes\) "
+                                               r"encoded, above the limit of 20\.0 MiB .*max_image_bytes"):
+            invoke(url, image_payload([png_b64(x[0]), over]))
         # base64 JPEG and DICOM files (what the README says the endpoint accepts), against inputs computed here
         # without serving code: a 64x64 grey JPEG and an 80x60 RGB JPEG, resized by the pyfunc like ingest
         # does; 12-bit DICOMs, MONOCHROME2 and MONOCHROME1 (inverted), whose display image is the test image
@@ -273,3 +283,52 @@ def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make
         assert seen[:, pad:size - pad].min() > 0
     else:  # the centre 60×60 is scaled to fill the square: no black border, the bright side bands gone
         assert seen.min() > 0 and seen[:, :, 0].max() < 250
+
+
+# ----------------------------------------------------------------------------- request limits (fast, in-process)
+def _png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(side).integers(30, 220, (side, side), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_request_limits_refuse_before_decoding_and_old_models_get_defaults():
+    """max_request_images / max_image_bytes (model_config): HTTP 400 naming the size and the limit, checked on
+    every cell before any is decoded; exactly at a limit is accepted. The HTTP path is in the served test."""
+    from mlflow.exceptions import MlflowException
+
+    from medclf.serving import MAX_REQUEST_IMAGES, MedclfModel, ServingConfig
+
+    base = ServingConfig(classes=["a", "b"], positive_class="b", threshold=0.5, image_size=32, channels=1)
+    old = {k: v for k, v in base.to_dict().items() if k not in ("max_request_images", "max_image_bytes")}
+    assert ServingConfig.from_dict(old) == base  # models registered before the limits get the defaults
+    assert (base.max_request_images, base.max_image_bytes) == (MAX_REQUEST_IMAGES, MAX_IMAGE_BYTES) == (64, 20 << 20)
+    small, big = _png(24), _png(40)
+    cfg = ServingConfig.from_dict({**base.to_dict(), "max_request_images": 3, "max_image_bytes": len(small)})
+    assert ServingConfig.from_dict(cfg.to_dict()) == cfg and len(big) > len(small)
+
+    def run(cells, c=cfg):
+        wrapper = MedclfModel()
+        wrapper.cfg, wrapper.model = c, _Recorder()
+        try:
+            return wrapper.predict(None, pd.DataFrame({"image": cells})), wrapper.model.seen
+        except MlflowException as err:
+            assert err.get_http_status_code() == 400
+            return str(err.message), wrapper.model.seen
+
+    b64 = base64.b64encode
+    out, _ = run([b64(small).decode(), small, b64(small).decode()])  # at both limits: accepted
+    assert len(out) == 3
+    msg, seen = run([b64(small).decode()] * 4)
+    assert msg.startswith("request has 4 images, above the limit of 3 per request (max_request_images)") and not seen
+    over = f"image is 0.0 MiB ({len(big):,} bytes) encoded, above the limit of 0.0 MiB ({len(small):,} bytes)"
+    for cell in (b64(big).decode(), big):  # base64 text (its length, not decoded) and raw bytes
+        msg, seen = run(["not base64 at all!", cell])  # row 0 would fail decoding: the size check came first
+        assert msg == f"input row 1: {over} per image (max_image_bytes)", msg
+        assert not seen
+    pixels = ServingConfig.from_dict({**base.to_dict(), "max_pixels": 1600})
+    assert len(run([np.zeros((40, 40), np.uint8).tolist()], pixels)[0]) == 1
+    msg, _ = run([np.zeros((40, 40), np.uint8).tolist(), np.zeros((41, 40), np.uint8).tolist()], pixels)
+    assert msg == "input row 1: pixel array of 41x40 (HxW) is above the limit of 1,600 pixels (max_pixels)", msg
+    assert len(run([b64(small).decode()] * 64, base)[0]) == 64  # the default: 64 accepted, 65 refused
+    assert run([b64(small).decode()] * 65, base)[0].startswith("request has 65 images, above the limit of 64 ")

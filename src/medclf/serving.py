@@ -18,7 +18,13 @@ Output: DataFrame with `p_<class>` per class, `label`, and `positive` (bool, p_p
 Refused inputs: a cell that cannot be decoded, is a decompression bomb (over `max_pixels`), is
 smaller than `min_size` pixels on a side, or is more elongated than `max_aspect_ratio` (long side /
 short side) fails the *whole request* with HTTP 400 and the message `input row <i>: <reason>`;
-the output schema stays as above. `medclf predict` applies the same checks per file and writes the
+the output schema stays as above. Oversized requests are refused the same way *before any cell is
+decoded*: more than `max_request_images` cells (default 64), or one cell over `max_image_bytes` (default
+20 MiB of encoded image bytes, i.e. after base64 decoding; a pixel array over `max_pixels` pixels). Both are
+model_config keys, so an operator can change them at serve time without re-registering:
+`MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_request_images": 128}' mlflow models serve ...`. MLflow's scoring
+server itself has no request-body limit: it reads the whole body before the pyfunc sees it (docs/PERFORMANCE.md,
+"Serving under load"). `medclf predict` applies the same checks per file and writes the
 reason into that file's `error` column instead, so one bad file does not stop a batch.
 """
 
@@ -41,6 +47,10 @@ KERAS_ARTIFACT = "keras_model"
 MAX_PIXELS = 80_000_000
 MIN_SIZE = 16
 MAX_ASPECT_RATIO = 4.0
+MAX_REQUEST_IMAGES = 64
+"""Images per request: a PACS bridge sends one study (a few images) at a time; 64 leaves room for a series."""
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+"""Encoded bytes per image: a 3000x3000 16-bit uncompressed DICOM radiograph is about 18 MB."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,10 @@ class ServingConfig:
     """Largest accepted long side / short side (`validate.max_aspect_ratio`): a 4000×40 sliver is refused."""
     max_pixels: int = MAX_PIXELS
     """Decompression-bomb guard for every decoder, PNG/JPEG and DICOM (`ingest.max_image_pixels`)."""
+    max_request_images: int = MAX_REQUEST_IMAGES
+    """Most image cells one request may carry; more → HTTP 400 before anything is decoded."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    """Most encoded bytes (after base64) one cell may carry; more → HTTP 400 before anything is decoded."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServingConfig:
@@ -68,13 +82,16 @@ class ServingConfig:
                    channels=int(d["channels"]), resize=str(d.get("resize", "pad")),
                    batch_size=int(d.get("batch_size", 32)), min_size=int(d.get("min_size", MIN_SIZE)),
                    max_aspect_ratio=float(d.get("max_aspect_ratio", MAX_ASPECT_RATIO)),
-                   max_pixels=int(d.get("max_pixels", MAX_PIXELS)))  # models registered before these keys
+                   max_pixels=int(d.get("max_pixels", MAX_PIXELS)),
+                   max_request_images=int(d.get("max_request_images", MAX_REQUEST_IMAGES)),
+                   max_image_bytes=int(d.get("max_image_bytes", MAX_IMAGE_BYTES)))  # models registered before these keys
 
     def to_dict(self) -> dict[str, Any]:
         return {"classes": self.classes, "positive_class": self.positive_class, "threshold": self.threshold,
                 "image_size": self.image_size, "channels": self.channels, "resize": self.resize,
                 "batch_size": self.batch_size, "min_size": self.min_size,
-                "max_aspect_ratio": self.max_aspect_ratio, "max_pixels": self.max_pixels}
+                "max_aspect_ratio": self.max_aspect_ratio, "max_pixels": self.max_pixels,
+                "max_request_images": self.max_request_images, "max_image_bytes": self.max_image_bytes}
 
     @property
     def positive_index(self) -> int:
@@ -159,6 +176,47 @@ def prepare(item: Any, cfg: ServingConfig, resize: str | None = None) -> np.ndar
     return fit_square(to_channels(arr, cfg.channels), cfg.image_size, resize or cfg.resize)
 
 
+def encoded_size(item: Any) -> int | None:
+    """Bytes a cell's image file holds, computed without decoding it (base64 text: from its length);
+    None for a pixel array."""
+    if isinstance(item, str):
+        text = item.strip()  # the same object when nothing is stripped: no copy of a large cell
+        return len(text) * 3 // 4 - (2 - len(text[-2:].rstrip("=")) if len(text) >= 2 else 0)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return memoryview(item).nbytes
+    return None
+
+
+def _array_hw(cell: Any) -> tuple[int, int]:
+    """(H, W) of a pixel-array cell from its first row, without converting it; (0, 0) for anything else."""
+    if isinstance(cell, np.ndarray):
+        return (int(cell.shape[0]), int(cell.shape[1])) if cell.ndim >= 2 else (0, 0)
+    if isinstance(cell, (list, tuple)) and cell and isinstance(cell[0], (list, tuple, np.ndarray)):
+        return len(cell), len(cell[0])
+    return 0, 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n:,} bytes)"
+
+
+def check_request(cells: Sequence[Any], cfg: ServingConfig) -> None:
+    """Refuse (DecodeError) an oversized request before any cell is decoded: too many cells, or a cell whose
+    encoded image (or pixel array) is over the per-image limit. Costs one length per cell."""
+    if len(cells) > cfg.max_request_images:
+        raise DecodeError(f"request has {len(cells)} images, above the limit of {cfg.max_request_images} per "
+                          f"request (max_request_images); send them in several requests")
+    for i, cell in enumerate(cells):
+        size = encoded_size(cell)
+        if size is not None and size > cfg.max_image_bytes:
+            raise DecodeError(f"input row {i}: image is {_mb(size)} encoded, above the limit of "
+                              f"{_mb(cfg.max_image_bytes)} per image (max_image_bytes)")
+        h, w = _array_hw(cell)
+        if h * w > cfg.max_pixels:
+            raise DecodeError(f"input row {i}: pixel array of {h}x{w} (HxW) is above the limit of "
+                              f"{cfg.max_pixels:,} pixels (max_pixels)")
+
+
 def _cells(model_input: Any) -> list[Any]:
     """The list of image cells in any supported container."""
     if isinstance(model_input, pd.DataFrame):
@@ -220,16 +278,20 @@ class MedclfModel(PythonModel):
     # then prints a one-time "Add type hints" UserWarning at import; it forces that warning
     # through its own `simplefilter("once")`, so a filter here cannot silence it.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # see above
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        # MlflowException(INVALID_PARAMETER_VALUE) is answered as HTTP 400 with its message
         cells = _cells(model_input)
+        try:
+            check_request(cells, self.cfg)  # size limits first: nothing is decoded for an oversized request
+        except DecodeError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         batch = []
         for i, cell in enumerate(cells):
             try:
                 batch.append(prepare(cell, self.cfg))
             except DecodeError as err:
-                # MlflowException(INVALID_PARAMETER_VALUE) is answered as HTTP 400 with this message
-                from mlflow.exceptions import MlflowException
-                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
                 raise MlflowException(f"input row {i}: {err}", error_code=INVALID_PARAMETER_VALUE) from None
         x = np.stack(batch) if batch else np.zeros((0, self.cfg.image_size, self.cfg.image_size,
                                                      self.cfg.channels), np.uint8)
