@@ -8,7 +8,10 @@ bench/serve_bench.py's helpers) and, for each worker count W:
   * batching: 4 clients sending B images per request (default 1, 8, 32), the same number of images in all;
   * soak (with the last W only): 5,000 single-image requests from 4 clients, in 10 chunks; the server's RSS
     (summed over its process tree: the `mlflow` CLI, uvicorn and its workers; psutil) is sampled before the
-    first chunk and after every chunk.
+    first chunk and after every chunk;
+  * oversize (with the first W only): one request whose single cell is 200 MiB of base64 text: its answer,
+    time and the server's RSS before, at peak and after (MLflow reads the whole body before the pyfunc's
+    size limit can refuse it).
 
 Reports throughput (req/s, img/s), p50/p95/p99 latency and errors (any non-200 answer, wrong row count or
 socket error), prints a table and writes JSON. The payload is real: base64 JPEGs from the embedded demo
@@ -209,7 +212,41 @@ def one_server(uri: str, tracking: str | None, workers: int, args: argparse.Name
             print(fmt(row), flush=True)
         if soak:
             out["soak"] = soak_run(url, proc.pid, single, args)
+        if args.oversize_mib and workers == args.workers[0]:
+            out["oversize"] = oversize_probe(url, proc.pid, args.oversize_mib)
+            print(f"oversize: {out['oversize']}", flush=True)
     return out
+
+
+def oversize_probe(url: str, pid: int, mib: int) -> dict[str, Any]:
+    """One request whose single cell is `mib` MiB of base64 text: MLflow reads and parses the whole body before
+    the pyfunc's limit refuses it. Records the answer, its time and the server's RSS before, at peak, after."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(image_payload(["A" * (mib << 20)])).encode()
+    before = server_rss(pid)["rss_mib"]
+    peak = [before]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak.append(server_rss(pid)["rss_mib"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    t0 = time.perf_counter()
+    conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    answer = resp.read().decode(errors="replace")
+    wall = time.perf_counter() - t0
+    conn.close()
+    done.set()
+    watcher.join()
+    time.sleep(1)
+    return {"body_mib": round(len(body) / 2**20, 1), "status": resp.status, "seconds": round(wall, 2),
+            "reason": answer[answer.find("Error: ") + 7:][:160] if "Error: " in answer else answer[:160],
+            "rss_mib_before": before, "rss_mib_peak": max(peak), "rss_mib_after": server_rss(pid)["rss_mib"]}
 
 
 def soak_run(url: str, pid: int, bodies: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
@@ -255,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-clients", type=int, default=4)
     ap.add_argument("--batch-images", type=int, default=256, help="images per client in each batching run")
     ap.add_argument("--soak", type=int, default=5000, help="requests in the soak run (0: none)")
+    ap.add_argument("--oversize-mib", type=int, default=200,
+                    help="one request of this many MiB (a single cell): how the server copes (0: none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="serve-load-")
