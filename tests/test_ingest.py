@@ -167,10 +167,16 @@ def test_unknown_and_missing_labels_from_manifest(tmp_path, make_settings):
     rows = _manifest_images(raw)
     rows[0]["label"] = "tumour?"
     rows[1]["label"] = ""
+    for i, row in enumerate(rows):
+        row["sex"] = "FM"[i % 3 % 2]  # a declared subgroup (ingest.subgroups) travels into ingest's manifest
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
-                                  "classes": ["benign", "malignant"], "max_quarantine_fraction": 0.5}})
+                                  "classes": ["benign", "malignant"], "max_quarantine_fraction": 0.5,
+                                  "subgroups": ["sex"]}})
     invoke("ingest", s)
+    m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
+    by_file = dict(zip(m.source_uri.str.extract(r"img/(\d+)\.png")[0].astype(int), m.subgroup_sex, strict=True))
+    assert by_file == {i: "FM"[i % 3 % 2] for i in range(len(rows)) if i != 1}  # 1 (no label) is not listed
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
     assert q[q.uri.str.endswith("img/0.png")].reason.iloc[0].startswith("unknown label 'tumour?'")
     assert "missing label" in q[q.uri.str.endswith("img/1.png")].reason.iloc[0]

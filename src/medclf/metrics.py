@@ -374,3 +374,31 @@ def pr_points(y: np.ndarray, p: np.ndarray) -> list[dict[str, Any]]:
     pts = [{"recall": float(r), "precision": float(q), "threshold": t}
            for r, q, t in zip(rec, prec, [*map(float, thr), None])]
     return _downsample(pts[::-1])
+
+
+SUBGROUP_MIN_N, SUBGROUP_MIN_CLASS = 20, 2
+SUBGROUP_FIGURES = {"roc_auc": "roc_auc", "sensitivity": "recall", "specificity": "specificity", "f1": "f1"}
+
+
+def subgroup_metrics(y: np.ndarray, p: np.ndarray, groups: Mapping[str, np.ndarray], threshold: float, n_boot: int,
+                     seed: int, min_n: int = SUBGROUP_MIN_N) -> dict[str, dict[str, dict[str, Any]]]:
+    """{column: {category: {n, positives, roc_auc, sensitivity, specificity, f1, <each>_ci_low/_ci_high}}} at the
+    fixed `threshold` (`metrics_with_ci` per category); a category under `min_n` images or with fewer than
+    `SUBGROUP_MIN_CLASS` of either class has its counts and `note: "too few ..."` only (medclf.subgroups)."""
+    y, p = np.asarray(y), np.asarray(p, dtype=float)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, cats in groups.items():
+        cats, out[name] = np.asarray(cats).astype(str), {}
+        for cat in sorted(set(cats.tolist())):
+            idx = np.flatnonzero(cats == cat)
+            pos = int(y[idx].sum())
+            row: dict[str, Any] = {"n": int(idx.size), "positives": pos}
+            if idx.size < min_n or min(pos, idx.size - pos) < SUBGROUP_MIN_CLASS:
+                row["note"] = f"too few (n < {min_n} or < {SUBGROUP_MIN_CLASS} of a class)"
+            else:
+                ci = metrics_with_ci(y[idx], p[idx], threshold, n_boot, seed)
+                for key, src in SUBGROUP_FIGURES.items():
+                    for part, v in zip(("", "_ci_low", "_ci_high"), ci[src].values(), strict=True):
+                        row[key + part] = float(v) if math.isfinite(v) else None
+            out[name][cat] = row
+    return out

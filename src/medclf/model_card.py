@@ -21,6 +21,9 @@ _DESC_METRICS = (("roc_auc", "ROC-AUC"), ("recall", "sensitivity (recall)"), ("s
                  ("ece", "calibration error (ECE)"))
 
 
+_SUBGROUP_FIGURES = ("roc_auc", "sensitivity", "specificity", "f1")
+
+
 def _num(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{float(v):.{digits}f}"
 
@@ -46,6 +49,21 @@ LIMITATIONS = (
     "pediatric chest X-rays of one hospital); any other use needs its own validation."),
     "Research use only: not a medical device, not for diagnosis without regulatory clearance.",
 )
+
+
+def subgroup_rows(subgroups: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The subgroup table (`metrics.json` "subgroups", see medclf.subgroups): value (95 % CI) per category."""
+    def cell(row: dict[str, Any], key: str) -> str:
+        low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+        return _num(row.get(key)) + (f" ({_num(low)}–{_num(high)})" if low is not None and high is not None else "")
+
+    rows = ["| subgroup | category | n | positives | ROC-AUC | sensitivity | specificity | F1 |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, cats in subgroups.items():
+        for cat, r in cats.items():
+            figures = [r["note"], "", "", ""] if "note" in r else [cell(r, k) for k in _SUBGROUP_FIGURES]
+            rows.append(f"| {name} | {cat} | {r['n']} | {r['positives']} | {' | '.join(figures)} |")
+    return rows
 
 
 def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], provenance: dict[str, str],
@@ -108,6 +126,9 @@ def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], prov
                 "this population; a shifted one needs its own check." if cal.get("temperature") else
                 "no recalibration is applied, so the score ranks cases but is not a risk.")
              if test.get("ece") is not None else "")
+    groups = metrics_doc.get("subgroups") or {}
+    subgroup = [("**Subgroups** (test split, at the registered threshold; 95 % bootstrap CIs; columns declared in "
+                 "`ingest.subgroups`):"), "", *subgroup_rows(groups), ""] if groups else []
     link_line = (["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else [])
     return "\n".join([
         "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.", "",
@@ -115,6 +136,7 @@ def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], prov
         operating, "",
         "**Gates:**", *gate_lines, "",
         *([calib, ""] if calib else []),
+        *subgroup,
         f"**Data:** {data}.", "",
         f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
         *link_line, "",

@@ -115,6 +115,8 @@ class Ingest(_Section):
     max_image_pixels: int = Field(80_000_000, gt=0)
     workers: int = Field(0, ge=0)
     """Decode threads; 0 means one per CPU core."""
+    subgroups: list[str] = Field(default_factory=list)
+    """Manifest columns (e.g. sex, age_band, site) carried into ingest's manifest; evaluate reports per category."""
 
     @field_validator("classes")
     @classmethod

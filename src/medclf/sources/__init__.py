@@ -6,8 +6,12 @@ from medclf.config import Source
 from medclf.sources.base import Record, SourceError, SourceScan
 
 
-def scan(source: Source, classes: list[str] | None = None) -> SourceScan:
-    """Dispatch on `source.kind`; heavy or optional imports stay inside each module."""
+def scan(source: Source, classes: list[str] | None = None, subgroups: list[str] | None = None) -> SourceScan:
+    """Dispatch on `source.kind`; heavy or optional imports stay inside each module. Only a manifest has
+    the columns that `ingest.subgroups` (`subgroups`) declares."""
+    if subgroups and source.kind not in ("manifest", "dicom"):
+        raise SourceError(f"ingest.subgroups {subgroups} names manifest columns, but the {source.kind!r} source "
+                          "has none: subgroups need a manifest source (CSV/Parquet with those columns)")
     if source.kind == "synthetic":
         from medclf.sources.synthetic import scan_synthetic
 
@@ -21,11 +25,12 @@ def scan(source: Source, classes: list[str] | None = None) -> SourceScan:
     if source.kind == "manifest":
         from medclf.sources.manifest import scan_manifest
 
-        return scan_manifest(source.uri, source.s3_endpoint_url, kind="image")
+        return scan_manifest(source.uri, source.s3_endpoint_url, kind="image", subgroups=subgroups)
     if source.kind == "dicom":
         from medclf.sources.manifest import scan_manifest
 
-        return scan_manifest(source.manifest or source.uri, source.s3_endpoint_url, kind="dicom")
+        return scan_manifest(source.manifest or source.uri, source.s3_endpoint_url, kind="dicom",
+                             subgroups=subgroups)
     if source.kind == "medmnist":
         from medclf.sources.medmnist import scan_medmnist
 

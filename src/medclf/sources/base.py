@@ -53,6 +53,8 @@ class Record:
     split: str | None = None
     where: str | None = None
     """Where the record was listed, for error messages: e.g. `labels.csv line 5` (manifest sources)."""
+    subgroups: dict[str, str | None] = field(default_factory=dict)
+    """Category of each `ingest.subgroups` column (manifest sources): `sex` -> `F`; None for a blank cell."""
 
 
 @dataclass

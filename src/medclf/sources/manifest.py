@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
 from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, safe_relpath
 from medclf.sources.store import Store, open_store, split_uri
+from medclf.subgroups import check_subgroups
 
 REQUIRED = ("path", "label")
 _HEADER_THREADS = 8
@@ -41,7 +43,12 @@ def read_table(data: bytes, name: str) -> pd.DataFrame:
         raise SourceError(f"{name}: cannot read manifest: {err}") from None
 
 
-def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind) -> SourceScan:
+def _category(cell: object) -> str | None:
+    return None if cell is None or (isinstance(cell, float) and math.isnan(cell)) else (str(cell).strip() or None)
+
+
+def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind,
+                  subgroups: list[str] | None = None) -> SourceScan:
     if not uri:
         raise SourceError("manifest source needs a manifest path")
     root, name = split_uri(uri)
@@ -56,6 +63,9 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind) -> Sour
         raise SourceError(f"{uri}: manifest lacks column(s) {missing}; expected path,label[,patient_id][,split]")
     if df.empty:
         raise SourceError(f"{uri}: manifest has no rows")
+    problem = check_subgroups(df, subgroups or [], uri)
+    if problem:
+        raise SourceError(problem)
     scan = SourceScan(records=[])
     rels: list[str] = []  # the path of each record, in order
     for i, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
@@ -72,7 +82,8 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind) -> Sour
             scan.quarantine.append((store.uri(rel), f"missing label at {where}"))
             continue
         scan.records.append(Record(uri=store.uri(rel), label=label, fetch=functools.partial(store.read, rel),
-                                   kind=kind, patient_id=pid, split=split, where=where))
+                                   kind=kind, patient_id=pid, split=split, where=where,
+                                   subgroups={g: _category(row[g]) for g in subgroups or []}))
         rels.append(rel)
     if kind == "dicom":
         _fill_dicom_patients(scan, store, rels)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from medclf import calibration
+from medclf import calibration, subgroups
 from medclf import catalog as c
 from medclf import metrics as M
 from medclf.comparison import comparison_png, paired_differences
@@ -119,6 +119,7 @@ def metrics_document(report: dict[str, Any]) -> dict[str, Any]:
                                    "threshold": DEFAULT_THRESHOLD},
     }
     doc.update({"calibration": {k: _num(v) for k, v in report["calibration"].items()}} if report.get("calibration") else {})
+    doc.update({"subgroups": report["subgroups"]} if report.get("subgroups") else {})  # medclf.subgroups
     if "multiclass" in report:
         mc = dict(report["multiclass"])
         per_class = mc.pop("per_class")
@@ -255,8 +256,8 @@ def _write_gallery(out: Path, inp: dict[str, Any], proba: np.ndarray, thr: float
         groups[name] = [{"overlay": gradcam.overlay(img, h),
                          "caption": gallery_caption(int(i), inp["positive"], float(proba[i, pos]), thr)}
                         for i, img, h in zip(idx, images, heat)]
-    plots.gallery_png(groups, _fig(out, "gradcam"), n,
-                      f"Grad-CAM for '{inp['positive']}' (backbone's last conv block), threshold {thr:.4f}")
+    plots.gallery_png(groups, _fig(out, "gradcam"), n, f"Grad-CAM of the log-odds of '{inp['positive']}' on "
+                      f"{gradcam.split_model(inp['model']).layer!r}, threshold {thr:.4f}")
     return {k: len(v) for k, v in picks.items()}
 
 
@@ -365,6 +366,9 @@ def run(settings: Settings) -> dict[str, Any]:
         gates["non_inferiority"]["note"] = champion["note"]
     t_cal = (inp["train_run"].get("calibration") or {}).get("temperature")  # folded into the model by train
     report["calibration"] = calibration.effect(inp["y_test"], proba_test, pos, t_cal) if t_cal else None
+    yb, pb = binary_view(inp["y_test"], proba_test, pos)
+    groups = subgroups.groups_of_test_split(c.MANIFEST.path(paths), len(yb))  # ingest.subgroups' columns
+    report["subgroups"] = M.subgroup_metrics(yb, pb, groups, thr, cfg.bootstrap, cfg.seed) if groups else {}
     doc = metrics_document(report)
     data = plot_data(inp["y_test"], proba_test, classes, pos, thr)  # before: drawn beside, not a DVC plot
     before = plot_data(inp["y_test"], calibration.rescale(proba_test, 1 / t_cal), classes, pos, thr) if t_cal else {}
@@ -377,7 +381,6 @@ def run(settings: Settings) -> dict[str, Any]:
                          c.MANIFEST.path(paths))
         write_json(c.inside(c.EVALUATE_REPORTS, c.THRESHOLD, tmp), report["threshold"])
         if comparison:
-            yb, pb = binary_view(inp["y_test"], proba_test, pos)
             comparison_png(yb, pb, thr, champion["proba"], champion["threshold"],
                            (f"not {inp['positive']}" if len(classes) > 2 else classes[1 - pos], inp["positive"]),
                            _fig(tmp, "champion_comparison"), f"champion v{champion['version']}")

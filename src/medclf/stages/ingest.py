@@ -41,6 +41,7 @@ from medclf.pipeline import declared
 from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
 from medclf.splits import SPLITS, assign_splits, link_groups
+from medclf.subgroups import SUBGROUP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,10 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
             "split": None, "row": -1, "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1],
             "orig_channels": d.orig_shape[2], "status": "quarantined", "reason": d.reason,
         })
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for name in dict.fromkeys(g for d in (*ok, *quarantined) for g in d.record.subgroups):  # ingest.subgroups
+        df[SUBGROUP_PREFIX + name] = [d.record.subgroups.get(name) for d in (*ok, *quarantined)]
+    return df
 
 
 @declared
@@ -194,7 +198,7 @@ def run(settings: Settings) -> dict[str, Any]:
     reports = c.INGEST_REPORTS.path(paths)
     for out in (paths.ingest_dir, reports):  # finish a commit a kill interrupted; drop dead runs' staging dirs
         recover_dir(out)
-    scanned = scan(cfg.source, cfg.classes)
+    scanned = scan(cfg.source, cfg.classes, cfg.subgroups)
     labels = [r.label or "" for r in scanned.records]
     classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
     if cfg.positive_class is not None and cfg.positive_class not in classes:  # classes: null (else config checks)
