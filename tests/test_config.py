@@ -145,7 +145,7 @@ def test_config_is_a_leaf_that_owns_the_vocabularies_its_validators_check():
     from tests.test_dvc_deps import import_closure
 
     assert import_closure("medclf.config") == {"src/medclf/__init__.py", "src/medclf/config/__init__.py",
-                                               "src/medclf/config/vocabulary.py"}
+                                               "src/medclf/config/tuning.py", "src/medclf/config/vocabulary.py"}
     assert checks.CHECKS is config.CHECKS and modeling.BACKBONES.keys() == config.BACKBONES.keys()
     assert modeling.BACKBONES["inception_v3"] == modeling.Backbone("InceptionV3", "tf", None, False, 75)
     for name in ("densenet121", "mobilenet_v3_small", "efficientnet_b7", "efficientnet_v2_s"):

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from medclf.config import Paths
 
 Root = Literal["raw_data", "ingest_dir", "augment_dir", "model_dir", "reports_dir", "cache_dir"]
-Kind = Literal["json", "npy", "csv", "parquet", "png", "keras", "md", "dir", "jsonl", "npz", "weights"]
+Kind = Literal["json", "npy", "csv", "parquet", "png", "keras", "md", "dir", "jsonl", "npz", "weights", "sqlite"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,8 @@ TRAIN_WEIGHTS = Artifact("train_weights", "cache_dir", "train_backup/{name}.npz"
                          "`best` and `phase<n>_end` weights (np.savez of get_weights())")
 TRAIN_PHASE_BACKUP = Artifact("train_phase_backup", "cache_dir", "train_backup/phase{phase}", "dir",
                               "Keras BackupAndRestore of an unfinished phase")
+TUNE_STUDY = Artifact("tune_study", "cache_dir", "tune/study.db", "sqlite",
+                      "train.tune's Optuna study (SQLite): resumed by a killed or extended search; trials' backups beside it")
 JAX_CACHE = Artifact("jax_cache", "cache_dir", "jax", "dir", "JAX persistent compilation cache (train.compile_cache)")
 WEIGHTS_CACHE = Artifact("weights_cache", "cache_dir", "weights/{bucket}/{key}", "weights",
                          "an s3:// train.weights file, downloaded once")

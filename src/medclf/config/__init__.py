@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from medclf.config.tuning import Tune as Tune
 from medclf.config.vocabulary import BACKBONES as BACKBONES
 from medclf.config.vocabulary import CHECKS as CHECKS
 from medclf.config.vocabulary import Mode as Mode
@@ -276,6 +277,8 @@ class Train(_Section):
     compile_cache: bool = True
     """JAX: persistent compilation cache under paths.cache_dir/jax (warm starts skip recompiling)."""
     seed: int = 1234
+    tune: Tune = Tune()
+    """A hyperparameter search before the final fit (`medclf.training.tuning`); off by default."""
 
     @field_validator("backbone")
     @classmethod
@@ -283,6 +286,11 @@ class Train(_Section):
         if v not in BACKBONES:
             raise ValueError(f"unknown backbone '{v}'; choose one of {sorted(BACKBONES)}")
         return v
+
+    @model_validator(mode="after")
+    def _tunable(self) -> Train:
+        self.tune.check_keys(type(self).model_fields)
+        return self
 
 
 # --------------------------------------------------------------------------- evaluate

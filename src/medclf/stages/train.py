@@ -24,12 +24,12 @@ from medclf import catalog
 from medclf.config import Settings
 from medclf.pipeline import declared
 from medclf.training import TrainError
-from medclf.training.data import class_weights, load_data, split_counts
+from medclf.training.data import load_data, split_counts
 from medclf.training.loop import (
-    TrainingRun,
     calibrate_export,
     export_model,
     fit_phases,
+    prepare_fit,
     save_model,
     summarise,
     write_history,
@@ -47,8 +47,6 @@ __all__ = ["Tracker", "TrainError", "run", "run_name", "split_counts"]
 def run(settings: Settings) -> dict[str, Any]:
     import keras
 
-    from medclf import modeling
-    from medclf.augmentation import AugmentedBatches
     from medclf.tracking import data_version, git_commit, params_hash, raw_data_version
 
     cfg, paths = settings.train, settings.paths
@@ -60,33 +58,28 @@ def run(settings: Settings) -> dict[str, Any]:
     backup = Backup(paths, fingerprint)
     rt = setup_runtime(cfg, paths)
     prev_policy, prev_dist = keras.mixed_precision.global_policy(), keras.distribution.distribution()
-    k, policy = len(data.classes), settings.augment.policy()
+    policy = settings.augment.policy()
     tracker = Tracker.start(settings, backup.state.get("run_id"), run_name=run_name(cfg.backbone, raw))
     backup.state["run_id"] = tracker.run_id
     backup.save()
-    train_ds = val_ds = None
+    trun = None
     try:
         keras.mixed_precision.set_global_policy(rt.policy)
+        tune = None
+        if cfg.tune.enabled:  # the search first; the final fit below uses its values (medclf.training.tuning)
+            from medclf.training.tuning import search, with_values
+
+            tune = search(cfg, settings.augment, data, paths, rt, tracker,
+                          [v["data_digest"] for v in versions.values()])
+            cfg = with_values(cfg, tune["params"])
+            tracker.params({f"tuned.{k}": v for k, v in tune["params"].items()})
         keras.utils.set_random_seed(cfg.seed)
-
-        def build(weights: str = cfg.weights) -> Any:
-            return modeling.build_model(cfg.backbone, k, data.image_size, data.channels, input_size=cfg.input_size,
-                                        width=cfg.width, dropout=cfg.dropout, weights=weights,
-                                        preprocessing=cfg.preprocessing, cache_dir=paths.cache_dir)
-
-        with rt.scope():
-            model, info = build()
-        cw = class_weights(data.y_train, k) if cfg.class_weights else None
-        train_ds = AugmentedBatches(data.x_train, data.y_train, k, cfg.batch_size,
-                                    policy=policy if cfg.online_augment else None, shuffle=True, seed=cfg.seed,
-                                    class_weight=cw, workers=cfg.augment_workers)
-        val_ds = (AugmentedBatches(data.x_val, data.y_val, k, cfg.batch_size, shuffle=False, workers=0)
-                  if len(data.y_val) else None)
-        if val_ds is None:
+        trun, info, build = prepare_fit(cfg, data, paths, rt, backup, tracker, policy)
+        model, cw = trun.model, info["class_weights"]
+        if trun.val_ds is None:
             log.warning("train: no validation split; no early stopping, the last epoch is kept")
         commit = git_commit()
-        tracker.inputs(settings, data, rt, info, versions, raw, commit)
-        trun = TrainingRun(cfg, data, model, rt, backup, tracker, train_ds, val_ds, info["from_scratch"])
+        tracker.inputs(settings, data, rt, info, versions, raw, commit, cfg=cfg)
         if trun.from_scratch:
             log.info("train: weights=none -> one phase training the whole backbone from scratch (BatchNorm "
                      "learns batch statistics) for head_epochs + finetune_epochs at head_lr")
@@ -111,8 +104,10 @@ def run(settings: Settings) -> dict[str, Any]:
             **stats, "time_to_first_step_s": None if trun.first_step_s is None else round(trun.first_step_s, 2),
             "backend": rt.backend, "devices": rt.devices, "mixed_precision": rt.policy, "jit_compile": rt.jit_compile,
             "n_train": len(data.y_train), "n_synthetic": data.n_synthetic, "n_val": len(data.y_val),
-            "class_weights": cw, "params": info["params"], "calibration": calibration,
+            "class_weights": cw, "params": info["params"], "calibration": calibration, "tune": tune,
         }
+        if tune is not None:  # does the final fit reproduce the chosen trial? (within noise: same values, seed)
+            tune["final_val_auc"] = result["best_val_auc"]
         src = data.x_val if len(data.y_val) else data.x_train
         probe = np.asarray(src[np.arange(cfg.batch_size) % len(src)])  # one full batch: the compiled shape
         save_model(paths, export, model if rt.policy == "float32" else export, probe, result, t_start)
@@ -135,9 +130,8 @@ def run(settings: Settings) -> dict[str, Any]:
         tracker.end("FAILED")
         raise
     finally:
-        for ds in (train_ds, val_ds):
-            if ds is not None:
-                ds.close()
+        if trun is not None:
+            trun.close()
         keras.mixed_precision.set_global_policy(prev_policy)
         if rt.backend == "jax":
             keras.distribution.set_distribution(prev_dist)

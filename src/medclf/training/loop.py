@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ class TrainingRun:
         self.epochs_executed: list[int] = []
         self.best: dict[str, Any] = backup.state.get("best", {})
         self.from_scratch = from_scratch
+        self.on_epoch: Callable[[int, float | None], None] | None = None
+        """Called last in every epoch with (epoch, val_auc): a tuning trial reports to its pruner here."""
 
     def end_epoch(self, epoch: int, phase: int, logs: dict[str, Any], seconds: float) -> None:
         wait, batches = self.train_ds.reset_timing()
@@ -71,6 +74,39 @@ class TrainingRun:
         log.info("train: epoch %d (phase %d) loss %.4f auc %s val_auc %s val_loss %s | %.1fs, %s img/s, data wait %s",
                  epoch, phase, row["loss"] or float("nan"), row["auc"], row["val_auc"], row["val_loss"], seconds,
                  row["images_per_second"], row["data_wait_fraction"])
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, row["val_auc"])
+
+    def close(self) -> None:
+        for ds in (self.train_ds, self.val_ds):
+            if ds is not None:
+                ds.close()
+
+
+def prepare_fit(cfg: Train, data: Data, paths: Paths, rt: Runtime, backup: Backup, tracker: Tracker,
+                policy: Any) -> tuple[TrainingRun, dict[str, Any], Callable[..., Any]]:
+    """The model (built in the runtime's scope) and its batches, as one `TrainingRun`; also the model's
+    info and the builder (`export_model` rebuilds with it). The final fit and every tuning trial start here;
+    the caller closes the run's batch threads (`TrainingRun.close`)."""
+    from medclf import modeling
+    from medclf.augmentation import AugmentedBatches
+    from medclf.training.data import class_weights
+
+    def build(weights: str = cfg.weights) -> Any:
+        return modeling.build_model(cfg.backbone, len(data.classes), data.image_size, data.channels,
+                                    input_size=cfg.input_size, width=cfg.width, dropout=cfg.dropout, weights=weights,
+                                    preprocessing=cfg.preprocessing, cache_dir=paths.cache_dir)
+
+    with rt.scope():
+        model, info = build()
+    k = len(data.classes)
+    cw = class_weights(data.y_train, k) if cfg.class_weights else None
+    train_ds = AugmentedBatches(data.x_train, data.y_train, k, cfg.batch_size, policy=policy if cfg.online_augment
+                                else None, shuffle=True, seed=cfg.seed, class_weight=cw, workers=cfg.augment_workers)
+    val_ds = (AugmentedBatches(data.x_val, data.y_val, k, cfg.batch_size, shuffle=False, workers=0)
+              if len(data.y_val) else None)
+    info["class_weights"] = cw
+    return TrainingRun(cfg, data, model, rt, backup, tracker, train_ds, val_ds, info["from_scratch"]), info, build
 
 
 def _f(v: Any) -> float | None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medclf import catalog
-from medclf.config import Settings
+from medclf.config import Settings, Train
 from medclf.training.data import Data, split_counts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +67,15 @@ class Tracker:
         self.run_id = run.info.run_id
         return self
 
+    def child(self, run_name: str) -> Tracker:
+        """A run nested under this one (its parent in the MLflow UI): one tuning trial. A no-op when this is."""
+        child = Tracker()
+        if self:
+            run = self.mlflow.start_run(run_name=run_name, experiment_id=self.experiment_id, nested=True)
+            child.mlflow, child.uri, child.experiment_id, child.run_id = self.mlflow, self.uri, self.experiment_id, \
+                run.info.run_id
+        return child
+
     def __bool__(self) -> bool:
         return self.mlflow is not None
 
@@ -86,13 +95,14 @@ class Tracker:
             self.mlflow.log_metrics(finite, step=step)
 
     def inputs(self, settings: Settings, data: Data, rt: Runtime, info: dict[str, Any], versions: dict[str, Any],
-               raw: dict[str, Any], commit: str | None) -> None:
-        """What the run learned from: params (train, augment, the data), tags (code, data versions), datasets."""
+               raw: dict[str, Any], commit: str | None, cfg: Train | None = None) -> None:
+        """What the run learned from: params (train, augment, the data), tags (code, data versions), datasets.
+        `cfg`: the values the final fit used (after `train.tune`), if not params.yaml's `train`."""
         if not self:
             return
         from medclf.tracking import flat_params
 
-        cfg, aug = settings.train, settings.augment
+        cfg, aug = cfg or settings.train, settings.augment
         self.params(flat_params(cfg, "train.") | flat_params(aug, "augment.")
                     | {f"augment.policy.{k}": v for k, v in aug.policy().model_dump().items()}
                     | {"data.n_train": len(data.y_train), "data.n_synthetic": data.n_synthetic,
