@@ -70,9 +70,13 @@ def register_keras(keras_path: Path, classes_json: Path, gates_json: Path | None
                         threshold=float(threshold), image_size=int(meta["image_size"]),
                         channels=int(meta["channels"]))
     model = load_keras(str(keras_path))
-    backbone = next((layer.name for layer in model.layers if isinstance(layer, keras.Model)), model.name)
+    run_file = keras_path.parent / "train_run.json"  # what train wrote beside the model, if it is there
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    backbone = run.get("backbone") or next((layer.name for layer in model.layers
+                                            if isinstance(layer, keras.Model)), model.name)
     info = {"keras_model": str(keras_path), "input": f"{cfg.image_size}x{cfg.image_size}x{cfg.channels}",
-            "params": int(model.count_params()), "backbone": backbone, "threshold": cfg.threshold}
+            "params": int(model.count_params()), "backbone": backbone, "threshold": cfg.threshold,
+            "weights": run.get("weights"), "backend": run.get("backend", keras.backend.backend())}
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking)
     client = mlflow.MlflowClient()
@@ -115,9 +119,10 @@ def server_rss(pid: int) -> dict[str, Any]:
             "largest_mib": round(max(rss) / 2**20, 1)}
 
 
-def run_clients(url: str, bodies: list[bytes], images_per_request: int, clients: int, per_client: int
-                ) -> dict[str, Any]:
-    """`clients` threads, each with one keep-alive connection, each sending `per_client` requests."""
+def run_clients(url: str, bodies: list[bytes], images_per_request: int, clients: int, per_client: int,
+                keepalive: bool = True, watch: list[Any] | None = None) -> dict[str, Any]:
+    """`clients` threads, each sending `per_client` requests over one keep-alive connection (or, keepalive
+    False, a new connection per request). watch: server processes whose CPU seconds are reported."""
     host, port = url.removeprefix("http://").split(":")
     lat: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
@@ -131,6 +136,9 @@ def run_clients(url: str, bodies: list[bytes], images_per_request: int, clients:
             body = bodies[(k * per_client + r) % len(bodies)]
             t0 = time.perf_counter()
             try:
+                if not keepalive:
+                    conn.close()
+                    conn = http.client.HTTPConnection(host, int(port), timeout=300)
                 conn.request("POST", "/invocations", body, {"Content-Type": "application/json"})
                 resp = conn.getresponse()
                 data = resp.read()
@@ -149,7 +157,7 @@ def run_clients(url: str, bodies: list[bytes], images_per_request: int, clients:
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
-    cpu0 = time.process_time()
+    cpu0, server0 = time.process_time(), cpu_seconds(watch or [])
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
@@ -163,7 +171,28 @@ def run_clients(url: str, bodies: list[bytes], images_per_request: int, clients:
             "wall_s": round(wall, 2), "req_per_s": round(len(all_lat) / wall, 1),
             "img_per_s": round(len(all_lat) * images_per_request / wall, 1),
             "p50_ms": round(float(q[0]), 1), "p95_ms": round(float(q[1]), 1), "p99_ms": round(float(q[2]), 1),
-            "client_cpu_s": round(time.process_time() - cpu0, 1)}
+            "client_cpu_s": round(time.process_time() - cpu0, 1), "keepalive": keepalive,
+            "server_cpu_s": [round(b - a, 1) for a, b in zip(server0, cpu_seconds(watch or []))]}
+
+
+def cpu_seconds(procs: list[Any]) -> list[float]:
+    """user + system CPU seconds of each process (0 for one that is gone)."""
+    out = []
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out.append(t.user + t.system)
+        except Exception:  # noqa: BLE001 - a process that ended counts 0
+            out.append(0.0)
+    return out
+
+
+def server_processes(pid: int) -> list[Any]:
+    """The processes that run the model: the leaves of the server's process tree (the uvicorn worker(s))."""
+    import psutil
+
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return [p for p in tree if not p.children() and p.pid != pid]
 
 
 def bodies_for(images: list[str], per_request: int, count: int = 8) -> list[bytes]:
@@ -194,24 +223,27 @@ def one_server(uri: str, tracking: str | None, workers: int, args: argparse.Name
     with served_process(uri, tracking, log_path=log, workers=workers) as (url, proc):
         wait_workers(log, workers)
         out["startup_s"] = round(time.time() - t0, 1)
+        watch = server_processes(proc.pid)
+        keep = not args.no_keepalive
         single = bodies_for(images, 1)
-        run_clients(url, single, 1, max(args.clients), args.warmup)  # warm every worker and thread
+        run_clients(url, single, 1, max(args.clients), args.warmup, False)  # new connections reach every worker
         out["rss_after_warmup"] = server_rss(proc.pid)
         for c in args.clients:
-            row = {"workers": workers, "load1": load1(), **run_clients(url, single, 1, c, args.requests)}
+            row = {"workers": workers, "load1": load1(),
+                   **run_clients(url, single, 1, c, args.requests, keep, watch)}
             out["load"].append(row)
             print(fmt(row), flush=True)
         for b in args.batch_sizes:
             per_client = max(1, args.batch_images // b)
             bodies = bodies_for(images, b)
             # a new batch size traces a new predict function (seconds, once per worker): not measured
-            run_clients(url, bodies, b, args.batch_clients, 3)
+            run_clients(url, bodies, b, args.batch_clients * 2, 3, False)
             row = {"workers": workers, "load1": load1(),
-                   **run_clients(url, bodies, b, args.batch_clients, per_client)}
+                   **run_clients(url, bodies, b, args.batch_clients, per_client, keep, watch)}
             out["batching"].append(row)
             print(fmt(row), flush=True)
         if soak:
-            out["soak"] = soak_run(url, proc.pid, single, args)
+            out["soak"] = soak_run(url, proc.pid, single, args, keep)
         if args.oversize_mib and workers == args.workers[0]:
             out["oversize"] = oversize_probe(url, proc.pid, args.oversize_mib)
             print(f"oversize: {out['oversize']}", flush=True)
@@ -249,13 +281,13 @@ def oversize_probe(url: str, pid: int, mib: int) -> dict[str, Any]:
             "rss_mib_before": before, "rss_mib_peak": max(peak), "rss_mib_after": server_rss(pid)["rss_mib"]}
 
 
-def soak_run(url: str, pid: int, bodies: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+def soak_run(url: str, pid: int, bodies: list[bytes], args: argparse.Namespace, keep: bool) -> dict[str, Any]:
     chunks, clients = 10, 4
     per_client = args.soak // chunks // clients
     samples = [{"after_requests": 0, **server_rss(pid)}]
     rows = []
     for i in range(chunks):
-        rows.append(run_clients(url, bodies, 1, clients, per_client))
+        rows.append(run_clients(url, bodies, 1, clients, per_client, keep))
         samples.append({"after_requests": (i + 1) * clients * per_client, **server_rss(pid)})
         print(f"soak {samples[-1]['after_requests']:>5}: RSS {samples[-1]['rss_mib']} MiB, "
               f"errors {sum(r['errors'] for r in rows)}", flush=True)
@@ -273,7 +305,7 @@ def fmt(r: dict[str, Any]) -> str:
     return (f"w={r['workers']} clients={r['clients']:>2} img/req={r['images_per_request']:>2} "
             f"n={r['requests']:>5}  {r['req_per_s']:>7.1f} req/s {r['img_per_s']:>7.1f} img/s  "
             f"p50 {r['p50_ms']:>7.1f}  p95 {r['p95_ms']:>7.1f}  p99 {r['p99_ms']:>7.1f} ms  "
-            f"errors {r['errors']}  client CPU {r['client_cpu_s']} s  load {r['load1']}")
+            f"errors {r['errors']}  CPU s client {r['client_cpu_s']} server {r['server_cpu_s']}  load {r['load1']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--batch-clients", type=int, default=4)
     ap.add_argument("--batch-images", type=int, default=256, help="images per client in each batching run")
+    ap.add_argument("--no-keepalive", action="store_true",
+                    help="a new connection per request (default: one keep-alive connection per client)")
     ap.add_argument("--soak", type=int, default=5000, help="requests in the soak run (0: none)")
     ap.add_argument("--oversize-mib", type=int, default=200,
                     help="one request of this many MiB (a single cell): how the server copes (0: none)")
