@@ -46,7 +46,13 @@ if [ "$(id -u)" = 0 ]; then
   elif id -u postgres >/dev/null 2>&1; then os_user=postgres
   else os_user=nobody; fi
 fi
-as_owner() { if [ -n "$os_user" ]; then runuser -u "$os_user" -- "$@"; else "$@"; fi; }
+# runuser lives in /usr/sbin, which a root PATH may lack; setpriv (util-linux too) where there is no runuser
+runuser_bin="$(PATH="$PATH:/usr/sbin:/sbin" command -v runuser || true)"
+as_owner() {
+  if [ -z "$os_user" ]; then "$@"
+  elif [ -n "$runuser_bin" ]; then "$runuser_bin" -u "$os_user" -- "$@"
+  else setpriv --reuid="$os_user" --regid="$(id -g "$os_user")" --init-groups -- "$@"; fi
+}
 
 running() { [ -s "$data/PG_VERSION" ] && as_owner pg_ctl status -D "$data" >/dev/null 2>&1; }
 

@@ -103,14 +103,17 @@ def test_servers_script_refuses_clearly_without_postgres(tmp_path):
            "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"), "PREFECT_HOME": str(tmp_path / "prefect")}
     if shutil.which("initdb", path=env["PATH"]) or shutil.which("pg_ctl", path=env["PATH"]):
         pytest.skip("initdb/pg_ctl are in /usr/bin here: no PATH without them to test with")
-    out = script([SERVERS, "start"], env, timeout=60)
-    assert out.returncode == 3, (out.stdout, out.stderr)
-    assert "`initdb` is not on PATH" in out.stderr and "postgresql-15" in out.stderr, out.stderr
-    assert not (tmp_path / "mlflow" / "server.pid").exists() and not (tmp_path / "prefect").exists()
-    out = script([SERVERS, "start"], {**env, "MEDCLF_DB": "postgresql"}, timeout=60)
-    assert out.returncode == 2 and "MEDCLF_DB is sqlite (the default) or postgres" in out.stderr, out.stderr
-    out = script([str(ROOT / "mlflow/server.sh"), "start"], {**env, "MEDCLF_DB": "pg"}, timeout=60)
-    assert out.returncode == 2 and "not 'pg'" in out.stderr, out.stderr
+    try:
+        out = script([SERVERS, "start"], env, timeout=300)
+        assert out.returncode == 3, (out.stdout, out.stderr)
+        assert "`initdb` is not on PATH" in out.stderr and "postgresql-15" in out.stderr, out.stderr
+        assert not (tmp_path / "mlflow" / "server.pid").exists() and not (tmp_path / "prefect").exists()
+        out = script([SERVERS, "start"], {**env, "MEDCLF_DB": "postgresql"}, timeout=300)
+        assert out.returncode == 2 and "MEDCLF_DB is sqlite (the default) or postgres" in out.stderr, out.stderr
+        out = script([str(ROOT / "mlflow/server.sh"), "start"], {**env, "MEDCLF_DB": "pg"}, timeout=300)
+        assert out.returncode == 2 and "not 'pg'" in out.stderr, out.stderr
+    finally:  # a broken refusal starts the servers after all: stop them (nothing to do when it refused)
+        script([SERVERS, "stop"], env, timeout=200)
 
 
 @pytest.mark.slow
