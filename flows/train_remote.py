@@ -49,12 +49,27 @@ def _write_if_changed(path: Path, text: str | None) -> bool:
 def train_remote(params_yaml: str | None = None, dvc_lock: str | None = None, project_dir: str = ".",
                  force: bool = False, pull: bool = True, push: bool = True,
                  retry_delay_seconds: float = 10.0) -> dict[str, Any]:
+    from prefect.runtime import flow_run
+
+    from medclf.lock import FLOW_TIMEOUT, project_lock
+    from medclf.lock import timeout as lock_timeout
+
+    log = get_run_logger()
+    root = Path(project_dir).resolve()
+    # the worker's checkout, like the caller's, runs one flow at a time: taken before the caller's params.yaml
+    # and dvc.lock overwrite this checkout's (its own params.yaml says where the lock is)
+    with project_lock(load_settings(root / "params.yaml").paths, f"flow run {flow_run.id} (medclf-train)",
+                      root=root, hold_stage=False, wait=lock_timeout(FLOW_TIMEOUT), log=log):
+        return _train(root, params_yaml, dvc_lock, force, pull, push, retry_delay_seconds)
+
+
+def _train(root: Path, params_yaml: str | None, dvc_lock: str | None, force: bool, pull: bool, push: bool,
+           retry_delay_seconds: float) -> dict[str, Any]:
     from dvc.repo import Repo
 
     from flows.retrain import backoff
 
     log = get_run_logger()
-    root = Path(project_dir).resolve()
     changed = [name for name, text in (("params.yaml", params_yaml), ("dvc.lock", dvc_lock))
                if _write_if_changed(root / name, text)]
     if changed:
@@ -84,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-dir", default=".")
     args = p.parse_args(argv)
     if args.serve:
-        train_remote.serve(name=args.name, parameters={"project_dir": str(Path(args.project_dir).resolve())})
+        train_remote.serve(name=args.name, parameters={"project_dir": str(Path(args.project_dir).resolve())},
+                           global_limit=1)  # one run at a time, as prefect.yaml's concurrency_limit
         return 0
     state = train_remote(project_dir=args.project_dir, pull=False, push=False, return_state=True)
     return 0 if state.is_completed() else 1

@@ -178,6 +178,25 @@ def _delete_logged(*infos: Any) -> None:
             log.warning("could not delete logged model %s: %s", info.model_id, err)
 
 
+def _same_model(mv: Any, run_id: str, sha: str, inputs: dict[str, str] | None) -> bool:
+    """`mv` is this exact model file (sha256), from this run or evaluated on the same inputs."""
+    tags = mv.tags or {}
+    if tags.get(R.TAG_MODEL_SHA) != sha:
+        return False
+    return mv.run_id == run_id or bool(inputs and all(tags.get(k) == v for k, v in inputs.items()))
+
+
+def _search(cl: Any, name: str) -> list[Any]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(cl.search_model_versions(f"name = '{name}'"))
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return []
+        raise
+
+
 def _existing(cl: Any, name: str, run_id: str, sha: str, inputs: dict[str, str] | None = None) -> Any | None:
     """A READY version of `name` for this exact model file: from this run, or (registry hygiene) from any
     run when it was also evaluated on the same inputs (every key of `inputs` equal among its tags).
@@ -185,19 +204,27 @@ def _existing(cl: Any, name: str, run_id: str, sha: str, inputs: dict[str, str] 
     A forced rerun that reproduces the same bytes from the same data is the same model; registering
     it again would show a reviewer two versions with identical figures.
     """
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = cl.search_model_versions(f"name = '{name}'")
-    except MlflowException as err:
-        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    ready = [mv for mv in found if (mv.tags or {}).get("model_sha256") == sha and mv.status == "READY"]
-    same_run = [mv for mv in ready if mv.run_id == run_id]
-    same_inputs = [mv for mv in ready if inputs and all((mv.tags or {}).get(k) == v for k, v in inputs.items())]
+    ready = [mv for mv in _search(cl, name) if mv.status == "READY"]
+    same_run = [mv for mv in ready if mv.run_id == run_id and _same_model(mv, run_id, sha, None)]
+    same_inputs = [mv for mv in ready if _same_model(mv, run_id, sha, inputs)]
     hits = same_run or same_inputs
-    return min(hits, key=lambda mv: int(mv.version)) if hits else None
+    if not hits:
+        return None
+    # a search result carries no aliases (MLflow 3.17): the version itself says whether it is the champion
+    return cl.get_model_version(name, min(hits, key=lambda mv: int(mv.version)).version)
+
+
+def _first_of_model(cl: Any, name: str, run_id: str, sha: str, inputs: dict[str, str] | None) -> Any | None:
+    """The lowest-numbered version of this model that is not a failed registration (READY or still pending).
+
+    The race it settles: two `medclf register` of one training run (two checkouts, two hosts: the project
+    lock is per checkout) both find no version, and both create one. The registry numbers versions
+    max + 1 in the transaction that creates them, so a version N was committed before version N+1 was;
+    the creator of N+1, searching after its own create, always sees N. Each creator keeps its version
+    only if it is the lowest of its model: exactly one survives, whatever the interleaving."""
+    same = [mv for mv in _search(cl, name)
+            if mv.status != "FAILED_REGISTRATION" and _same_model(mv, run_id, sha, inputs)]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
 
 
 def _wait_ready(cl: Any, name: str, version: str, timeout: float = 120) -> None:
@@ -222,14 +249,24 @@ def _ensure_registered_model(cl: Any, name: str) -> bool:
     except MlflowException as err:
         if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise
-    cl.create_registered_model(name, description="medclf image classifier (research use only; "
-                                                 "not for clinical decisions without regulatory clearance)")
+    try:
+        cl.create_registered_model(name, description="medclf image classifier (research use only; "
+                                                     "not for clinical decisions without regulatory clearance)")
+    except MlflowException as err:  # a concurrent `medclf register` created it first: use it, it is not ours
+        if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
     return True
 
 
 def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
-                    tags: dict[str, str], train_run: dict[str, Any], metrics_doc: dict[str, Any]) -> Any:
-    """Log, register, tag and alias as one unit: any failure removes what this call created."""
+                    tags: dict[str, str], train_run: dict[str, Any], metrics_doc: dict[str, Any],
+                    inputs: dict[str, str] | None = None) -> tuple[Any, bool]:
+    """Log, register, tag and alias as one unit: any failure removes what this call created.
+
+    Returns (version, True), or (the other version, False) when a concurrent registration of the same
+    model (`_first_of_model`) got the lower number: this call's duplicate and its logged models are then
+    deleted again, before any alias points at it."""
     name, alias = settings.registry.model_name, settings.registry.alias
     created_model = _ensure_registered_model(cl, name)
     infos: tuple[Any, Any] = (None, None)
@@ -250,8 +287,15 @@ def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[st
         mv = cl.create_model_version(name, source=pyfunc.model_uri, run_id=run_id, tags=tags, description=desc,
                                      model_id=pyfunc.model_id)
         _wait_ready(cl, name, mv.version)
+        first = _first_of_model(cl, name, run_id, tags[R.TAG_MODEL_SHA], inputs)
+        if first is not None and first.version != mv.version:
+            log.warning("register: %s version %s is the same model, registered concurrently; removing the "
+                        "duplicate version %s", name, first.version, mv.version)
+            _rollback_partial(cl, name, mv, infos, created_model=False)
+            _wait_ready(cl, name, first.version)
+            return cl.get_model_version(name, first.version), False
         cl.set_registered_model_alias(name, alias, mv.version)
-        return cl.get_model_version(name, mv.version)
+        return cl.get_model_version(name, mv.version), True
     except Exception as err:
         _rollback_partial(cl, name, mv, infos, created_model)
         raise RegisterError(f"registering {name} failed and was rolled back "
@@ -313,14 +357,18 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
     if "test_set_digest" not in inputs or "data_digest" not in inputs:
         inputs = {}  # too little known about the inputs to call two runs identical
     mv = _existing(cl, reg.model_name, run_id, sha, inputs)
-    created, note = mv is None, ""
+    created, note = False, ""
     if mv is None:
         meta, metrics_doc = c.CLASSES.load(paths), c.METRICS.load(paths)
         tags = version_tags(gates, metrics_doc, meta, train_run, provenance)
-        mv = _create_version(cl, settings, model_file, meta, gates, tags, train_run, metrics_doc)
+        mv, created = _create_version(cl, settings, model_file, meta, gates, tags, train_run, metrics_doc, inputs)
+        if not created:
+            note = "registered concurrently by another `medclf register` of the same model; reused"
+    elif mv.run_id != run_id:
+        note = f"identical model file and inputs to version {mv.version} (run {mv.run_id}); not registered again"
     else:
-        note = (f"identical model file and inputs to version {mv.version} (run {mv.run_id}); not registered again"
-                if mv.run_id != run_id else "already registered for this run; reused")
+        note = "already registered for this run; reused"
+    if not created:
         if "champion" in (mv.aliases or []):
             note += "; it is the champion, so no challenger alias was set"
         elif reg.alias not in (mv.aliases or []):
