@@ -239,6 +239,9 @@ def test_four_retrains_at_once_train_once_on_the_gpu_pool(shared):
     assert all(_held_by(log) and _held_by(log) <= {str(i) for i in runs} for log in waited), waited
     assert {r.work_pool_name for r in deployed.values()} == {"medclf-cpu"}
     # training ran on the GPU pool's worker, in the clone, and came back through the DVC remote on S3
+    from tests.test_flow import task_runs
+
+    assert task_runs(trainer.id)["train-on-gpu"].state.is_completed()  # not in-process training
     (remote,) = _flow_runs("medclf-train", clone)
     assert remote.state.is_completed() and remote.work_pool_name == GPU_POOL, remote.state
     assert remote.parameters["params_yaml"] == (checkout / "params.yaml").read_text()

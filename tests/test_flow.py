@@ -647,39 +647,6 @@ def test_status_reasons_and_summary_wording():
     assert not any(r["metric"].endswith("_ci_low") for r in rows)
 
 
-@pytest.mark.skipif(not os.environ.get("MEDCLF_TEST_GPU_DISPATCH"),
-                    reason="trains once more (~2 min on 2 cores); set MEDCLF_TEST_GPU_DISPATCH=1")
-def test_gpu_dispatch_to_a_served_worker_in_another_clone(tmp_path, mlflow_server, prefect_api, monkeypatch):
-    """`medclf-train` served from a separate clone (standing in for a GPU machine): the worker pulls the
-    inputs by hash, trains, pushes; the caller merges the lock entry, pulls the model, DVC agrees."""
-    from prefect.settings import PREFECT_API_URL
-
-    checkout = make_checkout(tmp_path / "co", {"register": {"model_name": f"gpu-{uuid.uuid4().hex[:8]}"}})
-    run_cmd(checkout, "dvc", "remote", "add", "-d", "storage", str(tmp_path / "remote"))
-    run_cmd(checkout, "git", "commit", "-qam", "remote")
-    worker = tmp_path / "worker"
-    run_cmd(tmp_path, "git", "clone", "-q", str(checkout), str(worker))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    with open(tmp_path / "serve.log", "w") as log:
-        served = subprocess.Popen([sys.executable, "-m", "flows.train_remote", "--serve", "--name", "gpu",
-                                   "--project-dir", str(worker)], cwd=ROOT, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        state = run_flow(checkout, gpu_deployment="medclf-train/gpu")
-    finally:
-        stop_process(served)
-    assert state.is_completed(), (state.message or "") + (tmp_path / "serve.log").read_text()[-3000:]
-    train = next(o for o in state.result()["stages"] if o["stage"] == "train")
-    assert train["status"] == "ran" and "on GPU deployment 'medclf-train/gpu'" in train["reason"]
-    assert (worker / "models/model.keras").exists() and (checkout / "models/model.keras").exists()
-    history = "reports/train/history.csv"
-    assert (checkout / history).read_bytes() == (worker / history).read_bytes()
-    assert json.loads(run_cmd(checkout, "dvc", "status", "--json") or "{}") == {}
-    assert state.result()["model"]["alias"] == "challenger"
-
-
 def test_servers_script_starts_and_stops_mlflow_and_prefect(tmp_path):
     """`make servers` (deploy/servers.sh): both servers up in the background, found by `prefect-url`, stopped."""
     import urllib.request
@@ -753,39 +720,6 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
         assert "ingest" in yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
     finally:
         stop_process(served)
-
-
-def test_weekly_deployment_runs_on_a_process_worker(tmp_path, prefect_api):
-    """The scheduled `medclf-retrain/weekly` of prefect.yaml, executed the way production does: a process worker
-    on the CPU pool picks the run up and runs the flow from this checkout's entrypoint."""
-    from prefect import get_client
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL
-
-    deploy_all()
-    checkout = make_checkout(tmp_path / "co")
-    run = run_deployment("medclf-retrain/weekly", timeout=0, parameters={
-        "project_dir": str(checkout), "until": "validate", "gpu_deployment": None, "push": False})
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    with open(tmp_path / "worker.log", "w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "medclf-cpu",
-                                   "--type", "process", "--limit", "1"], cwd=tmp_path, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, state = time.time() + 300, None
-        with get_client(sync_client=True) as client:
-            while time.time() < deadline:
-                state = client.read_flow_run(run.id).state
-                if state is not None and state.is_final():
-                    break
-                time.sleep(2)
-    finally:
-        stop_process(worker)
-    log_text = (tmp_path / "worker.log").read_text()[-4000:]
-    assert state is not None and state.is_completed(), f"{state}\n{log_text}"
-    lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"ingest", "validate"}
-    assert (checkout / "reports/validation/summary.json").exists()
 
 
 # --------------------------------------------------------------------------- new data on S3 (last: it changes the
