@@ -363,8 +363,19 @@ def test_stage_threshold_unchanged_when_test_split_replaced(project, first_run, 
         np.save(ing / f"{split}_images.npy", rng.integers(0, 256, x.shape, dtype=np.uint8))
         y = np.load(ing / f"{split}_labels.npy")
         np.save(ing / f"{split}_labels.npy", rng.permutation(y))
+    import pandas as pd  # a declared subgroup (ingest.subgroups) as ingest writes it: evaluate scores each category
+
+    m = pd.read_parquet(ing / "manifest.parquet")
+    m["subgroup_site"] = np.where(m["row"] % 3 == 0, "A", "B")
+    m.to_parquet(ing / "manifest.parquet", index=False)
     _r, doc_t, _g = run_evaluate(s2)
     assert doc_t["threshold"] == doc["threshold"]
+    y_test = np.load(ing / "test_labels.npy")
+    sites = doc_t["subgroups"]["site"]
+    assert (sites["A"]["n"], sites["B"]["n"]) == (len(y_test[::3]), len(y_test) - len(y_test[::3]))
+    pos = json.loads((ing / "classes.json").read_text())
+    pos = pos["classes"].index(pos["positive_class"])
+    assert sites["A"]["positives"] == int((y_test[::3] == pos).sum())
     assert doc_t["test"]["roc_auc"] != doc["test"]["roc_auc"]
     x = np.load(ing / "val_images.npy")
     np.save(ing / "val_images.npy", np.ascontiguousarray(255 - x[:, ::-1]))
