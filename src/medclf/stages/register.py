@@ -259,6 +259,20 @@ def _ensure_registered_model(cl: Any, name: str) -> bool:
     return True
 
 
+def _set_alias(cl: Any, name: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`. Two processes setting the same alias at once can make the MLflow server
+    fail one of them (a unique-key conflict, seen with SQLite); that is no failure when the alias now
+    points where this call wanted it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        cl.set_registered_model_alias(name, alias, version)
+    except MlflowException:
+        now = R.alias_version(cl, name, alias)
+        if now is None or str(now.version) != str(version):
+            raise
+
+
 def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
                     tags: dict[str, str], train_run: dict[str, Any], metrics_doc: dict[str, Any],
                     inputs: dict[str, str] | None = None) -> tuple[Any, bool]:
@@ -294,7 +308,7 @@ def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[st
             _rollback_partial(cl, name, mv, infos, created_model=False)
             _wait_ready(cl, name, first.version)
             return cl.get_model_version(name, first.version), False
-        cl.set_registered_model_alias(name, alias, mv.version)
+        _set_alias(cl, name, alias, mv.version)
         return cl.get_model_version(name, mv.version), True
     except Exception as err:
         _rollback_partial(cl, name, mv, infos, created_model)
@@ -372,7 +386,7 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
         if "champion" in (mv.aliases or []):
             note += "; it is the champion, so no challenger alias was set"
         elif reg.alias not in (mv.aliases or []):
-            cl.set_registered_model_alias(reg.model_name, reg.alias, mv.version)
+            _set_alias(cl, reg.model_name, reg.alias, mv.version)
     out = {"model_name": reg.model_name, "version": int(mv.version), "alias": reg.alias, "run_id": run_id,
            "model_uri": f"models:/{reg.model_name}/{mv.version}",
            "alias_uri": f"models:/{reg.model_name}@{reg.alias}", "created": created,
