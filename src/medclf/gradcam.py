@@ -17,8 +17,8 @@ Two choices differ from the keras-io recipe (differentiate the softmax output w.
   2x2 at 64 px. The search walks the backbone's own graph and takes the deepest "cut" layer whose output is
   at least 7x7. A cut layer is one that no edge skips over, such as a residual block's `add` or a plain
   conv/activation between blocks, so every path to the output runs through it. MobileNetV2 at 128 px
-  gives `block_13_expand_relu` (8x8, stride 16, the same layer keras-io's pix2pix U-Net uses as its 8x8
-  skip). At 224 px it gives the usual last map, `out_relu` (7x7). ZeroPadding layers are skipped: their
+  gives `block_13_expand_relu` (8x8, stride 16; the TensorFlow image-segmentation tutorial's U-Net takes
+  its 8x8 skip from the same layer). At 224 px it gives the usual last map, `out_relu` (7x7). ZeroPadding layers are skipped: their
   borders are padding, not image. With no such layer the backbone's output is used, e.g. a backbone that
   only pools. Only a cut makes the rest of the backbone a function of the map alone, so it can be a
   Model (`Model(layer.output, backbone.output)`) and be differentiated on both backends. Grad-CAM++ would
