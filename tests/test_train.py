@@ -134,6 +134,7 @@ def test_val_scores_are_the_one_auc_evaluate_reports():
     ("mobilenet_v2", 1, "mobilenet_v2"),  # tf mode, grayscale replicated in-model
     ("resnet50", 3, "resnet50"),  # caffe mode: RGB->BGR and mean subtraction
     ("densenet121", 1, "densenet"),  # torch mode: ImageNet mean/std
+    ("efficientnet_v2_b0", 3, "efficientnet_v2"),  # raw (in-model rescaling); its block table is looked up by name
 ])
 def test_model_contract_and_preprocessing_match_keras(backbone, channels, app_module):
     import importlib
@@ -154,7 +155,8 @@ def test_model_contract_and_preprocessing_match_keras(backbone, channels, app_mo
     rgb = np.repeat(x, 3, axis=-1) if channels == 1 else x
     expected = importlib.import_module(f"keras.applications.{app_module}").preprocess_input(rgb.astype("float32"))
     assert np.allclose(pre.predict(x, verbose=0), expected, atol=1e-4)
-    assert info["preprocessing"] == {"mobilenet_v2": "tf", "resnet50": "caffe", "densenet121": "torch"}[backbone]
+    assert info["preprocessing"] == {"mobilenet_v2": "tf", "resnet50": "caffe", "densenet121": "torch",
+                                     "efficientnet_v2_b0": "raw"}[backbone]
 
 
 def test_saved_model_loads_safely_with_resizing_and_reproduces(tmp_path):

@@ -66,10 +66,13 @@ def _make_base(spec: Backbone, size: int, width: float, weights: str | None, nam
     import keras
 
     kwargs: dict[str, Any] = {"include_top": False, "weights": weights, "input_shape": (size, size, 3),
-                              "pooling": None, "name": name}
+                              "pooling": None}
     if spec.width:
         kwargs["alpha"] = width
-    return getattr(keras.applications, spec.app)(**kwargs)
+    # named afterwards: EfficientNetV2 looks its block table up by the `name` argument (KeyError 'backbone')
+    base = getattr(keras.applications, spec.app)(**kwargs)
+    base.name = name
+    return base
 
 
 def make_backbone(name: str, size: int, width: float, weights: str,
