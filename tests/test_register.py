@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,6 +115,18 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     assert_threshold_from_validation(settings, float(t["threshold"]))
     reg = json.loads((settings.paths.reports_dir / "register.json").read_text())
     assert reg == {**out}
+    # the model card, as markdown and as JSON, beside the model in the training run
+    from medclf.model_card import CARD_ARTIFACT, CARD_JSON_ARTIFACT
+
+    dst = settings.paths.cache_dir / "card"
+    dst.mkdir(parents=True)
+    card = json.loads(Path(_client(settings).download_artifacts(mv.run_id, CARD_JSON_ARTIFACT, str(dst))).read_text())
+    assert card["metrics"]["f1"]["value"] == doc["test"]["f1"]
+    assert card["operating_point"]["threshold"] == doc["threshold"]
+    assert card["training_recipe"]["head_lr"] == settings.train.head_lr and card["data"]["split_by"] == "patient"
+    assert "regulatory clearance" in card["intended_use"]["not_for_clinical_use"] and card["limitations"]
+    md = Path(_client(settings).download_artifacts(mv.run_id, CARD_ARTIFACT, str(dst))).read_text()
+    assert "## Training recipe" in md and f"head_lr `{settings.train.head_lr}`" in md
     assert set(reg) >= {"model_name", "version", "alias", "run_id", "model_uri"}
 
     # idempotent: the same run registers nothing new

@@ -192,3 +192,28 @@ def test_comparison_is_strict_json_when_a_metric_is_undefined():
     assert d["roc_auc"] == {"challenger": None, "champion": None, "diff": None, "ci_low": None, "ci_high": None}
     json.dumps(d, allow_nan=False)  # raises on NaN
     assert "| ROC-AUC | n/a | n/a | **n/a** | n/a to n/a |" in comparison_rows(d, "champion v1")
+
+
+def test_model_card_states_the_recipe_as_it_ran_and_the_json_carries_the_same_facts():
+    """The card quotes the training recipe with a `train.tune` choice applied (not params.yaml's value), says
+    whether the final fit reproduced the chosen trial, and its JSON twin holds the unrounded figures."""
+    from medclf.model_card import model_card, model_card_json
+
+    meta = {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "image_size": 96, "channels": 1}
+    train = {"backbone": "mobilenet_v2", "head_lr": 0.001, "dropout": 0.2, "seed": 1234, "tune": {"trials": 20}}
+    tune = {"params": {"head_lr": 0.0042}, "study": "train-abc", "trials": {"complete": 18, "pruned": 2, "fail": 0},
+            "best_trial_val_auc": 0.981, "final_val_auc": 0.979}
+    train_run = {"backbone": "mobilenet_v2", "weights": "torch", "tune": tune, "calibration": {"temperature": 1.7}}
+    md = model_card("DESCRIPTION", meta, PROV, train_run, {"train": 800, "val": 100, "test": 100}, train)
+    assert "head_lr `0.0042`" in md and "head_lr `0.001`" not in md and "dropout `0.2`" in md
+    assert "study `train-abc`" in md and "chosen trial val AUC 0.981, final fit 0.979" in md
+    assert "regulatory clearance" in md and md.rstrip().endswith("DESCRIPTION")
+    doc = model_card_json(meta, PROV, train_run, {"train": 800}, train, GATES, METRICS, {"warnings": [
+        "cross_split_duplicates"], "offending": {"cross_split_duplicates": 2}})
+    assert doc["training_recipe"]["head_lr"] == 0.0042 and doc["training_recipe"]["tuned"]["keys"] == ["head_lr"]
+    assert doc["metrics"]["roc_auc"] == {"value": 0.99453, "ci95": [0.9871, 0.99871]} and doc["metrics"]["n"] == 290
+    assert doc["operating_point"] == {"threshold": GATES["threshold"], "rule": "target_sensitivity",
+                                      "chosen_on": "validation"}
+    assert doc["data"]["validation_warnings"] == {"cross_split_duplicates": 2}
+    assert [g["passed"] for g in doc["gates"]] == [True, True] and doc["limitations"]
+    assert "tune" not in doc["training_recipe"] and "seed" in doc["training_recipe"]

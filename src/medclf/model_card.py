@@ -13,6 +13,12 @@ from medclf import catalog as c
 
 CARD_ARTIFACT = "review/model_card.md"
 """Where the model card lies among the training run's MLflow artifacts."""
+CARD_JSON_ARTIFACT = "review/model_card.json"
+"""The same card as data (`model_card_json`), beside it."""
+RECIPE_KEYS = ("backbone", "weights", "input_size", "width", "dropout", "batch_size", "head_epochs", "finetune_epochs",
+               "unfreeze_top", "head_lr", "finetune_lr", "optimizer", "weight_decay", "warmup_epochs", "lr_schedule",
+               "loss", "class_weights", "early_stopping_patience", "calibration", "seed")
+"""The `train` values a model card quotes as the training recipe (those that change what is learned)."""
 CI_TABLE_ARTIFACT = "evaluate/metrics_ci.json"
 """The table of every test metric with its 95 % CI (logged by evaluate)."""
 
@@ -34,6 +40,7 @@ def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict
         return {}
     run = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return {"training run": run, "model card": f"{run}/artifacts/{CARD_ARTIFACT}",
+            "model card (JSON)": f"{run}/artifacts/{CARD_JSON_ARTIFACT}",
             "Grad-CAM gallery": f"{run}/artifacts/{c.FIGURE.rel.format(name='gradcam')}",
             "challenger vs champion": f"{run}/artifacts/{c.FIGURE.rel.format(name='champion_comparison')}",
             "metrics with 95 % CIs": f"{run}/artifacts/{CI_TABLE_ARTIFACT}",
@@ -144,10 +151,28 @@ def version_description(gates: dict[str, Any], metrics_doc: dict[str, Any], prov
     ])
 
 
+def recipe(train: dict[str, Any], train_run: dict[str, Any]) -> dict[str, Any]:
+    """The training recipe as it ran: params.yaml's `train` values, with a `train.tune` search's choice applied."""
+    tune = train_run.get("tune") or {}
+    out = {k: train[k] for k in RECIPE_KEYS if k in train} | dict(tune.get("params") or {})
+    if tune:
+        out["tuned"] = {"keys": sorted(tune.get("params") or {}), "study": tune.get("study"),
+                        "trials": tune.get("trials"), "best_trial_val_auc": tune.get("best_trial_val_auc"),
+                        "final_val_auc": tune.get("final_val_auc")}
+    return out
+
+
 def model_card(description: str, meta: dict[str, Any], provenance: dict[str, str], train_run: dict[str, Any],
-               splits: dict[str, int]) -> str:
+               splits: dict[str, int], train: dict[str, Any] | None = None) -> str:
     """A model card (after Mitchell et al. 2019) in markdown, logged with the run as `CARD_ARTIFACT`."""
     split_line = ", ".join(f"{k} {v}" for k, v in splits.items()) or "unknown"
+    rec = recipe(train or {}, train_run)
+    tuned = rec.pop("tuned", None)
+    recipe_line = ", ".join(f"{k} `{v}`" for k, v in rec.items()) or "unknown"
+    if tuned:
+        recipe_line += (f". Tuned on validation by `train.tune` ({', '.join(tuned['keys'])}; study `{tuned['study']}`, "
+                        f"trials {tuned['trials']}): chosen trial val AUC {_num(tuned['best_trial_val_auc'])}, final "
+                        f"fit {_num(tuned['final_val_auc'])}")
     return "\n".join([
         f"# Model card: {train_run.get('backbone', 'classifier')} for {' vs '.join(meta['classes'])}", "",
         "## Intended use",
@@ -157,8 +182,43 @@ def model_card(description: str, meta: dict[str, Any], provenance: dict[str, str
         (f"Backbone `{train_run.get('backbone')}` ({train_run.get('weights')} weights), input "
         f"{meta['image_size']} px, {meta['channels']} channel(s); trained by `medclf train` (params hash "
         f"`{provenance.get('params_hash')}`, git commit `{provenance.get('git_commit') or 'unknown'}`)."), "",
+        "## Training recipe",
+        recipe_line + ".", "",
         "## Data",
         (f"Source `{provenance.get('raw_data') or 'unknown'}` (DVC md5 `{provenance.get('raw_data_md5') or 'unknown'}`), "
         f"split by patient: {split_line} images."), "",
         "## Evaluation, operating point, gates, limitations", "",
         description, ""])
+
+
+def model_card_json(meta: dict[str, Any], provenance: dict[str, str], train_run: dict[str, Any],
+                    splits: dict[str, int], train: dict[str, Any], gates: dict[str, Any], metrics_doc: dict[str, Any],
+                    validation: dict[str, Any] | None) -> dict[str, Any]:
+    """The model card as data (`CARD_JSON_ARTIFACT`): the same facts as the markdown, unrounded, for tools."""
+    test = metrics_doc.get("test") or {}
+    return {
+        "schema": "medclf-model-card/1",
+        "intended_use": {"use": f"flag images as {meta['positive_class']} for a human reader to review",
+                         "not_for_clinical_use": ("Research use only: not a medical device, not for diagnosis or any "
+                                                  "clinical decision without regulatory clearance.")},
+        "model": {"backbone": train_run.get("backbone"), "weights": train_run.get("weights"),
+                  "classes": meta["classes"], "positive_class": meta["positive_class"],
+                  "image_size": meta["image_size"], "channels": meta["channels"],
+                  "params_hash": provenance.get("params_hash"), "git_commit": provenance.get("git_commit")},
+        "training_recipe": recipe(train, train_run),
+        "data": {"source": provenance.get("raw_data"), "raw_data_md5": provenance.get("raw_data_md5"),
+                 "raw_data_nfiles": provenance.get("raw_data_nfiles"), "dataset_dvc_md5": provenance.get("dvc_md5"),
+                 "split_by": "patient", "splits": splits,
+                 "validation_warnings": {w: (validation or {}).get("offending", {}).get(w)
+                                         for w in (validation or {}).get("warnings") or []}},
+        "operating_point": {"threshold": gates.get("threshold"), "rule": gates.get("threshold_rule"),
+                            "chosen_on": "validation"},
+        "metrics": {"split": "test", "n": test.get("n"),
+                    **{k: {"value": test.get(k), "ci95": [test.get(f"{k}_ci_low"), test.get(f"{k}_ci_high")]}
+                       for k, _ in _DESC_METRICS if test.get(k) is not None}},
+        "calibration": metrics_doc.get("calibration") or train_run.get("calibration"),
+        "gates": [{k: g.get(k) for k in ("name", "metric", "value", "op", "bound", "passed")}
+                  for g in gates.get("gates", [])],
+        "subgroups": metrics_doc.get("subgroups") or {},
+        "limitations": list(LIMITATIONS),
+    }

@@ -29,7 +29,14 @@ from medclf import catalog as c
 from medclf import registry as R
 from medclf.config import Settings
 from medclf.io import file_digest
-from medclf.model_card import CARD_ARTIFACT, model_card, run_links, version_description
+from medclf.model_card import (
+    CARD_ARTIFACT,
+    CARD_JSON_ARTIFACT,
+    model_card,
+    model_card_json,
+    run_links,
+    version_description,
+)
 from medclf.pipeline import declared
 from medclf.tracking import final_step
 
@@ -122,7 +129,7 @@ def _png_example(meta: dict[str, Any]) -> Any:
 
 
 def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
-                run_id: str, step: int, card: str) -> tuple[Any, Any]:
+                run_id: str, step: int, card: str, card_json: dict[str, Any]) -> tuple[Any, Any]:
     """Log the serving pyfunc (with input example + signature) and the Keras flavour into the run."""
     import mlflow.keras
     import mlflow.pyfunc
@@ -152,6 +159,7 @@ def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gate
             model_config=cfg.to_dict(), signature=signature(cfg.classes), input_example=_png_example(meta),
             pip_requirements=reqs, step=step)  # step: links the test metrics evaluate logged there
         mlflow.log_text(card, CARD_ARTIFACT)
+        mlflow.log_dict(card_json, CARD_JSON_ARTIFACT)
         if Path("dvc.lock").is_file():  # the run's full record: raw-data hash, every stage's inputs/outputs
             mlflow.log_artifact("dvc.lock", artifact_path="lineage")
         try:
@@ -292,10 +300,12 @@ def _create_version(cl: Any, settings: Settings, model_file: Path, meta: dict[st
     links = run_links(settings.mlflow.resolved_uri(), train_run.get("experiment_id"), run_id)
     desc = version_description(gates, metrics_doc, prov, run_id, validation, links)
     splits = {k: int(v) for k, v in ((validation or {}).get("splits") or {}).items()}
+    train = settings.train.model_dump(mode="json")
     card = model_card(version_description(gates, metrics_doc, prov, run_id, validation), meta, prov, train_run,
-                      splits)
+                      splits, train)
+    card_json = model_card_json(meta, prov, train_run, splits, train, gates, metrics_doc, validation)
     try:
-        infos = _log_models(settings, model_file, meta, gates, run_id, final_step(train_run), card)
+        infos = _log_models(settings, model_file, meta, gates, run_id, final_step(train_run), card, card_json)
         pyfunc, keras = infos
         tags = {**tags, "keras_model_uri": keras.model_uri}
         mv = cl.create_model_version(name, source=pyfunc.model_uri, run_id=run_id, tags=tags, description=desc,
