@@ -31,6 +31,7 @@ mlflow_bin="$(command -v mlflow || echo "$here/../.venv/bin/mlflow")"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 up() { curl -fsS "http://$host:$port/health" >/dev/null 2>&1; }
+descendants() { local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 masked() { sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#' <<<"$1"; }  # a URL's password, never printed
 
 case "${1:-start}" in
@@ -61,8 +62,7 @@ case "${1:-start}" in
     fi
     # the backend URI through the environment (mlflow's own MLFLOW_BACKEND_STORE_URI), not the command line:
     # a PostgreSQL URI holds a password, and every local user can read `ps`
-    # its own process group (setsid), so `stop` reaches the job runner and uvicorn it starts too
-    MLFLOW_BACKEND_STORE_URI="$backend" setsid nohup "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
+    MLFLOW_BACKEND_STORE_URI="$backend" nohup "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
       --artifacts-destination "$artifacts" "${extra[@]}" \
       >"$store/server.log" 2>&1 &
     echo $! >"$pidfile"
@@ -79,12 +79,16 @@ case "${1:-start}" in
   stop)
     if [ -f "$pidfile" ]; then
       pid="$(cat "$pidfile")"
-      # only if that pid is still an MLflow server (not a reused pid), TERM its group and wait for it: under
-      # load the server took ~30 s to exit, and a restart on the same port must find it gone; then KILL the rest
+      # only if that pid is still an MLflow server (not a reused pid): TERM it and wait, since under load it
+      # took ~30 s to exit and a restart on the same port must find it gone; then KILL it and what it started
+      # (uvicorn, the job runner; listed first, as they are re-parented once it exits). Not a process group of
+      # its own: callers that start this script in a session of their own (tests) reach the server through it.
       if ps -o args= -p "$pid" 2>/dev/null | grep -q "mlflow.* server"; then
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        kids="$(descendants "$pid")"
+        kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+        # shellcheck disable=SC2086
+        kill -KILL "$pid" $kids 2>/dev/null || true
       fi
       rm -f "$pidfile"
     fi
