@@ -38,17 +38,27 @@ case "${1:-start}" in
       [ -n "${MLFLOW_BACKEND_STORE_URI:-}" ] || { MLFLOW_BACKEND_STORE_URI="$(pg url mlflow)"; export MLFLOW_BACKEND_STORE_URI; }
       [ -n "$prefect_db_url" ] || prefect_db_url="$(pg url prefect)"
     fi
-    bash "$root/mlflow/server.sh" start
+    # Prefect is launched first and MLflow started while it boots: the two start up side by side
+    prefect_started=""
     if prefect_up; then
       echo "Prefect already running at http://$host:$port"
     else
       mkdir -p "$PREFECT_HOME"
-      if [ -n "$prefect_db_url" ]; then export PREFECT_API_DATABASE_CONNECTION_URL="$prefect_db_url"
-        unset PREFECT_SERVER_DATABASE_CONNECTION_URL; fi
-      # not `prefect server start --background`: that keeps no log we could show when it fails
-      setsid nohup prefect server start --host "$host" --port "$port" >"$log" 2>&1 &
-      echo $! >"$PREFECT_HOME/server.pid"
+      (
+        if [ -n "$prefect_db_url" ]; then export PREFECT_API_DATABASE_CONNECTION_URL="$prefect_db_url"
+          unset PREFECT_SERVER_DATABASE_CONNECTION_URL; fi
+        # not `prefect server start --background`: that keeps no log we could show when it fails
+        setsid nohup prefect server start --host "$host" --port "$port" >"$log" 2>&1 &
+        echo $! >"$PREFECT_HOME/server.pid"
+      )
+      prefect_started=1
       sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#' <<<"${prefect_db_url:-sqlite (PREFECT_HOME)}" >"$PREFECT_HOME/server.backend"
+    fi
+    if ! bash "$root/mlflow/server.sh" start; then
+      [ -z "$prefect_started" ] || kill -- "-$(cat "$PREFECT_HOME/server.pid")" 2>/dev/null || true
+      exit 1
+    fi
+    if [ -n "$prefect_started" ]; then
       for _ in $(seq 1 240); do
         prefect_up && break
         if ! kill -0 "$(cat "$PREFECT_HOME/server.pid")" 2>/dev/null; then
