@@ -269,13 +269,16 @@ def _ensure_registered_model(cl: Any, name: str) -> bool:
 
 def _set_alias(cl: Any, name: str, alias: str, version: str) -> None:
     """Point `alias` at `version`. Two processes setting the same alias at once can make the MLflow server
-    fail one of them (a unique-key conflict, seen with SQLite); that is no failure when the alias now
-    points where this call wanted it."""
+    fail one of them (a unique-key conflict, BAD_REQUEST, seen with SQLite); that is no failure when the
+    alias now points where this call wanted it. A refused alias (INVALID_PARAMETER_VALUE: `latest` is
+    reserved, and reads as the newest version) is never a race."""
     from mlflow.exceptions import MlflowException
 
     try:
         cl.set_registered_model_alias(name, alias, version)
-    except MlflowException:
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "INVALID_PARAMETER_VALUE":
+            raise
         now = R.alias_version(cl, name, alias)
         if now is None or str(now.version) != str(version):
             raise
