@@ -28,6 +28,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemet
 # MLflow 3.x servers start ~8 huey job-consumer processes (GenAI jobs) that this project never uses: each imports
 # mlflow, ~20 CPU-s per server start on 2 cores. mlflow/server.sh turns them off the same way.
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# The Prefect test server re-offers a run held by a deployment's concurrency limit after this many seconds (default
+# 30; a server setting, read when the session's server starts): tests/test_concurrency.py holds one that way.
+os.environ.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
 
 
 def free_port() -> int:

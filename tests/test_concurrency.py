@@ -51,10 +51,6 @@ from tests.test_flow import (
 
 pytestmark = pytest.mark.slow
 
-# The Prefect server re-offers a run held by a deployment's concurrency limit after this many seconds
-# (default 30, a server setting): read when the session's test server starts, i.e. after collection.
-os.environ.setdefault("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
-
 GPU_POOL, GPU_DEPLOYMENT = "medclf-gpu-test", "medclf-train/gpu-test"
 NO_CHANGE = "no change, nothing retrained"
 WAITING = "waiting up to"
