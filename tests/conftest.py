@@ -185,7 +185,10 @@ def make_settings(tmp_path):
 # leaked process is found even after its parent died and it was re-parented to init. The value is unique to
 # this pytest process: another suite running on the machine is not counted.
 _LEAK_MARKER = "MEDCLF_PYTEST_SESSION"
-_LEAK_TOKEN = f"{os.getpid()}-{os.urandom(4).hex()}"
+# Under pytest-xdist the workers inherit the controller's token, so the controller's end-of-run check sees their
+# children too (it runs after the workers have exited).
+_LEAK_TOKEN = (os.environ.get(_LEAK_MARKER) if os.environ.get("PYTEST_XDIST_WORKER") else None) or \
+    f"{os.getpid()}-{os.urandom(4).hex()}"
 os.environ[_LEAK_MARKER] = _LEAK_TOKEN
 _LEAK_TEST = "MEDCLF_PYTEST_TEST"  # the nodeid of the test running when a process was started
 # Python's own helpers that live as long as the interpreter, by design, and die with it
