@@ -40,11 +40,13 @@ retrain: setup data
 	if [ -n "$$api" ]; then export PREFECT_API_URL="$$api"; echo "Prefect API: $$api"; fi; \
 	$(PY) -m flows.retrain
 
-## Create the environment and run the whole test suite.
+## Create the environment and run the whole test suite: two pytest-xdist workers, each test file whole on one
+## of them (its module fixtures and test order kept); the 20 slowest tests are listed at the end.
+TEST_JOBS ?= 2
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=20
 
 ## MLflow (SQLite under mlflow/) and the Prefect API + UI (.prefect/), in the background.
 servers: setup
