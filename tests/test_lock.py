@@ -207,6 +207,28 @@ def test_a_waiting_run_gets_the_lock_once_the_holder_releases(tmp_path, monkeypa
     assert error_record("ingest", bad.value)["exit_code"] == EXIT_STAGE
 
 
+def test_a_loser_in_the_holders_first_instant_still_names_the_holder(tmp_path):
+    """The holder takes the flock, then writes its record: a run refused in between (CI saw it, two ingests
+    started at once) read an empty record and said "another process (no record yet)". The loser now re-reads
+    an empty record for a moment, so the error names the holder."""
+    import fcntl
+    import threading
+
+    lock_file = catalog.PROJECT_LOCK.path(_paths(tmp_path))  # type: ignore[arg-type]
+    lock_file.parent.mkdir(parents=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, no record yet: the holder's first instant
+    late = threading.Timer(0.3, lambda: os.pwrite(fd, json.dumps({"what": "slow writer", "pid": 4242,
+                                                                  "host": "h", "since": "s"}).encode(), 0))
+    late.start()
+    try:
+        with pytest.raises(LockBusy, match=r"locked by slow writer \(pid 4242 on h, since s\)"):
+            _take(tmp_path, "loser", wait=0)
+    finally:
+        late.join()
+        os.close(fd)
+
+
 def test_two_ingests_started_at_once_exactly_one_runs_and_its_output_is_whole(tmp_path):
     """Two real `medclf ingest` started together on one project: the one that gets the lock holds it until its
     result file is written (it pauses there), the other is refused with exit 75 meanwhile, and so is a third

@@ -53,6 +53,9 @@ NESTED_GRACE = 10.0
 """A holder's child waits at least this long for the stage lock (forked workers of the previous stage
 may still be exiting)."""
 _POLL = 0.1
+RECORD_GRACE = 2.0
+"""A holder writes its record just after it takes the flock: a loser that finds the record still empty
+re-reads it for up to this long, so its error names the holder."""
 _HELD: dict[Path, str] = {}  # project-lock files this process holds -> their tokens
 
 
@@ -105,6 +108,16 @@ def read_record(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _holder(path: Path) -> dict[str, Any]:
+    """The holder's record, waiting up to RECORD_GRACE s for one that is still being written."""
+    end = time.monotonic() + RECORD_GRACE
+    record = read_record(path)
+    while not record and time.monotonic() < end:
+        time.sleep(0.02)
+        record = read_record(path)
+    return record
+
+
 def held_env() -> dict[str, str]:
     """{MEDCLF_PROJECT_LOCK: token} while this process holds a project lock (for its stage processes)."""
     return {LOCK_ENV: next(iter(_HELD.values()))} if _HELD else {}
@@ -134,8 +147,9 @@ class _Flock:
                 pass
             now = time.monotonic()
             if now >= deadline:
+                holder = _holder(self.path)
                 self.close()
-                raise LockBusy(what, self.path, read_record(self.path), now - t0) from None
+                raise LockBusy(what, self.path, holder, now - t0) from None
             if not told and log is not None:
                 told = True
                 log.warning("%s: waiting up to %.0f s for the project lock %s, held by %s", what, deadline - now,
