@@ -38,7 +38,7 @@ SERVERS = str(ROOT / "deploy/servers.sh")
 POSTGRES = str(ROOT / "deploy/postgres.sh")
 HAVE_PG = bool(shutil.which("initdb") and shutil.which("pg_ctl"))
 # the URLs come from the environment only: a developer's own must not redirect the test's servers
-DB_URL_VARS = ("MLFLOW_BACKEND_STORE_URI", "PREFECT_API_DATABASE_CONNECTION_URL",
+DB_URL_VARS = ("MLFLOW_BACKEND_STORE_URI", "PREFECT_API_DATABASE_CONNECTION_URL", "MLFLOW_REGISTRY_URI",
                "PREFECT_SERVER_DATABASE_CONNECTION_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")
 
 
@@ -164,7 +164,7 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
         assert flow.returncode == 0, f"{flow.stdout[-3000:]}\n{flow.stderr[-5000:]}"
         phase("checkout + flow")
         version = json.loads((checkout / "reports/register.json").read_text())["version"]
-        client = MlflowClient(tracking_uri=uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         # a person promotes the challenger, as in the UI
         client.set_registered_model_alias(model, "champion", version)
         mv = client.get_model_version(model, version)
@@ -204,7 +204,7 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
         out = ok([SERVERS, "start"], env)
         assert "created" not in out and "PostgreSQL up" in out, out
         phase("restart")
-        client = MlflowClient(tracking_uri=uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         again = client.get_model_version(model, version)
         assert set(again.aliases) == {"challenger", "champion"} and again.run_id == mv.run_id
         assert client.get_model_version_by_alias(model, "champion").version == str(version)

@@ -5,6 +5,7 @@ nothing half-registered, the champion is re-checked, and aliases move forwards a
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -299,8 +300,16 @@ def test_non_inferiority_against_champion_then_promote_and_rollback(project, mon
 
     # the champion evaluated on another test set is re-scored here (same model -> same metrics)
     cl.set_model_version_tag(name, str(v1), "test_set_digest", "another-test-set")
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = (mlflow.get_registry_uri(), os.environ.get("MLFLOW_REGISTRY_URI"))
     _res, doc, gates = run_evaluate(settings)
     assert "re-scored" in gates["champion"]["source"]
+    # the re-score loads models:/ under MLflow's global registry URI, and must put it back: left set (and
+    # exported to MLFLOW_REGISTRY_URI), it sent a later MlflowClient of this process, and every subprocess
+    # it started, to this server's registry (CI: "Registered Model ... not found" on another server)
+    assert (mlflow.get_registry_uri(), os.environ.get("MLFLOW_REGISTRY_URI")) == before
     entries = {e["metric"]: e for e in gates["non_inferiority"]["entries"]}
     assert entries["f1"]["champion"] == pytest.approx(doc["test"]["f1"])
 

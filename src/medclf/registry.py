@@ -217,13 +217,13 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     import mlflow.pyfunc
 
     from medclf.serving import prepare
+    from medclf.tracking import mlflow_uri
 
     # the models:/ URI resolves against the *global* registry: without this it was MLflow's default local
     # SQLite file whenever the URI came from params.yaml rather than MLFLOW_TRACKING_URI ("not found")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
-        wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
+        with mlflow_uri(uri):
+            wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
     except Exception as err:  # the tags still give the gate its figures
         if not from_tags:
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -10,6 +11,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,34 @@ def configure(tracking_uri: str, experiment: str | None = None, attempts: int = 
             mlflow.MlflowClient(tracking_uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(exp.experiment_id)
     return ""
+
+
+@contextlib.contextmanager
+def mlflow_uri(uri: str) -> Iterator[None]:
+    """MLflow's *global* tracking and registry URIs set to `uri` for one block, then restored, with the
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI environment variables that setting them also writes.
+
+    `models:/` URIs resolve against the global registry, so loading a registered model needs it set; left
+    set, it redirected every later `MlflowClient(tracking_uri=other)` of the process, and every subprocess
+    it started, to this server's registry (a test saw "Registered Model ... not found" on its own server)."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, [os.environ.get(n) for n in names])
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved[0], saved[1]
+        for name, value in zip(names, saved[2], strict=True):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def final_step(train_run: dict[str, Any]) -> int:
