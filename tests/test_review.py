@@ -200,11 +200,14 @@ def test_model_card_states_the_recipe_as_it_ran_and_the_json_carries_the_same_fa
     from medclf.model_card import model_card, model_card_json
 
     meta = {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "image_size": 96, "channels": 1}
-    train = {"backbone": "mobilenet_v2", "head_lr": 0.001, "dropout": 0.2, "seed": 1234, "tune": {"trials": 20}}
+    train = {"backbone": "mobilenet_v2", "head_lr": 0.001, "dropout": 0.2, "seed": 1234, "tune": {"trials": 20},
+             "input_size": "auto"}
     tune = {"params": {"head_lr": 0.0042}, "study": "train-abc", "trials": {"complete": 18, "pruned": 2, "fail": 0},
             "best_trial_val_auc": 0.981, "final_val_auc": 0.979}
-    train_run = {"backbone": "mobilenet_v2", "weights": "torch", "tune": tune, "calibration": {"temperature": 1.7}}
+    train_run = {"backbone": "mobilenet_v2", "weights": "torch", "tune": tune, "calibration": {"temperature": 1.7},
+                 "input_size": 128}
     md = model_card("DESCRIPTION", meta, PROV, train_run, {"train": 800, "val": 100, "test": 100}, train)
+    assert "input_size `auto (128 px)`" in md  # the size the backbone saw, not just "auto"
     assert "head_lr `0.0042`" in md and "head_lr `0.001`" not in md and "dropout `0.2`" in md
     assert "study `train-abc`" in md and "chosen trial val AUC 0.981, final fit 0.979" in md
     assert "regulatory clearance" in md and md.rstrip().endswith("DESCRIPTION")

@@ -172,6 +172,27 @@ def test_saved_model_loads_safely_with_resizing_and_reproduces(tmp_path):
     assert np.allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
 
 
+def test_input_size_auto_upsamples_small_images_for_pretrained_weights_only():
+    """`train.input_size: auto` (the default): pretrained backbones see images under 96 px upsampled to twice
+    their size within 96..128 (the measured gain, docs/PERFORMANCE.md "Small images"); from scratch only up to
+    the backbone's minimum; an explicit size or null is kept. The built model carries the resize layer."""
+    from medclf.modeling import build_model, resolve_input_size
+
+    pre = "offline:mobilenet_v2"
+    assert [resolve_input_size("auto", "mobilenet_v2", s, pre) for s in (28, 32, 48, 64, 80, 96, 224)] == [
+        96, 96, 96, 128, 128, None, None]
+    assert resolve_input_size("auto", "mobilenet_v2", 28, "imagenet") == 96
+    assert resolve_input_size("auto", "mobilenet_v2", 28, "none") == 32  # the backbone's minimum, no more
+    assert resolve_input_size("auto", "mobilenet_v2", 64, "none") is None
+    assert resolve_input_size("auto", "inception_v3", 64, "none") == 75
+    assert resolve_input_size(48, "mobilenet_v2", 28, pre) == 48 and resolve_input_size(None, "resnet50", 28, pre) is None
+    with pytest.raises(ValueError, match="needs images of at least 32px"):
+        build_model("mobilenet_v2", 2, 28, 1, width=0.35, input_size=None)
+    model, info = build_model("mobilenet_v2", 2, 28, 1, width=1.0, input_size="auto", weights=pre)
+    assert model.get_layer("resize").output.shape[1:3] == (96, 96) and info["input_size"] == 96
+    assert model.input_shape[1:3] == (28, 28)  # serving still takes the ingest size
+
+
 def test_weights_from_a_local_keras_file(tmp_path):
     import keras
 

@@ -155,6 +155,8 @@ def recipe(train: dict[str, Any], train_run: dict[str, Any]) -> dict[str, Any]:
     """The training recipe as it ran: params.yaml's `train` values, with a `train.tune` search's choice applied."""
     tune = train_run.get("tune") or {}
     out = {k: train[k] for k in RECIPE_KEYS if k in train} | dict(tune.get("params") or {})
+    if out.get("input_size") == "auto" and train_run.get("input_size"):
+        out["input_size"] = f"auto ({train_run['input_size']} px)"  # the size the backbone saw
     if tune:
         out["tuned"] = {"keys": sorted(tune.get("params") or {}), "study": tune.get("study"),
                         "trials": tune.get("trials"), "best_trial_val_auc": tune.get("best_trial_val_auc"),
