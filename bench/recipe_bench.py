@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/recipe_bench.py --images 500 --size 28 --seeds 1234 1 2 \
         [--set train.input_size=96 --set train.finetune_lr=1e-5 ...] [--label NAME] [--out FILE.json]
+    .venv/bin/python bench/recipe_bench.py --raw ../shared/data/chest_xray/train --size 128   # the full set
 
 The subsample is bench/tune_bench.py's: whole patients of the embedded real demo (`data/demo/batch1`), in the
 order of their pseudonyms, classes alternating, until `--images` images; ingest splits it by patient at
-`--size` px. The recipe is the repository's `params.yaml` with each `--set dotted.key=value` (YAML value) applied.
+`--size` px. With `--raw DIR` the whole class-folder set in DIR is used instead (Kermany file names: the patient
+is the `person<N>` / `IM-<N>` prefix), read in place. The recipe is the repository's `params.yaml` with each `--set dotted.key=value` (YAML value) applied.
 For each seed, the stages run as `medclf` processes (ingest, validate, augment, train, evaluate) in a scratch
 project with a local SQLite MLflow store. Printed: the test split's ROC-AUC, accuracy, sensitivity, specificity and
 F1 at the threshold chosen on validation, per seed and mean +- sd, the train stage's wall time, and the machine's
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
+    ap.add_argument("--raw", type=Path, help="a whole class-folder set (Kermany names) instead of the subsample")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--label", default="")
     ap.add_argument("--workdir", type=Path)
@@ -49,10 +53,17 @@ def main() -> None:
     args = ap.parse_args()
     dq = _demo_quality()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="medclf-recipe-bench-"))
-    raw = work / "raw"
-    counts = subsample(raw, args.images) if not raw.exists() else {}
+    if args.raw:
+        sys.path.insert(0, str(ROOT))
+        from tests.conftest import KERMANY_REGEX
+
+        raw = args.raw.resolve()
+        counts = {d.name: sum(1 for _ in d.glob("*.jpeg")) for d in sorted(raw.iterdir()) if d.is_dir()}
+    else:
+        raw = work / "raw"
+        counts = subsample(raw, args.images) if not raw.exists() else {}
     label = args.label or (" ".join(args.set) or "params.yaml")
-    print(f"recipe: {label}; {args.images} images at {args.size} px {counts}; seeds {args.seeds}; load {dq.load1()}",
+    print(f"recipe: {label}; {sum(counts.values()) if args.raw else args.images} images at {args.size} px {counts}; seeds {args.seeds}; load {dq.load1()}",
           flush=True)
     rows = []
     for seed in args.seeds:
@@ -60,6 +71,8 @@ def main() -> None:
         params = dq.write_params(work / f"seed{seed}", raw, seed, uri)
         data = yaml.safe_load(params.read_text())
         data["ingest"]["image_size"] = args.size
+        if args.raw:
+            data["ingest"]["source"]["patient_id_regex"] = KERMANY_REGEX
         for s in args.set:
             apply(data, s)
         params.write_text(yaml.safe_dump(data, sort_keys=False))
