@@ -59,9 +59,9 @@ def register_keras(keras_path: Path, classes_json: Path, gates_json: Path | None
     """Log `keras_path` as the serving pyfunc (as `medclf register` does) in a SQLite registry; alias `bench`.
     Returns (model URI, tracking URI, what the model is)."""
     import keras
+    import mlflow
     import mlflow.pyfunc
 
-    import mlflow
     from medclf.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, load_keras, signature
 
     meta = json.loads(classes_json.read_text())

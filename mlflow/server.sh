@@ -62,9 +62,11 @@ case "${1:-start}" in
     fi
     # the backend URI through the environment (mlflow's own MLFLOW_BACKEND_STORE_URI), not the command line:
     # a PostgreSQL URI holds a password, and every local user can read `ps`
+    # appended, not truncated: a restart keeps the log of the run before it (what a failure needs)
+    echo "== $(date -u +%FT%TZ) medclf: starting MLflow on $host:$port" >>"$store/server.log"
     MLFLOW_BACKEND_STORE_URI="$backend" nohup "$mlflow_bin" server --host "$host" --port "$port" --workers 1 \
       --artifacts-destination "$artifacts" "${extra[@]}" \
-      >"$store/server.log" 2>&1 &
+      >>"$store/server.log" 2>&1 &
     echo $! >"$pidfile"
     masked "$backend" >"$store/server.backend"
     for _ in $(seq 1 300); do

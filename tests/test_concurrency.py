@@ -343,6 +343,7 @@ def test_the_registry_keeps_the_lowest_version_of_a_model_and_reads_its_aliases(
     model (file sha256 + training run) the lowest number is the one to keep; and a version found for reuse comes
     with its aliases (MLflow's search returns none), so a reused champion is not given the challenger alias."""
     import mlflow
+
     from medclf.stages.register import _existing, _first_of_model
 
     cl, name = mlflow.MlflowClient(mlflow_server, mlflow_server), f"race-{uuid.uuid4().hex[:8]}"

@@ -120,10 +120,10 @@ def test_servers_script_refuses_clearly_without_postgres(tmp_path):
 @pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL's initdb and pg_ctl are not on PATH (Debian: postgresql-15, "
                     "/usr/lib/postgresql/15/bin): the MEDCLF_DB=postgres backend needs a real cluster")
 def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
+    from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
     from medclf.model_card import CARD_ARTIFACT
-    from mlflow import MlflowClient
 
     bucket, model = f"medclf-pg-{uuid.uuid4().hex[:8]}", f"pgtest-{uuid.uuid4().hex[:8]}"
     s3 = s3_client(s3_server)
@@ -138,6 +138,7 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
            "PREFECT_PORT": str(prefect_port), "PREFECT_HOME": str(tmp_path / "prefect")}
     uri, api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
     clock, phases = time.time(), []
+    flow: subprocess.CompletedProcess[str] | None = None
 
     def phase(name: str) -> None:  # where the time goes, printed at the end (pytest -s, or on failure)
         nonlocal clock
@@ -216,7 +217,12 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
         in_postgres()
         phase("checks after restart")
     finally:
+        # pytest shows this only when the test fails: what the flow and the MLflow server said
         print("phases:", ", ".join(phases))
+        if flow is not None:
+            print("--- flow stderr (tail) ---\n", flow.stderr[-4000:])
+        with contextlib.suppress(OSError):
+            print("--- MLflow server.log (tail) ---\n", (tmp_path / "mlflow/server.log").read_text()[-4000:])
         script([SERVERS, "stop"], env, timeout=200)
         kill_cluster(pgdir)
         shutil.rmtree(pgdir, ignore_errors=True)

@@ -60,9 +60,8 @@ def leaks(text: str, needles: set[str]) -> list[str]:
 
 def mlflow_text(uri: str, run_id: str, download_to: Path) -> str:
     """Every param, tag, dataset input and artifact (bytes decoded leniently) of a run, as one text."""
-    from mlflow.artifacts import download_artifacts
-
     from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
 
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     parts = [json.dumps(run.data.params), json.dumps(run.data.tags), run.info.run_name or ""]

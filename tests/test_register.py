@@ -210,10 +210,10 @@ def test_failure_after_creating_the_registered_model_deletes_it(project, tmp_pat
     """First registration under a name that does not exist yet: this call creates the registered model, then
     the server refuses the alias (`latest` is reserved) -> the version AND the registered model are deleted.
     (In suite order the project's model already exists, so the test above never reaches that branch.)"""
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from medclf.stages import register
-    from mlflow import MlflowClient
 
     root, settings = project
     fresh = f"{settings.registry.model_name}-fresh-{uuid.uuid4().hex[:6]}"

@@ -134,9 +134,9 @@ def test_run_metrics_are_point_values_and_the_cis_go_to_one_table():
 
 # ----------------------------------------------------------------------------- against a real MLflow server
 def test_experiment_opens_on_training_runs_and_splits_are_dataset_inputs(mlflow_server, tmp_path):
+    import mlflow
     import numpy as np
 
-    import mlflow
     from medclf.stages.train import Tracker, split_counts
     from medclf.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure
 
@@ -163,6 +163,7 @@ def test_experiment_opens_on_training_runs_and_splits_are_dataset_inputs(mlflow_
 def test_identical_model_bytes_and_inputs_from_another_run_are_not_registered_again(mlflow_server):
     """Registry hygiene: a forced rerun that reproduced the same file from the same data finds the old version."""
     import mlflow
+
     from medclf.stages.register import _existing
 
     cl, name = mlflow.MlflowClient(mlflow_server, mlflow_server), "review-dedupe"

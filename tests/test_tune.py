@@ -33,11 +33,11 @@ def test_space_keys_are_checked(make_settings):
 @pytest.mark.slow
 def test_tune_searches_on_val_nests_trials_in_mlflow_and_resumes(make_settings, mlflow_server, monkeypatch):
     import optuna
+    from mlflow import MlflowClient
 
     from medclf import catalog
     from medclf.stages import augment, ingest, train
     from medclf.training import tuning
-    from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     s = make_settings({"train": TUNE, "mlflow": {"tracking_uri": mlflow_server},

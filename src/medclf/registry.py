@@ -34,8 +34,9 @@ class RegistryError(RuntimeError):
 
 def client(settings: Settings, attempts: int = 5) -> Any:
     """An MlflowClient for the configured server, after the reachability check (with retries)."""
-    from medclf.tracking import configure
     from mlflow import MlflowClient
+
+    from medclf.tracking import configure
 
     uri = settings.mlflow.resolved_uri()
     configure(uri, attempts=attempts)
@@ -185,10 +186,10 @@ def champion_reference(settings: Settings, test_digest: str, x_test: Any, y_test
     import json
 
     import numpy as np
+    from mlflow import MlflowClient
 
     from medclf import metrics as M
     from medclf.tracking import TrackingUnavailable, wait_for_server
-    from mlflow import MlflowClient
 
     uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
     base: dict[str, Any] = {"alias": alias, "checked": False, "version": None, "server_reachable": True}

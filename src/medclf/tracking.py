@@ -87,10 +87,9 @@ def mlflow_uri(uri: str) -> Iterator[None]:
     `models:/` URIs resolve against the global registry, so loading a registered model needs it set; left
     set, it redirected every later `MlflowClient(tracking_uri=other)` of the process, and every subprocess
     it started, to this server's registry (a test saw "Registered Model ... not found" on its own server)."""
+    import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    import mlflow
 
     names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, [os.environ.get(n) for n in names])

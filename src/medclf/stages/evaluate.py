@@ -315,9 +315,8 @@ def reachable(uri: str) -> bool:
 def _log_to_mlflow(settings: Settings, inp: dict[str, Any], doc: dict[str, Any], gates: dict[str, Any],
                    report_dir: Path, online: bool) -> str:
     """Metrics + pictures into the training run; a note (not a failure) when that is impossible."""
-    from mlflow.entities import Metric, RunTag
-
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
 
     run_id = inp["train_run"].get("run_id")
     if not run_id:

@@ -131,13 +131,13 @@ def _png_example(meta: dict[str, Any]) -> Any:
 def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gates: dict[str, Any],
                 run_id: str, step: int, card: str, card_json: dict[str, Any]) -> tuple[Any, Any]:
     """Log the serving pyfunc (with input example + signature) and the Keras flavour into the run."""
+    import mlflow
     import mlflow.keras
     import mlflow.pyfunc
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    import mlflow
     from medclf.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, load_keras, signature
 
     cfg = ServingConfig(classes=list(meta["classes"]), positive_class=str(meta["positive_class"]),

@@ -134,6 +134,10 @@ def search(cfg: Train, augment: Any, data: Data, paths: Paths, rt: Runtime, trac
             trun.close()
             child.end(status)
             shutil.rmtree(tpaths.cache_dir, ignore_errors=True)
+            del trun
+            # each trial builds a new model: without this, 20 trials keep 20 graphs' state in this process,
+            # and the final fit starts from a different global state than the first trial did
+            keras.utils.clear_session(free_memory=True)
 
     if remaining is None or remaining > 0:
         timeout = cfg.tune.timeout_minutes * 60 or None
