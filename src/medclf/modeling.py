@@ -84,7 +84,7 @@ def resolve_input_size(input_size: int | str | None, backbone: str, image_size: 
     """`train.input_size` as built: an explicit size or None as given; `auto` -> the size the backbone sees.
 
     Pretrained weights: images under 96 px are upsampled to twice their size, within 96..128 (28 -> 96,
-    64 -> 128), measured on 500 real chest X-rays, 3 seeds (docs/PERFORMANCE.md, "Small images"): at 28 px
+    64 -> 128), measured on 500 real chest X-rays, 3 seeds (docs/PERFORMANCE.md, "The adaptive recipe"): at 28 px
     test AUC 0.968 vs 0.806 at 32 px; at 64 px 0.987 vs 0.978. From scratch nothing is upsampled beyond the
     backbone's smallest size (there are no 224 px features to match, only cost). None = no resize layer."""
     if input_size != "auto":
