@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"backbone": "mobilenet_v2", "width": 0.35, "batch_size": 16}
+TINY = {"backbone": "mobilenet_v2", "width": 0.35, "batch_size": 16, "input_size": None}  # no upsampling: fast
 
 
 def _env(**extra: str) -> dict[str, str]:
