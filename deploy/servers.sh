@@ -30,10 +30,12 @@ pg() { bash "$root/deploy/postgres.sh" "$@"; }
 prefect_db_url="${PREFECT_SERVER_DATABASE_CONNECTION_URL:-${PREFECT_API_DATABASE_CONNECTION_URL:-}}"
 
 prefect_up() { curl -fsS "$api/health" >/dev/null 2>&1; }
+# the local cluster serves whichever of the two databases was not given explicitly
+needs_cluster() { [ "$db" = postgres ] && { [ -z "${MLFLOW_BACKEND_STORE_URI:-}" ] || [ -z "$prefect_db_url" ]; }; }
 
 case "${1:-start}" in
   start)
-    if [ "$db" = postgres ] && { [ -z "${MLFLOW_BACKEND_STORE_URI:-}" ] || [ -z "$prefect_db_url" ]; }; then
+    if needs_cluster; then
       pg start
       [ -n "${MLFLOW_BACKEND_STORE_URI:-}" ] || { MLFLOW_BACKEND_STORE_URI="$(pg url mlflow)"; export MLFLOW_BACKEND_STORE_URI; }
       [ -n "$prefect_db_url" ] || prefect_db_url="$(pg url prefect)"
@@ -90,7 +92,7 @@ case "${1:-start}" in
       echo "Prefect: up: http://$host:$port  (database $(cat "$PREFECT_HOME/server.backend" 2>/dev/null || echo '?'))"
     else echo "Prefect: down"; rc=1; fi
     if [ "$db" = postgres ] || [ -d "${MEDCLF_PG_DIR:-$root/.pg}/data" ]; then
-      pg status | sed 's/^/PostgreSQL: /' || { [ "$db" != postgres ] || rc=1; }
+      pg status | sed 's/^/PostgreSQL: /' || { ! needs_cluster || rc=1; }
     fi
     exit $rc ;;
   prefect-url)

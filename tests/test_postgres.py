@@ -116,6 +116,27 @@ def test_servers_script_refuses_clearly_without_postgres(tmp_path):
         script([SERVERS, "stop"], env, timeout=200)
 
 
+def test_explicit_database_urls_win_over_the_local_cluster(tmp_path):
+    """MEDCLF_DB=postgres with both URLs given explicitly (a shared database server of one's own): no local
+    cluster is created or needed (initdb is not even on PATH here), and each server uses the URL it was given."""
+    env = {"MEDCLF_DB": "postgres", "PATH": "/usr/bin:/bin", "MEDCLF_PG_DIR": str(tmp_path / "pg"),
+           "MLFLOW_PORT": str(free_port()), "PREFECT_PORT": str(free_port()),
+           "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/explicit-mlflow.db",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/explicit-prefect.db"}
+    if shutil.which("initdb", path=env["PATH"]):
+        pytest.skip("initdb is in /usr/bin here: no PATH without it to prove the cluster is not needed")
+    try:
+        out = ok([SERVERS, "start"], env)
+        assert f"(backend sqlite:///{tmp_path}/explicit-mlflow.db)" in out, out
+        status = ok([SERVERS, "status"], env)
+        assert f"(database sqlite+aiosqlite:///{tmp_path}/explicit-prefect.db)" in status, status
+        assert (tmp_path / "explicit-mlflow.db").exists() and (tmp_path / "explicit-prefect.db").exists()
+        assert not (tmp_path / "pg").exists(), "a local cluster was created although both URLs were given"
+    finally:
+        script([SERVERS, "stop"], env, timeout=200)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL's initdb and pg_ctl are not on PATH (Debian: postgresql-15, "
                     "/usr/lib/postgresql/15/bin): the MEDCLF_DB=postgres backend needs a real cluster")
