@@ -86,7 +86,7 @@ def main() -> None:
         rows.append(row)
         print(f"  seed {seed:<5d} " + "  ".join(f"{short} {row[k]:.3f}" for k, short in METRICS)
               + f"  (n={row['n_test']}, train {row['train_s']:.0f} s, load {row['load']})", flush=True)
-    summary: dict[str, Any] = {"recipe": label, "images": args.images, "size": args.size, "seeds": args.seeds}
+    summary: dict[str, Any] = {"recipe": label, "images": sum(counts.values()) if args.raw else args.images, "size": args.size, "seeds": args.seeds}
     parts = []
     for k, short in METRICS:
         vals = [r[k] for r in rows if r[k] is not None]
