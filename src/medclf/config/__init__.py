@@ -306,7 +306,7 @@ class Gates(_Section):
 
 class Evaluate(_Section):
     threshold_rule: Literal["target_sensitivity", "max_f1", "youden"] = "target_sensitivity"
-    target_sensitivity: float = Field(0.9, gt=0, le=1)
+    target_sensitivity: float = Field(0.95, gt=0, le=1)
     bootstrap: int = Field(500, ge=0)
     seed: int = 0
     gradcam_n: int = Field(4, ge=0)
