@@ -174,7 +174,7 @@ def test_saved_model_loads_safely_with_resizing_and_reproduces(tmp_path):
 
 def test_input_size_auto_upsamples_small_images_for_pretrained_weights_only():
     """`train.input_size: auto` (the default): pretrained backbones see images under 96 px upsampled to twice
-    their size within 96..128 (the measured gain, docs/PERFORMANCE.md "Small images"); from scratch only up to
+    their size within 96..128 (the measured gain, docs/PERFORMANCE.md "The adaptive recipe"); from scratch only up to
     the backbone's minimum; an explicit size or null is kept. The built model carries the resize layer."""
     from medclf.modeling import build_model, resolve_input_size
 
