@@ -93,3 +93,50 @@ def test_git_commit_is_dirty_for_code_changes_but_not_for_the_run_record(tmp_pat
     assert git_commit(tmp_path) == head
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert git_commit(tmp_path) == f"{head}-dirty"
+
+
+def test_quarantined_rows_are_counted_as_quarantined_not_added():
+    """Issue 22, row 11b: ingest's manifest lists quarantined inputs too (status `quarantined`); they were counted
+    as images "added" to the dataset. Only usable images are added, removed or changed; the rest is quarantined."""
+    def with_status(rows: list[tuple[str, str | None, str, str]]) -> pd.DataFrame:
+        return pd.DataFrame(rows, columns=["source_uri", "sha256", "label", "status"])
+
+    ok = [(*r, "ok") for r in BASE]
+    first = diff_manifests(None, with_status(ok + [("raw/normal/bad.png", None, "normal", "quarantined")]))
+    assert first["added"] == 4 and first["quarantined"] == 1, first
+    assert describe(first) == "first ingest: 4 images, 1 quarantined"
+    # the same source again, plus one more unreadable file and one good image that now fails to decode
+    again = with_status(ok[1:] + [("raw/normal/a.png", None, "normal", "quarantined"),
+                                  ("raw/normal/bad.png", None, "normal", "quarantined"),
+                                  ("raw/normal/bad2.png", None, "normal", "quarantined")])
+    ch = diff_manifests(with_status(ok + [("raw/normal/bad.png", None, "normal", "quarantined")]), again)
+    counts = {k: ch[k] for k in ("added", "removed", "changed", "relabelled", "moved", "quarantined")}
+    assert counts == {"added": 0, "removed": 0, "changed": 0, "relabelled": 0, "moved": 0, "quarantined": 3}, ch
+    assert ch["unchanged"] == 3 and ch["examples"]["quarantined"][0] == "raw/normal/a.png"
+    assert describe(ch) == "3 quarantined"
+    # a file that was quarantined and is now readable joins the dataset: added
+    fixed = diff_manifests(again, with_status(ok))
+    assert fixed["added"] == 1 and fixed["quarantined"] == 0 and fixed["removed"] == 0, fixed
+
+
+def test_ingest_change_report_counts_a_corrupt_file_as_quarantined(tmp_path, make_settings):
+    """The real ingest, on real chest X-rays with one truncated JPEG: its change report says 1 quarantined,
+    not 1 image more; a second run on the same source reports nothing added or removed."""
+    import shutil
+
+    from medclf.stages import ingest
+    from tests.test_source_snapshot import DEMO_REGEX, demo_folder
+
+    root = demo_folder(tmp_path / "raw", per_class=20)
+    first = min((root / "NORMAL").iterdir())
+    shutil.copy(first, root / "NORMAL" / "ptffffffffff_1.jpeg")
+    (root / "NORMAL" / "ptffffffffff_1.jpeg").write_bytes(first.read_bytes()[:300])  # truncated: quarantined
+    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root), "patient_id_regex": DEMO_REGEX},
+                                  "image_size": 32}})
+    summary = ingest.run(s)
+    assert summary["quarantined"] == 1 and summary["images"] == 40
+    ch = summary["changes"]
+    assert ch["first"] and ch["added"] == 40 and ch["quarantined"] == 1, ch
+    again = ingest.run(s)["changes"]
+    assert again["added"] == 0 and again["removed"] == 0 and again["quarantined"] == 1, again
+    assert again["unchanged"] == 40

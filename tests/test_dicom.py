@@ -13,6 +13,8 @@ from pydicom.pixels import convert_color_space, get_decoder
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
@@ -307,3 +309,58 @@ def test_manifest_patient_column_wins_over_the_dicom_patient_id(tmp_path) -> Non
     assert [r.patient_id for r in scan.records] == ["COL0", "TAG1", "COL2"]  # a blank cell falls back to the tag
     scan = scan_manifest(str(tmp_path / "m.csv"), None, kind="image")
     assert [r.patient_id for r in scan.records] == ["COL0", None, "COL2"]  # images have no tags to read
+
+
+# ----------------------------------------------------------------------------- issue 22, rows 11d and 11f
+def _after_dicm_marker(payload: bytes) -> bytes:
+    return bytes(128) + b"DICM" + payload
+
+
+@pytest.mark.filterwarnings("ignore:VR lookup failed", "ignore:Expected explicit VR", "ignore:Unknown encoding")
+def test_a_non_dicom_dcm_is_not_a_dicom_file_rather_than_truncated() -> None:
+    """Row 11d: bytes that are not DICOM elements were reported as "file is truncated in element (5C36,0F95)",
+    because pydicom takes the garbage for an element of gigabytes and keeps the short rest as its value:
+    - the 'DICM' marker, then no DICOM at all (a text file, a PNG, random bytes after a 132-byte header);
+    - no marker, one plausible first element, then garbage."""
+    from PIL import Image
+
+    rng = np.random.default_rng(22)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, format="PNG")
+    for data in (_after_dicm_marker(b"this is a text file, not a DICOM data set " * 5),
+                 _after_dicm_marker(buf.getvalue()),
+                 _after_dicm_marker(rng.integers(0, 256, 400, dtype=np.uint8).tobytes()),
+                 b"\x08\x00\x16\x00UI\x04\x001.2\x00" + rng.integers(0, 256, 100, dtype=np.uint8).tobytes()):
+        with pytest.raises(DecodeError, match="^not a DICOM file$"):
+            decode_dicom(data)
+    # ... while a real file cut short is still "truncated", wherever it is cut
+    whole = make_dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096)
+    for end in (150, 200, 300, len(whole) - 100):
+        with pytest.raises(DecodeError, match="file is truncated"):
+            decode_dicom(whole[:end])
+
+
+def test_garbage_inside_a_real_dicom_header_is_corrupt_not_truncated() -> None:
+    """A real header (file meta + patient) whose next element is garbage: the file is DICOM, but damaged."""
+    ds = make_dataset(None)
+    good = to_bytes(ds)
+    bad = good + b"\x34\x12\x78\x56OB\x00\x00" + (1 << 30).to_bytes(4, "little") + bytes(50)
+    with pytest.raises(DecodeError, match=r"^DICOM header cannot be parsed: .*\(1234,5678\) is not a DICOM element"):
+        decode_dicom(bad)
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEG2000Lossless])
+def test_decode_reasons_carry_no_memory_address(syntax: UID) -> None:
+    """Row 11f: a compressed frame that is not an image gave "... pillow: cannot identify image file
+    <_io.BytesIO object at 0x7f96c3a91b20>" (a different text each run, on two lines): one line, no address."""
+    from medclf.images import decode_bytes
+
+    ds = make_dataset(np.zeros((8, 8), np.uint8), bits_stored=8, transfer_syntax=syntax)
+    ds.PixelData = encapsulate([b"not a compressed frame " * 8])
+    ds["PixelData"].VR = "OB"
+    for decode in (lambda b: decode_dicom(b), lambda b: decode_bytes(b, 10_000, name="x.dcm")):
+        with pytest.raises(DecodeError, match="^DICOM pixel data cannot be decoded: ") as info:
+            decode(to_bytes(ds))
+        reason = str(info.value)
+        assert "0x" not in reason and "object at" not in reason and "\n" not in reason, reason
+        assert "cannot identify image file" in reason, reason

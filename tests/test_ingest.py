@@ -186,11 +186,13 @@ def test_unknown_and_missing_labels_from_manifest(tmp_path, make_settings):
 
 @pytest.mark.parametrize("bad", ["../outside.png", "/etc/passwd", "img/../../x.png"])
 def test_manifest_path_traversal_is_rejected(tmp_path, make_settings, bad):
+    """The row is refused, never read, and quarantined naming the manifest line (issue 22, row 11a: it used to
+    fail the whole manifest; tests/test_names.py has a manifest whose other rows ingest)."""
     raw = tmp_path / "raw"
     raw.mkdir()
     pd.DataFrame([{"path": bad, "label": "a"}]).to_csv(raw / "m.csv", index=False)
     s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "m.csv")}}})
-    with pytest.raises(SourceError, match=r"m\.csv line 2: path .*(escapes its root|is absolute)"):
+    with pytest.raises(IngestError, match=r"path .*(escapes its root|is absolute).* \(listed at .*m\.csv line 2\)"):
         invoke("ingest", s)
 
 
@@ -392,13 +394,13 @@ def test_exact_duplicates_stay_in_one_split(tmp_path, make_settings):
 # --------------------------------------------------------------------------- issue 12
 def test_positive_class_must_be_among_the_inferred_classes(tmp_path, make_settings):
     """Row 4 (classes: null): classes.json used to name COVID, which no image has, as the positive class."""
-    root = make_folder(tmp_path / "raw", per_class=4)
+    root = make_folder(tmp_path / "raw", per_class=8)  # 4 patients per class: no split comes out empty
     s = folder_settings(make_settings, root, positive_class="COVID")
     with pytest.raises(IngestError, match=r"ingest\.positive_class 'COVID' is not one of the classes found"):
         invoke("ingest", s)
     assert not (s.paths.ingest_dir / "classes.json").exists()
     out = invoke("ingest", folder_settings(make_settings, root, positive_class="NORMAL"))
-    assert out["images"] == 8
+    assert out["images"] == 16
 
 
 def test_missing_manifest_file_names_the_manifest_line_and_path(tmp_path, make_settings):
@@ -443,7 +445,7 @@ def test_failed_run_on_a_missing_source_creates_no_salt(tmp_path, make_settings,
         with pytest.raises(SourceError, match="no such directory"):
             invoke("ingest", s)
         assert not (tmp_path / "secrets").exists(), "a failed run created the patient-id salt"
-        invoke("ingest", folder_settings(make_settings, make_folder(tmp_path / "raw", per_class=4)))
+        invoke("ingest", folder_settings(make_settings, make_folder(tmp_path / "raw", per_class=8)))
         assert len((tmp_path / "secrets/patient_salt").read_text()) == 64  # a good run still creates it
     finally:
         privacy._salt.cache_clear()
@@ -491,3 +493,33 @@ def test_jpeg_original_size_is_the_files_not_the_draft_decode(tmp_path, make_set
     assert len(rgb) == len(grey) == 8
     assert (rgb.orig_height == 200).all() and (rgb.orig_width == 200).all() and (rgb.orig_channels == 3).all()
     assert (grey.orig_height == 200).all() and (grey.orig_width == 150).all() and (grey.orig_channels == 1).all()
+
+
+def test_a_split_that_comes_out_empty_is_an_error_naming_the_counts(tmp_path, make_settings):
+    """Issue 22, row 10: four patients (two per class) of real chest X-rays: the patient split carves test and
+    val out of each class, and train came out empty. Validate passed that (split_fractions is a warning) and augment
+    failed later. Now ingest refuses it, naming patients and images per split and the fractions, writes no dataset
+    and records the failure."""
+    import json
+    import shutil
+
+    from tests.test_source_snapshot import DEMO_REGEX
+
+    root = tmp_path / "raw"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        files = sorted((Path(__file__).parents[1] / "data/demo/batch1" / cls).glob("pt*_1.jpeg"))[:2]
+        for f in files:  # two patients, one image each
+            shutil.copy(f, root / cls / f.name)
+    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root), "patient_id_regex": DEMO_REGEX},
+                                  "splits": {"val_fraction": 0.15, "test_fraction": 0.2}}})
+    with pytest.raises(IngestError) as err:
+        invoke("ingest", s)
+    msg = str(err.value)
+    assert "the train split is empty" in msg, msg
+    assert "train 0 patients / 0 images" in msg and "val 2 patients / 2 images" in msg, msg
+    assert "test 2 patients / 2 images" in msg and "4 patients, 4 images" in msg, msg
+    assert "ingest.splits.val_fraction=0.15" in msg and "test_fraction=0.2" in msg, msg
+    assert not (s.paths.ingest_dir / "manifest.parquet").exists()
+    failed = json.loads((s.paths.reports_dir / "ingest" / "failed_run.json").read_text())
+    assert failed["status"] == "failed" and "train split is empty" in failed["error"]

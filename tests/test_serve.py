@@ -136,6 +136,29 @@ def test_predict_files_folders_dicom_match_in_process_model(registered, tmp_path
     assert (df["threshold"] == r["threshold"]).all()
 
 
+def test_registered_model_carries_its_modality_and_refuses_a_colour_photo(registered, tmp_path):
+    """Issue 22, row 5: `medclf register` writes `ingest.modality` into the model_config, so the served model refuses
+    a colour picture for a greyscale modality (here the default chest_xray) and still scores a grey image."""
+    import mlflow.pyfunc
+
+    from medclf.predict import predict_paths
+    from medclf.tracking import mlflow_uri
+    from tests.test_modality import gradient
+
+    r = registered
+    uri = f"models:/{r['reg']['model_name']}@challenger"
+    with mlflow_uri(r["settings"].mlflow.resolved_uri()):
+        cfg = mlflow.pyfunc.load_model(uri).unwrap_python_model().cfg
+    assert cfg.modality == r["settings"].ingest.modality == "chest_xray"
+    Image.fromarray(gradient(64)).save(tmp_path / "photo.png")
+    Image.fromarray(r["x"][0][..., 0]).convert("RGB").save(tmp_path / "xray_rgb.png")
+    res = predict_paths([tmp_path / "photo.png", tmp_path / "xray_rgb.png"], uri, tmp_path / "out.csv",
+                        r["settings"])
+    df = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert res["refused"] == 1 and df["error"].iloc[0].startswith("refused: colour image"), df["error"].tolist()
+    assert df["error"].iloc[1] == ""
+
+
 def test_cli_predict_defaults_to_champion(registered, tmp_path):
     from medclf import registry
     from medclf.cli import main

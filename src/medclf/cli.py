@@ -87,8 +87,9 @@ def is_transient(err: BaseException) -> bool | None:
 
     Walks the exception and its causes: the first `transient` attribute (a bool, set on the class or the
     instance where the error is raised: `TrackingUnavailable`, `SourceChanged`, a `SourceError` of a
-    failed download, `GateFailed`, `ValidationFailed` ...) decides; else a failed connection or timeout, or
-    a service answering 429/5xx/throttling, anywhere in the chain, is transient."""
+    failed download, `GateFailed`, `ValidationFailed` ...) decides; a `UnicodeError` (a file name that is
+    not valid UTF-8) is not; else a failed connection or timeout, or a service answering 429/5xx/throttling,
+    anywhere in the chain, is transient."""
     seen: set[int] = set()
     cur: BaseException | None = err
     unknown = True
@@ -97,6 +98,8 @@ def is_transient(err: BaseException) -> bool | None:
         flag = getattr(cur, "transient", None)
         if isinstance(flag, bool):
             return flag
+        if isinstance(cur, UnicodeError):  # a name or text that cannot be encoded fails the same way again
+            return False
         if isinstance(cur, _network_types()):
             return True
         said = _status_transient(cur)

@@ -22,7 +22,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medclf.images import DecodeError, to_uint8
+from medclf.images import DecodeError, cause, to_uint8
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -44,7 +44,7 @@ def _read(data: bytes, stop_before_pixels: bool = False) -> Dataset:
         if not tags or tags[0] >> 16 not in (0x0002, 0x0008) or not _plausible_first(ds, tags[0]):
             raise DecodeError("not a DICOM file") from None
     except Exception as err:  # noqa: BLE001 - has the DICM marker but the header does not parse
-        raise DecodeError(f"DICOM header cannot be parsed: {type(err).__name__}: {err}") from None
+        raise DecodeError(f"DICOM header cannot be parsed: {type(err).__name__}: {cause(err)}") from None
     if not getattr(ds, "file_meta", None):
         ds.file_meta = FileMetaDataset()
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -90,10 +90,33 @@ def _check_truncation(ds: Dataset) -> None:
             if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
                 continue
             if elem.value is not None and len(elem.value) < elem.length:
+                if not _known_element(container, tag):
+                    # the bytes there are no DICOM element: pydicom read garbage as a tag and a huge length.
+                    # Fewer than two real elements read from the file (not the transfer syntax `_read` adds
+                    # to a preamble-less one) before it: the file was never DICOM.
+                    read = [(c, t) for c in (ds.file_meta, ds) for t in c.keys()  # noqa: SIM118
+                            if isinstance(c.get_item(t), RawDataElement)]
+                    if sum(_known_element(c, t) for c, t in read) < 2:
+                        raise DecodeError("not a DICOM file")
+                    raise DecodeError(f"DICOM header cannot be parsed: {elem.tag} is not a DICOM element "
+                                      "(the file is corrupt)")
                 raise DecodeError(
                     f"DICOM pixel data cannot be decoded: file is truncated in element {elem.tag} "
                     f"({len(elem.value)} of {elem.length} bytes present)"
                 )
+
+
+def _known_element(container: Dataset, tag: int) -> bool:
+    """A tag a DICOM writer could have put there: a standard one, a group length, a private creator, or a
+    private element whose creator is present. Garbage read as an element is almost never one of these."""
+    group, elem = tag >> 16, tag & 0xFFFF
+    if dictionary_has_tag(tag) or elem == 0x0000:
+        return True
+    if group % 2 == 0 or group in (0x0001, 0x0003, 0x0005, 0x0007, 0xFFFF):
+        return False
+    if 0x0010 <= elem <= 0x00FF:
+        return True
+    return (group << 16 | elem >> 8) in container and elem >> 8 >= 0x10
 
 
 def _first_float(value: Any) -> float | None:
@@ -190,7 +213,7 @@ def decode_dicom(data: bytes, *, max_pixels: int | None = None) -> np.ndarray:
     except DecodeError:
         raise
     except Exception as err:  # noqa: BLE001 - decoders raise many types; each is a quarantine reason
-        raise DecodeError(f"DICOM pixel data cannot be decoded: {type(err).__name__}: {err}") from None
+        raise DecodeError(f"DICOM pixel data cannot be decoded: {type(err).__name__}: {cause(err)}") from None
     if photometric == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: minimum value is white; flip after the VOI transform
     return out[..., None]

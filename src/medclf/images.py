@@ -13,14 +13,28 @@ import warnings
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Truncated files must raise, never decode as grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+_EXIF_ORIENTATION = 0x0112
+_TURNED = range(2, 9)  # 1 is upright; 2-8 are the mirrors and quarter turns of EXIF/TIFF Orientation
+
+
 class DecodeError(ValueError):
     """An input that cannot become an image; the message is the quarantine reason."""
+
+
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def cause(err: BaseException) -> str:
+    """An exception's text fit for a quarantine reason: one line, without the `<_io.BytesIO object at 0x7f...>`
+    that Pillow puts in "cannot identify image file" (an address that differs on every run and means nothing to
+    a reader; the file itself is named beside the reason: the quarantine's uri, predict's path)."""
+    return " ".join(_OBJECT_REPR.sub("", str(err)).split())
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -85,7 +99,7 @@ def decode_image_sized(data: bytes, max_pixels: int, channels: int | None = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             Image.MAX_IMAGE_PIXELS = max_pixels
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
                 raise DecodeError(f"decompression bomb: {w}x{h} pixels exceeds max_image_pixels={max_pixels}")
@@ -93,6 +107,15 @@ def decode_image_sized(data: bytes, max_pixels: int, channels: int | None = None
             if img.format == "JPEG" and img.mode in ("RGB", "L") and (channels or size):
                 img.draft("L" if channels == 1 else img.mode, (size, size) if size else img.size)
             img.load()
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)  # multi-page TIFF: the first page is the image
+            # EXIF (JPEG, TIFF, WebP, PNG eXIf) Orientation: the stored pixels are turned/mirrored and the tag
+            # says how to show them upright. Ignoring it trains on (and scores) the image sideways.
+            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            if orientation in _TURNED:
+                img = ImageOps.exif_transpose(img)
+                if orientation >= 5:  # 5-8 swap the axes: report the file's own size as it is shown
+                    w, h = h, w
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -103,11 +126,9 @@ def decode_image_sized(data: bytes, max_pixels: int, channels: int | None = None
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
     except OSError as err:
-        raise DecodeError(f"truncated or corrupt image: {err}") from None
+        raise DecodeError(f"truncated or corrupt image: {cause(err)}") from None
     except (ValueError, SyntaxError, EOFError) as err:
-        raise DecodeError(f"corrupt image: {err}") from None
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)  # multi-page TIFF: the first page is the image
+        raise DecodeError(f"corrupt image: {cause(err)}") from None
     arr = _pil_to_array(img)
     return arr, (h, w, 3 if file_rgb else int(arr.shape[2]))
 

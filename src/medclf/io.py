@@ -1,17 +1,163 @@
-"""Atomic output helpers: a killed stage never leaves half-written outputs."""
+"""Atomic output helpers: a killed stage never leaves half-written outputs; a full disk is named, not a crash.
+
+A write that fails for want of space (ENOSPC, EDQUOT, or EFBIG past `RLIMIT_FSIZE`) or with an I/O error
+(EIO), plain or through a memory map, raises `DiskFull` naming the file and the free space of its
+filesystem, and the partial file or staging directory is removed at once. Memory-mapped arrays are
+preallocated (`npy_memmap`), so a full disk fails up front instead of killing the process with SIGBUS at
+the first page the kernel cannot back.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large", "Input/output error")
+
+
+class DiskFull(OSError):
+    """A write failed for want of space (ENOSPC, EDQUOT, EFBIG) or with an I/O error (EIO).
+
+    Its message names the file (or output) it could not write and the free space of that filesystem;
+    `errno` is the original one, so it is still the OSError it was.
+    """
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - the loop returns
+
+
+def free_space(path: str | Path) -> str:
+    """"12.0 KiB free on /mnt/data (of 4.0 MiB)" for the filesystem holding `path` (or its nearest parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return "free space unknown"
+    mount = p
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return f"{_size(usage.free)} free on {mount} (of {_size(usage.total)})"
+
+
+def is_disk_error(err: BaseException) -> bool:
+    """An OSError of a full disk or a failing device (some libraries, pyarrow, give only the text)."""
+    return (isinstance(err, OSError) and not isinstance(err, DiskFull)
+            and (err.errno in DISK_ERRNOS or any(t in str(err) for t in _DISK_TEXTS)))
+
+
+def disk_full(err: OSError, path: str | Path) -> DiskFull:
+    """`err` as a DiskFull naming the file it could not write (its own filename if it has one, else `path`)."""
+    where = err.filename or path
+    reason = err.strerror or str(err)
+    return DiskFull(err.errno or errno.ENOSPC, f"cannot write {where}: {reason}; {free_space(where)}")
+
+
+@contextlib.contextmanager
+def disk_writes(path: str | Path) -> Iterator[None]:
+    """Writes to `path` inside: one that fails with a full disk or EIO raises `DiskFull` naming `path`."""
+    try:
+        yield
+    except OSError as err:
+        if is_disk_error(err):
+            raise disk_full(err, path) from err
+        raise
+
+
+def _preallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve the blocks of `[offset, offset+length)`: a full disk fails here (ENOSPC), not at a later write."""
+    if length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        os.pwrite(fd, b"\0", offset + length - 1)  # no fallocate here: at least size the file
+
+
+def _npy_header(fh: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    import numpy as np
+
+    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                              "shape": tuple(int(n) for n in shape)})
+    return int(fh.tell())
+
+
+def npy_memmap(path: str | Path, shape: tuple[int, ...], dtype: Any) -> np.memmap[Any, Any]:
+    """A new `.npy` file opened as a writable memory map, its blocks preallocated first.
+
+    `np.lib.format.open_memmap(mode="w+")` makes a sparse file: on a full disk the first page the kernel
+    cannot back kills the process with SIGBUS. Here a full disk raises `DiskFull` naming `path` up front,
+    and no partial file is left. Call `flush()` inside `disk_writes(path)` (an EIO surfaces there).
+    """
+    import numpy as np
+
+    path, dt = Path(path), np.dtype(dtype)
+    try:
+        with disk_writes(path):
+            with open(path, "wb") as fh:
+                offset = _npy_header(fh, shape, dt)
+                fh.flush()
+                _preallocate(fh.fileno(), offset, math.prod(shape) * dt.itemsize)
+            return np.lib.format.open_memmap(path, mode="r+")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+
+
+def write_npy(path: str | Path, shape: tuple[int, ...], dtype: Any, rows: Iterable[Any]) -> Path:
+    """Write a `.npy` of `shape` from `rows` (each one `shape[1:]`), with plain writes: no memory map.
+
+    The blocks are reserved first, so a full disk fails before the first row; any write that still fails
+    raises `DiskFull` naming `path`, and the partial file is removed.
+    """
+    import numpy as np
+
+    path, dt = Path(path), np.dtype(dtype)
+    row_bytes = math.prod(shape[1:]) * dt.itemsize
+    try:
+        with disk_writes(path), open(path, "wb") as fh:
+            offset = _npy_header(fh, shape, dt)
+            fh.flush()
+            _preallocate(fh.fileno(), offset, shape[0] * row_bytes)
+            n = 0
+            for row in rows:
+                data = np.ascontiguousarray(row, dtype=dt)
+                if data.nbytes != row_bytes:
+                    raise ValueError(f"{path}: row {n} has shape {data.shape}, expected {shape[1:]}")
+                fh.write(data.data.cast("B"))  # contiguous: no copy
+                n += 1
+            if n != shape[0]:
+                raise ValueError(f"{path}: {n} rows written, expected {shape[0]}")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    return path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,9 +184,12 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, path) if isinstance(err, OSError) and is_disk_error(err) else None  # space now
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full is not None:
+            raise full from err
         raise
 
 
@@ -198,10 +347,15 @@ def atomic_dirs(*finals: str | Path) -> Iterator[list[Path]]:
             _fsync_dir(final.parent)
         for final in paths:
             _journal(final).unlink(missing_ok=True)
-    except BaseException:
+    except BaseException as err:
+        full = None
+        if isinstance(err, OSError) and is_disk_error(err):  # named before the cleanup frees the space
+            full = disk_full(err, err.filename or (", ".join(str(f) for f in paths) + " (staging)"))
         if not journaled:  # after the journal the commit is decided: the next run's recover_dir completes it
-            for staging in stagings:
+            for staging in stagings:  # debris of a full disk too: removed at once, not by the next run
                 shutil.rmtree(staging, ignore_errors=True)
+        if full is not None:
+            raise full from err
         raise
     finally:
         _OWN_STAGING.difference_update(stagings)

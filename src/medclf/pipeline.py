@@ -119,7 +119,7 @@ PIPELINE: dict[str, Stage] = {s.name: s for s in (
           c.INGEST_SUMMARY), params=("ingest",), metrics=(c.INGEST_METRICS,)),
     Stage("validate", inputs=(c.CLASSES, c.MANIFEST, c.IMAGES, c.LABELS),
           outputs=(c.VALIDATION_SITE, c.VALIDATION_BASELINE, c.VALIDATION_SUMMARY),
-          params=("validate", "ingest.classes"), metrics=(c.VALIDATE_METRICS,)),
+          params=("validate", "ingest.classes", "ingest.modality"), metrics=(c.VALIDATE_METRICS,)),
     # the validation summary is an input so that augment (and all after it) waits for data that passed
     Stage("augment", inputs=(c.CLASSES, c.IMAGES, c.LABELS, c.VALIDATION_SUMMARY),
           outputs=(c.TRAIN_IMAGES, c.TRAIN_LABELS, c.TRAIN_IS_SYNTHETIC, c.TRAIN_SOURCE_ROW, c.AUGMENT_SUMMARY),

@@ -2,9 +2,11 @@
 
 The same pyfunc that `mlflow models serve` runs does the preprocessing and the thresholding,
 so a CSV from here and a response from the endpoint agree to the last digit. Files that cannot
-be decoded, or that the model refuses (smaller than its `min_size`, more elongated than its
-`max_aspect_ratio`, over `ingest.max_image_pixels`), get a row with the reason in `error` instead of
-stopping the batch.
+be decoded (`DecodeError: <reason>`, a decompression bomb over `ingest.max_image_pixels` included), or that
+the model refuses (`refused: <reason>`: smaller than its `min_size`, more elongated than its
+`max_aspect_ratio`, a colour picture for a greyscale `modality`), get a row with the reason in `error` instead
+of stopping the batch. Files go to the model in requests of at most the model's own `max_request_images`
+(read from the loaded model's config, so an operator's override at load time is followed too).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from medclf.images import DICOM_SUFFIXES, DecodeError, decode_bytes
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", *DICOM_SUFFIXES}
-CHUNK = 256
 
 
 class PredictError(RuntimeError):
@@ -66,6 +67,11 @@ def _resolve_version(settings: Settings, uri: str) -> str | None:
                            f"'{alias}'? See docs/PROMOTION.md") from None
 
 
+def chunk_size(model: Any) -> int:
+    """Images per `predict` call: the loaded pyfunc's own `max_request_images` (it refuses more)."""
+    return max(1, int(model.unwrap_python_model().cfg.max_request_images))
+
+
 def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str | Path,
                   settings: Settings) -> dict[str, Any]:
     import mlflow.pyfunc
@@ -73,7 +79,7 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
     import pandas as pd
 
     from medclf.io import atomic_file
-    from medclf.serving import INPUT_COLUMN, check_geometry, output_columns
+    from medclf.serving import INPUT_COLUMN, InputRefused, check_input, output_columns
 
     uri = model_uri or default_model_uri(settings)
     files = expand_paths(paths)
@@ -86,13 +92,18 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
     cfg = model.unwrap_python_model().cfg
     cols = output_columns(cfg.classes)
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), CHUNK):
-        chunk, arrays, ok = files[start:start + CHUNK], [], []
+    refused = 0
+    step = chunk_size(model)
+    for start in range(0, len(files), step):
+        chunk, arrays, ok = files[start:start + step], [], []
         for f in chunk:
             try:
-                # the model's size/aspect bounds here too, so a refused file gets its own error row
-                arrays.append(check_geometry(_decode(f, settings.ingest.max_image_pixels), cfg))
+                # the model's size/aspect/colour bounds here too, so a refused file gets its own error row
+                arrays.append(check_input(_decode(f, settings.ingest.max_image_pixels), cfg))
                 ok.append(f)
+            except InputRefused as err:
+                refused += 1
+                rows.append({"path": str(f), "error": f"refused: {err}"})
             except (DecodeError, OSError) as err:
                 rows.append({"path": str(f), "error": f"{type(err).__name__}: {err}"})
         if arrays:
@@ -110,10 +121,11 @@ def predict_paths(paths: Sequence[str | Path], model_uri: str | None, out: str |
         df.to_csv(fh, index=False, float_format="%.9g")
     failed = int((df["error"].fillna("") != "").sum())
     if failed:
-        log.warning("predict: %d of %d files could not be decoded (see the 'error' column of %s)",
-                    failed, len(df), out)
+        log.warning("predict: %d of %d files not scored: %d could not be decoded, %d refused by the model's input "
+                    "bounds (size, aspect ratio, colour); see the 'error' column of %s",
+                    failed, len(df), failed - refused, refused, out)
     labels = df.loc[df["error"].fillna("") == "", "label"].value_counts().to_dict()
     return {"model_uri": uri, "model_version": version, "threshold": cfg.threshold, "files": len(df),
-            "failed": failed, "labels": {str(k): int(v) for k, v in labels.items()}, "out": str(out),
+            "failed": failed, "refused": refused, "labels": {str(k): int(v) for k, v in labels.items()}, "out": str(out),
             "positive_class": cfg.positive_class, "mean_p": float(np.nanmean(df[f"p_{cfg.positive_class}"]))
             if len(df) > failed else None}

@@ -16,8 +16,10 @@ Input (pyfunc `predict` / `POST /invocations`):
 Output: DataFrame with `p_<class>` per class, `label`, and `positive` (bool, p_pos >= threshold).
 
 Refused inputs: a cell that cannot be decoded, is a decompression bomb (over `max_pixels`), is
-smaller than `min_size` pixels on a side, or is more elongated than `max_aspect_ratio` (long side /
-short side) fails the *whole request* with HTTP 400 and the message `input row <i>: <reason>`;
+smaller than `min_size` pixels on a side, is more elongated than `max_aspect_ratio` (long side /
+short side), or is a colour picture while the model's `modality` is greyscale (a chest X-ray model
+refuses a photograph, `medclf.modality`) fails the *whole request* with HTTP 400 and the message
+`input row <i>: <reason>`;
 the output schema stays as above. Oversized requests are refused the same way *before any cell is
 decoded*: more than `max_request_images` cells (default 64), or one cell over `max_image_bytes` (default
 20 MiB of encoded image bytes, i.e. after base64 decoding; a pixel array over `max_pixels` pixels). Both are
@@ -41,6 +43,7 @@ import pandas as pd
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 from medclf.images import DecodeError, decode_bytes, fit_square, to_channels, to_uint8
+from medclf.modality import colour_problem
 
 INPUT_COLUMN = "image"
 KERAS_ARTIFACT = "keras_model"
@@ -74,6 +77,9 @@ class ServingConfig:
     """Most image cells one request may carry; more → HTTP 400 before anything is decoded."""
     max_image_bytes: int = MAX_IMAGE_BYTES
     """Most encoded bytes (after base64) one cell may carry; more → HTTP 400 before anything is decoded."""
+    modality: str | None = None
+    """What the model was trained on (`ingest.modality`): a greyscale one refuses colour pictures. None (models
+    registered before this key) checks no colour."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServingConfig:
@@ -84,14 +90,16 @@ class ServingConfig:
                    max_aspect_ratio=float(d.get("max_aspect_ratio", MAX_ASPECT_RATIO)),
                    max_pixels=int(d.get("max_pixels", MAX_PIXELS)),
                    max_request_images=int(d.get("max_request_images", MAX_REQUEST_IMAGES)),
-                   max_image_bytes=int(d.get("max_image_bytes", MAX_IMAGE_BYTES)))  # models registered before these keys
+                   max_image_bytes=int(d.get("max_image_bytes", MAX_IMAGE_BYTES)),
+                   modality=None if d.get("modality") is None else str(d["modality"]))  # models registered before these keys
 
     def to_dict(self) -> dict[str, Any]:
         return {"classes": self.classes, "positive_class": self.positive_class, "threshold": self.threshold,
                 "image_size": self.image_size, "channels": self.channels, "resize": self.resize,
                 "batch_size": self.batch_size, "min_size": self.min_size,
                 "max_aspect_ratio": self.max_aspect_ratio, "max_pixels": self.max_pixels,
-                "max_request_images": self.max_request_images, "max_image_bytes": self.max_image_bytes}
+                "max_request_images": self.max_request_images, "max_image_bytes": self.max_image_bytes,
+                "modality": self.modality}
 
     @property
     def positive_index(self) -> int:
@@ -153,26 +161,46 @@ def decode_one(item: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return _array_to_uint8(arr)
 
 
+class InputRefused(DecodeError):
+    """A decoded image the model refuses by its input bounds (size, aspect ratio, colour): the message names the
+    bound. A DecodeError, so the endpoint answers HTTP 400 as for an undecodable cell; `medclf predict` reports it
+    as refused, not as "could not be decoded"."""
+
+
 def check_geometry(arr: np.ndarray, cfg: ServingConfig) -> np.ndarray:
-    """Refuse (DecodeError) an image too small to classify or too elongated to letterbox meaningfully.
+    """Refuse (InputRefused) an image too small to classify or too elongated to letterbox meaningfully.
 
     A 1×1 image scaled to the model size is one flat colour, yet the model still returns a confident
     probability; a 4000×40 sliver padded to a square is 99 % padding. Neither resembles the training data.
     """
     h, w = int(arr.shape[0]), int(arr.shape[1])
     if min(h, w) < cfg.min_size:
-        raise DecodeError(f"image {w}x{h} (WxH) is smaller than the minimum {cfg.min_size} px on a side "
+        raise InputRefused(f"image {w}x{h} (WxH) is smaller than the minimum {cfg.min_size} px on a side "
                           f"(validate.min_size)")
     ratio = max(h, w) / min(h, w)
     if ratio > cfg.max_aspect_ratio:
-        raise DecodeError(f"image {w}x{h} (WxH) has aspect ratio {ratio:.4g}:1, above the maximum "
+        raise InputRefused(f"image {w}x{h} (WxH) has aspect ratio {ratio:.4g}:1, above the maximum "
                           f"{cfg.max_aspect_ratio:g}:1 (validate.max_aspect_ratio)")
     return arr
 
 
+def check_modality(arr: np.ndarray, cfg: ServingConfig) -> np.ndarray:
+    """Refuse (InputRefused) a colour picture when the model's modality is greyscale; run it on the decode as
+    the file holds it, before the channel mapping makes every input grey."""
+    problem = colour_problem(arr, cfg.modality)
+    if problem:
+        raise InputRefused(problem)
+    return arr
+
+
+def check_input(arr: np.ndarray, cfg: ServingConfig) -> np.ndarray:
+    """Every bound the model puts on a decoded input: size, aspect ratio, colour."""
+    return check_modality(check_geometry(arr, cfg), cfg)
+
+
 def prepare(item: Any, cfg: ServingConfig, resize: str | None = None) -> np.ndarray:
     """Decode, check and map one input to the model's uint8 (size, size, channels), as ingest does."""
-    arr = check_geometry(decode_one(item, cfg.max_pixels), cfg)
+    arr = check_input(decode_one(item, cfg.max_pixels), cfg)
     return fit_square(to_channels(arr, cfg.channels), cfg.image_size, resize or cfg.resize)
 
 

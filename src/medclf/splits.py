@@ -70,3 +70,23 @@ def assign_splits(groups: list[int], labels: list[str], fixed: list[str | None],
             if target != "train":
                 filled[target] += len(by_group[g])
     return [s or "train" for s in out]
+
+
+def empty_split_problem(splits: list[str], groups: list[int], val_fraction: float, test_fraction: float,
+                        use_official: bool) -> str | None:
+    """Why these splits cannot be trained on (one of train, val, test is empty), or None.
+
+    Names the patients (groups of linked images: a patient, or an image without a patient id with its exact
+    duplicates) and images of every split, and the fractions that carved them.
+    """
+    empty = [s for s in SPLITS if s not in splits]
+    if not empty:
+        return None
+    per = {s: (len({g for g, t in zip(groups, splits, strict=True) if t == s}), splits.count(s)) for s in SPLITS}
+    counts = ", ".join(f"{s} {p} patients / {n} images" for s, (p, n) in per.items())
+    names = " and ".join(f"the {s} split" for s in empty)
+    return (f"{names} {'is' if len(empty) == 1 else 'are'} empty: {len(set(groups))} patients, {len(splits)} "
+            f"images were split as {counts} (ingest.splits.val_fraction={val_fraction:g}, "
+            f"test_fraction={test_fraction:g}, use_official={str(use_official).lower()}; whole patients are "
+            "assigned per class, so a source with this few patients cannot fill every split). Add patients, or "
+            "give the source official train/val/test folders")

@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -30,6 +29,7 @@ from pydantic import (
 from medclf.config.tuning import Tune as Tune
 from medclf.config.vocabulary import BACKBONES as BACKBONES
 from medclf.config.vocabulary import CHECKS as CHECKS
+from medclf.config.vocabulary import MODALITIES as MODALITIES
 from medclf.config.vocabulary import Mode as Mode
 from medclf.config.vocabulary import Severity as Severity
 
@@ -103,6 +103,12 @@ class Splits(_Section):
     seed: int = 42
 
 
+def label_key(label: str) -> str:
+    """How labels are compared (ingest.classes, ingest.label_aliases, the source's labels): trimmed, inner
+    whitespace collapsed, case-folded, so `' Viral  Pneumonia'` and `'viral pneumonia'` are one key."""
+    return " ".join(label.split()).casefold()
+
+
 class Ingest(_Section):
     source: Source = Source()
     classes: list[str] | None = None
@@ -116,8 +122,15 @@ class Ingest(_Section):
     max_image_pixels: int = Field(80_000_000, gt=0)
     workers: int = Field(0, ge=0)
     """Decode threads; 0 means one per CPU core."""
+    modality: str = "chest_xray"
+    """What the images are (`medclf.config.vocabulary.MODALITIES`). A greyscale modality (chest_xray, mammography,
+    ultrasound, ...) makes validate's `colour` check fail on colour pictures, and the registered model refuse them;
+    dermoscopy, fundus, histology and other are colour by nature and not checked (`medclf.modality`)."""
     subgroups: list[str] = Field(default_factory=list)
     """Manifest columns (e.g. sex, age_band, site) carried into ingest's manifest; evaluate reports per category."""
+    label_aliases: dict[str, str] = Field(default_factory=dict)
+    """Label spelling -> class, for variants beyond case and whitespace (`{'viral pneumonia': VIRUS}`). Keys are
+    matched trimmed and case-insensitively (`label_key`); see `medclf.sources.base.resolve_labels`."""
 
     @field_validator("classes")
     @classmethod
@@ -129,6 +142,44 @@ class Ingest(_Section):
         dupes = sorted({c for c in v if v.count(c) > 1})
         if dupes:
             raise ValueError(f"duplicate class name(s) {dupes} in {v!r}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _no_near_duplicate_classes(cls, v: list[str] | None) -> list[str] | None:
+        """Labels match classes case-insensitively, so two classes differing only in case are ambiguous."""
+        for i, a in enumerate(v or []):
+            for b in (v or [])[i + 1:]:
+                if label_key(a) == label_key(b):
+                    raise ValueError(f"class names {a!r} and {b!r} differ only in case or whitespace")
+        return v
+
+    @field_validator("label_aliases")
+    @classmethod
+    def _aliases_resolve(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for spelling, target in v.items():
+            key = label_key(spelling)
+            if not key or not target.strip():
+                raise ValueError(f"{spelling!r}: {target!r}: an alias and its class must not be blank")
+            if key in keys:
+                raise ValueError(f"aliases {keys[key]!r} and {spelling!r} differ only in case or whitespace")
+            keys[key] = spelling
+        classes = info.data.get("classes")  # absent when `classes` itself failed validation
+        by_key = {label_key(c): c for c in classes or []}
+        for spelling, target in v.items():
+            if classes and label_key(target) not in by_key:
+                raise ValueError(f"{spelling!r}: {target!r} is not one of ingest.classes {classes}")
+            same = by_key.get(label_key(spelling))
+            if same is not None and label_key(same) != label_key(target):
+                raise ValueError(f"{spelling!r} is the spelling of class {same!r}; it cannot alias {target!r}")
+        return v
+
+    @field_validator("modality")
+    @classmethod
+    def _known_modality(cls, v: str) -> str:
+        if v not in MODALITIES:
+            raise ValueError(f"unknown modality {v!r}; choose one of {sorted(MODALITIES)}")
         return v
 
     @field_validator("positive_class")
@@ -406,15 +457,88 @@ def settings_from_dict(data: dict[str, Any], source: str = "<dict>") -> Settings
         raise ConfigError(_format(err, source)) from None
 
 
+def _refuse_anchors(text: str, source: str) -> None:
+    """Raise ConfigError at the first YAML alias (`*name`, `<<: *name` included), else the first anchor (`&name`).
+
+    An alias makes one node stand for another, so a kilobyte can describe billions of values (a "billion
+    laughs" document): it loads as a shared graph in seconds, then expands when anything serialises it (the
+    train stage logging its params, `dvc status` hashing them). params.yaml has no use for either, so both are
+    refused, naming the line and the dotted key. Only the event stream is read: time and memory are linear in
+    the size of the text, however much the aliases would expand to.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.events import (
+        AliasEvent,
+        CollectionEndEvent,
+        MappingStartEvent,
+        NodeEvent,
+        ScalarEvent,
+        SequenceStartEvent,
+    )
+
+    # one frame per open collection: [its dotted key, is a mapping, next is a key, last key, next index]
+    stack: list[list[Any]] = []
+    anchor: tuple[int, str, str] | None = None
+    for event in YAML(typ="safe", pure=True).parse(text):
+        if isinstance(event, CollectionEndEvent):
+            stack.pop()
+            continue
+        if not isinstance(event, NodeEvent):
+            continue
+        where, is_key = "", False
+        if stack:
+            frame = stack[-1]
+            if frame[1]:  # a mapping: keys and values alternate
+                is_key = frame[2]
+                where = frame[0] if is_key else f"{frame[0]}.{frame[3]}" if frame[0] else str(frame[3])
+                frame[2] = not frame[2]
+                if is_key:
+                    frame[3] = (event.value if isinstance(event, ScalarEvent)
+                                else f"*{event.anchor}" if isinstance(event, AliasEvent) else "?")
+            else:
+                where = f"{frame[0]}[{frame[4]}]"
+                frame[4] += 1
+        line = event.start_mark.line + 1 if event.start_mark is not None else 0
+        if isinstance(event, AliasEvent):
+            what = f"alias '*{event.anchor}'" + (" (as a key)" if is_key else "")
+            raise ConfigError(f"{source}: line {line}: {where or '<root>'}: YAML anchors and aliases are not "
+                              f"allowed in the parameters file ({what}); write the value out in full")
+        if event.anchor is not None and anchor is None:
+            anchor = (line, where or "<root>", event.anchor)
+        if isinstance(event, (MappingStartEvent, SequenceStartEvent)):
+            stack.append([where, isinstance(event, MappingStartEvent), True, None, 0])
+    if anchor is not None:
+        line, where, name = anchor
+        raise ConfigError(f"{source}: line {line}: {where}: YAML anchors and aliases are not allowed in the "
+                          f"parameters file (anchor '&{name}'); write the value out in full")
+
+
+def read_params_yaml(path: Path) -> Any:
+    """params.yaml as DVC reads and writes it: YAML 1.2 (ruamel.yaml, which DVC uses), so `off`, `no` and `on`
+    are strings and `1e-4` is a float. `dvc exp run -S` rewrites the file with a 1.2 writer, which drops the
+    quotes a YAML 1.1 reader needs around `'off'`; reading it any other way would change its meaning.
+    Duplicate keys are an error (1.1 readers keep the last one silently). Anchors and aliases are refused."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    text = path.read_text()
+    try:
+        _refuse_anchors(text, str(path))
+        return YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as err:  # one line: where, then what (ruamel's own text spans many lines)
+        mark = err.problem_mark or err.context_mark
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML: {at}{err.problem or err.context}") from None
+    except YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
 def load_settings(path: str | Path = DEFAULT_PARAMS) -> Settings:
     """Parse `params.yaml` into `Settings`; errors name the key."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such parameters file (run from the project root or pass --params)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    data = read_params_yaml(path) or {}
     if not data:  # an empty (or all-commented) file would silently run the built-in synthetic demo
         raise ConfigError(f"{path}: the parameters file is empty (no sections); see params.yaml in the repository")
     if not isinstance(data, dict):

@@ -31,11 +31,29 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "low_contrast": ("warn", "low-contrast image (pixel std below validate.low_contrast_std_max)"),
     "saturated": ("warn", "too many pixels at the white or black extreme"),
     "inverted": ("warn", "bright border, or a centre darker than its border: looks inverted (MONOCHROME1?)"),
+    "colour": ("error", "a colour picture in a greyscale modality (colourfulness above the bound of ingest.modality)"),
     "prevalence_bounds": ("error", "each class's share per split within validate.prevalence_bounds"),
     "prevalence_gap": ("error", "a class's share differs between splits by more than validate.max_prevalence_gap"),
     "split_fractions": ("warn", "split sizes within validate.split_fraction_bounds"),
     "drift_prevalence": ("warn", "class share moved more than validate.drift_prevalence_max since the baseline"),
     "drift_intensity": ("warn", "intensity distribution PSI above validate.drift_psi_max since the baseline"),
+}
+
+
+MODALITIES: dict[str, bool] = {
+    # ingest.modality -> the images are greyscale by nature. For those, a colour picture (a photograph, a screenshot,
+    # a dermoscopy image in a chest X-ray set) is the wrong kind of input: validate's `colour` check and the served
+    # model refuse it (medclf.modality). Grey stored as RGB (R = G = B) is grey. Colour modalities are not checked.
+    "chest_xray": True,
+    "xray": True,
+    "mammography": True,
+    "ultrasound": True,
+    "ct": True,
+    "mri": True,
+    "dermoscopy": False,
+    "fundus": False,
+    "histology": False,
+    "other": False,
 }
 
 

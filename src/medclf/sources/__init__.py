@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from medclf.config import Source
-from medclf.sources.base import Record, SourceError, SourceScan
+from medclf.sources.base import Record, SourceError, SourceScan, resolve_labels
 
 
-def scan(source: Source, classes: list[str] | None = None, subgroups: list[str] | None = None) -> SourceScan:
+def scan(source: Source, classes: list[str] | None = None, subgroups: list[str] | None = None,
+         label_aliases: dict[str, str] | None = None) -> SourceScan:
+    """List `source`, every label in its canonical spelling (`base.resolve_labels`: trimmed, matched to
+    `classes` case-insensitively, `label_aliases` applied; spellings that differ only in case are an error)."""
+    return resolve_labels(_scan(source, classes, subgroups), classes, label_aliases)
+
+
+def _scan(source: Source, classes: list[str] | None, subgroups: list[str] | None) -> SourceScan:
     """Dispatch on `source.kind`; heavy or optional imports stay inside each module. Only a manifest has
     the columns that `ingest.subgroups` (`subgroups`) declares."""
     if subgroups and source.kind not in ("manifest", "dicom"):

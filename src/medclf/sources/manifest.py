@@ -4,6 +4,12 @@ For DICOM manifests (`kind="dicom"`) a row without a `patient_id` (no column, or
 takes the file's own PatientID tag, read from the header only (pixel data is not parsed), so that
 the patient split groups a patient's images. The raw id stays in `Record.patient_id`; ingest
 hashes it before anything is written or logged. A manifest `patient_id` always wins.
+
+A row is named by its line, `labels.csv line 5`: the line number an editor shows, 1-based, the header being
+line 1 (so the first data row is line 2; a cell with a quoted newline, or a blank line, shifts the lines
+after it). Paths are relative to the manifest; `sub/../img.png` is `img.png`. A row whose path is absolute
+or escapes the manifest's folder is quarantined with its line (never read), and the other rows ingest.
+Labels are resolved after listing (`base.resolve_labels`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
-from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, safe_relpath
+from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, refused, safe_relpath
 from medclf.sources.store import Store, open_store, split_uri
 from medclf.subgroups import check_subgroups
 
@@ -69,10 +75,17 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind,
     scan = SourceScan(records=[])
     rels: list[str] = []  # the path of each record, in order
     for i, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
-        where = f"{uri} line {i}"
-        rel = safe_relpath(str(row["path"]).strip(), where)  # traversal fails the whole manifest
+        where = f"{uri} line {i}"  # the line an editor shows: 1-based, the header is line 1
+        raw = str(row["path"]).strip()
         label = str(row.get("label", "")).strip() or None
         pid = str(row.get("patient_id", "") or "").strip() or None
+        try:
+            rel = safe_relpath(raw, uri)  # `sub/../x.png` is `x.png`; a path out of the root is refused
+        except SourceError as err:  # that row only: quarantined by ingest (never read), naming the line
+            scan.records.append(refused(store.uri(raw), label, str(err).removeprefix(f"{uri}: "), kind=kind,
+                                        patient_id=pid, where=where))
+            rels.append(raw)
+            continue
         split_raw = str(row.get("split", "") or "").strip().lower()
         split = SPLIT_ALIASES.get(split_raw) if split_raw else None
         if split_raw and split is None:

@@ -20,7 +20,8 @@ class Store:
     root_uri: str
 
     def list(self) -> list[str]:
-        """All object keys (relative, '/'-separated) under the root, sorted."""
+        """All object keys (relative, '/'-separated) under the root, sorted, as the store names them: a caller
+        checks each with `safe_relpath` (an S3 key may hold `..`; a local name may not be valid UTF-8)."""
         raise NotImplementedError
 
     def read(self, rel: str, version: str | None = None) -> bytes:
@@ -63,7 +64,7 @@ class LocalStore(Store):
         rel = safe_relpath(rel, self.root_uri)
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root.resolve()):
-            raise SourceError(f"{self.root_uri}: {rel!r} resolves outside the root (symlink?)")
+            raise SourceError(f"{self.root_uri}: {rel!r} resolves outside the root (symlink?)", transient=False)
         return path.read_bytes()
 
     def dirs(self) -> builtins.list[str]:  # `list` here is the method above
@@ -120,10 +121,9 @@ class S3Store(Store):
                     rel = obj["Key"][len(pfx):]
                     if not rel or rel.endswith("/"):
                         continue
-                    try:
-                        keys.append(safe_relpath(rel, self.root_uri))
-                    except SourceError as err:
-                        raise SourceError(f"unsafe S3 key {obj['Key']!r} in {self.root_uri}: {err}") from None
+                    # as listed, even an unsafe key (`a/../b`): the folder source refuses it per file, naming it
+                    # (normalising it, as `_key` does a manifest's relative path, would read another object)
+                    keys.append(rel)
                     if obj.get("ETag"):
                         self._etags[keys[-1]] = obj["ETag"]
         except (BotoCoreError, ClientError) as err:

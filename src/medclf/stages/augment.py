@@ -24,7 +24,7 @@ import numpy as np
 from medclf import catalog as c
 from medclf.augmentation import apply_policy, balance_classes, balance_plan
 from medclf.config import AugmentPolicy, Paths, Settings
-from medclf.io import atomic_dir, atomic_file, write_json
+from medclf.io import atomic_dir, atomic_file, disk_writes, npy_memmap, write_json
 from medclf.pipeline import declared
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,11 @@ def run(settings: Settings) -> dict[str, Any]:
     plan = balance_plan(y, cfg.target_ratio, k) if cfg.balance else {i: 0 for i in range(k)}
     total = len(y) + sum(plan.values())
     with atomic_dir(paths.augment_dir) as tmp:
-        out = np.lib.format.open_memmap(c.TRAIN_IMAGES.under(tmp), mode="w+", dtype=np.uint8,
-                                        shape=(total, *x.shape[1:]))
+        # preallocated: a full disk is a DiskFull naming the file here, not a SIGBUS at a page of the map
+        out = npy_memmap(c.TRAIN_IMAGES.under(tmp), (total, *x.shape[1:]), np.uint8)
         res = balance_classes(x, y, policy, cfg.target_ratio if cfg.balance else 0.0, k, cfg.seed, out=out)
-        out.flush()
+        with disk_writes(c.TRAIN_IMAGES.under(tmp)):
+            out.flush()
         del out
         np.save(c.TRAIN_LABELS.under(tmp), res.labels)
         np.save(c.TRAIN_IS_SYNTHETIC.under(tmp), res.is_synthetic)

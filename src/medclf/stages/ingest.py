@@ -8,6 +8,12 @@ Outputs (all under `paths.ingest_dir`, swapped in atomically as one directory):
 Data and reports are committed together (`io.atomic_dirs`), so `reports/ingest/` always describes the
 dataset in `data/ingest/`. A failed run keeps a good previous dataset and its reports, and says why it
 failed in `reports/ingest/failed_run.json` and `failed_quarantine.csv` (the next good run removes them).
+
+The source is fingerprinted (every file's size, times and inode; an S3 prefix's listing with ETags) before
+it is read, and checked again after decoding and just before the commit: a file added, removed or rewritten
+meanwhile fails the run with `SourceChanged` (transient: a retry reads the source again) and nothing is
+written, so the dataset, its reports and DVC's hash of the source (taken after the command) describe the
+same files. A split that comes out empty fails the run, naming patients and images per split.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -33,14 +40,16 @@ import numpy as np
 import pandas as pd
 
 from medclf import catalog as c
-from medclf.changes import describe, diff_manifests
-from medclf.config import Ingest, Paths, Settings
+from medclf.changes import describe, diff_manifests, snapshot, snapshot_differences
+from medclf.config import Ingest, Paths, Settings, source_location
 from medclf.images import DecodeError, decode_bytes, fit_square, to_channels, to_uint8
-from medclf.io import atomic_dir, atomic_dirs, atomic_file, recover_dir, write_json
+from medclf.io import atomic_dir, atomic_dirs, atomic_file, disk_writes, recover_dir, write_json, write_npy
+from medclf.modality import file_colourfulness
 from medclf.pipeline import declared
 from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
-from medclf.splits import SPLITS, assign_splits, link_groups
+from medclf.sources.base import SourceChanged
+from medclf.splits import SPLITS, assign_splits, empty_split_problem, link_groups
 from medclf.subgroups import SUBGROUP_PREFIX
 
 log = logging.getLogger(__name__)
@@ -60,6 +69,8 @@ class Decoded:
     image: np.ndarray | None = None
     orig_shape: tuple[int, int, int] = (0, 0, 0)
     reason: str | None = None
+    colourfulness: float | None = None
+    """Of the file as stored (`medclf.modality`), for validate's `colour` check: the array may be grey already."""
 
 
 def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
@@ -77,6 +88,7 @@ def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
             arr, out.orig_shape = decode_bytes(payload, cfg.max_image_pixels,
                                                kind="dicom" if rec.kind == "dicom" else "image",
                                                channels=cfg.channels, size=cfg.image_size)
+        out.colourfulness = file_colourfulness(payload if isinstance(payload, bytes) else None, arr)
         out.image = fit_square(to_channels(arr, cfg.channels), cfg.image_size, cfg.resize)
     except DecodeError as err:
         out.reason = str(err)
@@ -174,7 +186,7 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
             "patient_hash": hash_patient(pid) if pid else None, "label": d.record.label,
             "label_index": classes.index(d.record.label or ""), "split": split, "row": counters[split],
             "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1], "orig_channels": d.orig_shape[2],
-            "status": "ok", "reason": None,
+            "colourfulness": d.colourfulness, "status": "ok", "reason": None,
         })
         counters[split] += 1
     for d in quarantined:
@@ -183,7 +195,8 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
             "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16], "source_uri": d.uri, "sha256": d.sha256 or None,
             "patient_hash": hash_patient(pid) if pid else None, "label": d.record.label, "label_index": -1,
             "split": None, "row": -1, "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1],
-            "orig_channels": d.orig_shape[2], "status": "quarantined", "reason": d.reason,
+            "orig_channels": d.orig_shape[2], "colourfulness": d.colourfulness, "status": "quarantined",
+            "reason": d.reason,
         })
     df = pd.DataFrame(rows)
     for name in dict.fromkeys(g for d in (*ok, *quarantined) for g in d.record.subgroups):  # ingest.subgroups
@@ -198,7 +211,8 @@ def run(settings: Settings) -> dict[str, Any]:
     reports = c.INGEST_REPORTS.path(paths)
     for out in (paths.ingest_dir, reports):  # finish a commit a kill interrupted; drop dead runs' staging dirs
         recover_dir(out)
-    scanned = scan(cfg.source, cfg.classes, cfg.subgroups)
+    source = _source_snapshot(cfg, paths)  # before the listing: what ingest reads must still be this after reading
+    scanned = scan(cfg.source, cfg.classes, cfg.subgroups, cfg.label_aliases)
     labels = [r.label or "" for r in scanned.records]
     classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
     if cfg.positive_class is not None and cfg.positive_class not in classes:  # classes: null (else config checks)
@@ -208,9 +222,11 @@ def run(settings: Settings) -> dict[str, Any]:
     salt()
     decoded = decode_all(scanned.records, cfg)
     t_decode = time.perf_counter() - t0
+    _check_source(cfg, paths, source, scanned.records)  # a file deleted mid-read is a changed source, not a quarantine
     for d in decoded:
         if d.reason is None and d.record.label not in classes:
-            d.reason = (f"unknown label {d.record.label!r} (expected one of {classes})" if d.record.label
+            d.reason = (f"unknown label {d.record.label!r} (expected one of {classes})"
+                        + (f" at {d.record.where}" if d.record.where else "") if d.record.label
                         else "missing label")
     ok = [d for d in decoded if d.reason is None]
     bad = [d for d in decoded if d.reason is not None]
@@ -229,8 +245,18 @@ def run(settings: Settings) -> dict[str, Any]:
     keys = [[f"p:{hash_patient(d.record.patient_id)}"] if d.record.patient_id else [] for d in ok]
     keys = [k + [f"h:{d.sha256}"] for k, d in zip(keys, ok, strict=True)]
     official = [d.record.split if cfg.splits.use_official else None for d in ok]
-    splits = assign_splits(link_groups(keys), [d.record.label or "" for d in ok], official,
+    groups = link_groups(keys)
+    splits = assign_splits(groups, [d.record.label or "" for d in ok], official,
                            cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.seed)
+    problem = empty_split_problem(splits, groups, cfg.splits.val_fraction, cfg.splits.test_fraction,
+                                  cfg.splits.use_official)
+    if problem:  # validate's split_fractions is a warning; an empty train or val split fails augment or train
+        where = _record_failure(paths, qdf, {
+            "status": "failed", "error": problem, "inputs": total, "images": len(ok),
+            "quarantined": len(quarantine), "classes": classes,
+            "splits": {s: splits.count(s) for s in SPLITS},
+            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        raise IngestError(problem + f"\nSee {where}.")
     manifest = build_manifest(ok, splits, classes, bad)
     changes = diff_manifests(_previous_manifest(paths), manifest)
     counts = {}
@@ -238,16 +264,15 @@ def run(settings: Settings) -> dict[str, Any]:
         for split in SPLITS:
             idx = [i for i, s in enumerate(splits) if s == split]
             shape = (len(idx), cfg.image_size, cfg.image_size, cfg.channels)
-            arr = np.lib.format.open_memmap(c.IMAGES.under(tmp, split=split), mode="w+", dtype=np.uint8,
-                                            shape=shape)
-            for j, i in enumerate(idx):
-                arr[j] = ok[i].image
-            arr.flush()
-            del arr
+            # plain writes into preallocated blocks, no memory map: a full disk is a DiskFull naming the file
+            # (a memory map on a full disk was a SIGBUS), and atomic_dirs removes the staging at once
+            write_npy(c.IMAGES.under(tmp, split=split), shape, np.uint8, (ok[i].image for i in idx))
             label_idx = [classes.index(ok[i].record.label or "") for i in idx]  # `ok` labels are all in classes
-            np.save(c.LABELS.under(tmp, split=split), np.array(label_idx, dtype=np.int64))
+            with disk_writes(c.LABELS.under(tmp, split=split)):
+                np.save(c.LABELS.under(tmp, split=split), np.array(label_idx, dtype=np.int64))
             counts[split] = len(idx)
-        manifest.to_parquet(c.MANIFEST.under(tmp), index=False)
+        with disk_writes(c.MANIFEST.under(tmp)):
+            manifest.to_parquet(c.MANIFEST.under(tmp), index=False)
         write_json(c.CLASSES.under(tmp), {"classes": classes, "positive_class": cfg.positive_class or classes[-1],
                                           "image_size": cfg.image_size, "channels": cfg.channels})
         elapsed = time.perf_counter() - t0
@@ -255,12 +280,62 @@ def run(settings: Settings) -> dict[str, Any]:
                    "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
                    "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1),
                    "changes": changes}
-        qdf.to_csv(_in_reports(rtmp, c.QUARANTINE), index=False)
+        with disk_writes(_in_reports(rtmp, c.QUARANTINE)):
+            qdf.to_csv(_in_reports(rtmp, c.QUARANTINE), index=False)
         write_json(_in_reports(rtmp, c.INGEST_SUMMARY), summary)
+        _check_source(cfg, paths, source, scanned.records)  # last look before the commit: nothing changed since
     c.INGEST_METRICS.save(paths, {"images": len(ok), "quarantined": len(quarantine)})  # `dvc metrics show`
     log.info("ingest: %d images (%s), %d quarantined, %.1f s; since the last ingest: %s", len(ok), counts,
              len(quarantine), elapsed, describe(changes))
     return summary
+
+
+Snapshot = tuple[str, dict[str, Any]]
+"""Where the source lives (`config.source_location`) and its fingerprint: local files' `changes.Stat`, S3 ETags."""
+
+
+def _source_snapshot(cfg: Ingest, paths: Paths) -> Snapshot | None:
+    """The source as it is now; None for a generated source (synthetic, MedMNIST by download). Ingest's own
+    outputs (and the project lock), should they lie under the source's folder, are not the source."""
+    where = source_location(cfg.source)
+    if where is None:
+        return None
+    if where.startswith("s3://"):
+        from medclf.sources.store import open_store
+
+        store = open_store(where, cfg.source.s3_endpoint_url)
+        return where, {rel: store.version(rel) for rel in store.list()}
+    return where, snapshot(where, exclude=(paths.ingest_dir, paths.reports_dir, paths.cache_dir))
+
+
+def _check_source(cfg: Ingest, paths: Paths, before: Snapshot | None, records: list[Record]) -> None:
+    """Raise SourceChanged, naming the files, if the source differs from `before` (taken before reading)."""
+    if before is None:
+        return
+    where, files = before
+    now = _source_snapshot(cfg, paths)
+    diff = snapshot_differences(files, now[1] if now else {})
+    if not diff:
+        return
+    pids = {r.patient_id for r in records if r.patient_id}
+    regex = (re.compile(cfg.source.patient_id_regex) if cfg.source.kind == "folder" and cfg.source.patient_id_regex
+             else None)
+
+    def shown(rel: str) -> str:  # named as the manifest and quarantine.csv name files: patient ids pseudonymised
+        m = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
+        for pid in [p for p in pids if p in rel] + ([m.group(1) if m.groups() else m.group(0)] if m else []):
+            rel = redact(rel, pid)
+        return rel
+
+    parts = []
+    for kind, rels in diff.items():
+        more = f" and {len(rels) - 5} more" if len(rels) > 5 else ""
+        parts.append(f"{kind}: {', '.join(shown(r) for r in rels[:5])}{more}")
+    n = sum(len(v) for v in diff.values())
+    raise SourceChanged(
+        f"{where}: the source changed while ingest read it ({n} file{'s' if n != 1 else ''}; {'; '.join(parts)}): "
+        "nothing of this run is kept (the previous dataset and its reports stay as they were), and a new "
+        "attempt reads the source again")
 
 
 def _in_reports(reports: Path, artifact: c.Artifact) -> Path:
@@ -294,7 +369,12 @@ def _previous_manifest(paths: Paths) -> pd.DataFrame | None:
     """The last ingest's manifest (what the current model saw), to say what changed since."""
     path = c.MANIFEST.path(paths)
     try:
-        return pd.read_parquet(path, columns=["source_uri", "sha256", "label"]) if path.exists() else None
+        if not path.exists():
+            return None
+        try:  # `status`: quarantined rows are no part of the dataset (changes.diff_manifests)
+            return pd.read_parquet(path, columns=["source_uri", "sha256", "label", "status"])
+        except (KeyError, ValueError):  # an older manifest without it: every row counts as an image
+            return pd.read_parquet(path, columns=["source_uri", "sha256", "label"])
     except (OSError, ValueError, KeyError) as err:  # an older layout: report "first ingest" rather than fail
         log.warning("ingest: cannot read the previous manifest %s (%s); changes not computed", path, err)
         return None

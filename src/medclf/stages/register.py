@@ -144,7 +144,7 @@ def _log_models(settings: Settings, model_file: Path, meta: dict[str, Any], gate
                         threshold=float(gates["threshold"]), image_size=int(meta["image_size"]),
                         channels=int(meta["channels"]), resize=settings.ingest.resize,
                         min_size=settings.validation.min_size, max_aspect_ratio=settings.validation.max_aspect_ratio,
-                        max_pixels=settings.ingest.max_image_pixels)
+                        max_pixels=settings.ingest.max_image_pixels, modality=settings.ingest.modality)
     reqs = pip_requirements()
     # MLflow prints "View run ..." links to stdout when the run ends; `medclf register` prints its
     # JSON result there, so those lines go to stderr instead.

@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from medclf import catalog as c
+from medclf import modality
 from medclf.config import Settings
 from medclf.io import atomic_dir
 from medclf.pipeline import declared
@@ -73,6 +74,34 @@ def _drift_summary(baseline: dict[str, Any] | None, drift_table: pd.DataFrame, p
             "prevalence_shift_max": 0.0 if pd.isna(shift) else round(float(shift), 6)}
 
 
+def _colourfulness(images: pd.DataFrame, data: tables.IngestData, kind: str) -> str | None:
+    """Fill `images.colourfulness` (medclf.modality) for the `colour` check; the reason it is not checked, if so.
+
+    Ingest records each file's colourfulness in the manifest when it decodes it (the file as stored: with
+    `ingest.channels: 1` the arrays are grey, the colour is gone). A manifest without the column (an older ingest
+    output) is measured on the arrays when they kept the colour (`ingest.channels: 3`); else it is not checked.
+    """
+    if not modality.expects_grey(kind):
+        return f"ingest.modality {kind!r} is colour by nature: colour is not checked"
+    if "colourfulness" in images.columns:
+        images["colourfulness"] = pd.to_numeric(images["colourfulness"], errors="coerce").astype(float)
+        return None
+    values = pd.Series(float("nan"), index=images.index)
+    for split, arr in data.images.items():
+        if arr.ndim == 4 and arr.shape[-1] >= 3:
+            measured = modality.colourfulness_batch(arr)
+            at = images["split"] == split
+            rows = pd.to_numeric(images.loc[at, "row"], errors="coerce")
+            ok = rows.notna() & (rows >= 0) & (rows < len(measured))
+            idx = rows[ok].astype(int).to_numpy()
+            values.loc[ok[ok].index] = measured[idx]
+    images["colourfulness"] = values
+    if values.isna().all():
+        return ("not measured: the manifest has no colourfulness column and the arrays are grey "
+                "(ingest.channels: 1); re-run ingest to record it")
+    return None
+
+
 @declared
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.validation, settings.paths
@@ -83,6 +112,7 @@ def run(settings: Settings) -> dict[str, Any]:
     t_stats = time.perf_counter()
 
     images = tables.images_table(data.manifest, stats, classes)
+    colour_note = _colourfulness(images, data, settings.ingest.modality)
     leak = leakage.find_leakage(images, hashes, cfg.near_duplicate_max_distance)
     images = leakage.annotate(images, leak)
     prevalence = tables.prevalence_table(images, classes)
@@ -95,7 +125,9 @@ def run(settings: Settings) -> dict[str, Any]:
     t_tables = time.perf_counter()
 
     severity = severities(cfg.severity)
-    suites = gx_suite.build_suites(cfg, severity, classes, has_baseline=baseline is not None)
+    suites = gx_suite.build_suites(cfg, severity, classes, has_baseline=baseline is not None,
+                                   colour_bound=modality.GREY_MAX_COLOURFULNESS
+                                   if modality.expects_grey(settings.ingest.modality) else None)
     site = c.VALIDATION_SITE.path(paths)
     with atomic_dir(site) as tmp:
         results = gx_suite.run_suites(evidence, suites, tmp, cfg.max_examples)
@@ -104,6 +136,8 @@ def run(settings: Settings) -> dict[str, Any]:
             for name in ("drift_prevalence", "drift_intensity"):
                 if checks[name].status != OFF:
                     checks[name].status, checks[name].note = SKIPPED, "no baseline yet (first validated version)"
+        if colour_note and checks["colour"].status != OFF:
+            checks["colour"].status, checks["colour"].note = SKIPPED, colour_note
         t_gx = time.perf_counter()
         counts = {str(s): int(n) for s, n in images["split"].value_counts().items()}
         seconds = {"stats_and_hashes": round(t_stats - t0, 2), "tables_and_leakage": round(t_tables - t_stats, 2),

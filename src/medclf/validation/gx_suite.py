@@ -36,8 +36,11 @@ ROW_UNITS = {"manifest": "manifest rows", "images": "images"}
 
 
 def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
-                 has_baseline: bool) -> dict[str, list[Any]]:
-    """The expectations per table. The whole suite lives here, under version control."""
+                 has_baseline: bool, colour_bound: float | None = None) -> dict[str, list[Any]]:
+    """The expectations per table. The whole suite lives here, under version control.
+
+    `colour_bound`: the largest colourfulness a greyscale `ingest.modality` accepts (`medclf.modality`); None (a
+    colour modality) leaves the `colour` check out."""
     with _quiet():
         import great_expectations.expectations as gxe
         from great_expectations.expectations.row_conditions import Column
@@ -112,6 +115,10 @@ def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
     add("images", "inverted", gxe.ExpectColumnValuesToBeBetween,
         f"centre − border mean ≥ {cfg.inverted_center_contrast_min}", column="center_contrast",
         min_value=cfg.inverted_center_contrast_min, row_condition=visible)
+
+    if colour_bound is not None:  # null colourfulness (not measured) is not counted: the stage says so
+        add("images", "colour", gxe.ExpectColumnValuesToBeBetween, f"colourfulness ≤ {colour_bound:g}",
+            column="colourfulness", max_value=colour_bound)
 
     # splits and prevalence
     for a, b, what in (("rows", "array_rows", "manifest rows = array rows"),
