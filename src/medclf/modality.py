@@ -57,11 +57,17 @@ def colourfulness(arr: np.ndarray) -> float:
     a = np.asarray(arr)
     if a.ndim < 3 or a.shape[-1] < 3 or a.size == 0:
         return 0.0
-    step = max(1, -(-max(a.shape[0], a.shape[1]) // _SAMPLE_SIDE))
-    s = a[::step, ::step, :3].astype(np.float32)
+    return float(_hasler(a[None], axes=(1, 2))[0])
+
+
+def _hasler(images: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
+    """The one formula: opponent channels rg and yb of a subsample (at most ~_SAMPLE_SIDE a side) of each image."""
+    step = max(1, -(-max(images.shape[1], images.shape[2]) // _SAMPLE_SIDE))
+    s = np.asarray(images[:, ::step, ::step, :3], np.float32)
     r, g, b = s[..., 0], s[..., 1], s[..., 2]
     rg, yb = r - g, 0.5 * (r + g) - b
-    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+    result: np.ndarray = np.hypot(rg.std(axes), yb.std(axes)) + 0.3 * np.hypot(rg.mean(axes), yb.mean(axes))
+    return result
 
 
 def colourfulness_batch(images: np.ndarray, chunk: int = 128) -> np.ndarray:
@@ -69,13 +75,8 @@ def colourfulness_batch(images: np.ndarray, chunk: int = 128) -> np.ndarray:
     out = np.zeros(len(images), np.float64)
     if images.ndim != 4 or images.shape[-1] < 3:
         return out
-    step = max(1, -(-max(images.shape[1], images.shape[2]) // _SAMPLE_SIDE))
     for a in range(0, len(images), chunk):
-        s = np.asarray(images[a:a + chunk, ::step, ::step, :3], np.float32)
-        r, g, b = s[..., 0], s[..., 1], s[..., 2]
-        rg, yb = r - g, 0.5 * (r + g) - b
-        axes = (1, 2)
-        out[a:a + chunk] = (np.hypot(rg.std(axes), yb.std(axes)) + 0.3 * np.hypot(rg.mean(axes), yb.mean(axes)))
+        out[a:a + chunk] = _hasler(images[a:a + chunk], axes=(1, 2))
     return out
 
 
