@@ -45,6 +45,7 @@ retrain: setup data
 TEST_JOBS ?= 2
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=20
 
@@ -62,9 +63,11 @@ serve: setup
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-http://127.0.0.1:$${MLFLOW_PORT:-5000}}" \
 	  mlflow models serve -m "$(MODEL)" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
-## ruff over the whole repository, mypy over src/ (settings in pyproject.toml); also run by `make test`.
+## ruff (rules and format) over the whole repository, strict mypy over src/, flows/ and tasks/ (settings in
+## pyproject.toml); also the first steps of `make test`, and the pre-commit hooks.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 bench-ingest: setup

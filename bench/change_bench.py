@@ -58,8 +58,13 @@ from tasks.common import dvc_status, source_env, venv_env
 from tests.conftest import KERMANY_REGEX, free_port, write_params
 
 BIN = Path(sys.executable).parent
-RELATIVE_PATHS = {"ingest_dir": "data/ingest", "augment_dir": "data/augment", "model_dir": "models",
-                  "reports_dir": "reports", "cache_dir": ".cache"}
+RELATIVE_PATHS = {
+    "ingest_dir": "data/ingest",
+    "augment_dir": "data/augment",
+    "model_dir": "models",
+    "reports_dir": "reports",
+    "cache_dir": ".cache",
+}
 GEN_CLASSES = ("NEGATIVE", "POSITIVE")
 GEN_REGEX = r"^(p\d+)_"
 GEN_PER_PATIENT = 4
@@ -102,8 +107,9 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def sh(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 3600) -> tuple[float, str]:
     t0 = time.perf_counter()
-    out = subprocess.run(list(args), cwd=cwd, env=_env(env), capture_output=True, text=True, check=False,
-                         timeout=timeout)
+    out = subprocess.run(
+        list(args), cwd=cwd, env=_env(env), capture_output=True, text=True, check=False, timeout=timeout
+    )
     if out.returncode:
         raise SystemExit(f"{' '.join(args)} failed in {cwd}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return time.perf_counter() - t0, out.stdout
@@ -116,9 +122,14 @@ def checkout(dst: Path, ingest: dict[str, Any], raw_data: str) -> Path:
         shutil.copy2(ROOT / name, dst / name)
     shutil.copytree(ROOT / "src", dst / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     write_params(dst, deep_merge({"paths": {**RELATIVE_PATHS, "raw_data": raw_data}}, {"ingest": ingest}))
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "bench@example.invalid"],
-                ["git", "config", "user.name", "bench"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "bench checkout"]):
+    for cmd in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "config", "user.email", "bench@example.invalid"],
+        ["git", "config", "user.name", "bench"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "bench checkout"],
+    ):
         sh(dst, *cmd)
     return dst
 
@@ -157,8 +168,14 @@ def median_status(root: Path, n: int, part: str) -> tuple[float, list[float], bo
 def probe_status(root: Path) -> dict[str, Any]:
     """`dvc_status` in a new interpreter: import time and the call itself, measured inside it."""
     t0 = time.perf_counter()
-    _, out = sh(ROOT, sys.executable, "-c", PROBE, str(root),
-                env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    _, out = sh(
+        ROOT,
+        sys.executable,
+        "-c",
+        PROBE,
+        str(root),
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )
     res: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     res["process_s"] = time.perf_counter() - t0
     return res
@@ -183,8 +200,10 @@ def stale_word(entries: list[Any] | bool) -> str:
 
 
 def probe_note(p: dict[str, Any]) -> str:
-    return (f"{stale_word(p['entries'])}; imports (tasks pkg: Prefect, medclf, DVC) {p['import_s']:.2f} s, "
-            f"whole process {p['process_s']:.2f} s")
+    return (
+        f"{stale_word(p['entries'])}; imports (tasks pkg: Prefect, medclf, DVC) {p['import_s']:.2f} s, "
+        f"whole process {p['process_s']:.2f} s"
+    )
 
 
 def rounded(p: dict[str, Any]) -> dict[str, Any]:
@@ -197,28 +216,42 @@ def bench_folder(tmp: Path, folder: Path, repeats: int) -> dict[str, Any]:
     files = sum(1 for f in folder.rglob("*") if f.is_file())
     size_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
     print(f"[{part}] {folder}: {files} files, {size_mb:.1f} MB", flush=True)
-    root = checkout(tmp / "folder-checkout", {
-        "source": {"kind": "folder", "uri": str(folder), "patient_id_regex": KERMANY_REGEX},
-        "image_size": 64}, str(folder))
+    root = checkout(
+        tmp / "folder-checkout",
+        {"source": {"kind": "folder", "uri": str(folder), "patient_id_regex": KERMANY_REGEX}, "image_size": 64},
+        str(folder),
+    )
     wall, summary = repro_ingest(root)
-    record(part, "dvc repro --single-item ingest (first run)", wall,
-           f"stage {summary['seconds']} s, decode {summary['decode_images_per_second']} img/s")
+    record(
+        part,
+        "dvc repro --single-item ingest (first run)",
+        wall,
+        f"stage {summary['seconds']} s, decode {summary['decode_images_per_second']} img/s",
+    )
     lock = raw_lock_entry(root, str(folder))
-    out: dict[str, Any] = {"files": files, "mb": round(size_mb, 1), "repro_s": round(wall, 2),
-                           "ingest_summary_s": summary["seconds"],
-                           "decode_images_per_second": summary["decode_images_per_second"],
-                           "lock_nfiles": lock.get("nfiles"), "lock_md5": lock.get("md5")}
+    out: dict[str, Any] = {
+        "files": files,
+        "mb": round(size_mb, 1),
+        "repro_s": round(wall, 2),
+        "ingest_summary_s": summary["seconds"],
+        "decode_images_per_second": summary["decode_images_per_second"],
+        "lock_nfiles": lock.get("nfiles"),
+        "lock_md5": lock.get("md5"),
+    }
     p = probe_status(root)
     record(part, "dvc_status, fresh process, state warm from the repro", p["status_s"], probe_note(p))
     out["fresh_process_warm"] = rounded(p)
     med, times, stale = median_status(root, repeats, part)
-    record(part, f"dvc_status, in process, no change (median of {repeats})", med,
-           f"{stale_word(stale)}; {times}")
+    record(part, f"dvc_status, in process, no change (median of {repeats})", med, f"{stale_word(stale)}; {times}")
     out["warm_median_s"], out["warm_times_s"], out["warm_stale"] = round(med, 3), times, stale
     site = clear_dvc_state(root)
     p = probe_status(root)
-    record(part, "dvc_status, fresh process, DVC state cleared (cold)", p["status_s"],
-           f"{probe_note(p)}; cleared <site cache>/repo/{site.name[:8]}..")
+    record(
+        part,
+        "dvc_status, fresh process, DVC state cleared (cold)",
+        p["status_s"],
+        f"{probe_note(p)}; cleared <site cache>/repo/{site.name[:8]}..",
+    )
     out["fresh_process_cold"] = rounded(p)
     cold = []
     for _ in range(2):
@@ -226,8 +259,12 @@ def bench_folder(tmp: Path, folder: Path, repeats: int) -> dict[str, Any]:
         t, entries = timed_status(root)
         cold.append(round(t, 3))
         assert not entries, entries
-    record(part, "dvc_status, in process, DVC state cleared (cold, median of 2)", statistics.median(cold),
-           f"up to date; {cold}")
+    record(
+        part,
+        "dvc_status, in process, DVC state cleared (cold, median of 2)",
+        statistics.median(cold),
+        f"up to date; {cold}",
+    )
     out["cold_in_process_s"] = cold
     t, stdout = sh(root, "dvc", "status", "ingest")
     record(part, "`dvc status ingest` CLI process, warm", t, stdout.strip().splitlines()[-1][:60])
@@ -240,9 +277,11 @@ def start_moto(tmp: Path) -> tuple[str, subprocess.Popen[bytes]]:
     """moto's ThreadedMotoServer in its own process: its request handling does not share this
     process's GIL with the DVC calls being timed (the two still share the machine's cores)."""
     port = free_port()
-    code = ("import time\nfrom moto.server import ThreadedMotoServer\n"
-            f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False)\n"
-            "s.start()\nwhile True:\n    time.sleep(3600)\n")
+    code = (
+        "import time\nfrom moto.server import ThreadedMotoServer\n"
+        f"s = ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False)\n"
+        "s.start()\nwhile True:\n    time.sleep(3600)\n"
+    )
     log = open(tmp / "moto.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
@@ -261,8 +300,7 @@ def bench_s3(tmp: Path, folder: Path, repeats: int) -> dict[str, Any]:
     import boto3
 
     part = "s3"
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     endpoint, server = start_moto(tmp)
     try:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
@@ -271,33 +309,47 @@ def bench_s3(tmp: Path, folder: Path, repeats: int) -> dict[str, Any]:
         files = sorted(f for f in folder.rglob("*") if f.is_file())
 
         def put(f: Path) -> None:
-            client.put_object(Bucket=bucket, Key=f"chest_xray/{f.relative_to(folder).as_posix()}",
-                              Body=f.read_bytes())
+            client.put_object(Bucket=bucket, Key=f"chest_xray/{f.relative_to(folder).as_posix()}", Body=f.read_bytes())
 
         t0 = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(put, files))
-        record(part, f"upload {len(files)} objects to moto (setup, not a check)",
-               time.perf_counter() - t0)
+        record(part, f"upload {len(files)} objects to moto (setup, not a check)", time.perf_counter() - t0)
         uri = f"s3://{bucket}/chest_xray"
-        root = checkout(tmp / "s3-checkout", {
-            "source": {"kind": "folder", "uri": uri, "patient_id_regex": KERMANY_REGEX,
-                       "s3_endpoint_url": endpoint},
-            "image_size": 64}, uri)
+        root = checkout(
+            tmp / "s3-checkout",
+            {
+                "source": {
+                    "kind": "folder",
+                    "uri": uri,
+                    "patient_id_regex": KERMANY_REGEX,
+                    "s3_endpoint_url": endpoint,
+                },
+                "image_size": 64,
+            },
+            uri,
+        )
         wall, summary = repro_ingest(root)
-        record(part, "dvc repro --single-item ingest (first run)", wall,
-               f"stage {summary['seconds']} s, decode {summary['decode_images_per_second']} img/s")
+        record(
+            part,
+            "dvc repro --single-item ingest (first run)",
+            wall,
+            f"stage {summary['seconds']} s, decode {summary['decode_images_per_second']} img/s",
+        )
         lock = raw_lock_entry(root, uri)
-        out: dict[str, Any] = {"objects": len(files), "repro_s": round(wall, 2),
-                               "ingest_summary_s": summary["seconds"],
-                               "decode_images_per_second": summary["decode_images_per_second"],
-                               "lock_nfiles": lock.get("nfiles"), "lock_md5": lock.get("md5")}
+        out: dict[str, Any] = {
+            "objects": len(files),
+            "repro_s": round(wall, 2),
+            "ingest_summary_s": summary["seconds"],
+            "decode_images_per_second": summary["decode_images_per_second"],
+            "lock_nfiles": lock.get("nfiles"),
+            "lock_md5": lock.get("md5"),
+        }
         p = probe_status(root)
         record(part, "dvc_status, fresh process, no change", p["status_s"], probe_note(p))
         out["fresh_process_warm"] = rounded(p)
         med, times, stale = median_status(root, repeats, part)
-        record(part, f"dvc_status, in process, no change (median of {repeats})", med,
-               f"{stale_word(stale)}; {times}")
+        record(part, f"dvc_status, in process, no change (median of {repeats})", med, f"{stale_word(stale)}; {times}")
         out["warm_median_s"], out["warm_times_s"], out["warm_stale"] = round(med, 3), times, stale
         new_key = "chest_xray/train/NORMAL/IM-9999-0001.jpeg"  # a new patient's image
         client.put_object(Bucket=bucket, Key=new_key, Body=files[0].read_bytes())
@@ -306,8 +358,7 @@ def bench_s3(tmp: Path, folder: Path, repeats: int) -> dict[str, Any]:
         out["added_in_process_s"], out["added_stale_in_process"] = round(t, 3), bool(entries)
         out["added_entries"] = entries
         p = probe_status(root)
-        record(part, "dvc_status, fresh process, after adding 1 object", p["status_s"],
-               stale_word(p["entries"]))
+        record(part, "dvc_status, fresh process, after adding 1 object", p["status_s"], stale_word(p["entries"]))
         out["added_fresh_process_s"] = round(p["status_s"], 3)
         out["added_stale_fresh_process"] = bool(p["entries"])
         return out
@@ -353,28 +404,36 @@ def bench_generated(tmp: Path, n: int, repeats: int) -> dict[str, Any]:
     t = write_generated(data, n)
     mb = sum(f.stat().st_size for f in data.rglob("*.png")) / 1e6
     record(part, f"write {n} PNGs, {mb:.0f} MB (setup, not a check)", t, f"{os.cpu_count()} processes")
-    root = checkout(tmp / "gen-checkout", {
-        "source": {"kind": "folder", "uri": str(data), "patient_id_regex": GEN_REGEX}, "image_size": 32},
-        str(data))
+    root = checkout(
+        tmp / "gen-checkout",
+        {"source": {"kind": "folder", "uri": str(data), "patient_id_regex": GEN_REGEX}, "image_size": 32},
+        str(data),
+    )
     out: dict[str, Any] = {"files": n, "mb": round(mb, 1), "write_s": round(t, 2)}
     wall, summary = repro_ingest(root)
-    record(part, "dvc repro --single-item ingest (first run: DVC hashes + ingest)", wall,
-           f"stage {summary['seconds']} s, decode {summary['decode_images_per_second']} img/s")
-    out.update(repro_s=round(wall, 2), ingest_summary_s=summary["seconds"],
-               decode_images_per_second=summary["decode_images_per_second"], images=summary["images"])
+    record(
+        part,
+        "dvc repro --single-item ingest (first run: DVC hashes + ingest)",
+        wall,
+        f"stage {summary['seconds']} s, decode {summary['decode_images_per_second']} img/s",
+    )
+    out.update(
+        repro_s=round(wall, 2),
+        ingest_summary_s=summary["seconds"],
+        decode_images_per_second=summary["decode_images_per_second"],
+        images=summary["images"],
+    )
     lock = raw_lock_entry(root, str(data))
     out["lock_nfiles"], out["lock_md5"] = lock.get("nfiles"), lock.get("md5")
     p = probe_status(root)
     record(part, "dvc_status, fresh process, no change", p["status_s"], probe_note(p))
     out["fresh_process_warm_s"] = round(p["status_s"], 3)
     med, times, stale = median_status(root, repeats, part)
-    record(part, f"dvc_status, in process, no change (median of {repeats})", med,
-           f"{stale_word(stale)}; {times}")
+    record(part, f"dvc_status, in process, no change (median of {repeats})", med, f"{stale_word(stale)}; {times}")
     out["warm_median_s"], out["warm_times_s"], out["warm_stale"] = round(med, 3), times, stale
     clear_dvc_state(root)
     t, entries = timed_status(root)
-    record(part, "dvc_status, in process, DVC state cleared (cold: re-hashes every file)", t,
-           stale_word(entries))
+    record(part, "dvc_status, in process, DVC state cleared (cold: re-hashes every file)", t, stale_word(entries))
     out["cold_in_process_s"], out["cold_stale"] = round(t, 3), bool(entries)
 
     victim = next((data / GEN_CLASSES[0]).glob("*.png"))
@@ -383,8 +442,7 @@ def bench_generated(tmp: Path, n: int, repeats: int) -> dict[str, Any]:
     os.utime(victim)  # `touch`: new mtime, same bytes
     assert victim.read_bytes() == before
     t, entries = timed_status(root)
-    record(part, "dvc_status after `touch` of 1 file (same bytes)", t,
-           stale_word(entries) + " (expected: up to date)")
+    record(part, "dvc_status after `touch` of 1 file (same bytes)", t, stale_word(entries) + " (expected: up to date)")
     out["touch_s"], out["touch_stale"], out["touch_entries"] = round(t, 3), bool(entries), entries
 
     extra = data / GEN_CLASSES[0] / f"p{n // GEN_PER_PATIENT + 10}_{n}.png"  # a new patient's image
@@ -396,8 +454,7 @@ def bench_generated(tmp: Path, n: int, repeats: int) -> dict[str, Any]:
     wall, summary = repro_ingest(root)
     ch = summary.get("changes") or {}
     brief = {k: ch.get(k) for k in ("added", "removed", "changed", "relabelled", "moved", "unchanged")}
-    record(part, "dvc repro --single-item ingest after adding 1 file", wall,
-           f"stage {summary['seconds']} s; {brief}")
+    record(part, "dvc repro --single-item ingest after adding 1 file", wall, f"stage {summary['seconds']} s; {brief}")
     out.update(reingest_s=round(wall, 2), reingest_summary_s=summary["seconds"], reingest_changes=brief)
     t, entries = timed_status(root)
     record(part, "dvc_status right after the re-ingest", t, stale_word(entries))
@@ -428,8 +485,12 @@ def section(name: str, fn: Callable[[], dict[str, Any]], result: dict[str, Any])
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--folder", type=Path, default=ROOT.parent / "shared/data/chest_xray",
-                   help="real image folder (read-only; also the files uploaded to S3)")
+    p.add_argument(
+        "--folder",
+        type=Path,
+        default=ROOT.parent / "shared/data/chest_xray",
+        help="real image folder (read-only; also the files uploaded to S3)",
+    )
     p.add_argument("--skip-folder", action="store_true", help="skip part 1 (local folder)")
     p.add_argument("--skip-s3", action="store_true", help="skip part 2 (moto S3)")
     p.add_argument("--generated", type=int, default=50000, help="part 3: number of generated PNGs (0: skip)")
@@ -466,8 +527,10 @@ def main() -> int:
     result["rows"] = [asdict(r) for r in ROWS]
     print()
     print(table(ROWS))
-    print(f"\n- machine: {os.cpu_count()} CPUs, load average at start {result['loadavg_start']}, "
-          f"at end {result['loadavg_end']}")
+    print(
+        f"\n- machine: {os.cpu_count()} CPUs, load average at start {result['loadavg_start']}, "
+        f"at end {result['loadavg_end']}"
+    )
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, default=str))

@@ -51,13 +51,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from medclf.config import Settings, load_settings
-from medclf.images import decode_image, fit_square, to_channels
+from medclf.imaging.images import decode_image, fit_square, to_channels
 
 DEMO = ROOT / "data" / "demo"
 STAGES = ("ingest", "validate", "augment", "train", "evaluate")
 METRICS = ("roc_auc", "recall", "specificity", "f1", "accuracy", "balanced_accuracy")
-SHORT = {"roc_auc": "AUC", "recall": "sens", "specificity": "spec", "f1": "F1", "accuracy": "acc",
-         "balanced_accuracy": "bacc"}
+SHORT = {
+    "roc_auc": "AUC",
+    "recall": "sens",
+    "specificity": "spec",
+    "f1": "F1",
+    "accuracy": "acc",
+    "balanced_accuracy": "bacc",
+}
 
 
 def load1() -> float:
@@ -79,9 +85,14 @@ def regenerate_module() -> ModuleType:
 def write_params(scratch: Path, batch1: Path, seed: int, tracking_uri: str) -> Path:
     """The repository's params.yaml with paths in `scratch`, the demo's batch1 as raw data, the seed."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    data["paths"] = {"raw_data": str(batch1), "ingest_dir": str(scratch / "data/ingest"),
-                     "augment_dir": str(scratch / "data/augment"), "model_dir": str(scratch / "models"),
-                     "reports_dir": str(scratch / "reports"), "cache_dir": str(scratch / ".cache")}
+    data["paths"] = {
+        "raw_data": str(batch1),
+        "ingest_dir": str(scratch / "data/ingest"),
+        "augment_dir": str(scratch / "data/augment"),
+        "model_dir": str(scratch / "models"),
+        "reports_dir": str(scratch / "reports"),
+        "cache_dir": str(scratch / ".cache"),
+    }
     data["ingest"]["source"]["uri"] = str(batch1)
     data["train"]["seed"] = seed
     data["mlflow"]["tracking_uri"] = tracking_uri
@@ -96,8 +107,14 @@ def run_stage(params: Path, name: str, env: dict[str, str]) -> tuple[float, int,
     logs = params.parent / "logs"
     logs.mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "medclf.cli", "--params", str(params), name], env=env,
-                         capture_output=True, text=True, cwd=params.parent, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "medclf.cli", "--params", str(params), name],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=params.parent,
+        check=False,
+    )
     wall = time.perf_counter() - t0
     (logs / f"{name}.out").write_text(out.stdout)
     (logs / f"{name}.err").write_text(out.stderr)
@@ -129,12 +146,20 @@ def unseen_set(regen: ModuleType, shared: Path, settings: Settings) -> tuple[np.
     demo = demo_pseudonyms(regen)
     in_demo = demo["batch1"] | demo["batch2"]
     pools = {label: regen.patients(root, label) for label in regen.CLASSES}  # byte-identical copies dropped
-    release_files = sum(1 for label in regen.CLASSES for f in (root / label).iterdir()
-                        if f.suffix.lower() in regen.IMAGE_EXTENSIONS and not f.name.startswith("."))
-    demo_src = {hashlib.sha256(f.read_bytes()).hexdigest() for pool in pools.values() for p in pool
-                if regen.pseudonym(p.pid) in in_demo for f in p.files}
-    matched = {b: len({regen.pseudonym(p.pid) for pool in pools.values() for p in pool} & s)
-               for b, s in demo.items()}
+    release_files = sum(
+        1
+        for label in regen.CLASSES
+        for f in (root / label).iterdir()
+        if f.suffix.lower() in regen.IMAGE_EXTENSIONS and not f.name.startswith(".")
+    )
+    demo_src = {
+        hashlib.sha256(f.read_bytes()).hexdigest()
+        for pool in pools.values()
+        for p in pool
+        if regen.pseudonym(p.pid) in in_demo
+        for f in p.files
+    }
+    matched = {b: len({regen.pseudonym(p.pid) for pool in pools.values() for p in pool} & s) for b, s in demo.items()}
     images: list[np.ndarray] = []
     labels: list[int] = []
     patients: dict[str, set[str]] = {c: set() for c in classes}
@@ -155,28 +180,35 @@ def unseen_set(regen: ModuleType, shared: Path, settings: Settings) -> tuple[np.
                 patients[label].add(p.pid)
     y = np.asarray(labels, dtype=np.int64)
     counts = Counter(classes[i] for i in labels)
-    info = {"release_images": release_files,
-            "release_patients": sum(len(pool) for pool in pools.values()),
-            "demo_patients": {b: len(s) for b, s in demo.items()},
-            "demo_patients_found_in_release": matched,
-            "images": len(labels), "patients": sum(len(s) for s in patients.values()),
-            "images_per_class": dict(counts), "patients_per_class": {c: len(s) for c, s in patients.items()},
-            "prevalence": round(float(y.mean()), 4) if len(y) else None,
-            "dropped_same_bytes_as_demo": dropped_same_bytes,
-            "patients_in_both_classes": len(patients["NORMAL"] & patients["PNEUMONIA"]),
-            "prepare_s": round(time.perf_counter() - t0, 1)}
+    info = {
+        "release_images": release_files,
+        "release_patients": sum(len(pool) for pool in pools.values()),
+        "demo_patients": {b: len(s) for b, s in demo.items()},
+        "demo_patients_found_in_release": matched,
+        "images": len(labels),
+        "patients": sum(len(s) for s in patients.values()),
+        "images_per_class": dict(counts),
+        "patients_per_class": {c: len(s) for c, s in patients.items()},
+        "prevalence": round(float(y.mean()), 4) if len(y) else None,
+        "dropped_same_bytes_as_demo": dropped_same_bytes,
+        "patients_in_both_classes": len(patients["NORMAL"] & patients["PNEUMONIA"]),
+        "prepare_s": round(time.perf_counter() - t0, 1),
+    }
     if matched["batch1"] != len(demo["batch1"]) or matched["batch2"] != len(demo["batch2"]):
-        sys.exit(f"not every demo pseudonym maps to a release patient: {matched} vs "
-                 f"{ {b: len(s) for b, s in demo.items()} } (wrong --shared?)")
+        sys.exit(
+            f"not every demo pseudonym maps to a release patient: {matched} vs "
+            f"{ {b: len(s) for b, s in demo.items()} } (wrong --shared?)"
+        )
     return np.stack(images), y, info
 
 
-def score_unseen(model_path: Path, classes_json: Path, x: np.ndarray, y: np.ndarray, threshold: float,
-                 n_boot: int) -> dict[str, Any]:
+def score_unseen(
+    model_path: Path, classes_json: Path, x: np.ndarray, y: np.ndarray, threshold: float, n_boot: int
+) -> dict[str, Any]:
     """The seed's exported model on the unseen images: metrics at its validation threshold (+ 95 % CIs)."""
     import keras
 
-    from medclf import metrics as M
+    from medclf.evaluation import metrics
 
     classes = json.loads(classes_json.read_text())
     pos = classes["classes"].index(classes["positive_class"])
@@ -188,11 +220,11 @@ def score_unseen(model_path: Path, classes_json: Path, x: np.ndarray, y: np.ndar
     if classes["classes"] != ["NORMAL", "PNEUMONIA"]:
         sys.exit(f"unexpected class order {classes['classes']}")
     pb = np.clip(proba[:, pos], 0.0, 1.0)
-    ci = M.metrics_with_ci(yb, pb, threshold, n_boot, 0)
-    at05 = M.binary_metrics(yb, pb, 0.5)
+    ci = metrics.metrics_with_ci(yb, pb, threshold, n_boot, 0)
+    at05 = metrics.binary_metrics(yb, pb, 0.5)
     out: dict[str, Any] = {k: v["value"] for k, v in ci.items()}
     out.update({f"{k}_ci": [round(ci[k]["ci_low"], 4), round(ci[k]["ci_high"], 4)] for k in METRICS})
-    out.update({k: v for k, v in M.binary_metrics(yb, pb, threshold).items() if k in M.COUNTS})
+    out.update({k: v for k, v in metrics.binary_metrics(yb, pb, threshold).items() if k in metrics.COUNTS})
     out["at_0.5"] = {k: round(at05[k], 4) for k in ("recall", "specificity", "f1", "balanced_accuracy")}
     out["predict_s"] = round(predict_s, 1)
     out["n"] = len(y)
@@ -200,8 +232,9 @@ def score_unseen(model_path: Path, classes_json: Path, x: np.ndarray, y: np.ndar
 
 
 # --------------------------------------------------------------------------- per seed
-def one_seed(seed: int, work: Path, batch1: Path, env: dict[str, str], unseen: tuple[np.ndarray, np.ndarray] | None,
-             n_boot: int) -> dict[str, Any]:
+def one_seed(
+    seed: int, work: Path, batch1: Path, env: dict[str, str], unseen: tuple[np.ndarray, np.ndarray] | None, n_boot: int
+) -> dict[str, Any]:
     scratch = work / f"seed{seed}"
     shutil.rmtree(scratch, ignore_errors=True)
     params = write_params(scratch, batch1, seed, env["MLFLOW_TRACKING_URI"])
@@ -222,22 +255,34 @@ def one_seed(seed: int, work: Path, batch1: Path, env: dict[str, str], unseen: t
     train = results["train"] or {}
     ing = results["ingest"] or {}
     row: dict[str, Any] = {
-        "seed": seed, "threshold": round(threshold, 4), "gates_passed": bool(gates["passed"]) and not evaluate_rc,
+        "seed": seed,
+        "threshold": round(threshold, 4),
+        "gates_passed": bool(gates["passed"]) and not evaluate_rc,
         "gate_failures": gates.get("failures", []),
         "test": {k: test.get(k) for k in METRICS}
         | {f"{k}_ci": [test.get(f"{k}_ci_low"), test.get(f"{k}_ci_high")] for k in METRICS}
         | {"n": test.get("n"), **{k: test.get(k) for k in ("tp", "fp", "tn", "fn")}},
         "val": doc.get("val"),
-        "splits": ing.get("splits"), "patients": ing.get("patients"),
-        "train_s": round(walls["train"], 1), "train_epoch_s": train.get("train_seconds"),
-        "best_epoch": train.get("best_epoch"), "best_val_auc": train.get("best_val_auc"),
-        "epochs_run": train.get("epochs_run"), "images_per_second": train.get("images_per_second"),
-        "stage_s": {k: round(v, 1) for k, v in walls.items()}, "mlflow_run_id": train.get("run_id"),
+        "splits": ing.get("splits"),
+        "patients": ing.get("patients"),
+        "train_s": round(walls["train"], 1),
+        "train_epoch_s": train.get("train_seconds"),
+        "best_epoch": train.get("best_epoch"),
+        "best_val_auc": train.get("best_val_auc"),
+        "epochs_run": train.get("epochs_run"),
+        "images_per_second": train.get("images_per_second"),
+        "stage_s": {k: round(v, 1) for k, v in walls.items()},
+        "mlflow_run_id": train.get("run_id"),
     }
     if unseen is not None:
-        row["unseen"] = score_unseen(settings.paths.model_dir / "model.keras",
-                                     settings.paths.ingest_dir / "classes.json", unseen[0], unseen[1], threshold,
-                                     n_boot)
+        row["unseen"] = score_unseen(
+            settings.paths.model_dir / "model.keras",
+            settings.paths.ingest_dir / "classes.json",
+            unseen[0],
+            unseen[1],
+            threshold,
+            n_boot,
+        )
     row["load1_after"] = load1()
     return row
 
@@ -251,13 +296,18 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def print_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     cols = [("test", m) for m in METRICS] + [("unseen", m) for m in METRICS if rows and "unseen" in rows[0]]
-    head = ("seed".rjust(5) + "".join(f"{('t ' if s == 'test' else 'u ') + SHORT[m]:>8}" for s, m in cols)
-            + f"{'thr':>8}{'train s':>9}{'epoch s':>9}{'gates':>7}")
+    head = (
+        "seed".rjust(5)
+        + "".join(f"{('t ' if s == 'test' else 'u ') + SHORT[m]:>8}" for s, m in cols)
+        + f"{'thr':>8}{'train s':>9}{'epoch s':>9}{'gates':>7}"
+    )
     print("\n" + head)
     for r in rows:
         line = f"{r['seed']:5d}" + "".join(f"{r[s][m]:8.3f}" for s, m in cols)
-        print(line + f"{r['threshold']:8.3f}{r['train_s']:9.1f}{r['train_epoch_s'] or 0:9.1f}"
-                     f"{'pass' if r['gates_passed'] else 'FAIL':>7}")
+        print(
+            line + f"{r['threshold']:8.3f}{r['train_s']:9.1f}{r['train_epoch_s'] or 0:9.1f}"
+            f"{'pass' if r['gates_passed'] else 'FAIL':>7}"
+        )
     summary: dict[str, Any] = {}
     cells = []
     for s, m in cols:
@@ -266,10 +316,15 @@ def print_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
         cells.append(f"{mu:8.3f}")
     extra = {k: mean_sd([r[k] for r in rows]) for k in ("threshold", "train_s", "train_epoch_s")}
     summary.update({k: {"mean": round(mu, 4), "sd": round(sd, 4)} for k, (mu, sd) in extra.items()})
-    print(" mean" + "".join(cells) + f"{extra['threshold'][0]:8.3f}{extra['train_s'][0]:9.1f}"
-          f"{extra['train_epoch_s'][0]:9.1f}")
-    print("   sd" + "".join(f"{summary[f'{s}_{m}']['sd']:8.3f}" for s, m in cols)
-          + f"{extra['threshold'][1]:8.3f}{extra['train_s'][1]:9.1f}{extra['train_epoch_s'][1]:9.1f}")
+    print(
+        " mean" + "".join(cells) + f"{extra['threshold'][0]:8.3f}{extra['train_s'][0]:9.1f}"
+        f"{extra['train_epoch_s'][0]:9.1f}"
+    )
+    print(
+        "   sd"
+        + "".join(f"{summary[f'{s}_{m}']['sd']:8.3f}" for s, m in cols)
+        + f"{extra['threshold'][1]:8.3f}{extra['train_s'][1]:9.1f}{extra['train_epoch_s'][1]:9.1f}"
+    )
     print("t = internal test split (batch1, by patient); u = unseen release patients; thresholds from validation")
     return summary
 
@@ -277,8 +332,12 @@ def print_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2], help="train.seed values")
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data" / "chest_xray",
-                    help="the Kermany release (train/{NORMAL,PNEUMONIA}); unseen-patient check skipped if absent")
+    ap.add_argument(
+        "--shared",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "chest_xray",
+        help="the Kermany release (train/{NORMAL,PNEUMONIA}); unseen-patient check skipped if absent",
+    )
     ap.add_argument("--skip-unseen", action="store_true", help="only the internal test split")
     ap.add_argument("--salt", default="demo-quality-bench", help="MEDCLF_PATIENT_SALT for every stage")
     ap.add_argument("--bootstrap", type=int, default=500, help="bootstrap resamples for the unseen-set CIs")
@@ -290,9 +349,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     batch1 = (DEMO / "batch1").resolve()
     tracking = f"sqlite:///{work / 'mlflow.db'}"
-    env = {**os.environ, "MEDCLF_PATIENT_SALT": args.salt, "MLFLOW_TRACKING_URI": tracking,
-           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    env = {
+        **os.environ,
+        "MEDCLF_PATIENT_SALT": args.salt,
+        "MLFLOW_TRACKING_URI": tracking,
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+    }
     os.environ["MEDCLF_PATIENT_SALT"] = args.salt
     t_start, load_start = time.perf_counter(), load1()
     print(f"workdir {work}; tracking {tracking}; cores {os.cpu_count()}; load1 {load_start}", flush=True)
@@ -311,18 +374,32 @@ def main() -> None:
     for seed in args.seeds:
         rows.append(one_seed(seed, work, batch1, env, unseen, args.bootstrap))
         r = rows[-1]
-        print(f"  seed {seed}: test AUC {r['test']['roc_auc']:.3f}"
-              + (f", unseen AUC {r['unseen']['roc_auc']:.3f}" if "unseen" in r else "")
-              + f", threshold {r['threshold']:.3f}", flush=True)
+        print(
+            f"  seed {seed}: test AUC {r['test']['roc_auc']:.3f}"
+            + (f", unseen AUC {r['unseen']['roc_auc']:.3f}" if "unseen" in r else "")
+            + f", threshold {r['threshold']:.3f}",
+            flush=True,
+        )
     summary = print_table(rows)
     if unseen_info:
         n, pos = unseen_info["images"], unseen_info["images_per_class"].get("PNEUMONIA", 0)
-        print(f"unseen set: {n} images ({pos} PNEUMONIA, {n - pos} NORMAL; prevalence "
-              f"{unseen_info['prevalence']}), {unseen_info['patients']} patients {unseen_info['patients_per_class']}")
-    doc = {"seeds": args.seeds, "recipe": "params.yaml (committed) with paths/source/seed/tracking overridden",
-           "salt": args.salt, "rows": rows, "summary": summary, "unseen_set": unseen_info,
-           "load1_start": load_start, "load1_end": load1(), "cores": os.cpu_count(),
-           "total_s": round(time.perf_counter() - t_start, 1), "workdir": str(work) if args.workdir else None}
+        print(
+            f"unseen set: {n} images ({pos} PNEUMONIA, {n - pos} NORMAL; prevalence "
+            f"{unseen_info['prevalence']}), {unseen_info['patients']} patients {unseen_info['patients_per_class']}"
+        )
+    doc = {
+        "seeds": args.seeds,
+        "recipe": "params.yaml (committed) with paths/source/seed/tracking overridden",
+        "salt": args.salt,
+        "rows": rows,
+        "summary": summary,
+        "unseen_set": unseen_info,
+        "load1_start": load_start,
+        "load1_end": load1(),
+        "cores": os.cpu_count(),
+        "total_s": round(time.perf_counter() - t_start, 1),
+        "workdir": str(work) if args.workdir else None,
+    }
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1, default=str))
     if not args.workdir:

@@ -41,20 +41,37 @@ from medclf.config import deep_merge
 BIN = Path(sys.executable).parent
 STAGES = ("ingest", "validate", "augment", "train", "evaluate", "register")
 TINY = {
-    "paths": {"ingest_dir": "data/ingest", "augment_dir": "data/augment", "model_dir": "models",
-              "reports_dir": "reports", "cache_dir": ".cache"},
-    "ingest": {"image_size": 32, "source": {"synthetic": {"n_patients": 40, "images_per_patient": 2,
-                                                          "native_size": 48}}},
+    "paths": {
+        "ingest_dir": "data/ingest",
+        "augment_dir": "data/augment",
+        "model_dir": "models",
+        "reports_dir": "reports",
+        "cache_dir": ".cache",
+    },
+    "ingest": {
+        "image_size": 32,
+        "source": {"synthetic": {"n_patients": 40, "images_per_patient": 2, "native_size": 48}},
+    },
     "augment": {"preview_n": 4},
-    "train": {"weights": "none", "width": 0.35, "head_epochs": 1, "finetune_epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
+    "train": {
+        "weights": "none",
+        "width": 0.35,
+        "head_epochs": 1,
+        "finetune_epochs": 1,
+        "batch_size": 16,
+        "early_stopping_patience": 0,
+    },
     "evaluate": {"bootstrap": 20, "gradcam_n": 1, "gates": {"min_f1": 0.0, "min_recall": 0.0}},
 }
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "MEDCLF_PATIENT_SALT": os.environ.get("MEDCLF_PATIENT_SALT", "bench-salt-not-secret"),
-            "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MEDCLF_PATIENT_SALT": os.environ.get("MEDCLF_PATIENT_SALT", "bench-salt-not-secret"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
 
 
 def sh(cwd: Path, *args: str) -> float:
@@ -75,10 +92,15 @@ def checkout(dst: Path, model: str) -> Path:
     params = deep_merge(params, TINY)
     params = deep_merge(params, {"register": {"model_name": model}})
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "bench@example.invalid"],
-                ["git", "config", "user.name", "bench"], ["dvc", "init", "-q"],
-                ["dvc", "remote", "add", "-d", "local", str(dst.parent / f"{dst.name}-remote")],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "bench@example.invalid"],
+        ["git", "config", "user.name", "bench"],
+        ["dvc", "init", "-q"],
+        ["dvc", "remote", "add", "-d", "local", str(dst.parent / f"{dst.name}-remote")],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "bench"],
+    ):
         sh(dst, *cmd)
     return dst
 
@@ -94,9 +116,24 @@ def mlflow_uri(tmp: Path) -> tuple[str, subprocess.Popen | None]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp / "mlflow.log", "w")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                             "--artifacts-destination", str(tmp / "mlartifacts")], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            "--artifacts-destination",
+            str(tmp / "mlartifacts"),
+        ],
+        stdout=log,
+        stderr=log,
+    )
     uri = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -153,33 +190,46 @@ def measure(tmp: Path, dvc_baseline: bool) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    header = ("| stage | standalone `medclf <stage>` s | task in flow s | overhead vs standalone s | "
-              "command inside the task s | overhead in the same run s |")
+    header = (
+        "| stage | standalone `medclf <stage>` s | task in flow s | overhead vs standalone s | "
+        "command inside the task s | overhead in the same run s |"
+    )
     lines = [header, "|---|---|---|---|---|---|"]
     ino = r["in_run_overhead_s"]
     for s in STAGES:
-        lines.append(f"| {s} | {r['stage_own_s'][s]:.1f} | {r['flow_task_s'][s]:.1f} | "
-                     f"{r['per_stage_overhead_s'][s]:+.1f} | {r['flow_command_s'].get(s) or 0:.1f} | "
-                     f"{ino.get(s, float('nan')):+.1f} |")
-    lines.append(f"| **total** | {r['stage_own_total_s']:.1f} | {sum(r['flow_task_s'].values()):.1f} | "
-                 f"{sum(r['per_stage_overhead_s'].values()):+.1f} | "
-                 f"{sum(v or 0 for v in r['flow_command_s'].values()):.1f} | {sum(ino.values()):+.1f} |")
-    overhead = (f"- flow wall: {r['flow_wall_s']:.1f} s; orchestration overhead {r['orchestration_overhead_s']:.1f} s "
-                f"({r['orchestration_overhead_pct']:.0f} %), of which flow-level (run bookkeeping, artifacts, "
-                f"dvc push {r['dvc_push_s']} s) {r['flow_level_overhead_s']:.1f} s")
+        lines.append(
+            f"| {s} | {r['stage_own_s'][s]:.1f} | {r['flow_task_s'][s]:.1f} | "
+            f"{r['per_stage_overhead_s'][s]:+.1f} | {r['flow_command_s'].get(s) or 0:.1f} | "
+            f"{ino.get(s, float('nan')):+.1f} |"
+        )
+    lines.append(
+        f"| **total** | {r['stage_own_total_s']:.1f} | {sum(r['flow_task_s'].values()):.1f} | "
+        f"{sum(r['per_stage_overhead_s'].values()):+.1f} | "
+        f"{sum(v or 0 for v in r['flow_command_s'].values()):.1f} | {sum(ino.values()):+.1f} |"
+    )
+    overhead = (
+        f"- flow wall: {r['flow_wall_s']:.1f} s; orchestration overhead {r['orchestration_overhead_s']:.1f} s "
+        f"({r['orchestration_overhead_pct']:.0f} %), of which flow-level (run bookkeeping, artifacts, "
+        f"dvc push {r['dvc_push_s']} s) {r['flow_level_overhead_s']:.1f} s"
+    )
     lines += ["", overhead, f"- no-change rerun: {r['no_change_flow_s']:.1f} s ({r['no_change_headline']})"]
     if "dvc_repro_s" in r:
         lines.append(f"- plain `dvc repro`: {r['dvc_repro_s']:.1f} s; no-op `dvc repro`: {r['dvc_repro_noop_s']:.1f} s")
-    lines.append(f"- machine: {os.cpu_count()} CPUs, load average at start {r['loadavg_start']}, "
-                 f"at end {r['loadavg_end']}")
+    lines.append(
+        f"- machine: {os.cpu_count()} CPUs, load average at start {r['loadavg_start']}, at end {r['loadavg_end']}"
+    )
     return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="also write the figures as JSON here")
-    p.add_argument("--no-dvc-baseline", dest="dvc_baseline", action="store_false",
-                   help="skip the plain `dvc repro` run (saves one pipeline run)")
+    p.add_argument(
+        "--no-dvc-baseline",
+        dest="dvc_baseline",
+        action="store_false",
+        help="skip the plain `dvc repro` run (saves one pipeline run)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary projects")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="medclf-flow-bench-"))

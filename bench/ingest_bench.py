@@ -1,6 +1,6 @@
 """Ingest throughput on the shared chest X-rays: prints images/s and CPU use (never a timed test).
 
-    .venv/bin/python bench/ingest_bench.py [--data ../shared/data/chest_xray] [--size 224] [--channels 1]
+.venv/bin/python bench/ingest_bench.py [--data ../shared/data/chest_xray] [--size 224] [--channels 1]
 """
 
 from __future__ import annotations
@@ -30,13 +30,24 @@ def main() -> None:
     from medclf.stages import ingest
 
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(Path(tmp), {"ingest": {
-            "source": {"kind": "folder", "uri": args.data, "patient_id_regex": KERMANY_REGEX},
-            "image_size": args.size, "channels": args.channels, "workers": args.workers}})
+        params = write_params(
+            Path(tmp),
+            {
+                "ingest": {
+                    "source": {"kind": "folder", "uri": args.data, "patient_id_regex": KERMANY_REGEX},
+                    "image_size": args.size,
+                    "channels": args.channels,
+                    "workers": args.workers,
+                }
+            },
+        )
         settings = load_settings(params)
+
         def cpu_seconds() -> float:
-            return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                          resource.getrusage(resource.RUSAGE_CHILDREN)))
+            return sum(
+                r.ru_utime + r.ru_stime
+                for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+            )
 
         c0, t0 = cpu_seconds(), time.perf_counter()
         out = ingest.run(settings)

@@ -53,10 +53,21 @@ def val_chosen(run: Path, target: float) -> tuple[float, float, float]:
     data["evaluate"]["gates"].update(min_f1=0.0, min_recall=0.0)  # a report, not a release decision
     params = run / "params-op.yaml"
     params.write_text(yaml.safe_dump(data, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": data["mlflow"]["tracking_uri"], "MEDCLF_PATIENT_SALT": "bench-salt",
-           "PYTHONPATH": str(ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    out = subprocess.run([sys.executable, "-m", "medclf.cli", "--params", str(params), "evaluate"], env=env, cwd=run,
-                         capture_output=True, text=True, check=False)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": data["mlflow"]["tracking_uri"],
+        "MEDCLF_PATIENT_SALT": "bench-salt",
+        "PYTHONPATH": str(ROOT / "src"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "medclf.cli", "--params", str(params), "evaluate"],
+        env=env,
+        cwd=run,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode:
         sys.exit(f"evaluate failed in {run}:\n{out.stderr[-3000:]}")
     doc = json.loads((run / "reports" / "metrics.json").read_text())
@@ -74,14 +85,19 @@ def main() -> None:
         r_sens, r_spec = roc_point(run / "reports" / "evaluate" / "test_predictions.csv", positive, args.target)
         v_sens, v_spec, thr = val_chosen(run, args.target)
         rows.append((v_sens, v_spec, r_sens, r_spec))
-        print(f"{run}: val-chosen threshold {thr:.4f}: test sens {v_sens:.3f} spec {v_spec:.3f}; "
-              f"test ROC at sens >= {args.target}: sens {r_sens:.3f} spec {r_spec:.3f}", flush=True)
+        print(
+            f"{run}: val-chosen threshold {thr:.4f}: test sens {v_sens:.3f} spec {v_spec:.3f}; "
+            f"test ROC at sens >= {args.target}: sens {r_sens:.3f} spec {r_spec:.3f}",
+            flush=True,
+        )
     names = ("val-chosen sens", "val-chosen spec", "test-ROC sens", "test-ROC spec")
     summary = {}
     for i, name in enumerate(names):
         vals = [r[i] for r in rows]
-        summary[name] = {"mean": round(statistics.fmean(vals), 4),
-                         "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0}
+        summary[name] = {
+            "mean": round(statistics.fmean(vals), 4),
+            "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0,
+        }
     print("mean ± sd: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['sd']:.3f}" for k, v in summary.items()))
     print(json.dumps({"target": args.target, **summary}))
 

@@ -7,7 +7,8 @@
 The subsample is bench/tune_bench.py's: whole patients of the embedded real demo (`data/demo/batch1`), in the
 order of their pseudonyms, classes alternating, until `--images` images; ingest splits it by patient at
 `--size` px. With `--raw DIR` the whole class-folder set in DIR is used instead (Kermany file names: the patient
-is the `person<N>` / `IM-<N>` prefix), read in place. The recipe is the repository's `params.yaml` with each `--set dotted.key=value` (YAML value) applied.
+is the `person<N>` / `IM-<N>` prefix), read in place.
+The recipe is the repository's `params.yaml` with each `--set dotted.key=value` (YAML value) applied.
 For each seed, the stages run as `medclf` processes (ingest, validate, augment, train, evaluate) in a scratch
 project with a local SQLite MLflow store. Printed: the test split's ROC-AUC, accuracy, sensitivity, specificity and
 F1 at the threshold chosen on validation, per seed and mean +- sd, the train stage's wall time, and the machine's
@@ -63,8 +64,11 @@ def main() -> None:
         raw = work / "raw"
         counts = subsample(raw, args.images) if not raw.exists() else {}
     label = args.label or (" ".join(args.set) or "params.yaml")
-    print(f"recipe: {label}; {sum(counts.values()) if args.raw else args.images} images at {args.size} px {counts}; seeds {args.seeds}; load {dq.load1()}",
-          flush=True)
+    print(
+        f"recipe: {label}; {sum(counts.values()) if args.raw else args.images} images at {args.size} px {counts}; "
+        f"seeds {args.seeds}; load {dq.load1()}",
+        flush=True,
+    )
     rows = []
     for seed in args.seeds:
         uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -76,17 +80,37 @@ def main() -> None:
         for s in args.set:
             apply(data, s)
         params.write_text(yaml.safe_dump(data, sort_keys=False))
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MEDCLF_PATIENT_SALT": "bench-salt",
-               "PYTHONPATH": str(ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": uri,
+            "MEDCLF_PATIENT_SALT": "bench-salt",
+            "PYTHONPATH": str(ROOT / "src"),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
         walls = {s: dq.run_stage(params, s, env)[0] for s in ("ingest", "validate", "augment", "train", "evaluate")}
         doc = json.loads((work / f"seed{seed}" / "reports" / "metrics.json").read_text())
         test = doc["test"]
-        row = {"seed": seed, **{k: test.get(k) for k, _ in METRICS}, "threshold": doc.get("threshold"),
-               "n_test": test.get("n"), "train_s": round(walls["train"], 1), "load": dq.load1()}
+        row = {
+            "seed": seed,
+            **{k: test.get(k) for k, _ in METRICS},
+            "threshold": doc.get("threshold"),
+            "n_test": test.get("n"),
+            "train_s": round(walls["train"], 1),
+            "load": dq.load1(),
+        }
         rows.append(row)
-        print(f"  seed {seed:<5d} " + "  ".join(f"{short} {row[k]:.3f}" for k, short in METRICS)
-              + f"  (n={row['n_test']}, train {row['train_s']:.0f} s, load {row['load']})", flush=True)
-    summary: dict[str, Any] = {"recipe": label, "images": sum(counts.values()) if args.raw else args.images, "size": args.size, "seeds": args.seeds}
+        print(
+            f"  seed {seed:<5d} "
+            + "  ".join(f"{short} {row[k]:.3f}" for k, short in METRICS)
+            + f"  (n={row['n_test']}, train {row['train_s']:.0f} s, load {row['load']})",
+            flush=True,
+        )
+    summary: dict[str, Any] = {
+        "recipe": label,
+        "images": sum(counts.values()) if args.raw else args.images,
+        "size": args.size,
+        "seeds": args.seeds,
+    }
     parts = []
     for k, short in METRICS:
         vals = [r[k] for r in rows if r[k] is not None]

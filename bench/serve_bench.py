@@ -43,8 +43,15 @@ def mlflow_bin() -> str:
 
 
 @contextlib.contextmanager
-def served(model_uri: str, tracking_uri: str | None, port: int | None = None, log_path: Path | None = None,
-           timeout: float = 300, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[str]:
+def served(
+    model_uri: str,
+    tracking_uri: str | None,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = 300,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """`mlflow models serve` in its own process group; yields the base URL; always stopped after.
 
     env: extra environment for the server, e.g. MLFLOW_PYFUNC_INFERENCE_CONFIG (model_config overrides)."""
@@ -53,21 +60,48 @@ def served(model_uri: str, tracking_uri: str | None, port: int | None = None, lo
 
 
 @contextlib.contextmanager
-def served_process(model_uri: str, tracking_uri: str | None, port: int | None = None,
-                   log_path: Path | None = None, timeout: float = 300, workers: int = 1,
-                   env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def served_process(
+    model_uri: str,
+    tracking_uri: str | None,
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout: float = 300,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """As `served`, yielding (base URL, the `mlflow models serve` process) for callers that watch it."""
     port = port or free_port()
     # mlflow runs `bash -c "exec uvicorn ..."`: the venv's bin must be on PATH (exit 127 otherwise)
-    full_env = {**os.environ, **(env or {}),
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    full_env = {
+        **os.environ,
+        **(env or {}),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     if tracking_uri:
         full_env["MLFLOW_TRACKING_URI"] = tracking_uri
     log_path = log_path or Path(f"/tmp/medclf-serve-{port}.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([mlflow_bin(), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
-                                stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                mlflow_bin(),
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                str(workers),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc, timeout, log_path)
@@ -100,8 +134,9 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float, log_path: Path
 
 def invoke(url: str, payload: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
     """POST /invocations; raise with the server's message on HTTP errors."""
-    req = urllib.request.Request(url + "/invocations", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/invocations", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
@@ -131,9 +166,16 @@ def measure(url: str, payload: dict[str, Any], n: int, warmup: int) -> dict[str,
         invoke(url, payload)
         lat.append((time.perf_counter() - t0) * 1000)
     q = np.percentile(lat, [50, 95, 99])
-    return {"n": n, "warmup": warmup, "p50_ms": round(float(q[0]), 2), "p95_ms": round(float(q[1]), 2),
-            "p99_ms": round(float(q[2]), 2), "mean_ms": round(statistics.fmean(lat), 2),
-            "min_ms": round(min(lat), 2), "max_ms": round(max(lat), 2)}
+    return {
+        "n": n,
+        "warmup": warmup,
+        "p50_ms": round(float(q[0]), 2),
+        "p95_ms": round(float(q[1]), 2),
+        "p99_ms": round(float(q[2]), 2),
+        "mean_ms": round(statistics.fmean(lat), 2),
+        "min_ms": round(min(lat), 2),
+        "max_ms": round(max(lat), 2),
+    }
 
 
 def _phantom(size: int, channels: int) -> np.ndarray:
@@ -167,18 +209,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from mlflow import MlflowClient
 
-        name, alias = uri[len("models:/"):].split("@", 1) if "@" in uri else (None, None)
+        name, alias = uri[len("models:/") :].split("@", 1) if "@" in uri else (None, None)
         tags = MlflowClient(tracking_uri=tracking).get_model_version_by_alias(name, alias).tags if name else {}
-        s, c = int(tags.get("image_size", settings.ingest.image_size)), int(tags.get("channels", settings.ingest.channels))
+        s, c = (
+            int(tags.get("image_size", settings.ingest.image_size)),
+            int(tags.get("channels", settings.ingest.channels)),
+        )
         b64, size = png_b64(_phantom(s, c)), f"{s}x{s}x{c}"
     t0 = time.time()
     with served(uri, tracking, args.port) as url:
         startup = time.time() - t0
         first = invoke(url, image_payload([b64]))
         stats = measure(url, image_payload([b64]), args.n, args.warmup)
-    result = {"model_uri": uri, "image": size, "server_startup_s": round(startup, 1), **stats,
-              "prediction": first["predictions"][0], "cpu_count": os.cpu_count(),
-              "command": f"mlflow models serve -m {uri} --env-manager local -p PORT -w 1"}
+    result = {
+        "model_uri": uri,
+        "image": size,
+        "server_startup_s": round(startup, 1),
+        **stats,
+        "prediction": first["predictions"][0],
+        "cpu_count": os.cpu_count(),
+        "command": f"mlflow models serve -m {uri} --env-manager local -p PORT -w 1",
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

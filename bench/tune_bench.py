@@ -85,10 +85,18 @@ def main() -> None:
     data["train"].update(head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs)
     data["train"]["tune"].update(trials=args.trials, timeout_minutes=args.timeout_minutes)
     params.write_text(yaml.safe_dump(data, sort_keys=False))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MEDCLF_PATIENT_SALT": "bench-salt",
-           "PYTHONPATH": str(ROOT / "src"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    print(f"subsample: {counts} ({sum(counts.values())} images) at {args.size} px; {args.trials} trials; "
-          f"work {work}; load {dq.load1()}", flush=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MEDCLF_PATIENT_SALT": "bench-salt",
+        "PYTHONPATH": str(ROOT / "src"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    print(
+        f"subsample: {counts} ({sum(counts.values())} images) at {args.size} px; {args.trials} trials; "
+        f"work {work}; load {dq.load1()}",
+        flush=True,
+    )
     walls = {}
     for stage in ("ingest", "validate", "augment", "train"):
         walls[stage], _, _ = dq.run_stage(params, stage, env)
@@ -98,26 +106,48 @@ def main() -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    kids = client.search_runs([train["experiment_id"]], f"tags.mlflow.parentRunId = '{train['run_id']}'",
-                              max_results=1000)
-    rows = sorted(({"trial": int(r.data.params["trial"]), "state": r.data.tags.get("optuna.state") or r.info.status,
-                    "val_auc": r.data.metrics.get("best_val_auc"),
-                    "values": {k.removeprefix("train."): r.data.params[k] for k in sorted(r.data.params)
-                               if k.startswith("train.")}} for r in kids), key=lambda r: r["trial"])
+    kids = client.search_runs(
+        [train["experiment_id"]], f"tags.mlflow.parentRunId = '{train['run_id']}'", max_results=1000
+    )
+    rows = sorted(
+        (
+            {
+                "trial": int(r.data.params["trial"]),
+                "state": r.data.tags.get("optuna.state") or r.info.status,
+                "val_auc": r.data.metrics.get("best_val_auc"),
+                "values": {
+                    k.removeprefix("train."): r.data.params[k] for k in sorted(r.data.params) if k.startswith("train.")
+                },
+            }
+            for r in kids
+        ),
+        key=lambda r: r["trial"],
+    )
     print(f"\n{'trial':>5} {'state':>9} {'val AUC':>8}  drawn values")
     for r in rows:
         auc = f"{r['val_auc']:.4f}" if r["val_auc"] is not None else "-"
         print(f"{r['trial']:>5} {r['state']:>9} {auc:>8}  {r['values']}")
     diff = train["best_val_auc"] - tune["best_trial_val_auc"]
     print(f"\nMLflow: {len(rows)} nested trial runs under train run {train['run_id']} ({uri})")
-    print(f"chosen trial {tune['best_trial']}: val AUC {tune['best_trial_val_auc']:.4f}; final fit with its values: "
-          f"{train['best_val_auc']:.4f} (diff {diff:+.4f}); trials {tune['trials']}; study {tune['seconds']:.0f} s, "
-          f"train stage {walls['train']:.0f} s; load {dq.load1()}")
-    summary = {"images": counts, "size": args.size, "trials": tune["trials"], "mlflow_trial_runs": len(rows),
-               "best_trial": tune["best_trial"], "best_trial_val_auc": tune["best_trial_val_auc"],
-               "final_val_auc": train["best_val_auc"], "diff": round(diff, 4), "params": tune["params"],
-               "study_seconds": tune["seconds"], "train_stage_seconds": round(walls["train"], 1),
-               "when": time.strftime("%Y-%m-%d %H:%M")}
+    print(
+        f"chosen trial {tune['best_trial']}: val AUC {tune['best_trial_val_auc']:.4f}; final fit with its values: "
+        f"{train['best_val_auc']:.4f} (diff {diff:+.4f}); trials {tune['trials']}; study {tune['seconds']:.0f} s, "
+        f"train stage {walls['train']:.0f} s; load {dq.load1()}"
+    )
+    summary = {
+        "images": counts,
+        "size": args.size,
+        "trials": tune["trials"],
+        "mlflow_trial_runs": len(rows),
+        "best_trial": tune["best_trial"],
+        "best_trial_val_auc": tune["best_trial_val_auc"],
+        "final_val_auc": train["best_val_auc"],
+        "diff": round(diff, 4),
+        "params": tune["params"],
+        "study_seconds": tune["seconds"],
+        "train_stage_seconds": round(walls["train"], 1),
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
     if args.out:
         args.out.write_text(json.dumps({"summary": summary, "trials": rows}, indent=2))
     print(json.dumps(summary))

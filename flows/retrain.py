@@ -21,17 +21,19 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
 from flows.summary import NO_CHANGE, failure_outcome, headline, metrics_table, render_summary, run_tags
-from medclf import STAGES, catalog
-from medclf.catalog import Artifact
+from medclf import STAGES
 from medclf.config import Settings, load_settings
-from medclf.lock import FLOW_TIMEOUT, project_lock
-from medclf.lock import timeout as lock_timeout
+from medclf.infra import catalog
+from medclf.infra.catalog import Artifact
+from medclf.infra.lock import FLOW_TIMEOUT, project_lock
+from medclf.infra.lock import timeout as lock_timeout
 from tasks import RETRIES, TASKS
 from tasks.common import StageFailed, artifact_path
 from tasks.push import push_task
@@ -54,7 +56,7 @@ def _read(root: Path, artifact: Artifact) -> dict[str, Any] | None:
 
 
 def _dataset(root: Path, s: Settings) -> dict[str, Any]:
-    from medclf.tracking import dvc_lock_hash, raw_data_version
+    from medclf.infra.tracking import dvc_lock_hash, raw_data_version
 
     info: dict[str, Any] = {"path": str(s.paths.ingest_dir)}
     md5 = dvc_lock_hash(s.paths.ingest_dir, root / "dvc.lock")
@@ -64,8 +66,9 @@ def _dataset(root: Path, s: Settings) -> dict[str, Any]:
     if raw:
         info["raw_data"] = raw
     summary = _read(root, catalog.INGEST_SUMMARY) or {}
-    info.update({k: summary[k] for k in ("images", "patients", "splits", "classes", "quarantined", "changes")
-                 if k in summary})
+    info.update(
+        {k: summary[k] for k in ("images", "patients", "splits", "classes", "quarantined", "changes") if k in summary}
+    )
     return info
 
 
@@ -74,7 +77,8 @@ def _experiment_id(uri: str, run_id: str) -> str | None:
     url = f"{uri.rstrip('/')}/api/2.0/mlflow/runs/get?" + urllib.parse.urlencode({"run_id": run_id})
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
-            return json.load(resp)["run"]["info"]["experiment_id"]
+            experiment_id: str | None = json.load(resp)["run"]["info"]["experiment_id"]
+            return experiment_id
     except (OSError, ValueError, KeyError):
         return None
 
@@ -82,7 +86,8 @@ def _experiment_id(uri: str, run_id: str) -> str | None:
 def mlflow_links(uri: str, register: dict[str, Any] | None, train_run: dict[str, Any] | None) -> dict[str, str]:
     if not uri.startswith(("http://", "https://")):
         return {}
-    base, links = uri.rstrip("/"), {}
+    base = uri.rstrip("/")
+    links: dict[str, str] = {}
     for label, rec in (("MLflow training run", train_run), ("MLflow registered run", register)):
         run_id = (rec or {}).get("run_id")
         if run_id and run_id not in " ".join(links.values()):
@@ -115,8 +120,9 @@ def _tag_run(tags: list[str]) -> None:
 def _stage_task(stage: str, s: Settings, delay: float, gpu_deployment: str | None) -> Any:
     task = train_on_gpu if stage == "train" and gpu_deployment else TASKS[stage]
     retries = RETRIES[stage](s)
-    return task.with_options(retries=retries, retry_delay_seconds=backoff(delay, retries),
-                             retry_jitter_factor=0.2 if delay else None)
+    return task.with_options(
+        retries=retries, retry_delay_seconds=backoff(delay, retries), retry_jitter_factor=0.2 if delay else None
+    )
 
 
 def _stage_artifact(stage: str, outcome: dict[str, Any]) -> None:
@@ -128,8 +134,15 @@ def _stage_artifact(stage: str, outcome: dict[str, Any]) -> None:
         create_markdown_artifact(md, key=f"medclf-{stage}", description=f"report of the {stage} stage")
 
 
-def _publish(root: Path, s: Settings, outcomes: list[dict[str, Any]], planned: list[str], t0: float,
-             push: dict[str, Any] | None, failure: StageFailed | None) -> dict[str, Any]:
+def _publish(
+    root: Path,
+    s: Settings,
+    outcomes: list[dict[str, Any]],
+    planned: list[str],
+    t0: float,
+    push: dict[str, Any] | None,
+    failure: StageFailed | None,
+) -> dict[str, Any]:
     """Markdown run summary + metrics table in the Prefect UI; returns the facts used and the outcome line."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -145,29 +158,54 @@ def _publish(root: Path, s: Settings, outcomes: list[dict[str, Any]], planned: l
         outcome = failure_outcome(failure.stage, failure.error, gates, failure.error_type)
     else:
         outcome = headline(outcomes, register, dataset.get("changes"))
-    md = render_summary(outcomes=outcomes, dataset=dataset, gates=gates if evaluated else None, register=register,
-                        links=links, push=push, wall_seconds=time.perf_counter() - t0,
-                        failure=None if failure is None else str(failure), planned=planned, metrics=metrics,
-                        outcome=outcome)
+    md = render_summary(
+        outcomes=outcomes,
+        dataset=dataset,
+        gates=gates if evaluated else None,
+        register=register,
+        links=links,
+        push=push,
+        wall_seconds=time.perf_counter() - t0,
+        failure=None if failure is None else str(failure),
+        planned=planned,
+        metrics=metrics,
+        outcome=outcome,
+    )
     create_markdown_artifact(md, key="medclf-retrain-summary", description=outcome)
     rows = metrics_table(metrics)
     if rows:
-        create_table_artifact(rows, key="medclf-metrics",
-                              description="reports/metrics.json at 3 decimals (95 % CIs; counts as integers)")
-    return {"register": register, "gates": gates, "dataset": dataset, "links": links, "markdown": md,
-            "outcome": outcome}
+        create_table_artifact(
+            rows, key="medclf-metrics", description="reports/metrics.json at 3 decimals (95 % CIs; counts as integers)"
+        )
+    return {
+        "register": register,
+        "gates": gates,
+        "dataset": dataset,
+        "links": links,
+        "markdown": md,
+        "outcome": outcome,
+    }
 
 
-@flow(name="medclf-retrain", description="Retrain through DVC: ingest, validate, augment, train, evaluate, "
-      "register (a gate-passing model becomes the challenger).")
-def retrain(project_dir: str = ".", until: StageName | None = None, force: bool = False, push: bool = True,
-            gpu_deployment: str | None = None, retry_delay_seconds: float = 10.0) -> dict[str, Any]:
+@flow(
+    name="medclf-retrain",
+    description="Retrain through DVC: ingest, validate, augment, train, evaluate, "
+    "register (a gate-passing model becomes the challenger).",
+)
+def retrain(
+    project_dir: str = ".",
+    until: StageName | None = None,
+    force: bool = False,
+    push: bool = True,
+    gpu_deployment: str | None = None,
+    retry_delay_seconds: float = 10.0,
+) -> dict[str, Any]:
     """Run the pipeline; unchanged stages are skipped by DVC, failed checks and gates fail the run.
 
     gpu_deployment: `flow/deployment` to train on (GPU work pool); default env MEDCLF_GPU_DEPLOYMENT,
     unset = train in this process. retry_delay_seconds: base of the exponential backoff.
 
-    The run holds the project lock (medclf/lock.py) from start to end, and its stage processes inherit its
+    The run holds the project lock (medclf/infra/lock.py) from start to end, and its stage processes inherit its
     token: another flow, `medclf <stage>` or plain `dvc repro` on this checkout waits or is refused
     (MEDCLF_LOCK_TIMEOUT, default lock.FLOW_TIMEOUT here; docs/ORCHESTRATION.md "Concurrent runs").
     """
@@ -177,13 +215,27 @@ def retrain(project_dir: str = ".", until: StageName | None = None, force: bool 
     t0 = time.perf_counter()
     root = Path(project_dir).resolve()
     s = load_settings(root / "params.yaml")
-    with project_lock(s.paths, f"flow run {flow_run.id} (medclf-retrain)", root=root, hold_stage=False,
-                      wait=lock_timeout(FLOW_TIMEOUT), log=log):
+    with project_lock(
+        s.paths,
+        f"flow run {flow_run.id} (medclf-retrain)",
+        root=root,
+        hold_stage=False,
+        wait=lock_timeout(FLOW_TIMEOUT),
+        log=log,
+    ):
         return _run(root, s, t0, until, force, push, gpu_deployment, retry_delay_seconds)
 
 
-def _run(root: Path, s: Settings, t0: float, until: str | None, force: bool, push: bool,
-         gpu_deployment: str | None, retry_delay_seconds: float) -> dict[str, Any]:
+def _run(
+    root: Path,
+    s: Settings,
+    t0: float,
+    until: str | None,
+    force: bool,
+    push: bool,
+    gpu_deployment: str | None,
+    retry_delay_seconds: float,
+) -> dict[str, Any]:
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from tqdm import tqdm
 
@@ -191,7 +243,8 @@ def _run(root: Path, s: Settings, t0: float, until: str | None, force: bool, pus
     gpu = gpu_deployment or os.environ.get(GPU_ENV) or None
     planned = list(STAGES[: STAGES.index(until) + 1] if until else STAGES)
     log.info("medclf retrain in %s: %s%s", root, " → ".join(planned), f" (train on GPU: {gpu})" if gpu else "")
-    progress = create_progress_artifact(0.0, key="medclf-retrain-progress", description="stages done")
+    # a sync flow: `create_progress_artifact` (async_dispatch) returns the UUID itself here, never a coroutine
+    progress = cast(UUID, create_progress_artifact(0.0, key="medclf-retrain-progress", description="stages done"))
     outcomes: list[dict[str, Any]] = []
     pushed: dict[str, Any] | None = None
     bar = tqdm(total=len(planned), desc="medclf retrain", unit="stage", disable=None, file=sys.stderr)
@@ -212,8 +265,15 @@ def _run(root: Path, s: Settings, t0: float, until: str | None, force: bool, pus
         if err.result:  # a failed check still has its report (validate's markdown)
             _stage_artifact(err.stage, {"result": err.result})
         facts = _publish(root, s, outcomes, planned, t0, pushed, failure=err)
-        _tag_run(run_tags(outcomes, facts["register"], facts["dataset"], failed_stage=err.stage,
-                          gate_failed=err.error_type == "GateFailed"))
+        _tag_run(
+            run_tags(
+                outcomes,
+                facts["register"],
+                facts["dataset"],
+                failed_stage=err.stage,
+                gate_failed=err.error_type == "GateFailed",
+            )
+        )
         log.error("%s", err)
         # the outcome leads the state message ("gate failed: recall 0.773 < 0.800"), the stage's error follows;
         # `state.result()` still raises the StageFailed
@@ -223,9 +283,16 @@ def _run(root: Path, s: Settings, t0: float, until: str | None, force: bool, pus
     line = facts["outcome"]
     log.info("%s (%.1f s)", line, time.perf_counter() - t0)
     _tag_run(run_tags(outcomes, facts["register"], facts["dataset"]))
-    result = {"headline": line, "retrained": line != NO_CHANGE, "stages": outcomes, "push": pushed,
-              "model": facts["register"], "dataset": facts["dataset"], "links": facts["links"],
-              "seconds": round(time.perf_counter() - t0, 2)}
+    result = {
+        "headline": line,
+        "retrained": line != NO_CHANGE,
+        "stages": outcomes,
+        "push": pushed,
+        "model": facts["register"],
+        "dataset": facts["dataset"],
+        "links": facts["links"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     # the headline is the run's state message, so the Prefect runs list tells "challenger v2" from "no change"
     return Completed(message=line, data=result)  # type: ignore[return-value]
 
@@ -246,8 +313,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    params = {"project_dir": str(Path(args.project_dir).resolve()), "until": args.until, "force": args.force,
-              "push": args.push, "gpu_deployment": args.gpu_deployment, "retry_delay_seconds": args.retry_delay}
+    params = {
+        "project_dir": str(Path(args.project_dir).resolve()),
+        "until": args.until,
+        "force": args.force,
+        "push": args.push,
+        "gpu_deployment": args.gpu_deployment,
+        "retry_delay_seconds": args.retry_delay,
+    }
     if args.serve:
         retrain.serve(name=args.name, cron=args.cron, parameters=params, global_limit=1)  # one run at a time
         return 0

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import math
 from numbers import Number
-from typing import Any
+from typing import Any, SupportsFloat, cast
+
+from medclf.config.vocabulary import METRICS, SUMMARY, TABLE
 
 NO_CHANGE = "no change, nothing retrained"
-HEADLINE_METRICS = (("f1", "F1"), ("recall", "recall (sensitivity)"), ("specificity", "specificity"),
-                    ("roc_auc", "ROC AUC"))
-_TABLE_ORDER = ("f1", "recall", "specificity", "precision", "accuracy", "balanced_accuracy", "mcc", "roc_auc",
-                "pr_auc", "brier", "ece")
 _COUNTS = ("tp", "fp", "fn", "tn", "n")
 _VAL = {"f1": "f1", "recall": "sensitivity", "specificity": "specificity", "n": "n"}
 
@@ -35,7 +33,7 @@ def num(v: Any, digits: int = 3) -> str:
 
 
 def with_ci(value: Any, low: Any, high: Any) -> str:
-    """"0.955 (0.850–1.000)": the value and its 95 % interval (just the value when there is none)."""
+    """ "0.955 (0.850–1.000)": the value and its 95 % interval (just the value when there is none)."""
     if low is None or high is None:
         return num(value)
     return f"{num(value)} ({num(low)}–{num(high)})"
@@ -55,7 +53,7 @@ def data_tag(dataset: dict[str, Any] | None) -> str | None:
 
 
 def gate_failure(gates: dict[str, Any] | None) -> str | None:
-    """"gate failed: recall 0.773 < 0.800" for each failed gate in `reports/gates.json`; None if all passed."""
+    """ "gate failed: recall 0.773 < 0.800" for each failed gate in `reports/gates.json`; None if all passed."""
     failed = []
     for g in (gates or {}).get("gates", []):
         if not g.get("passed"):
@@ -64,13 +62,14 @@ def gate_failure(gates: dict[str, Any] | None) -> str | None:
     for e in ((gates or {}).get("non_inferiority") or {}).get("entries", []):
         if not e.get("skipped") and not e.get("passed"):
             v, b = _pair(e.get("value"), e.get("bound"))
-            failed.append(f"{e.get('metric')} {v} < {b} (non-inferiority: champion {num(e.get('champion'))} "
-                          f"− margin {num(e.get('margin'))})")
+            failed.append(
+                f"{e.get('metric')} {v} < {b} (non-inferiority: champion {num(e.get('champion'))} "
+                f"− margin {num(e.get('margin'))})"
+            )
     return f"gate failed: {'; '.join(failed)}" if failed else None
 
 
-def failure_outcome(stage: str, error: str, gates: dict[str, Any] | None = None,
-                    error_type: str | None = None) -> str:
+def failure_outcome(stage: str, error: str, gates: dict[str, Any] | None = None, error_type: str | None = None) -> str:
     """The one-line outcome of a failed run: the failing gate with its values, else the stage's error line."""
     if error_type == "GateFailed":
         said = gate_failure(gates)
@@ -81,10 +80,11 @@ def failure_outcome(stage: str, error: str, gates: dict[str, Any] | None = None,
     return f"failed at {stage}: {first if len(first) <= 160 else first[:159] + '…'}"
 
 
-def headline(outcomes: list[dict[str, Any]], register: dict[str, Any] | None,
-             changes: dict[str, Any] | None = None) -> str:
+def headline(
+    outcomes: list[dict[str, Any]], register: dict[str, Any] | None, changes: dict[str, Any] | None = None
+) -> str:
     """The outcome in one line (the flow run's state message, the CLI's output, the summary's title)."""
-    from medclf.changes import describe
+    from medclf.imaging.changes import describe
 
     ran = [o["stage"] for o in outcomes if o["status"] != "skipped"]
     if not ran:
@@ -101,8 +101,13 @@ def headline(outcomes: list[dict[str, Any]], register: dict[str, Any] | None,
     return f"updated {', '.join(ran)}{data}; model unchanged"
 
 
-def run_tags(outcomes: list[dict[str, Any]], register: dict[str, Any] | None, dataset: dict[str, Any] | None,
-             failed_stage: str | None = None, gate_failed: bool = False) -> list[str]:
+def run_tags(
+    outcomes: list[dict[str, Any]],
+    register: dict[str, Any] | None,
+    dataset: dict[str, Any] | None,
+    failed_stage: str | None = None,
+    gate_failed: bool = False,
+) -> list[str]:
     """Tags of the flow run (the runs list filters on them; the flow prefixes `medclf:`)."""
     tag = data_tag(dataset)
     tags = [tag] if tag else []
@@ -129,15 +134,31 @@ def gate_rows(gates: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Rows of the gate table from `reports/gates.json` (absolute floors + non-inferiority)."""
     if not gates:
         return []
-    rows = [{"gate": g.get("name", g.get("metric")), "metric": g.get("metric"), "value": g.get("value"),
-             "op": g.get("op", ">="), "bound": g.get("bound"), "passed": g.get("passed")}
-            for g in gates.get("gates", [])]
+    rows = [
+        {
+            "gate": g.get("name", g.get("metric")),
+            "metric": g.get("metric"),
+            "value": g.get("value"),
+            "op": g.get("op", ">="),
+            "bound": g.get("bound"),
+            "passed": g.get("passed"),
+        }
+        for g in gates.get("gates", [])
+    ]
     ni = gates.get("non_inferiority") or {}
     for e in ni.get("entries", []):
         if e.get("skipped"):
             continue
-        rows.append({"gate": "non-inferiority", "metric": e.get("metric"), "value": e.get("value"),
-                     "op": e.get("op", ">="), "bound": e.get("bound"), "passed": e.get("passed")})
+        rows.append(
+            {
+                "gate": "non-inferiority",
+                "metric": e.get("metric"),
+                "value": e.get("value"),
+                "op": e.get("op", ">="),
+                "bound": e.get("bound"),
+                "passed": e.get("passed"),
+            }
+        )
     return rows
 
 
@@ -151,8 +172,11 @@ def non_inferiority(gates: dict[str, Any] | None) -> str:
         return f"skipped: {ni.get('note') or 'no champion registered'}"
     checked = [e for e in ni["entries"] if not e.get("skipped")]
     verdict = "passed" if all(e.get("passed") for e in checked) else "FAILED"
-    each = ", ".join(f"{e.get('metric')} {num(e.get('value'))} {'≥' if e.get('passed') else '<'} "
-                     f"{num(e.get('bound'))} (champion {num(e.get('champion'))})" for e in checked)
+    each = ", ".join(
+        f"{e.get('metric')} {num(e.get('value'))} {'≥' if e.get('passed') else '<'} "
+        f"{num(e.get('bound'))} (champion {num(e.get('champion'))})"
+        for e in checked
+    )
     return f"{verdict} against champion{f' v{champ}' if champ else ''} (margin {num(ni.get('margin'))}): {each}"
 
 
@@ -171,10 +195,17 @@ def metric_rows(metrics: dict[str, Any] | None, prefix: str = "") -> list[dict[s
         if isinstance(val, dict):
             rows += metric_rows(val, prefix=f"{name}.")
         elif f"{key}_ci_low" in items or f"{key}_ci_high" in items:
-            rows.append({"metric": name, "value": val, "ci_low": items.get(f"{key}_ci_low"),
-                         "ci_high": items.get(f"{key}_ci_high")})
-        elif isinstance(val, Number) and not isinstance(val, bool):
-            rows.append({"metric": name, "value": float(val)})
+            rows.append(
+                {
+                    "metric": name,
+                    "value": val,
+                    "ci_low": items.get(f"{key}_ci_low"),
+                    "ci_high": items.get(f"{key}_ci_high"),
+                }
+            )
+        elif not isinstance(val, bool) and isinstance(val, Number):
+            # typeshed's `Number` declares no `__float__` (and does not know bool is registered as one)
+            rows.append({"metric": name, "value": float(cast(SupportsFloat, val))})
     return rows
 
 
@@ -196,42 +227,81 @@ def metrics_table(metrics: dict[str, Any] | None) -> list[dict[str, str]]:
 
     rows = []
     if "threshold" in doc:
-        rows.append(dict(zip(cols, ("threshold", num(doc["threshold"]), "", num(default.get("threshold", 0.5)),
-                                    "", "(chosen here)"), strict=True)))
-    keys = [k for k in _TABLE_ORDER if k in test] + [
-        k for k in test if k not in _TABLE_ORDER and k not in _COUNTS and not k.endswith(("_ci_low", "_ci_high"))]
+        rows.append(
+            dict(
+                zip(
+                    cols,
+                    ("threshold", num(doc["threshold"]), "", num(default.get("threshold", 0.5)), "", "(chosen here)"),
+                    strict=True,
+                )
+            )
+        )
+    keys = [k for k in TABLE if k in test] + [
+        k for k in test if k not in TABLE and k not in _COUNTS and not k.endswith(("_ci_low", "_ci_high"))
+    ]
     keys += [k for k in _COUNTS if k in test or k in default]
     for k in keys:
-        rows.append(dict(zip(cols, (k, cell(test, k), ci(test, k), cell(default, k), ci(default, k),
-                                    cell(val, _VAL[k]) if k in _VAL and _VAL[k] in val else ""), strict=True)))
+        rows.append(
+            dict(
+                zip(
+                    cols,
+                    (
+                        k,
+                        cell(test, k),
+                        ci(test, k),
+                        cell(default, k),
+                        ci(default, k),
+                        cell(val, _VAL[k]) if k in _VAL and _VAL[k] in val else "",
+                    ),
+                    strict=True,
+                )
+            )
+        )
     for section, body in doc.items():  # e.g. multiclass: flattened, value in the test column
         if section in ("test", "test_default_threshold", "val", "threshold") or not isinstance(body, dict):
             continue
         for r in metric_rows(body, prefix=f"{section}."):
             lo, hi = r.get("ci_low"), r.get("ci_high")
-            rows.append(dict(zip(cols, (r["metric"], num(r["value"]), "" if lo is None or hi is None else
-                                        f"{num(lo)}–{num(hi)}", "", "", ""), strict=True)))
+            rows.append(
+                dict(
+                    zip(
+                        cols,
+                        (
+                            r["metric"],
+                            num(r["value"]),
+                            "" if lo is None or hi is None else f"{num(lo)}–{num(hi)}",
+                            "",
+                            "",
+                            "",
+                        ),
+                        strict=True,
+                    )
+                )
+            )
     return rows
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> list[str]:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |"
-            for r in rows]
+    out += ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|").replace("\n", " ") for c in cols) + " |" for r in rows]
     return out
 
 
 def _headline_metrics(metrics: dict[str, Any], gates: dict[str, Any] | None) -> list[str]:
     test = metrics.get("test") or {}
     md = [f"## Headline metrics (test set, n = {num(test.get('n'))}, 95 % CI)", ""]
-    for key, label in HEADLINE_METRICS:
+    for key in SUMMARY:
+        label = METRICS[key].label
         if key in test:
             md.append(f"- **{label}**: {with_ci(test[key], test.get(f'{key}_ci_low'), test.get(f'{key}_ci_high'))}")
     thr = metrics.get("threshold", (gates or {}).get("threshold"))
     if thr is not None:
         rule = (gates or {}).get("threshold_rule")
-        how = f" ({rule.replace('_', ' ')}, chosen on {(gates or {}).get('threshold_source', 'validation')})" \
-            if rule else ""
+        how = (
+            f" ({rule.replace('_', ' ')}, chosen on {(gates or {}).get('threshold_source', 'validation')})"
+            if rule
+            else ""
+        )
         md.append(f"- **threshold**: {num(thr)}{how}")
     if gates:
         md.append(f"- **gates**: {'passed' if gates.get('passed') else (gate_failure(gates) or 'FAILED')}")
@@ -245,7 +315,7 @@ def _dataset(dataset: dict[str, Any]) -> list[str]:
     if raw:
         md += [f"- **raw data** `{raw.get('path')}`: DVC md5 `{raw.get('md5')}`, {num(raw.get('nfiles'))} files"]
     if dataset.get("changes"):
-        from medclf.changes import describe
+        from medclf.imaging.changes import describe
 
         md += [f"- **since the previous ingest**: {describe(dataset['changes'])}"]
     md += [f"- **processed data** `{dataset.get('path', 'ingest')}`: DVC md5 `{dataset.get('dvc_md5', 'n/a')}`"]
@@ -255,8 +325,9 @@ def _dataset(dataset: dict[str, Any]) -> list[str]:
         md.append(f"- **images**: {num(dataset['images'])}{patients}{quarantined}")
     splits = dataset.get("splits")
     if isinstance(splits, dict):
-        order = sorted(splits, key=lambda k: ("train", "val", "test", k).index(k) if k in ("train", "val", "test")
-                       else 3)
+        order = sorted(
+            splits, key=lambda k: ("train", "val", "test", k).index(k) if k in ("train", "val", "test") else 3
+        )
         md.append("- **splits**: " + " · ".join(f"{k} {num(splits[k])}" for k in order))
     classes = dataset.get("classes")
     if isinstance(classes, (list, tuple)):
@@ -264,10 +335,20 @@ def _dataset(dataset: dict[str, Any]) -> list[str]:
     return md
 
 
-def render_summary(*, outcomes: list[dict[str, Any]], dataset: dict[str, Any], gates: dict[str, Any] | None,
-                   register: dict[str, Any] | None, links: dict[str, str], push: dict[str, Any] | None,
-                   wall_seconds: float, failure: str | None = None, planned: list[str] | None = None,
-                   metrics: dict[str, Any] | None = None, outcome: str | None = None) -> str:
+def render_summary(
+    *,
+    outcomes: list[dict[str, Any]],
+    dataset: dict[str, Any],
+    gates: dict[str, Any] | None,
+    register: dict[str, Any] | None,
+    links: dict[str, str],
+    push: dict[str, Any] | None,
+    wall_seconds: float,
+    failure: str | None = None,
+    planned: list[str] | None = None,
+    metrics: dict[str, Any] | None = None,
+    outcome: str | None = None,
+) -> str:
     """The markdown run summary: one line of outcome, the headline metrics, the data, stages, gates, model.
 
     `outcome` is the run's one-line outcome (its state message); by default the headline of a
@@ -275,8 +356,13 @@ def render_summary(*, outcomes: list[dict[str, Any]], dataset: dict[str, Any], g
     is given only when it belongs to this run's model.
     """
     if outcome is None:
-        outcome = (f"FAILED at stage '{failure.split(chr(39))[1]}'" if failure and "'" in failure else
-                   "FAILED" if failure else headline(outcomes, register))
+        outcome = (
+            f"FAILED at stage '{failure.split(chr(39))[1]}'"
+            if failure and "'" in failure
+            else "FAILED"
+            if failure
+            else headline(outcomes, register)
+        )
     md = [f"# {outcome}", ""]
     if failure:
         md += ["```", failure.strip(), "```", ""]
@@ -287,13 +373,19 @@ def render_summary(*, outcomes: list[dict[str, Any]], dataset: dict[str, Any], g
     md += ["", "## Stages", ""]
     rows = [dict(o, seconds=f"{o.get('seconds', 0):.1f}") for o in outcomes]
     done = {o["stage"] for o in outcomes}
-    rows += [{"stage": s, "status": "not reached", "reason": "", "seconds": "", "attempt": ""}
-             for s in (planned or []) if s not in done]
+    rows += [
+        {"stage": s, "status": "not reached", "reason": "", "seconds": "", "attempt": ""}
+        for s in (planned or [])
+        if s not in done
+    ]
     md += _table(rows, ["stage", "status", "reason", "seconds", "attempt"])
     md += ["", f"Wall time: {wall_seconds:.1f} s."]
     if push is not None:
-        md.append(f"DVC push: {push.get('pushed', 0)} file(s) to remote `{push.get('remote')}`."
-                  if push.get("remote") else "DVC push: no remote configured; outputs stay local.")
+        md.append(
+            f"DVC push: {push.get('pushed', 0)} file(s) to remote `{push.get('remote')}`."
+            if push.get("remote")
+            else "DVC push: no remote configured; outputs stay local."
+        )
     g_rows = gate_rows(gates)
     if g_rows:
         verdict = "passed" if gates and gates.get("passed") else "FAILED"
@@ -304,8 +396,10 @@ def render_summary(*, outcomes: list[dict[str, Any]], dataset: dict[str, Any], g
     if register and register.get("version") is not None:
         reg = next((o for o in outcomes if o["stage"] == "register"), None)
         unchanged = "" if reg and reg["status"] != "skipped" else " (unchanged by this run)"
-        md.append(f"- **{register.get('model_name')}** version **{register['version']}**, alias "
-                  f"`{register.get('alias')}`{unchanged}: `{register.get('model_uri', '')}`")
+        md.append(
+            f"- **{register.get('model_name')}** version **{register['version']}**, alias "
+            f"`{register.get('alias')}`{unchanged}: `{register.get('model_uri', '')}`"
+        )
         if register.get("note"):
             md.append(f"- {register['note']}")
     else:

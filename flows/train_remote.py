@@ -35,7 +35,7 @@ from tasks.train import train as train_task
 
 
 def _write_if_changed(path: Path, text: str | None) -> bool:
-    from medclf.io import atomic_file
+    from medclf.infra.io import atomic_file
 
     if text is None or (path.exists() and path.read_text() == text):
         return False
@@ -44,34 +44,59 @@ def _write_if_changed(path: Path, text: str | None) -> bool:
     return True
 
 
-@flow(name="medclf-train", description="Train on this worker (GPU pool) with the caller's params and "
-      "inputs; push the outputs to the DVC remote and return the dvc.lock entry.")
-def train_remote(params_yaml: str | None = None, dvc_lock: str | None = None, project_dir: str = ".",
-                 force: bool = False, pull: bool = True, push: bool = True,
-                 retry_delay_seconds: float = 10.0) -> dict[str, Any]:
+@flow(
+    name="medclf-train",
+    description="Train on this worker (GPU pool) with the caller's params and "
+    "inputs; push the outputs to the DVC remote and return the dvc.lock entry.",
+)
+def train_remote(
+    params_yaml: str | None = None,
+    dvc_lock: str | None = None,
+    project_dir: str = ".",
+    force: bool = False,
+    pull: bool = True,
+    push: bool = True,
+    retry_delay_seconds: float = 10.0,
+) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
-    from medclf.lock import FLOW_TIMEOUT, project_lock
-    from medclf.lock import timeout as lock_timeout
+    from medclf.infra.lock import FLOW_TIMEOUT, project_lock
+    from medclf.infra.lock import timeout as lock_timeout
 
     log = get_run_logger()
     root = Path(project_dir).resolve()
     # the worker's checkout, like the caller's, runs one flow at a time: taken before the caller's params.yaml
     # and dvc.lock overwrite this checkout's (its own params.yaml says where the lock is)
-    with project_lock(load_settings(root / "params.yaml").paths, f"flow run {flow_run.id} (medclf-train)",
-                      root=root, hold_stage=False, wait=lock_timeout(FLOW_TIMEOUT), log=log):
+    with project_lock(
+        load_settings(root / "params.yaml").paths,
+        f"flow run {flow_run.id} (medclf-train)",
+        root=root,
+        hold_stage=False,
+        wait=lock_timeout(FLOW_TIMEOUT),
+        log=log,
+    ):
         return _train(root, params_yaml, dvc_lock, force, pull, push, retry_delay_seconds)
 
 
-def _train(root: Path, params_yaml: str | None, dvc_lock: str | None, force: bool, pull: bool, push: bool,
-           retry_delay_seconds: float) -> dict[str, Any]:
+def _train(
+    root: Path,
+    params_yaml: str | None,
+    dvc_lock: str | None,
+    force: bool,
+    pull: bool,
+    push: bool,
+    retry_delay_seconds: float,
+) -> dict[str, Any]:
     from dvc.repo import Repo
 
     from flows.retrain import backoff
 
     log = get_run_logger()
-    changed = [name for name, text in (("params.yaml", params_yaml), ("dvc.lock", dvc_lock))
-               if _write_if_changed(root / name, text)]
+    changed = [
+        name
+        for name, text in (("params.yaml", params_yaml), ("dvc.lock", dvc_lock))
+        if _write_if_changed(root / name, text)
+    ]
     if changed:
         log.info("using the caller's %s", " and ".join(changed))
     settings = load_settings(root / "params.yaml")
@@ -80,8 +105,7 @@ def _train(root: Path, params_yaml: str | None, dvc_lock: str | None, force: boo
             stats = repo.pull(targets=[stage_target(root, s) for s in ("ingest", "augment")])
         log.info("pulled train inputs from the DVC remote: %s", stats)
     n = train_retries(settings)
-    outcome = train_task.with_options(retries=n, retry_delay_seconds=backoff(retry_delay_seconds, n))(
-        str(root), force)
+    outcome = train_task.with_options(retries=n, retry_delay_seconds=backoff(retry_delay_seconds, n))(str(root), force)
     entry = lock_entry(root, "train")
     if entry is None:
         raise RuntimeError(f"{root / 'dvc.lock'} has no 'train' entry after training")
@@ -99,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-dir", default=".")
     args = p.parse_args(argv)
     if args.serve:
-        train_remote.serve(name=args.name, parameters={"project_dir": str(Path(args.project_dir).resolve())},
-                           global_limit=1)  # one run at a time, as prefect.yaml's concurrency_limit
+        train_remote.serve(
+            name=args.name, parameters={"project_dir": str(Path(args.project_dir).resolve())}, global_limit=1
+        )  # one run at a time, as prefect.yaml's concurrency_limit
         return 0
     state = train_remote(project_dir=args.project_dir, pull=False, push=False, return_state=True)
     return 0 if state.is_completed() else 1

@@ -13,8 +13,14 @@ from medclf import STAGES
 from medclf.config import Settings
 from tasks import augment, evaluate, ingest, register, train, validate
 
-_MODULES = {"ingest": ingest, "validate": validate, "augment": augment, "train": train,
-            "evaluate": evaluate, "register": register}
+_MODULES = {
+    "ingest": ingest,
+    "validate": validate,
+    "augment": augment,
+    "train": train,
+    "evaluate": evaluate,
+    "register": register,
+}
 TASKS: dict[str, Any] = {s: getattr(_MODULES[s], s) for s in STAGES}
 RETRIES: dict[str, Callable[[Settings], int]] = {s: _MODULES[s].retries for s in STAGES}
 

@@ -33,7 +33,7 @@ from medclf.cli import RESULT_FILE_ENV, RUN_TOKEN_ENV
 from tasks.env import patched_env, settings_or_none, source_env, venv_env
 
 if TYPE_CHECKING:
-    from medclf.catalog import Artifact
+    from medclf.infra.catalog import Artifact
 
 TAIL_LINES = 15
 # Colour codes (MLflow's warnings, tqdm): the Prefect UI shows them as "[33m" noise.
@@ -41,8 +41,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # Start-up chatter relayed at DEBUG, not INFO: absl's pre-init notice and TF/XLA C++ INFO/WARNING lines
 # (`I0000 00:00:17.. port.cc:153] oneDNN ...`: printed before TF_CPP_MIN_LOG_LEVEL is read) and tqdm
 # progress steps short of 100 %. Errors (E/F lines) and everything else stay at INFO.
-_CHATTER = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} \d\d:\d\d:\d+\.\d+ "
-                      r"+\d+ [\w./-]+:\d+\]|To enable the following instructions: |.*\b\d{1,2}%\|.*\| *\d+/\d+ \[)")
+_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IW]\d{4} \d\d:\d\d:\d+\.\d+ "
+    r"+\d+ [\w./-]+:\d+\]|To enable the following instructions: |.*\b\d{1,2}%\|.*\| *\d+/\d+ \[)"
+)
 UNCHANGED = "unchanged: code, params and inputs match dvc.lock"
 
 
@@ -53,15 +55,24 @@ class StageFailed(RuntimeError):
     DVC's output, shown in the message for context only.
     """
 
-    def __init__(self, stage: str, error_type: str, message: str, *, transient: bool,
-                 exit_code: int | None = None, tail: list[str] | None = None,
-                 result: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        error_type: str,
+        message: str,
+        *,
+        transient: bool,
+        exit_code: int | None = None,
+        tail: list[str] | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
         self.stage, self.error_type, self.message, self.transient = stage, error_type, message, transient
         self.exit_code, self.tail, self.result = exit_code, list(tail or []), result
         self.error = f"medclf {stage}: {error_type}: {message}"
         body = "".join(f"\n    {line}" for line in self.tail)
-        super().__init__(f"stage '{stage}' failed: {self.error}" + (f"\n  last lines of its output:{body}"
-                                                                   if body else ""))
+        super().__init__(
+            f"stage '{stage}' failed: {self.error}" + (f"\n  last lines of its output:{body}" if body else "")
+        )
 
     @classmethod
     def from_run(cls, stage: str, record: dict[str, Any] | None, tail: list[str]) -> StageFailed:
@@ -69,14 +80,25 @@ class StageFailed(RuntimeError):
         error = (record or {}).get("error")
         if isinstance(error, dict):
             detail = (record or {}).get("result")
-            return cls(stage, str(error.get("error_type")), str(error.get("message")),
-                       transient=bool(error.get("transient")), exit_code=error.get("exit_code"), tail=tail,
-                       result=detail if isinstance(detail, dict) else None)
+            return cls(
+                stage,
+                str(error.get("error_type")),
+                str(error.get("message")),
+                transient=bool(error.get("transient")),
+                exit_code=error.get("exit_code"),
+                tail=tail,
+                result=detail if isinstance(detail, dict) else None,
+            )
         dvc_said = next((ln for ln in reversed(tail) if ln.startswith("ERROR")), "")  # shown, not parsed
         if (record or {}).get("status") == "running":  # it started and never reported: killed or crashed
-            return cls(stage, "Killed", "the stage process ended without reporting an outcome (killed: "
-                       f"SIGKILL, OOM killer, preemption?); a retry resumes it. {dvc_said}".rstrip(),
-                       transient=True, tail=tail)
+            return cls(
+                stage,
+                "Killed",
+                "the stage process ended without reporting an outcome (killed: "
+                f"SIGKILL, OOM killer, preemption?); a retry resumes it. {dvc_said}".rstrip(),
+                transient=True,
+                tail=tail,
+            )
         said = "the stage command succeeded, then DVC failed" if record else "DVC did not start the stage command"
         return cls(stage, "DvcError", f"{said}. {dvc_said}".rstrip(), transient=False, tail=tail)
 
@@ -113,7 +135,7 @@ def artifact_path(root: Path, artifact: Artifact, **fields: str) -> Path | None:
 def result_file(root: Path, stage: str) -> Path:
     """Where `medclf <stage>` writes its outcome for this checkout: `catalog.STAGE_RESULT` under the root
     (a temporary file when params.yaml does not load, so a config error still has its structured error)."""
-    from medclf import catalog
+    from medclf.infra import catalog
 
     path = artifact_path(root, catalog.STAGE_RESULT, stage=stage)
     return path or Path(tempfile.mkdtemp(prefix="medclf-run-")) / f"{stage}.json"
@@ -182,7 +204,7 @@ def merge_lock_entry(root: Path, stage: str, entry: dict[str, Any]) -> None:
     """Put one stage's record, produced elsewhere (the GPU worker), into this checkout's dvc.lock (atomically)."""
     import yaml
 
-    from medclf.io import atomic_file
+    from medclf.infra.io import atomic_file
 
     lock = Path(root) / "dvc.lock"
     data = (yaml.safe_load(lock.read_text()) if lock.exists() else None) or {"schema": "2.0", "stages": {}}
@@ -211,7 +233,7 @@ def corrupted_outputs(stage: str, root: Path) -> list[str]:
     """
     from dvc.repo import Repo
 
-    from medclf.io import file_digest
+    from medclf.infra.io import file_digest
 
     entry = lock_entry(root, stage) or {}
     with Repo(str(root)) as repo:
@@ -252,9 +274,15 @@ def corrupted_outputs(stage: str, root: Path) -> list[str]:
     return bad
 
 
-def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool = False,
-                      logger: logging.Logger | None = None, env: dict[str, str] | None = None,
-                      attempt: int = 1) -> StageOutcome:
+def run_stage_via_dvc(
+    stage: str,
+    project_dir: str | Path = ".",
+    *,
+    force: bool = False,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+    env: dict[str, str] | None = None,
+    attempt: int = 1,
+) -> StageOutcome:
     """Skip `stage` if DVC says it is up to date, else `dvc repro --single-item` it and read its result file."""
     log = logger or logging.getLogger(f"medclf.tasks.{stage}")
     root = Path(project_dir).resolve()
@@ -267,9 +295,16 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     token, path = uuid.uuid4().hex, result_file(root, stage)
     cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            errors="replace", env=venv_env({**source_env(root), **(env or {}),
-                                                            RUN_TOKEN_ENV: token, RESULT_FILE_ENV: str(path)}))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        errors="replace",
+        env=venv_env({**source_env(root), **(env or {}), RUN_TOKEN_ENV: token, RESULT_FILE_ENV: str(path)}),
+    )
     assert proc.stdout is not None
     for raw in proc.stdout:  # relayed for people to read; nothing here is parsed
         line = _ANSI.sub("", raw).rstrip()
@@ -283,18 +318,30 @@ def run_stage_via_dvc(stage: str, project_dir: str | Path = ".", *, force: bool 
     if record is not None and "result" in record:
         result = record["result"] if isinstance(record["result"], dict) else None
         log.info("%s | result: %s", stage, result_line(result))
-        return StageOutcome(stage, "ran", reason, round(time.perf_counter() - t0, 2), attempt, list(tail),
-                            result, record.get("seconds"))
+        return StageOutcome(
+            stage, "ran", reason, round(time.perf_counter() - t0, 2), attempt, list(tail), result, record.get("seconds")
+        )
     # success without a result of this run: DVC restored the outputs from its run-cache instead of running
     bad = corrupted_outputs(stage, root)
     if bad:  # DVC copied a cache object whose bytes are not its hash: never hand that on as data
-        log.warning("%s: %d restored file(s) do not match dvc.lock (corrupted DVC cache): %s; the corrupted "
-                    "cache entries were removed, recomputing the stage", stage, len(bad), ", ".join(bad[:5]))
+        log.warning(
+            "%s: %d restored file(s) do not match dvc.lock (corrupted DVC cache): %s; the corrupted "
+            "cache entries were removed, recomputing the stage",
+            stage,
+            len(bad),
+            ", ".join(bad[:5]),
+        )
         again = run_stage_via_dvc(stage, root, force=True, logger=log, env=env, attempt=attempt)
         again.reason = f"{reason}; its run-cache outputs were corrupted ({', '.join(bad[:5])}): recomputed"
         return again
-    return StageOutcome(stage, "restored", f"{reason} (outputs restored from DVC's run-cache, not recomputed)",
-                        round(time.perf_counter() - t0, 2), attempt, list(tail))
+    return StageOutcome(
+        stage,
+        "restored",
+        f"{reason} (outputs restored from DVC's run-cache, not recomputed)",
+        round(time.perf_counter() - t0, 2),
+        attempt,
+        list(tail),
+    )
 
 
 def result_line(result: dict[str, Any] | None, width: int = 240) -> str:
@@ -347,11 +394,17 @@ def stage_task(stage: str, description: str) -> Any:
     from prefect.runtime import task_run
 
     def _run(project_dir: str = ".", force: bool = False) -> dict[str, Any]:
-        outcome = run_stage_via_dvc(stage, project_dir, force=force, logger=get_run_logger(),
-                                    attempt=task_run.run_count or 1)
+        outcome = run_stage_via_dvc(
+            stage, project_dir, force=force, logger=get_run_logger(), attempt=task_run.run_count or 1
+        )
         return outcome.to_dict()
 
     _run.__name__ = _run.__qualname__ = stage
     _run.__doc__ = description
-    return task(_run, name=stage, description=description, cache_policy=NO_CACHE, persist_result=False,
-                retry_condition_fn=transient_only)
+    return task(
+        name=stage,
+        description=description,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retry_condition_fn=transient_only,
+    )(_run)

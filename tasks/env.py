@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medclf.lock import held_env
+from medclf.infra.lock import held_env
 
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 """Defaults for stage processes (an explicit setting in the environment wins): no TensorFlow INFO/WARNING lines."""

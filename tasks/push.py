@@ -8,8 +8,11 @@ from pathlib import Path
 from typing import Any
 
 
-def dvc_push(project_dir: str | Path = ".", remote: str | None = None,
-             logger: logging.Logger | None = None) -> dict[str, Any]:
+def dvc_push(
+    project_dir: str | Path = ".",
+    remote: str | None = None,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+) -> dict[str, Any]:
     """Push every cached output in dvc.lock to the configured remote (no-op if none is set)."""
     from dvc.config import NoRemoteError
     from dvc.repo import Repo
@@ -38,5 +41,10 @@ def push_task() -> Any:
     def dvc_push_task(project_dir: str = ".") -> dict[str, Any]:
         return dvc_push(project_dir, logger=get_run_logger())
 
-    return task(dvc_push_task, name="dvc-push", cache_policy=NO_CACHE, persist_result=False, retries=3,
-                description="Push every DVC-cached output to the configured remote.")
+    return task(
+        name="dvc-push",
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=3,
+        description="Push every DVC-cached output to the configured remote.",
+    )(dvc_push_task)

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from medclf.config import Settings
 from tasks.common import (
@@ -47,6 +47,9 @@ from tasks.common import (
 )
 from tasks.push import dvc_push
 
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
 LOCK_ARTIFACT_KEY = "medclf-train-lock"
 LOCK_ARTIFACT_TYPE = "dvc-lock-entry"
 START_TIMEOUT_ENV = "MEDCLF_GPU_START_TIMEOUT_S"
@@ -64,14 +67,22 @@ def uncached_outs(root: Path, stage: str) -> dict[str, str]:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        names = next(([str(o.def_path) for o in st.outs if not o.use_cache] for st in repo.index.stages
-                      if getattr(st, "name", None) == stage), [])
+        names = next(
+            (
+                [str(o.def_path) for o in st.outs if not o.use_cache]
+                for st in repo.index.stages
+                if getattr(st, "name", None) == stage
+            ),
+            [],
+        )
     outs = {o["path"]: str(o.get("md5") or "") for o in (lock_entry(root, stage) or {}).get("outs") or []}
     found = {p: outs.get(p, "") for p in names}
     bad = [p for p, md5 in found.items() if not md5 or md5.endswith(".dir")]
     if bad:
-        raise RuntimeError(f"'{stage}' outputs {bad}: a cache: false output must be one file recorded in dvc.lock "
-                           "to travel through the DVC remote; declare directories with cache: true")
+        raise RuntimeError(
+            f"'{stage}' outputs {bad}: a cache: false output must be one file recorded in dvc.lock "
+            "to travel through the DVC remote; declare directories with cache: true"
+        )
     return found
 
 
@@ -88,7 +99,8 @@ def push_uncached(root: Path, stage: str) -> list[str]:
     with Repo(str(root)) as repo:
         odb = _remote_odb(repo)
         for rel, md5 in outs.items():
-            odb.add(str(root / rel), LocalFileSystem(), md5)
+            # dvc_objects ships py.typed but leaves `LocalFileSystem.__init__(self, fs=None, **kwargs)` unannotated
+            odb.add(str(root / rel), LocalFileSystem(), md5)  # type: ignore[no-untyped-call]
     return sorted(outs)
 
 
@@ -96,7 +108,7 @@ def pull_uncached(root: Path, stage: str) -> list[str]:
     """Fetch the `cache: false` outputs dvc.lock names from the DVC remote, each checked against its md5."""
     from dvc.repo import Repo
 
-    from medclf.io import file_digest
+    from medclf.infra.io import file_digest
 
     outs = uncached_outs(root, stage)
     with Repo(str(root)) as repo:
@@ -122,8 +134,12 @@ def publish_lock_entry(entry: dict[str, Any]) -> None:
     """The worker's half: its dvc.lock entry for `train`, as a structured (JSON) Prefect artifact."""
     from prefect.artifacts import Artifact
 
-    Artifact(key=LOCK_ARTIFACT_KEY, type=LOCK_ARTIFACT_TYPE, data={"stage": "train", "entry": entry},
-             description="dvc.lock entry of the train stage run on this worker").create()
+    Artifact(
+        key=LOCK_ARTIFACT_KEY,
+        type=LOCK_ARTIFACT_TYPE,
+        data={"stage": "train", "entry": entry},
+        description="dvc.lock entry of the train stage run on this worker",
+    ).create()
 
 
 def _remote_lock_entry(flow_run_id: Any) -> dict[str, Any]:
@@ -131,15 +147,21 @@ def _remote_lock_entry(flow_run_id: Any) -> dict[str, Any]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[LOCK_ARTIFACT_KEY]),
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[LOCK_ARTIFACT_KEY]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
+        )
     data = arts[-1].data if arts else None
     with contextlib.suppress(TypeError, ValueError):  # Prefect stores an artifact's data as JSON text
         data = json.loads(data) if isinstance(data, str) else data
     if not (isinstance(data, dict) and data.get("stage") == "train" and isinstance(data.get("entry"), dict)):
-        raise StageFailed("train", "RemoteRunFailed", f"GPU flow run {flow_run_id} finished without a "
-                          f"'{LOCK_ARTIFACT_KEY}' artifact holding its dvc.lock entry", transient=False)
+        raise StageFailed(
+            "train",
+            "RemoteRunFailed",
+            f"GPU flow run {flow_run_id} finished without a '{LOCK_ARTIFACT_KEY}' artifact holding its dvc.lock entry",
+            transient=False,
+        )
     entry: dict[str, Any] = data["entry"]
     return entry
 
@@ -160,11 +182,15 @@ def _wait_for(flow_run_id: Any, deployment: str, start_timeout_s: float, poll_s:
             if run.state is not None and run.state.is_final():
                 return run
             if run.state is not None and run.state.is_scheduled() and time.monotonic() - t0 > start_timeout_s:
-                client.set_flow_run_state(flow_run_id, Cancelled(message="no GPU worker picked it up"),
-                                          force=True)
-                raise StageFailed("train", "NoGpuWorker", f"no worker picked up the run of '{deployment}' within "
-                                  f"{start_timeout_s:.0f} s (env {START_TIMEOUT_ENV}); start one: "
-                                  "`prefect worker start --pool medclf-gpu`", transient=False)
+                client.set_flow_run_state(flow_run_id, Cancelled(message="no GPU worker picked it up"), force=True)
+                raise StageFailed(
+                    "train",
+                    "NoGpuWorker",
+                    f"no worker picked up the run of '{deployment}' within "
+                    f"{start_timeout_s:.0f} s (env {START_TIMEOUT_ENV}); start one: "
+                    "`prefect worker start --pool medclf-gpu`",
+                    transient=False,
+                )
             time.sleep(poll_s)
 
 
@@ -174,7 +200,7 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
     from prefect.deployments import run_deployment
     from prefect.runtime import task_run
 
-    from medclf import catalog
+    from medclf.infra import catalog
 
     log = get_run_logger()
     root = Path(project_dir).resolve()
@@ -183,44 +209,72 @@ def _train_on_gpu(deployment: str, project_dir: str = ".", force: bool = False) 
     reason = plan("train", root, force)
     if reason is None:
         return StageOutcome("train", "skipped", UNCHANGED, round(time.perf_counter() - t0, 2), attempt).to_dict()
-    log.info("train: dispatching to deployment '%s' (%s); pushing inputs to the DVC remote first",
-             deployment, reason)
+    log.info("train: dispatching to deployment '%s' (%s); pushing inputs to the DVC remote first", deployment, reason)
     dvc_push(root, logger=log)
     lock = root / "dvc.lock"
-    run = run_deployment(deployment, parameters={
-        "params_yaml": (root / "params.yaml").read_text(),
-        "dvc_lock": lock.read_text() if lock.exists() else None, "force": force}, timeout=0)
+    # a sync task: `run_deployment` (async_dispatch) returns the FlowRun itself here, never a coroutine
+    run = cast(
+        "FlowRun",
+        run_deployment(
+            deployment,
+            parameters={
+                "params_yaml": (root / "params.yaml").read_text(),
+                "dvc_lock": lock.read_text() if lock.exists() else None,
+                "force": force,
+            },
+            timeout=0,
+        ),
+    )
     log.info("train: GPU flow run '%s' created; waiting for a worker of the deployment's pool", run.name)
     run = _wait_for(run.id, deployment, float(os.environ.get(START_TIMEOUT_ENV, "1800")))
     state = run.state
     if state is None or not state.is_completed():
         # crashed (worker lost, pod evicted): another attempt may land on a healthy worker; a failed run
         # has already had its own retries on the worker
-        raise StageFailed("train", "RemoteRunFailed", f"GPU flow run '{run.name}' on '{deployment}' ended "
-                          f"{state.type.value if state else '?'}: {state.message if state else 'no state'}",
-                          transient=bool(state and state.is_crashed()))
+        raise StageFailed(
+            "train",
+            "RemoteRunFailed",
+            f"GPU flow run '{run.name}' on '{deployment}' ended "
+            f"{state.type.value if state else '?'}: {state.message if state else 'no state'}",
+            transient=bool(state and state.is_crashed()),
+        )
     merge_lock_entry(root, "train", _remote_lock_entry(run.id))
     with Repo(str(root)) as repo:
         repo.pull(targets=[stage_target(root, "train")])
     pull_uncached(root, "train")
     left = dvc_status("train", root)
     if left:
-        raise StageFailed("train", "RemoteMismatch", "the GPU run's dvc.lock entry does not match this checkout "
-                          f"({describe_status(left)}); is the worker on the same commit?", transient=False)
+        raise StageFailed(
+            "train",
+            "RemoteMismatch",
+            "the GPU run's dvc.lock entry does not match this checkout "
+            f"({describe_status(left)}); is the worker on the same commit?",
+            transient=False,
+        )
     run_file = artifact_path(root, catalog.TRAIN_RUN)
     result = catalog.load_file(run_file, "json") if run_file is not None and run_file.exists() else None
-    return StageOutcome("train", "ran", f"{reason} (on GPU deployment '{deployment}', flow run '{run.name}')",
-                        round(time.perf_counter() - t0, 2), attempt, result=result).to_dict()
+    return StageOutcome(
+        "train",
+        "ran",
+        f"{reason} (on GPU deployment '{deployment}', flow run '{run.name}')",
+        round(time.perf_counter() - t0, 2),
+        attempt,
+        result=result,
+    ).to_dict()
 
 
 def _make_gpu_task() -> Any:
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return task(_train_on_gpu, name="train-on-gpu", cache_policy=NO_CACHE, persist_result=False,
-                retry_condition_fn=transient_only,
-                description="Run the train stage on the GPU work pool (run_deployment); its outputs come back "
-                            "through the DVC remote, its dvc.lock entry through the Prefect API.")
+    return task(
+        name="train-on-gpu",
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retry_condition_fn=transient_only,
+        description="Run the train stage on the GPU work pool (run_deployment); its outputs come back "
+        "through the DVC remote, its dvc.lock entry through the Prefect API.",
+    )(_train_on_gpu)
 
 
 train_on_gpu = _make_gpu_task()

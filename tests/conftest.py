@@ -54,10 +54,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
 
     if proc.poll() is None:
         _signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # children of an exited leader too
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -72,7 +70,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> N
                 return
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"server exited early:\n{log.read_text()[-3000:]}") from None
             time.sleep(0.5)
     raise RuntimeError(f"server at {url} did not start in {timeout}s:\n{log.read_text()[-3000:]}")
 
@@ -88,10 +86,24 @@ def start_mlflow_server(workdir: Path, artifacts: str | None = None, env: dict[s
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
-             "--artifacts-destination", artifacts or str(workdir / "artifacts")],
-            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            [
+                str(mlflow_bin),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{workdir}/mlflow.db",
+                "--artifacts-destination",
+                artifacts or str(workdir / "artifacts"),
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
     uri = f"http://127.0.0.1:{port}"
     try:
         _wait_http(uri + "/health", proc, 300, log)
@@ -145,12 +157,19 @@ def prefect_api():
 def write_params(tmp: Path, overrides: dict | None = None) -> Path:
     """params.yaml for a test: the repository defaults, tiny sizes, all paths inside `tmp`."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    data["paths"] = {"raw_data": str(tmp / "data/raw"), "ingest_dir": str(tmp / "data/ingest"),
-                     "augment_dir": str(tmp / "data/augment"), "model_dir": str(tmp / "models"),
-                     "reports_dir": str(tmp / "reports"), "cache_dir": str(tmp / ".cache")}
+    data["paths"] = {
+        "raw_data": str(tmp / "data/raw"),
+        "ingest_dir": str(tmp / "data/ingest"),
+        "augment_dir": str(tmp / "data/augment"),
+        "model_dir": str(tmp / "models"),
+        "reports_dir": str(tmp / "reports"),
+        "cache_dir": str(tmp / ".cache"),
+    }
     # in-process stage tests ingest tiny synthetic phantoms (the repository default is the real demo folder)
-    data["ingest"]["source"] = {"kind": "synthetic",
-                                "synthetic": {"n_patients": 40, "images_per_patient": 2, "native_size": 48}}
+    data["ingest"]["source"] = {
+        "kind": "synthetic",
+        "synthetic": {"n_patients": 40, "images_per_patient": 2, "native_size": 48},
+    }
     data["ingest"]["image_size"] = 32
     # tests train the small from-scratch net whatever the demo default is (tests that need pretrained
     # weights say so); the demo's real ImageNet MobileNetV2 is width 1.0 and two-phase
@@ -187,13 +206,18 @@ def make_settings(tmp_path):
 _LEAK_MARKER = "MEDCLF_PYTEST_SESSION"
 # Under pytest-xdist the workers inherit the controller's token, so the controller's end-of-run check sees their
 # children too (it runs after the workers have exited).
-_LEAK_TOKEN = (os.environ.get(_LEAK_MARKER) if os.environ.get("PYTEST_XDIST_WORKER") else None) or \
-    f"{os.getpid()}-{os.urandom(4).hex()}"
+_LEAK_TOKEN = (
+    os.environ.get(_LEAK_MARKER) if os.environ.get("PYTEST_XDIST_WORKER") else None
+) or f"{os.getpid()}-{os.urandom(4).hex()}"
 os.environ[_LEAK_MARKER] = _LEAK_TOKEN
 _LEAK_TEST = "MEDCLF_PYTEST_TEST"  # the nodeid of the test running when a process was started
 # Python's own helpers that live as long as the interpreter, by design, and die with it
-_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "loky.backend.popen",
-                        "joblib.externals.loky")
+_INTERPRETER_HELPERS = (
+    "multiprocessing.resource_tracker",
+    "multiprocessing.forkserver",
+    "loky.backend.popen",
+    "joblib.externals.loky",
+)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -35,8 +35,10 @@ def main(argv: list[str]) -> int:
         total = sum(c.values())
         detected = c["killed"] + c["timeout"] + c["caught by type check"]
         other = total - detected - c["survived"] - c["no tests"]
-        return (f"| {name} | {c['killed']} | {c['timeout']} | {c['survived']} | {c['no tests']} | {other} | {total} "
-                f"| {100 * detected / total:.1f}% |")
+        return (
+            f"| {name} | {c['killed']} | {c['timeout']} | {c['survived']} | {c['no tests']} | {other} | {total} "
+            f"| {100 * detected / total:.1f}% |"
+        )
 
     print("| module | killed | timeout | survived | no tests | other | total | score |")
     print("|---|---|---|---|---|---|---|---|")

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from medclf.augmentation import apply_policy, balance_classes, balance_plan, random_affine, warp_affine
 from medclf.config import PRESETS, AugmentPolicy, ConfigError, settings_from_dict
+from medclf.imaging.augmentation import apply_policy, balance_classes, balance_plan, random_affine, warp_affine
 from medclf.pipeline import invoke
 
 
@@ -117,7 +117,9 @@ def test_balance_plan_rejects_a_missing_class():
 
 
 def test_overrides_apply_and_bad_keys_fail_at_parse_time():
-    s = settings_from_dict({"augment": {"preset": "chest_xray", "overrides": {"rotation_deg": 3, "vertical_flip": True}}})
+    s = settings_from_dict(
+        {"augment": {"preset": "chest_xray", "overrides": {"rotation_deg": 3, "vertical_flip": True}}}
+    )
     assert s.augment.policy().rotation_deg == 3 and s.augment.policy().vertical_flip
     with pytest.raises(ConfigError, match="vertical_flipp"):
         settings_from_dict({"augment": {"overrides": {"vertical_flipp": True}}})
@@ -141,7 +143,7 @@ def test_augment_stage_outputs_and_determinism(make_settings):
     x0, y0 = np.load(ing / "train_images.npy"), np.load(ing / "train_labels.npy")
     counts = np.bincount(y)
     assert counts.min() / counts.max() >= 0.9 and res["ratio_after"] >= 0.9 > res["ratio_before"]
-    assert np.array_equal(x[: len(y0)], x0) and not syn[: len(y0)].any() and syn[len(y0):].all()
+    assert np.array_equal(x[: len(y0)], x0) and not syn[: len(y0)].any() and syn[len(y0) :].all()
     assert res["synthetic"] == int(syn.sum()) == len(y) - len(y0) > 0
     assert np.array_equal(y[syn], y0[src[syn]])
     assert json.loads((out / "augment.json").read_text())["policy"]["vertical_flip"] is False
@@ -171,12 +173,11 @@ def test_augment_stage_without_balancing_and_missing_input(make_settings):
 
 # --------------------------------------------------------------------------- online feeding
 def test_online_batches_fixed_shape_seeded_and_padded():
-    from medclf.augmentation import AugmentedBatches
+    from medclf.imaging.augmentation import AugmentedBatches
 
     y = np.array([0] * 30 + [1] * 11)
     x = _readonly(_images(len(y)))
-    ds = AugmentedBatches(x, y, 2, 8, policy=PRESETS["chest_xray"], seed=3, class_weight={0: 0.5, 1: 2.0},
-                          workers=2)
+    ds = AugmentedBatches(x, y, 2, 8, policy=PRESETS["chest_xray"], seed=3, class_weight={0: 0.5, 1: 2.0}, workers=2)
     try:
         assert len(ds) == 6
         batches = [ds[i] for i in range(len(ds))]

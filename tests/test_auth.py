@@ -67,14 +67,27 @@ def test_server_sh_with_auth_requires_login_and_refuses_a_wrong_password(tmp_pat
     ini.read(SCRIPT.with_name("basic_auth.ini"))
     admin, password = ini["mlflow"]["admin_username"], ini["mlflow"]["admin_password"]
     port, store = free_port(), tmp_path / "store"
-    env = {**os.environ, "MLFLOW_AUTH": "1", "MLFLOW_PORT": str(port), "MLFLOW_HOST": "127.0.0.1",
-           "MLFLOW_STORE_DIR": str(store), "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH": "1",
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_STORE_DIR": str(store),
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     env.pop("MLFLOW_BACKEND_STORE_URI", None)
     cwd = tmp_path / "elsewhere"  # not the repository: nothing may depend on the current directory
     cwd.mkdir()
-    proc = subprocess.Popen(["bash", str(SCRIPT), "start"], cwd=cwd, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "start"],
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = proc.communicate(timeout=400)
         log = (store / "server.log").read_text()[-3000:] if (store / "server.log").exists() else ""

@@ -153,11 +153,19 @@ def test_backoff_doubles_from_the_base():
     assert backoff(10, 0) == 0
 
 
-S3_FOLDER = {"paths": {"raw_data": "s3://bucket/xray"}, "ingest": {"source": {"kind": "folder", "uri": "s3://bucket/xray"}}}
-LOCAL_FOLDER = {"paths": {"raw_data": "data/raw/xray"}, "ingest": {"source": {"kind": "folder", "uri": "data/raw/xray"}}}
+S3_FOLDER = {
+    "paths": {"raw_data": "s3://bucket/xray"},
+    "ingest": {"source": {"kind": "folder", "uri": "s3://bucket/xray"}},
+}
+LOCAL_FOLDER = {
+    "paths": {"raw_data": "data/raw/xray"},
+    "ingest": {"source": {"kind": "folder", "uri": "data/raw/xray"}},
+}
 # docs/ORCHESTRATION.md, "Retries"
-DOCUMENTED = {"local": {"ingest": 0, "validate": 0, "augment": 0, "train": 2, "evaluate": 1, "register": 3},
-              "s3": {"ingest": 3, "validate": 0, "augment": 0, "train": 2, "evaluate": 1, "register": 3}}
+DOCUMENTED = {
+    "local": {"ingest": 0, "validate": 0, "augment": 0, "train": 2, "evaluate": 1, "register": 3},
+    "s3": {"ingest": 3, "validate": 0, "augment": 0, "train": 2, "evaluate": 1, "register": 3},
+}
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -182,6 +190,10 @@ def test_retry_counts_and_backoff_per_stage(make_settings, where):
 def test_ingest_retries_for_http_and_medmnist_downloads(make_settings):
     from tasks import RETRIES
 
-    assert RETRIES["ingest"](make_settings({"ingest": {"source": {"kind": "medmnist", "uri": None,
-                                                                  "medmnist_flag": "pneumoniamnist"}}})) == 3
+    assert (
+        RETRIES["ingest"](
+            make_settings({"ingest": {"source": {"kind": "medmnist", "uri": None, "medmnist_flag": "pneumoniamnist"}}})
+        )
+        == 3
+    )
     assert RETRIES["ingest"](make_settings()) == 0  # synthetic: nothing to download

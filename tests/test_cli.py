@@ -8,7 +8,6 @@ from urllib.error import URLError
 
 import pytest
 
-from medclf import catalog
 from medclf.cli import (
     EXIT_CONFIG,
     EXIT_ERROR,
@@ -19,6 +18,7 @@ from medclf.cli import (
     error_record,
     main,
 )
+from medclf.infra import catalog
 from tests.conftest import write_params
 
 
@@ -32,8 +32,13 @@ def test_a_bad_params_yaml_still_leaves_its_structured_error(tmp_path, monkeypat
     assert main(["--params", str(params), "train"]) == EXIT_CONFIG
     record = json.loads(out.read_text())
     assert record["token"] == "tok-1" and record["exit_code"] == EXIT_CONFIG and "result" not in record
-    assert record["error"] == {"stage": "train", "error_type": "ConfigError", "exit_code": EXIT_CONFIG,
-                               "transient": False, "message": record["error"]["message"]}
+    assert record["error"] == {
+        "stage": "train",
+        "error_type": "ConfigError",
+        "exit_code": EXIT_CONFIG,
+        "transient": False,
+        "message": record["error"]["message"],
+    }
     assert "not_a_section" in record["error"]["message"]
     assert "not_a_section" in capsys.readouterr().err  # and one clear line for a person
 
@@ -82,8 +87,10 @@ def _s3(code: str, status: int) -> Exception:
 
     from medclf.sources.base import SourceError
 
-    return _raised(ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                               "GetObject"), SourceError("s3://b/k: cannot read"))
+    return _raised(
+        ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"),
+        SourceError("s3://b/k: cannot read"),
+    )
 
 
 def _connection_lost() -> Exception:
@@ -93,24 +100,39 @@ def _connection_lost() -> Exception:
 
 
 def _marked(name: str) -> Exception:
+    from medclf.infra.tracking import TrackingUnavailable
     from medclf.sources.base import SourceChanged, SourceError
-    from medclf.tracking import TrackingUnavailable
 
-    return {"tracking": TrackingUnavailable("down"), "changed": SourceChanged("changed"),
-            "download": SourceError("offline?", transient=True)}[name]
+    return {
+        "tracking": TrackingUnavailable("down"),
+        "changed": SourceChanged("changed"),
+        "download": SourceError("offline?", transient=True),
+    }[name]
 
 
-@pytest.mark.parametrize(("make", "code"), [
-    (lambda: _s3("SlowDown", 503), EXIT_TEMPFAIL),
-    (lambda: _s3("AccessDenied", 403), EXIT_STAGE),
-    (_connection_lost, EXIT_TEMPFAIL),
-    (lambda: _marked("tracking"), EXIT_TEMPFAIL),
-    (lambda: _marked("changed"), EXIT_TEMPFAIL),
-    (lambda: _marked("download"), EXIT_TEMPFAIL),
-    (lambda: URLError(ConnectionRefusedError(111, "refused")), EXIT_TEMPFAIL),
-    (lambda: KeyError("a bug"), EXIT_ERROR),
-], ids=["s3-slowdown", "s3-denied", "connection-in-cause", "tracking-down", "source-changed",
-        "download-failed", "urlerror", "bug"])
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda: _s3("SlowDown", 503), EXIT_TEMPFAIL),
+        (lambda: _s3("AccessDenied", 403), EXIT_STAGE),
+        (_connection_lost, EXIT_TEMPFAIL),
+        (lambda: _marked("tracking"), EXIT_TEMPFAIL),
+        (lambda: _marked("changed"), EXIT_TEMPFAIL),
+        (lambda: _marked("download"), EXIT_TEMPFAIL),
+        (lambda: URLError(ConnectionRefusedError(111, "refused")), EXIT_TEMPFAIL),
+        (lambda: KeyError("a bug"), EXIT_ERROR),
+    ],
+    ids=[
+        "s3-slowdown",
+        "s3-denied",
+        "connection-in-cause",
+        "tracking-down",
+        "source-changed",
+        "download-failed",
+        "urlerror",
+        "bug",
+    ],
+)
 def test_exit_code_follows_what_the_exception_says(make, code):
     """Transient where the error is raised (an attribute) or by what caused it, never by its text."""
     record = error_record("ingest", make())
@@ -131,8 +153,12 @@ def test_a_killed_stage_leaves_its_running_marker_and_is_transient(tmp_path):
 
     out = tmp_path / "ingest.json"
     env = {**os.environ, RUN_TOKEN_ENV: "tok-3", RESULT_FILE_ENV: str(out)}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("medclf")), "--params", str(write_params(tmp_path)),
-                             "ingest"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("medclf")), "--params", str(write_params(tmp_path)), "ingest"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not out.exists() and time.time() < deadline and proc.poll() is None:

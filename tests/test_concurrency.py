@@ -18,6 +18,7 @@ keep the lowest version of a model and read a version's aliases. Real processes,
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -60,8 +61,13 @@ def _env(**extra: str) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if k not in ("MEDCLF_GPU_DEPLOYMENT", "MEDCLF_PROJECT_LOCK")}
-    return {**env, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
-            "MEDCLF_LOCK_TIMEOUT": "900", **extra}
+    return {
+        **env,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PATH": f"{BIN}{os.pathsep}{env['PATH']}",
+        "MEDCLF_LOCK_TIMEOUT": "900",
+        **extra,
+    }
 
 
 def _flow_runs(flow: str, project_dir: Path | None = None) -> list[Any]:
@@ -87,7 +93,7 @@ def _stage_span(flow_run_id: Any) -> tuple[Any, Any]:
 def _consistent(checkout: Path) -> dict[str, Any]:
     """dvc.lock agrees with every output (DVC rehashes them: nothing half-written), and the model that was
     evaluated and registered is the model file on disk. Returns register.json."""
-    from medclf.io import file_digest
+    from medclf.infra.io import file_digest
 
     assert json.loads(run_cmd(checkout, "dvc", "status", "--json") or "{}") == {}  # every stage, every output
     lock = yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]
@@ -115,8 +121,14 @@ def shared(tmp_path_factory, s3_server, mlflow_server, prefect_api):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
         mp.delenv("MEDCLF_GPU_DEPLOYMENT", raising=False)
-        yield {"checkout": checkout, "model": model, "mlflow": mlflow_server, "tmp": tmp, "s3": s3_server,
-               "bucket": bucket}
+        yield {
+            "checkout": checkout,
+            "model": model,
+            "mlflow": mlflow_server,
+            "tmp": tmp,
+            "s3": s3_server,
+            "bucket": bucket,
+        }
 
 
 def _deploy_gpu_stand_in(clone: Path) -> None:
@@ -129,22 +141,42 @@ def _deploy_gpu_stand_in(clone: Path) -> None:
     from flows.train_remote import train_remote
 
     with get_client(sync_client=True) as client:
-        try:
+        with contextlib.suppress(ObjectAlreadyExists):
             client.create_work_pool(WorkPoolCreate(name=GPU_POOL, type="process"))
-        except ObjectAlreadyExists:
-            pass
         flow_id = client.create_flow(train_remote)
         client.create_deployment(
-            flow_id, "gpu-test", entrypoint="flows/train_remote.py:train_remote", work_pool_name=GPU_POOL,
-            parameters={"project_dir": str(clone)}, concurrency_limit=1,
-            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}])
+            flow_id,
+            "gpu-test",
+            entrypoint="flows/train_remote.py:train_remote",
+            work_pool_name=GPU_POOL,
+            parameters={"project_dir": str(clone)},
+            concurrency_limit=1,
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
+        )
 
 
 def _worker(pool: str, limit: int, log: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type",
-                                 "process", "--limit", str(limit)], cwd=log.parent, env=env, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "worker",
+                "start",
+                "--pool",
+                pool,
+                "--type",
+                "process",
+                "--limit",
+                str(limit),
+            ],
+            cwd=log.parent,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _wait_final(ids: list[Any], timeout: float) -> dict[Any, Any]:
@@ -188,22 +220,44 @@ def test_four_retrains_at_once_train_once_on_the_gpu_pool(shared):
     run_cmd(clone, "dvc", "remote", "modify", "--local", "s3store", "access_key_id", DVC_KEY)
     run_cmd(clone, "dvc", "remote", "modify", "--local", "s3store", "secret_access_key", DVC_SECRET)
     _deploy_gpu_stand_in(clone)
-    env = _env(MLFLOW_TRACKING_URI=shared["mlflow"], PREFECT_WORKER_QUERY_SECONDS="1",
-               PREFECT_WORKER_PREFETCH_SECONDS="1")
+    env = _env(
+        MLFLOW_TRACKING_URI=shared["mlflow"], PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1"
+    )
     cpu = _worker("medclf-cpu", 2, tmp / "cpu-worker.log", env)
     gpu = _worker(GPU_POOL, 1, tmp / "gpu-worker.log", env)
     manual: list[subprocess.Popen] = []
     try:
-        params = {"project_dir": str(checkout), "gpu_deployment": GPU_DEPLOYMENT, "push": False,
-                  "retry_delay_seconds": 0.2}
+        params = {
+            "project_dir": str(checkout),
+            "gpu_deployment": GPU_DEPLOYMENT,
+            "push": False,
+            "retry_delay_seconds": 0.2,
+        }
         scheduled = run_deployment("medclf-retrain/weekly", timeout=0, parameters=params, tags=["scheduled"])
         by_hand = run_deployment("medclf-retrain/weekly", timeout=0, parameters=params, tags=["manual"])
         for i in (1, 2):
             with open(tmp / f"manual{i}.log", "w") as log:
-                manual.append(subprocess.Popen(
-                    [sys.executable, "-m", "flows.retrain", "--project-dir", str(checkout), "--no-push",
-                     "--gpu-deployment", GPU_DEPLOYMENT, "--retry-delay", "0.2"], cwd=ROOT, env=env, stdout=log,
-                    stderr=subprocess.STDOUT, start_new_session=True))
+                manual.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "flows.retrain",
+                            "--project-dir",
+                            str(checkout),
+                            "--no-push",
+                            "--gpu-deployment",
+                            GPU_DEPLOYMENT,
+                            "--retry-delay",
+                            "0.2",
+                        ],
+                        cwd=ROOT,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
         codes = [p.wait(900) for p in manual]
         deployed = _wait_final([scheduled.id, by_hand.id], 900)
     finally:
@@ -254,10 +308,10 @@ def test_four_retrains_at_once_train_once_on_the_gpu_pool(shared):
 REGISTER_BARRIER = """
 import os, time
 if os.environ.get("MEDCLF_TEST_REGISTER_BARRIER"):
-    import medclf.stages.register as register
-    _existing = register._existing
+    import medclf.release.versions as versions
+    _find_version = versions.find_version
     def _barrier(*args, **kwargs):
-        found = _existing(*args, **kwargs)
+        found = _find_version(*args, **kwargs)
         flag = os.environ["MEDCLF_TEST_REGISTER_BARRIER"]
         open(f"{flag}.{os.getpid()}", "w").close()
         t0 = time.time()  # both processes have looked for a version before either creates one
@@ -266,7 +320,7 @@ if os.environ.get("MEDCLF_TEST_REGISTER_BARRIER"):
                 raise SystemExit("register barrier: the other process never came")
             time.sleep(0.02)
         return found
-    register._existing = _barrier
+    versions.find_version = _barrier
 """
 
 
@@ -288,10 +342,23 @@ def test_concurrent_register_of_one_training_run_keeps_one_version(shared, tmp_p
     (hook / "sitecustomize.py").write_text(REGISTER_BARRIER)
     barrier = tmp_path / "barrier" / "reached"
     barrier.parent.mkdir()
-    env = _env(MLFLOW_TRACKING_URI=shared["mlflow"], MEDCLF_TEST_REGISTER_BARRIER=str(barrier),
-               PYTHONPATH=os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
-    procs = [subprocess.Popen([str(BIN / "medclf"), "register"], cwd=copy, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True) for copy in copies]
+    env = _env(
+        MLFLOW_TRACKING_URI=shared["mlflow"],
+        MEDCLF_TEST_REGISTER_BARRIER=str(barrier),
+        PYTHONPATH=os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
+    )
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "medclf"), "register"],
+            cwd=copy,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for copy in copies
+    ]
     try:
         outs = [p.communicate(timeout=600) for p in procs]
     finally:
@@ -312,8 +379,9 @@ def test_concurrent_register_of_one_training_run_keeps_one_version(shared, tmp_p
     assert mv.run_id == shared["v1"].run_id
     # the loser's duplicate and its logged models are gone: only the survivor's models remain in the run
     # (with the pair that the flow's own registration logged under the first model name)
-    logged = cl.search_logged_models(experiment_ids=[cl.get_run(mv.run_id).info.experiment_id],
-                                     filter_string=f"source_run_id = '{mv.run_id}'")
+    logged = cl.search_logged_models(
+        experiment_ids=[cl.get_run(mv.run_id).info.experiment_id], filter_string=f"source_run_id = '{mv.run_id}'"
+    )
     assert sorted(m.name for m in logged) == sorted(["keras_model", "medclf_pyfunc"] * 2), [m.name for m in logged]
 
 
@@ -323,7 +391,7 @@ def test_the_gpu_worker_flow_holds_its_checkout(tmp_path, prefect_api, monkeypat
     and has touched nothing. (A served `--serve` worker has no Prefect limit of its own but this.)"""
     from flows.train_remote import train_remote
     from medclf.config import load_settings
-    from medclf.lock import project_lock
+    from medclf.infra.lock import project_lock
     from tests.conftest import write_params
 
     params = write_params(tmp_path)
@@ -331,8 +399,14 @@ def test_the_gpu_worker_flow_holds_its_checkout(tmp_path, prefect_api, monkeypat
     monkeypatch.setenv("MEDCLF_LOCK_TIMEOUT", "0")
     monkeypatch.delenv("MEDCLF_PROJECT_LOCK", raising=False)
     with project_lock(load_settings(params).paths, "flow run holder-1 (medclf-train)", wait=0):
-        state = train_remote(params_yaml="caller: params\n", dvc_lock="schema: '2.0'\n", project_dir=str(tmp_path),
-                             pull=False, push=False, return_state=True)
+        state = train_remote(
+            params_yaml="caller: params\n",
+            dvc_lock="schema: '2.0'\n",
+            project_dir=str(tmp_path),
+            pull=False,
+            push=False,
+            return_state=True,
+        )
     assert state.is_failed() and "LockBusy" in (state.message or "") + repr(state.data), state.message
     assert "holder-1" in (state.message or ""), state.message
     assert params.read_bytes() == before and not (tmp_path / "dvc.lock").exists()
@@ -344,15 +418,17 @@ def test_the_registry_keeps_the_lowest_version_of_a_model_and_reads_its_aliases(
     with its aliases (MLflow's search returns none), so a reused champion is not given the challenger alias."""
     import mlflow
 
-    from medclf.stages.register import _existing, _first_of_model
+    from medclf.release.versions import find_version, first_of_model
 
     cl, name = mlflow.MlflowClient(mlflow_server, mlflow_server), f"race-{uuid.uuid4().hex[:8]}"
     cl.create_registered_model(name)
     run = cl.create_run(cl.create_experiment(name)).info.run_id
-    v1, v2 = (cl.create_model_version(name, source=f"runs:/{run}/m", run_id=run, tags={"model_sha256": "abc"})
-              for _ in range(2))
+    v1, v2 = (
+        cl.create_model_version(name, source=f"runs:/{run}/m", run_id=run, tags={"model_sha256": "abc"})
+        for _ in range(2)
+    )
     cl.create_model_version(name, source=f"runs:/{run}/m", run_id=run, tags={"model_sha256": "other"})
-    assert _first_of_model(cl, name, run, "abc", None).version == v1.version != v2.version
-    assert _first_of_model(cl, name, run, "nothing", None) is None
+    assert first_of_model(cl, name, run, "abc", None).version == v1.version != v2.version
+    assert first_of_model(cl, name, run, "nothing", None) is None
     cl.set_registered_model_alias(name, "champion", v1.version)
-    assert _existing(cl, name, run, "abc").aliases == ["champion"]
+    assert find_version(cl, name, run, "abc").aliases == ["champion"]

@@ -21,18 +21,21 @@ def test_repository_params_parse():
     assert s.registry.model_name and s.validation.drift_psi_max > 0
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"ingest": {"imgae_size": 64}}, "ingest.imgae_size"),
-    ({"ingest": {"image_size": 4}}, "ingest.image_size"),
-    ({"ingest": {"source": {"kind": "ftp"}}}, "ingest.source.kind"),
-    ({"train": {"optimizer": "lion"}}, "train.optimizer"),
-    ({"evaluate": {"gates": {"min_f1": 1.5}}}, "evaluate.gates.min_f1"),
-    ({"augment": {"preset": "cardiac_mri"}}, "augment.preset"),
-    ({"augment": {"overrides": {"rotation_deg": 500}}}, None),
-    ({"train": {"backbone": "resnet9000"}}, "train.backbone"),
-    ({"train": {"preprocessing": "bgr"}}, "train.preprocessing"),
-    ({"validate": {"severity": {"no_such_check": "warn"}}}, "validate.severity"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"ingest": {"imgae_size": 64}}, "ingest.imgae_size"),
+        ({"ingest": {"image_size": 4}}, "ingest.image_size"),
+        ({"ingest": {"source": {"kind": "ftp"}}}, "ingest.source.kind"),
+        ({"train": {"optimizer": "lion"}}, "train.optimizer"),
+        ({"evaluate": {"gates": {"min_f1": 1.5}}}, "evaluate.gates.min_f1"),
+        ({"augment": {"preset": "cardiac_mri"}}, "augment.preset"),
+        ({"augment": {"overrides": {"rotation_deg": 500}}}, None),
+        ({"train": {"backbone": "resnet9000"}}, "train.backbone"),
+        ({"train": {"preprocessing": "bgr"}}, "train.preprocessing"),
+        ({"validate": {"severity": {"no_such_check": "warn"}}}, "validate.severity"),
+    ],
+)
 def test_bad_values_name_the_key(data, key):
     if key is None:  # overrides are validated when the policy is built
         with pytest.raises(ValueError, match="rotation_deg"):
@@ -56,9 +59,20 @@ def test_cli_help_is_instant_and_bad_config_exits_2(tmp_path):
     out = subprocess.run(exe + ["--help"], capture_output=True, text=True, check=True)
     assert "ingest" in out.stdout and "Not for clinical use" in out.stdout
     assert time.perf_counter() - t0 < 5  # generous: the point is no TF/MLflow/GX import (~20 s)
-    mods = subprocess.run([sys.executable, "-c", ("import sys, medclf.cli, medclf.config;"
-                           "print([m for m in ('tensorflow','keras','mlflow','great_expectations','prefect')"
-                           " if m in sys.modules])")], capture_output=True, text=True, check=True)
+    mods = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, medclf.cli, medclf.config;"
+                "print([m for m in ('tensorflow','keras','mlflow','great_expectations','prefect')"
+                " if m in sys.modules])"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert mods.stdout.strip() == "[]"
     bad = tmp_path / "p.yaml"
     bad.write_text("ingest: {channels: 2}\n")
@@ -74,14 +88,15 @@ def test_classes_must_be_null_or_at_least_two_distinct_names(classes):
         settings_from_dict({"ingest": {"classes": classes}}, "params.yaml")
     assert "ingest.classes" in str(err.value)
     assert settings_from_dict({"ingest": {"classes": ["NORMAL", "PNEUMONIA"]}}).ingest.classes == [
-        "NORMAL", "PNEUMONIA"]
+        "NORMAL",
+        "PNEUMONIA",
+    ]
 
 
 def test_positive_class_must_be_one_of_the_classes():
     """Row 4: `positive_class: COVID` with classes NORMAL/PNEUMONIA used to pass."""
     with pytest.raises(ConfigError) as err:
-        settings_from_dict({"ingest": {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "COVID"}},
-                           "params.yaml")
+        settings_from_dict({"ingest": {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "COVID"}}, "params.yaml")
     assert "ingest.positive_class" in str(err.value) and "COVID" in str(err.value)
     ok = settings_from_dict({"ingest": {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "NORMAL"}})
     assert ok.ingest.positive_class == "NORMAL"
@@ -107,7 +122,8 @@ def test_error_report_layout_names_the_source_and_explains_unknown_keys():
         settings_from_dict({"ingest": {"imgae_size": 64}}, "params.yaml")
     assert str(err.value).split("\n") == [
         "invalid configuration in params.yaml:",
-        "  - ingest.imgae_size: unknown key (check the spelling; see params.yaml in the repository for the schema)"]
+        "  - ingest.imgae_size: unknown key (check the spelling; see params.yaml in the repository for the schema)",
+    ]
     with pytest.raises(ConfigError, match=r"^invalid configuration in <dict>:\n  - train.optimizer: "):
         settings_from_dict({"train": {"optimizer": "lion"}})  # default source name
 
@@ -115,8 +131,10 @@ def test_error_report_layout_names_the_source_and_explains_unknown_keys():
 def test_a_whole_settings_error_is_reported_at_root():
     """The source-under-raw_data check belongs to no single key: it is reported as `<root>`."""
     with pytest.raises(ConfigError) as err:
-        settings_from_dict({"paths": {"raw_data": "data/raw/xr"},
-                            "ingest": {"source": {"kind": "folder", "uri": "elsewhere/xr"}}}, "params.yaml")
+        settings_from_dict(
+            {"paths": {"raw_data": "data/raw/xr"}, "ingest": {"source": {"kind": "folder", "uri": "elsewhere/xr"}}},
+            "params.yaml",
+        )
     lines = str(err.value).split("\n")
     assert lines[1].startswith("  - <root>: ") and "'elsewhere/xr', which is not under paths.raw_data" in lines[1]
 
@@ -138,58 +156,71 @@ def test_load_settings_errors_name_the_file(tmp_path):
 
 
 def test_config_is_a_leaf_that_owns_the_vocabularies_its_validators_check():
-    """config imports nothing from medclf but its own vocabulary (every stage's closure starts with it; it used to import modeling,
+    """config imports nothing from medclf but its own vocabulary
+    (every stage's closure starts with it; it used to import modeling,
     validation.checks and sources.store lazily), so the names it validates are defined in it, once."""
-    from medclf import config, modeling
+    from medclf import config
+    from medclf.modeling import network as modeling
     from medclf.validation import checks
     from tests.test_dvc_deps import import_closure
 
-    assert import_closure("medclf.config") == {"src/medclf/__init__.py", "src/medclf/config/__init__.py",
-                                               "src/medclf/config/tuning.py", "src/medclf/config/vocabulary.py"}
+    assert import_closure("medclf.config") == {
+        "src/medclf/__init__.py",
+        "src/medclf/config/__init__.py",
+        "src/medclf/config/tuning.py",
+        "src/medclf/config/vocabulary.py",
+    }
     assert checks.CHECKS is config.CHECKS and modeling.BACKBONES.keys() == config.BACKBONES.keys()
     assert modeling.BACKBONES["inception_v3"] == modeling.Backbone("InceptionV3", "tf", None, False, 75)
     for name in ("densenet121", "mobilenet_v3_small", "efficientnet_b7", "efficientnet_v2_s"):
         assert settings_from_dict({"train": {"backbone": name}}).train.backbone == name
-    assert set(settings_from_dict({"validate": {"severity": dict.fromkeys(config.CHECKS, "off")}})
-               .validation.severity) == set(checks.severities({}))
+    assert set(
+        settings_from_dict({"validate": {"severity": dict.fromkeys(config.CHECKS, "off")}}).validation.severity
+    ) == set(checks.severities({}))
 
 
-@pytest.mark.parametrize("source, where", [
-    ({"kind": "synthetic"}, None),
-    ({"kind": "folder", "uri": "data/raw/xr"}, "data/raw/xr"),
-    ({"kind": "medmnist", "uri": "data/raw/p.npz"}, "data/raw/p.npz"),
-    ({"kind": "medmnist", "medmnist_flag": "pneumoniamnist"}, None),  # an MD5-checked download
-    ({"kind": "manifest", "uri": "data/raw/m/labels.csv"}, "data/raw/m"),
-    ({"kind": "manifest", "uri": "s3://bucket/raw/labels.csv"}, "s3://bucket/raw"),
-    ({"kind": "dicom", "manifest": "data/raw/d/index.csv", "uri": "data/other/x.csv"}, "data/raw/d"),
-    ({"kind": "dicom", "uri": "data/raw/d2/index.parquet"}, "data/raw/d2"),  # uri stands in for the manifest
-])
+@pytest.mark.parametrize(
+    "source, where",
+    [
+        ({"kind": "synthetic"}, None),
+        ({"kind": "folder", "uri": "data/raw/xr"}, "data/raw/xr"),
+        ({"kind": "medmnist", "uri": "data/raw/p.npz"}, "data/raw/p.npz"),
+        ({"kind": "medmnist", "medmnist_flag": "pneumoniamnist"}, None),  # an MD5-checked download
+        ({"kind": "manifest", "uri": "data/raw/m/labels.csv"}, "data/raw/m"),
+        ({"kind": "manifest", "uri": "s3://bucket/raw/labels.csv"}, "s3://bucket/raw"),
+        ({"kind": "dicom", "manifest": "data/raw/d/index.csv", "uri": "data/other/x.csv"}, "data/raw/d"),
+        ({"kind": "dicom", "uri": "data/raw/d2/index.parquet"}, "data/raw/d2"),  # uri stands in for the manifest
+    ],
+)
 def test_source_location(source, where):
     from medclf.config import Source, source_location
 
     assert source_location(Source(**source)) == where
 
 
-@pytest.mark.parametrize("path, root, under", [
-    ("s3://b/raw", "s3://b/raw", True),
-    ("s3://b/raw/x/", "s3://b/raw/", True),  # trailing slashes ignored on both sides
-    ("s3://b/raw/", "s3://b/raw", True),
-    ("s3://b/raw", "s3://b/raw/", True),
-    ("s3://b/raw2/x", "s3://b/raw", False),  # a prefix of the name is not a parent folder
-    ("s3://b/x/raw", "s3://b/raw", False),
-    ("s3://b/rawX", "s3://b/rawX", True),
-    ("s3://b/raw/X", "s3://b/raw/X", True),
-    ("s3://b/raw ", "s3://b/raw", False),  # another name (trailing space), not the folder itself
-    # an s3:// path is never under a local root, nor the reverse: as local paths both would normalise to
-    # the same "s3:/b/raw/..." folder
-    ("s3://b/raw/x", "s3:/b/raw", False),
-    ("s3:/b/raw/x", "s3://b/raw", False),
-    ("data/raw/xr", "data/raw/xr", True),
-    ("data/raw/xr/", "data/raw/xr", True),
-    ("data/raw/xr/sub/f.csv", "./data/raw", True),
-    ("data/raw2", "data/raw", False),
-    ("data", "data/raw", False),
-])
+@pytest.mark.parametrize(
+    "path, root, under",
+    [
+        ("s3://b/raw", "s3://b/raw", True),
+        ("s3://b/raw/x/", "s3://b/raw/", True),  # trailing slashes ignored on both sides
+        ("s3://b/raw/", "s3://b/raw", True),
+        ("s3://b/raw", "s3://b/raw/", True),
+        ("s3://b/raw2/x", "s3://b/raw", False),  # a prefix of the name is not a parent folder
+        ("s3://b/x/raw", "s3://b/raw", False),
+        ("s3://b/rawX", "s3://b/rawX", True),
+        ("s3://b/raw/X", "s3://b/raw/X", True),
+        ("s3://b/raw ", "s3://b/raw", False),  # another name (trailing space), not the folder itself
+        # an s3:// path is never under a local root, nor the reverse: as local paths both would normalise to
+        # the same "s3:/b/raw/..." folder
+        ("s3://b/raw/x", "s3:/b/raw", False),
+        ("s3:/b/raw/x", "s3://b/raw", False),
+        ("data/raw/xr", "data/raw/xr", True),
+        ("data/raw/xr/", "data/raw/xr", True),
+        ("data/raw/xr/sub/f.csv", "./data/raw", True),
+        ("data/raw2", "data/raw", False),
+        ("data", "data/raw", False),
+    ],
+)
 def test_is_under(path, root, under):
     from medclf.config import is_under
 
@@ -202,8 +233,11 @@ def test_deep_merge_merges_nested_sections_without_touching_its_inputs():
     base = {"ingest": {"image_size": 64, "splits": {"seed": 1, "val_fraction": 0.1}}, "train": {"seed": 3}}
     over = {"ingest": {"splits": {"seed": 2}}, "train": 5, "evaluate": {"seed": 0}}
     out = deep_merge(base, over)
-    assert out == {"ingest": {"image_size": 64, "splits": {"seed": 2, "val_fraction": 0.1}}, "train": 5,
-                   "evaluate": {"seed": 0}}
+    assert out == {
+        "ingest": {"image_size": 64, "splits": {"seed": 2, "val_fraction": 0.1}},
+        "train": 5,
+        "evaluate": {"seed": 0},
+    }
     assert base == {"ingest": {"image_size": 64, "splits": {"seed": 1, "val_fraction": 0.1}}, "train": {"seed": 3}}
     assert deep_merge({"a": 1}, {"a": {"b": 2}}) == {"a": {"b": 2}}  # a mapping replaces a scalar
 

@@ -21,8 +21,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medclf.dicom import decode_dicom, dicom_patient_id
-from medclf.images import DecodeError
+from medclf.imaging.dicom import decode_dicom, dicom_patient_id
+from medclf.imaging.pixels import DecodeError
 
 
 def make_dataset(
@@ -269,7 +269,7 @@ def test_dicom_patient_id_drives_the_patient_split(tmp_path, make_settings) -> N
     """Issue 12, row 2: with no patient column in the manifest, the (hashed) DICOM PatientID groups the split."""
     import pandas as pd
 
-    from medclf.privacy import hash_patient
+    from medclf.imaging.privacy import hash_patient
     from medclf.stages import ingest
 
     raw = tmp_path / "dcm"
@@ -279,8 +279,9 @@ def test_dicom_patient_id_drives_the_patient_split(tmp_path, make_settings) -> N
     for p in range(20):
         for j in range(2):
             name = f"p{p}_{j}.dcm"
-            (raw / name).write_bytes(make_dicom(rng.integers(0, 4096, (24, 24)).astype(np.uint16),
-                                                PatientID=f"MRN-{p:04d}"))
+            (raw / name).write_bytes(
+                make_dicom(rng.integers(0, 4096, (24, 24)).astype(np.uint16), PatientID=f"MRN-{p:04d}")
+            )
             rows.append({"path": name, "label": "a" if p % 2 else "b"})
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)  # no patient_id column
     s = make_settings({"ingest": {"source": {"kind": "dicom", "manifest": str(raw / "labels.csv")}}})
@@ -303,8 +304,9 @@ def test_manifest_patient_column_wins_over_the_dicom_patient_id(tmp_path) -> Non
 
     for i in range(3):
         (tmp_path / f"{i}.dcm").write_bytes(make_dicom(np.zeros((8, 8), np.uint16), PatientID=f"TAG{i}"))
-    pd.DataFrame({"path": ["0.dcm", "1.dcm", "2.dcm"], "label": ["a"] * 3,
-                  "patient_id": ["COL0", "", "COL2"]}).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame({"path": ["0.dcm", "1.dcm", "2.dcm"], "label": ["a"] * 3, "patient_id": ["COL0", "", "COL2"]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
     scan = scan_manifest(str(tmp_path / "m.csv"), None, kind="dicom")
     assert [r.patient_id for r in scan.records] == ["COL0", "TAG1", "COL2"]  # a blank cell falls back to the tag
     scan = scan_manifest(str(tmp_path / "m.csv"), None, kind="image")
@@ -327,10 +329,12 @@ def test_a_non_dicom_dcm_is_not_a_dicom_file_rather_than_truncated() -> None:
     rng = np.random.default_rng(22)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, format="PNG")
-    for data in (_after_dicm_marker(b"this is a text file, not a DICOM data set " * 5),
-                 _after_dicm_marker(buf.getvalue()),
-                 _after_dicm_marker(rng.integers(0, 256, 400, dtype=np.uint8).tobytes()),
-                 b"\x08\x00\x16\x00UI\x04\x001.2\x00" + rng.integers(0, 256, 100, dtype=np.uint8).tobytes()):
+    for data in (
+        _after_dicm_marker(b"this is a text file, not a DICOM data set " * 5),
+        _after_dicm_marker(buf.getvalue()),
+        _after_dicm_marker(rng.integers(0, 256, 400, dtype=np.uint8).tobytes()),
+        b"\x08\x00\x16\x00UI\x04\x001.2\x00" + rng.integers(0, 256, 100, dtype=np.uint8).tobytes(),
+    ):
         with pytest.raises(DecodeError, match="^not a DICOM file$"):
             decode_dicom(data)
     # ... while a real file cut short is still "truncated", wherever it is cut
@@ -353,7 +357,7 @@ def test_garbage_inside_a_real_dicom_header_is_corrupt_not_truncated() -> None:
 def test_decode_reasons_carry_no_memory_address(syntax: UID) -> None:
     """Row 11f: a compressed frame that is not an image gave "... pillow: cannot identify image file
     <_io.BytesIO object at 0x7f96c3a91b20>" (a different text each run, on two lines): one line, no address."""
-    from medclf.images import decode_bytes
+    from medclf.imaging.images import decode_bytes
 
     ds = make_dataset(np.zeros((8, 8), np.uint8), bits_stored=8, transfer_syntax=syntax)
     ds.PixelData = encapsulate([b"not a compressed frame " * 8])

@@ -31,8 +31,12 @@ def small_filesystem(where: Path, size: str = "4m"):
     if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root on Linux")
     where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"medclf-test-{uuid.uuid4().hex[:6]}",
-                           str(where)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", f"medclf-test-{uuid.uuid4().hex[:6]}", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -58,30 +62,45 @@ def _env() -> dict[str, str]:
 def test_disk_full_during_ingest_names_the_path_and_free_space_and_leaves_no_staging(tmp_path):
     raw = demo_folder(tmp_path / "raw", per_class=12)
     with small_filesystem(tmp_path / "fs") as fs:
-        ingest = {"source": {"kind": "folder", "uri": str(raw), "patient_id_regex": DEMO_REGEX}, "image_size": 64,
-                  "workers": 1}
+        ingest = {
+            "source": {"kind": "folder", "uri": str(raw), "patient_id_regex": DEMO_REGEX},
+            "image_size": 64,
+            "workers": 1,
+        }
         params = write_params(fs, {"ingest": ingest})
-        subprocess.run([MEDCLF, "--params", str(params), "ingest"], check=True, capture_output=True, env=_env(),
-                       timeout=300)
+        subprocess.run(
+            [MEDCLF, "--params", str(params), "ingest"], check=True, capture_output=True, env=_env(), timeout=300
+        )
         before = {d: tree_digest(fs / d) for d in ("data/ingest", "reports/ingest")}
         demo_folder(raw, per_class=150)  # a new release: 300 images, 1.2 MB of 64x64 arrays
         filler = fill(fs, leave=256 * 1024)
         free_before = shutil.disk_usage(fs).free
-        out = subprocess.run([MEDCLF, "--params", str(params), "ingest"], check=False, capture_output=True,
-                             text=True, env=_env(), timeout=300)
+        out = subprocess.run(
+            [MEDCLF, "--params", str(params), "ingest"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
         assert out.returncode > 0, (out.returncode, out.stderr[-3000:])  # an error exit, not a signal (SIGBUS: -7)
         err = out.stderr
         assert "No space left on device" in err, err[-3000:]
         assert str(fs / "data") in err and "train_images.npy" in err, err[-3000:]  # the file it could not write
         assert " free on " in err and "KiB" in err, err[-3000:]
         assert {d: tree_digest(fs / d) for d in ("data/ingest", "reports/ingest")} == before
-        debris = [p.name for d in (fs / "data", fs / "reports") for p in d.iterdir()
-                  if p.name.endswith((".staging", ".old", ".tmp")) or ".commit" in p.name]
+        debris = [
+            p.name
+            for d in (fs / "data", fs / "reports")
+            for p in d.iterdir()
+            if p.name.endswith((".staging", ".old", ".tmp")) or ".commit" in p.name
+        ]
         assert debris == []
         assert shutil.disk_usage(fs).free >= free_before - 64 * 1024  # the failed run's bytes were given back
         filler.unlink()  # space again: the same command completes
-        subprocess.run([MEDCLF, "--params", str(params), "ingest"], check=True, capture_output=True, env=_env(),
-                       timeout=300)
+        subprocess.run(
+            [MEDCLF, "--params", str(params), "ingest"], check=True, capture_output=True, env=_env(), timeout=300
+        )
         import numpy as np
 
         n = sum(len(np.load(fs / f"data/ingest/{s}_labels.npy")) for s in ("train", "val", "test"))
@@ -98,7 +117,7 @@ def test_memory_mapped_and_plain_writes_on_a_full_disk_raise_disk_full_naming_th
         script = f"""
 import numpy as np, os, sys
 from pathlib import Path
-from medclf.io import DiskFull, atomic_file, npy_memmap
+from medclf.infra.io import DiskFull, atomic_file, npy_memmap
 fs = Path({str(fs)!r})
 try:
     arr = npy_memmap(fs / "big.npy", (200, 64, 64, 1), np.uint8)  # 800 KiB
@@ -115,8 +134,9 @@ except DiskFull as err:
     print("PLAIN:", err)
 print("LEFT:", sorted(p.name for p in fs.iterdir()))
 """
-        out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
-                             env=_env(), timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", script], check=False, capture_output=True, text=True, env=_env(), timeout=120
+        )
         assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
         lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
         for kind, name in (("MEMMAP", "big.npy"), ("PLAIN", "plain.bin")):

@@ -109,10 +109,13 @@ def expected_dvc_stage(stage: Stage, paths: Paths) -> dict[str, set[str]]:
     before it (cli.py, the pipeline module and its closure); params: exactly the declared keys;
     outs/metrics/plots: the declared outputs/metrics/plots."""
     code = import_closure(f"medclf.stages.{stage.name}") | import_closure("medclf.pipeline") | {"src/medclf/cli.py"}
-    return {"deps": code | _artifact_paths(stage, stage.inputs, paths), "params": set(stage.params),
-            "outs": _artifact_paths(stage, stage.outputs, paths),
-            "metrics": _artifact_paths(stage, stage.metrics, paths),
-            "plots": _artifact_paths(stage, stage.plots, paths)}
+    return {
+        "deps": code | _artifact_paths(stage, stage.inputs, paths),
+        "params": set(stage.params),
+        "outs": _artifact_paths(stage, stage.outputs, paths),
+        "metrics": _artifact_paths(stage, stage.metrics, paths),
+        "plots": _artifact_paths(stage, stage.plots, paths),
+    }
 
 
 def actual_dvc_stage(stage: str) -> dict[str, set[str]]:
@@ -125,8 +128,11 @@ def actual_dvc_stage(stage: str) -> dict[str, set[str]]:
     params: set[str] = set()
     for p in spec.get("params") or []:
         params |= {p} if isinstance(p, str) else {k for keys in p.values() for k in keys}
-    return {"deps": deps, "params": params,
-            **{k: {_render(o, paths) for o in _entries(spec.get(k))} for k in ("outs", "metrics", "plots")}}
+    return {
+        "deps": deps,
+        "params": params,
+        **{k: {_render(o, paths) for o in _entries(spec.get(k))} for k in ("outs", "metrics", "plots")},
+    }
 
 
 def test_the_declarations_are_the_stages_of_dvc_yaml():
@@ -142,74 +148,16 @@ def test_dvc_yaml_is_exactly_what_the_declaration_and_the_import_closure_imply(s
     extra one reruns a stage for nothing and hides that the declaration is wrong."""
     expected = expected_dvc_stage(PIPELINE[stage], load_settings(ROOT / "params.yaml").paths)
     actual = actual_dvc_stage(stage)
-    problems = [f"{key}: dvc.yaml misses {sorted(expected[key] - actual[key])}, "
-                f"lists undeclared {sorted(actual[key] - expected[key])}"
-                for key in expected if expected[key] != actual[key]]
+    problems = [
+        f"{key}: dvc.yaml misses {sorted(expected[key] - actual[key])}, "
+        f"lists undeclared {sorted(actual[key] - expected[key])}"
+        for key in expected
+        if expected[key] != actual[key]
+    ]
     assert not problems, f"dvc.yaml stage '{stage}' differs from src/medclf/pipeline.py: " + "; ".join(problems)
 
 
-def _module_level_imports(mod: str) -> set[str]:
-    """Modules `mod` imports when it is imported (top-level statements, `if TYPE_CHECKING:` excluded),
-    each as the deepest `medclf` module the import names."""
-    path = _module_file(mod)
-    assert path is not None
-    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-    found: set[str] = set()
-
-    def visit(stmts: list[ast.stmt]) -> None:
-        for node in stmts:
-            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-                visit(node.orelse)
-            elif isinstance(node, (ast.If, ast.Try)):
-                visit(node.body)
-                visit(node.orelse)
-                for h in getattr(node, "handlers", []):
-                    visit(h.body)
-                visit(getattr(node, "finalbody", []))
-            elif isinstance(node, ast.Import):
-                found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = pkg.split(".")
-                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-                for a in node.names:
-                    found.add(f"{base}.{a.name}" if _module_file(f"{base}.{a.name}") else base)
-
-    visit(ast.parse(path.read_text()).body)
-    return {m for m in found if m.split(".")[0] == "medclf" and _module_file(m) and m != mod}
-
-
-def _all_modules() -> list[str]:
-    out = []
-    for f in sorted((SRC / "medclf").rglob("*.py")):
-        parts = f.relative_to(SRC).with_suffix("").parts
-        out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    return out
-
-
-def test_src_has_no_import_cycle():
-    """Module-level imports only (what runs at import time): a cycle makes import order matter."""
-    graph = {m: _module_level_imports(m) for m in _all_modules()}
-    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
-    stack: list[str] = []
-    cycles: list[list[str]] = []
-
-    def dfs(m: str) -> None:
-        state[m] = 1
-        stack.append(m)
-        for n in sorted(graph.get(m, ())):
-            if state.get(n) == 1:
-                cycles.append(stack[stack.index(n):] + [n])
-            elif n not in state:
-                dfs(n)
-        stack.pop()
-        state[m] = 2
-
-    for m in graph:
-        if m not in state:
-            dfs(m)
-    assert not cycles, "import cycles in src/medclf: " + "; ".join(" -> ".join(c) for c in cycles)
+# Import circles (lazy and TYPE_CHECKING imports included) and upward imports: tests/test_layout.py.
 
 
 def test_no_stage_imports_another_stage():
@@ -217,8 +165,9 @@ def test_no_stage_imports_another_stage():
     offenders = {}
     for stage in STAGES:
         mod = f"medclf.stages.{stage}"
-        others = {m for m in _imports(_module_file(mod), mod)
-                  if m.startswith("medclf.stages.") and m.split(".")[2] != stage}
+        others = {
+            m for m in _imports(_module_file(mod), mod) if m.startswith("medclf.stages.") and m.split(".")[2] != stage
+        }
         if others:
             offenders[stage] = sorted(others)
     assert not offenders, f"stage modules import other stages: {offenders}"
@@ -229,9 +178,14 @@ def test_closure_follows_lazy_and_transitive_imports():
     dispatcher), dicom (imported inside images.decode_bytes: lazy and transitive); not modeling, since
     config imports nothing from medclf (it used to, lazily)."""
     closure = import_closure("medclf.stages.ingest")
-    assert {"src/medclf/privacy.py", "src/medclf/config/__init__.py", "src/medclf/sources/folder.py",
-            "src/medclf/dicom.py", "src/medclf/__init__.py"} <= closure
-    assert "src/medclf/stages/train.py" not in closure and "src/medclf/modeling.py" not in closure
+    assert {
+        "src/medclf/imaging/privacy.py",
+        "src/medclf/config/__init__.py",
+        "src/medclf/sources/folder.py",
+        "src/medclf/imaging/dicom.py",
+        "src/medclf/__init__.py",
+    } <= closure
+    assert "src/medclf/stages/train.py" not in closure and "src/medclf/modeling/network.py" not in closure
 
 
 def test_every_declared_code_dep_exists():
@@ -249,8 +203,11 @@ def test_a_stage_reads_only_its_declared_params_and_an_undeclared_read_names_sta
     assert v.validation.min_size == s.validation.min_size  # the stage's own section (through its property)
     assert v.ingest.classes == s.ingest.classes  # one declared key of another section
     assert v.paths.ingest_dir == s.paths.ingest_dir and v.mlflow.tracking_uri == s.mlflow.tracking_uri  # exempt
-    with pytest.raises(UndeclaredParam, match=r"stage 'validate' reads params.yaml key 'ingest\.image_size'.*"
-                                              r"src/medclf/pipeline\.py.*`stages\.validate\.params` in dvc\.yaml"):
+    with pytest.raises(
+        UndeclaredParam,
+        match=r"stage 'validate' reads params.yaml key 'ingest\.image_size'.*"
+        r"src/medclf/pipeline\.py.*`stages\.validate\.params` in dvc\.yaml",
+    ):
         _ = v.ingest.image_size
     with pytest.raises(UndeclaredParam, match=r"stage 'validate' reads params.yaml key 'train'"):
         _ = v.train
@@ -273,7 +230,7 @@ def test_design_page_shows_the_declarations_as_they_are():
 
     page = (ROOT / "docs" / "DESIGN.md").read_text()
     start = page.index("<!-- pipeline.markdown() begins")
-    block = page[page.index("\n", start) + 1: page.index("<!-- pipeline.markdown() ends -->")]
+    block = page[page.index("\n", start) + 1 : page.index("<!-- pipeline.markdown() ends -->")]
     assert block == pipeline.markdown()
     for s in pipeline.PIPELINE.values():  # the one name, across the places the page promises
         for place in (f"src/medclf/stages/{s.name}.py", f"tasks/{s.name}.py", f"tests/test_{s.name}.py"):

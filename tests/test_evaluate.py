@@ -37,8 +37,9 @@ def tiny_model(image_size: int, channels: int, k: int, seed: int = 0, backbone: 
     if channels == 1:
         x = keras.layers.Concatenate(name="to_rgb")([x, x, x])
     if backbone == "mobilenet":
-        base = keras.applications.MobileNetV2(alpha=0.35, weights=None, include_top=False,
-                                              input_shape=(image_size, image_size, 3))
+        base = keras.applications.MobileNetV2(
+            alpha=0.35, weights=None, include_top=False, input_shape=(image_size, image_size, 3)
+        )
         base.name = "backbone"
     else:
         b_in = keras.Input((image_size, image_size, 3))
@@ -59,14 +60,13 @@ def train_tiny(settings, epochs: int = 5, seed: int = 0) -> Path:
     """Fit the tiny model on the train split and save `model_dir/model.keras` (the train contract)."""
     import keras
 
-    from medclf.catalog import load_split
+    from medclf.infra.catalog import load_split
 
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
     x, y = load_split(settings.paths, "train", mmap=False)
     model = tiny_model(meta["image_size"], meta["channels"], len(meta["classes"]), seed)
     # jit_compile=False: XLA compilation of MobileNetV2 costs ~a minute on 2 CPU cores
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy",
-                  jit_compile=False)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy", jit_compile=False)
     model.fit(x, y, epochs=epochs, batch_size=16, verbose=0)
     settings.paths.model_dir.mkdir(parents=True, exist_ok=True)
     path = settings.paths.model_dir / "model.keras"
@@ -74,15 +74,23 @@ def train_tiny(settings, epochs: int = 5, seed: int = 0) -> Path:
     return path
 
 
-def write_train_run(settings, tracking_uri: str | None, experiment: str = "medclf-tests",
-                    calibration: dict | None = None) -> dict:
+def write_train_run(
+    settings, tracking_uri: str | None, experiment: str = "medclf-tests", calibration: dict | None = None
+) -> dict:
     """What the train stage leaves behind: a (finished) MLflow run and train_run.json pointing to it."""
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
-    from medclf.tracking import data_version, git_commit
+    from medclf.infra.tracking import data_version, git_commit
 
-    info = {"run_id": None, "experiment_id": None, "tracking_uri": tracking_uri, "backbone": "mobilenet_v2",
-            **meta, "data_version": data_version(settings.paths.ingest_dir), "git_commit": git_commit(),
-            **({"calibration": calibration} if calibration else {})}
+    info = {
+        "run_id": None,
+        "experiment_id": None,
+        "tracking_uri": tracking_uri,
+        "backbone": "mobilenet_v2",
+        **meta,
+        "data_version": data_version(settings.paths.ingest_dir),
+        "git_commit": git_commit(),
+        **({"calibration": calibration} if calibration else {}),
+    }
     if tracking_uri:
         from mlflow import MlflowClient
 
@@ -105,9 +113,11 @@ def build_project(root: Path, tracking_uri: str | None, overrides: dict | None =
     from medclf.config import load_settings
     from medclf.stages import ingest
 
-    base = {"evaluate": {"bootstrap": 100, "gradcam_n": 2},
-            "register": {"model_name": f"medclf-test-{uuid.uuid4().hex[:8]}"},
-            "mlflow": {"tracking_uri": tracking_uri or f"http://127.0.0.1:{free_port()}"}}
+    base = {
+        "evaluate": {"bootstrap": 100, "gradcam_n": 2},
+        "register": {"model_name": f"medclf-test-{uuid.uuid4().hex[:8]}"},
+        "mlflow": {"tracking_uri": tracking_uri or f"http://127.0.0.1:{free_port()}"},
+    }
     root.mkdir(parents=True, exist_ok=True)
     settings = load_settings(write_params(root, deep_merge(base, overrides or {})))
     ingest.run(settings)
@@ -119,9 +129,9 @@ def build_project(root: Path, tracking_uri: str | None, overrides: dict | None =
 
 def calibrate_tiny(settings, path: Path) -> dict:
     """What train's `calibrate_export` does, on the tiny model: T from val only, folded into the saved file."""
-    from medclf import calibration
-    from medclf.catalog import load_split
-    from medclf.serving import load_keras
+    from medclf.evaluation import calibration
+    from medclf.infra.catalog import load_split
+    from medclf.release.serving import load_keras
 
     model = load_keras(str(path))
     xv, yv = load_split(settings.paths, "val", mmap=False)
@@ -149,8 +159,11 @@ def copy_project(settings, root: Path, dest: Path, overrides: dict | None = None
     shutil.copytree(settings.paths.model_dir, dest / "models")
     run_file = dest / "models" / "train_run.json"  # keep the real training run free of these metrics
     run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "run_id": None}))
-    paths = {"ingest_dir": str(dest / "data/ingest"), "model_dir": str(dest / "models"),
-             "reports_dir": str(dest / "reports")}
+    paths = {
+        "ingest_dir": str(dest / "data/ingest"),
+        "model_dir": str(dest / "models"),
+        "reports_dir": str(dest / "reports"),
+    }
     return with_overrides(settings, root, deep_merge({"paths": paths}, overrides or {}))
 
 
@@ -170,8 +183,9 @@ def run_evaluate(settings):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("evaluate")
-    settings = build_project(root, mlflow_server, {"evaluate": {"gates": {"min_f1": 0.0, "min_recall": 0.0}}},
-                             calibrate=True)
+    settings = build_project(
+        root, mlflow_server, {"evaluate": {"gates": {"min_f1": 0.0, "min_recall": 0.0}}}, calibrate=True
+    )
     return root, settings
 
 
@@ -185,8 +199,8 @@ def first_run(project):
 
 def _test_proba(settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model probabilities on val/test computed here, independently of the stage."""
-    from medclf.catalog import load_split
-    from medclf.serving import load_keras
+    from medclf.infra.catalog import load_split
+    from medclf.release.serving import load_keras
 
     model = load_keras(str(settings.paths.model_dir / "model.keras"))
     xv, yv = load_split(settings.paths, "val", mmap=False)
@@ -196,8 +210,8 @@ def _test_proba(settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def assert_threshold_from_validation(settings, threshold: float) -> None:
     """`threshold` is what the configured rule picks on the VALIDATION predictions (recomputed here from
-    the model file, with medclf.metrics), and not what the same rule would pick on the test split."""
-    from medclf.metrics import choose_threshold
+    the model file, with medclf.evaluation.metrics), and not what the same rule would pick on the test split."""
+    from medclf.evaluation.metrics import choose_threshold
 
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
     pos = meta["classes"].index(meta["positive_class"])
@@ -247,10 +261,14 @@ def test_stage_metrics_match_sklearn(project, first_run):
     assert doc["test"]["n"] == len(yt) and doc["val"]["n"] == len(yv)
     # the headline `dvc metrics show` reads: the same numbers at 3 decimals, no CIs, no 0.5-threshold block
     head = json.loads((settings.paths.reports_dir / "evaluate.json").read_text())
-    assert head == {"auc": round(skm.roc_auc_score(yb, pb), 3), "f1": round(skm.f1_score(yb, pb >= thr), 3),
-                    "recall": round(skm.recall_score(yb, pb >= thr), 3),
-                    "specificity": round(skm.recall_score(yb, pb >= thr, pos_label=0), 3),
-                    "threshold": thr, "failed": 0}, head
+    assert head == {
+        "auc": round(skm.roc_auc_score(yb, pb), 3),
+        "f1": round(skm.f1_score(yb, pb >= thr), 3),
+        "recall": round(skm.recall_score(yb, pb >= thr), 3),
+        "specificity": round(skm.recall_score(yb, pb >= thr, pos_label=0), 3),
+        "threshold": thr,
+        "failed": 0,
+    }, head
     # DVC plot files: one confusion record per test image agreeing with the counts
     plots = settings.paths.reports_dir / "plots"
     conf = json.loads((plots / "confusion.json").read_text())
@@ -266,18 +284,19 @@ def test_stage_metrics_match_sklearn(project, first_run):
     # calibration: the model outputs softmax(log p_raw / T) for the T train_run.json records, T is the val-NLL
     # optimum (refitting on the val raw probabilities gives it back; on test it would not), and metrics.json
     # holds test ECE/Brier of p_raw = softmax(T log p) (before) and of the model's output (after)
-    from medclf import calibration as C
+    from medclf.evaluation import calibration
 
     t = json.loads((settings.paths.model_dir / "train_run.json").read_text())["calibration"]["temperature"]
     cal_doc = doc["calibration"]
     assert cal_doc["temperature"] == t and abs(np.log(t)) > 0.05, cal_doc  # the tiny net is not calibrated
-    assert C.fit_temperature(yv, C.rescale(pv, 1 / t)) == pytest.approx(t, rel=1e-3)
-    assert abs(C.fit_temperature(yt, C.rescale(pt, 1 / t)) - t) > 1e-2
-    raw = C.rescale(pt, 1 / t)[:, pos]
+    assert calibration.fit_temperature(yv, calibration.rescale(pv, 1 / t)) == pytest.approx(t, rel=1e-3)
+    assert abs(calibration.fit_temperature(yt, calibration.rescale(pt, 1 / t)) - t) > 1e-2
+    raw = calibration.rescale(pt, 1 / t)[:, pos]
     assert cal_doc["brier_after"] == pytest.approx(m["brier"], abs=1e-9) and cal_doc["ece_after"] == pytest.approx(
-        doc["test"]["ece"], abs=1e-9)
+        doc["test"]["ece"], abs=1e-9
+    )
     assert cal_doc["brier_before"] == pytest.approx(skm.brier_score_loss(yb, raw), abs=1e-6)
-    from medclf.metrics import binary_metrics
+    from medclf.evaluation.metrics import binary_metrics
 
     assert cal_doc["ece_before"] == pytest.approx(binary_metrics(yb, raw, 0.5)["ece"], abs=1e-9)
     # the per-image CSV holds the same probabilities as the model, keyed by manifest id
@@ -320,8 +339,13 @@ def test_metrics_and_pictures_logged_to_training_run(project, first_run):
     assert run.data.metrics["decision_threshold"] == pytest.approx(doc["threshold"])
     assert run.data.tags["evaluate.gates_passed"] == "true"
     names = {a.path for a in cl.list_artifacts(run_id, "evaluate")}
-    assert {"evaluate/roc.png", "evaluate/gradcam.png", "evaluate/metrics.json", "evaluate/gates.json",
-            "evaluate/evaluate.json"} <= names
+    assert {
+        "evaluate/roc.png",
+        "evaluate/gradcam.png",
+        "evaluate/metrics.json",
+        "evaluate/gates.json",
+        "evaluate/evaluate.json",
+    } <= names
 
 
 # ----------------------------------------------------------------------------- threshold: validation only
@@ -335,19 +359,19 @@ def _synthetic_preds(seed: int, n: int = 120):
 @pytest.mark.parametrize("rule", ["target_sensitivity", "max_f1", "youden"])
 def test_threshold_ignores_test_predictions_and_follows_validation(rule):
     from medclf.config import Evaluate
-    from medclf.stages.evaluate import evaluate_predictions
+    from medclf.evaluation.report import Predictions, evaluate_predictions
 
     cfg = Evaluate(threshold_rule=rule, bootstrap=0)
     yv, pv = _synthetic_preds(1)
     yt, pt = _synthetic_preds(2)
-    base = evaluate_predictions(yv, pv, yt, pt, ["neg", "pos"], "pos", cfg)
+    base = evaluate_predictions(Predictions(yv, pv, yt, pt, ["neg", "pos"], "pos"), cfg)
     yt2, pt2 = _synthetic_preds(3)
-    perturbed_test = evaluate_predictions(yv, pv, yt2, pt2[::-1], ["neg", "pos"], "pos", cfg)
-    assert perturbed_test["threshold"] == base["threshold"]
-    assert perturbed_test["test"]["f1"]["value"] != base["test"]["f1"]["value"]  # test data did change
+    perturbed_test = evaluate_predictions(Predictions(yv, pv, yt2, pt2[::-1], ["neg", "pos"], "pos"), cfg)
+    assert perturbed_test.threshold == base.threshold
+    assert perturbed_test.test["f1"]["value"] != base.test["f1"]["value"]  # test data did change
     yv2, pv2 = _synthetic_preds(4)
-    perturbed_val = evaluate_predictions(yv2, pv2, yt, pt, ["neg", "pos"], "pos", cfg)
-    assert perturbed_val["threshold"]["threshold"] != base["threshold"]["threshold"]
+    perturbed_val = evaluate_predictions(Predictions(yv2, pv2, yt, pt, ["neg", "pos"], "pos"), cfg)
+    assert perturbed_val.threshold["threshold"] != base.threshold["threshold"]
 
 
 @pytest.mark.slow
@@ -405,8 +429,10 @@ def hard(project, first_run, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gate,metric", [("min_f1", "f1"), ("min_recall", "recall"), ("min_auc", "roc_auc"),
-                                         ("min_specificity", "specificity")])
+@pytest.mark.parametrize(
+    "gate,metric",
+    [("min_f1", "f1"), ("min_recall", "recall"), ("min_auc", "roc_auc"), ("min_specificity", "specificity")],
+)
 def test_gate_passes_at_bound_and_fails_just_above(hard, gate, metric):
     from medclf.stages import evaluate
 
@@ -435,8 +461,9 @@ def test_unreachable_server_skips_non_inferiority_with_note(project, monkeypatch
     # MLFLOW_TRACKING_URI wins over params.yaml (and mlflow.set_tracking_uri exports it): set both
     dead_uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead_uri)
-    dead = with_overrides(settings, root, {"mlflow": {"tracking_uri": dead_uri},
-                                           "evaluate": {"gradcam_n": 0, "bootstrap": 0}})
+    dead = with_overrides(
+        settings, root, {"mlflow": {"tracking_uri": dead_uri}, "evaluate": {"gradcam_n": 0, "bootstrap": 0}}
+    )
     res, _doc, gates = run_evaluate(dead)
     assert not isinstance(res, Exception), res
     assert gates["non_inferiority"]["skipped"] is True
@@ -448,13 +475,14 @@ def test_unreachable_server_skips_non_inferiority_with_note(project, monkeypatch
 # ----------------------------------------------------------------------------- pure pieces
 def test_multiclass_report_has_macro_weighted_per_class_with_ci():
     from medclf.config import Evaluate
-    from medclf.stages.evaluate import evaluate_predictions, metrics_document
+    from medclf.evaluation.report import Predictions, evaluate_predictions, metrics_document
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 150)
     logits = rng.normal(size=(150, 3)) + 2.0 * np.eye(3)[y]
     proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    rep = evaluate_predictions(y[:60], proba[:60], y[60:], proba[60:], ["a", "b", "c"], "c", Evaluate(bootstrap=50))
+    preds = Predictions(y[:60], proba[:60], y[60:], proba[60:], ["a", "b", "c"], "c")
+    rep = evaluate_predictions(preds, Evaluate(bootstrap=50))
     doc = metrics_document(rep)
     mc = doc["multiclass"]
     yt, pt = y[60:], proba[60:]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from medclf.config import settings_from_dict
-from medclf.images import decode_bytes
+from medclf.imaging.images import decode_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = min((ROOT / "data/demo/batch1/PNEUMONIA").glob("*.jpeg"))
@@ -96,8 +96,8 @@ def test_predict_and_serving_decode_apply_exif_orientation(upright_and_rotated) 
     """`medclf predict` reads the file from disk; the served pyfunc gets its bytes (base64 or raw)."""
     import base64
 
-    from medclf.predict import _decode
-    from medclf.serving import decode_one
+    from medclf.release.predict import _decode
+    from medclf.release.serving import decode_one
 
     upright, _, rotated = upright_and_rotated
     _check(_decode(rotated, MAX_PIXELS)[..., 0], upright)
@@ -111,9 +111,16 @@ def test_every_orientation_is_undone(upright_and_rotated) -> None:
     img = Image.fromarray(upright)
     T = Image.Transpose
     # how each orientation's stored pixels relate to the upright image (the inverse of what a viewer applies)
-    stored = {1: img, 2: img.transpose(T.FLIP_LEFT_RIGHT), 3: img.transpose(T.ROTATE_180),
-              4: img.transpose(T.FLIP_TOP_BOTTOM), 5: img.transpose(T.TRANSPOSE), 6: img.transpose(T.ROTATE_90),
-              7: img.transpose(T.TRANSVERSE), 8: img.transpose(T.ROTATE_270)}
+    stored = {
+        1: img,
+        2: img.transpose(T.FLIP_LEFT_RIGHT),
+        3: img.transpose(T.ROTATE_180),
+        4: img.transpose(T.FLIP_TOP_BOTTOM),
+        5: img.transpose(T.TRANSPOSE),
+        6: img.transpose(T.ROTATE_90),
+        7: img.transpose(T.TRANSVERSE),
+        8: img.transpose(T.ROTATE_270),
+    }
     for orientation, pixels in stored.items():
         got, _ = decode_bytes(_jpeg(pixels, orientation), MAX_PIXELS, kind="image")
         assert _close(got[..., 0], upright) < 3.0, f"orientation {orientation}"

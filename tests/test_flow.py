@@ -16,6 +16,7 @@ the params change, and `dvc repro` against the flow recording the same `dvc.lock
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,8 +37,15 @@ from tests.conftest import ROOT, stop_process, write_params
 
 pytestmark = pytest.mark.slow
 
-RELATIVE_PATHS = {"paths": {"ingest_dir": "data/ingest", "augment_dir": "data/augment", "model_dir": "models",
-                            "reports_dir": "reports", "cache_dir": ".cache"}}
+RELATIVE_PATHS = {
+    "paths": {
+        "ingest_dir": "data/ingest",
+        "augment_dir": "data/augment",
+        "model_dir": "models",
+        "reports_dir": "reports",
+        "cache_dir": ".cache",
+    }
+}
 TINY = {
     "augment": {"preview_n": 4},
     "train": {"head_epochs": 1, "finetune_epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
@@ -49,8 +57,15 @@ TINY_SEED = 1234  # train.seed in params.yaml
 
 
 def run_cmd(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    out = subprocess.run(list(args), check=False, cwd=cwd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})})
+    out = subprocess.run(
+        list(args),
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})},
+    )
     if out.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed in {cwd}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return out.stdout
@@ -93,8 +108,9 @@ def set_params(checkout: Path, overrides: dict[str, Any]) -> None:
 def run_flow(checkout: Path, **kw: Any):
     from flows.retrain import retrain
 
-    return retrain(project_dir=str(checkout), retry_delay_seconds=kw.pop("retry_delay_seconds", 0.2),
-                   return_state=True, **kw)
+    return retrain(
+        project_dir=str(checkout), retry_delay_seconds=kw.pop("retry_delay_seconds", 0.2), return_state=True, **kw
+    )
 
 
 def flow_artifacts(flow_run_id: Any) -> dict[str, Any]:
@@ -176,8 +192,9 @@ def mlflow_s3(tmp_path_factory, s3_server):
 
     bucket = f"medclf-mlflow-{uuid.uuid4().hex[:8]}"
     s3_client(s3_server).create_bucket(Bucket=bucket)
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow-s3"), f"s3://{bucket}/mlflow",
-                             {"MLFLOW_S3_ENDPOINT_URL": s3_server}) as uri:
+    with start_mlflow_server(
+        tmp_path_factory.mktemp("mlflow-s3"), f"s3://{bucket}/mlflow", {"MLFLOW_S3_ENDPOINT_URL": s3_server}
+    ) as uri:
         yield {"uri": uri, "bucket": bucket}
 
 
@@ -188,17 +205,30 @@ def project(tmp_path_factory, s3_server, mlflow_s3, prefect_api):
     client.create_bucket(Bucket=bucket)
     images = upload_demo(client, bucket, "raw", tmp)
     model = f"flowtest-{uuid.uuid4().hex[:8]}"
-    checkout = make_checkout(tmp / "checkout", {
-        "ingest": {"source": {"kind": "folder", "uri": f"s3://{bucket}/raw", "s3_endpoint_url": s3_server}},
-        "register": {"model_name": model}})
+    checkout = make_checkout(
+        tmp / "checkout",
+        {
+            "ingest": {"source": {"kind": "folder", "uri": f"s3://{bucket}/raw", "s3_endpoint_url": s3_server}},
+            "register": {"model_name": model},
+        },
+    )
     add_s3_remote(checkout, f"s3://{bucket}/dvcstore", s3_server)
     run_cmd(checkout, "git", "add", ".dvc/config")
     run_cmd(checkout, "git", "commit", "-qm", "S3 DVC remote")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", mlflow_s3["uri"])
         mp.delenv(GPU_ENV, raising=False)
-        yield {"checkout": checkout, "model": model, "dvc_env": {"AWS_ENDPOINT_URL_S3": s3_server}, "mlflow": mlflow_s3["uri"], "mlflow_bucket": mlflow_s3["bucket"],
-               "bucket": bucket, "client": client, "images": images, "tmp": tmp}
+        yield {
+            "checkout": checkout,
+            "model": model,
+            "dvc_env": {"AWS_ENDPOINT_URL_S3": s3_server},
+            "mlflow": mlflow_s3["uri"],
+            "mlflow_bucket": mlflow_s3["bucket"],
+            "bucket": bucket,
+            "client": client,
+            "images": images,
+            "tmp": tmp,
+        }
 
 
 def backed_up_epochs(phase_dir: Path, since: float = 0.0) -> int | None:
@@ -284,8 +314,7 @@ def test_full_flow_registers_challenger(project):
     assert state.is_completed(), state.message
     result = state.result()
     stages = {o["stage"]: o for o in result["stages"]}
-    assert [o["stage"] for o in result["stages"]] == ["ingest", "validate", "augment", "train", "evaluate",
-                                                     "register"]
+    assert [o["stage"] for o in result["stages"]] == ["ingest", "validate", "augment", "train", "evaluate", "register"]
     assert all(o["status"] == "ran" for o in stages.values()), stages
     # a challenger exists in the real registry, and the flow reports the same version
     reg = json.loads((checkout / "reports/register.json").read_text())
@@ -353,8 +382,7 @@ def test_s3_end_to_end_data_remote_and_mlflow_artifacts(project):
     assert DVC_SECRET not in (checkout / "params.yaml").read_text()
     assert DVC_SECRET in (checkout / ".dvc/config.local").read_text()
     assert run_cmd(checkout, "git", "check-ignore", ".dvc/config.local").strip()
-    grep = subprocess.run(["git", "grep", "-I", DVC_SECRET], check=False, cwd=checkout, capture_output=True,
-                          text=True)
+    grep = subprocess.run(["git", "grep", "-I", DVC_SECRET], check=False, cwd=checkout, capture_output=True, text=True)
     assert grep.returncode == 1, grep.stdout
     # pull: a fresh clone with only its own credentials gets byte-identical data and model from S3
     run_cmd(checkout, "git", "add", "dvc.lock")
@@ -371,8 +399,11 @@ def test_s3_end_to_end_data_remote_and_mlflow_artifacts(project):
 def digests(root: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_unchanged_rerun_skips_every_stage(project):
@@ -424,8 +455,14 @@ def small_project(tmp_path_factory, mlflow_server, prefect_api):
     """A checkout of tiny synthetic phantoms (no S3), run by the flow up to augment; and a pristine copy
     of it taken before that run (`template`), for a run of the same checkout by other means."""
     tmp = tmp_path_factory.mktemp("small")
-    template = make_checkout(tmp / "template", {"paths": {"raw_data": "data/raw"}, "train": SMALL_TRAIN,
-                                                "register": {"model_name": f"small-{uuid.uuid4().hex[:8]}"}})
+    template = make_checkout(
+        tmp / "template",
+        {
+            "paths": {"raw_data": "data/raw"},
+            "train": SMALL_TRAIN,
+            "register": {"model_name": f"small-{uuid.uuid4().hex[:8]}"},
+        },
+    )
     checkout = tmp / "checkout"
     shutil.copytree(template, checkout, symlinks=True)
     with pytest.MonkeyPatch.context() as mp:
@@ -433,8 +470,12 @@ def small_project(tmp_path_factory, mlflow_server, prefect_api):
         mp.delenv(GPU_ENV, raising=False)
         state = run_flow(checkout, until="augment", push=False)
         assert state.is_completed(), state.message
-        yield {"template": template, "checkout": checkout, "tmp": tmp,
-               "flow_lock": yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]}
+        yield {
+            "template": template,
+            "checkout": checkout,
+            "tmp": tmp,
+            "flow_lock": yaml.safe_load((checkout / "dvc.lock").read_text())["stages"],
+        }
 
 
 def test_killed_training_resumes_and_a_params_change_discards_the_backup(small_project):
@@ -451,15 +492,17 @@ def test_killed_training_resumes_and_a_params_change_discards_the_backup(small_p
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     # 1. killed by hand, mid-training, leaving a backup of the seed-1234 configuration
     with open(small_project["tmp"] / "train-by-hand.log", "w") as log, TrainKiller(backup, since=0.0) as first:
-        proc = subprocess.Popen([str(BIN / "medclf"), "train"], cwd=checkout, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(BIN / "medclf"), "train"], cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             rc = proc.wait(600)
         finally:
             stop_process(proc)
     assert rc == -signal.SIGKILL and first.killed_pid == proc.pid, (
         f"`medclf train` was not killed after a backed-up epoch (rc {rc}; no BackupAndRestore backup in {backup}?):\n"
-        + (small_project["tmp"] / "train-by-hand.log").read_text()[-3000:])
+        + (small_project["tmp"] / "train-by-hand.log").read_text()[-3000:]
+    )
     assert first.epochs is not None and 1 <= first.epochs < RESUME_EPOCHS, first.epochs
     assert first.state["attempt"] == 1 and first.state["run_id"], first.state
     assert not (checkout / "models/model.keras").exists()
@@ -479,7 +522,8 @@ def test_killed_training_resumes_and_a_params_change_discards_the_backup(small_p
     assert second.state["attempt"] == 1, f"the backup of another configuration was resumed: {second.state}"
     assert second.state["run_id"] != first.state["run_id"], second.state
     assert [(r["epoch"], r["attempt"]) for r in second.history] == [(e, 1) for e in range(second.epochs)], (
-        second.history)
+        second.history
+    )
     # 3. the retry resumed from the last backed-up epoch; no finished epoch was trained again
     (train,) = [o for o in state.result()["stages"] if o["stage"] == "train"]
     res = train["result"] or {}
@@ -547,14 +591,22 @@ def deploy_all() -> dict[str, Any]:
 
     template = json.loads((ROOT / "deploy/k8s/gpu-job-template.json").read_text())
     with get_client(sync_client=True) as client:
-        for pool in (WorkPoolCreate(name="medclf-cpu", type="process"),
-                     WorkPoolCreate(name="medclf-gpu", type="kubernetes", base_job_template=template)):
-            try:
+        for pool in (
+            WorkPoolCreate(name="medclf-cpu", type="process"),
+            WorkPoolCreate(name="medclf-gpu", type="kubernetes", base_job_template=template),
+        ):
+            with contextlib.suppress(ObjectAlreadyExists):
                 client.create_work_pool(pool)
-            except ObjectAlreadyExists:
-                pass
-    run_cmd(ROOT, sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-            env={"PREFECT_API_URL": PREFECT_API_URL.value()})
+    run_cmd(
+        ROOT,
+        sys.executable,
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "--all",
+        env={"PREFECT_API_URL": PREFECT_API_URL.value()},
+    )
     with get_client(sync_client=True) as client:
         return {name: client.read_deployment_by_name(name) for name in ("medclf-retrain/weekly", "medclf-train/gpu")}
 
@@ -604,8 +656,7 @@ def test_gpu_dispatch_without_a_worker_fails_clearly(project, monkeypatch):
     runs = task_runs(state.state_details.flow_run_id)
     assert runs["train-on-gpu"].run_count == 1  # not retried: a missing worker is not transient
     with get_client(sync_client=True) as client:
-        remote = client.read_flow_runs(deployment_filter=DeploymentFilter(
-            name=DeploymentFilterName(any_=["gpu"])))
+        remote = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["gpu"])))
     assert remote and remote[-1].state.is_cancelled()
     assert remote[-1].parameters["params_yaml"].count("seed: 99") == 1
 
@@ -627,7 +678,7 @@ def test_stage_failure_classification():
     s3 = failed_stage("ingest", _s3_throttled())
     assert s3.transient and s3.error_type == "SourceError" and s3.exit_code == 75
     # DVC refused before the stage command ran (no result file of this run): deterministic
-    missing = "ERROR: failed to reproduce 'augment': dependency 'src/medclf/augmentation.py' does not exist"
+    missing = "ERROR: failed to reproduce 'augment': dependency 'src/medclf/imaging/augmentation.py' does not exist"
     refused = StageFailed.from_run("augment", None, [missing])
     assert not refused.transient and refused.error_type == "DvcError" and missing in refused.error
 
@@ -636,10 +687,13 @@ def test_status_reasons_and_summary_wording():
     from flows.summary import NO_CHANGE, headline, metric_rows
     from tasks.common import describe_status
 
-    entries = [{"changed deps": {"src/medclf/stages/train.py": "modified", "params.yaml": {"train": "modified"}}},
-               {"changed outs": {"models": "deleted"}}]
-    assert describe_status(entries) == ("deps modified: src/medclf/stages/train.py; params modified: train; "
-                                        "outs deleted: models")
+    entries = [
+        {"changed deps": {"src/medclf/stages/train.py": "modified", "params.yaml": {"train": "modified"}}},
+        {"changed outs": {"models": "deleted"}},
+    ]
+    assert describe_status(entries) == (
+        "deps modified: src/medclf/stages/train.py; params modified: train; outs deleted: models"
+    )
     skipped = [{"stage": s, "status": "skipped"} for s in ("ingest", "train")]
     assert headline(skipped, {"version": 3}) == NO_CHANGE == "no change, nothing retrained"
     rows = metric_rows({"threshold": 0.4, "test": {"f1": 0.8, "f1_ci_low": 0.7, "f1_ci_high": 0.9, "tp": 3}})
@@ -654,9 +708,13 @@ def test_servers_script_starts_and_stops_mlflow_and_prefect(tmp_path):
     from tests.conftest import free_port
 
     mlflow_port, prefect_port = free_port(), free_port()
-    env = {"MLFLOW_PORT": str(mlflow_port), "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"),
-           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "PREFECT_PORT": str(prefect_port),
-           "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {
+        "MLFLOW_PORT": str(mlflow_port),
+        "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"),
+        "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
+        "PREFECT_PORT": str(prefect_port),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
     script = str(ROOT / "deploy/servers.sh")
     api = f"http://127.0.0.1:{prefect_port}/api"
 
@@ -676,8 +734,9 @@ def test_servers_script_starts_and_stops_mlflow_and_prefect(tmp_path):
         assert "Prefect: up" in run_cmd(ROOT, "bash", script, "status", env=env)
         assert "already running" in run_cmd(ROOT, "bash", script, "start", env=env)
     finally:
-        subprocess.run(["bash", script, "stop"], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
-                       timeout=60, check=False)
+        subprocess.run(
+            ["bash", script, "stop"], cwd=ROOT, env={**os.environ, **env}, capture_output=True, timeout=60, check=False
+        )
     deadline = time.time() + 30
     while time.time() < deadline and (healthy(f"{api}/health") or healthy(f"http://127.0.0.1:{mlflow_port}/health")):
         time.sleep(0.5)
@@ -696,9 +755,26 @@ def test_flow_serve_with_cron_registers_schedule_and_runs(tmp_path, prefect_api)
     name = f"served-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with open(tmp_path / "serve.log", "w") as log:
-        served = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--cron", "15 2 * * *",
-                                   "--name", name, "--project-dir", str(checkout), "--no-push"],
-                                  cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        served = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.retrain",
+                "--serve",
+                "--cron",
+                "15 2 * * *",
+                "--name",
+                name,
+                "--project-dir",
+                str(checkout),
+                "--no-push",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deployment = None
         deadline = time.time() + 120

@@ -1,4 +1,4 @@
-"""Grad-CAM (medclf.gradcam): correct by its definition, and useful on a model that really learned a lesion.
+"""Grad-CAM (medclf.modeling.gradcam): correct by its definition, and useful on a model that really learned a lesion.
 
 The model in `test_true_positive_heatmaps_fall_on_the_planted_lesion` is trained here with real Keras
 training to see a bright blob at a random place in noise. Its last feature map is 4x4, like MobileNetV2's
@@ -24,7 +24,7 @@ def _lesion_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     boxes = np.zeros((n, 2), int)
     for i in np.flatnonzero(y):
         r, c = rng.integers(2, SIZE - LESION - 2, 2)
-        x[i, r:r + LESION, c:c + LESION] = np.clip(rng.normal(210, 15, (LESION, LESION, 1)), 0, 255)
+        x[i, r : r + LESION, c : c + LESION] = np.clip(rng.normal(210, 15, (LESION, LESION, 1)), 0, 255)
         boxes[i] = r, c
     return x.astype(np.uint8), y, boxes
 
@@ -54,11 +54,15 @@ def _localisation(heat: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.n
     up = heat.astype(np.float64).repeat(k, 1).repeat(k, 2)
     total = up.reshape(n, -1).sum(1)
     peak_to_mean = np.divide(up.reshape(n, -1).max(1), total / SIZE**2, out=np.zeros(n), where=total > 0)
-    inside = np.array([up[i, r:r + LESION, c:c + LESION].sum() for i, (r, c) in enumerate(boxes)])
+    inside = np.array([up[i, r : r + LESION, c : c + LESION].sum() for i, (r, c) in enumerate(boxes)])
     enrichment = np.divide(inside, total, out=np.zeros(n), where=total > 0) / (LESION**2 / SIZE**2)
     hot = [np.unravel_index(h.argmax(), h.shape) for h in heat]
-    on_box = np.array([a * k < r + LESION and (a + 1) * k > r and b * k < c + LESION and (b + 1) * k > c
-                       for (a, b), (r, c) in zip(hot, boxes)])
+    on_box = np.array(
+        [
+            a * k < r + LESION and (a + 1) * k > r and b * k < c + LESION and (b + 1) * k > c
+            for (a, b), (r, c) in zip(hot, boxes, strict=True)
+        ]
+    )
     return peak_to_mean, enrichment, on_box
 
 
@@ -72,8 +76,8 @@ def test_true_positive_heatmaps_fall_on_the_planted_lesion():
     softmax."""
     import keras
 
-    from medclf.calibration import fold_into_classifier
-    from medclf.gradcam import gradcam, split_model
+    from medclf.evaluation.calibration import fold_into_classifier
+    from medclf.modeling.gradcam import gradcam, split_model
 
     model = _small_net()
     x, y, _ = _lesion_data(192, seed=0)
@@ -89,8 +93,11 @@ def test_true_positive_heatmaps_fall_on_the_planted_lesion():
     assert heat.shape == (len(tp), 8, 8)
     peak_to_mean, enrichment, on_box = _localisation(heat, boxes[tp])
     good = (peak_to_mean >= 4) & (enrichment >= 8) & on_box
-    assert good.mean() >= 0.8, {"peak/mean": np.round(peak_to_mean, 1), "enrichment": np.round(enrichment, 1),
-                                "on box": on_box}
+    assert good.mean() >= 0.8, {
+        "peak/mean": np.round(peak_to_mean, 1),
+        "enrichment": np.round(enrichment, 1),
+        "on box": on_box,
+    }
 
     fold_into_classifier(model, 0.01)  # logits x 100: p(negative) underflows to 0.0 for every true positive
     assert (model.predict(xt[tp], verbose=0)[:, 0] == 0).mean() > 0.5
@@ -103,7 +110,7 @@ def test_gradcam_highlights_the_region_that_drives_the_score():
     Its backbone has no layer of 7x7 or more besides its input, so Grad-CAM falls back to its 4x4 output."""
     import keras
 
-    from medclf.gradcam import gradcam, overlay
+    from medclf.modeling.gradcam import gradcam, overlay
 
     inp = keras.Input((16, 16, 1), dtype="uint8")
     x = keras.layers.Rescaling(1 / 255.0)(inp)
@@ -133,7 +140,7 @@ def test_gradcam_highlights_the_region_that_drives_the_score():
 
 def _reference_gradcam(model, x: np.ndarray, class_index: int, layer: str) -> np.ndarray:
     """Grad-CAM by its definition (Selvaraju et al.), written out here with tf.GradientTape on the model's own
-    layers, not with medclf.gradcam: A = the backbone layer's output, recorded on the tape during one forward
+    layers, not with medclf.modeling.gradcam: A = the backbone layer's output, recorded on the tape during one forward
     pass of the whole backbone; score = log(p_c / (1 - p_c)) from the model's own softmax output (float64);
     w_k = mean_ij d score / d A_ijk; cam = ReLU(sum_k w_k A_k), divided by its maximum per image."""
     import keras
@@ -153,17 +160,20 @@ def _reference_gradcam(model, x: np.ndarray, class_index: int, layer: str) -> np
     return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)  # ReLU of an all-negative sum is 0
 
 
-@pytest.mark.parametrize(("backbone", "size", "layer", "side"), [
-    ("mobilenet", 128, "block_13_expand_relu", 8),  # the train stage's MobileNetV2: its last map would be 4x4
-    ("mobilenet_v3_small", 64, "activation_1", 8),  # hard-swish is a raw op (x * relu6(x + 3) / 6), not a layer
-])
+@pytest.mark.parametrize(
+    ("backbone", "size", "layer", "side"),
+    [
+        ("mobilenet", 128, "block_13_expand_relu", 8),  # the train stage's MobileNetV2: its last map would be 4x4
+        ("mobilenet_v3_small", 64, "activation_1", 8),  # hard-swish is a raw op (x * relu6(x + 3) / 6), not a layer
+    ],
+)
 def test_gradcam_on_nested_keras_applications_backbone(backbone: str, size: int, layer: str, side: int):
     """The split works for real nested keras.applications backbones: `proba(features(x))` is the model's
     output; the map is the deepest layer of at least 7x7 through which every path runs; the heatmaps equal
     Grad-CAM computed by its definition, each scaled so that its peak is exactly 1, and vary over the image."""
     import keras
 
-    from medclf.gradcam import gradcam, split_model
+    from medclf.modeling.gradcam import gradcam, split_model
 
     if backbone == "mobilenet":
         model = tiny_model(size, 1, 2, backbone="mobilenet")
@@ -172,8 +182,9 @@ def test_gradcam_on_nested_keras_applications_backbone(backbone: str, size: int,
         inp = keras.Input((size, size, 1), dtype="uint8")
         h = keras.layers.Rescaling(1.0, name="rescale")(inp)
         h = keras.layers.Concatenate(name="to_rgb")([h, h, h])
-        base = keras.applications.MobileNetV3Small(input_shape=(size, size, 3), alpha=0.75, weights=None,
-                                                   include_top=False, include_preprocessing=True)
+        base = keras.applications.MobileNetV3Small(
+            input_shape=(size, size, 3), alpha=0.75, weights=None, include_top=False, include_preprocessing=True
+        )
         base.name = "backbone"
         h = keras.layers.Dropout(0.2, name="dropout")(keras.layers.GlobalAveragePooling2D(name="pool")(base(h)))
         model = keras.Model(inp, keras.layers.Dense(2, activation="softmax", name="classifier")(h))

@@ -16,10 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medclf.serving import MAX_PIXELS, ServingConfig, prepare
+from medclf.release.serving import MAX_PIXELS, ServingConfig, prepare
 
-CFG = ServingConfig(classes=["normal", "opacity"], positive_class="opacity", threshold=0.5, image_size=32,
-                    channels=1)
+CFG = ServingConfig(classes=["normal", "opacity"], positive_class="opacity", threshold=0.5, image_size=32, channels=1)
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +27,26 @@ def pyfunc_dir(tmp_path_factory) -> Path:
     import keras
     import mlflow.pyfunc
 
-    from medclf.serving import KERAS_ARTIFACT, MedclfModel, signature
+    from medclf.release.serving import KERAS_ARTIFACT, MedclfModel, signature
 
     tmp = tmp_path_factory.mktemp("pyfunc")
     inp = keras.Input((32, 32, 1))
     x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inp))
-    out = keras.layers.Dense(2, activation="softmax", kernel_initializer="zeros",
-                             bias_initializer=keras.initializers.Constant(np.log([0.69, 0.31])))(x)
+    out = keras.layers.Dense(
+        2,
+        activation="softmax",
+        kernel_initializer="zeros",
+        bias_initializer=keras.initializers.Constant(np.log([0.69, 0.31])),
+    )(x)
     keras.Model(inp, out).save(tmp / "model.keras")
     path = tmp / "pyfunc"
-    mlflow.pyfunc.save_model(str(path), python_model=MedclfModel(),
-                             artifacts={KERAS_ARTIFACT: str(tmp / "model.keras")}, model_config=CFG.to_dict(),
-                             signature=signature(CFG.classes))
+    mlflow.pyfunc.save_model(
+        str(path),
+        python_model=MedclfModel(),
+        artifacts={KERAS_ARTIFACT: str(tmp / "model.keras")},
+        model_config=CFG.to_dict(),
+        signature=signature(CFG.classes),
+    )
     return path
 
 
@@ -58,7 +65,7 @@ def dicom(h: int, w: int) -> bytes:
 
 @pytest.fixture
 def run_predict(tmp_path, make_settings, pyfunc_dir):
-    from medclf.predict import predict_paths
+    from medclf.release.predict import predict_paths
 
     def run(files: dict[str, bytes], **ingest) -> pd.DataFrame:
         folder = tmp_path / "in"
@@ -98,8 +105,9 @@ def test_served_model_carries_its_pixel_limit():
 # ----------------------------------------------------------------------------- rows 6 and 7: size and shape
 def test_predict_refuses_tiny_and_sliver_images_per_file(run_predict, tmp_path):
     """Row 6: a 1×1 image was labelled at p = 0.31; row 7: a 4000×40 sliver was accepted."""
-    out = run_predict({"dot.png": png(1, 1), "sliver.png": png(40, 4000), "fine.png": png(64, 48),
-                       "dot.dcm": dicom(4, 4)})
+    out = run_predict(
+        {"dot.png": png(1, 1), "sliver.png": png(40, 4000), "fine.png": png(64, 48), "dot.dcm": dicom(4, 4)}
+    )
     dot, sliver = out.loc[str(tmp_path / "in/dot.png")], out.loc[str(tmp_path / "in/sliver.png")]
     assert "1x1" in dot["error"] and "smaller than" in dot["error"] and "16" in dot["error"], dot["error"]
     assert dot["label"] == "" and dot["p_opacity"] == ""
@@ -114,9 +122,11 @@ def test_served_pyfunc_refuses_tiny_and_sliver_images_naming_the_row(pyfunc_dir)
 
     model = mlflow.pyfunc.load_model(str(pyfunc_dir))
     ok = base64.b64encode(png(64, 64)).decode()
-    for bad, reason in ((base64.b64encode(png(1, 1)).decode(), "smaller than"),
-                        (np.zeros((40, 4000), np.uint8).tolist(), "aspect ratio"),
-                        (np.zeros((4000, 40), np.uint8), "aspect ratio")):
+    for bad, reason in (
+        (base64.b64encode(png(1, 1)).decode(), "smaller than"),
+        (np.zeros((40, 4000), np.uint8).tolist(), "aspect ratio"),
+        (np.zeros((4000, 40), np.uint8), "aspect ratio"),
+    ):
         with pytest.raises(MlflowException, match=f"input row 1: .*{reason}") as err:
             model.predict(pd.DataFrame({"image": [ok, bad]}))
         assert err.value.get_http_status_code() == 400
@@ -139,9 +149,10 @@ def test_size_and_aspect_bounds_are_configurable_and_old_models_get_the_defaults
 def test_one_decode_dispatcher_for_ingest_predict_and_serving(tmp_path):
     """images.decode_bytes decides DICOM vs raster once for all three callers: by the source's kind (ingest),
     else by the file name (predict) or the 'DICM' marker (serving); the same bytes give the same pixels."""
-    from medclf.images import DecodeError, decode_bytes
-    from medclf.predict import _decode
-    from medclf.serving import decode_one
+    from medclf.imaging.images import decode_bytes
+    from medclf.imaging.pixels import DecodeError
+    from medclf.release.predict import _decode
+    from medclf.release.serving import decode_one
     from tests.test_dicom import make_dicom
 
     pixels = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48)

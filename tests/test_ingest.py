@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medclf.catalog import load_split
+from medclf.infra.catalog import load_split
 from medclf.pipeline import invoke
 from medclf.sources.base import SourceError
 from medclf.stages.ingest import IngestError
@@ -101,7 +101,7 @@ def test_folder_source_modes_are_converted_deliberately(tmp_path, make_settings)
     out = invoke("ingest", s)
     assert out["quarantined"] == 0 and out["images"] == 30
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
-    from medclf.privacy import hash_patient
+    from medclf.imaging.privacy import hash_patient
 
     row = m[m.patient_hash == hash_patient("IM-0900")].iloc[0]
     x, _ = load_split(s.paths, row.split)
@@ -170,9 +170,16 @@ def test_unknown_and_missing_labels_from_manifest(tmp_path, make_settings):
     for i, row in enumerate(rows):
         row["sex"] = "FM"[i % 3 % 2]  # a declared subgroup (ingest.subgroups) travels into ingest's manifest
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
-    s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
-                                  "classes": ["benign", "malignant"], "max_quarantine_fraction": 0.5,
-                                  "subgroups": ["sex"]}})
+    s = make_settings(
+        {
+            "ingest": {
+                "source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
+                "classes": ["benign", "malignant"],
+                "max_quarantine_fraction": 0.5,
+                "subgroups": ["sex"],
+            }
+        }
+    )
     invoke("ingest", s)
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
     by_file = dict(zip(m.source_uri.str.extract(r"img/(\d+)\.png")[0].astype(int), m.subgroup_sex, strict=True))
@@ -242,9 +249,18 @@ def test_medmnist_npz_labels_n_and_n1(tmp_path, make_settings):
     np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
     # image_size 28 = the file's size: ingest stores the pixels unchanged, so each stored row can be matched
     # to its .npz image exactly, independently of the manifest's bookkeeping
-    s = make_settings({"ingest": {"image_size": 28,
-                                  "source": {"kind": "medmnist", "uri": str(tmp_path / "pneumoniamnist.npz"),
-                                             "medmnist_flag": "pneumoniamnist"}}})
+    s = make_settings(
+        {
+            "ingest": {
+                "image_size": 28,
+                "source": {
+                    "kind": "medmnist",
+                    "uri": str(tmp_path / "pneumoniamnist.npz"),
+                    "medmnist_flag": "pneumoniamnist",
+                },
+            }
+        }
+    )
     out = invoke("ingest", s)
     assert out["splits"] == {"train": 30, "val": 6, "test": 8}
     assert out["classes"] == ["normal", "pneumonia"]
@@ -308,8 +324,9 @@ def test_dicom_via_manifest(tmp_path, make_settings):
     (raw / "bad.dcm").write_bytes(b"DICM?" * 10)
     rows.append({"path": "bad.dcm", "label": "a", "patient_id": "MRN99"})
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
-    s = make_settings({"ingest": {"source": {"kind": "dicom", "manifest": str(raw / "labels.csv")},
-                                  "max_quarantine_fraction": 0.2}})
+    s = make_settings(
+        {"ingest": {"source": {"kind": "dicom", "manifest": str(raw / "labels.csv")}, "max_quarantine_fraction": 0.2}}
+    )
     out = invoke("ingest", s)
     assert out["images"] == 10 and out["patients"] == 5
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
@@ -330,8 +347,14 @@ def test_patient_ids_never_reach_outputs_in_clear(tmp_path, make_settings):
 def test_real_chest_xray_splits_are_patient_disjoint(tmp_path, make_settings):
     if not CHEST_XRAY.exists():
         pytest.skip(f"{CHEST_XRAY} is absent (../shared not beside the checkout)")
-    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(CHEST_XRAY),
-                                             "patient_id_regex": KERMANY_REGEX}, "image_size": 32}})
+    s = make_settings(
+        {
+            "ingest": {
+                "source": {"kind": "folder", "uri": str(CHEST_XRAY), "patient_id_regex": KERMANY_REGEX},
+                "image_size": 32,
+            }
+        }
+    )
     out = invoke("ingest", s)
     assert out["images"] + out["quarantined"] == 5216
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
@@ -348,7 +371,7 @@ def test_real_chest_xray_splits_are_patient_disjoint(tmp_path, make_settings):
 
 def test_salt_is_created_once_even_with_parallel_decode_workers(tmp_path, make_settings, monkeypatch):
     """A fresh checkout has no salt: forked decode workers must not race to create it."""
-    from medclf import privacy
+    from medclf.imaging import privacy
 
     monkeypatch.delenv("MEDCLF_PATIENT_SALT", raising=False)
     monkeypatch.setenv("MEDCLF_PATIENT_SALT_FILE", str(tmp_path / "secrets/patient_salt"))
@@ -360,7 +383,6 @@ def test_salt_is_created_once_even_with_parallel_decode_workers(tmp_path, make_s
         privacy._salt.cache_clear()
     assert out["images"] == 300
     assert len((tmp_path / "secrets/patient_salt").read_text()) == 64
-
 
 
 def test_exact_duplicates_stay_in_one_split(tmp_path, make_settings):
@@ -409,8 +431,9 @@ def test_missing_manifest_file_names_the_manifest_line_and_path(tmp_path, make_s
     rows = _manifest_images(raw)
     rows[3]["path"] = "img/gone_P3.png"  # data line 4 = file line 5 (line 1 is the header)
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
-    s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")},
-                                  "max_quarantine_fraction": 0.5}})
+    s = make_settings(
+        {"ingest": {"source": {"kind": "manifest", "uri": str(raw / "labels.csv")}, "max_quarantine_fraction": 0.5}}
+    )
     invoke("ingest", s)
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
     reason = q[q.uri.str.contains("img/gone_")].reason.iloc[0]
@@ -434,7 +457,7 @@ def test_png_renamed_dcm_in_a_dicom_manifest_is_not_a_dicom_file(tmp_path, make_
 
 def test_failed_run_on_a_missing_source_creates_no_salt(tmp_path, make_settings, monkeypatch):
     """Row 11: a run that fails on a nonexistent source used to leave a new secrets/patient_salt behind."""
-    from medclf import privacy
+    from medclf.imaging import privacy
 
     monkeypatch.delenv("MEDCLF_PATIENT_SALT", raising=False)
     monkeypatch.delenv("MEDCLF_PATIENT_SALT_FILE", raising=False)
@@ -466,7 +489,8 @@ def _png_header_only(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("width, height", [(10_000, 9_000), (20_000, 10_000)])  # 1.1× and 2.5× the limit
 def test_decompression_bomb_message_quotes_the_configured_limit(width, height):
     """Row 17: past twice the limit the reason quoted Pillow's 160,000,000, not max_image_pixels=80,000,000."""
-    from medclf.images import DecodeError, decode_image
+    from medclf.imaging.images import decode_image
+    from medclf.imaging.pixels import DecodeError
 
     with pytest.raises(DecodeError) as err:
         decode_image(_png_header_only(width, height), 80_000_000)
@@ -483,8 +507,7 @@ def test_jpeg_original_size_is_the_files_not_the_draft_decode(tmp_path, make_set
         for i in range(4):
             rgb = np.dstack([_texture(10 * c + i, size=200)] * 3)
             (root / cls / f"IM-{c}{i:03d}-1.jpg").write_bytes(_png(rgb, fmt="JPEG"))
-            (root / cls / f"IM-{c}{i:03d}-2.jpg").write_bytes(_png(_texture(10 * c + i, size=200)[:, :150],
-                                                                   fmt="JPEG"))
+            (root / cls / f"IM-{c}{i:03d}-2.jpg").write_bytes(_png(_texture(10 * c + i, size=200)[:, :150], fmt="JPEG"))
     s = folder_settings(make_settings, root)
     assert s.ingest.image_size * 2 <= 100  # small enough that libjpeg decodes at a reduced scale
     invoke("ingest", s)
@@ -511,8 +534,14 @@ def test_a_split_that_comes_out_empty_is_an_error_naming_the_counts(tmp_path, ma
         files = sorted((Path(__file__).parents[1] / "data/demo/batch1" / cls).glob("pt*_1.jpeg"))[:2]
         for f in files:  # two patients, one image each
             shutil.copy(f, root / cls / f.name)
-    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root), "patient_id_regex": DEMO_REGEX},
-                                  "splits": {"val_fraction": 0.15, "test_fraction": 0.2}}})
+    s = make_settings(
+        {
+            "ingest": {
+                "source": {"kind": "folder", "uri": str(root), "patient_id_regex": DEMO_REGEX},
+                "splits": {"val_fraction": 0.15, "test_fraction": 0.2},
+            }
+        }
+    )
     with pytest.raises(IngestError) as err:
         invoke("ingest", s)
     msg = str(err.value)

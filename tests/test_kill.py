@@ -47,37 +47,58 @@ def _env() -> dict[str, str]:
 
 
 def _ingest(params: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MEDCLF, "--params", str(params), "ingest"], capture_output=True, text=True,
-                          env=_env(), check=check, timeout=300)
+    return subprocess.run(
+        [MEDCLF, "--params", str(params), "ingest"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=check,
+        timeout=300,
+    )
 
 
 def _killed_at(params: Path, tmp: Path, patch: str) -> None:
     """Run ingest in a child that SIGKILLs itself where `patch` says (a deterministic point of a real kill)."""
     script = tmp / "killer.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, signal, sys
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
-        """) + textwrap.dedent(patch) + textwrap.dedent(f"""
+        """)
+        + textwrap.dedent(patch)
+        + textwrap.dedent(f"""
         from medclf.cli import main
         sys.exit(main(["--params", {str(params)!r}, "ingest"]))
-        """))
-    proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, env=_env(),
-                          timeout=300)
+        """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, env=_env(), timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
 
 def _debris(tmp: Path) -> list[str]:
-    return sorted(p.name for d in (tmp / "data", tmp / "reports") if d.exists() for p in d.iterdir()
-                  if p.name.endswith((".staging", ".old")) or ".commit" in p.name)
+    return sorted(
+        p.name
+        for d in (tmp / "data", tmp / "reports")
+        if d.exists()
+        for p in d.iterdir()
+        if p.name.endswith((".staging", ".old")) or ".commit" in p.name
+    )
 
 
 def test_sigkill_of_ingest_takes_its_decode_workers_with_it(tmp_path):
     """Row 12: after a SIGKILL of ingest, its pool workers used to stay alive (orphaned) for minutes."""
     root = _folder(tmp_path / "raw")
     os.mkfifo(root / "NORMAL" / "IM-0000-0a.png")  # a worker blocks reading it: the pool is alive at the kill
-    proc = subprocess.Popen([MEDCLF, "--params", str(_params(tmp_path, root)), "ingest"], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [MEDCLF, "--params", str(_params(tmp_path, root)), "ingest"],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     children: list[psutil.Process] = []
     try:
         parent = psutil.Process(proc.pid)
@@ -108,10 +129,14 @@ def test_kill_while_writing_data_keeps_reports_of_the_good_run_and_next_start_cl
     good = json.loads((tmp_path / "reports/ingest/summary.json").read_text())
     data_before = {p.name: p.read_bytes() for p in (tmp_path / "data/ingest").iterdir()}
     # killed while the new dataset is being written (its staging dirs exist)
-    _killed_at(params, tmp_path, """
+    _killed_at(
+        params,
+        tmp_path,
+        """
         import numpy as np
         np.save = lambda *a, **k: die()
-        """)
+        """,
+    )
     assert {p.name: p.read_bytes() for p in (tmp_path / "data/ingest").iterdir()} == data_before
     assert json.loads((tmp_path / "reports/ingest/summary.json").read_text()) == good
     assert (tmp_path / "reports/ingest/quarantine.csv").exists()
@@ -125,13 +150,16 @@ def test_kill_while_writing_data_keeps_reports_of_the_good_run_and_next_start_cl
 
 def test_kill_between_the_data_and_the_reports_swap_is_rolled_forward(tmp_path):
     """Rows 13/14: data and reports are committed together; a kill between the two renames is completed."""
-    from medclf.io import recover_dir
+    from medclf.infra.io import recover_dir
 
     root = _folder(tmp_path / "raw")
     params = _params(tmp_path, root)
     _ingest(params)
     (root / "NORMAL" / "IM-0999-1.png").write_bytes(_png(_texture(999, size=24)))
-    _killed_at(params, tmp_path, """
+    _killed_at(
+        params,
+        tmp_path,
+        """
         import os
         _replace, _n = os.replace, [0]
         def replace(src, dst):
@@ -141,7 +169,8 @@ def test_kill_between_the_data_and_the_reports_swap_is_rolled_forward(tmp_path):
                 if _n[0] == 1:
                     die()
         os.replace = replace
-        """)
+        """,
+    )
     recover_dir(tmp_path / "data/ingest")
     recover_dir(tmp_path / "reports/ingest")
     assert _debris(tmp_path) == []
@@ -178,12 +207,13 @@ def test_failed_ingest_after_a_good_one_keeps_reports_consistent_with_data(tmp_p
 
 def test_stale_staging_of_a_live_process_is_kept(tmp_path):
     """Cleanup removes only staging dirs whose owning process is gone (or an earlier life of this pid)."""
-    from medclf.io import clean_stale_staging
+    from medclf.infra.io import clean_stale_staging
 
     final = tmp_path / "ingest"
     live = tmp_path / f".ingest.{os.getppid()}.abcd1234.staging"  # our parent: alive
-    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+    dead_pid = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     dead = tmp_path / f".ingest.{dead_pid}.abcd1234.staging"
     other = tmp_path / f".ingest_v2.{dead_pid}.abcd1234.staging"  # another target's
     for d in (live, dead, other):

@@ -23,7 +23,7 @@ DEMO_REGEX = r"^(pt[0-9a-f]{10})_"
 
 
 def _demo(cls: str, n: int, skip: int = 0) -> list[Path]:
-    files = sorted((DEMO / cls).glob("*.jpeg"))[skip:skip + n]
+    files = sorted((DEMO / cls).glob("*.jpeg"))[skip : skip + n]
     assert len(files) == n, f"data/demo/batch1/{cls} has fewer than {skip + n} images"
     return files
 
@@ -65,8 +65,9 @@ def test_case_variants_with_classes_null_are_an_error_naming_both_spellings_and_
 
 def test_label_aliases_fold_the_variants_into_one_class(tmp_path, make_settings):
     csv = _manifest(tmp_path / "raw", VARIANTS + [("NORMAL", "healthy")])
-    s, out = _ingest_manifest(make_settings, csv, label_aliases={"pneumonia": "PNEUMONIA", "Normal": "NORMAL",
-                                                                 " HEALTHY ": "NORMAL"})
+    s, out = _ingest_manifest(
+        make_settings, csv, label_aliases={"pneumonia": "PNEUMONIA", "Normal": "NORMAL", " HEALTHY ": "NORMAL"}
+    )
     assert out["classes"] == ["NORMAL", "PNEUMONIA"] and out["images"] == 19 and out["quarantined"] == 0
     classes = json.loads((s.paths.ingest_dir / "classes.json").read_text())
     assert classes["classes"] == ["NORMAL", "PNEUMONIA"] and classes["positive_class"] == "PNEUMONIA"
@@ -74,10 +75,14 @@ def test_label_aliases_fold_the_variants_into_one_class(tmp_path, make_settings)
     assert m.label.value_counts().to_dict() == {"NORMAL": 10, "PNEUMONIA": 9}
 
 
-def test_with_classes_given_a_label_matching_a_class_after_trim_and_case_folding_maps_to_it(tmp_path,
-                                                                                             make_settings):
-    csv = _manifest(tmp_path / "raw", [("PNEUMONIA", "pneumonia")] * 5 + [("PNEUMONIA", " Pneumonia")] * 3
-                    + [("NORMAL", "NORMAL ")] * 4 + [("NORMAL", "normal")] * 4)
+def test_with_classes_given_a_label_matching_a_class_after_trim_and_case_folding_maps_to_it(tmp_path, make_settings):
+    csv = _manifest(
+        tmp_path / "raw",
+        [("PNEUMONIA", "pneumonia")] * 5
+        + [("PNEUMONIA", " Pneumonia")] * 3
+        + [("NORMAL", "NORMAL ")] * 4
+        + [("NORMAL", "normal")] * 4,
+    )
     s, out = _ingest_manifest(make_settings, csv, classes=["NORMAL", "PNEUMONIA"])
     assert out["images"] == 16 and out["quarantined"] == 0
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
@@ -100,10 +105,12 @@ def test_unknown_label_reason_names_the_manifest_and_its_line(tmp_path, make_set
 def test_folder_class_names_differing_only_in_case_are_an_error(tmp_path, make_settings):
     """Class folders are labels too: train/PNEUMONIA and test/Pneumonia (a case-sensitive file system)."""
     raw = tmp_path / "raw"
-    for split, cls, name, files in [("train", "NORMAL", "NORMAL", _demo("NORMAL", 8)),
-                                    ("train", "PNEUMONIA", "PNEUMONIA", _demo("PNEUMONIA", 6)),
-                                    ("test", "NORMAL", "normal ", _demo("NORMAL", 2, skip=8)),
-                                    ("test", "PNEUMONIA", "Pneumonia", _demo("PNEUMONIA", 2, skip=6))]:
+    for split, _cls, name, files in [
+        ("train", "NORMAL", "NORMAL", _demo("NORMAL", 8)),
+        ("train", "PNEUMONIA", "PNEUMONIA", _demo("PNEUMONIA", 6)),
+        ("test", "NORMAL", "normal ", _demo("NORMAL", 2, skip=8)),
+        ("test", "PNEUMONIA", "Pneumonia", _demo("PNEUMONIA", 2, skip=6)),
+    ]:
         (raw / split / name).mkdir(parents=True)
         for f in files:
             shutil.copy(f, raw / split / name / f.name)
@@ -114,8 +121,14 @@ def test_folder_class_names_differing_only_in_case_are_an_error(tmp_path, make_s
     assert "'PNEUMONIA' (6 images" in msg and "'Pneumonia' (2 images" in msg, msg
     assert "'NORMAL' (8 images" in msg and "'normal' (2 images" in msg, msg
     # the same folders, resolved by declaring the classes: every image lands in its class
-    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(raw), "patient_id_regex": DEMO_REGEX},
-                                  "classes": ["NORMAL", "PNEUMONIA"]}})
+    s = make_settings(
+        {
+            "ingest": {
+                "source": {"kind": "folder", "uri": str(raw), "patient_id_regex": DEMO_REGEX},
+                "classes": ["NORMAL", "PNEUMONIA"],
+            }
+        }
+    )
     out = invoke("ingest", s)
     assert out["images"] == 18 and out["quarantined"] == 0
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
@@ -132,8 +145,9 @@ def test_dicom_manifest_labels_go_through_the_same_rules(tmp_path, make_settings
     raw = tmp_path / "dcm"
     raw.mkdir()
     rows = []
-    for i, (cls, label) in enumerate([("NORMAL", "Normal")] * 5 + [("PNEUMONIA", "viral  pneumonia")] * 3
-                                     + [("PNEUMONIA", "VIRUS")] * 3):
+    for i, (cls, label) in enumerate(
+        [("NORMAL", "Normal")] * 5 + [("PNEUMONIA", "viral  pneumonia")] * 3 + [("PNEUMONIA", "VIRUS")] * 3
+    ):
         src = _demo(cls, 1, skip=i)[0]
         pixels = np.asarray(Image.open(src).convert("L"))
         meta = FileMetaDataset()
@@ -152,23 +166,33 @@ def test_dicom_manifest_labels_go_through_the_same_rules(tmp_path, make_settings
         rows.append({"path": f"{i}.dcm", "label": label})
     pd.DataFrame(rows).to_csv(raw / "labels.csv", index=False)
     source = {"kind": "dicom", "manifest": str(raw / "labels.csv")}
-    s = make_settings({"ingest": {"source": source, "classes": ["NORMAL", "VIRUS"],
-                                  "label_aliases": {"Viral Pneumonia": "VIRUS"}}})
+    s = make_settings(
+        {"ingest": {"source": source, "classes": ["NORMAL", "VIRUS"], "label_aliases": {"Viral Pneumonia": "VIRUS"}}}
+    )
     out = invoke("ingest", s)
     assert out["images"] == 11 and out["quarantined"] == 0
     m = pd.read_parquet(s.paths.ingest_dir / "manifest.parquet")
     assert m.label.value_counts().to_dict() == {"NORMAL": 5, "VIRUS": 6}
 
 
-@pytest.mark.parametrize(("ingest", "match"), [
-    ({"classes": ["NORMAL", "normal "]}, r"ingest\.classes.*'NORMAL'.*'normal '"),
-    ({"classes": ["NORMAL", "PNEUMONIA"], "label_aliases": {"viral": "VIRUS"}},
-     r"ingest\.label_aliases.*'VIRUS' is not one of ingest\.classes"),
-    ({"label_aliases": {"pneumonia": "PNEUMONIA", "Pneumonia ": "Pneumonia"}},
-     r"ingest\.label_aliases.*'pneumonia'.*'Pneumonia '"),
-    ({"classes": ["NORMAL", "PNEUMONIA"], "label_aliases": {"normal": "PNEUMONIA"}},
-     r"ingest\.label_aliases.*class 'NORMAL'"),
-])
+@pytest.mark.parametrize(
+    ("ingest", "match"),
+    [
+        ({"classes": ["NORMAL", "normal "]}, r"ingest\.classes.*'NORMAL'.*'normal '"),
+        (
+            {"classes": ["NORMAL", "PNEUMONIA"], "label_aliases": {"viral": "VIRUS"}},
+            r"ingest\.label_aliases.*'VIRUS' is not one of ingest\.classes",
+        ),
+        (
+            {"label_aliases": {"pneumonia": "PNEUMONIA", "Pneumonia ": "Pneumonia"}},
+            r"ingest\.label_aliases.*'pneumonia'.*'Pneumonia '",
+        ),
+        (
+            {"classes": ["NORMAL", "PNEUMONIA"], "label_aliases": {"normal": "PNEUMONIA"}},
+            r"ingest\.label_aliases.*class 'NORMAL'",
+        ),
+    ],
+)
 def test_ambiguous_classes_and_aliases_are_config_errors_naming_the_key(make_settings, ingest, match):
     with pytest.raises(ConfigError, match=match):
         make_settings({"ingest": ingest})

@@ -27,8 +27,10 @@ pytestmark = pytest.mark.slow
 
 PID_REGEX = r"^(P\d+x\d+)_"
 # tiny from-scratch nets are noisy: the gates are evaluated (and recorded) but cannot fail the run
-LIFECYCLE = {"evaluate": {"gates": {"min_f1": 0.0, "min_recall": 0.0, "non_inferiority_margin": 1.0}},
-             "validate": {"severity": {"prevalence_gap": "warn", "prevalence_bounds": "warn"}}}
+LIFECYCLE = {
+    "evaluate": {"gates": {"min_f1": 0.0, "min_recall": 0.0, "non_inferiority_margin": 1.0}},
+    "validate": {"severity": {"prevalence_gap": "warn", "prevalence_bounds": "warn"}},
+}
 
 
 def write_phantoms(dst: Path, n_patients: int, seed: int) -> list[Path]:
@@ -66,10 +68,16 @@ def new_folder_project(tmp: Path, overrides: dict[str, Any] | None = None) -> di
     """A checkout whose raw data is a git-ignored folder inside it (`data/raw/xray`), ingested once."""
     raw = tmp / "checkout" / "data" / "raw" / "xray"
     write_phantoms(raw, 30, seed=0)
-    checkout = make_checkout(tmp / "checkout", {
-        "paths": {"raw_data": "data/raw/xray"},
-        "ingest": {"source": {"kind": "folder", "uri": "data/raw/xray", "patient_id_regex": PID_REGEX}},
-        "register": {"model_name": f"lifecycle-{uuid.uuid4().hex[:8]}"}, **LIFECYCLE, **(overrides or {})})
+    checkout = make_checkout(
+        tmp / "checkout",
+        {
+            "paths": {"raw_data": "data/raw/xray"},
+            "ingest": {"source": {"kind": "folder", "uri": "data/raw/xray", "patient_id_regex": PID_REGEX}},
+            "register": {"model_name": f"lifecycle-{uuid.uuid4().hex[:8]}"},
+            **LIFECYCLE,
+            **(overrides or {}),
+        },
+    )
     run_cmd(checkout, "dvc", "config", "core.autostage", "true")  # as in this repository: dvc.lock gets staged
     run_cmd(checkout, "git", "commit", "-qam", "autostage")
     first = ingest_run(checkout)
@@ -154,11 +162,17 @@ def test_manifest_with_unchanged_csv_but_a_changed_image(tmp_path, mlflow_server
     checkout = tmp_path / "checkout"
     root = checkout / "data" / "raw" / "cohort"
     files = write_phantoms(root / "images", 16, seed=0)
-    rows = ["path,label,patient_id"] + [f"images/{f.parent.name}/{f.name},{f.parent.name},{f.name.split('_')[0]}"
-                                        for f in files]
+    rows = ["path,label,patient_id"] + [
+        f"images/{f.parent.name}/{f.name},{f.parent.name},{f.name.split('_')[0]}" for f in files
+    ]
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    make_checkout(checkout, {"paths": {"raw_data": "data/raw/cohort"},
-                             "ingest": {"source": {"kind": "manifest", "uri": "data/raw/cohort/labels.csv"}}})
+    make_checkout(
+        checkout,
+        {
+            "paths": {"raw_data": "data/raw/cohort"},
+            "ingest": {"source": {"kind": "manifest", "uri": "data/raw/cohort/labels.csv"}},
+        },
+    )
     assert ingest_run(checkout)["status"] == "ran"
     csv_before = (root / "labels.csv").read_bytes()
     _change_bytes(root / "images", tmp_path)
@@ -178,8 +192,11 @@ def test_source_outside_raw_data_is_refused(tmp_path):
     from medclf.config import ConfigError, load_settings
 
     p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"paths": {"raw_data": "data/raw/a"},
-                                 "ingest": {"source": {"kind": "folder", "uri": "data/raw/b"}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {"paths": {"raw_data": "data/raw/a"}, "ingest": {"source": {"kind": "folder", "uri": "data/raw/b"}}}
+        )
+    )
     with pytest.raises(ConfigError, match="not under paths.raw_data"):
         load_settings(p)
 
@@ -187,7 +204,7 @@ def test_source_outside_raw_data_is_refused(tmp_path):
 def test_life_cycle_batch1_champion_batch2_challenger_v2(tmp_path, mlflow_server, prefect_api, monkeypatch):
     """Batch 1 trains and is promoted; batch 2 (new patients) arrives; v2 is the challenger on new data."""
     from medclf.config import load_settings
-    from medclf.registry import promote
+    from medclf.release.registry import promote
 
     # the server named in params.yaml, not in the environment: exactly how `make retrain` runs (with the env
     # var set, the champion comparison hid a bug that only `make retrain` met: "Registered Model not found")
@@ -213,7 +230,8 @@ def test_life_cycle_batch1_champion_batch2_challenger_v2(tmp_path, mlflow_server
     assert second.is_completed(), second.message
     result = second.result()
     assert {o["stage"]: o["status"] for o in result["stages"]} == dict.fromkeys(
-        ["ingest", "validate", "augment", "train", "evaluate", "register"], "ran")
+        ["ingest", "validate", "augment", "train", "evaluate", "register"], "ran"
+    )
     assert f"+{len(batch2)} images" in result["headline"] and "challenger" in result["headline"]
     v2 = result["model"]["version"]
     assert int(v2) == int(v1) + 1
@@ -243,12 +261,18 @@ def test_life_cycle_batch1_champion_batch2_challenger_v2(tmp_path, mlflow_server
     for text in (show, diff):
         assert max(map(len, text.splitlines())) <= 120, text
     assert [line.split()[0] for line in show.splitlines()[1:]] == [
-        "reports/ingest.json", "reports/validate.json", "reports/evaluate.json"], show
+        "reports/ingest.json",
+        "reports/validate.json",
+        "reports/evaluate.json",
+    ], show
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in diff.splitlines()[1:]}
-    assert set(rows) == {("reports/ingest.json", "images"), ("reports/ingest.json", "quarantined"),
-                         ("reports/validate.json", "failed"), ("reports/validate.json", "warnings"),
-                         *(("reports/evaluate.json", k)
-                           for k in ("auc", "f1", "recall", "specificity", "threshold", "failed"))}, diff
+    assert set(rows) == {
+        ("reports/ingest.json", "images"),
+        ("reports/ingest.json", "quarantined"),
+        ("reports/validate.json", "failed"),
+        ("reports/validate.json", "warnings"),
+        *(("reports/evaluate.json", k) for k in ("auc", "f1", "recall", "specificity", "threshold", "failed")),
+    }, diff
     assert rows[("reports/ingest.json", "images")][2] == str(len(batch2)), diff  # old, new, change
     plots = tmp_path / "plots"
     run_cmd(checkout, "dvc", "plots", "diff", "HEAD~1", "-o", str(plots))

@@ -1,6 +1,6 @@
 """Two runs on one checkout cannot collide (issue 14, point 2; docs/ORCHESTRATION.md "Concurrent runs").
 
-Real processes and real flocks: a holder process (a flow's stand-in, `medclf.lock.project_lock`), the real
+Real processes and real flocks: a holder process (a flow's stand-in, `medclf.infra.lock.project_lock`), the real
 `medclf ingest` on a tiny synthetic project, SIGKILL, and the real flow on the test Prefect API.
 """
 
@@ -21,9 +21,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from medclf import catalog
 from medclf.cli import EXIT_OK, EXIT_STAGE, EXIT_TEMPFAIL, error_record
-from medclf.lock import (
+from medclf.infra import catalog
+from medclf.infra.lock import (
     LOCK_ENV,
     TIMEOUT_ENV,
     LockBusy,
@@ -37,11 +37,11 @@ from tests.conftest import stop_process, write_params
 
 MEDCLF = str(Path(sys.executable).with_name("medclf"))
 # A holder (what a flow run does, or a stage with "stage"): takes the lock, prints its token, holds it until
-# a line arrives on stdin (or it is killed). Only medclf.lock is imported: it starts in a fraction of a second.
+# a line arrives on stdin (or it is killed). Only medclf.infra.lock is imported: it starts in a fraction of a second.
 HOLDER = """
 import os, sys
 from types import SimpleNamespace
-from medclf.lock import project_lock
+from medclf.infra.lock import project_lock
 with project_lock(SimpleNamespace(cache_dir=sys.argv[1]), sys.argv[2], wait=0,
                   hold_stage=sys.argv[3] == "stage") as token:
     print(token, flush=True)
@@ -80,21 +80,36 @@ def _take(tmp: Path, what: str, *, wait: float, hold_stage: bool = True) -> None
 
 
 def _ingest(params: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MEDCLF, "--params", str(params), "ingest"], env=_env(**env), capture_output=True,
-                          text=True, timeout=120, check=False)
+    return subprocess.run(
+        [MEDCLF, "--params", str(params), "ingest"],
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
     """Every file of the project (outputs, reports, result files), by content and mtime; the lock files aside."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and "locks" not in p.parts}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "locks" not in p.parts
+    }
 
 
 @contextlib.contextmanager
-def holder(cache_dir: Path, what: str = "test holder", *, stage: bool = False,
-           env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(cache_dir), what, "stage" if stage else "flow"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env or _env())
+def holder(
+    cache_dir: Path, what: str = "test holder", *, stage: bool = False, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(cache_dir), what, "stage" if stage else "flow"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env or _env(),
+    )
     try:
         assert proc.stdout is not None
         token = proc.stdout.readline().strip()
@@ -122,8 +137,14 @@ def test_a_holders_child_runs_and_any_other_stage_is_refused_at_once_naming_the_
     lock_file = catalog.PROJECT_LOCK.path(_paths(tmp_path))  # type: ignore[arg-type]
     with project_lock(_paths(tmp_path), "test holder (in-process flow)", wait=0, hold_stage=False) as token:
         assert token and held_env() == {LOCK_ENV: token}
-        child = subprocess.run([MEDCLF, "--params", str(params), "ingest"], env=venv_env(), capture_output=True,
-                               text=True, timeout=120, check=False)
+        child = subprocess.run(
+            [MEDCLF, "--params", str(params), "ingest"],
+            env=venv_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert child.returncode == EXIT_OK, child.stderr[-2000:]
         done = json.loads(catalog.STAGE_RESULT.path(_paths(tmp_path), stage="ingest").read_text())  # type: ignore[arg-type]
         assert done["exit_code"] == EXIT_OK and done["result"]["images"] == 80, done
@@ -133,9 +154,11 @@ def test_a_holders_child_runs_and_any_other_stage_is_refused_at_once_naming_the_
         for env in ({}, {LOCK_ENV: "another-runs-token"}):
             refused = _ingest(params, **env)
             assert refused.returncode == EXIT_TEMPFAIL, (env, refused.stderr[-2000:])
-            assert (f"medclf ingest: LockBusy: medclf ingest cannot start: the project is locked by test holder "
-                    f"(in-process flow) (pid {os.getpid()} on {socket.gethostname()}, since {record['since']}); "
-                    f"lock file {lock_file}. Waited 0 s") in refused.stderr, refused.stderr[-2000:]
+            assert (
+                f"medclf ingest: LockBusy: medclf ingest cannot start: the project is locked by test holder "
+                f"(in-process flow) (pid {os.getpid()} on {socket.gethostname()}, since {record['since']}); "
+                f"lock file {lock_file}. Waited 0 s"
+            ) in refused.stderr, refused.stderr[-2000:]
             assert _snapshot(tmp_path) == before  # outputs, reports and the holder's result file untouched
     assert held_env() == {} and read_record(lock_file) == {}  # released: the record is cleared
 
@@ -161,7 +184,9 @@ def test_sigkill_of_the_holder_leaves_no_stale_lock_but_a_stage_outliving_its_fl
     # a flow (holder) and its stage (a second process under its token); the flow is killed, the stage runs on
     with holder(cache, "flow run f") as (flow, token):
         with holder(cache, "medclf train (stage of flow run f)", stage=True, env=_env(**{LOCK_ENV: token})) as (
-                stage, nested):
+            stage,
+            nested,
+        ):
             assert nested == "None"  # it ran under the flow's lock and did not take the project lock
             flow.send_signal(signal.SIGKILL)
             flow.wait(30)
@@ -182,8 +207,13 @@ def test_a_waiting_run_gets_the_lock_once_the_holder_releases(tmp_path, monkeypa
         with pytest.raises(LockBusy, match=r"locked by flow run w .* Waited 0 s") as busy:
             _take(tmp_path, "impatient", wait=0.3)
         assert time.monotonic() - t0 >= 0.3 and busy.value.waited >= 0.3
-        waiting = subprocess.Popen([MEDCLF, "--params", str(params), "ingest"], env=_env(**{TIMEOUT_ENV: "30"}),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        waiting = subprocess.Popen(
+            [MEDCLF, "--params", str(params), "ingest"],
+            env=_env(**{TIMEOUT_ENV: "30"}),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert waiting.stderr is not None
             lines = []
@@ -218,8 +248,10 @@ def test_a_loser_in_the_holders_first_instant_still_names_the_holder(tmp_path):
     lock_file.parent.mkdir(parents=True)
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken, no record yet: the holder's first instant
-    late = threading.Timer(0.3, lambda: os.pwrite(fd, json.dumps({"what": "slow writer", "pid": 4242,
-                                                                  "host": "h", "since": "s"}).encode(), 0))
+    late = threading.Timer(
+        0.3,
+        lambda: os.pwrite(fd, json.dumps({"what": "slow writer", "pid": 4242, "host": "h", "since": "s"}).encode(), 0),
+    )
     late.start()
     try:
         with pytest.raises(LockBusy, match=r"locked by slow writer \(pid 4242 on h, since s\)"):
@@ -241,10 +273,20 @@ def test_two_ingests_started_at_once_exactly_one_runs_and_its_output_is_whole(tm
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(PAUSE_HOOK)
     flag = tmp_path / "go"
-    env = _env(MEDCLF_TEST_PAUSE=str(flag), PYTHONPATH=os.pathsep.join(
-        p for p in (str(hook), os.environ.get("PYTHONPATH")) if p))
-    procs = [subprocess.Popen([MEDCLF, "--params", str(params), "ingest"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    env = _env(
+        MEDCLF_TEST_PAUSE=str(flag),
+        PYTHONPATH=os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p),
+    )
+    procs = [
+        subprocess.Popen(
+            [MEDCLF, "--params", str(params), "ingest"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and all(p.poll() is None for p in procs):
@@ -274,8 +316,10 @@ def test_two_ingests_started_at_once_exactly_one_runs_and_its_output_is_whole(tm
     manifest = pd.read_parquet(tmp_path / "data/ingest/manifest.parquet")
     labels = {s: np.load(tmp_path / f"data/ingest/{s}_labels.npy") for s in ("train", "val", "test")}
     summary = json.loads((tmp_path / "reports/ingest/summary.json").read_text())
-    assert done["exit_code"] == EXIT_OK and done["result"]["images"] == summary["images"] == len(manifest) == sum(
-        len(v) for v in labels.values()) == 80, (done, summary)
+    assert (
+        done["exit_code"] == EXIT_OK
+        and done["result"]["images"] == summary["images"] == len(manifest) == sum(len(v) for v in labels.values()) == 80
+    ), (done, summary)
     assert not list(tmp_path.glob("data/.*staging*")) and not list(tmp_path.glob("data/ingest/.*"))
 
 
@@ -289,6 +333,8 @@ def test_a_flow_on_a_held_project_fails_naming_the_holder(tmp_path, prefect_api,
     with holder(tmp_path / ".cache", "medclf train", stage=True) as (proc, _token):
         state = retrain(project_dir=str(tmp_path), until="ingest", push=False, return_state=True)
     assert state.is_failed()
-    assert f"LockBusy: flow run {state.state_details.flow_run_id} (medclf-retrain) cannot start: the project is " \
-           f"locked by medclf train (pid {proc.pid} " in state.message, state.message
+    assert (
+        f"LockBusy: flow run {state.state_details.flow_run_id} (medclf-retrain) cannot start: the project is "
+        f"locked by medclf train (pid {proc.pid} " in state.message
+    ), state.message
     assert not (tmp_path / "data/ingest").exists()

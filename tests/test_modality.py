@@ -1,7 +1,7 @@
 """Issue 22, row 5: colour photographs passed a chest X-ray pipeline (validate had no check; predict labelled an RGB
 gradient PNEUMONIA at 0.944).
 
-`medclf.modality` measures colourfulness (Hasler–Süsstrunk); `ingest.modality` says what the images are. For a
+`medclf.imaging.modality` measures colourfulness (Hasler–Süsstrunk); `ingest.modality` says what the images are. For a
 greyscale modality a colour picture fails validate's `colour` check (an error by default) and is refused by the
 registered model at predict and at the endpoint, naming the file or row; grey stored as RGB is grey; dermoscopy
 and fundus are colour by nature. Real images: the data/demo chest X-rays (CC BY 4.0), scikit-learn's sample
@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medclf.modality import GREY_MAX_COLOURFULNESS, colour_problem, colourfulness, file_colourfulness
-from medclf.serving import ServingConfig
+from medclf.imaging.modality import GREY_MAX_COLOURFULNESS, colour_problem, colourfulness, file_colourfulness
+from medclf.release.serving import ServingConfig
 from tests.conftest import ROOT
 
 DEMO = sorted((ROOT / "data" / "demo" / "batch1").rglob("*.jpeg"))
@@ -66,8 +66,7 @@ def test_bound_separates_real_xrays_stored_as_rgb_from_colour_photographs():
         grey = np.asarray(img)
         assert colourfulness(grey) == 0.0
         assert colourfulness(np.asarray(img.convert("RGB"))) == 0.0
-    worst = max(colourfulness(np.asarray(Image.open(io.BytesIO(rgb_jpeg_xray(p))).convert("RGB")))
-                for p in DEMO[:60])
+    worst = max(colourfulness(np.asarray(Image.open(io.BytesIO(rgb_jpeg_xray(p))).convert("RGB"))) for p in DEMO[:60])
     assert worst <= 1.0 < GREY_MAX_COLOURFULNESS
     for arr in (photo("china.jpg", None), photo("flower.jpg", None), fundus(), gradient()):
         assert colourfulness(arr) > 3 * GREY_MAX_COLOURFULNESS
@@ -93,7 +92,7 @@ def test_modality_table_decides_which_images_are_checked():
 def test_file_colourfulness_sees_the_colour_a_grey_decode_dropped():
     """Ingest with channels: 1 decodes a colour JPEG straight to grey (libjpeg draft mode): the measure re-reads the
     file's colour; a grey-as-RGB JPEG and a DICOM (measured on its own decode) stay grey."""
-    from medclf.images import decode_bytes
+    from medclf.imaging.images import decode_bytes
 
     data = encode(photo())
     grey_decode, shape = decode_bytes(data, 10**8, kind="image", channels=1, size=32)
@@ -115,22 +114,36 @@ def pyfunc_dirs(tmp_path_factory) -> dict[str, Path]:
     import keras
     import mlflow.pyfunc
 
-    from medclf.serving import KERAS_ARTIFACT, MedclfModel, signature
+    from medclf.release.serving import KERAS_ARTIFACT, MedclfModel, signature
 
     tmp = tmp_path_factory.mktemp("modality")
     inp = keras.Input((32, 32, 1))
     x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inp))
-    out = keras.layers.Dense(2, activation="softmax", kernel_initializer="zeros",
-                             bias_initializer=keras.initializers.Constant(np.log([0.2, 0.8])))(x)
+    out = keras.layers.Dense(
+        2,
+        activation="softmax",
+        kernel_initializer="zeros",
+        bias_initializer=keras.initializers.Constant(np.log([0.2, 0.8])),
+    )(x)
     keras.Model(inp, out).save(tmp / "model.keras")
     dirs = {}
     for modality in ("chest_xray", "dermoscopy"):
-        cfg = ServingConfig(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5,
-                            image_size=32, channels=1, modality=modality)
+        cfg = ServingConfig(
+            classes=["NORMAL", "PNEUMONIA"],
+            positive_class="PNEUMONIA",
+            threshold=0.5,
+            image_size=32,
+            channels=1,
+            modality=modality,
+        )
         dirs[modality] = tmp / modality
-        mlflow.pyfunc.save_model(str(dirs[modality]), python_model=MedclfModel(),
-                                 artifacts={KERAS_ARTIFACT: str(tmp / "model.keras")},
-                                 model_config=cfg.to_dict(), signature=signature(cfg.classes))
+        mlflow.pyfunc.save_model(
+            str(dirs[modality]),
+            python_model=MedclfModel(),
+            artifacts={KERAS_ARTIFACT: str(tmp / "model.keras")},
+            model_config=cfg.to_dict(),
+            signature=signature(cfg.classes),
+        )
     return dirs
 
 
@@ -141,8 +154,11 @@ def test_served_chest_xray_model_refuses_a_colour_photo_naming_the_row(pyfunc_di
     model = mlflow.pyfunc.load_model(str(pyfunc_dirs["chest_xray"]))
     xray = base64.b64encode(rgb_jpeg_xray(DEMO[0])).decode()
     for bad in (base64.b64encode(encode(photo())).decode(), gradient().tolist()):
-        with pytest.raises(MlflowException, match=r"input row 1: colour image \(colourfulness \d+\.\d, above 10 "
-                                                  r"for the greyscale modality 'chest_xray'\)") as err:
+        with pytest.raises(
+            MlflowException,
+            match=r"input row 1: colour image \(colourfulness \d+\.\d, above 10 "
+            r"for the greyscale modality 'chest_xray'\)",
+        ) as err:
             model.predict(pd.DataFrame({"image": [xray, bad]}))
         assert err.value.get_http_status_code() == 400
     assert model.predict(pd.DataFrame({"image": [xray]}))["label"].tolist() == ["PNEUMONIA"]  # grey-as-RGB is fine
@@ -151,9 +167,14 @@ def test_served_chest_xray_model_refuses_a_colour_photo_naming_the_row(pyfunc_di
 
 
 def test_old_models_without_a_modality_check_no_colour():
-    old = {k: v for k, v in ServingConfig(classes=["a", "b"], positive_class="b", threshold=0.5, image_size=32,
-                                          channels=1).to_dict().items() if k != "modality"}
-    from medclf.serving import prepare
+    old = {
+        k: v
+        for k, v in ServingConfig(classes=["a", "b"], positive_class="b", threshold=0.5, image_size=32, channels=1)
+        .to_dict()
+        .items()
+        if k != "modality"
+    }
+    from medclf.release.serving import prepare
 
     assert ServingConfig.from_dict(old).modality is None
     assert prepare(encode(photo()), ServingConfig.from_dict(old)).shape == (32, 32, 1)
@@ -163,7 +184,7 @@ def test_old_models_without_a_modality_check_no_colour():
 def test_predict_refuses_colour_photos_per_file_and_scores_grey_as_rgb(pyfunc_dirs, make_settings, tmp_path):
     """The issue's case: an RGB gradient and a photograph among X-rays get a 'refused' row naming the measure; the
     X-rays, grey and grey-as-RGB, PNG and JPEG, are scored."""
-    from medclf.predict import predict_paths
+    from medclf.release.predict import predict_paths
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -200,11 +221,23 @@ def _xray_folder(root: Path, photo_names: dict[str, np.ndarray]) -> Path:
 def _validate(make_settings, root: Path, **ingest_over):
     from medclf.stages import ingest, validate
 
-    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root),
-                                             "patient_id_regex": "^(pt[0-9a-f]{10})_"},
-                                  "image_size": 32, "splits": {"use_official": False}, **ingest_over},
-                       "validate": {"severity": {"prevalence_gap": "warn", "prevalence_bounds": "warn",
-                                                 "near_duplicate_cross_split": "warn"}}})
+    s = make_settings(
+        {
+            "ingest": {
+                "source": {"kind": "folder", "uri": str(root), "patient_id_regex": "^(pt[0-9a-f]{10})_"},
+                "image_size": 32,
+                "splits": {"use_official": False},
+                **ingest_over,
+            },
+            "validate": {
+                "severity": {
+                    "prevalence_gap": "warn",
+                    "prevalence_bounds": "warn",
+                    "near_duplicate_cross_split": "warn",
+                }
+            },
+        }
+    )
     ingest.run(s)
     try:
         return validate.run(s)

@@ -28,7 +28,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ne
 
 
 def _demo(cls: str, n: int, skip: int = 0) -> list[Path]:
-    files = sorted((DEMO / cls).glob("*.jpeg"))[skip:skip + n]
+    files = sorted((DEMO / cls).glob("*.jpeg"))[skip : skip + n]
     assert len(files) == n
     return files
 
@@ -49,8 +49,15 @@ def _write_bytes_name(directory: Path, name: bytes, src: Path) -> None:
 
 
 def _folder_settings(make_settings, raw: Path, **ingest):
-    return make_settings({"ingest": {"source": {"kind": "folder", "uri": str(raw), "patient_id_regex": DEMO_REGEX},
-                                     "max_quarantine_fraction": 0.2, **ingest}})
+    return make_settings(
+        {
+            "ingest": {
+                "source": {"kind": "folder", "uri": str(raw), "patient_id_regex": DEMO_REGEX},
+                "max_quarantine_fraction": 0.2,
+                **ingest,
+            }
+        }
+    )
 
 
 @linux_only
@@ -113,8 +120,7 @@ def test_a_path_that_escapes_its_root_is_quarantined_naming_its_row_and_the_rest
     outside = tmp_path / "outside.jpeg"
     shutil.copy(_demo("NORMAL", 1, skip=12)[0], outside)
     csv = _manifest(raw, ["../outside.jpeg", "img/../../outside.jpeg", str(outside)])  # lines 22, 23, 24
-    s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(csv)},
-                                  "max_quarantine_fraction": 0.2}})
+    s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(csv)}, "max_quarantine_fraction": 0.2}})
     out = invoke("ingest", s)
     assert out["images"] == 20 and out["quarantined"] == 3
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")
@@ -156,8 +162,7 @@ def test_bad_name_only_folder_exits_with_the_deterministic_failure_code(tmp_path
     assert "\\xff.jpeg" in err and "not valid UTF-8" in err, err
 
 
-def test_an_s3_key_with_dotdot_is_quarantined_naming_the_key_and_the_rest_ingests(tmp_path, make_settings,
-                                                                                  s3_server):
+def test_an_s3_key_with_dotdot_is_quarantined_naming_the_key_and_the_rest_ingests(tmp_path, make_settings, s3_server):
     """Row 11a, S3: one listed key with `..` (S3 keys are literal: `NORMAL/sub/../x.jpeg` is not `NORMAL/x.jpeg`)
     used to fail the whole listing ("unsafe S3 key"). Now each such key is quarantined, named, never read."""
     import uuid
@@ -174,9 +179,19 @@ def test_an_s3_key_with_dotdot_is_quarantined_naming_the_key_and_the_rest_ingest
     odd = ["raw/NORMAL/sub/../odd.jpeg", "raw/NORMAL/../../escape.jpeg"]
     for key, f in zip(odd, extra, strict=True):
         client.put_object(Bucket=bucket, Key=key, Body=f.read_bytes())
-    s = make_settings({"ingest": {"source": {"kind": "folder", "uri": f"s3://{bucket}/raw",
-                                             "s3_endpoint_url": s3_server, "patient_id_regex": DEMO_REGEX},
-                                  "max_quarantine_fraction": 0.2}})
+    s = make_settings(
+        {
+            "ingest": {
+                "source": {
+                    "kind": "folder",
+                    "uri": f"s3://{bucket}/raw",
+                    "s3_endpoint_url": s3_server,
+                    "patient_id_regex": DEMO_REGEX,
+                },
+                "max_quarantine_fraction": 0.2,
+            }
+        }
+    )
     out = invoke("ingest", s)
     assert out["images"] == 20 and out["quarantined"] == 2
     q = pd.read_csv(s.paths.reports_dir / "ingest/quarantine.csv")

@@ -51,8 +51,14 @@ def test_alias_bomb_is_refused_fast_with_bounded_memory(tmp_path: Path) -> None:
     """)
     t0 = time.monotonic()
     try:
-        out = subprocess.run([sys.executable, "-c", child], check=False, capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+        out = subprocess.run(
+            [sys.executable, "-c", child],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("loading a 1 kB alias bomb did not finish in 60 s")
     assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
@@ -62,14 +68,17 @@ def test_alias_bomb_is_refused_fast_with_bounded_memory(tmp_path: Path) -> None:
     assert "alias" in msg and "*l0" in msg, msg
 
 
-@pytest.mark.parametrize(("text", "where"), [
-    # an alias to a scalar: harmless in size, but refused the same way everywhere (one rule, no exceptions)
-    ("train:\n  head_epochs: &n 3\n  finetune_epochs: *n\n", "line 3: train.finetune_epochs"),
-    # a merge key pulling a whole section in
-    ("evaluate:\n  gates: &g {min_f1: 0.5}\n  other: {<<: *g}\n", "line 3: evaluate.other"),
-    # an alias used as a mapping key
-    ("validate:\n  severity:\n    x: &k blank\n    *k : warn\n", "line 4: validate.severity"),
-])
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        # an alias to a scalar: harmless in size, but refused the same way everywhere (one rule, no exceptions)
+        ("train:\n  head_epochs: &n 3\n  finetune_epochs: *n\n", "line 3: train.finetune_epochs"),
+        # a merge key pulling a whole section in
+        ("evaluate:\n  gates: &g {min_f1: 0.5}\n  other: {<<: *g}\n", "line 3: evaluate.other"),
+        # an alias used as a mapping key
+        ("validate:\n  severity:\n    x: &k blank\n    *k : warn\n", "line 4: validate.severity"),
+    ],
+)
 def test_aliases_are_refused_everywhere_naming_the_line_and_key(tmp_path: Path, text: str, where: str) -> None:
     p = tmp_path / "params.yaml"
     p.write_text(text)
@@ -117,11 +126,23 @@ def test_repository_params_read_the_same_under_yaml_1_2() -> None:
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), check=False, cwd=cwd, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                               "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "medclf test",
-                               "GIT_AUTHOR_EMAIL": "test@example.invalid", "GIT_COMMITTER_NAME": "medclf test",
-                               "GIT_COMMITTER_EMAIL": "test@example.invalid"})
+    return subprocess.run(
+        list(args),
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "medclf test",
+            "GIT_AUTHOR_EMAIL": "test@example.invalid",
+            "GIT_COMMITTER_NAME": "medclf test",
+            "GIT_COMMITTER_EMAIL": "test@example.invalid",
+        },
+    )
 
 
 def test_dvc_exp_run_set_param_on_a_file_with_an_off_severity(tmp_path: Path) -> None:
@@ -132,14 +153,31 @@ def test_dvc_exp_run_set_param_on_a_file_with_an_off_severity(tmp_path: Path) ->
     repo.mkdir()
     (repo / "params.yaml").write_text(
         "validate:\n  severity: {blank: 'off'}   # the quoted spelling the YAML 1.1 reader needed\n"
-        "train:\n  head_epochs: 3\n")
-    check = ("from medclf.config import load_settings; s = load_settings('params.yaml'); "
-             "open('loaded.txt', 'w').write(f'{s.validation.severity} {s.train.head_epochs}')")
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"check": {
-        "cmd": f'"{sys.executable}" -c "{check}"',
-        "params": ["validate.severity", "train.head_epochs"], "outs": [{"loaded.txt": {"cache": False}}]}}}))
-    for cmd in (("git", "init", "-q", "-b", "main"), ("dvc", "init", "-q"), ("git", "add", "-A"),
-                ("git", "commit", "-qm", "params with an off severity")):
+        "train:\n  head_epochs: 3\n"
+    )
+    check = (
+        "from medclf.config import load_settings; s = load_settings('params.yaml'); "
+        "open('loaded.txt', 'w').write(f'{s.validation.severity} {s.train.head_epochs}')"
+    )
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "check": {
+                        "cmd": f'"{sys.executable}" -c "{check}"',
+                        "params": ["validate.severity", "train.head_epochs"],
+                        "outs": [{"loaded.txt": {"cache": False}}],
+                    }
+                }
+            }
+        )
+    )
+    for cmd in (
+        ("git", "init", "-q", "-b", "main"),
+        ("dvc", "init", "-q"),
+        ("git", "add", "-A"),
+        ("git", "commit", "-qm", "params with an off severity"),
+    ):
         out = _run(repo, *cmd)
         assert out.returncode == 0, (cmd, out.stdout, out.stderr)
     out = _run(repo, "dvc", "exp", "run", "-S", "train.head_epochs=4")

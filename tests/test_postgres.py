@@ -38,14 +38,21 @@ SERVERS = str(ROOT / "deploy/servers.sh")
 POSTGRES = str(ROOT / "deploy/postgres.sh")
 HAVE_PG = bool(shutil.which("initdb") and shutil.which("pg_ctl"))
 # the URLs come from the environment only: a developer's own must not redirect the test's servers
-DB_URL_VARS = ("MLFLOW_BACKEND_STORE_URI", "PREFECT_API_DATABASE_CONNECTION_URL", "MLFLOW_REGISTRY_URI",
-               "PREFECT_SERVER_DATABASE_CONNECTION_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+DB_URL_VARS = (
+    "MLFLOW_BACKEND_STORE_URI",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "MLFLOW_REGISTRY_URI",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "MLFLOW_TRACKING_URI",
+    "PREFECT_API_URL",
+)
 
 
 def script(cmd: list[str], env: dict[str, str], timeout: float = 400) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in DB_URL_VARS}
-    return subprocess.run(["bash", *cmd], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        ["bash", *cmd], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def ok(cmd: list[str], env: dict[str, str], timeout: float = 400) -> str:
@@ -64,8 +71,9 @@ def healthy(url: str) -> bool:
 
 def flow_runs(api: str) -> list[dict[str, Any]]:
     """Every flow run the Prefect server knows, through its REST API."""
-    req = urllib.request.Request(f"{api}/flow_runs/filter", data=b"{}", method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{api}/flow_runs/filter", data=b"{}", method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return list(json.loads(r.read()))
 
@@ -98,9 +106,15 @@ def kill_cluster(pgdir: Path) -> None:
 def test_servers_script_refuses_clearly_without_postgres(tmp_path):
     """MEDCLF_DB=postgres without initdb/pg_ctl on PATH: a clear error before any server starts; an unknown
     MEDCLF_DB is refused too (never a silent fall back to SQLite)."""
-    env = {"MEDCLF_DB": "postgres", "PATH": "/usr/bin:/bin", "MEDCLF_PG_DIR": str(tmp_path / "pg"),
-           "MLFLOW_PORT": str(free_port()), "PREFECT_PORT": str(free_port()),
-           "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {
+        "MEDCLF_DB": "postgres",
+        "PATH": "/usr/bin:/bin",
+        "MEDCLF_PG_DIR": str(tmp_path / "pg"),
+        "MLFLOW_PORT": str(free_port()),
+        "PREFECT_PORT": str(free_port()),
+        "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
     if shutil.which("initdb", path=env["PATH"]) or shutil.which("pg_ctl", path=env["PATH"]):
         pytest.skip("initdb/pg_ctl are in /usr/bin here: no PATH without them to test with")
     try:
@@ -119,11 +133,17 @@ def test_servers_script_refuses_clearly_without_postgres(tmp_path):
 def test_explicit_database_urls_win_over_the_local_cluster(tmp_path):
     """MEDCLF_DB=postgres with both URLs given explicitly (a shared database server of one's own): no local
     cluster is created or needed (initdb is not even on PATH here), and each server uses the URL it was given."""
-    env = {"MEDCLF_DB": "postgres", "PATH": "/usr/bin:/bin", "MEDCLF_PG_DIR": str(tmp_path / "pg"),
-           "MLFLOW_PORT": str(free_port()), "PREFECT_PORT": str(free_port()),
-           "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/explicit-mlflow.db",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/explicit-prefect.db"}
+    env = {
+        "MEDCLF_DB": "postgres",
+        "PATH": "/usr/bin:/bin",
+        "MEDCLF_PG_DIR": str(tmp_path / "pg"),
+        "MLFLOW_PORT": str(free_port()),
+        "PREFECT_PORT": str(free_port()),
+        "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/explicit-mlflow.db",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/explicit-prefect.db",
+    }
     if shutil.which("initdb", path=env["PATH"]):
         pytest.skip("initdb is in /usr/bin here: no PATH without it to prove the cluster is not needed")
     try:
@@ -138,13 +158,16 @@ def test_explicit_database_urls_win_over_the_local_cluster(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_PG, reason="PostgreSQL's initdb and pg_ctl are not on PATH (Debian: postgresql-15, "
-                    "/usr/lib/postgresql/15/bin): the MEDCLF_DB=postgres backend needs a real cluster")
+@pytest.mark.skipif(
+    not HAVE_PG,
+    reason="PostgreSQL's initdb and pg_ctl are not on PATH (Debian: postgresql-15, "
+    "/usr/lib/postgresql/15/bin): the MEDCLF_DB=postgres backend needs a real cluster",
+)
 def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    from medclf.model_card import CARD_ARTIFACT
+    from medclf.infra import catalog
 
     bucket, model = f"medclf-pg-{uuid.uuid4().hex[:8]}", f"pgtest-{uuid.uuid4().hex[:8]}"
     s3 = s3_client(s3_server)
@@ -153,10 +176,17 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
     # script runs the cluster as when the tests run as root (as CI does)
     pgdir = Path(tempfile.mkdtemp(prefix="medclf-pg-"))
     mlflow_port, prefect_port = free_port(), free_port()
-    env = {"MEDCLF_DB": "postgres", "MEDCLF_PG_DIR": str(pgdir), "MEDCLF_PG_PORT": str(free_port()),
-           "MLFLOW_PORT": str(mlflow_port), "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"),
-           "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlflow", "MLFLOW_S3_ENDPOINT_URL": s3_server,
-           "PREFECT_PORT": str(prefect_port), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {
+        "MEDCLF_DB": "postgres",
+        "MEDCLF_PG_DIR": str(pgdir),
+        "MEDCLF_PG_PORT": str(free_port()),
+        "MLFLOW_PORT": str(mlflow_port),
+        "MLFLOW_STORE_DIR": str(tmp_path / "mlflow"),
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{bucket}/mlflow",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "PREFECT_PORT": str(prefect_port),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
     uri, api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
     clock, phases = time.time(), []
     flow: subprocess.CompletedProcess[str] | None = None
@@ -179,10 +209,28 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
         checkout = make_checkout(tmp_path / "co", {"register": {"model_name": model}})
         base = {k: v for k, v in os.environ.items() if k not in DB_URL_VARS}
         flow = subprocess.run(
-            [sys.executable, "-m", "flows.retrain", "--project-dir", str(checkout), "--no-push", "--retry-delay",
-             "0.2"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
-            env={**base, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": uri,
-                 "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+            [
+                sys.executable,
+                "-m",
+                "flows.retrain",
+                "--project-dir",
+                str(checkout),
+                "--no-push",
+                "--retry-delay",
+                "0.2",
+            ],
+            check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={
+                **base,
+                "PREFECT_API_URL": api,
+                "MLFLOW_TRACKING_URI": uri,
+                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            },
+        )
         assert flow.returncode == 0, f"{flow.stdout[-3000:]}\n{flow.stderr[-5000:]}"
         phase("checkout + flow")
         version = json.loads((checkout / "reports/register.json").read_text())["version"]
@@ -193,10 +241,16 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
         assert set(mv.aliases) == {"challenger", "champion"}
         metrics = client.get_run(mv.run_id).data.metrics
         assert metrics, "the registered run has no metrics"
-        card = Path(download_artifacts(run_id=mv.run_id, artifact_path=CARD_ARTIFACT, tracking_uri=uri,
-                                       dst_path=str(tmp_path / "dl1"))).read_bytes()
-        (key,) = [k["Key"] for k in s3.list_objects_v2(Bucket=bucket, Prefix="mlflow/").get("Contents", [])
-                  if k["Key"].endswith(CARD_ARTIFACT)]
+        card = Path(
+            download_artifacts(
+                run_id=mv.run_id, artifact_path=catalog.RUN_CARD, tracking_uri=uri, dst_path=str(tmp_path / "dl1")
+            )
+        ).read_bytes()
+        (key,) = [
+            k["Key"]
+            for k in s3.list_objects_v2(Bucket=bucket, Prefix="mlflow/").get("Contents", [])
+            if k["Key"].endswith(catalog.RUN_CARD)
+        ]
         assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == card  # the artifact lives on S3
         (run,) = flow_runs(api)
         assert run["state"]["type"] == "COMPLETED" and f"v{version}" in run["state"]["message"], run["state"]
@@ -204,11 +258,13 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
         def in_postgres() -> None:
             """The rows are in PostgreSQL itself: the registry, the alias, the metrics, the flow run."""
             assert pg_rows(env, "mlflow", "SELECT name FROM registered_models WHERE name = %s", (model,)) == [(model,)]
-            aliases = pg_rows(env, "mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = %s",
-                              (model,))
+            aliases = pg_rows(
+                env, "mlflow", "SELECT alias, version FROM registered_model_aliases WHERE name = %s", (model,)
+            )
             assert sorted(aliases) == [("challenger", int(version)), ("champion", int(version))], aliases
-            assert len(pg_rows(env, "mlflow", "SELECT key FROM latest_metrics WHERE run_uuid = %s",
-                               (mv.run_id,))) == len(metrics)
+            assert len(
+                pg_rows(env, "mlflow", "SELECT key FROM latest_metrics WHERE run_uuid = %s", (mv.run_id,))
+            ) == len(metrics)
             rows = pg_rows(env, "prefect", "SELECT id::text, state_type::text FROM flow_run")
             assert rows == [(run["id"], "COMPLETED")], rows
 
@@ -231,8 +287,14 @@ def test_flow_on_postgres_and_s3_survives_a_restart(tmp_path, s3_server):
         assert set(again.aliases) == {"challenger", "champion"} and again.run_id == mv.run_id
         assert client.get_model_version_by_alias(model, "champion").version == str(version)
         assert client.get_run(mv.run_id).data.metrics == metrics
-        assert Path(download_artifacts(run_id=mv.run_id, artifact_path=CARD_ARTIFACT, tracking_uri=uri,
-                                       dst_path=str(tmp_path / "dl2"))).read_bytes() == card
+        assert (
+            Path(
+                download_artifacts(
+                    run_id=mv.run_id, artifact_path=catalog.RUN_CARD, tracking_uri=uri, dst_path=str(tmp_path / "dl2")
+                )
+            ).read_bytes()
+            == card
+        )
         (after,) = flow_runs(api)
         assert after["id"] == run["id"] and after["state"]["type"] == "COMPLETED", after
         in_postgres()

@@ -32,32 +32,46 @@ def registered_pyfunc(tmp_path_factory, mlflow_server) -> dict:
     import keras
     import mlflow.pyfunc
 
-    from medclf.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, signature
-    from medclf.tracking import mlflow_uri
+    from medclf.infra.tracking import mlflow_uri
+    from medclf.release.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, signature
 
     tmp = tmp_path_factory.mktemp("batches")
     inp = keras.Input((32, 32, 1))
     mean = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inp))
-    out = keras.layers.Dense(2, activation="softmax", kernel_initializer=keras.initializers.Constant([[-4.0, 4.0]]),
-                             bias_initializer=keras.initializers.Constant([2.0, -2.0]))(mean)
+    out = keras.layers.Dense(
+        2,
+        activation="softmax",
+        kernel_initializer=keras.initializers.Constant([[-4.0, 4.0]]),
+        bias_initializer=keras.initializers.Constant([2.0, -2.0]),
+    )(mean)
     keras.Model(inp, out).save(tmp / "model.keras")
-    cfg = ServingConfig(classes=["NORMAL", "PNEUMONIA"], positive_class="PNEUMONIA", threshold=0.5, image_size=32,
-                        channels=1, modality="chest_xray")
+    cfg = ServingConfig(
+        classes=["NORMAL", "PNEUMONIA"],
+        positive_class="PNEUMONIA",
+        threshold=0.5,
+        image_size=32,
+        channels=1,
+        modality="chest_xray",
+    )
     assert cfg.max_request_images == 64
     name = f"medclf-batches-{uuid.uuid4().hex[:8]}"
     with mlflow_uri(mlflow_server):
         mlflow.set_experiment(name)
         with mlflow.start_run():
-            mlflow.pyfunc.log_model(name="pyfunc", python_model=MedclfModel(),
-                                    artifacts={KERAS_ARTIFACT: str(tmp / "model.keras")},
-                                    model_config=cfg.to_dict(), signature=signature(cfg.classes),
-                                    registered_model_name=name)
+            mlflow.pyfunc.log_model(
+                name="pyfunc",
+                python_model=MedclfModel(),
+                artifacts={KERAS_ARTIFACT: str(tmp / "model.keras")},
+                model_config=cfg.to_dict(),
+                signature=signature(cfg.classes),
+                registered_model_name=name,
+            )
     return {"uri": f"models:/{name}/1", "server": mlflow_server, "model_file": tmp / "model.keras", "cfg": cfg}
 
 
 def _reference(registered_pyfunc: dict, files: list[Path]) -> np.ndarray:
     """p(PNEUMONIA) of each file, one file at a time through the same preprocessing and Keras model."""
-    from medclf.serving import load_keras, prepare
+    from medclf.release.serving import load_keras, prepare
 
     model, cfg = load_keras(str(registered_pyfunc["model_file"])), registered_pyfunc["cfg"]
     x = np.stack([prepare(f.read_bytes(), cfg) for f in files])
@@ -76,7 +90,7 @@ def xray_folders(tmp_path_factory) -> dict[str, list[Path]]:
         dst = root / "jpeg" / f"x{i:03d}_{src.name}"
         dst.write_bytes(src.read_bytes())
         jpegs.append(dst)
-    for i, src in enumerate(DEMO[N:2 * N]):
+    for i, src in enumerate(DEMO[N : 2 * N]):
         grey = np.asarray(Image.open(src).convert("L"), np.uint16) * 16
         grey[0, 0], grey[-1, -1] = 0, 255 * 16  # full range: the DICOM min-max VOI gives back the 8-bit pixels
         dst = root / "dicom" / f"s{i:03d}.dcm"
@@ -90,17 +104,19 @@ def _settings(make_settings, server: str):
 
 
 @pytest.mark.parametrize("kind", ["jpeg", "dicom"])
-def test_predict_scores_more_images_than_one_request_takes(registered_pyfunc, xray_folders, make_settings,
-                                                           tmp_path, kind):
+def test_predict_scores_more_images_than_one_request_takes(
+    registered_pyfunc, xray_folders, make_settings, tmp_path, kind
+):
     """Row 1: 70 files in a folder, through the registered pyfunc: every file scored, none refused, in order,
     each with the probability it gets alone (before: MlflowException 'request has 70 images, above the limit
     of 64 per request')."""
-    from medclf.predict import predict_paths
+    from medclf.release.predict import predict_paths
 
     files = xray_folders[kind]
     folder = files[0].parent
-    res = predict_paths([folder], registered_pyfunc["uri"], tmp_path / "out.csv",
-                        _settings(make_settings, registered_pyfunc["server"]))
+    res = predict_paths(
+        [folder], registered_pyfunc["uri"], tmp_path / "out.csv", _settings(make_settings, registered_pyfunc["server"])
+    )
     df = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert res["files"] == len(df) == N and res["failed"] == 0, df.loc[df["error"] != "", "error"].tolist()[:3]
     assert df["path"].tolist() == [str(f) for f in files]
@@ -108,8 +124,9 @@ def test_predict_scores_more_images_than_one_request_takes(registered_pyfunc, xr
     assert df["p_PNEUMONIA"].astype(float).std() > 1e-3  # the probabilities differ per image: order is tested
 
 
-def test_cli_predict_chunks_by_the_limit_the_model_carries(registered_pyfunc, xray_folders, make_settings,
-                                                           tmp_path, caplog):
+def test_cli_predict_chunks_by_the_limit_the_model_carries(
+    registered_pyfunc, xray_folders, make_settings, tmp_path, caplog
+):
     """`medclf predict` on both folders (140 files) with a model whose limit is lowered to 8 at load time (the
     operator's MLFLOW_PYFUNC_INFERENCE_CONFIG path): requests follow the model's limit, not a constant."""
     import yaml
@@ -121,15 +138,17 @@ def test_cli_predict_chunks_by_the_limit_the_model_carries(registered_pyfunc, xr
     params.write_text(yaml.safe_dump(s.model_dump(mode="json", by_alias=True)))
     out = tmp_path / "cli.csv"
     folders = [str(xray_folders["jpeg"][0].parent), str(xray_folders["dicom"][0].parent)]
-    assert main(["--params", str(params), "predict", *folders, "--model", registered_pyfunc["uri"],
-                 "--out", str(out)]) == 0
+    assert (
+        main(["--params", str(params), "predict", *folders, "--model", registered_pyfunc["uri"], "--out", str(out)])
+        == 0
+    )
     df = pd.read_csv(out, keep_default_na=False)
     assert len(df) == 2 * N and (df["error"] == "").all()
 
     import mlflow.pyfunc
 
-    from medclf.predict import chunk_size
-    from medclf.tracking import mlflow_uri
+    from medclf.infra.tracking import mlflow_uri
+    from medclf.release.predict import chunk_size
 
     with mlflow_uri(registered_pyfunc["server"]):
         model = mlflow.pyfunc.load_model(registered_pyfunc["uri"], model_config={"max_request_images": 8})
@@ -140,7 +159,7 @@ def test_cli_predict_chunks_by_the_limit_the_model_carries(registered_pyfunc, xr
 def _local_copy(registered_pyfunc: dict, tmp_path: Path) -> Path:
     import mlflow.artifacts
 
-    from medclf.tracking import mlflow_uri
+    from medclf.infra.tracking import mlflow_uri
 
     with mlflow_uri(registered_pyfunc["server"]):
         return Path(mlflow.artifacts.download_artifacts(registered_pyfunc["uri"], dst_path=str(tmp_path / "m")))
@@ -149,7 +168,7 @@ def _local_copy(registered_pyfunc: dict, tmp_path: Path) -> Path:
 def test_predict_names_a_size_refusal_as_one(registered_pyfunc, xray_folders, make_settings, tmp_path, caplog):
     """Row 11: an image refused by the model's size bounds was logged as 'could not be decoded'; its row and the
     log now say it was refused, by which bound, and a truly undecodable file is still called that."""
-    from medclf.predict import predict_paths
+    from medclf.release.predict import predict_paths
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -157,9 +176,13 @@ def test_predict_names_a_size_refusal_as_one(registered_pyfunc, xray_folders, ma
     xray.resize((8, 8)).save(folder / "tiny.png")
     xray.save(folder / "fine.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with caplog.at_level("WARNING", logger="medclf.predict"):
-        res = predict_paths([folder], registered_pyfunc["uri"], tmp_path / "out.csv",
-                            _settings(make_settings, registered_pyfunc["server"]))
+    with caplog.at_level("WARNING", logger="medclf.release.predict"):
+        res = predict_paths(
+            [folder],
+            registered_pyfunc["uri"],
+            tmp_path / "out.csv",
+            _settings(make_settings, registered_pyfunc["server"]),
+        )
     df = pd.read_csv(tmp_path / "out.csv", keep_default_na=False).set_index("path")
     tiny = df.loc[str(folder / "tiny.png"), "error"]
     assert tiny.startswith("refused: ") and "8x8" in tiny and "minimum 16 px" in tiny, tiny

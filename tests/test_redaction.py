@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from medclf.config import load_settings
-from medclf.privacy import hash_patient
+from medclf.imaging.privacy import hash_patient
 from tests.conftest import KERMANY_REGEX, write_params
 from tests.test_ingest import make_folder
 
@@ -77,7 +77,8 @@ def mlflow_text(uri: str, run_id: str, download_to: Path) -> str:
 
 
 def test_folder_file_names_and_patient_ids_never_reach_logs_or_mlflow_in_clear(
-        tmp_path, mlflow_server, monkeypatch, caplog, capfd):
+    tmp_path, mlflow_server, monkeypatch, caplog, capfd
+):
     from medclf.stages import augment, ingest, train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -87,11 +88,17 @@ def test_folder_file_names_and_patient_ids_never_reach_logs_or_mlflow_in_clear(
     source = {"kind": "folder", "uri": str(root), "patient_id_regex": KERMANY_REGEX}
     for d in ("run", "failing"):
         (tmp_path / d).mkdir()
-    params = write_params(tmp_path / "run", {
-        "ingest": {"source": source, "max_quarantine_fraction": 0.1},
-        "validate": {"severity": {"prevalence_gap": "warn", "prevalence_bounds": "warn", "split_fractions": "warn"}},
-        "augment": {"preview_n": 4},
-        "train": {"head_epochs": 1, "finetune_epochs": 0, "batch_size": 16, "augment_workers": 0}})
+    params = write_params(
+        tmp_path / "run",
+        {
+            "ingest": {"source": source, "max_quarantine_fraction": 0.1},
+            "validate": {
+                "severity": {"prevalence_gap": "warn", "prevalence_bounds": "warn", "split_fractions": "warn"}
+            },
+            "augment": {"preview_n": 4},
+            "train": {"head_epochs": 1, "finetune_epochs": 0, "batch_size": 16, "augment_workers": 0},
+        },
+    )
     settings = load_settings(params)
 
     # 1. ingest in process: logs at DEBUG, reports and manifest on disk
@@ -99,13 +106,15 @@ def test_folder_file_names_and_patient_ids_never_reach_logs_or_mlflow_in_clear(
     summary = ingest.run(settings)
     assert summary["images"] == 25 and summary["quarantined"] == 1, summary
     # 2. validate through the CLI: the console table (stderr) and the JSON result (stdout) name files
-    val = subprocess.run([MEDCLF, "--params", str(params), "validate"], capture_output=True, text=True,
-                         timeout=600, check=False)
+    val = subprocess.run(
+        [MEDCLF, "--params", str(params), "validate"], capture_output=True, text=True, timeout=600, check=False
+    )
     assert val.returncode == 0, val.stderr[-3000:]
     # 3. a failing ingest through the CLI: its error lists example file names
     failing = write_params(tmp_path / "failing", {"ingest": {"source": source, "max_quarantine_fraction": 0.0}})
-    bad = subprocess.run([MEDCLF, "--params", str(failing), "ingest"], capture_output=True, text=True,
-                         timeout=600, check=False)
+    bad = subprocess.run(
+        [MEDCLF, "--params", str(failing), "ingest"], capture_output=True, text=True, timeout=600, check=False
+    )
     assert bad.returncode == 3 and "IngestError" in bad.stderr and "Examples:" in bad.stderr, bad.stderr[-3000:]
     # 4. augment + train in process, logging to MLflow
     augment.run(settings)
@@ -115,18 +124,29 @@ def test_folder_file_names_and_patient_ids_never_reach_logs_or_mlflow_in_clear(
 
     logs = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
     reports = settings.paths.reports_dir
-    on_disk = "\n".join(p.read_bytes().decode("utf-8", "replace") for d in (reports / "ingest", reports / "validation")
-                        for p in sorted(d.rglob("*")) if p.is_file())
+    on_disk = "\n".join(
+        p.read_bytes().decode("utf-8", "replace")
+        for d in (reports / "ingest", reports / "validation")
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    )
     import pandas as pd
 
     manifest = pd.read_parquet(settings.paths.ingest_dir / "manifest.parquet").to_csv()
-    texts = {"caplog": logs, "captured stdout/stderr": out + err, "medclf validate stdout": val.stdout,
-             "medclf validate stderr": val.stderr, "medclf ingest (failing) stderr": bad.stdout + bad.stderr,
-             "reports": on_disk, "manifest": manifest,
-             "MLflow run": mlflow_text(mlflow_server, run_id, tmp_path / "artifacts")}
+    texts = {
+        "caplog": logs,
+        "captured stdout/stderr": out + err,
+        "medclf validate stdout": val.stdout,
+        "medclf validate stderr": val.stderr,
+        "medclf ingest (failing) stderr": bad.stdout + bad.stderr,
+        "reports": on_disk,
+        "manifest": manifest,
+        "MLflow run": mlflow_text(mlflow_server, run_id, tmp_path / "artifacts"),
+    }
     found = {where: leaks(text, needles) for where, text in texts.items()}
     assert not any(found.values()), "raw ids or file names in clear:\n" + "\n".join(
-        f"  {where}: {', '.join(names)}" for where, names in found.items() if names)
+        f"  {where}: {', '.join(names)}" for where, names in found.items() if names
+    )
 
     # the files ARE named where they are reported, pseudonymised
     corrupt = CORRUPT.replace("person1099", hash_patient("person1099"))

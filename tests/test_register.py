@@ -29,8 +29,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server):
     root = tmp_path_factory.mktemp("register")
-    settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 50, "gradcam_n": 1,
-                                                                "gates": {"min_f1": 0.0, "min_recall": 0.0}}})
+    settings = build_project(
+        root,
+        mlflow_server,
+        {"evaluate": {"bootstrap": 50, "gradcam_n": 1, "gates": {"min_f1": 0.0, "min_recall": 0.0}}},
+    )
     # the surest test negative labelled positive (a false negative at any threshold below its
     # score... and it is the lowest score): F1 < 1 for sure, so "a better champion" can exist
     _yv, _pv, (yt, pt) = _test_proba(settings)
@@ -98,8 +101,20 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     train_run = json.loads((settings.paths.model_dir / "train_run.json").read_text())
     assert mv.run_id == train_run["run_id"] == out["run_id"]
     t = mv.tags
-    for key in ("git_commit", "data_digest", "params_hash", "threshold", "threshold_rule", "gates",
-                "model_sha256", "test_set_digest", "train_run_id", "metric.f1", "metric.recall", "keras_model_uri"):
+    for key in (
+        "git_commit",
+        "data_digest",
+        "params_hash",
+        "threshold",
+        "threshold_rule",
+        "gates",
+        "model_sha256",
+        "test_set_digest",
+        "train_run_id",
+        "metric.f1",
+        "metric.recall",
+        "keras_model_uri",
+    ):
         assert t.get(key), key
     assert float(t["threshold"]) == doc["threshold"] == gates["threshold"]
     assert float(t["metric.f1"]) == doc["test"]["f1"]
@@ -117,16 +132,18 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     reg = json.loads((settings.paths.reports_dir / "register.json").read_text())
     assert reg == {**out}
     # the model card, as markdown and as JSON, beside the model in the training run
-    from medclf.model_card import CARD_ARTIFACT, CARD_JSON_ARTIFACT
+    from medclf.infra import catalog
 
     dst = settings.paths.cache_dir / "card"
     dst.mkdir(parents=True)
-    card = json.loads(Path(_client(settings).download_artifacts(mv.run_id, CARD_JSON_ARTIFACT, str(dst))).read_text())
+    card = json.loads(
+        Path(_client(settings).download_artifacts(mv.run_id, catalog.RUN_CARD_JSON, str(dst))).read_text()
+    )
     assert card["metrics"]["f1"]["value"] == doc["test"]["f1"]
     assert card["operating_point"]["threshold"] == doc["threshold"]
     assert card["training_recipe"]["head_lr"] == settings.train.head_lr and card["data"]["split_by"] == "patient"
     assert "regulatory clearance" in card["intended_use"]["not_for_clinical_use"] and card["limitations"]
-    md = Path(_client(settings).download_artifacts(mv.run_id, CARD_ARTIFACT, str(dst))).read_text()
+    md = Path(_client(settings).download_artifacts(mv.run_id, catalog.RUN_CARD, str(dst))).read_text()
     assert "## Training recipe" in md and f"head_lr `{settings.train.head_lr}`" in md
     assert set(reg) >= {"model_name", "version", "alias", "run_id", "model_uri"}
 
@@ -149,8 +166,8 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     keras_model = mlflow.keras.load_model(t["keras_model_uri"])
     # the Keras flavour is the trained model itself: same layers, same weights, same predictions
     # (`get_layer(...) is not None` could not fail: get_layer raises instead of returning None)
-    from medclf.catalog import load_split
-    from medclf.serving import load_keras
+    from medclf.infra.catalog import load_split
+    from medclf.release.serving import load_keras
 
     trained = load_keras(str(settings.paths.model_dir / "model.keras"))
     assert [layer.name for layer in keras_model.layers] == [layer.name for layer in trained.layers]
@@ -159,8 +176,7 @@ def test_passing_gate_creates_exactly_one_challenger_version_with_tags(project):
     for got, want in zip(got_w, want_w, strict=True):
         np.testing.assert_array_equal(got, want)
     xv, _ = load_split(settings.paths, "val", mmap=False)
-    np.testing.assert_allclose(keras_model.predict(xv[:8], verbose=0), trained.predict(xv[:8], verbose=0),
-                               atol=1e-6)
+    np.testing.assert_allclose(keras_model.predict(xv[:8], verbose=0), trained.predict(xv[:8], verbose=0), atol=1e-6)
 
 
 def test_register_refuses_other_model_or_changed_champion(project, tmp_path):
@@ -201,8 +217,9 @@ def test_failure_after_version_creation_leaves_nothing(project):
         run_evaluate(settings)
     assert {v.version for v in _versions(settings)} == before
     cl = _client(settings)
-    models = cl.search_logged_models(experiment_ids=[run2["experiment_id"]],
-                                     filter_string=f"source_run_id = '{run2['run_id']}'")
+    models = cl.search_logged_models(
+        experiment_ids=[run2["experiment_id"]], filter_string=f"source_run_id = '{run2['run_id']}'"
+    )
     assert models == []  # the logged pyfunc/keras models of the failed attempt were deleted too
 
 
@@ -217,8 +234,12 @@ def test_failure_after_creating_the_registered_model_deletes_it(project, tmp_pat
 
     root, settings = project
     fresh = f"{settings.registry.model_name}-fresh-{uuid.uuid4().hex[:6]}"
-    s2 = copy_project(settings, root, tmp_path / "proj", {"register": {"model_name": fresh, "alias": "latest"},
-                                                          "evaluate": {"bootstrap": 0, "gradcam_n": 0}})
+    s2 = copy_project(
+        settings,
+        root,
+        tmp_path / "proj",
+        {"register": {"model_name": fresh, "alias": "latest"}, "evaluate": {"bootstrap": 0, "gradcam_n": 0}},
+    )
     run2 = write_train_run(s2, s2.mlflow.resolved_uri())  # its own training run: the project's stays as it is
     _res, _doc, gates = run_evaluate(s2)
     assert gates["passed"] is True, gates
@@ -242,14 +263,18 @@ def test_failure_after_creating_the_registered_model_deletes_it(project, tmp_pat
         cl.get_registered_model(fresh)
     assert gone.value.error_code == "RESOURCE_DOES_NOT_EXIST"
     assert cl.search_model_versions(f"name = '{fresh}'") == []
-    assert cl.search_logged_models(experiment_ids=[run2["experiment_id"]],
-                                   filter_string=f"source_run_id = '{run2['run_id']}'") == []
+    assert (
+        cl.search_logged_models(
+            experiment_ids=[run2["experiment_id"]], filter_string=f"source_run_id = '{run2['run_id']}'"
+        )
+        == []
+    )
     assert not (s2.paths.reports_dir / "register.json").exists()
 
 
 def test_unreachable_server_fails_fast_with_clear_error(project, monkeypatch):
+    from medclf.infra.tracking import TrackingUnavailable
     from medclf.stages import register
-    from medclf.tracking import TrackingUnavailable
 
     _root, settings = project
     before = len(_versions(settings))
@@ -271,15 +296,17 @@ def nudge_model(settings) -> None:
     last.assign(last.numpy() + np.linspace(-0.3, 0.3, last.shape[0]).astype(last.dtype))
     kernel = [w for w in model.weights if w.path.endswith("kernel")][-1]
     rng = np.random.default_rng(1)
-    kernel.assign(kernel.numpy() + rng.normal(0, 0.02 * float(np.std(kernel.numpy())), kernel.shape).astype(kernel.dtype))
+    kernel.assign(
+        kernel.numpy() + rng.normal(0, 0.02 * float(np.std(kernel.numpy())), kernel.shape).astype(kernel.dtype)
+    )
     model.save(f)
 
 
 def test_non_inferiority_against_champion_then_promote_and_rollback(project, monkeypatch):
     """v1 -> champion; a new run is gated against it (from its tags, and re-scored when the test set
     differs), registered as v2, promoted, rolled back; a worse-than-champion model is refused."""
-    from medclf import registry
     from medclf.cli import main
+    from medclf.release import registry, versions
     from medclf.stages import evaluate, register
 
     root, settings = project
@@ -364,7 +391,7 @@ def test_non_inferiority_against_champion_then_promote_and_rollback(project, mon
     assert int(cl.get_model_version_by_alias(name, "champion").version) == v1
     rolled = cl.get_model_version(name, str(v2))
     assert rolled.tags["champion.rolled_back_by"] == "carol"
-    assert registry.alias_version(cl, name, "previous-champion") is None  # history exhausted
+    assert versions.alias_version(cl, name, "previous-champion") is None  # history exhausted
     with pytest.raises(registry.RegistryError, match="nothing to roll back"):
         registry.rollback(settings)
     assert main(["--params", str(params), "rollback"]) == 1  # the CLI reports it as an error

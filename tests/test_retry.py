@@ -52,8 +52,11 @@ def _s3_throttled() -> BaseException:
 def failed_stage(stage: str, err: BaseException | None, tail: list[str] | None = None) -> StageFailed:
     """What the flow raises when `dvc repro` of `stage` fails: from this run's result file, which holds the
     structured error of `err`, or only the "running" marker when the process was killed (`err` None)."""
-    record = {"stage": stage, "token": "t", "status": "running"} if err is None else \
-        {"stage": stage, "token": "t", "error": error_record(stage, err)}
+    record = (
+        {"stage": stage, "token": "t", "status": "running"}
+        if err is None
+        else {"stage": stage, "token": "t", "error": error_record(stage, err)}
+    )
     return StageFailed.from_run(stage, record, tail or [])
 
 
@@ -70,14 +73,18 @@ def _failed(err: BaseException):
     return Failed(data=err, message=str(err))
 
 
-@pytest.mark.parametrize(("error", "retried"), [
-    (lambda: failed_stage("evaluate", _gate()), False),  # a failed gate fails identically every time
-    (lambda: failed_stage("validate", _check()), False),  # a failed data check, even with "cannot read" in it
-    (lambda: failed_stage("train", None, [KILLED]), True),  # SIGKILL / OOM killer: resumable training
-    (lambda: failed_stage("ingest", _s3_throttled()), True),  # throttled S3
-    (lambda: OSError(28, "No space left on device"), True),  # not a StageFailed: one more try
-    (lambda: RuntimeError("Unable to acquire lock on dvc.lock"), True),
-], ids=["gate", "validation", "killed", "s3-throttled", "oserror", "other"])
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (lambda: failed_stage("evaluate", _gate()), False),  # a failed gate fails identically every time
+        (lambda: failed_stage("validate", _check()), False),  # a failed data check, even with "cannot read" in it
+        (lambda: failed_stage("train", None, [KILLED]), True),  # SIGKILL / OOM killer: resumable training
+        (lambda: failed_stage("ingest", _s3_throttled()), True),  # throttled S3
+        (lambda: OSError(28, "No space left on device"), True),  # not a StageFailed: one more try
+        (lambda: RuntimeError("Unable to acquire lock on dvc.lock"), True),
+    ],
+    ids=["gate", "validation", "killed", "s3-throttled", "oserror", "other"],
+)
 def test_transient_only_on_failed_states(error, retried):
     state = _failed(error())
     assert state.is_failed()

@@ -4,26 +4,69 @@ from __future__ import annotations
 
 import pytest
 
-from medclf.model_card import version_description
+from medclf.release.model_card import version_description
 
 GATES = {
-    "threshold": 0.7123258113861084, "threshold_rule": "target_sensitivity",
-    "gates": [{"name": "min_f1", "metric": "f1", "op": ">=", "bound": 0.7, "value": 0.9323843416370107,
-               "passed": True},
-              {"name": "min_recall", "metric": "recall", "op": ">=", "bound": 0.8, "value": 0.8972602739726028,
-               "passed": True}],
-    "non_inferiority": {"margin": 0.02, "skipped": False, "entries": [
-        {"metric": "f1", "value": 0.9323843416370107, "champion": 0.9395017793594306, "margin": 0.02,
-         "bound": 0.9195017793594306, "op": ">=", "passed": True},
-        {"metric": "recall", "value": 0.8972602739726028, "champion": 0.9041095890410958, "margin": 0.02,
-         "bound": 0.8841095890410958, "op": ">=", "passed": True}]},
+    "threshold": 0.7123258113861084,
+    "threshold_rule": "target_sensitivity",
+    "gates": [
+        {"name": "min_f1", "metric": "f1", "op": ">=", "bound": 0.7, "value": 0.9323843416370107, "passed": True},
+        {
+            "name": "min_recall",
+            "metric": "recall",
+            "op": ">=",
+            "bound": 0.8,
+            "value": 0.8972602739726028,
+            "passed": True,
+        },
+    ],
+    "non_inferiority": {
+        "margin": 0.02,
+        "skipped": False,
+        "entries": [
+            {
+                "metric": "f1",
+                "value": 0.9323843416370107,
+                "champion": 0.9395017793594306,
+                "margin": 0.02,
+                "bound": 0.9195017793594306,
+                "op": ">=",
+                "passed": True,
+            },
+            {
+                "metric": "recall",
+                "value": 0.8972602739726028,
+                "champion": 0.9041095890410958,
+                "margin": 0.02,
+                "bound": 0.8841095890410958,
+                "op": ">=",
+                "passed": True,
+            },
+        ],
+    },
     "champion": {"alias": "champion", "checked": True, "version": "1"},
 }
-METRICS = {"test": {"n": 290, "roc_auc": 0.99453, "roc_auc_ci_low": 0.9871, "roc_auc_ci_high": 0.99871,
-                    "recall": 0.89726, "recall_ci_low": 0.8421, "recall_ci_high": 0.9437, "specificity": 0.97222,
-                    "f1": 0.93238, "precision": 0.97037}}
-PROV = {"raw_data_md5": "4deab90289cf8d06502afe821e154304.dir", "raw_data_nfiles": "1441",
-        "raw_data": "data/raw/chest_xray", "git_commit": "4d5eb174", "positive_class": "PNEUMONIA"}
+METRICS = {
+    "test": {
+        "n": 290,
+        "roc_auc": 0.99453,
+        "roc_auc_ci_low": 0.9871,
+        "roc_auc_ci_high": 0.99871,
+        "recall": 0.89726,
+        "recall_ci_low": 0.8421,
+        "recall_ci_high": 0.9437,
+        "specificity": 0.97222,
+        "f1": 0.93238,
+        "precision": 0.97037,
+    }
+}
+PROV = {
+    "raw_data_md5": "4deab90289cf8d06502afe821e154304.dir",
+    "raw_data_nfiles": "1441",
+    "raw_data": "data/raw/chest_xray",
+    "git_commit": "4d5eb174",
+    "positive_class": "PNEUMONIA",
+}
 
 
 def test_description_gives_cis_champion_operating_point_gates_and_data():
@@ -40,15 +83,18 @@ def test_description_gives_cis_champion_operating_point_gates_and_data():
 
 
 def test_description_without_champion_or_dvc_says_so():
-    gates = {**GATES, "non_inferiority": {"skipped": True, "entries": []},
-             "champion": {"note": "no champion registered for m"}}
+    gates = {
+        **GATES,
+        "non_inferiority": {"skipped": True, "entries": []},
+        "champion": {"note": "no champion registered for m"},
+    }
     md = version_description(gates, {"test": {"n": 10, "f1": 0.5}}, {}, "r")
     assert "non-inferiority: not checked (no champion registered for m)" in md
     assert "raw data hash unknown" in md and "ROC-AUC" not in md
 
 
 def test_gradcam_captions_separate_cases_near_the_threshold():
-    from medclf.stages.evaluate import gallery_caption
+    from medclf.evaluation.report import gallery_caption
 
     fn, fp = gallery_caption(3, "PNEUMONIA", 0.0071, 0.0093), gallery_caption(9, "PNEUMONIA", 0.0105, 0.0093)
     assert fn == "#3  p(PNEUMONIA)=0.0071 < 0.0093" and fp == "#9  p(PNEUMONIA)=0.0105 >= 0.0093"
@@ -77,35 +123,48 @@ def test_paired_difference_is_exactly_the_loop_over_the_same_resamples():
     """The vectorised paired bootstrap equals the plain loop: same resamples for both models, A minus B."""
     import numpy as np
 
-    from medclf import metrics as M
+    from medclf.evaluation import metrics
 
     y, a, b = _two_models()
-    got = M.paired_difference_ci(y, a, 0.5, b, 0.4, ["roc_auc", "recall", "specificity"], n_boot=60, seed=5)
+    got = metrics.paired_difference_ci(y, a, 0.5, b, 0.4, ["roc_auc", "recall", "specificity"], n_boot=60, seed=5)
     for key in ("roc_auc", "recall", "specificity"):
-        diffs = [M.binary_metrics(y[i], a[i], 0.5)[key] - M.binary_metrics(y[i], b[i], 0.4)[key]
-                 for i in M._resample_indices(len(y), 60, 5)]
+        diffs = [
+            metrics.binary_metrics(y[i], a[i], 0.5)[key] - metrics.binary_metrics(y[i], b[i], 0.4)[key]
+            for i in metrics._resample_indices(len(y), 60, 5)
+        ]
         lo, hi = np.quantile(diffs, 0.025), np.quantile(diffs, 0.975)
-        assert got[key]["ci_low"] == pytest.approx(lo, abs=1e-12) and got[key]["ci_high"] == pytest.approx(hi, abs=1e-12)
-        assert got[key]["diff"] == pytest.approx(M.binary_metrics(y, a, 0.5)[key] - M.binary_metrics(y, b, 0.4)[key])
+        assert got[key]["ci_low"] == pytest.approx(lo, abs=1e-12) and got[key]["ci_high"] == pytest.approx(
+            hi, abs=1e-12
+        )
+        assert got[key]["diff"] == pytest.approx(
+            metrics.binary_metrics(y, a, 0.5)[key] - metrics.binary_metrics(y, b, 0.4)[key]
+        )
     assert got["roc_auc"]["ci_low"] > 0.1  # the strong model is clearly better on ranking
-    assert 0.7 < M.binary_metrics(y, a, 0.5)["roc_auc"] < 0.99  # not saturated: resamples do differ
-    same = M.paired_difference_ci(y, a, 0.5, a, 0.5, ["roc_auc"], n_boot=50, seed=0)["roc_auc"]
+    assert 0.7 < metrics.binary_metrics(y, a, 0.5)["roc_auc"] < 0.99  # not saturated: resamples do differ
+    same = metrics.paired_difference_ci(y, a, 0.5, a, 0.5, ["roc_auc"], n_boot=50, seed=0)["roc_auc"]
     assert same["diff"] == same["ci_low"] == same["ci_high"] == 0.0  # paired: identical models never differ
 
 
 def test_description_shows_the_paired_comparison_validation_warnings_links_and_limitations():
-    from medclf.comparison import paired_differences
-    from medclf.model_card import run_links
+    from medclf.evaluation.comparison import paired_differences
+    from medclf.release.model_card import run_links
 
     y, a, b = _two_models()
     gates = {**GATES, "comparison": paired_differences(y, a, 0.5, b, 0.4, n_boot=200, seed=0)}
     links = run_links("http://127.0.0.1:5000", "7", "run123")
-    md = version_description(gates, {"test": {**METRICS["test"], "ece": 0.0412, "brier": 0.0571}},
-                             {**PROV, "dvc_md5": "aa11.dir"}, "run123",
-                             {"warnings": ["near_duplicates"], "offending": {"near_duplicates": 39}}, links)
+    md = version_description(
+        gates,
+        {"test": {**METRICS["test"], "ece": 0.0412, "brier": 0.0571}},
+        {**PROV, "dvc_md5": "aa11.dir"},
+        "run123",
+        {"warnings": ["near_duplicates"], "offending": {"near_duplicates": 39}},
+        links,
+    )
     roc = gates["comparison"]["roc_auc"]
-    assert (f"| ROC-AUC | {roc['challenger']:.3f} | {roc['champion']:.3f} | **{roc['diff']:+.3f}** | "
-            f"{roc['ci_low']:+.3f} to {roc['ci_high']:+.3f} |") in md
+    assert (
+        f"| ROC-AUC | {roc['challenger']:.3f} | {roc['champion']:.3f} | **{roc['diff']:+.3f}** | "
+        f"{roc['ci_low']:+.3f} to {roc['ci_high']:+.3f} |"
+    ) in md
     assert "Challenger vs champion v1, both on these test images" in md
     assert "**Calibration:** ECE 0.041, Brier 0.057" in md
     assert "processed dataset (data/ingest) DVC md5 `aa11.dir`" in md
@@ -118,17 +177,33 @@ def test_description_shows_the_paired_comparison_validation_warnings_links_and_l
 
 
 def test_run_metrics_are_point_values_and_the_cis_go_to_one_table():
-    from medclf.stages.evaluate import ci_table, run_metrics
-    from medclf.tracking import final_step
+    from medclf.evaluation.report import ci_table, run_metrics
+    from medclf.infra.tracking import final_step
 
-    doc = {"threshold": 0.31, "val": {"f1": 0.8, "n": 50},
-           "test": {"f1": 0.9, "f1_ci_low": 0.8, "f1_ci_high": 0.95, "tp": 40, "n": 100},
-           "test_default_threshold": {"f1": 0.7, "f1_ci_low": 0.6, "f1_ci_high": 0.8, "threshold": 0.5}}
+    doc = {
+        "threshold": 0.31,
+        "val": {"f1": 0.8, "n": 50},
+        "test": {"f1": 0.9, "f1_ci_low": 0.8, "f1_ci_high": 0.95, "tp": 40, "n": 100},
+        "test_default_threshold": {"f1": 0.7, "f1_ci_low": 0.6, "f1_ci_high": 0.8, "threshold": 0.5},
+    }
     m = run_metrics(doc)
-    assert m == {"decision_threshold": 0.31, "val_f1": 0.8, "val_n": 50.0, "test_f1": 0.9, "test_tp": 40.0,
-                 "test_n": 100.0, "test_t050_f1": 0.7, "test_t050_threshold": 0.5}
-    assert ci_table(doc) == {"metric": ["f1", "f1"], "threshold": ["registered", "0.5"], "value": [0.9, 0.7],
-                             "ci_low": [0.8, 0.6], "ci_high": [0.95, 0.8]}
+    assert m == {
+        "decision_threshold": 0.31,
+        "val_f1": 0.8,
+        "val_n": 50.0,
+        "test_f1": 0.9,
+        "test_tp": 40.0,
+        "test_n": 100.0,
+        "test_t050_f1": 0.7,
+        "test_t050_threshold": 0.5,
+    }
+    assert ci_table(doc) == {
+        "metric": ["f1", "f1"],
+        "threshold": ["registered", "0.5"],
+        "value": [0.9, 0.7],
+        "ci_low": [0.8, 0.6],
+        "ci_high": [0.95, 0.8],
+    }
     assert final_step({"epochs_run": 7}) == 7 and final_step({}) == 0
 
 
@@ -137,8 +212,8 @@ def test_experiment_opens_on_training_runs_and_splits_are_dataset_inputs(mlflow_
     import mlflow
     import numpy as np
 
+    from medclf.infra.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure
     from medclf.stages.train import Tracker, split_counts
-    from medclf.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure
 
     exp_id = configure(mlflow_server, "review-kind")
     cl = mlflow.MlflowClient(mlflow_server)
@@ -150,8 +225,9 @@ def test_experiment_opens_on_training_runs_and_splits_are_dataset_inputs(mlflow_
     tracker = Tracker()
     tracker.mlflow, tracker.uri = mlflow, mlflow_server
     with mlflow.start_run(experiment_id=exp_id) as run:
-        tracker.datasets(ingest, {"data_digest": "d" * 64, "dvc_md5": "0123456789abcdef0123456789abcdef.dir"},
-                         split_counts(ingest))
+        tracker.datasets(
+            ingest, {"data_digest": "d" * 64, "dvc_md5": "0123456789abcdef0123456789abcdef.dir"}, split_counts(ingest)
+        )
     inputs = cl.get_run(run.info.run_id).inputs.dataset_inputs
     got = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
     assert set(got) == {"training", "validation", "testing"}
@@ -164,20 +240,19 @@ def test_identical_model_bytes_and_inputs_from_another_run_are_not_registered_ag
     """Registry hygiene: a forced rerun that reproduced the same file from the same data finds the old version."""
     import mlflow
 
-    from medclf.stages.register import _existing
+    from medclf.release.versions import find_version
 
     cl, name = mlflow.MlflowClient(mlflow_server, mlflow_server), "review-dedupe"
     cl.create_registered_model(name)
     exp = cl.create_experiment("review-dedupe")
     run1, run2 = cl.create_run(exp).info.run_id, cl.create_run(exp).info.run_id
     inputs = {"test_set_digest": "t1", "raw_data_md5": "r1.dir", "data_digest": "d1"}
-    v1 = cl.create_model_version(name, source=f"runs:/{run1}/m", run_id=run1,
-                                 tags={"model_sha256": "abc", **inputs})
-    assert _existing(cl, name, run2, "abc", inputs).version == v1.version  # another run, same bytes and inputs
-    assert _existing(cl, name, run1, "abc").version == v1.version  # the same run: reused as before
-    assert _existing(cl, name, run2, "abc", {**inputs, "raw_data_md5": "r2.dir"}) is None  # new data
-    assert _existing(cl, name, run2, "other", inputs) is None  # different bytes
-    assert _existing(cl, name, run2, "abc") is None  # no inputs to compare: never merged across runs
+    v1 = cl.create_model_version(name, source=f"runs:/{run1}/m", run_id=run1, tags={"model_sha256": "abc", **inputs})
+    assert find_version(cl, name, run2, "abc", inputs).version == v1.version  # another run, same bytes and inputs
+    assert find_version(cl, name, run1, "abc").version == v1.version  # the same run: reused as before
+    assert find_version(cl, name, run2, "abc", {**inputs, "raw_data_md5": "r2.dir"}) is None  # new data
+    assert find_version(cl, name, run2, "other", inputs) is None  # different bytes
+    assert find_version(cl, name, run2, "abc") is None  # no inputs to compare: never merged across runs
 
 
 def test_comparison_is_strict_json_when_a_metric_is_undefined():
@@ -186,7 +261,7 @@ def test_comparison_is_strict_json_when_a_metric_is_undefined():
 
     import numpy as np
 
-    from medclf.comparison import comparison_rows, paired_differences
+    from medclf.evaluation.comparison import comparison_rows, paired_differences
 
     y, p = np.zeros(20, int), np.linspace(0, 1, 20)
     d = paired_differences(y, p, 0.5, p[::-1], 0.5, n_boot=30, seed=0)
@@ -198,26 +273,53 @@ def test_comparison_is_strict_json_when_a_metric_is_undefined():
 def test_model_card_states_the_recipe_as_it_ran_and_the_json_carries_the_same_facts():
     """The card quotes the training recipe with a `train.tune` choice applied (not params.yaml's value), says
     whether the final fit reproduced the chosen trial, and its JSON twin holds the unrounded figures."""
-    from medclf.model_card import model_card, model_card_json
+    from medclf.release.model_card import model_card, model_card_json
 
     meta = {"classes": ["NORMAL", "PNEUMONIA"], "positive_class": "PNEUMONIA", "image_size": 96, "channels": 1}
-    train = {"backbone": "mobilenet_v2", "head_lr": 0.001, "dropout": 0.2, "seed": 1234, "tune": {"trials": 20},
-             "input_size": "auto"}
-    tune = {"params": {"head_lr": 0.0042}, "study": "train-abc", "trials": {"complete": 18, "pruned": 2, "fail": 0},
-            "best_trial_val_auc": 0.981, "final_val_auc": 0.979}
-    train_run = {"backbone": "mobilenet_v2", "weights": "torch", "tune": tune, "calibration": {"temperature": 1.7},
-                 "input_size": 128}
+    train = {
+        "backbone": "mobilenet_v2",
+        "head_lr": 0.001,
+        "dropout": 0.2,
+        "seed": 1234,
+        "tune": {"trials": 20},
+        "input_size": "auto",
+    }
+    tune = {
+        "params": {"head_lr": 0.0042},
+        "study": "train-abc",
+        "trials": {"complete": 18, "pruned": 2, "fail": 0},
+        "best_trial_val_auc": 0.981,
+        "final_val_auc": 0.979,
+    }
+    train_run = {
+        "backbone": "mobilenet_v2",
+        "weights": "torch",
+        "tune": tune,
+        "calibration": {"temperature": 1.7},
+        "input_size": 128,
+    }
     md = model_card("DESCRIPTION", meta, PROV, train_run, {"train": 800, "val": 100, "test": 100}, train)
     assert "input_size `auto (128 px)`" in md  # the size the backbone saw, not just "auto"
     assert "head_lr `0.0042`" in md and "head_lr `0.001`" not in md and "dropout `0.2`" in md
     assert "study `train-abc`" in md and "chosen trial val AUC 0.981, final fit 0.979" in md
     assert "regulatory clearance" in md and md.rstrip().endswith("DESCRIPTION")
-    doc = model_card_json(meta, PROV, train_run, {"train": 800}, train, GATES, METRICS, {"warnings": [
-        "cross_split_duplicates"], "offending": {"cross_split_duplicates": 2}})
+    doc = model_card_json(
+        meta,
+        PROV,
+        train_run,
+        {"train": 800},
+        train,
+        GATES,
+        METRICS,
+        {"warnings": ["cross_split_duplicates"], "offending": {"cross_split_duplicates": 2}},
+    )
     assert doc["training_recipe"]["head_lr"] == 0.0042 and doc["training_recipe"]["tuned"]["keys"] == ["head_lr"]
     assert doc["metrics"]["roc_auc"] == {"value": 0.99453, "ci95": [0.9871, 0.99871]} and doc["metrics"]["n"] == 290
-    assert doc["operating_point"] == {"threshold": GATES["threshold"], "rule": "target_sensitivity",
-                                      "chosen_on": "validation"}
+    assert doc["operating_point"] == {
+        "threshold": GATES["threshold"],
+        "rule": "target_sensitivity",
+        "chosen_on": "validation",
+    }
     assert doc["data"]["validation_warnings"] == {"cross_split_duplicates": 2}
     assert [g["passed"] for g in doc["gates"]] == [True, True] and doc["limitations"]
     assert "tune" not in doc["training_recipe"] and "seed" in doc["training_recipe"]

@@ -52,13 +52,15 @@ class FlakyS3:
             fail = self.remaining > 0 and self.match(environ)
             if fail:
                 self.remaining -= 1
-                self.failed.append(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO')}?"
-                                   f"{environ.get('QUERY_STRING', '')}")
+                self.failed.append(
+                    f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO')}?{environ.get('QUERY_STRING', '')}"
+                )
         if fail:
-            body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                    b"<Message>injected by the test: please reduce your request rate</Message></Error>")
-            start_response("503 Slow Down", [("Content-Type", "application/xml"),
-                                              ("Content-Length", str(len(body)))])
+            body = (
+                b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b"<Message>injected by the test: please reduce your request rate</Message></Error>"
+            )
+            start_response("503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]
         return self.app(environ, start_response)
 
@@ -79,8 +81,9 @@ def flaky_s3(s3_server):
     class Server(ThreadedMotoServer):
         def _server_entry(self) -> None:
             holder["app"] = FlakyS3(DomainDispatcherApplication(create_backend_app))
-            self._server = make_server(self._ip_address, self._port, holder["app"], True,
-                                       request_handler=MotoRequestHandler)
+            self._server = make_server(
+                self._ip_address, self._port, holder["app"], True, request_handler=MotoRequestHandler
+            )
             self._server_ready_event.set()
             self._server.serve_forever()
 
@@ -98,8 +101,13 @@ def data_bucket(tmp_path_factory, s3_server) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("s3data")
     client, bucket = s3_client(s3_server), f"medclf-raw-{uuid.uuid4().hex[:8]}"
     client.create_bucket(Bucket=bucket)
-    return {"client": client, "bucket": bucket, "images": upload_demo(client, bucket, "raw", tmp), "tmp": tmp,
-            "endpoint": s3_server}
+    return {
+        "client": client,
+        "bucket": bucket,
+        "images": upload_demo(client, bucket, "raw", tmp),
+        "tmp": tmp,
+        "endpoint": s3_server,
+    }
 
 
 def test_transient_s3_failure_is_retried_and_succeeds(data_bucket, flaky_s3, prefect_api, tmp_path):
@@ -110,11 +118,18 @@ def test_transient_s3_failure_is_retried_and_succeeds(data_bucket, flaky_s3, pre
     uri = f"s3://{data_bucket['bucket']}/raw"
     # as many failures as the ingest S3 client makes attempts (botocore: 1 + its configured retries)
     n = S3Store(uri, endpoint).client.meta.config.retries["total_max_attempts"]
-    checkout = make_checkout(tmp_path / "co", {"ingest": {"source": {
-        "kind": "folder", "uri": uri, "s3_endpoint_url": endpoint}}})
+    checkout = make_checkout(
+        tmp_path / "co", {"ingest": {"source": {"kind": "folder", "uri": uri, "s3_endpoint_url": endpoint}}}
+    )
     # only ingest's own listing (boto3) fails; DVC's ETag check of the source (aiobotocore) is let through
-    flaky.arm(n, lambda env: env["REQUEST_METHOD"] == "GET" and "list-type=2" in env.get("QUERY_STRING", "")
-              and "aiobotocore" not in env.get("HTTP_USER_AGENT", ""))
+    flaky.arm(
+        n,
+        lambda env: (
+            env["REQUEST_METHOD"] == "GET"
+            and "list-type=2" in env.get("QUERY_STRING", "")
+            and "aiobotocore" not in env.get("HTTP_USER_AGENT", "")
+        ),
+    )
     state = run_flow(checkout, until="ingest", push=False)
     assert state.is_completed(), state.message
     assert len(flaky.failed) == n and flaky.remaining == 0, flaky.failed
@@ -134,8 +149,10 @@ def test_path_traversal_key_is_rejected_naming_the_key(data_bucket, prefect_api,
     for key in ("evil/normal/a.png", "evil/opacity/b.png", "evil/normal/../../escape.png"):
         client.put_object(Bucket=bucket, Key=key, Body=png)
     assert "evil/normal/../../escape.png" in s3_keys(client, bucket, "evil/")
-    checkout = make_checkout(tmp_path / "co", {"ingest": {"source": {
-        "kind": "folder", "uri": f"s3://{bucket}/evil", "s3_endpoint_url": p["endpoint"]}}})
+    checkout = make_checkout(
+        tmp_path / "co",
+        {"ingest": {"source": {"kind": "folder", "uri": f"s3://{bucket}/evil", "s3_endpoint_url": p["endpoint"]}}},
+    )
     state = run_flow(checkout, until="ingest", push=False)
     assert state.is_failed()
     msg = state.message or ""
@@ -149,8 +166,9 @@ def test_s3_server_down_gives_a_clear_error(make_settings):
     from medclf.stages import ingest
 
     dead = f"http://127.0.0.1:{free_port()}"
-    settings = make_settings({"ingest": {"source": {"kind": "folder", "uri": "s3://nobody-home/raw",
-                                                    "s3_endpoint_url": dead}}})
+    settings = make_settings(
+        {"ingest": {"source": {"kind": "folder", "uri": "s3://nobody-home/raw", "s3_endpoint_url": dead}}}
+    )
     with pytest.raises(SourceError) as err:
         ingest.run(settings)
     msg = str(err.value)

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from bench.serve_bench import image_payload, invoke, png_b64, served
-from medclf.serving import MAX_IMAGE_BYTES
+from medclf.release.serving import MAX_IMAGE_BYTES
 from tests.test_dicom import make_dicom
 from tests.test_evaluate import build_project, run_evaluate
 
@@ -25,22 +25,33 @@ ATOL = 1e-5  # same float32 model; batch composition may change the last bits
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, mlflow_server):
-    from medclf.catalog import load_split
-    from medclf.serving import load_keras
+    from medclf.infra.catalog import load_split
+    from medclf.release.serving import load_keras
     from medclf.stages import register
 
     root = tmp_path_factory.mktemp("serve")
-    settings = build_project(root, mlflow_server, {"evaluate": {"bootstrap": 0, "gradcam_n": 0,
-                                                                "gates": {"min_f1": 0.0, "min_recall": 0.0}}},
-                             calibrate=True)  # the model.keras served is the calibrated one, as train writes it
+    settings = build_project(
+        root,
+        mlflow_server,
+        {"evaluate": {"bootstrap": 0, "gradcam_n": 0, "gates": {"min_f1": 0.0, "min_recall": 0.0}}},
+        calibrate=True,
+    )  # the model.keras served is the calibrated one, as train writes it
     _res, doc, gates = run_evaluate(settings)
     assert gates["passed"], gates
     reg = register.run(settings)
     model = load_keras(str(settings.paths.model_dir / "model.keras"))
     x, y = load_split(settings.paths, "test", mmap=False)
     meta = json.loads((settings.paths.ingest_dir / "classes.json").read_text())
-    return {"root": root, "settings": settings, "reg": reg, "model": model, "x": x, "y": y, "meta": meta,
-            "threshold": doc["threshold"]}
+    return {
+        "root": root,
+        "settings": settings,
+        "reg": reg,
+        "model": model,
+        "x": x,
+        "y": y,
+        "meta": meta,
+        "threshold": doc["threshold"],
+    }
 
 
 def _reference(model, x: np.ndarray) -> np.ndarray:
@@ -90,7 +101,7 @@ def _full_range(img: np.ndarray) -> np.ndarray:
 
 
 def test_predict_files_folders_dicom_match_in_process_model(registered, tmp_path):
-    from medclf.predict import predict_paths
+    from medclf.release.predict import predict_paths
 
     r = registered
     x, model, meta = r["x"][:6], r["model"], r["meta"]
@@ -119,8 +130,9 @@ def test_predict_files_folders_dicom_match_in_process_model(registered, tmp_path
     ref = _reference(model, x)
     got = by_name.loc[[f"img{i}.png" for i in range(6)], cols].to_numpy()
     np.testing.assert_allclose(got, ref, atol=ATOL)
-    assert by_name.loc[[f"img{i}.png" for i in range(6)], "label"].tolist() == \
-        _expected_labels(ref, meta, r["threshold"])
+    assert by_name.loc[[f"img{i}.png" for i in range(6)], "label"].tolist() == _expected_labels(
+        ref, meta, r["threshold"]
+    )
     np.testing.assert_allclose(by_name.loc[["single.png"], cols].to_numpy(), ref[2:3], atol=ATOL)
     # resized RGB JPEG and DICOM, against inputs computed here without serving code: the JPEG letterboxed by
     # hand (ingest.resize), the DICOM's display image is the 8-bit test image it was made from
@@ -141,8 +153,8 @@ def test_registered_model_carries_its_modality_and_refuses_a_colour_photo(regist
     a colour picture for a greyscale modality (here the default chest_xray) and still scores a grey image."""
     import mlflow.pyfunc
 
-    from medclf.predict import predict_paths
-    from medclf.tracking import mlflow_uri
+    from medclf.infra.tracking import mlflow_uri
+    from medclf.release.predict import predict_paths
     from tests.test_modality import gradient
 
     r = registered
@@ -152,16 +164,15 @@ def test_registered_model_carries_its_modality_and_refuses_a_colour_photo(regist
     assert cfg.modality == r["settings"].ingest.modality == "chest_xray"
     Image.fromarray(gradient(64)).save(tmp_path / "photo.png")
     Image.fromarray(r["x"][0][..., 0]).convert("RGB").save(tmp_path / "xray_rgb.png")
-    res = predict_paths([tmp_path / "photo.png", tmp_path / "xray_rgb.png"], uri, tmp_path / "out.csv",
-                        r["settings"])
+    res = predict_paths([tmp_path / "photo.png", tmp_path / "xray_rgb.png"], uri, tmp_path / "out.csv", r["settings"])
     df = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert res["refused"] == 1 and df["error"].iloc[0].startswith("refused: colour image"), df["error"].tolist()
     assert df["error"].iloc[1] == ""
 
 
 def test_cli_predict_defaults_to_champion(registered, tmp_path):
-    from medclf import registry
     from medclf.cli import main
+    from medclf.release import registry
 
     r = registered
     settings = r["settings"]
@@ -174,16 +185,23 @@ def test_cli_predict_defaults_to_champion(registered, tmp_path):
     assert main(["--params", str(params), "predict", str(tmp_path / "a.png"), "--out", str(out)]) == 0
     df = pd.read_csv(out)
     assert df["model_uri"].iloc[0] == f"models:/{settings.registry.model_name}@champion"
-    np.testing.assert_allclose(df[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy(),
-                               _reference(r["model"], r["x"][:1]), atol=ATOL)
+    np.testing.assert_allclose(
+        df[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy(), _reference(r["model"], r["x"][:1]), atol=ATOL
+    )
     # the same (calibrated) probabilities evaluate reported for this test image, and the version says how calibrated
     ev = pd.read_csv(settings.paths.reports_dir / "evaluate" / "test_predictions.csv")
-    np.testing.assert_allclose(df[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy(),
-                               ev[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy()[:1], atol=ATOL)
+    np.testing.assert_allclose(
+        df[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy(),
+        ev[[f"p_{c}" for c in r["meta"]["classes"]]].to_numpy()[:1],
+        atol=ATOL,
+    )
     from mlflow import MlflowClient
 
-    desc = MlflowClient(settings.mlflow.resolved_uri()).get_model_version(settings.registry.model_name,
-                                                                           r["reg"]["version"]).description
+    desc = (
+        MlflowClient(settings.mlflow.resolved_uri())
+        .get_model_version(settings.registry.model_name, r["reg"]["version"])
+        .description
+    )
     t = json.loads((settings.paths.model_dir / "train_run.json").read_text())["calibration"]["temperature"]
     assert f"temperature scaling, T = {t:.3f} fitted on the validation split" in desc, desc
     assert "ECE " in desc and " → " in desc and "(before → after)" in desc, desc
@@ -214,8 +232,11 @@ def test_served_endpoint_matches_in_process_model(registered, tmp_path):
         with pytest.raises(RuntimeError, match=r"HTTP 400.*request has 9 images, above the limit of 8 "):
             invoke(url, image_payload([png_b64(x[0])] * 9))
         over = "A" * (4 * (MAX_IMAGE_BYTES // 3 + 1))  # base64 of the default 20 MiB limit + 1 byte
-        with pytest.raises(RuntimeError, match=r"HTTP 400.*input row 1: image is 20\.0 MiB \(20,971,521 bytes\) "
-                                               r"encoded, above the limit of 20\.0 MiB .*max_image_bytes"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"HTTP 400.*input row 1: image is 20\.0 MiB \(20,971,521 bytes\) "
+            r"encoded, above the limit of 20\.0 MiB .*max_image_bytes",
+        ):
             invoke(url, image_payload([png_b64(x[0]), over]))
         # base64 JPEG and DICOM files (what the README says the endpoint accepts), against inputs computed here
         # without serving code: a 64x64 grey JPEG and an 80x60 RGB JPEG, resized by the pyfunc like ingest
@@ -233,8 +254,9 @@ def test_served_endpoint_matches_in_process_model(registered, tmp_path):
         np.testing.assert_allclose([[p[c] for c in cols] for p in preds], ref_files, atol=ATOL)
         assert [p["label"] for p in preds] == _expected_labels(ref_files, meta, r["threshold"])
         # ... and the check can tell: the other resize mode, or a DICOM left un-inverted, would differ
-        wrong = _reference(model, np.stack([_wide_80x60_reference(wide, "crop" if mode == "pad" else "pad"),
-                                            255 - dimg]))
+        wrong = _reference(
+            model, np.stack([_wide_80x60_reference(wide, "crop" if mode == "pad" else "pad"), 255 - dimg])
+        )
         assert (np.abs(wrong - ref_files[[1, 3]]).max(axis=1) > 100 * ATOL).all()
 
 
@@ -267,8 +289,8 @@ def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make
     The expected arrays come from ingest itself (what the model was trained on) and from the geometry written
     out by hand with PIL (`_wide_80x60_reference`), never from `serving.prepare`.
     """
-    from medclf.catalog import load_split
-    from medclf.serving import MedclfModel, ServingConfig
+    from medclf.infra.catalog import load_split
+    from medclf.release.serving import MedclfModel, ServingConfig
     from medclf.stages import ingest
 
     root = tmp_path / "raw"
@@ -285,8 +307,14 @@ def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make
     assert (m.orig_height == 60).all() and (m.orig_width == 80).all()
     meta = json.loads((s.paths.ingest_dir / "classes.json").read_text())
     size = meta["image_size"]
-    cfg = ServingConfig(classes=meta["classes"], positive_class=meta["positive_class"], threshold=0.5,
-                        image_size=size, channels=meta["channels"], resize=s.ingest.resize)
+    cfg = ServingConfig(
+        classes=meta["classes"],
+        positive_class=meta["positive_class"],
+        threshold=0.5,
+        image_size=size,
+        channels=meta["channels"],
+        resize=s.ingest.resize,
+    )
     wrapper = MedclfModel()
     wrapper.cfg, wrapper.model = cfg, _Recorder()
     names = [m.source_uri.iloc[j].split("/raw/", 1)[1] for j in range(len(m))]
@@ -302,8 +330,8 @@ def test_predict_uses_the_ingest_resize_mode_on_non_square_images(tmp_path, make
     assert not np.array_equal(_wide_80x60_reference(files[names[0]], other), seen[0])
     if mode == "pad":  # 80×60 → 32×24 letterboxed: rows 0..3 and 28..31 are black, the image is not
         pad = (size - round(60 * size / 80)) // 2
-        assert pad == 4 and not seen[:, :pad].any() and not seen[:, size - pad:].any()
-        assert seen[:, pad:size - pad].min() > 0
+        assert pad == 4 and not seen[:, :pad].any() and not seen[:, size - pad :].any()
+        assert seen[:, pad : size - pad].min() > 0
     else:  # the centre 60×60 is scaled to fill the square: no black border, the bright side bands gone
         assert seen.min() > 0 and seen[:, :, 0].max() < 250
 
@@ -320,7 +348,7 @@ def test_request_limits_refuse_before_decoding_and_old_models_get_defaults():
     every cell before any is decoded; exactly at a limit is accepted. The HTTP path is in the served test."""
     from mlflow.exceptions import MlflowException
 
-    from medclf.serving import MAX_REQUEST_IMAGES, MedclfModel, ServingConfig
+    from medclf.release.serving import MAX_REQUEST_IMAGES, MedclfModel, ServingConfig
 
     base = ServingConfig(classes=["a", "b"], positive_class="b", threshold=0.5, image_size=32, channels=1)
     old = {k: v for k, v in base.to_dict().items() if k not in ("max_request_images", "max_image_bytes")}

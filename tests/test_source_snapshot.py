@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medclf.privacy import redact
+from medclf.imaging.privacy import redact
 from medclf.sources.base import SourceChanged
 from medclf.stages import ingest
 from tests.conftest import ROOT
@@ -39,8 +39,15 @@ def demo_folder(root: Path, per_class: int = 12) -> Path:
 
 
 def _settings(make_settings, root: Path):
-    return make_settings({"ingest": {"source": {"kind": "folder", "uri": str(root), "patient_id_regex": DEMO_REGEX},
-                                     "image_size": 32, "workers": 1}})
+    return make_settings(
+        {
+            "ingest": {
+                "source": {"kind": "folder", "uri": str(root), "patient_id_regex": DEMO_REGEX},
+                "image_size": 32,
+                "workers": 1,
+            }
+        }
+    )
 
 
 def _outputs(settings) -> dict[str, str]:
@@ -48,8 +55,13 @@ def _outputs(settings) -> dict[str, str]:
 
 
 def _staging(settings) -> list[str]:
-    return sorted(p.name for d in (settings.paths.ingest_dir.parent, settings.paths.reports_dir) if d.exists()
-                  for p in d.iterdir() if p.name.endswith((".staging", ".old")) or ".commit" in p.name)
+    return sorted(
+        p.name
+        for d in (settings.paths.ingest_dir.parent, settings.paths.reports_dir)
+        if d.exists()
+        for p in d.iterdir()
+        if p.name.endswith((".staging", ".old")) or ".commit" in p.name
+    )
 
 
 def _on_first_decode(monkeypatch, action) -> list[int]:
@@ -70,8 +82,7 @@ EXTRA = sorted(glob.glob(str(ROOT / "data/demo/batch1/NORMAL/*.jpeg")))[40]
 
 
 @pytest.mark.parametrize("kind", ["added", "removed", "changed"])
-def test_source_changed_while_ingest_reads_fails_clearly_and_writes_nothing(tmp_path, make_settings, monkeypatch,
-                                                                            kind):
+def test_source_changed_while_ingest_reads_fails_clearly_and_writes_nothing(tmp_path, make_settings, monkeypatch, kind):
     root = demo_folder(tmp_path / "raw")
     settings = _settings(make_settings, root)
     ingest.run(settings)  # a good previous dataset
@@ -116,7 +127,8 @@ def test_outputs_inside_the_source_folder_are_not_a_change_of_the_source(tmp_pat
         shutil.copy(f, tmp_path / f"img{i:02d}_{Path(f).parent.name}.jpeg")
     rows = [f"{p.name},{p.stem.split('_', 1)[1]},P{i}" for i, p in enumerate(sorted(tmp_path.glob("img*.jpeg")))]
     (tmp_path / "labels.csv").write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
-    s = make_settings({"ingest": {"source": {"kind": "manifest", "uri": str(tmp_path / "labels.csv")},
-                                  "image_size": 32}})
+    s = make_settings(
+        {"ingest": {"source": {"kind": "manifest", "uri": str(tmp_path / "labels.csv")}, "image_size": 32}}
+    )
     assert ingest.run(s)["images"] == 24
     assert ingest.run(s)["changes"]["unchanged"] == 24

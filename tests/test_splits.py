@@ -1,4 +1,4 @@
-"""Unit tests for medclf.splits: grouping (patients + exact duplicates) and the seeded, stratified split.
+"""Unit tests for medclf.imaging.splits: grouping (patients + exact duplicates) and the seeded, stratified split.
 
 Pure functions, so every expected number is computed by hand. Besides guarding the README's "no patient and
 no exact duplicate crosses splits" claim, these are the tests `make mutate` runs against splits.py.
@@ -10,13 +10,19 @@ from collections import Counter
 
 import pytest
 
-from medclf.splits import SPLITS, assign_splits, link_groups
+from medclf.imaging.splits import SPLITS, assign_splits, link_groups
 
 
 # ----------------------------------------------------------------------------- link_groups
 def test_records_sharing_any_key_form_one_group_named_by_its_first_record() -> None:
-    keys = [["p1", "h1"], ["p2", "h2"], ["p3", "h1"],  # p3 is a copy of p1's image: one group with p1
-            ["p4", "h4"], ["p2", "h9"], ["p5", "h9"]]  # p5 shares an image with p2's second record
+    keys = [
+        ["p1", "h1"],
+        ["p2", "h2"],
+        ["p3", "h1"],  # p3 is a copy of p1's image: one group with p1
+        ["p4", "h4"],
+        ["p2", "h9"],
+        ["p5", "h9"],
+    ]  # p5 shares an image with p2's second record
     assert link_groups(keys) == [0, 1, 0, 3, 1, 1]
 
 
@@ -41,8 +47,14 @@ def test_fractions_are_exact_per_label_and_every_record_gets_a_split() -> None:
     out = assign_splits(groups, labels, [None] * 100, val_fraction=0.2, test_fraction=0.1, seed=3)
     assert set(out) <= set(SPLITS)
     # per label: test quota 0.1 x size, val quota 0.2 x size, filled group by group
-    assert Counter(zip(out, labels)) == {("test", "A"): 6, ("val", "A"): 12, ("train", "A"): 42,
-                                         ("test", "B"): 4, ("val", "B"): 8, ("train", "B"): 28}
+    assert Counter(zip(out, labels, strict=True)) == {
+        ("test", "A"): 6,
+        ("val", "A"): 12,
+        ("train", "A"): 42,
+        ("test", "B"): 4,
+        ("val", "B"): 8,
+        ("train", "B"): 28,
+    }
     again = assign_splits(groups, labels, [None] * 100, val_fraction=0.2, test_fraction=0.1, seed=3)
     assert again == out  # seeded
     other = assign_splits(groups, labels, [None] * 100, val_fraction=0.2, test_fraction=0.1, seed=4)
@@ -56,7 +68,8 @@ def test_official_splits_are_kept_and_missing_ones_are_carved_as_a_share_of_the_
     assert [out[i] for i in range(100) if fixed[i]] == ["test"] * 20  # official test kept as is
     assert Counter(out[i] for i in range(100) if not fixed[i]) == {"val": 20, "train": 60}  # no extra test
     # val is 20% of all 100 records, not of the 80 left in the pool: 0.2 x 40 x 100/80 = 10 per label
-    assert Counter(zip(out, labels))[("val", "A")] == Counter(zip(out, labels))[("val", "B")] == 10
+    pairs = Counter(zip(out, labels, strict=True))
+    assert pairs[("val", "A")] == pairs[("val", "B")] == 10
 
 
 def test_records_fixed_to_train_are_part_of_the_pool() -> None:
@@ -77,9 +90,9 @@ def test_whole_groups_move_together_and_fixed_val_is_respected() -> None:
             fixed.append("val" if g == 0 else None)
     out = assign_splits(groups, labels, fixed, val_fraction=0.2, test_fraction=0.2, seed=5)
     for g in set(groups):
-        assert len({s for s, gg in zip(out, groups) if gg == g}) == 1, g
-    assert {s for s, gg in zip(out, groups) if gg == 0} == {"val"}
-    assert "val" not in [s for s, gg in zip(out, groups) if gg != 0]  # val present: not carved again
+        assert len({s for s, gg in zip(out, groups, strict=True) if gg == g}) == 1, g
+    assert {s for s, gg in zip(out, groups, strict=True) if gg == 0} == {"val"}
+    assert "val" not in [s for s, gg in zip(out, groups, strict=True) if gg != 0]  # val present: not carved again
     assert "test" in out
 
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from medclf.metrics import subgroup_metrics
-from medclf.model_card import version_description
+from medclf.evaluation.metrics import subgroup_metrics
+from medclf.evaluation.subgroups import SubgroupError, groups_of_test_split
+from medclf.release.model_card import version_description
 from medclf.sources.base import SourceError
 from medclf.sources.manifest import scan_manifest
-from medclf.subgroups import SubgroupError, groups_of_test_split
 
 
 def test_subgroup_metrics_match_sklearn_per_category_and_say_too_few():
@@ -46,15 +46,23 @@ def test_subgroup_metrics_match_sklearn_per_category_and_say_too_few():
 
     md = version_description({"threshold": thr, "gates": []}, {"test": {"n": n}, "subgroups": doc}, {}, "run1")
     a = doc["site"]["A"]
-    assert (f"| site | A | 160 | {a['positives']} | {a['roc_auc']:.3f} ({a['roc_auc_ci_low']:.3f}–"
-            f"{a['roc_auc_ci_high']:.3f}) |") in md
+    assert (
+        f"| site | A | 160 | {a['positives']} | {a['roc_auc']:.3f} ({a['roc_auc_ci_low']:.3f}–"
+        f"{a['roc_auc_ci_high']:.3f}) |"
+    ) in md
     assert f"| site | C | 12 | {small['positives']} | too few" in md and "| sex | F | 150 |" in md
 
 
 def _manifest(tmp_path, **columns) -> str:
     n = 24
-    df = pd.DataFrame({"path": [f"img/{i}.png" for i in range(n)], "label": ["a", "b"] * (n // 2),
-                       "patient_id": [f"P{i:03d}" for i in range(n)], **columns})
+    df = pd.DataFrame(
+        {
+            "path": [f"img/{i}.png" for i in range(n)],
+            "label": ["a", "b"] * (n // 2),
+            "patient_id": [f"P{i:03d}" for i in range(n)],
+            **columns,
+        }
+    )
     df.to_csv(tmp_path / "labels.csv", index=False)
     return str(tmp_path / "labels.csv")
 
@@ -75,8 +83,14 @@ def test_declared_subgroups_are_checked_at_the_source_manifest(tmp_path):
 
 def test_test_split_subgroups_follow_the_test_arrays_row_order(tmp_path):
     """Evaluate pairs each test prediction with its category by the manifest's `row`, not by file order."""
-    m = pd.DataFrame({"split": ["test", "train", "test", "test", None], "status": ["ok"] * 4 + ["quarantined"],
-                      "row": [2, 0, 0, 1, -1], "subgroup_site": ["C", "A", "A", None, "Z"]})
+    m = pd.DataFrame(
+        {
+            "split": ["test", "train", "test", "test", None],
+            "status": ["ok"] * 4 + ["quarantined"],
+            "row": [2, 0, 0, 1, -1],
+            "subgroup_site": ["C", "A", "A", None, "Z"],
+        }
+    )
     m.to_parquet(tmp_path / "manifest.parquet")
     groups = groups_of_test_split(tmp_path / "manifest.parquet", 3)
     assert list(groups) == ["site"] and list(groups["site"]) == ["A", "unknown", "C"]

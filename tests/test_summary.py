@@ -32,11 +32,13 @@ from flows.summary import (
 )
 
 # reports/metrics.json and reports/gates.json of a real run (trimmed to what the functions read)
-CI = {"f1": (0.9323843416370107, 0.8970690747782003, 0.9586206896551724),
-      "recall": (0.8972602739726028, 0.8467153284671532, 0.9424460431654677),
-      "specificity": (0.9722222222222222, 0.9409477124183007, 0.9931751467710371),
-      "roc_auc": (0.9945300608828006, 0.989101151065449, 0.998311185262078),
-      "brier": (0.030628504076092196, 0.01898142093412362, 0.04602736927107731)}
+CI = {
+    "f1": (0.9323843416370107, 0.8970690747782003, 0.9586206896551724),
+    "recall": (0.8972602739726028, 0.8467153284671532, 0.9424460431654677),
+    "specificity": (0.9722222222222222, 0.9409477124183007, 0.9931751467710371),
+    "roc_auc": (0.9945300608828006, 0.989101151065449, 0.998311185262078),
+    "brier": (0.030628504076092196, 0.01898142093412362, 0.04602736927107731),
+}
 
 
 def _flat(shift: float = 0.0) -> dict[str, Any]:
@@ -46,30 +48,59 @@ def _flat(shift: float = 0.0) -> dict[str, Any]:
     return out
 
 
-METRICS = {"threshold": 0.7123258113861084,
-           "val": {"f1": 0.9433962264150944, "n": 219, "sensitivity": 0.9009009009009009,
-                   "specificity": 0.9907407407407407},
-           "test": {**_flat(), "tp": 131, "fp": 4, "fn": 15, "tn": 140, "n": 290},
-           "test_default_threshold": {**_flat(0.01), "tp": 140, "fp": 5, "fn": 6, "tn": 139, "threshold": 0.5}}
+METRICS = {
+    "threshold": 0.7123258113861084,
+    "val": {"f1": 0.9433962264150944, "n": 219, "sensitivity": 0.9009009009009009, "specificity": 0.9907407407407407},
+    "test": {**_flat(), "tp": 131, "fp": 4, "fn": 15, "tn": 140, "n": 290},
+    "test_default_threshold": {**_flat(0.01), "tp": 140, "fp": 5, "fn": 6, "tn": 139, "threshold": 0.5},
+}
 GATES_NO_CHAMPION = {
-    "passed": True, "failures": [], "threshold": 0.7123258113861084, "threshold_rule": "target_sensitivity",
+    "passed": True,
+    "failures": [],
+    "threshold": 0.7123258113861084,
+    "threshold_rule": "target_sensitivity",
     "threshold_source": "validation",
-    "gates": [{"name": "min_f1", "metric": "f1", "value": 0.9323843416370107, "bound": 0.7, "op": ">=", "passed": True},
-              {"name": "min_recall", "metric": "recall", "value": 0.8972602739726028, "bound": 0.8, "op": ">=",
-               "passed": True}],
-    "non_inferiority": {"skipped": True, "note": "no champion registered"}, "champion": {"alias": "champion"}}
-DATASET = {"path": "data/ingest", "dvc_md5": "9f8e7d6c5b4a39281706f5e4d3c2b1a0.dir",
-           "raw_data": {"path": "data/raw", "md5": "0123456789abcdef0123456789abcdef.dir", "nfiles": 1441},
-           "images": 1441, "patients": 961, "quarantined": 0, "splits": {"test": 290, "train": 932, "val": 219},
-           "classes": ["NORMAL", "PNEUMONIA"], "changes": {"first": False, "added": 241}}
-REGISTER = {"model_name": "medclf-demo", "version": 2, "alias": "challenger", "created": True,
-            "model_uri": "models:/medclf-demo/2", "run_id": "2cd0aff27b074b4585ef37d596e428e3"}
+    "gates": [
+        {"name": "min_f1", "metric": "f1", "value": 0.9323843416370107, "bound": 0.7, "op": ">=", "passed": True},
+        {
+            "name": "min_recall",
+            "metric": "recall",
+            "value": 0.8972602739726028,
+            "bound": 0.8,
+            "op": ">=",
+            "passed": True,
+        },
+    ],
+    "non_inferiority": {"skipped": True, "note": "no champion registered"},
+    "champion": {"alias": "champion"},
+}
+DATASET = {
+    "path": "data/ingest",
+    "dvc_md5": "9f8e7d6c5b4a39281706f5e4d3c2b1a0.dir",
+    "raw_data": {"path": "data/raw", "md5": "0123456789abcdef0123456789abcdef.dir", "nfiles": 1441},
+    "images": 1441,
+    "patients": 961,
+    "quarantined": 0,
+    "splits": {"test": 290, "train": 932, "val": 219},
+    "classes": ["NORMAL", "PNEUMONIA"],
+    "changes": {"first": False, "added": 241},
+}
+REGISTER = {
+    "model_name": "medclf-demo",
+    "version": 2,
+    "alias": "challenger",
+    "created": True,
+    "model_uri": "models:/medclf-demo/2",
+    "run_id": "2cd0aff27b074b4585ef37d596e428e3",
+}
 STAGES = ("ingest", "validate", "augment", "train", "evaluate", "register")
 
 
 def _ran(*stages: str) -> list[dict[str, Any]]:
-    return [{"stage": s, "status": "ran" if s in stages else "skipped", "reason": "changed", "seconds": 1.25,
-             "attempt": 1} for s in STAGES]
+    return [
+        {"stage": s, "status": "ran" if s in stages else "skipped", "reason": "changed", "seconds": 1.25, "attempt": 1}
+        for s in STAGES
+    ]
 
 
 def _failed_gates() -> dict[str, Any]:
@@ -81,8 +112,10 @@ def _failed_gates() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- outcome line and tags
 def test_outcome_line_says_challenger_no_change_or_the_failing_gate_with_values():
-    assert headline(_ran(*STAGES), REGISTER, DATASET["changes"]) == \
-        "retrained on new data (+241 images): challenger v2 (medclf-demo)"
+    assert (
+        headline(_ran(*STAGES), REGISTER, DATASET["changes"])
+        == "retrained on new data (+241 images): challenger v2 (medclf-demo)"
+    )
     assert headline(_ran(), REGISTER) == NO_CHANGE
     assert "no change" in NO_CHANGE
     same = {**REGISTER, "created": False, "version": 1}
@@ -98,9 +131,18 @@ def test_outcome_line_says_challenger_no_change_or_the_failing_gate_with_values(
     close["gates"][1]["value"] = 0.79996
     assert gate_failure(close) == "gate failed: recall 0.79996 < 0.8"
     # a non-inferiority failure names the champion's value and the margin
-    ni = {**GATES_NO_CHAMPION, "passed": False, "champion": {"version": "1"},
-          "non_inferiority": {"skipped": False, "margin": 0.02, "entries": [
-              {"metric": "recall", "value": 0.85, "champion": 0.9, "margin": 0.02, "bound": 0.88, "passed": False}]}}
+    ni = {
+        **GATES_NO_CHAMPION,
+        "passed": False,
+        "champion": {"version": "1"},
+        "non_inferiority": {
+            "skipped": False,
+            "margin": 0.02,
+            "entries": [
+                {"metric": "recall", "value": 0.85, "champion": 0.9, "margin": 0.02, "bound": 0.88, "passed": False}
+            ],
+        },
+    }
     assert gate_failure(ni) == "gate failed: recall 0.850 < 0.880 (non-inferiority: champion 0.900 − margin 0.020)"
     # any other failure: the stage and its own error line, without the "medclf <stage>: " prefix
     other = "medclf ingest: IngestError: no images under data/raw\n  more detail"
@@ -111,27 +153,49 @@ def test_run_tags_carry_the_outcome_and_the_data_version():
     assert data_tag(DATASET) == "data:01234567"
     assert data_tag({"dvc_md5": "abcdef0123.dir"}) == "data:abcdef01"  # no raw hash: the processed data's
     assert data_tag({}) is None
-    assert run_tags(_ran(*STAGES), REGISTER, DATASET) == ["data:01234567", "retrained", "model-v2", "challenger-v2",
-                                                          "new-data"]
+    assert run_tags(_ran(*STAGES), REGISTER, DATASET) == [
+        "data:01234567",
+        "retrained",
+        "model-v2",
+        "challenger-v2",
+        "new-data",
+    ]
     assert run_tags(_ran(), REGISTER, DATASET) == ["data:01234567", "no-change"]
     assert run_tags(_ran("ingest", "validate"), REGISTER, DATASET) == ["data:01234567", "updated", "new-data"]
     assert run_tags(_ran("ingest"), None, DATASET, failed_stage="evaluate", gate_failed=True) == [
-        "failed:evaluate", "gate-failed", "data:01234567"]
+        "failed:evaluate",
+        "gate-failed",
+        "data:01234567",
+    ]
 
 
 # --------------------------------------------------------------------------- summary and metrics table
 def test_summary_opens_with_one_outcome_line_then_metrics_with_cis_threshold_and_non_inferiority():
     line = headline(_ran(*STAGES), REGISTER, DATASET["changes"])
-    md = render_summary(outcomes=_ran(*STAGES), dataset=DATASET, gates=GATES_NO_CHAMPION, register=REGISTER,
-                        links={"MLflow model version": "http://mlflow/#/models/medclf-demo/versions/2"}, push=None,
-                        wall_seconds=12.0, planned=list(STAGES), metrics=METRICS, outcome=line)
+    md = render_summary(
+        outcomes=_ran(*STAGES),
+        dataset=DATASET,
+        gates=GATES_NO_CHAMPION,
+        register=REGISTER,
+        links={"MLflow model version": "http://mlflow/#/models/medclf-demo/versions/2"},
+        push=None,
+        wall_seconds=12.0,
+        planned=list(STAGES),
+        metrics=METRICS,
+        outcome=line,
+    )
     lines = md.splitlines()
     assert lines[0] == f"# {line}" and "medclf retrain" not in md and "retrained: retrained" not in md
     head = md.split("## Dataset")[0]  # the metrics come before everything else
-    for text in ("**F1**: 0.932 (0.897–0.959)", "**recall (sensitivity)**: 0.897 (0.847–0.942)",
-                 "**specificity**: 0.972 (0.941–0.993)", "**ROC AUC**: 0.995 (0.989–0.998)",
-                 "**threshold**: 0.712 (target sensitivity, chosen on validation)",
-                 "**non-inferiority**: skipped: no champion registered", "**gates**: passed"):
+    for text in (
+        "**F1**: 0.932 (0.897–0.959)",
+        "**sensitivity (recall)**: 0.897 (0.847–0.942)",
+        "**specificity**: 0.972 (0.941–0.993)",
+        "**ROC-AUC**: 0.995 (0.989–0.998)",
+        "**threshold**: 0.712 (target sensitivity, chosen on validation)",
+        "**non-inferiority**: skipped: no champion registered",
+        "**gates**: passed",
+    ):
         assert text in head, (text, head)
     # splits and classes as text, not Python syntax; every number at most 3 decimals
     assert "**splits**: train 932 · val 219 · test 290" in md and "**classes**: NORMAL, PNEUMONIA" in md
@@ -139,14 +203,31 @@ def test_summary_opens_with_one_outcome_line_then_metrics_with_cis_threshold_and
     assert not re.search(r"\d\.\d{4,}", md), re.findall(r"\S*\d\.\d{4,}\S*", md)
     assert "| min_recall | recall | 0.897 | >= | 0.800 | pass |" in md
     # a failed gate: the outcome line, then the stage's error, and the gate verdict in prose
-    failed = render_summary(outcomes=_ran("ingest"), dataset=DATASET, gates=_failed_gates(), register=None, links={},
-                            push=None, wall_seconds=1.0, failure="stage 'evaluate' failed: medclf evaluate: ...",
-                            metrics=METRICS, outcome="gate failed: recall 0.773 < 0.800")
+    failed = render_summary(
+        outcomes=_ran("ingest"),
+        dataset=DATASET,
+        gates=_failed_gates(),
+        register=None,
+        links={},
+        push=None,
+        wall_seconds=1.0,
+        failure="stage 'evaluate' failed: medclf evaluate: ...",
+        metrics=METRICS,
+        outcome="gate failed: recall 0.773 < 0.800",
+    )
     assert failed.splitlines()[0] == "# gate failed: recall 0.773 < 0.800"
     assert "**gates**: gate failed: recall 0.773 < 0.800" in failed and "## Gates (FAILED)" in failed
-    champion = {**GATES_NO_CHAMPION, "champion": {"version": "1"}, "non_inferiority": {"skipped": False, "margin": 0.02,
-                "entries": [{"metric": "f1", "value": 0.93, "champion": 0.94, "margin": 0.02, "bound": 0.92,
-                             "passed": True}]}}
+    champion = {
+        **GATES_NO_CHAMPION,
+        "champion": {"version": "1"},
+        "non_inferiority": {
+            "skipped": False,
+            "margin": 0.02,
+            "entries": [
+                {"metric": "f1", "value": 0.93, "champion": 0.94, "margin": 0.02, "bound": 0.92, "passed": True}
+            ],
+        },
+    }
     assert non_inferiority(champion) == "passed against champion v1 (margin 0.020): f1 0.930 ≥ 0.920 (champion 0.940)"
 
 
@@ -156,8 +237,14 @@ def test_metrics_table_has_one_narrow_row_per_metric_at_three_decimals():
     assert names == ["threshold", "f1", "recall", "specificity", "roc_auc", "brier", "tp", "fp", "fn", "tn", "n"]
     assert len(rows[0]) <= 6  # few columns: fits 1,200 px
     by = {r["metric"]: r for r in rows}
-    assert by["f1"] == {"metric": "f1", "test": "0.932", "95 % CI": "0.897–0.959", "test at 0.500": "0.942",
-                        "95 % CI at 0.500": "0.897–0.959", "validation": "0.943"}
+    assert by["f1"] == {
+        "metric": "f1",
+        "test": "0.932",
+        "95 % CI": "0.897–0.959",
+        "test at 0.500": "0.942",
+        "95 % CI at 0.500": "0.897–0.959",
+        "validation": "0.943",
+    }
     assert by["recall"]["validation"] == "0.901"  # validation sensitivity, where the threshold was chosen
     assert by["threshold"]["test"] == "0.712" and by["tp"]["test"] == "131" and by["n"]["test"] == "290"
     cells = [v for r in rows for v in r.values()]
@@ -280,7 +367,9 @@ def test_flow_state_message_tags_and_artifacts(tmp_path, prefect_api, monkeypatc
     result = state.result()
     assert state.message == result["headline"] == "updated ingest (first ingest: 80 images); model unchanged"
     md5 = result["dataset"]["raw_data"]["md5"]
-    assert md5 in [d.get("md5") for d in yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]["ingest"]["deps"]]
+    assert md5 in [
+        d.get("md5") for d in yaml.safe_load((checkout / "dvc.lock").read_text())["stages"]["ingest"]["deps"]
+    ]
     tags = _tags(state.state_details.flow_run_id)
     assert {"medclf:updated", f"medclf:data:{md5.removesuffix('.dir')[:8]}"} <= tags, tags
     arts = flow_artifacts(state.state_details.flow_run_id)

@@ -55,8 +55,9 @@ def pristine(tmp_path_factory) -> Path:
     (root / "stage.py").write_text(STAGE)
     (root / "dvc.yaml").write_text(DVC_YAML)
     subprocess.run([DVC, "init", "--no-scm", "-q"], cwd=root, check=True)
-    (root / ".dvc" / "config").write_text(f"[core]\n    no_scm = True\n    remote = store\n"
-                                          f"['remote \"store\"']\n    url = {base / 'remote'}\n")
+    (root / ".dvc" / "config").write_text(
+        f"[core]\n    no_scm = True\n    remote = store\n['remote \"store\"']\n    url = {base / 'remote'}\n"
+    )
     return root
 
 

@@ -27,8 +27,15 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli(params: Path, *args: str, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medclf.cli", "--params", str(params), *args], cwd=params.parent,
-                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "medclf.cli", "--params", str(params), *args],
+        cwd=params.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 NO_TF_NO_MLFLOW = """
@@ -89,8 +96,11 @@ def _backbone_file(path: Path, seed: int = 3, alpha: float = 0.35) -> Path:
 
 
 def _backbone_weights(model_or_backbone) -> dict[str, list[np.ndarray]]:
-    bb = model_or_backbone.get_layer("backbone") if "backbone" in [x.name for x in model_or_backbone.layers] \
+    bb = (
+        model_or_backbone.get_layer("backbone")
+        if "backbone" in [x.name for x in model_or_backbone.layers]
         else model_or_backbone
+    )
     return {layer.name: [np.array(w) for w in layer.get_weights()] for layer in bb.layers if layer.weights}
 
 
@@ -106,10 +116,13 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 
 # --------------------------------------------------------------------------- contract (no training)
 def test_train_import_chain_stays_small():
-    code = ("import sys, medclf.stages.train, medclf.modeling, medclf.augmentation; "
-            "print([m for m in ('tensorflow', 'keras', 'jax', 'mlflow', 'pandas') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120,
-                         check=False)
+    code = (
+        "import sys, medclf.stages.train, medclf.modeling.network, medclf.imaging.augmentation; "
+        "print([m for m in ('tensorflow', 'keras', 'jax', 'mlflow', 'pandas') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -117,7 +130,7 @@ def test_train_import_chain_stays_small():
 def test_val_scores_are_the_one_auc_evaluate_reports():
     """Epoch selection uses `metrics.macro_auc` (mean, not nanmean): a class absent from val makes the K>2
     val AUC NaN, so no epoch is picked on a partial number that evaluate would never report."""
-    from medclf.metrics import macro_auc
+    from medclf.evaluation.metrics import macro_auc
     from medclf.training.data import val_scores
 
     rng = np.random.default_rng(0)
@@ -130,18 +143,21 @@ def test_val_scores_are_the_one_auc_evaluate_reports():
     assert np.isnan(val_scores(np.where(y3 == 2, 0, y3), p3)["val_auc"])  # class 2 absent from val
 
 
-@pytest.mark.parametrize(("backbone", "channels", "app_module"), [
-    ("mobilenet_v2", 1, "mobilenet_v2"),  # tf mode, grayscale replicated in-model
-    ("resnet50", 3, "resnet50"),  # caffe mode: RGB->BGR and mean subtraction
-    ("densenet121", 1, "densenet"),  # torch mode: ImageNet mean/std
-    ("efficientnet_v2_b0", 3, "efficientnet_v2"),  # raw (in-model rescaling); its block table is looked up by name
-])
+@pytest.mark.parametrize(
+    ("backbone", "channels", "app_module"),
+    [
+        ("mobilenet_v2", 1, "mobilenet_v2"),  # tf mode, grayscale replicated in-model
+        ("resnet50", 3, "resnet50"),  # caffe mode: RGB->BGR and mean subtraction
+        ("densenet121", 1, "densenet"),  # torch mode: ImageNet mean/std
+        ("efficientnet_v2_b0", 3, "efficientnet_v2"),  # raw (in-model rescaling); its block table is looked up by name
+    ],
+)
 def test_model_contract_and_preprocessing_match_keras(backbone, channels, app_module):
     import importlib
 
     import keras
 
-    from medclf.modeling import build_model
+    from medclf.modeling.network import build_model
 
     model, info = build_model(backbone, 3, 32, channels, width=0.35)
     names = [layer.name for layer in model.layers]
@@ -155,14 +171,16 @@ def test_model_contract_and_preprocessing_match_keras(backbone, channels, app_mo
     rgb = np.repeat(x, 3, axis=-1) if channels == 1 else x
     expected = importlib.import_module(f"keras.applications.{app_module}").preprocess_input(rgb.astype("float32"))
     assert np.allclose(pre.predict(x, verbose=0), expected, atol=1e-4)
-    assert info["preprocessing"] == {"mobilenet_v2": "tf", "resnet50": "caffe", "densenet121": "torch",
-                                     "efficientnet_v2_b0": "raw"}[backbone]
+    assert (
+        info["preprocessing"]
+        == {"mobilenet_v2": "tf", "resnet50": "caffe", "densenet121": "torch", "efficientnet_v2_b0": "raw"}[backbone]
+    )
 
 
 def test_saved_model_loads_safely_with_resizing_and_reproduces(tmp_path):
     import keras
 
-    from medclf.modeling import build_model
+    from medclf.modeling.network import build_model
 
     model, info = build_model("mobilenet_v2", 2, 32, 1, width=0.35, input_size=48)
     assert model.get_layer("resize").output.shape[1:3] == (48, 48) and info["input_size"] == 48
@@ -176,16 +194,25 @@ def test_input_size_auto_upsamples_small_images_for_pretrained_weights_only():
     """`train.input_size: auto` (the default): pretrained backbones see images under 96 px upsampled to twice
     their size within 96..128 (the measured gain, docs/PERFORMANCE.md "The adaptive recipe"); from scratch only up to
     the backbone's minimum; an explicit size or null is kept. The built model carries the resize layer."""
-    from medclf.modeling import build_model, resolve_input_size
+    from medclf.modeling.network import build_model, resolve_input_size
 
     pre = "offline:mobilenet_v2"
     assert [resolve_input_size("auto", "mobilenet_v2", s, pre) for s in (28, 32, 48, 64, 80, 96, 224)] == [
-        96, 96, 96, 128, 128, None, None]
+        96,
+        96,
+        96,
+        128,
+        128,
+        None,
+        None,
+    ]
     assert resolve_input_size("auto", "mobilenet_v2", 28, "imagenet") == 96
     assert resolve_input_size("auto", "mobilenet_v2", 28, "none") == 32  # the backbone's minimum, no more
     assert resolve_input_size("auto", "mobilenet_v2", 64, "none") is None
     assert resolve_input_size("auto", "inception_v3", 64, "none") == 75
-    assert resolve_input_size(48, "mobilenet_v2", 28, pre) == 48 and resolve_input_size(None, "resnet50", 28, pre) is None
+    assert (
+        resolve_input_size(48, "mobilenet_v2", 28, pre) == 48 and resolve_input_size(None, "resnet50", 28, pre) is None
+    )
     with pytest.raises(ValueError, match="needs images of at least 32px"):
         build_model("mobilenet_v2", 2, 28, 1, width=0.35, input_size=None)
     model, info = build_model("mobilenet_v2", 2, 28, 1, width=1.0, input_size="auto", weights=pre)
@@ -196,7 +223,7 @@ def test_input_size_auto_upsamples_small_images_for_pretrained_weights_only():
 def test_weights_from_a_local_keras_file(tmp_path):
     import keras
 
-    from medclf.modeling import WeightsError, build_model
+    from medclf.modeling.network import WeightsError, build_model
 
     path = _backbone_file(tmp_path / "bb.weights.h5", seed=11)
     # the reference reads the file with Keras' own loader: comparing against a second seeded build was flaky,
@@ -220,15 +247,16 @@ def test_weights_from_a_local_keras_file(tmp_path):
 def test_weights_from_s3(tmp_path, s3_server, monkeypatch):
     import boto3
 
-    from medclf.modeling import build_model
+    from medclf.modeling.network import build_model
 
     path = _backbone_file(tmp_path / "bb.weights.h5", seed=5)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="weights")
     s3.upload_file(str(path), "weights", "mnv2/bb.weights.h5")
-    model, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights="s3://weights/mnv2/bb.weights.h5",
-                              cache_dir=tmp_path / "cache")
+    model, _ = build_model(
+        "mobilenet_v2", 2, 32, 1, width=0.35, weights="s3://weights/mnv2/bb.weights.h5", cache_dir=tmp_path / "cache"
+    )
     assert (tmp_path / "cache" / "weights" / "weights" / "mnv2" / "bb.weights.h5").exists()
     import keras
 
@@ -241,9 +269,9 @@ def test_weights_from_s3(tmp_path, s3_server, monkeypatch):
 def test_torchvision_checkpoint_weights_and_epsilon_survive_reload(tmp_path):
     import keras
 
-    from medclf.modeling import build_model
-    from medclf.training.pretrained import find_offline_mobilenet_v2
-    from medclf.weights import read_torch_checkpoint
+    from medclf.modeling.network import build_model
+    from medclf.modeling.pretrained import find_offline_mobilenet_v2
+    from medclf.modeling.weights import read_torch_checkpoint
 
     pth = find_offline_mobilenet_v2()
     if pth is None:
@@ -258,16 +286,19 @@ def test_torchvision_checkpoint_weights_and_epsilon_survive_reload(tmp_path):
     assert np.array_equal(conv1, sd["features.0.0.weight"].transpose(2, 3, 1, 0))
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
-    eps = {layer.epsilon for layer in again.get_layer("backbone").layers
-           if isinstance(layer, keras.layers.BatchNormalization)}
+    eps = {
+        layer.epsilon
+        for layer in again.get_layer("backbone").layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    }
     assert eps == {1e-5}
     x = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
     assert np.allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-6)
 
 
 def test_offline_weights_spec_errors_name_the_fix(monkeypatch):
-    from medclf.modeling import WeightsError, build_model
-    from medclf.training import pretrained
+    from medclf.modeling import pretrained
+    from medclf.modeling.network import WeightsError, build_model
 
     with pytest.raises(WeightsError, match="mobilenet_v2 only"):
         build_model("resnet50", 2, 32, 1, weights="offline:resnet50")
@@ -277,7 +308,7 @@ def test_offline_weights_spec_errors_name_the_fix(monkeypatch):
 
 
 def test_imagenet_offline_says_how_to_point_at_a_file():
-    from medclf.modeling import WeightsError, build_model
+    from medclf.modeling.network import WeightsError, build_model
 
     try:
         socket.create_connection(("storage.googleapis.com", 443), timeout=3).close()
@@ -293,7 +324,7 @@ def test_imagenet_offline_says_how_to_point_at_a_file():
 def test_two_phase_freezes_then_unfreezes_top_layers_with_batchnorm_frozen(tmp_path, make_settings):
     import keras
 
-    from medclf.modeling import _bn_layers, build_model, compile_model, freeze_backbone, unfreeze_top
+    from medclf.modeling.network import _bn_layers, build_model, compile_model, freeze_backbone, unfreeze_top
 
     path = _backbone_file(tmp_path / "bb.weights.h5")
     model, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(path))
@@ -302,8 +333,9 @@ def test_two_phase_freezes_then_unfreezes_top_layers_with_batchnorm_frozen(tmp_p
     assert {w.path for w in model.trainable_weights} == {"classifier/kernel", "classifier/bias"}
     report = unfreeze_top(model, 10)
     top = [layer for layer in base.layers[-10:] if layer.weights]
-    assert {layer.name for layer in base.layers if layer.trainable and layer.weights} == \
-        {layer.name for layer in top if not isinstance(layer, keras.layers.BatchNormalization)}
+    assert {layer.name for layer in base.layers if layer.trainable and layer.weights} == {
+        layer.name for layer in top if not isinstance(layer, keras.layers.BatchNormalization)
+    }
     assert report["unfrozen_layers"] == 3  # Conv_1, block_16_project, block_16_depthwise
     assert not any(bn.trainable for bn in _bn_layers(base))
     # a real optimisation step: only the unfrozen layers move; BN statistics and lower layers stay put
@@ -335,10 +367,18 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     # the repository's own train section (write_params pins tests to the tiny from-scratch net)
     repo = yaml.safe_load((ROOT / "params.yaml").read_text())
     demo = ROOT / "data" / "demo" / "batch1"  # the embedded REAL X-rays, as `make retrain` uses them
-    s = make_settings({"ingest": {"source": {**repo["ingest"]["source"], "uri": str(demo)},
-                                  "image_size": repo["ingest"]["image_size"]},
-                       "augment": repo["augment"], "train": repo["train"],
-                       "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-train-tests"}})
+    s = make_settings(
+        {
+            "ingest": {
+                "source": {**repo["ingest"]["source"], "uri": str(demo)},
+                "image_size": repo["ingest"]["image_size"],
+            },
+            "augment": repo["augment"],
+            "train": repo["train"],
+            "mlflow": {"tracking_uri": mlflow_server},
+            "register": {"experiment": "medclf-train-tests"},
+        }
+    )
     ingest.run(s)
     augment.run(s)
     res = train.run(s)
@@ -354,22 +394,36 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     # calibration (train.calibration: temperature): the saved model outputs softmax(log p_raw / T), i.e. its val
     # NLL/ECE/Brier are the recorded "after"; undoing T gives the recorded "before", and refitting T on those
     # val probabilities gives T back (fitted on val, not on train)
-    from medclf import calibration as C
+    from medclf.evaluation import calibration
 
     cal, pf = run_file["calibration"], p.astype(float)
     t = cal["temperature"]
     assert cal["method"] == "temperature" and cal["fitted_on"] == "val" and cal["n"] == len(y_val), cal
     assert cal["val_after"]["nll"] <= cal["val_before"]["nll"] and abs(np.log(t)) > 0.01, cal
     for k in ("nll", "ece", "brier"):
-        assert C.summary(y_val, pf)[k] == pytest.approx(cal["val_after"][k], abs=1e-4), k
-        assert C.summary(y_val, C.rescale(pf, 1 / t))[k] == pytest.approx(cal["val_before"][k], abs=2e-3), k
-    assert C.fit_temperature(y_val, C.rescale(pf, 1 / t)) == pytest.approx(t, rel=2e-3)
-    for key in ("run_id", "experiment_id", "tracking_uri", "backbone", "classes", "positive_class", "image_size",
-                "channels", "data_version", "epochs_run", "data_wait_fraction"):
+        assert calibration.summary(y_val, pf)[k] == pytest.approx(cal["val_after"][k], abs=1e-4), k
+        assert calibration.summary(y_val, calibration.rescale(pf, 1 / t))[k] == pytest.approx(
+            cal["val_before"][k], abs=2e-3
+        ), k
+    assert calibration.fit_temperature(y_val, calibration.rescale(pf, 1 / t)) == pytest.approx(t, rel=2e-3)
+    for key in (
+        "run_id",
+        "experiment_id",
+        "tracking_uri",
+        "backbone",
+        "classes",
+        "positive_class",
+        "image_size",
+        "channels",
+        "data_version",
+        "epochs_run",
+        "data_wait_fraction",
+    ):
         assert run_file.get(key) is not None, key
     assert run_file["classes"] == ["NORMAL", "PNEUMONIA"] and run_file["channels"] == 1
     assert 0 <= run_file["data_wait_fraction"] < 1 and run_file["epochs_run"] == len(
-        [r for r in (s.paths.reports_dir / "train" / "history.csv").read_text().splitlines()[1:] if r])
+        [r for r in (s.paths.reports_dir / "train" / "history.csv").read_text().splitlines()[1:] if r]
+    )
     header = (s.paths.reports_dir / "train" / "history.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["epoch", "loss", "val_loss", "auc", "val_auc"]
     assert not (s.paths.cache_dir / "train_backup").exists()  # cleared after success
@@ -398,9 +452,20 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, ml
     from medclf.training.callbacks import KILL_ENV
 
     weights = _backbone_file(tmp_path / "bb.weights.h5")
-    s = make_settings({"train": {**TINY, "weights": str(weights), "head_epochs": 1, "finetune_epochs": 2,
-                                 "unfreeze_top": 10, "calibration": "none"},
-                       "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-train-tests"}})
+    s = make_settings(
+        {
+            "train": {
+                **TINY,
+                "weights": str(weights),
+                "head_epochs": 1,
+                "finetune_epochs": 2,
+                "unfreeze_top": 10,
+                "calibration": "none",
+            },
+            "mlflow": {"tracking_uri": mlflow_server},
+            "register": {"experiment": "medclf-train-tests"},
+        }
+    )
     ingest.run(s)
     augment.run(s)
     backup = s.paths.cache_dir / "train_backup"
@@ -410,7 +475,7 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, ml
     state = json.loads((backup / "state.json").read_text())
     assert state["phases_done"] == [1] and (backup / "phase2" / "latest.weights.h5").exists()
     # phase 1 trained the head only: its end weights keep the backbone exactly as loaded
-    from medclf.modeling import build_model
+    from medclf.modeling.network import build_model
 
     m1, _ = build_model("mobilenet_v2", 2, 32, 1, width=0.35, weights=str(weights))
     initial, init_head = _backbone_weights(m1), m1.get_layer("classifier").get_weights()
@@ -434,7 +499,7 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, ml
 
     final = keras.saving.load_model(s.paths.model_dir / "model.keras", safe_mode=True)
     got = _backbone_weights(final)
-    from medclf.modeling import _bn_layers
+    from medclf.modeling.network import _bn_layers
 
     bns = {bn.name for bn in _bn_layers(final.get_layer("backbone"))}
     lower = {layer.name for layer in final.get_layer("backbone").layers[:-10] if layer.weights}
@@ -447,17 +512,30 @@ def test_jax_backend_without_tf_or_mlflow_trains_data_parallel_on_two_devices(tm
 
     from medclf.stages import augment, ingest
 
-    s = make_settings({"ingest": {"source": {"synthetic": {"n_patients": 60}}},
-                       "train": {**TINY, "head_epochs": 3, "finetune_epochs": 3}})
+    s = make_settings(
+        {
+            "ingest": {"source": {"synthetic": {"n_patients": 60}}},
+            "train": {**TINY, "head_epochs": 3, "finetune_epochs": 3},
+        }
+    )
     ingest.run(s)
     augment.run(s)
     # As on the GPU box (keras + jax, no TensorFlow, no MLflow): both imports are made to fail, and a
     # configured-but-dead tracking URI must not matter when mlflow is not installed.
     script = NO_TF_NO_MLFLOW.replace("from medclf.cli import main", SHARDING_PROBE + "from medclf.cli import main")
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=900, check=False, env=_env(
-                             KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                             MLFLOW_TRACKING_URI="http://127.0.0.1:9"))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env=_env(
+            KERAS_BACKEND="jax",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            MLFLOW_TRACKING_URI="http://127.0.0.1:9",
+        ),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "imported: []" in out.stderr and "mlflow is not installed" in out.stderr
     res = json.loads(out.stdout)
@@ -479,8 +557,10 @@ def test_jax_backend_without_tf_or_mlflow_trains_data_parallel_on_two_devices(tm
     assert seen["batches"], "no batch went through Keras' data distribution"
     for batch in seen["batches"]:
         assert batch["shape"][0] == 16  # train.batch_size
-        assert batch["shards"] == [[devices[0], [8, *batch["shape"][1:]], 0],
-                                   [devices[1], [8, *batch["shape"][1:]], 8]], batch
+        assert batch["shards"] == [
+            [devices[0], [8, *batch["shape"][1:]], 0],
+            [devices[1], [8, *batch["shape"][1:]], 8],
+        ], batch
     assert seen["fits"] and all(seen["fits"])
     for variables in seen["fits"]:
         odd = [v for v in variables if not (v["replicated"] and v["devices"] == devices)]

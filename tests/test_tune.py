@@ -13,21 +13,39 @@ from pydantic import ValidationError
 
 from medclf.config import ConfigError, Train
 
-SPACE = {"head_lr": {"low": 1e-4, "high": 3e-2, "log": True}, "dropout": {"low": 0.0, "high": 0.5},
-         "batch_size": {"choices": [8, 16]}}
-TUNE = {"head_epochs": 2, "finetune_epochs": 0, "batch_size": 16, "early_stopping_patience": 0,
-        "tune": {"trials": 3, "pruner": "median", "seed": 7, "space": SPACE}}
+SPACE = {
+    "head_lr": {"low": 1e-4, "high": 3e-2, "log": True},
+    "dropout": {"low": 0.0, "high": 0.5},
+    "batch_size": {"choices": [8, 16]},
+}
+TUNE = {
+    "head_epochs": 2,
+    "finetune_epochs": 0,
+    "batch_size": 16,
+    "early_stopping_patience": 0,
+    "tune": {"trials": 3, "pruner": "median", "seed": 7, "space": SPACE},
+}
 
 
 def test_space_keys_are_checked(make_settings):
     with pytest.raises(ConfigError, match=r"train\.tune\.space: seed, wieght_decay cannot be tuned"):
-        make_settings({"train": {"tune": {"space": {"seed": {"choices": [1, 2]},
-                                                    "wieght_decay": {"low": 0, "high": 1}}}}})
+        make_settings(
+            {"train": {"tune": {"space": {"seed": {"choices": [1, 2]}, "wieght_decay": {"low": 0, "high": 1}}}}}
+        )
     with pytest.raises(ConfigError, match="log: true needs low > 0"):
         make_settings({"train": {"tune": {"space": {"head_lr": {"low": 0, "high": 1, "log": True}}}}})
     with pytest.raises(ValidationError, match="space is empty"):
-        Train.model_validate({"tune": {"trials": 3}})
-    assert not Train().tune.enabled and Train.model_validate({"tune": {"timeout_minutes": 1, "space": SPACE}}).tune.enabled
+        Train.model_validate({"tune": {"trials": 3, "space": {}}})
+    # no space given: params.yaml's documented space (one source of defaults, issue 23)
+    assert set(Train.model_validate({"tune": {"trials": 3}}).tune.space) == {
+        "head_lr",
+        "finetune_lr",
+        "dropout",
+        "unfreeze_top",
+    }
+    assert (
+        not Train().tune.enabled and Train.model_validate({"tune": {"timeout_minutes": 1, "space": SPACE}}).tune.enabled
+    )
 
 
 @pytest.mark.slow
@@ -35,13 +53,14 @@ def test_tune_searches_on_val_nests_trials_in_mlflow_and_resumes(make_settings, 
     import optuna
     from mlflow import MlflowClient
 
-    from medclf import catalog
+    from medclf.infra import catalog
     from medclf.stages import augment, ingest, train
     from medclf.training import tuning
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    s = make_settings({"train": TUNE, "mlflow": {"tracking_uri": mlflow_server},
-                       "register": {"experiment": "medclf-tune-tests"}})
+    s = make_settings(
+        {"train": TUNE, "mlflow": {"tracking_uri": mlflow_server}, "register": {"experiment": "medclf-tune-tests"}}
+    )
     ingest.run(s)
     augment.run(s)
     res = train.run(s)
@@ -74,8 +93,7 @@ def test_tune_searches_on_val_nests_trials_in_mlflow_and_resumes(make_settings, 
     # resumable: a trial left RUNNING by a killed process is marked failed and not counted; a larger budget
     # runs only the missing trials of the SAME study, and the same budget runs none
     study.ask()  # as a killed process leaves it
-    more = make_settings({"train": {**TUNE, "tune": {**TUNE["tune"], "trials": 4}},
-                          "mlflow": {"tracking_uri": "off"}})
+    more = make_settings({"train": {**TUNE, "tune": {**TUNE["tune"], "trials": 4}}, "mlflow": {"tracking_uri": "off"}})
     from medclf.training.data import load_data
     from medclf.training.runtime import setup_runtime
     from medclf.training.tracker import Tracker

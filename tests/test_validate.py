@@ -22,9 +22,9 @@ import yaml
 from PIL import Image
 
 from medclf.config import ConfigError, settings_from_dict
-from medclf.images import fit_square
-from medclf.io import write_json
-from medclf.splits import SPLITS
+from medclf.imaging.images import fit_square
+from medclf.imaging.splits import SPLITS
+from medclf.infra.io import write_json
 from medclf.stages import validate
 from medclf.validation import leakage, tables
 from medclf.validation.checks import CHECKS
@@ -59,8 +59,16 @@ def clean_specs(seed: int = 0) -> list[dict]:
             label = CLASSES[k % 2]
             for j in range(2):
                 src = source_image(rng)
-                specs.append({"name": f"{label}/P{p:03d}_{j}.png", "label": label, "patient": f"p-{p:016x}",
-                              "split": split, "src": src, "img": ingested(src)})
+                specs.append(
+                    {
+                        "name": f"{label}/P{p:03d}_{j}.png",
+                        "label": label,
+                        "patient": f"p-{p:016x}",
+                        "split": split,
+                        "src": src,
+                        "img": ingested(src),
+                    }
+                )
             p += 1
     return specs
 
@@ -70,12 +78,23 @@ def write_ingest(ingest_dir: Path, specs: list[dict], manifest_edit=None) -> Non
     rows, arrays = [], {s: [] for s in SPLITS}
     for sp in specs:
         img = sp["img"]
-        rows.append({
-            "id": hashlib.sha1(sp["name"].encode()).hexdigest()[:16], "source_uri": f"synthetic-test://{sp['name']}",
-            "sha256": hashlib.sha256(img.tobytes()).hexdigest(), "patient_hash": sp["patient"],
-            "label": sp["label"], "label_index": CLASSES.index(sp["label"]), "split": sp["split"],
-            "row": len(arrays[sp["split"]]), "orig_height": 128, "orig_width": 128, "orig_channels": 1,
-            "status": "ok", "reason": None})
+        rows.append(
+            {
+                "id": hashlib.sha1(sp["name"].encode()).hexdigest()[:16],
+                "source_uri": f"synthetic-test://{sp['name']}",
+                "sha256": hashlib.sha256(img.tobytes()).hexdigest(),
+                "patient_hash": sp["patient"],
+                "label": sp["label"],
+                "label_index": CLASSES.index(sp["label"]),
+                "split": sp["split"],
+                "row": len(arrays[sp["split"]]),
+                "orig_height": 128,
+                "orig_width": 128,
+                "orig_channels": 1,
+                "status": "ok",
+                "reason": None,
+            }
+        )
         arrays[sp["split"]].append((img, CLASSES.index(sp["label"])))
     for split, items in arrays.items():
         np.save(ingest_dir / f"{split}_images.npy", np.stack([i for i, _ in items]))
@@ -84,8 +103,9 @@ def write_ingest(ingest_dir: Path, specs: list[dict], manifest_edit=None) -> Non
     if manifest_edit:
         manifest_edit(manifest)
     manifest.to_parquet(ingest_dir / "manifest.parquet", index=False)
-    write_json(ingest_dir / "classes.json", {"classes": CLASSES, "positive_class": "opacity", "image_size": 32,
-                                             "channels": 1})
+    write_json(
+        ingest_dir / "classes.json", {"classes": CLASSES, "positive_class": "opacity", "image_size": 32, "channels": 1}
+    )
 
 
 def settings_for(tmp: Path, **validate_cfg):
@@ -110,6 +130,7 @@ def pick(specs: list[dict], split: str, label: str, skip: int = 0) -> dict:
 def relabel_in_manifest(spec: dict, label: str):
     def edit(m: pd.DataFrame) -> None:
         m.loc[m["source_uri"] == f"synthetic-test://{spec['name']}", "label"] = label
+
     return edit
 
 
@@ -141,10 +162,17 @@ def clean_runs(tmp_path_factory):
     for s in shifted:
         s["img"] = np.clip(s["img"].astype(int) + 25, 0, 255).astype(np.uint8)
     drifted = run_validate(tmp, shifted)
-    return {"tmp": tmp, "first": first, "baseline_written": baseline_written, "second": second, "drifted": drifted,
-            "summary_second": summary_second, "summary_param_changed": summary_param_changed,
-            "headline_first": headline_first,
-            "headline_drifted": json.loads((tmp / "reports_dir" / "validate.json").read_text())}
+    return {
+        "tmp": tmp,
+        "first": first,
+        "baseline_written": baseline_written,
+        "second": second,
+        "drifted": drifted,
+        "summary_second": summary_second,
+        "summary_param_changed": summary_param_changed,
+        "headline_first": headline_first,
+        "headline_drifted": json.loads((tmp / "reports_dir" / "validate.json").read_text()),
+    }
 
 
 def test_clean_dataset_passes_without_alarms_and_becomes_the_baseline(clean_runs):
@@ -215,15 +243,21 @@ def planted(tmp_path_factory):
     plants["blank"] = (blank,)
     odd = pick(specs, "train", "opacity", 4)
     plants["label"] = (odd,)
-    result = run_validate(tmp_path_factory.mktemp("planted"), specs, manifest_edit=relabel_in_manifest(
-        odd, "fracture"), expect_fail=True)
+    result = run_validate(
+        tmp_path_factory.mktemp("planted"), specs, manifest_edit=relabel_in_manifest(odd, "fracture"), expect_fail=True
+    )
     return result, plants
 
 
 def test_planted_errors_fail_the_stage_and_nothing_else_alarms(planted):
     result, _ = planted
-    assert problems(result) == {"duplicate_cross_split": "fail", "near_duplicate_cross_split": "fail",
-                                "patient_overlap": "fail", "blank": "fail", "unknown_label": "fail"}
+    assert problems(result) == {
+        "duplicate_cross_split": "fail",
+        "near_duplicate_cross_split": "fail",
+        "patient_overlap": "fail",
+        "blank": "fail",
+        "unknown_label": "fail",
+    }
     assert not result["passed"] and result["n_errors"] == 5
     for check in result["errors"]:
         assert f"  - {check}: observed" in result["error_message"]
@@ -296,8 +330,12 @@ def test_warnings_name_the_files_and_severity_overrides_apply(tmp_path):
     img = flat["img"].astype(float)
     flat["img"] = np.round(img.mean() + (img - img.mean()) * 5 / img.std()).astype(np.uint8)  # std 5
     blank["img"] = np.full_like(blank["img"], 128)
-    result = run_validate(tmp_path, specs, manifest_edit=relabel_in_manifest(odd, "fracture"),
-                          severity={"blank": "warn", "unknown_label": "off"})
+    result = run_validate(
+        tmp_path,
+        specs,
+        manifest_edit=relabel_in_manifest(odd, "fracture"),
+        severity={"blank": "warn", "unknown_label": "off"},
+    )
     assert result["passed"]
     assert problems(result) == {"inverted": "warn", "saturated": "warn", "low_contrast": "warn", "blank": "warn"}
     assert inverted["name"] in examples(result, "inverted")
@@ -312,8 +350,14 @@ def test_warnings_name_the_files_and_severity_overrides_apply(tmp_path):
 def test_unknown_check_name_in_severity_is_rejected():
     with pytest.raises(ConfigError, match=r"validate\.severity.*blnak"):
         settings_from_dict({"validate": {"severity": {"blnak": "warn"}}})
-    assert set(CHECKS) >= {"duplicate_cross_split", "near_duplicate_cross_split", "patient_overlap", "blank",
-                           "unknown_label", "prevalence_gap"}
+    assert set(CHECKS) >= {
+        "duplicate_cross_split",
+        "near_duplicate_cross_split",
+        "patient_overlap",
+        "blank",
+        "unknown_label",
+        "prevalence_gap",
+    }
 
 
 # --------------------------------------------------------------------------- pure pieces and wiring
@@ -407,9 +451,15 @@ def test_same_file_under_two_labels_is_an_error_naming_both_paths(tmp_path):
 
 
 def test_label_conflict_across_splits_is_found_by_sha256():
-    images = pd.DataFrame({"file": ["train:N/x.png", "test:P/y.png", "val:N/z.png", "val:N/w.png"],
-                           "split": ["train", "test", "val", "val"], "label": ["normal", "opacity", "normal", "normal"],
-                           "sha256": ["s1", "s1", "s2", "s2"], "patient_hash": [None] * 4})
+    images = pd.DataFrame(
+        {
+            "file": ["train:N/x.png", "test:P/y.png", "val:N/z.png", "val:N/w.png"],
+            "split": ["train", "test", "val", "val"],
+            "label": ["normal", "opacity", "normal", "normal"],
+            "sha256": ["s1", "s1", "s2", "s2"],
+            "patient_hash": [None] * 4,
+        }
+    )
     leak = leakage.find_leakage(images.assign(_h=None), np.zeros((0, 32), bool), 0)
     out = leakage.annotate(images, leak)
     assert out["label_conflict_of"].tolist()[:2] == ["test:P/y.png (label opacity)", "train:N/x.png (label normal)"]
@@ -425,6 +475,7 @@ def test_sliver_images_warn_by_a_configurable_aspect_bound(tmp_path):
     def edit(m: pd.DataFrame) -> None:
         at = m["source_uri"] == f"synthetic-test://{sliver['name']}"
         m.loc[at, "orig_height"], m.loc[at, "orig_width"] = 40, 4000
+
     result = run_validate(tmp_path, specs, manifest_edit=edit, max_size=5000)
     assert problems(result) == {"aspect_ratio": "warn"}
     assert sliver["name"] in examples(result, "aspect_ratio") and "aspect_ratio=100" in examples(result, "aspect_ratio")

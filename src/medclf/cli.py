@@ -18,7 +18,7 @@ Whether an error is transient is said where it is raised (`transient` on the exc
 `is_transient`), not guessed from its text. Nothing heavy is imported at module level, so
 `medclf --help` answers at once.
 
-A stage command holds the project lock (medclf/lock.py) while it runs, unless the flow that started it holds
+A stage command holds the project lock (medclf/infra/lock.py) while it runs, unless the flow that started it holds
 it (its token in MEDCLF_PROJECT_LOCK): a second run on the checkout fails fast (MEDCLF_LOCK_TIMEOUT: wait),
 naming the holder, and leaves the holder's outputs and result file alone.
 """
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medclf import __version__
-from medclf.lock import STAGE_TIMEOUT, LockBusy, project_lock, timeout
+from medclf.infra.lock import STAGE_TIMEOUT, LockBusy, project_lock, timeout
 from medclf.pipeline import PIPELINE
 
 if TYPE_CHECKING:
@@ -48,19 +48,32 @@ RUN_TOKEN_ENV = "MEDCLF_RUN_TOKEN"
 RESULT_FILE_ENV = "MEDCLF_STAGE_RESULT"
 """Where to write the result file instead of `catalog.STAGE_RESULT` (the orchestrator sets it, so even a
 params.yaml that does not load, and so has no `cache_dir`, gets its structured error)."""
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-              "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-              "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "INTERNAL_ERROR"}
+_THROTTLED = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "INTERNAL_ERROR",
+}
 
 
 def _network_types() -> tuple[type[BaseException], ...]:
     """Exception types of a connection that failed or timed out; third-party ones only if already imported
     (an exception of a library that was never imported cannot be in the chain)."""
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("botocore.exceptions", ("ConnectionError", "HTTPClientError")),
-                          ("requests.exceptions", ("ConnectionError", "Timeout")),
-                          ("urllib3.exceptions", ("ProtocolError", "NewConnectionError", "TimeoutError")),
-                          ("socket", ("gaierror",))):
+    for module, names in (
+        ("botocore.exceptions", ("ConnectionError", "HTTPClientError")),
+        ("requests.exceptions", ("ConnectionError", "Timeout")),
+        ("urllib3.exceptions", ("ProtocolError", "NewConnectionError", "TimeoutError")),
+        ("socket", ("gaierror",)),
+    ):
         mod = sys.modules.get(module)
         found += [t for t in (getattr(mod, n, None) for n in names) if isinstance(t, type)]
     return tuple(found)
@@ -107,8 +120,11 @@ def is_transient(err: BaseException) -> bool | None:
             return True
         unknown = unknown and said is None
         reason = getattr(cur, "reason", None)  # urllib's URLError wraps the socket error it met
-        cur = (cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
-               or (reason if isinstance(reason, BaseException) else None))
+        cur = (
+            cur.__cause__
+            or (None if cur.__suppress_context__ else cur.__context__)
+            or (reason if isinstance(reason, BaseException) else None)
+        )
     return None if unknown else False
 
 
@@ -117,10 +133,22 @@ def error_record(stage: str, err: BaseException) -> dict[str, Any]:
     from medclf.config import ConfigError
 
     transient = False if isinstance(err, ConfigError) else is_transient(err)
-    code = (EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_TEMPFAIL if transient
-            else EXIT_STAGE if transient is False else EXIT_ERROR)
-    return {"stage": stage, "error_type": type(err).__name__, "message": str(err), "transient": bool(transient),
-            "exit_code": code}
+    code = (
+        EXIT_CONFIG
+        if isinstance(err, ConfigError)
+        else EXIT_TEMPFAIL
+        if transient
+        else EXIT_STAGE
+        if transient is False
+        else EXIT_ERROR
+    )
+    return {
+        "stage": stage,
+        "error_type": type(err).__name__,
+        "message": str(err),
+        "transient": bool(transient),
+        "exit_code": code,
+    }
 
 
 def result_path(stage: str, settings: Settings | None) -> Path | None:
@@ -129,7 +157,7 @@ def result_path(stage: str, settings: Settings | None) -> Path | None:
         return Path(os.environ[RESULT_FILE_ENV])
     if settings is None:
         return None
-    from medclf import catalog
+    from medclf.infra import catalog
 
     return catalog.STAGE_RESULT.path(settings.paths, stage=stage)
 
@@ -138,7 +166,7 @@ def write_result(path: Path | None, record: dict[str, Any]) -> None:
     """Write the result file atomically (never fails the stage: its outputs are already committed)."""
     if path is None:
         return
-    from medclf.io import write_json
+    from medclf.infra.io import write_json
 
     try:
         write_json(path, {**record, "token": os.environ.get(RUN_TOKEN_ENV)})
@@ -156,25 +184,31 @@ def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.pipeline import invoke
 
     args.settings = _settings(args)
-    args.hold.enter_context(project_lock(args.settings.paths, f"medclf {args.command}", wait=timeout(STAGE_TIMEOUT),
-                                         log=logging.getLogger("medclf.cli")))
+    args.hold.enter_context(
+        project_lock(
+            args.settings.paths,
+            f"medclf {args.command}",
+            wait=timeout(STAGE_TIMEOUT),
+            log=logging.getLogger("medclf.cli"),
+        )
+    )
     return invoke(args.command, args.settings)
 
 
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
-    from medclf.registry import promote
+    from medclf.release.registry import promote
 
     return promote(_settings(args), version=args.version, alias=args.alias, by=args.by)
 
 
 def _rollback(args: argparse.Namespace) -> dict[str, Any]:
-    from medclf.registry import rollback
+    from medclf.release.registry import rollback
 
     return rollback(_settings(args), alias=args.alias, by=args.by)
 
 
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
-    from medclf.predict import predict_paths
+    from medclf.release.predict import predict_paths
 
     return predict_paths(args.paths, model_uri=args.model, out=args.out, settings=_settings(args))
 
@@ -186,17 +220,21 @@ def _demo_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medclf", description="Medical image classification pipeline. "
-                                "Not for clinical use without regulatory clearance.")
+    p = argparse.ArgumentParser(
+        prog="medclf",
+        description="Medical image classification pipeline. Not for clinical use without regulatory clearance.",
+    )
     p.add_argument("--version", action="version", version=f"medclf {__version__}")
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     for name, decl in PIPELINE.items():  # wired from the declarations
         reads = ", ".join(a.name for a in decl.inputs) or "nothing"
-        sub.add_parser(name, help=f"run the {name} stage (reads {reads}; params: {', '.join(decl.params)})",
-                       description=f"Writes {', '.join(a.name for a in decl.outputs + decl.metrics + decl.plots)}."
-                       ).set_defaults(func=_run_stage)
+        sub.add_parser(
+            name,
+            help=f"run the {name} stage (reads {reads}; params: {', '.join(decl.params)})",
+            description=f"Writes {', '.join(a.name for a in decl.outputs + decl.metrics + decl.plots)}.",
+        ).set_defaults(func=_run_stage)
     pr = sub.add_parser("promote", help="move an alias (default: champion) to a model version")
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--alias", default="champion")
@@ -224,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from medclf.config import ConfigError
 
     stage = args.command if args.command in PIPELINE else None
@@ -243,8 +282,7 @@ def _main(args: argparse.Namespace) -> int:
             detail = getattr(err, "result", None)  # a failed check still has its report (ValidationFailed)
             if isinstance(detail, dict):
                 body["result"] = detail
-            write_result(result_path(stage, args.settings),
-                         {**body, "seconds": round(time.perf_counter() - t0, 3)})
+            write_result(result_path(stage, args.settings), {**body, "seconds": round(time.perf_counter() - t0, 3)})
         if isinstance(err, ConfigError):
             print(f"medclf: {err}", file=sys.stderr)
             return EXIT_CONFIG

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from medclf import catalog as c
+from medclf.infra import catalog
 
 if TYPE_CHECKING:
-    from medclf.catalog import Artifact
     from medclf.config import Settings
+    from medclf.infra.catalog import Artifact
 
 EXEMPT = ("paths", "mlflow")
 """Settings sections every stage may read without declaring them (see the module docstring)."""
@@ -85,7 +85,8 @@ class _ParamsView:
             f"stage '{stage.name}' reads params.yaml key '{key}', which it does not declare "
             f"(declared: {', '.join(stage.params) or 'none'}). Add it to the stage's `params` in "
             f"src/medclf/pipeline.py and to `stages.{stage.name}.params` in dvc.yaml, so that `dvc repro` "
-            "reruns the stage when it changes")
+            "reruns the stage when it changes"
+        )
 
     def __getattr__(self, name: str) -> Any:
         obj, prefix = object.__getattribute__(self, "_obj"), object.__getattribute__(self, "_key")
@@ -114,26 +115,76 @@ class _ParamsView:
         raise TypeError("settings are read-only")
 
 
-PIPELINE: dict[str, Stage] = {s.name: s for s in (
-    Stage("ingest", inputs=(c.RAW_DATA,), outputs=(c.CLASSES, c.MANIFEST, c.IMAGES, c.LABELS, c.QUARANTINE,
-          c.INGEST_SUMMARY), params=("ingest",), metrics=(c.INGEST_METRICS,)),
-    Stage("validate", inputs=(c.CLASSES, c.MANIFEST, c.IMAGES, c.LABELS),
-          outputs=(c.VALIDATION_SITE, c.VALIDATION_BASELINE, c.VALIDATION_SUMMARY),
-          params=("validate", "ingest.classes", "ingest.modality"), metrics=(c.VALIDATE_METRICS,)),
-    # the validation summary is an input so that augment (and all after it) waits for data that passed
-    Stage("augment", inputs=(c.CLASSES, c.IMAGES, c.LABELS, c.VALIDATION_SUMMARY),
-          outputs=(c.TRAIN_IMAGES, c.TRAIN_LABELS, c.TRAIN_IS_SYNTHETIC, c.TRAIN_SOURCE_ROW, c.AUGMENT_SUMMARY),
-          params=("augment",), plots=(c.AUGMENT_PREVIEW,)),
-    Stage("train", inputs=(c.CLASSES, c.IMAGES, c.LABELS, c.TRAIN_IMAGES, c.TRAIN_LABELS),
-          outputs=(c.MODEL, c.TRAIN_RUN), params=("train", "augment", "register.experiment"), plots=(c.HISTORY,)),
-    Stage("evaluate", inputs=(c.CLASSES, c.IMAGES, c.LABELS, c.MODEL, c.TRAIN_RUN),
-          outputs=(c.EVALUATE_REPORTS, c.METRICS, c.GATES), params=("evaluate", "register.model_name"),
-          metrics=(c.EVALUATE_METRICS,), plots=(c.PLOTS,),
-          fields={"name": ("roc", "pr", "calibration", "confusion")}),
-    Stage("register", inputs=(c.MODEL, c.TRAIN_RUN, c.METRICS, c.GATES, c.VALIDATION_SUMMARY), outputs=(c.REGISTER,),
-          params=("register", "ingest", "validate.min_size", "validate.max_aspect_ratio", "augment", "train",
-                  "evaluate")),
-)}
+PIPELINE: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "ingest",
+            inputs=(catalog.RAW_DATA,),
+            outputs=(
+                catalog.CLASSES,
+                catalog.MANIFEST,
+                catalog.IMAGES,
+                catalog.LABELS,
+                catalog.QUARANTINE,
+                catalog.INGEST_SUMMARY,
+            ),
+            params=("ingest",),
+            metrics=(catalog.INGEST_METRICS,),
+        ),
+        Stage(
+            "validate",
+            inputs=(catalog.CLASSES, catalog.MANIFEST, catalog.IMAGES, catalog.LABELS),
+            outputs=(catalog.VALIDATION_SITE, catalog.VALIDATION_BASELINE, catalog.VALIDATION_SUMMARY),
+            params=("validate", "ingest.classes", "ingest.modality"),
+            metrics=(catalog.VALIDATE_METRICS,),
+        ),
+        # the validation summary is an input so that augment (and all after it) waits for data that passed
+        Stage(
+            "augment",
+            inputs=(catalog.CLASSES, catalog.IMAGES, catalog.LABELS, catalog.VALIDATION_SUMMARY),
+            outputs=(
+                catalog.TRAIN_IMAGES,
+                catalog.TRAIN_LABELS,
+                catalog.TRAIN_IS_SYNTHETIC,
+                catalog.TRAIN_SOURCE_ROW,
+                catalog.AUGMENT_SUMMARY,
+            ),
+            params=("augment",),
+            plots=(catalog.AUGMENT_PREVIEW,),
+        ),
+        Stage(
+            "train",
+            inputs=(catalog.CLASSES, catalog.IMAGES, catalog.LABELS, catalog.TRAIN_IMAGES, catalog.TRAIN_LABELS),
+            outputs=(catalog.MODEL, catalog.TRAIN_RUN),
+            params=("train", "augment", "register.experiment"),
+            plots=(catalog.HISTORY,),
+        ),
+        Stage(
+            "evaluate",
+            inputs=(catalog.CLASSES, catalog.IMAGES, catalog.LABELS, catalog.MODEL, catalog.TRAIN_RUN),
+            outputs=(catalog.EVALUATE_REPORTS, catalog.METRICS, catalog.GATES),
+            params=("evaluate", "register.model_name"),
+            metrics=(catalog.EVALUATE_METRICS,),
+            plots=(catalog.PLOTS,),
+            fields={"name": ("roc", "pr", "calibration", "confusion")},
+        ),
+        Stage(
+            "register",
+            inputs=(catalog.MODEL, catalog.TRAIN_RUN, catalog.METRICS, catalog.GATES, catalog.VALIDATION_SUMMARY),
+            outputs=(catalog.REGISTER,),
+            params=(
+                "register",
+                "ingest",
+                "validate.min_size",
+                "validate.max_aspect_ratio",
+                "augment",
+                "train",
+                "evaluate",
+            ),
+        ),
+    )
+}
 
 
 R = TypeVar("R")
@@ -164,13 +215,20 @@ def markdown() -> str:
     """The pipeline on one page (docs/DESIGN.md embeds this; tests/test_dvc_deps.py keeps it current): each
     stage by its one name across params.yaml, dvc.yaml, the core module, the task and the test, with the
     catalog entries it reads and writes."""
-    rows = [("| stage = dvc.yaml stage | params.yaml keys | core module | Prefect task | test | reads | writes "
-             "| headline metrics · plots |"), "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        (
+            "| stage = dvc.yaml stage | params.yaml keys | core module | Prefect task | test | reads | writes "
+            "| headline metrics · plots |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in PIPELINE.values():
-        rows.append(f"| `{s.name}` | {', '.join(f'`{p}`' for p in s.params)} | `medclf/stages/{s.name}.py` "
-                    f"| `tasks/{s.name}.py` | `tests/test_{s.name}.py` | {_names(s.inputs)} | {_names(s.outputs)} "
-                    f"| {_names(s.metrics + s.plots)} |")
+        rows.append(
+            f"| `{s.name}` | {', '.join(f'`{p}`' for p in s.params)} | `medclf/stages/{s.name}.py` "
+            f"| `tasks/{s.name}.py` | `tests/test_{s.name}.py` | {_names(s.inputs)} | {_names(s.outputs)} "
+            f"| {_names(s.metrics + s.plots)} |"
+        )
     used = {a.name for s in PIPELINE.values() for a in (*s.inputs, *s.outputs, *s.metrics, *s.plots)}
     rows += ["", "| catalog entry | file (under its `paths.*` root) | what it is |", "|---|---|---|"]
-    rows += [f"| `{a.name}` | `{a.root}/{a.rel}` | {a.doc} |" for a in c.ENTRIES if a.name in used]
+    rows += [f"| `{a.name}` | `{a.root}/{a.rel}` | {a.doc} |" for a in catalog.ENTRIES if a.name in used]
     return "\n".join(rows) + "\n"

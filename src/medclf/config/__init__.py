@@ -13,6 +13,7 @@ here) are defined in it, once, and the modules that act on them (`validation.che
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -99,7 +100,7 @@ class Source(_Section):
 class Splits(_Section):
     use_official: bool = True
     val_fraction: float = Field(0.15, ge=0, lt=0.5)
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
     seed: int = 42
 
 
@@ -109,12 +110,16 @@ def label_key(label: str) -> str:
     return " ".join(label.split()).casefold()
 
 
+DEMO_PATIENT_REGEX = "^(pt[0-9a-f]{10})_"
+"""The embedded demo's pseudonymised file names (data/demo/README.md): the default source's patient key."""
+
+
 class Ingest(_Section):
-    source: Source = Source()
+    source: Source = Source(kind="folder", uri="data/raw/chest_xray", patient_id_regex=DEMO_PATIENT_REGEX)
     classes: list[str] | None = None
     """Expected class names, in label-index order; None infers them sorted."""
     positive_class: str | None = None
-    image_size: int = Field(64, ge=16, le=1024)
+    image_size: int = Field(96, ge=16, le=1024)
     channels: Literal[1, 3] = 1
     resize: Literal["pad", "crop"] = "pad"
     splits: Splits = Splits()
@@ -125,7 +130,7 @@ class Ingest(_Section):
     modality: str = "chest_xray"
     """What the images are (`medclf.config.vocabulary.MODALITIES`). A greyscale modality (chest_xray, mammography,
     ultrasound, ...) makes validate's `colour` check fail on colour pictures, and the registered model refuse them;
-    dermoscopy, fundus, histology and other are colour by nature and not checked (`medclf.modality`)."""
+    dermoscopy, fundus, histology and other are colour by nature and not checked (`medclf.imaging.modality`)."""
     subgroups: list[str] = Field(default_factory=list)
     """Manifest columns (e.g. sex, age_band, site) carried into ingest's manifest; evaluate reports per category."""
     label_aliases: dict[str, str] = Field(default_factory=dict)
@@ -149,7 +154,7 @@ class Ingest(_Section):
     def _no_near_duplicate_classes(cls, v: list[str] | None) -> list[str] | None:
         """Labels match classes case-insensitively, so two classes differing only in case are ambiguous."""
         for i, a in enumerate(v or []):
-            for b in (v or [])[i + 1:]:
+            for b in (v or [])[i + 1 :]:
                 if label_key(a) == label_key(b):
                     raise ValueError(f"class names {a!r} and {b!r} differ only in case or whitespace")
         return v
@@ -189,6 +194,30 @@ class Ingest(_Section):
         if v is not None and classes and v not in classes:
             raise ValueError(f"{v!r} is not one of ingest.classes {classes}")
         return v
+
+
+# --------------------------------------------------------------------------- task
+class Task(_Section):
+    """What kind of decision the model makes (issue 24): the one seam every stage downstream asks."""
+
+    type: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
+    """auto: 2 classes -> binary, more -> multiclass. ordinal must be declared, with `ingest.classes` in grade order
+    (lowest first)."""
+    critical_classes: list[str] = Field(default_factory=list)
+    """multiclass: classes (e.g. mel, bcc, akiec) also flagged when p >= a threshold fitted on validation for
+    `evaluate.target_sensitivity`; the prediction itself stays the argmax."""
+    referable_from: str | None = None
+    """ordinal: the lowest referable grade (a class name, e.g. the moderate DR grade): the referable view is
+    P(grade >= it), called at a threshold fitted on validation for `evaluate.target_sensitivity`."""
+    ordinal_rule: Literal["expected_grade", "argmax"] = "expected_grade"
+    """ordinal: expected_grade cuts E[grade] = sum_k k p_k at cut-points fitted on validation for the best quadratic
+    weighted kappa; argmax takes the most probable grade."""
+
+    def resolved(self, n_classes: int) -> Literal["binary", "multiclass", "ordinal"]:
+        """The task type for `n_classes` classes (`auto` decided)."""
+        if self.type == "auto":
+            return "binary" if n_classes == 2 else "multiclass"
+        return self.type
 
 
 # --------------------------------------------------------------------------- validate
@@ -251,8 +280,9 @@ class AugmentPolicy(_Section):
 
 PRESETS: dict[str, AugmentPolicy] = {
     "chest_xray": AugmentPolicy(rotation_deg=7, zoom=0.1, translate=0.06, contrast=0.15, brightness=0.1),
-    "dermoscopy": AugmentPolicy(rotation_deg=180, zoom=0.15, horizontal_flip=True, vertical_flip=True,
-                                contrast=0.2, brightness=0.15),
+    "dermoscopy": AugmentPolicy(
+        rotation_deg=180, zoom=0.15, horizontal_flip=True, vertical_flip=True, contrast=0.2, brightness=0.15
+    ),
     "fundus": AugmentPolicy(rotation_deg=30, zoom=0.05, contrast=0.1, brightness=0.1),
     "ultrasound": AugmentPolicy(rotation_deg=10, zoom=0.1, translate=0.05, horizontal_flip=True, contrast=0.2),
     "mammography": AugmentPolicy(rotation_deg=5, zoom=0.1, horizontal_flip=True, contrast=0.1),
@@ -296,7 +326,7 @@ class Augment(_Section):
 # --------------------------------------------------------------------------- train
 class Train(_Section):
     backbone: str = "mobilenet_v2"
-    weights: str = "none"
+    weights: str = "offline:mobilenet_v2"
     """`imagenet`, `none`, or a local / s3:// path to a weights file (.weights.h5 or torchvision .pth)."""
     input_size: Annotated[int, Field(ge=32, le=1024)] | Literal["auto"] | None = "auto"
     """Resize inside the model. None keeps the ingest size; `auto` (the default) upsamples images smaller than
@@ -308,8 +338,8 @@ class Train(_Section):
     dropout: float = Field(0.2, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
     head_epochs: int = Field(3, ge=0)
-    finetune_epochs: int = Field(3, ge=0)
-    unfreeze_top: int = Field(20, ge=0)
+    finetune_epochs: int = Field(5, ge=0)
+    unfreeze_top: int = Field(40, ge=0)
     head_lr: float = Field(1e-3, gt=0)
     finetune_lr: float = Field(1e-4, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -320,9 +350,10 @@ class Train(_Section):
     loss: Literal["crossentropy", "focal"] = "crossentropy"
     focal_gamma: float = Field(2.0, ge=0)
     class_weights: bool = True
-    early_stopping_patience: int = Field(5, ge=0)
+    early_stopping_patience: int = Field(10, ge=0)
     calibration: Literal["temperature", "none"] = "temperature"
-    """temperature: fit T on val after the best epoch and fold it into the saved model (`medclf.calibration`)."""
+    """temperature: fit T on val after the best epoch and fold it into the saved model
+    (`medclf.evaluation.calibration`)."""
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = "auto"
     online_augment: bool = True
     augment_workers: int = Field(2, ge=0)
@@ -382,6 +413,7 @@ class MLflowCfg(_Section):
 class Settings(_Section):
     paths: Paths = Paths()
     ingest: Ingest = Ingest()
+    task: Task = Task()
     validate_: Validate = Field(Validate(), alias="validate")
     augment: Augment = Augment()
     train: Train = Train()
@@ -398,7 +430,45 @@ class Settings(_Section):
             raise ValueError(
                 f"ingest.source reads {where!r}, which is not under paths.raw_data {self.paths.raw_data!r}. "
                 "DVC tracks paths.raw_data as ingest's input, so changes to this source would never trigger a "
-                "retrain: set paths.raw_data to the source's folder (or a folder that contains it)")
+                "retrain: set paths.raw_data to the source's folder (or a folder that contains it)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _task_fits_the_classes(self) -> Settings:
+        """The task type, its options and `ingest.classes` agree (each error names its dotted key)."""
+        task, classes = self.task, self.ingest.classes
+        k = len(classes) if classes else None
+        if task.type == "ordinal" and not classes:
+            raise ValueError("task.type: ordinal needs ingest.classes in grade order (lowest grade first)")
+        if k is not None and task.type == "binary" and k != 2:
+            raise ValueError(f"task.type: binary needs 2 classes; ingest.classes has {k}: use multiclass or ordinal")
+        if k is not None and task.type in ("multiclass", "ordinal") and k < 3:
+            raise ValueError(f"task.type: {task.type} needs at least 3 classes; ingest.classes has {k} (binary)")
+        kind = task.resolved(k) if k is not None else task.type
+        if self.ingest.positive_class is not None and kind in ("multiclass", "ordinal"):
+            raise ValueError(
+                f"ingest.positive_class: applies to binary tasks only; this task is {kind}: use task.critical_classes "
+                "(multiclass) or task.referable_from (ordinal) for a class that must not be missed"
+            )
+        if task.critical_classes and kind not in ("multiclass", "auto"):
+            raise ValueError(f"task.critical_classes: applies to multiclass tasks only; this task is {kind}")
+        if task.referable_from is not None and kind != "ordinal":
+            raise ValueError(f"task.referable_from: applies to ordinal tasks only; this task is {kind}")
+        for key, names in (
+            ("task.critical_classes", task.critical_classes),
+            ("task.referable_from", [task.referable_from]),
+        ):
+            unknown = [n for n in names if n is not None and classes and n not in classes]
+            if unknown:
+                raise ValueError(f"{key}: {unknown} not among ingest.classes {classes}")
+        if task.referable_from is not None and classes and classes.index(task.referable_from) == 0:
+            raise ValueError(
+                f"task.referable_from: {task.referable_from!r} is the lowest grade: every case would be referable"
+            )
+        dupes = sorted({c for c in task.critical_classes if task.critical_classes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"task.critical_classes: {dupes} listed twice")
         return self
 
     @property
@@ -431,11 +501,17 @@ def is_under(path: str, root: str) -> bool:
     return lp == lr or lp.is_relative_to(lr)
 
 
+_DOTTED = re.compile(r"^(?:Value error, )?([a-z_]+(?:\.[a-z_]+)+): (.*)$", re.S)
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
+        named = _DOTTED.match(msg) if key == "<root>" else None
+        if named:  # a cross-section check names its own dotted key first ("task.type: ...")
+            key, msg = named.group(1), named.group(2)
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see params.yaml in the repository for the schema)"
         lines.append(f"  - {key}: {msg}")
@@ -493,24 +569,33 @@ def _refuse_anchors(text: str, source: str) -> None:
                 where = frame[0] if is_key else f"{frame[0]}.{frame[3]}" if frame[0] else str(frame[3])
                 frame[2] = not frame[2]
                 if is_key:
-                    frame[3] = (event.value if isinstance(event, ScalarEvent)
-                                else f"*{event.anchor}" if isinstance(event, AliasEvent) else "?")
+                    frame[3] = (
+                        event.value
+                        if isinstance(event, ScalarEvent)
+                        else f"*{event.anchor}"
+                        if isinstance(event, AliasEvent)
+                        else "?"
+                    )
             else:
                 where = f"{frame[0]}[{frame[4]}]"
                 frame[4] += 1
         line = event.start_mark.line + 1 if event.start_mark is not None else 0
         if isinstance(event, AliasEvent):
             what = f"alias '*{event.anchor}'" + (" (as a key)" if is_key else "")
-            raise ConfigError(f"{source}: line {line}: {where or '<root>'}: YAML anchors and aliases are not "
-                              f"allowed in the parameters file ({what}); write the value out in full")
+            raise ConfigError(
+                f"{source}: line {line}: {where or '<root>'}: YAML anchors and aliases are not "
+                f"allowed in the parameters file ({what}); write the value out in full"
+            )
         if event.anchor is not None and anchor is None:
             anchor = (line, where or "<root>", event.anchor)
         if isinstance(event, (MappingStartEvent, SequenceStartEvent)):
             stack.append([where, isinstance(event, MappingStartEvent), True, None, 0])
     if anchor is not None:
         line, where, name = anchor
-        raise ConfigError(f"{source}: line {line}: {where}: YAML anchors and aliases are not allowed in the "
-                          f"parameters file (anchor '&{name}'); write the value out in full")
+        raise ConfigError(
+            f"{source}: line {line}: {where}: YAML anchors and aliases are not allowed in the "
+            f"parameters file (anchor '&{name}'); write the value out in full"
+        )
 
 
 def read_params_yaml(path: Path) -> Any:

@@ -11,8 +11,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-NOT_TUNABLE = frozenset({"tune", "seed", "backbone", "weights", "preprocessing", "mixed_precision", "jit_compile",
-                         "compile_cache", "augment_workers", "calibration", "online_augment"})
+NOT_TUNABLE = frozenset(
+    {
+        "tune",
+        "seed",
+        "backbone",
+        "weights",
+        "preprocessing",
+        "mixed_precision",
+        "jit_compile",
+        "compile_cache",
+        "augment_workers",
+        "calibration",
+        "online_augment",
+    }
+)
 """`train.*` keys a study may not vary: the run's identity (seed, backbone, weights), where it runs, and
 post-processing that is fitted on validation anyway (calibration)."""
 
@@ -49,7 +62,15 @@ class Tune(BaseModel):
     """Stops a trial whose validation AUC at an epoch is below the median of earlier trials at that epoch."""
     seed: int = 0
     """The TPE sampler's seed: the same study, data and seed propose the same trials."""
-    space: dict[str, Range] = Field(default_factory=dict)
+    space: dict[str, Range] = Field(
+        default_factory=lambda: {
+            "head_lr": Range(low=1.0e-4, high=1.0e-2, log=True),
+            "finetune_lr": Range(low=1.0e-6, high=3.0e-4, log=True),
+            "dropout": Range(low=0.0, high=0.5),
+            "unfreeze_top": Range(choices=[20, 40, 80]),
+        }
+    )
+    """What a search varies (params.yaml's space); searched only when `trials` or `timeout_minutes` is set."""
 
     @property
     def enabled(self) -> bool:
@@ -62,5 +83,6 @@ class Tune(BaseModel):
             ok = sorted(k for k in fields if k not in NOT_TUNABLE)
             raise ValueError(f"train.tune.space: {', '.join(bad)} cannot be tuned; choose among {', '.join(ok)}")
         if self.enabled and not self.space:
-            raise ValueError("train.tune.space is empty: give the keys to search, or set trials and "
-                             "timeout_minutes to 0")
+            raise ValueError(
+                "train.tune.space is empty: give the keys to search, or set trials and timeout_minutes to 0"
+            )

@@ -1,11 +1,14 @@
-"""The domain vocabularies params.yaml values are checked against: check names, backbone names.
+"""The domain vocabularies params.yaml values are checked against: check names, modalities, backbone names,
+metric names.
 
 A leaf (imports nothing from medclf), so `medclf.config` stays one too. `medclf.validation.checks` and
-`medclf.modeling` build on these tables; they are defined here once.
+`medclf.modeling.network` build on these tables; they are defined here once.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Literal
 
 Severity = Literal["error", "warn", "off"]
@@ -43,7 +46,8 @@ CHECKS: dict[str, tuple[Severity, str]] = {
 MODALITIES: dict[str, bool] = {
     # ingest.modality -> the images are greyscale by nature. For those, a colour picture (a photograph, a screenshot,
     # a dermoscopy image in a chest X-ray set) is the wrong kind of input: validate's `colour` check and the served
-    # model refuse it (medclf.modality). Grey stored as RGB (R = G = B) is grey. Colour modalities are not checked.
+    # model refuse it (medclf.imaging.modality).
+    # Grey stored as RGB (R = G = B) is grey. Colour modalities are not checked.
     "chest_xray": True,
     "xray": True,
     "mammography": True,
@@ -64,7 +68,7 @@ raw: 0..255 floats (EfficientNet, EfficientNetV2 and MobileNetV3 normalise insid
 
 BACKBONES: dict[str, tuple[str, Mode, str | None, bool, int]] = {
     # train.backbone -> (keras.applications constructor, input mode, torchvision arch whose checkpoint maps onto
-    # it, takes a width multiplier `alpha`, smallest input side); `medclf.modeling.Backbone` names the fields.
+    # it, takes a width multiplier `alpha`, smallest input side); `medclf.modeling.network.Backbone` names the fields.
     "vgg16": ("VGG16", "caffe", None, False, 32),
     "resnet50": ("ResNet50", "caffe", "resnet50", False, 32),
     "resnet50_v2": ("ResNet50V2", "tf", None, False, 32),
@@ -77,3 +81,84 @@ BACKBONES: dict[str, tuple[str, Mode, str | None, bool, int]] = {
     "mobilenet_v3_small": ("MobileNetV3Small", "raw", None, True, 32),
     "mobilenet_v3_large": ("MobileNetV3Large", "raw", None, True, 32),
 }
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One test metric: its key in metrics.json, how people read it, the short registry tag, the other names
+    users write for it, and which way is better."""
+
+    key: str
+    label: str
+    tag: str | None = None
+    """The short version tag (3 decimals) the MLflow version page shows; None: not a tag."""
+    aliases: tuple[str, ...] = ()
+    higher_is_better: bool = True
+    digits: int = 3
+
+    def fmt(self, value: float | None) -> str:
+        """`value` to this metric's display precision; "n/a" for a missing or undefined value."""
+        if value is None or not math.isfinite(float(value)):
+            return "n/a"
+        return f"{float(value):.{self.digits}f}"
+
+
+METRICS: dict[str, Metric] = {
+    # The one list of metric names (issue 23): metrics.json keys, gates, registry tags, the champion comparison,
+    # the model card, the flow summary and `dvc metrics show` all read their names and labels from here.
+    m.key: m
+    for m in (
+        Metric("roc_auc", "ROC-AUC", tag="auc", aliases=("auc",)),
+        Metric("pr_auc", "PR-AUC", aliases=("average_precision", "ap")),
+        Metric("recall", "sensitivity (recall)", tag="sensitivity", aliases=("sensitivity", "tpr")),
+        Metric("specificity", "specificity", tag="specificity", aliases=("tnr",)),
+        Metric("precision", "precision (PPV)", aliases=("ppv",)),
+        Metric("f1", "F1", tag="f1"),
+        Metric("accuracy", "accuracy"),
+        Metric("balanced_accuracy", "balanced accuracy"),
+        Metric("mcc", "MCC", aliases=("matthews_corrcoef",)),
+        Metric("brier", "Brier score", higher_is_better=False),
+        Metric("ece", "calibration error (ECE)", higher_is_better=False),
+    )
+}
+
+_BY_NAME: dict[str, str] = {n: m.key for m in METRICS.values() for n in (m.key, *m.aliases)}
+
+
+def metric(name: str) -> Metric:
+    """The metric a key or alias names (`auc` is `roc_auc`, `sensitivity` is `recall`); ValueError listing the
+    known names otherwise."""
+    key = _BY_NAME.get(name.strip().lower())
+    if key is None:
+        raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(_BY_NAME))}")
+    return METRICS[key]
+
+
+HEADLINE: tuple[str, ...] = ("roc_auc", "f1", "recall", "specificity")
+"""The test metrics of `reports/metrics.json` (`dvc metrics show`), and the full-precision `metric.*` version tags."""
+GATES: dict[str, str] = {"min_f1": "f1", "min_recall": "recall", "min_auc": "roc_auc", "min_specificity": "specificity"}
+"""`evaluate.gates` floor key -> the metric it bounds (None bound: not gated)."""
+NON_INFERIORITY: tuple[str, ...] = ("f1", "recall")
+"""Metrics the challenger must not lose to the champion by more than `evaluate.gates.non_inferiority_margin`."""
+COMPARED: tuple[str, ...] = ("roc_auc", "recall", "specificity", "f1", "pr_auc")
+"""Paired bootstrap deltas in the challenger-versus-champion report."""
+DESCRIBED: tuple[str, ...] = ("roc_auc", "recall", "specificity", "precision", "f1", "balanced_accuracy", "ece")
+"""The metrics the model card and version description quote with their CIs."""
+SUMMARY: tuple[str, ...] = ("f1", "recall", "specificity", "roc_auc")
+"""The flow summary's headline, in the order of the gates people read first."""
+TABLE: tuple[str, ...] = (
+    "f1",
+    "recall",
+    "specificity",
+    "precision",
+    "accuracy",
+    "balanced_accuracy",
+    "mcc",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+    "ece",
+)
+"""Every binary test metric, in the flow summary's table order (the gated ones first)."""
+SUBGROUP: tuple[str, ...] = ("roc_auc", "sensitivity", "specificity", "f1")
+"""The subgroup table's columns as metrics.json names them ("sensitivity" is the alias of `recall`)."""

@@ -6,8 +6,12 @@ from medclf.config import Source
 from medclf.sources.base import Record, SourceError, SourceScan, resolve_labels
 
 
-def scan(source: Source, classes: list[str] | None = None, subgroups: list[str] | None = None,
-         label_aliases: dict[str, str] | None = None) -> SourceScan:
+def scan(
+    source: Source,
+    classes: list[str] | None = None,
+    subgroups: list[str] | None = None,
+    label_aliases: dict[str, str] | None = None,
+) -> SourceScan:
     """List `source`, every label in its canonical spelling (`base.resolve_labels`: trimmed, matched to
     `classes` case-insensitively, `label_aliases` applied; spellings that differ only in case are an error)."""
     return resolve_labels(_scan(source, classes, subgroups), classes, label_aliases)
@@ -17,8 +21,10 @@ def _scan(source: Source, classes: list[str] | None, subgroups: list[str] | None
     """Dispatch on `source.kind`; heavy or optional imports stay inside each module. Only a manifest has
     the columns that `ingest.subgroups` (`subgroups`) declares."""
     if subgroups and source.kind not in ("manifest", "dicom"):
-        raise SourceError(f"ingest.subgroups {subgroups} names manifest columns, but the {source.kind!r} source "
-                          "has none: subgroups need a manifest source (CSV/Parquet with those columns)")
+        raise SourceError(
+            f"ingest.subgroups {subgroups} names manifest columns, but the {source.kind!r} source "
+            "has none: subgroups need a manifest source (CSV/Parquet with those columns)"
+        )
     if source.kind == "synthetic":
         from medclf.sources.synthetic import scan_synthetic
 
@@ -36,8 +42,7 @@ def _scan(source: Source, classes: list[str] | None, subgroups: list[str] | None
     if source.kind == "dicom":
         from medclf.sources.manifest import scan_manifest
 
-        return scan_manifest(source.manifest or source.uri, source.s3_endpoint_url, kind="dicom",
-                             subgroups=subgroups)
+        return scan_manifest(source.manifest or source.uri, source.s3_endpoint_url, kind="dicom", subgroups=subgroups)
     if source.kind == "medmnist":
         from medclf.sources.medmnist import scan_medmnist
 

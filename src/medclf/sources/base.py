@@ -70,8 +70,15 @@ class SourceScan:
     class_names: list[str] | None = None
 
 
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def safe_relpath(rel: str, where: str) -> str:
@@ -86,8 +93,7 @@ def safe_relpath(rel: str, where: str) -> str:
     norm = rel.replace("\\", "/")
     p = PurePosixPath(norm)
     if p.is_absolute() or norm.startswith("~") or (len(norm) > 1 and norm[1] == ":"):
-        raise SourceError(f"{where}: path {rel!r} is absolute; paths must be relative to their root",
-                          transient=False)
+        raise SourceError(f"{where}: path {rel!r} is absolute; paths must be relative to their root", transient=False)
     parts: list[str] = []
     for part in p.parts:  # PurePosixPath already dropped `.` and empty parts
         if part != "..":
@@ -128,8 +134,7 @@ def _listed_at(rec: Record) -> str:
     return rec.where or rec.uri.rsplit("/", 1)[0] + "/"
 
 
-def resolve_labels(scan: SourceScan, classes: list[str] | None,
-                   aliases: dict[str, str] | None = None) -> SourceScan:
+def resolve_labels(scan: SourceScan, classes: list[str] | None, aliases: dict[str, str] | None = None) -> SourceScan:
     """Give every record its canonical label (issue 22, row 2). Applies to every source's labels (manifest
     cells, class-folder names, MedMNIST names).
 
@@ -164,11 +169,13 @@ def resolve_labels(scan: SourceScan, classes: list[str] | None,
         lines, fixes = [], []
         for spellings in clashes:
             ranked = sorted(spellings.items(), key=lambda kv: (-len(kv[1]), kv[0]))  # most frequent first
-            lines.append(", ".join(f"{s!r} ({len(recs)} images, first at {_listed_at(recs[0])})"
-                                   for s, recs in ranked))
+            lines.append(", ".join(f"{s!r} ({len(recs)} images, first at {_listed_at(recs[0])})" for s, recs in ranked))
             fixes.append(f"{label_key(ranked[0][0])!r}: {ranked[0][0]!r}")
         raise SourceError(
-            "labels that differ only in case or whitespace would become separate classes: " + "; ".join(lines)
+            "labels that differ only in case or whitespace would become separate classes: "
+            + "; ".join(lines)
             + f". Map them to one class with ingest.label_aliases (e.g. {{{', '.join(fixes)}}}), or list "
-            "ingest.classes (labels then match a class case-insensitively)", transient=False)
+            "ingest.classes (labels then match a class case-insensitively)",
+            transient=False,
+        )
     return scan

@@ -48,12 +48,13 @@ def _name_problem(rel: str, root: str) -> str | None:
     return None
 
 
-def _class_records(store: Store, split: str | None, regex: re.Pattern[str] | None,
-                   scan: SourceScan) -> None:
+def _class_records(store: Store, split: str | None, regex: re.Pattern[str] | None, scan: SourceScan) -> None:
     for cls in store.dirs():
         if cls in (".", "..") or "/" in cls or "\\" in cls:  # only an S3 prefix can list such a "folder"
-            reason = (f"class folder name {escaped(cls)!r} is not a plain folder name ('.', '..' or a backslash); "
-                      "its files are not read")
+            reason = (
+                f"class folder name {escaped(cls)!r} is not a plain folder name ('.', '..' or a backslash); "
+                "its files are not read"
+            )
             scan.quarantine.append((escaped(store.uri(cls)) + "/", reason))
             continue
         sub = store.sub(cls)
@@ -65,14 +66,33 @@ def _class_records(store: Store, split: str | None, regex: re.Pattern[str] | Non
         for rel in files:
             name = escaped(rel.rsplit("/", 1)[-1])
             pid = patient_from_name(name, regex)
-            problem = (f"class folder name '{escaped(cls)}' is not valid UTF-8; rename it to ingest its files"
-                       if bad_cls else _name_problem(rel, sub.root_uri))
+            problem = (
+                f"class folder name '{escaped(cls)}' is not valid UTF-8; rename it to ingest its files"
+                if bad_cls
+                else _name_problem(rel, sub.root_uri)
+            )
             if problem:  # listed (so it counts and is reported, redacted), never read
-                scan.records.append(refused(escaped(sub.uri(rel)), None if bad_cls else cls, problem, kind="image",
-                                            patient_id=pid, split=split))
+                scan.records.append(
+                    refused(
+                        escaped(sub.uri(rel)),
+                        None if bad_cls else cls,
+                        problem,
+                        kind="image",
+                        patient_id=pid,
+                        split=split,
+                    )
+                )
                 continue
-            scan.records.append(Record(uri=sub.uri(rel), label=cls, fetch=functools.partial(sub.read, rel, sub.version(rel)),
-                                       kind="image", patient_id=pid, split=split))
+            scan.records.append(
+                Record(
+                    uri=sub.uri(rel),
+                    label=cls,
+                    fetch=functools.partial(sub.read, rel, sub.version(rel)),
+                    kind="image",
+                    patient_id=pid,
+                    split=split,
+                )
+            )
 
 
 def scan_folder(store: Store, patient_id_regex: str | None = None) -> SourceScan:

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
+from medclf.evaluation.subgroups import check_subgroups
 from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, refused, safe_relpath
 from medclf.sources.store import Store, open_store, split_uri
-from medclf.subgroups import check_subgroups
 
 REQUIRED = ("path", "label")
 _HEADER_THREADS = 8
@@ -32,7 +32,7 @@ _HEADER_THREADS = 8
 
 def _dicom_patient(store: Store, rel: str) -> str | None:
     """PatientID of one DICOM file, or None (missing, unreadable, no tag: decode reports the file)."""
-    from medclf.dicom import dicom_patient_id
+    from medclf.imaging.dicom import dicom_patient_id
 
     try:
         return dicom_patient_id(store.read(rel))
@@ -53,8 +53,9 @@ def _category(cell: object) -> str | None:
     return None if cell is None or (isinstance(cell, float) and math.isnan(cell)) else (str(cell).strip() or None)
 
 
-def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind,
-                  subgroups: list[str] | None = None) -> SourceScan:
+def scan_manifest(
+    uri: str | None, endpoint_url: str | None, kind: Kind, subgroups: list[str] | None = None
+) -> SourceScan:
     if not uri:
         raise SourceError("manifest source needs a manifest path")
     root, name = split_uri(uri)
@@ -82,8 +83,11 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind,
         try:
             rel = safe_relpath(raw, uri)  # `sub/../x.png` is `x.png`; a path out of the root is refused
         except SourceError as err:  # that row only: quarantined by ingest (never read), naming the line
-            scan.records.append(refused(store.uri(raw), label, str(err).removeprefix(f"{uri}: "), kind=kind,
-                                        patient_id=pid, where=where))
+            scan.records.append(
+                refused(
+                    store.uri(raw), label, str(err).removeprefix(f"{uri}: "), kind=kind, patient_id=pid, where=where
+                )
+            )
             rels.append(raw)
             continue
         split_raw = str(row.get("split", "") or "").strip().lower()
@@ -94,9 +98,18 @@ def scan_manifest(uri: str | None, endpoint_url: str | None, kind: Kind,
         if label is None:
             scan.quarantine.append((store.uri(rel), f"missing label at {where}"))
             continue
-        scan.records.append(Record(uri=store.uri(rel), label=label, fetch=functools.partial(store.read, rel),
-                                   kind=kind, patient_id=pid, split=split, where=where,
-                                   subgroups={g: _category(row[g]) for g in subgroups or []}))
+        scan.records.append(
+            Record(
+                uri=store.uri(rel),
+                label=label,
+                fetch=functools.partial(store.read, rel),
+                kind=kind,
+                patient_id=pid,
+                split=split,
+                where=where,
+                subgroups={g: _category(row[g]) for g in subgroups or []},
+            )
+        )
         rels.append(rel)
     if kind == "dicom":
         _fill_dicom_patients(scan, store, rels)

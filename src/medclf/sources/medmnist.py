@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medclf.config import Source
-from medclf.io import file_digest
+from medclf.infra.io import file_digest
 from medclf.sources.base import Record, SourceError, SourceScan
 from medclf.sources.store import open_store, split_uri
 
@@ -25,22 +25,60 @@ log = logging.getLogger(__name__)
 ZENODO = "https://zenodo.org/records/10519652/files/{flag}{suffix}.npz?download=1"
 # flag -> (labels, {size: md5}); from medmnist.INFO (v3.0).
 KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
-    "pneumoniamnist": (["normal", "pneumonia"], {
-        28: "28209eda62fecd6e6a2d98b1501bb15f", 64: "8f4eceb4ccffa70c672198ea285246c6",
-        128: "05b46931834c231683c68f40c47b2971", 224: "d6a3c71de1b945ea11211b03746c1fe1"}),
-    "breastmnist": (["malignant", "normal_or_benign"], {
-        28: "750601b1f35ba3300ea97c75c52ff8f6", 64: "742edef2a1fd1524b2efff4bd7ba9364",
-        128: "363e4b3f8d712e9b5de15470a2aaadf1", 224: "b56378a6eefa9fed602bb16d192d4c8b"}),
-    "dermamnist": (["akiec", "bcc", "bkl", "df", "melanoma", "nevus", "vascular"], {
-        28: "0744692d530f8e62ec473284d019b0c7", 64: "b70a2f5635c6199aeaa28c31d7202e1f",
-        128: "2defd784463fa5243564e855ed717de1", 224: "8974907d8e169bef5f5b96bc506ae45d"}),
-    "retinamnist": (["grade0", "grade1", "grade2", "grade3", "grade4"], {
-        28: "bd4c0672f1bba3e3a89f0e4e876791e4", 64: "afda852cc34dcda56f86ad2b2457dbcc",
-        128: "e48e916a24454daf90583d4e6efb1a18", 224: "eae7e3b6f3fcbda4ae613ebdcbe35348"}),
-    "bloodmnist": (["basophil", "eosinophil", "erythroblast", "immature_granulocyte", "lymphocyte",
-                    "monocyte", "neutrophil", "platelet"], {
-        28: "7053d0359d879ad8a5505303e11de1dc", 64: "2b94928a2ae4916078ca51e05b6b800b",
-        128: "adace1e0ed228fccda1f39692059dd4c", 224: "b718ff6835fcbdb22ba9eacccd7b2601"}),
+    "pneumoniamnist": (
+        ["normal", "pneumonia"],
+        {
+            28: "28209eda62fecd6e6a2d98b1501bb15f",
+            64: "8f4eceb4ccffa70c672198ea285246c6",
+            128: "05b46931834c231683c68f40c47b2971",
+            224: "d6a3c71de1b945ea11211b03746c1fe1",
+        },
+    ),
+    "breastmnist": (
+        ["malignant", "normal_or_benign"],
+        {
+            28: "750601b1f35ba3300ea97c75c52ff8f6",
+            64: "742edef2a1fd1524b2efff4bd7ba9364",
+            128: "363e4b3f8d712e9b5de15470a2aaadf1",
+            224: "b56378a6eefa9fed602bb16d192d4c8b",
+        },
+    ),
+    "dermamnist": (
+        ["akiec", "bcc", "bkl", "df", "melanoma", "nevus", "vascular"],
+        {
+            28: "0744692d530f8e62ec473284d019b0c7",
+            64: "b70a2f5635c6199aeaa28c31d7202e1f",
+            128: "2defd784463fa5243564e855ed717de1",
+            224: "8974907d8e169bef5f5b96bc506ae45d",
+        },
+    ),
+    "retinamnist": (
+        ["grade0", "grade1", "grade2", "grade3", "grade4"],
+        {
+            28: "bd4c0672f1bba3e3a89f0e4e876791e4",
+            64: "afda852cc34dcda56f86ad2b2457dbcc",
+            128: "e48e916a24454daf90583d4e6efb1a18",
+            224: "eae7e3b6f3fcbda4ae613ebdcbe35348",
+        },
+    ),
+    "bloodmnist": (
+        [
+            "basophil",
+            "eosinophil",
+            "erythroblast",
+            "immature_granulocyte",
+            "lymphocyte",
+            "monocyte",
+            "neutrophil",
+            "platelet",
+        ],
+        {
+            28: "7053d0359d879ad8a5505303e11de1dc",
+            64: "2b94928a2ae4916078ca51e05b6b800b",
+            128: "adace1e0ed228fccda1f39692059dd4c",
+            224: "b718ff6835fcbdb22ba9eacccd7b2601",
+        },
+    ),
 }
 
 
@@ -70,7 +108,8 @@ def download(flag: str, size: int, cache_dir: Path, url_template: str = ZENODO) 
         raise SourceError(
             f"cannot download MedMNIST {flag} ({size}px) from {url}: {err}. Offline? Download the file "
             f"elsewhere and set ingest.source.uri to its local path, e.g. data/raw/{target.name}",
-            transient=True) from None
+            transient=True,
+        ) from None
     got = file_digest(tmp, algo="md5")
     if got != expected:
         tmp.unlink(missing_ok=True)
@@ -116,6 +155,13 @@ def scan_medmnist(source: Source, classes: list[str] | None) -> SourceScan:
             raise SourceError(f"{name}: {split}_images has {len(x)} rows but {split}_labels has {len(y)}")
         for i in range(len(x)):
             label = names[y[i]] if names and 0 <= y[i] < len(names) else str(int(y[i]))
-            scan.records.append(Record(uri=f"{name}#{split}/{i}", label=label,
-                                       fetch=functools.partial(_same, x[i]), kind="array", split=split))
+            scan.records.append(
+                Record(
+                    uri=f"{name}#{split}/{i}",
+                    label=label,
+                    fetch=functools.partial(_same, x[i]),
+                    kind="array",
+                    split=split,
+                )
+            )
     return scan

@@ -86,8 +86,7 @@ class S3Store(Store):
         self.bucket = parsed.netloc
         self.prefix = parsed.path.lstrip("/").rstrip("/")
         self.root_uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL")
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         self._client = client
         self._etags: dict[str, str] = {}
 
@@ -118,7 +117,7 @@ class S3Store(Store):
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=pfx):
                 for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(pfx):]
+                    rel = obj["Key"][len(pfx) :]
                     if not rel or rel.endswith("/"):
                         continue
                     # as listed, even an unsafe key (`a/../b`): the folder source refuses it per file, naming it
@@ -152,7 +151,8 @@ class S3Store(Store):
                 raise SourceChanged(
                     f"s3://{self.bucket}/{key}: cannot read consistently: the object changed between listing and "
                     f"reading (listed ETag {version}); nothing of this run is kept, and a new attempt lists "
-                    "the source again") from None
+                    "the source again"
+                ) from None
             raise SourceError(f"s3://{self.bucket}/{key}: cannot read ({self._where()}): {err}") from err
         except BotoCoreError as err:
             raise SourceError(f"s3://{self.bucket}/{key}: cannot read ({self._where()}): {err}") from err
@@ -163,10 +163,9 @@ class S3Store(Store):
         pfx = f"{self.prefix}/" if self.prefix else ""
         out: set[str] = set()
         try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=pfx, Delimiter="/")
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=pfx, Delimiter="/")
             for page in pages:
-                out.update(cp["Prefix"][len(pfx):].rstrip("/") for cp in page.get("CommonPrefixes", []))
+                out.update(cp["Prefix"][len(pfx) :].rstrip("/") for cp in page.get("CommonPrefixes", []))
         except (BotoCoreError, ClientError) as err:
             raise SourceError(f"{self.root_uri}: cannot list ({self._where()}): {err}") from err
         return sorted(d for d in out if d and not d.startswith("."))

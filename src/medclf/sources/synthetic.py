@@ -61,6 +61,13 @@ def scan_synthetic(cfg: SyntheticSource) -> SourceScan:
             def make(seed: int = seed, sick: bool = sick, body: float = body) -> np.ndarray:
                 return phantom(np.random.default_rng(seed), cfg.native_size, sick, body)
 
-            records.append(Record(uri=f"synthetic://phantom/{p:05d}-{k}", label=CLASSES[sick], fetch=make,
-                                  kind="array", patient_id=f"SYN{p:05d}"))
+            records.append(
+                Record(
+                    uri=f"synthetic://phantom/{p:05d}-{k}",
+                    label=CLASSES[sick],
+                    fetch=make,
+                    kind="array",
+                    patient_id=f"SYN{p:05d}",
+                )
+            )
     return SourceScan(records=records, class_names=CLASSES)

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from medclf import catalog as c
-from medclf.augmentation import apply_policy, balance_classes, balance_plan
 from medclf.config import AugmentPolicy, Paths, Settings
-from medclf.io import atomic_dir, atomic_file, disk_writes, npy_memmap, write_json
+from medclf.imaging.augmentation import apply_policy, balance_classes, balance_plan
+from medclf.infra import catalog
+from medclf.infra.io import atomic_dir, atomic_file, disk_writes, npy_memmap, write_json
 from medclf.pipeline import declared
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,16 @@ class AugmentError(RuntimeError):
 
 
 def _load_train(paths: Paths) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    xp, yp, cp = (c.IMAGES.path(paths, split="train"), c.LABELS.path(paths, split="train"), c.CLASSES.path(paths))
+    xp, yp, cp = (
+        catalog.IMAGES.path(paths, split="train"),
+        catalog.LABELS.path(paths, split="train"),
+        catalog.CLASSES.path(paths),
+    )
     for p in (xp, yp, cp):
         if not p.exists():
             raise AugmentError(f"{p}: missing; run `medclf ingest` first")
-    x, y = c.load_split(paths, "train")  # memory-mapped read-only: the ingest output cannot be modified from here
-    classes = c.CLASSES.load(paths)["classes"]
+    x, y = catalog.load_split(paths, "train")  # memory-mapped read-only: the ingest output cannot be modified from here
+    classes = catalog.CLASSES.load(paths)["classes"]
     if x.ndim != 4 or x.dtype != np.uint8 or len(x) != len(y):
         raise AugmentError(f"{xp}: expected N×H×W×C uint8 matching {yp}; got {x.dtype} {x.shape} and {y.shape}")
     if len(x) == 0:
@@ -50,8 +54,9 @@ def _load_train(paths: Paths) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return x, y, classes
 
 
-def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], policy: AugmentPolicy,
-                n: int, seed: int) -> bytes:
+def preview_png(
+    images: np.ndarray, labels: np.ndarray, classes: list[str], policy: AugmentPolicy, n: int, seed: int
+) -> bytes:
     """A grid of (original | two augmented versions) triplets, picked evenly across classes."""
     import matplotlib
 
@@ -93,29 +98,40 @@ def run(settings: Settings) -> dict[str, Any]:
     total = len(y) + sum(plan.values())
     with atomic_dir(paths.augment_dir) as tmp:
         # preallocated: a full disk is a DiskFull naming the file here, not a SIGBUS at a page of the map
-        out = npy_memmap(c.TRAIN_IMAGES.under(tmp), (total, *x.shape[1:]), np.uint8)
+        out = npy_memmap(catalog.TRAIN_IMAGES.under(tmp), (total, *x.shape[1:]), np.uint8)
         res = balance_classes(x, y, policy, cfg.target_ratio if cfg.balance else 0.0, k, cfg.seed, out=out)
-        with disk_writes(c.TRAIN_IMAGES.under(tmp)):
+        with disk_writes(catalog.TRAIN_IMAGES.under(tmp)):
             out.flush()
         del out
-        np.save(c.TRAIN_LABELS.under(tmp), res.labels)
-        np.save(c.TRAIN_IS_SYNTHETIC.under(tmp), res.is_synthetic)
-        np.save(c.TRAIN_SOURCE_ROW.under(tmp), res.source_row)
+        np.save(catalog.TRAIN_LABELS.under(tmp), res.labels)
+        np.save(catalog.TRAIN_IS_SYNTHETIC.under(tmp), res.is_synthetic)
+        np.save(catalog.TRAIN_SOURCE_ROW.under(tmp), res.source_row)
         after = np.bincount(res.labels, minlength=k)
         summary = {
-            "classes": classes, "counts_before": dict[str, Any](zip(classes, before.tolist(), strict=True)),
+            "classes": classes,
+            "counts_before": dict[str, Any](zip(classes, before.tolist(), strict=True)),
             "counts_after": dict[str, Any](zip(classes, after.tolist(), strict=True)),
-            "synthetic": int(res.is_synthetic.sum()), "rows": int(total),
+            "synthetic": int(res.is_synthetic.sum()),
+            "rows": int(total),
             "ratio_before": round(float(before.min() / before.max()), 4),
             "ratio_after": round(float(after.min() / after.max()), 4),
-            "balance": cfg.balance, "target_ratio": cfg.target_ratio, "seed": cfg.seed,
-            "preset": cfg.preset, "policy": policy.model_dump(),
+            "balance": cfg.balance,
+            "target_ratio": cfg.target_ratio,
+            "seed": cfg.seed,
+            "preset": cfg.preset,
+            "policy": policy.model_dump(),
         }
-        write_json(c.AUGMENT_SUMMARY.under(tmp), summary)
+        write_json(catalog.AUGMENT_SUMMARY.under(tmp), summary)
     png = preview_png(x, y, classes, policy, cfg.preview_n, cfg.seed)
-    with atomic_file(c.AUGMENT_PREVIEW.path(paths), "wb") as fh:
+    with atomic_file(catalog.AUGMENT_PREVIEW.path(paths), "wb") as fh:
         fh.write(png)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    log.info("augment: %s -> %s (%d synthetic rows, preset %s), %.1f s", summary["counts_before"],
-             summary["counts_after"], summary["synthetic"], cfg.preset, summary["seconds"])
+    log.info(
+        "augment: %s -> %s (%d synthetic rows, preset %s), %.1f s",
+        summary["counts_before"],
+        summary["counts_after"],
+        summary["synthetic"],
+        cfg.preset,
+        summary["seconds"],
+    )
     return summary

@@ -39,18 +39,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medclf import catalog as c
-from medclf.changes import describe, diff_manifests, snapshot, snapshot_differences
 from medclf.config import Ingest, Paths, Settings, source_location
-from medclf.images import DecodeError, decode_bytes, fit_square, to_channels, to_uint8
-from medclf.io import atomic_dir, atomic_dirs, atomic_file, disk_writes, recover_dir, write_json, write_npy
-from medclf.modality import file_colourfulness
+from medclf.evaluation.subgroups import SUBGROUP_PREFIX
+from medclf.imaging.changes import describe, diff_manifests, snapshot, snapshot_differences
+from medclf.imaging.images import decode_bytes, fit_square, to_channels
+from medclf.imaging.modality import file_colourfulness
+from medclf.imaging.pixels import DecodeError, to_uint8
+from medclf.imaging.privacy import hash_patient, redact, salt
+from medclf.imaging.splits import SPLITS, assign_splits, empty_split_problem, link_groups
+from medclf.infra import catalog
+from medclf.infra.io import atomic_dir, atomic_dirs, atomic_file, disk_writes, recover_dir, write_json, write_npy
 from medclf.pipeline import declared
-from medclf.privacy import hash_patient, redact, salt
 from medclf.sources import Record, SourceError, scan
 from medclf.sources.base import SourceChanged
-from medclf.splits import SPLITS, assign_splits, empty_split_problem, link_groups
-from medclf.subgroups import SUBGROUP_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class Decoded:
     orig_shape: tuple[int, int, int] = (0, 0, 0)
     reason: str | None = None
     colourfulness: float | None = None
-    """Of the file as stored (`medclf.modality`), for validate's `colour` check: the array may be grey already."""
+    """Of the file as stored (`medclf.imaging.modality`), for validate's `colour` check: the array may be grey
+    already."""
 
 
 def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
@@ -85,9 +87,13 @@ def _decode_one(rec: Record, cfg: Ingest) -> Decoded:
         else:
             out.sha256 = hashlib.sha256(payload).hexdigest()
             # the source knows its kind: a raster file is never sniffed for DICOM here
-            arr, out.orig_shape = decode_bytes(payload, cfg.max_image_pixels,
-                                               kind="dicom" if rec.kind == "dicom" else "image",
-                                               channels=cfg.channels, size=cfg.image_size)
+            arr, out.orig_shape = decode_bytes(
+                payload,
+                cfg.max_image_pixels,
+                kind="dicom" if rec.kind == "dicom" else "image",
+                channels=cfg.channels,
+                size=cfg.image_size,
+            )
         out.colourfulness = file_colourfulness(payload if isinstance(payload, bytes) else None, arr)
         out.image = fit_square(to_channels(arr, cfg.channels), cfg.image_size, cfg.resize)
     except DecodeError as err:
@@ -143,14 +149,14 @@ def decode_all(records: list[Record], cfg: Ingest) -> list[Decoded]:
     if use_procs:
         ctx = multiprocessing.get_context("fork")
         pool: ProcessPoolExecutor | ThreadPoolExecutor = ProcessPoolExecutor(
-            workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),))
+            workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(),)
+        )
         chunk = max(1, min(64, len(records) // (workers * 8)))
     else:
         pool, chunk = ThreadPoolExecutor(max_workers=workers), 1
     with pool:
         it = pool.map(functools.partial(_decode_one, cfg=cfg), records, chunksize=chunk)
-        return list(tqdm(it, total=len(records), desc="ingest: decode", unit="img", mininterval=1.0,
-                         disable=None))
+        return list(tqdm(it, total=len(records), desc="ingest: decode", unit="img", mininterval=1.0, disable=None))
 
 
 def _class_list(cfg: Ingest, scanned: list[str] | None, labels: list[str]) -> list[str]:
@@ -168,36 +174,63 @@ def _quarantine_report(quarantine: list[tuple[str, str]], total: int, limit: flo
     if frac <= limit:
         return None
     counts = pd.Series([r.split(":")[0] for _, r in quarantine]).value_counts()
-    lines = [(f"{len(quarantine)} of {total} inputs ({frac:.1%}) were quarantined, above "
-              f"ingest.max_quarantine_fraction={limit:.1%}. Reasons:")]
+    lines = [
+        (
+            f"{len(quarantine)} of {total} inputs ({frac:.1%}) were quarantined, above "
+            f"ingest.max_quarantine_fraction={limit:.1%}. Reasons:"
+        )
+    ]
     lines += [f"  {n:6d} × {reason}" for reason, n in counts.items()]
     lines += ["Examples:"] + [f"  {u}: {r}" for u, r in quarantine[:5]]
     return "\n".join(lines)
 
 
-def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
-                   quarantined: list[Decoded]) -> pd.DataFrame:
+def build_manifest(
+    ok: list[Decoded], splits: list[str], classes: list[str], quarantined: list[Decoded]
+) -> pd.DataFrame:
     rows = []
     counters = {s: 0 for s in SPLITS}
     for d, split in zip(ok, splits, strict=True):
         pid = d.record.patient_id
-        rows.append({
-            "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16], "source_uri": d.uri, "sha256": d.sha256,
-            "patient_hash": hash_patient(pid) if pid else None, "label": d.record.label,
-            "label_index": classes.index(d.record.label or ""), "split": split, "row": counters[split],
-            "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1], "orig_channels": d.orig_shape[2],
-            "colourfulness": d.colourfulness, "status": "ok", "reason": None,
-        })
+        rows.append(
+            {
+                "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16],
+                "source_uri": d.uri,
+                "sha256": d.sha256,
+                "patient_hash": hash_patient(pid) if pid else None,
+                "label": d.record.label,
+                "label_index": classes.index(d.record.label or ""),
+                "split": split,
+                "row": counters[split],
+                "orig_height": d.orig_shape[0],
+                "orig_width": d.orig_shape[1],
+                "orig_channels": d.orig_shape[2],
+                "colourfulness": d.colourfulness,
+                "status": "ok",
+                "reason": None,
+            }
+        )
         counters[split] += 1
     for d in quarantined:
         pid = d.record.patient_id
-        rows.append({
-            "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16], "source_uri": d.uri, "sha256": d.sha256 or None,
-            "patient_hash": hash_patient(pid) if pid else None, "label": d.record.label, "label_index": -1,
-            "split": None, "row": -1, "orig_height": d.orig_shape[0], "orig_width": d.orig_shape[1],
-            "orig_channels": d.orig_shape[2], "colourfulness": d.colourfulness, "status": "quarantined",
-            "reason": d.reason,
-        })
+        rows.append(
+            {
+                "id": hashlib.sha1(d.uri.encode()).hexdigest()[:16],
+                "source_uri": d.uri,
+                "sha256": d.sha256 or None,
+                "patient_hash": hash_patient(pid) if pid else None,
+                "label": d.record.label,
+                "label_index": -1,
+                "split": None,
+                "row": -1,
+                "orig_height": d.orig_shape[0],
+                "orig_width": d.orig_shape[1],
+                "orig_channels": d.orig_shape[2],
+                "colourfulness": d.colourfulness,
+                "status": "quarantined",
+                "reason": d.reason,
+            }
+        )
     df = pd.DataFrame(rows)
     for name in dict.fromkeys(g for d in (*ok, *quarantined) for g in d.record.subgroups):  # ingest.subgroups
         df[SUBGROUP_PREFIX + name] = [d.record.subgroups.get(name) for d in (*ok, *quarantined)]
@@ -208,7 +241,7 @@ def build_manifest(ok: list[Decoded], splits: list[str], classes: list[str],
 def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.ingest, settings.paths
     t0 = time.perf_counter()
-    reports = c.INGEST_REPORTS.path(paths)
+    reports = catalog.INGEST_REPORTS.path(paths)
     for out in (paths.ingest_dir, reports):  # finish a commit a kill interrupted; drop dead runs' staging dirs
         recover_dir(out)
     source = _source_snapshot(cfg, paths)  # before the listing: what ingest reads must still be this after reading
@@ -225,9 +258,12 @@ def run(settings: Settings) -> dict[str, Any]:
     _check_source(cfg, paths, source, scanned.records)  # a file deleted mid-read is a changed source, not a quarantine
     for d in decoded:
         if d.reason is None and d.record.label not in classes:
-            d.reason = (f"unknown label {d.record.label!r} (expected one of {classes})"
-                        + (f" at {d.record.where}" if d.record.where else "") if d.record.label
-                        else "missing label")
+            d.reason = (
+                f"unknown label {d.record.label!r} (expected one of {classes})"
+                + (f" at {d.record.where}" if d.record.where else "")
+                if d.record.label
+                else "missing label"
+            )
     ok = [d for d in decoded if d.reason is None]
     bad = [d for d in decoded if d.reason is not None]
     quarantine = scanned.quarantine + [(d.uri, d.reason or "") for d in bad]
@@ -236,26 +272,51 @@ def run(settings: Settings) -> dict[str, Any]:
     problem = _quarantine_report(quarantine, total, cfg.max_quarantine_fraction)
     if problem or not ok:
         problem = problem or "no usable images"
-        where = _record_failure(paths, qdf, {
-            "status": "failed", "error": problem, "inputs": total, "images": len(ok),
-            "quarantined": len(quarantine), "classes": classes,
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        where = _record_failure(
+            paths,
+            qdf,
+            {
+                "status": "failed",
+                "error": problem,
+                "inputs": total,
+                "images": len(ok),
+                "quarantined": len(quarantine),
+                "classes": classes,
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            },
+        )
         raise IngestError(problem + f"\nSee {where}.")
 
     keys = [[f"p:{hash_patient(d.record.patient_id)}"] if d.record.patient_id else [] for d in ok]
     keys = [k + [f"h:{d.sha256}"] for k, d in zip(keys, ok, strict=True)]
     official = [d.record.split if cfg.splits.use_official else None for d in ok]
     groups = link_groups(keys)
-    splits = assign_splits(groups, [d.record.label or "" for d in ok], official,
-                           cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.seed)
-    problem = empty_split_problem(splits, groups, cfg.splits.val_fraction, cfg.splits.test_fraction,
-                                  cfg.splits.use_official)
+    splits = assign_splits(
+        groups,
+        [d.record.label or "" for d in ok],
+        official,
+        cfg.splits.val_fraction,
+        cfg.splits.test_fraction,
+        cfg.splits.seed,
+    )
+    problem = empty_split_problem(
+        splits, groups, cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.use_official
+    )
     if problem:  # validate's split_fractions is a warning; an empty train or val split fails augment or train
-        where = _record_failure(paths, qdf, {
-            "status": "failed", "error": problem, "inputs": total, "images": len(ok),
-            "quarantined": len(quarantine), "classes": classes,
-            "splits": {s: splits.count(s) for s in SPLITS},
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+        where = _record_failure(
+            paths,
+            qdf,
+            {
+                "status": "failed",
+                "error": problem,
+                "inputs": total,
+                "images": len(ok),
+                "quarantined": len(quarantine),
+                "classes": classes,
+                "splits": {s: splits.count(s) for s in SPLITS},
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            },
+        )
         raise IngestError(problem + f"\nSee {where}.")
     manifest = build_manifest(ok, splits, classes, bad)
     changes = diff_manifests(_previous_manifest(paths), manifest)
@@ -266,27 +327,46 @@ def run(settings: Settings) -> dict[str, Any]:
             shape = (len(idx), cfg.image_size, cfg.image_size, cfg.channels)
             # plain writes into preallocated blocks, no memory map: a full disk is a DiskFull naming the file
             # (a memory map on a full disk was a SIGBUS), and atomic_dirs removes the staging at once
-            write_npy(c.IMAGES.under(tmp, split=split), shape, np.uint8, (ok[i].image for i in idx))
+            write_npy(catalog.IMAGES.under(tmp, split=split), shape, np.uint8, (ok[i].image for i in idx))
             label_idx = [classes.index(ok[i].record.label or "") for i in idx]  # `ok` labels are all in classes
-            with disk_writes(c.LABELS.under(tmp, split=split)):
-                np.save(c.LABELS.under(tmp, split=split), np.array(label_idx, dtype=np.int64))
+            with disk_writes(catalog.LABELS.under(tmp, split=split)):
+                np.save(catalog.LABELS.under(tmp, split=split), np.array(label_idx, dtype=np.int64))
             counts[split] = len(idx)
-        with disk_writes(c.MANIFEST.under(tmp)):
-            manifest.to_parquet(c.MANIFEST.under(tmp), index=False)
-        write_json(c.CLASSES.under(tmp), {"classes": classes, "positive_class": cfg.positive_class or classes[-1],
-                                          "image_size": cfg.image_size, "channels": cfg.channels})
+        with disk_writes(catalog.MANIFEST.under(tmp)):
+            manifest.to_parquet(catalog.MANIFEST.under(tmp), index=False)
+        write_json(
+            catalog.CLASSES.under(tmp),
+            {
+                "classes": classes,
+                "positive_class": cfg.positive_class or classes[-1],
+                "image_size": cfg.image_size,
+                "channels": cfg.channels,
+            },
+        )
         elapsed = time.perf_counter() - t0
-        summary = {"images": len(ok), "quarantined": len(quarantine), "classes": classes, "splits": counts,
-                   "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
-                   "seconds": round(elapsed, 2), "decode_images_per_second": round(len(decoded) / t_decode, 1),
-                   "changes": changes}
-        with disk_writes(_in_reports(rtmp, c.QUARANTINE)):
-            qdf.to_csv(_in_reports(rtmp, c.QUARANTINE), index=False)
-        write_json(_in_reports(rtmp, c.INGEST_SUMMARY), summary)
+        summary = {
+            "images": len(ok),
+            "quarantined": len(quarantine),
+            "classes": classes,
+            "splits": counts,
+            "patients": int(manifest.loc[manifest.status == "ok", "patient_hash"].nunique()),
+            "seconds": round(elapsed, 2),
+            "decode_images_per_second": round(len(decoded) / t_decode, 1),
+            "changes": changes,
+        }
+        with disk_writes(_in_reports(rtmp, catalog.QUARANTINE)):
+            qdf.to_csv(_in_reports(rtmp, catalog.QUARANTINE), index=False)
+        write_json(_in_reports(rtmp, catalog.INGEST_SUMMARY), summary)
         _check_source(cfg, paths, source, scanned.records)  # last look before the commit: nothing changed since
-    c.INGEST_METRICS.save(paths, {"images": len(ok), "quarantined": len(quarantine)})  # `dvc metrics show`
-    log.info("ingest: %d images (%s), %d quarantined, %.1f s; since the last ingest: %s", len(ok), counts,
-             len(quarantine), elapsed, describe(changes))
+    catalog.INGEST_METRICS.save(paths, {"images": len(ok), "quarantined": len(quarantine)})  # `dvc metrics show`
+    log.info(
+        "ingest: %d images (%s), %d quarantined, %.1f s; since the last ingest: %s",
+        len(ok),
+        counts,
+        len(quarantine),
+        elapsed,
+        describe(changes),
+    )
     return summary
 
 
@@ -318,8 +398,9 @@ def _check_source(cfg: Ingest, paths: Paths, before: Snapshot | None, records: l
     if not diff:
         return
     pids = {r.patient_id for r in records if r.patient_id}
-    regex = (re.compile(cfg.source.patient_id_regex) if cfg.source.kind == "folder" and cfg.source.patient_id_regex
-             else None)
+    regex = (
+        re.compile(cfg.source.patient_id_regex) if cfg.source.kind == "folder" and cfg.source.patient_id_regex else None
+    )
 
     def shown(rel: str) -> str:  # named as the manifest and quarantine.csv name files: patient ids pseudonymised
         m = regex.search(rel.rsplit("/", 1)[-1]) if regex else None
@@ -335,12 +416,13 @@ def _check_source(cfg: Ingest, paths: Paths, before: Snapshot | None, records: l
     raise SourceChanged(
         f"{where}: the source changed while ingest read it ({n} file{'s' if n != 1 else ''}; {'; '.join(parts)}): "
         "nothing of this run is kept (the previous dataset and its reports stay as they were), and a new "
-        "attempt reads the source again")
+        "attempt reads the source again"
+    )
 
 
-def _in_reports(reports: Path, artifact: c.Artifact) -> Path:
+def _in_reports(reports: Path, artifact: catalog.Artifact) -> Path:
     """`artifact` (under `paths.reports_dir`) inside `reports`, a directory standing for `INGEST_REPORTS`."""
-    return reports / Path(artifact.rel).relative_to(c.INGEST_REPORTS.rel)
+    return reports / Path(artifact.rel).relative_to(catalog.INGEST_REPORTS.rel)
 
 
 def _record_failure(paths: Paths, quarantine: pd.DataFrame, record: dict[str, Any]) -> Path:
@@ -351,23 +433,23 @@ def _record_failure(paths: Paths, quarantine: pd.DataFrame, record: dict[str, An
     `failed_quarantine.csv` beside them. With no dataset there is nothing to contradict: the reports
     directory is replaced by the failed run's quarantine.csv (and the same two files).
     """
-    failed_csv = c.INGEST_FAILED_QUARANTINE.path(paths)
-    if c.MANIFEST.path(paths).exists():
+    failed_csv = catalog.INGEST_FAILED_QUARANTINE.path(paths)
+    if catalog.MANIFEST.path(paths).exists():
         failed_csv.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(failed_csv) as fh:
             quarantine.to_csv(fh, index=False)
-        write_json(c.INGEST_FAILED_RUN.path(paths), record)
+        write_json(catalog.INGEST_FAILED_RUN.path(paths), record)
         return failed_csv
-    with atomic_dir(c.INGEST_REPORTS.path(paths)) as tmp:
-        quarantine.to_csv(_in_reports(tmp, c.QUARANTINE), index=False)
-        quarantine.to_csv(_in_reports(tmp, c.INGEST_FAILED_QUARANTINE), index=False)
-        write_json(_in_reports(tmp, c.INGEST_FAILED_RUN), record)
+    with atomic_dir(catalog.INGEST_REPORTS.path(paths)) as tmp:
+        quarantine.to_csv(_in_reports(tmp, catalog.QUARANTINE), index=False)
+        quarantine.to_csv(_in_reports(tmp, catalog.INGEST_FAILED_QUARANTINE), index=False)
+        write_json(_in_reports(tmp, catalog.INGEST_FAILED_RUN), record)
     return failed_csv
 
 
 def _previous_manifest(paths: Paths) -> pd.DataFrame | None:
     """The last ingest's manifest (what the current model saw), to say what changed since."""
-    path = c.MANIFEST.path(paths)
+    path = catalog.MANIFEST.path(paths)
     try:
         if not path.exists():
             return None
@@ -378,4 +460,3 @@ def _previous_manifest(paths: Paths) -> pd.DataFrame | None:
     except (OSError, ValueError, KeyError) as err:  # an older layout: report "first ingest" rather than fail
         log.warning("ingest: cannot read the previous manifest %s (%s); changes not computed", path, err)
         return None
-

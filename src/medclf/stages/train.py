@@ -3,9 +3,9 @@
 Reads the balanced train set (`catalog.TRAIN_IMAGES`) and the ingest val split; writes, atomically,
 `catalog.MODEL` and `catalog.TRAIN_RUN` (paths.model_dir), and `catalog.HISTORY` (a DVC plot).
 This module only wires the parts in `medclf.training` (data, runtime, resume, tracker, loop) and the
-model of `medclf.modeling`:
+model of `medclf.modeling.network`:
 
-* online augmentation runs on CPU worker threads (`medclf.augmentation`); the time the fit loop waits
+* online augmentation runs on CPU worker threads (`medclf.imaging.augmentation`); the time the fit loop waits
   for batches is measured and reported as `data_wait_fraction`;
 * a killed or retried run resumes from its last finished epoch (`medclf.training.resume`);
 * the import chain is kept small for GPU boxes that have only keras + jax + numpy: TensorFlow and
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from medclf import catalog
 from medclf.config import Settings
+from medclf.infra import catalog
 from medclf.pipeline import declared
 from medclf.training import TrainError
 from medclf.training.data import load_data, split_counts
@@ -47,7 +47,7 @@ __all__ = ["Tracker", "TrainError", "run", "run_name", "split_counts"]
 def run(settings: Settings) -> dict[str, Any]:
     import keras
 
-    from medclf.tracking import data_version, git_commit, params_hash, raw_data_version
+    from medclf.infra.tracking import data_version, git_commit, params_hash, raw_data_version
 
     cfg, paths = settings.train, settings.paths
     t_start = time.perf_counter()
@@ -69,8 +69,9 @@ def run(settings: Settings) -> dict[str, Any]:
         if cfg.tune.enabled:  # the search first; the final fit below uses its values (medclf.training.tuning)
             from medclf.training.tuning import search, with_values
 
-            tune = search(cfg, settings.augment, data, paths, rt, tracker,
-                          [v["data_digest"] for v in versions.values()])
+            tune = search(
+                cfg, settings.augment, data, paths, rt, tracker, [v["data_digest"] for v in versions.values()]
+            )
             cfg = with_values(cfg, tune["params"])
             tracker.params({f"tuned.{k}": v for k, v in tune["params"].items()})
         keras.utils.set_random_seed(cfg.seed)
@@ -81,8 +82,10 @@ def run(settings: Settings) -> dict[str, Any]:
         commit = git_commit()
         tracker.inputs(settings, data, rt, info, versions, raw, commit, cfg=cfg)
         if trun.from_scratch:
-            log.info("train: weights=none -> one phase training the whole backbone from scratch (BatchNorm "
-                     "learns batch statistics) for head_epochs + finetune_epochs at head_lr")
+            log.info(
+                "train: weights=none -> one phase training the whole backbone from scratch (BatchNorm "
+                "learns batch statistics) for head_epochs + finetune_epochs at head_lr"
+            )
         attempt = backup.state["attempt"]
         fit_phases(trun)
         if backup.load_weights("best", model):
@@ -92,19 +95,41 @@ def run(settings: Settings) -> dict[str, Any]:
         calibration = calibrate_export(trun, export)  # T folded into the export; evaluate/predict/serve apply it
         stats = summarise(history)
         result = {
-            "run_id": tracker.run_id, "experiment_id": tracker.experiment_id, "tracking_uri": tracker.uri,
-            "backbone": cfg.backbone, "weights": info["weights"], "weights_source": info["weights_source"],
-            "preprocessing": info["preprocessing"], "classes": data.classes, "positive_class": data.positive_class,
-            "image_size": data.image_size, "input_size": info["input_size"], "channels": data.channels,
-            "data_version": versions, "raw_data": raw, "params_hash": params_hash(cfg, settings.augment),
-            "git_commit": commit, "epochs_run": len(history), "epochs_executed_this_attempt": trun.epochs_executed,
+            "run_id": tracker.run_id,
+            "experiment_id": tracker.experiment_id,
+            "tracking_uri": tracker.uri,
+            "backbone": cfg.backbone,
+            "weights": info["weights"],
+            "weights_source": info["weights_source"],
+            "preprocessing": info["preprocessing"],
+            "classes": data.classes,
+            "positive_class": data.positive_class,
+            "image_size": data.image_size,
+            "input_size": info["input_size"],
+            "channels": data.channels,
+            "data_version": versions,
+            "raw_data": raw,
+            "params_hash": params_hash(cfg, settings.augment),
+            "git_commit": commit,
+            "epochs_run": len(history),
+            "epochs_executed_this_attempt": trun.epochs_executed,
             "attempt": attempt,
             "resumed_from_epoch": trun.epochs_executed[0] if attempt > 1 and trun.epochs_executed else None,
-            "best_epoch": trun.best.get("epoch"), "best_val_auc": trun.best.get("val_auc"),
-            **stats, "time_to_first_step_s": None if trun.first_step_s is None else round(trun.first_step_s, 2),
-            "backend": rt.backend, "devices": rt.devices, "mixed_precision": rt.policy, "jit_compile": rt.jit_compile,
-            "n_train": len(data.y_train), "n_synthetic": data.n_synthetic, "n_val": len(data.y_val),
-            "class_weights": cw, "params": info["params"], "calibration": calibration, "tune": tune,
+            "best_epoch": trun.best.get("epoch"),
+            "best_val_auc": trun.best.get("val_auc"),
+            **stats,
+            "time_to_first_step_s": None if trun.first_step_s is None else round(trun.first_step_s, 2),
+            "backend": rt.backend,
+            "devices": rt.devices,
+            "mixed_precision": rt.policy,
+            "jit_compile": rt.jit_compile,
+            "n_train": len(data.y_train),
+            "n_synthetic": data.n_synthetic,
+            "n_val": len(data.y_val),
+            "class_weights": cw,
+            "params": info["params"],
+            "calibration": calibration,
+            "tune": tune,
         }
         if tune is not None:  # does the final fit reproduce the chosen trial? (within noise: same values, seed)
             tune["final_val_auc"] = result["best_val_auc"]
@@ -113,18 +138,31 @@ def run(settings: Settings) -> dict[str, Any]:
         save_model(paths, export, model if rt.policy == "float32" else export, probe, result, t_start)
         # after the model: a run whose model save fails (disk full) keeps the previous model's history
         hist_path = write_history(paths, history)
-        tracker.metrics({"best_val_auc": result["best_val_auc"], "data_wait_fraction": stats["data_wait_fraction"],
-                         "images_per_second": stats["images_per_second"], "epochs_run": len(history),
-                         "time_to_first_step_s": result["time_to_first_step_s"], "train_seconds": result["seconds"],
-                         "temperature": calibration["temperature"]})
+        tracker.metrics(
+            {
+                "best_val_auc": result["best_val_auc"],
+                "data_wait_fraction": stats["data_wait_fraction"],
+                "images_per_second": stats["images_per_second"],
+                "epochs_run": len(history),
+                "time_to_first_step_s": result["time_to_first_step_s"],
+                "train_seconds": result["seconds"],
+                "temperature": calibration["temperature"],
+            }
+        )
         tracker.artifact(hist_path, "train")
         tracker.artifact(catalog.TRAIN_RUN.path(paths), "train")
         tracker.artifact(catalog.AUGMENT_PREVIEW.path(paths), "augment")
         tracker.artifact(catalog.AUGMENT_SUMMARY.path(paths), "augment")
         tracker.end()
         backup.clear()
-        log.info("train: %s, best val_auc %s at epoch %s, data wait %s, %.1f s", cfg.backbone, result["best_val_auc"],
-                 result["best_epoch"], stats["data_wait_fraction"], result["seconds"])
+        log.info(
+            "train: %s, best val_auc %s at epoch %s, data wait %s, %.1f s",
+            cfg.backbone,
+            result["best_val_auc"],
+            result["best_epoch"],
+            stats["data_wait_fraction"],
+            result["seconds"],
+        )
         return result
     except BaseException:
         tracker.end("FAILED")

@@ -11,7 +11,7 @@ last validated version), checks them with the GX suite in
   augment waits on and register quotes;
 - `reports/validate.json` — the headline for `dvc metrics show/diff`: failed and warning counts;
 - `<cache_dir>/validation_baseline.json` — the drift baseline, only after a pass.
-(Names: `medclf.catalog`, validate section.)
+(Names: `medclf.infra.catalog`, validate section.)
 
 Each check has a severity (`validate.severity`, defaults in
 `medclf.validation.checks.CHECKS`): `error` fails the stage with
@@ -28,18 +28,20 @@ from typing import Any
 
 import pandas as pd
 
-from medclf import catalog as c
-from medclf import modality
 from medclf.config import Settings
-from medclf.io import atomic_dir
+from medclf.imaging import modality
+from medclf.infra import catalog
+from medclf.infra.io import atomic_dir
 from medclf.pipeline import declared
 from medclf.validation import drift as drift_mod
 from medclf.validation import gx_suite, leakage, report, tables
 from medclf.validation.checks import CHECKS, OFF, SKIPPED, severities
 
 log = logging.getLogger(__name__)
-NO_BASELINE = ("No baseline: this is the first validated version of the dataset, so drift is not checked. "
-               "This run becomes the baseline if it passes.")
+NO_BASELINE = (
+    "No baseline: this is the first validated version of the dataset, so drift is not checked. "
+    "This run becomes the baseline if it passes."
+)
 
 
 class ValidationFailed(RuntimeError):
@@ -57,25 +59,31 @@ class ValidationFailed(RuntimeError):
 
 
 def baseline_path(settings: Settings) -> Path:
-    return c.VALIDATION_BASELINE.path(settings.paths)
+    return catalog.VALIDATION_BASELINE.path(settings.paths)
 
 
-def _drift_summary(baseline: dict[str, Any] | None, drift_table: pd.DataFrame, prevalence: pd.DataFrame,
-                   fingerprint: str) -> dict[str, Any]:
+def _drift_summary(
+    baseline: dict[str, Any] | None, drift_table: pd.DataFrame, prevalence: pd.DataFrame, fingerprint: str
+) -> dict[str, Any]:
     if baseline is None:
         return {"baseline": None, "note": NO_BASELINE}
     shift = prevalence["shift"].max() if "shift" in prevalence else float("nan")
     same = baseline.get("fingerprint") == fingerprint
-    return {"baseline": {k: baseline.get(k) for k in ("fingerprint", "images", "created")},
-            "same_dataset": same,
-            "note": "dataset identical to the baseline" if same else "compared with the last validated version",
-            "intensity": {feature: {"psi": float(psi), "ks": float(ks)} for feature, psi, ks
-                          in zip(drift_table["feature"], drift_table["psi"], drift_table["ks"], strict=True)},
-            "prevalence_shift_max": 0.0 if pd.isna(shift) else round(float(shift), 6)}
+    return {
+        "baseline": {k: baseline.get(k) for k in ("fingerprint", "images", "created")},
+        "same_dataset": same,
+        "note": "dataset identical to the baseline" if same else "compared with the last validated version",
+        "intensity": {
+            feature: {"psi": float(psi), "ks": float(ks)}
+            for feature, psi, ks in zip(drift_table["feature"], drift_table["psi"], drift_table["ks"], strict=True)
+        },
+        "prevalence_shift_max": 0.0 if pd.isna(shift) else round(float(shift), 6),
+    }
 
 
 def _colourfulness(images: pd.DataFrame, data: tables.IngestData, kind: str) -> str | None:
-    """Fill `images.colourfulness` (medclf.modality) for the `colour` check; the reason it is not checked, if so.
+    """Fill `images.colourfulness` (medclf.imaging.modality) for the `colour` check;
+    the reason it is not checked, if so.
 
     Ingest records each file's colourfulness in the manifest when it decodes it (the file as stored: with
     `ingest.channels: 1` the arrays are grey, the colour is gone). A manifest without the column (an older ingest
@@ -97,8 +105,10 @@ def _colourfulness(images: pd.DataFrame, data: tables.IngestData, kind: str) -> 
             values.loc[ok[ok].index] = measured[idx]
     images["colourfulness"] = values
     if values.isna().all():
-        return ("not measured: the manifest has no colourfulness column and the arrays are grey "
-                "(ingest.channels: 1); re-run ingest to record it")
+        return (
+            "not measured: the manifest has no colourfulness column and the arrays are grey "
+            "(ingest.channels: 1); re-run ingest to record it"
+        )
     return None
 
 
@@ -120,15 +130,24 @@ def run(settings: Settings) -> dict[str, Any]:
     drift_table = pd.DataFrame(columns=["feature", "psi", "ks"])
     if baseline is not None:
         drift_table, prevalence = drift_mod.compare(images, prevalence, baseline)
-    evidence = {"manifest": data.manifest, "images": images.drop(columns=["_h"]),
-                "splits": tables.split_table(images, data), "prevalence": prevalence, "drift": drift_table}
+    evidence = {
+        "manifest": data.manifest,
+        "images": images.drop(columns=["_h"]),
+        "splits": tables.split_table(images, data),
+        "prevalence": prevalence,
+        "drift": drift_table,
+    }
     t_tables = time.perf_counter()
 
     severity = severities(cfg.severity)
-    suites = gx_suite.build_suites(cfg, severity, classes, has_baseline=baseline is not None,
-                                   colour_bound=modality.GREY_MAX_COLOURFULNESS
-                                   if modality.expects_grey(settings.ingest.modality) else None)
-    site = c.VALIDATION_SITE.path(paths)
+    suites = gx_suite.build_suites(
+        cfg,
+        severity,
+        classes,
+        has_baseline=baseline is not None,
+        colour_bound=modality.GREY_MAX_COLOURFULNESS if modality.expects_grey(settings.ingest.modality) else None,
+    )
+    site = catalog.VALIDATION_SITE.path(paths)
     with atomic_dir(site) as tmp:
         results = gx_suite.run_suites(evidence, suites, tmp, cfg.max_examples)
         checks = gx_suite.to_checks(results, severity, cfg.max_examples)
@@ -140,23 +159,35 @@ def run(settings: Settings) -> dict[str, Any]:
             checks["colour"].status, checks["colour"].note = SKIPPED, colour_note
         t_gx = time.perf_counter()
         counts = {str(s): int(n) for s, n in images["split"].value_counts().items()}
-        seconds = {"stats_and_hashes": round(t_stats - t0, 2), "tables_and_leakage": round(t_tables - t_stats, 2),
-                   "great_expectations": round(t_gx - t_tables, 2), "total": round(t_gx - t0, 2)}
-        summary = report.summarize(checks, leak.summary(cfg.max_examples),
-                                   _drift_summary(baseline, drift_table, prevalence, drift_mod.fingerprint(images)),
-                                   counts, seconds, str(c.VALIDATION_DOCS.path(paths)))
+        seconds = {
+            "stats_and_hashes": round(t_stats - t0, 2),
+            "tables_and_leakage": round(t_tables - t_stats, 2),
+            "great_expectations": round(t_gx - t_tables, 2),
+            "total": round(t_gx - t0, 2),
+        }
+        summary = report.summarize(
+            checks,
+            leak.summary(cfg.max_examples),
+            _drift_summary(baseline, drift_table, prevalence, drift_mod.fingerprint(images)),
+            counts,
+            seconds,
+            str(catalog.VALIDATION_DOCS.path(paths)),
+        )
         markdown = report.markdown(summary, checks)
-        staged: tuple[tuple[c.Artifact, Any], ...] = (
-            (c.VALIDATION_LEAKAGE, leak.pairs), (c.VALIDATION_CHECKS, summary), (c.VALIDATION_REPORT, markdown + "\n"))
+        staged: tuple[tuple[catalog.Artifact, Any], ...] = (
+            (catalog.VALIDATION_LEAKAGE, leak.pairs),
+            (catalog.VALIDATION_CHECKS, summary),
+            (catalog.VALIDATION_REPORT, markdown + "\n"),
+        )
         for art, content in staged:
-            c.save_file(c.inside(c.VALIDATION_SITE, art, tmp), art.kind, content)
-    c.VALIDATION_SUMMARY.save(paths, report.metrics(summary))
-    c.VALIDATE_METRICS.save(paths, report.headline(summary))
+            catalog.save_file(catalog.inside(catalog.VALIDATION_SITE, art, tmp), art.kind, content)
+    catalog.VALIDATION_SUMMARY.save(paths, report.metrics(summary))
+    catalog.VALIDATE_METRICS.save(paths, report.headline(summary))
     print(report.console_table(summary, checks), file=sys.stderr)
     result = {**summary, "markdown": markdown}
     if not summary["passed"]:
         raise ValidationFailed(report.failure_message(checks), result)
-    c.VALIDATION_BASELINE.save(paths, drift_mod.make_baseline(images, prevalence))
+    catalog.VALIDATION_BASELINE.save(paths, drift_mod.make_baseline(images, prevalence))
     log.info("validate: passed with %d warning(s) in %.1f s", summary["n_warnings"], seconds["total"])
     return result
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 
 if TYPE_CHECKING:  # pragma: no cover
-    from medclf.training.loop import TrainingRun
+    from medclf.training.state import TrainingRun
 
 KILL_ENV = "MEDCLF_TEST_KILL_AFTER_EPOCH"
 """Tests only: hard-exit (os._exit) right after this global epoch's backup was written."""

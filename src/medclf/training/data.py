@@ -1,7 +1,7 @@
 """What train learns from and is scored on: the balanced train set (augment) and the val split (ingest).
 
-Arrays are memory-mapped; every file is named by `medclf.catalog`. Validation scores are exact (all val
-images, padding excluded) and use `medclf.metrics.macro_auc`, the same AUC evaluate reports.
+Arrays are memory-mapped; every file is named by `medclf.infra.catalog`. Validation scores are exact (all val
+images, padding excluded) and use `medclf.evaluation.metrics.macro_auc`, the same AUC evaluate reports.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medclf import catalog
 from medclf.config import Paths
+from medclf.infra import catalog
 from medclf.training import TrainError
 
 SPLITS = ("train", "val", "test")
@@ -33,22 +33,38 @@ class Data:
 
 def load_data(paths: Paths) -> Data:
     """Memory-mapped arrays: the balanced train set from augment, val from ingest (never augmented)."""
-    need = [(catalog.CLASSES, {}), (catalog.IMAGES, {"split": "val"}), (catalog.LABELS, {"split": "val"}),
-            (catalog.TRAIN_IMAGES, {}), (catalog.TRAIN_LABELS, {})]
+    need = [
+        (catalog.CLASSES, {}),
+        (catalog.IMAGES, {"split": "val"}),
+        (catalog.LABELS, {"split": "val"}),
+        (catalog.TRAIN_IMAGES, {}),
+        (catalog.TRAIN_LABELS, {}),
+    ]
     for entry, fields in need:
         p = entry.path(paths, **fields)
         if not p.exists():
-            raise TrainError(f"{p}: missing; run `medclf {'augment' if entry.root == 'augment_dir' else 'ingest'}` "
-                             "first")
+            raise TrainError(
+                f"{p}: missing; run `medclf {'augment' if entry.root == 'augment_dir' else 'ingest'}` first"
+            )
     meta = catalog.CLASSES.load(paths)
     x, y = catalog.TRAIN_IMAGES.load(paths, mmap=True), catalog.TRAIN_LABELS.load(paths)
     xv, yv = catalog.load_split(paths, "val")
     if x.shape[1:] != xv.shape[1:] or len(x) != len(y) or len(xv) != len(yv):
-        raise TrainError(f"{paths.augment_dir} ({x.shape}) does not match {paths.ingest_dir} ({xv.shape}); "
-                         "rerun `medclf augment`")
+        raise TrainError(
+            f"{paths.augment_dir} ({x.shape}) does not match {paths.ingest_dir} ({xv.shape}); rerun `medclf augment`"
+        )
     syn = catalog.TRAIN_IS_SYNTHETIC.path(paths)
-    return Data(x, y, xv, yv, list(meta["classes"]), meta.get("positive_class") or meta["classes"][-1],
-                int(x.shape[1]), int(x.shape[3]), int(np.load(syn).sum()) if syn.exists() else 0)
+    return Data(
+        x,
+        y,
+        xv,
+        yv,
+        list(meta["classes"]),
+        meta.get("positive_class") or meta["classes"][-1],
+        int(x.shape[1]),
+        int(x.shape[3]),
+        int(np.load(syn).sum()) if syn.exists() else 0,
+    )
 
 
 def class_weights(labels: np.ndarray, k: int) -> dict[int, float]:
@@ -60,7 +76,7 @@ def class_weights(labels: np.ndarray, k: int) -> dict[int, float]:
 def val_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """val_auc (`metrics.macro_auc`: binary, the positive = last class; K>2, the mean one-vs-rest AUC, NaN when
     a class is missing from val) and the mean cross-entropy."""
-    from medclf.metrics import macro_auc  # lazily: scikit-learn is not needed to import the train stage
+    from medclf.evaluation.metrics import macro_auc  # lazily: scikit-learn is not needed to import the train stage
 
     loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-7, 1.0))))
     return {"val_auc": macro_auc(y, proba), "val_loss": loss}

@@ -18,102 +18,78 @@ from typing import Any
 
 import numpy as np
 
-from medclf import catalog
 from medclf.config import Paths, Train
-from medclf.io import atomic_dir, atomic_file
+from medclf.infra import catalog
+from medclf.infra.io import atomic_dir, atomic_file
 from medclf.training import TrainError
-from medclf.training.data import Data, val_scores
+from medclf.training.data import Data
 from medclf.training.resume import Backup
 from medclf.training.runtime import Runtime
+from medclf.training.state import TrainingRun
 from medclf.training.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ["epoch", "loss", "val_loss", "auc", "val_auc", "phase", "lr", "data_wait_fraction", "seconds",
-                   "images_per_second"]
+HISTORY_COLUMNS = [
+    "epoch",
+    "loss",
+    "val_loss",
+    "auc",
+    "val_auc",
+    "phase",
+    "lr",
+    "data_wait_fraction",
+    "seconds",
+    "images_per_second",
+]
 
 
-class TrainingRun:
-    """State shared by the phases of one training attempt."""
-
-    def __init__(self, cfg: Train, data: Data, model: Any, rt: Runtime, backup: Backup, tracker: Tracker,
-                 train_ds: Any, val_ds: Any, from_scratch: bool = False) -> None:
-        self.cfg, self.data, self.model, self.rt = cfg, data, model, rt
-        self.backup, self.tracker, self.train_ds, self.val_ds = backup, tracker, train_ds, val_ds
-        self.t_fit_call = time.perf_counter()
-        self.first_step_s: float | None = None
-        self.epochs_executed: list[int] = []
-        self.best: dict[str, Any] = backup.state.get("best", {})
-        self.from_scratch = from_scratch
-        self.on_epoch: Callable[[int, float | None], None] | None = None
-        """Called last in every epoch with (epoch, val_auc): a tuning trial reports to its pruner here."""
-
-    def end_epoch(self, epoch: int, phase: int, logs: dict[str, Any], seconds: float) -> None:
-        wait, batches = self.train_ds.reset_timing()
-        if self.val_ds is not None:
-            proba = self.model.predict(self.val_ds, verbose=0)[: len(self.data.y_val)]
-            logs.update(val_scores(self.data.y_val, proba))
-        lr = self.model.optimizer.learning_rate
-        row = {"epoch": epoch, "phase": phase, "loss": _f(logs.get("loss")), "auc": _f(logs.get("auc")),
-               "val_loss": _f(logs.get("val_loss")), "val_auc": _f(logs.get("val_auc")),
-               "lr": _f(np.asarray(lr)), "data_wait_fraction": round(wait / seconds, 4) if seconds else None,
-               "seconds": round(seconds, 3),
-               "images_per_second": round(batches * self.train_ds.batch_size / seconds, 1) if seconds else None,
-               "attempt": self.backup.state["attempt"]}
-        score = row["val_auc"] if self.val_ds is not None else float(epoch)
-        if score is not None and np.isfinite(score) and score > self.best.get("score", -np.inf):
-            self.backup.save_weights("best", self.model)
-            self.best = {"score": score, "epoch": epoch, "val_auc": row["val_auc"]}
-            self.backup.state["best"] = self.best
-            self.backup.save()
-        self.backup.append(row)
-        self.epochs_executed.append(epoch)
-        self.tracker.metrics({k: row[k] for k in ("loss", "auc", "val_loss", "val_auc", "lr") if row[k] is not None}
-                             | {"epoch_seconds": row["seconds"], "data_wait_fraction_epoch": row["data_wait_fraction"],
-                                "images_per_second_epoch": row["images_per_second"]}, step=epoch)
-        log.info("train: epoch %d (phase %d) loss %.4f auc %s val_auc %s val_loss %s | %.1fs, %s img/s, data wait %s",
-                 epoch, phase, row["loss"] or float("nan"), row["auc"], row["val_auc"], row["val_loss"], seconds,
-                 row["images_per_second"], row["data_wait_fraction"])
-        if self.on_epoch is not None:
-            self.on_epoch(epoch, row["val_auc"])
-
-    def close(self) -> None:
-        for ds in (self.train_ds, self.val_ds):
-            if ds is not None:
-                ds.close()
-
-
-def prepare_fit(cfg: Train, data: Data, paths: Paths, rt: Runtime, backup: Backup, tracker: Tracker,
-                policy: Any) -> tuple[TrainingRun, dict[str, Any], Callable[..., Any]]:
+def prepare_fit(
+    cfg: Train, data: Data, paths: Paths, rt: Runtime, backup: Backup, tracker: Tracker, policy: Any
+) -> tuple[TrainingRun, dict[str, Any], Callable[..., Any]]:
     """The model (built in the runtime's scope) and its batches, as one `TrainingRun`; also the model's
     info and the builder (`export_model` rebuilds with it). The final fit and every tuning trial start here;
     the caller closes the run's batch threads (`TrainingRun.close`)."""
-    from medclf import modeling
-    from medclf.augmentation import AugmentedBatches
+    from medclf.imaging.augmentation import AugmentedBatches
+    from medclf.modeling import network as modeling
     from medclf.training.data import class_weights
 
     def build(weights: str = cfg.weights) -> Any:
-        return modeling.build_model(cfg.backbone, len(data.classes), data.image_size, data.channels,
-                                    input_size=cfg.input_size, width=cfg.width, dropout=cfg.dropout, weights=weights,
-                                    preprocessing=cfg.preprocessing, cache_dir=paths.cache_dir)
+        return modeling.build_model(
+            cfg.backbone,
+            len(data.classes),
+            data.image_size,
+            data.channels,
+            input_size=cfg.input_size,
+            width=cfg.width,
+            dropout=cfg.dropout,
+            weights=weights,
+            preprocessing=cfg.preprocessing,
+            cache_dir=paths.cache_dir,
+        )
 
     with rt.scope():
         model, info = build()
     k = len(data.classes)
     cw = class_weights(data.y_train, k) if cfg.class_weights else None
-    train_ds = AugmentedBatches(data.x_train, data.y_train, k, cfg.batch_size, policy=policy if cfg.online_augment
-                                else None, shuffle=True, seed=cfg.seed, class_weight=cw, workers=cfg.augment_workers)
-    val_ds = (AugmentedBatches(data.x_val, data.y_val, k, cfg.batch_size, shuffle=False, workers=0)
-              if len(data.y_val) else None)
+    train_ds = AugmentedBatches(
+        data.x_train,
+        data.y_train,
+        k,
+        cfg.batch_size,
+        policy=policy if cfg.online_augment else None,
+        shuffle=True,
+        seed=cfg.seed,
+        class_weight=cw,
+        workers=cfg.augment_workers,
+    )
+    val_ds = (
+        AugmentedBatches(data.x_val, data.y_val, k, cfg.batch_size, shuffle=False, workers=0)
+        if len(data.y_val)
+        else None
+    )
     info["class_weights"] = cw
     return TrainingRun(cfg, data, model, rt, backup, tracker, train_ds, val_ds, info["from_scratch"]), info, build
-
-
-def _f(v: Any) -> float | None:
-    if v is None:
-        return None
-    v = float(np.asarray(v))
-    return round(v, 6) if np.isfinite(v) else None
 
 
 def phase_plan(cfg: Train, from_scratch: bool = False) -> list[tuple[int, int, int, float]]:
@@ -138,7 +114,7 @@ def fit_phases(run: TrainingRun) -> None:
     """Run the phases not finished by an earlier attempt; each resumes from its own Keras backup."""
     import keras
 
-    from medclf.modeling import compile_model, freeze_backbone, unfreeze_top
+    from medclf.modeling.network import compile_model, freeze_backbone, unfreeze_top
     from medclf.training.callbacks import EpochMonitor, FirstStep, KillAfterEpoch, kill_epoch
 
     cfg, model, backup = run.cfg, run.model, run.backup
@@ -162,10 +138,16 @@ def fit_phases(run: TrainingRun) -> None:
             compile_model(model, cfg, lr, len(run.train_ds), stop - start, len(run.data.classes), run.rt.jit_compile)
         callbacks = [EpochMonitor(run, phase)] + ([FirstStep(run)] if run.first_step_s is None else [])
         if run.val_ds is not None and cfg.early_stopping_patience:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", verbose=0,
-                                                           patience=cfg.early_stopping_patience))
-        callbacks.append(keras.callbacks.BackupAndRestore(str(backup.phase_dir(phase)), double_checkpoint=True,
-                                                          delete_checkpoint=False))
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_auc", mode="max", verbose=0, patience=cfg.early_stopping_patience
+                )
+            )
+        callbacks.append(
+            keras.callbacks.BackupAndRestore(
+                str(backup.phase_dir(phase)), double_checkpoint=True, delete_checkpoint=False
+            )
+        )
         if kill is not None:
             callbacks.append(KillAfterEpoch(kill))
         model._initial_epoch = None  # Keras keeps a restored epoch on the model across fit() calls
@@ -193,7 +175,7 @@ def export_model(model: Any, info: dict[str, Any], rt: Runtime, build: Any) -> A
         keras.mixed_precision.set_global_policy(prev)
     export.set_weights(model.get_weights())
     if info.get("weights") == "torch":  # epsilon is layer config, not a weight: carry it over
-        from medclf.weights import set_bn_epsilon
+        from medclf.modeling.weights import set_bn_epsilon
 
         set_bn_epsilon(export, 1e-5)
     return export
@@ -201,19 +183,29 @@ def export_model(model: Any, info: dict[str, Any], rt: Runtime, build: Any) -> A
 
 def calibrate_export(run: TrainingRun, export: Any) -> dict[str, Any]:
     """train.calibration=temperature: fit T on the val predictions of the restored best epoch and fold it
-    into the export's classifier (`medclf.calibration`), so the saved model outputs calibrated probabilities."""
-    from medclf.calibration import calibrate, fold_into_classifier
+    into the export's classifier (`medclf.evaluation.calibration`),
+    so the saved model outputs calibrated probabilities."""
+    from medclf.evaluation.calibration import calibrate, fold_into_classifier
 
     if run.cfg.calibration == "none" or run.val_ds is None:
-        return {"method": "none", "temperature": 1.0,
-                "note": "train.calibration: none" if run.cfg.calibration == "none" else "no validation split"}
+        return {
+            "method": "none",
+            "temperature": 1.0,
+            "note": "train.calibration: none" if run.cfg.calibration == "none" else "no validation split",
+        }
     y_val = run.data.y_val
     proba = np.asarray(run.model.predict(run.val_ds, verbose=0)[: len(y_val)], dtype=np.float64)
     record = calibrate(y_val, proba)
     fold_into_classifier(export, record["temperature"])
-    log.info("train: temperature scaling T=%.4f on %d val images: NLL %.4f -> %.4f, ECE %.4f -> %.4f",
-             record["temperature"], len(y_val), record["val_before"]["nll"], record["val_after"]["nll"],
-             record["val_before"]["ece"], record["val_after"]["ece"])
+    log.info(
+        "train: temperature scaling T=%.4f on %d val images: NLL %.4f -> %.4f, ECE %.4f -> %.4f",
+        record["temperature"],
+        len(y_val),
+        record["val_before"]["nll"],
+        record["val_after"]["nll"],
+        record["val_before"]["ece"],
+        record["val_after"]["ece"],
+    )
     return record
 
 
@@ -235,8 +227,9 @@ def verify_reload(reference: Any, path: Path, x: np.ndarray) -> float:
     return diff
 
 
-def save_model(paths: Paths, export: Any, reference: Any, probe: np.ndarray, result: dict[str, Any],
-               t_start: float) -> None:
+def save_model(
+    paths: Paths, export: Any, reference: Any, probe: np.ndarray, result: dict[str, Any], t_start: float
+) -> None:
     """model.keras and train_run.json, atomically together, after the reload check passed."""
     with atomic_dir(paths.model_dir) as tmp:
         model_file = catalog.MODEL.under(tmp)
@@ -255,13 +248,22 @@ def summarise(history: list[dict[str, Any]]) -> dict[str, Any]:
 
     def share(rows: list[dict[str, Any]]) -> float | None:
         sec = sum(r["seconds"] for r in rows if r["data_wait_fraction"] is not None)
-        return round(sum(r["data_wait_fraction"] * r["seconds"] for r in rows
-                         if r["data_wait_fraction"] is not None) / sec, 4) if sec else None
+        return (
+            round(
+                sum(r["data_wait_fraction"] * r["seconds"] for r in rows if r["data_wait_fraction"] is not None) / sec,
+                4,
+            )
+            if sec
+            else None
+        )
 
     ips = [r["images_per_second"] for r in steady if r["images_per_second"]]
-    return {"data_wait_fraction": share(steady), "data_wait_fraction_all_epochs": share(history),
-            "images_per_second": round(float(np.median(ips)), 1) if ips else None,
-            "train_seconds": round(sum(r["seconds"] for r in history), 2)}
+    return {
+        "data_wait_fraction": share(steady),
+        "data_wait_fraction_all_epochs": share(history),
+        "images_per_second": round(float(np.median(ips)), 1) if ips else None,
+        "train_seconds": round(sum(r["seconds"] for r in history), 2),
+    }
 
 
 def write_history(paths: Paths, history: list[dict[str, Any]]) -> Path:

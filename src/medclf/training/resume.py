@@ -2,7 +2,7 @@
 
 Keras' BackupAndRestore per phase, the weights at the end of each phase and of the best epoch, one
 history row per finished epoch, and a state file (attempt, phases done, best epoch, MLflow run id).
-Every file is a `medclf.catalog` entry (`TRAIN_BACKUP` and the `TRAIN_*` entries under it).
+Every file is a `medclf.infra.catalog` entry (`TRAIN_BACKUP` and the `TRAIN_*` entries under it).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from medclf import catalog
 from medclf.config import Paths
-from medclf.io import atomic_file
+from medclf.infra import catalog
+from medclf.infra.io import atomic_file
 
 log = logging.getLogger(__name__)
 

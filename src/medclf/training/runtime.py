@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from medclf import catalog
 from medclf.config import Paths, Train
+from medclf.infra import catalog
 from medclf.training import TrainError
 
 
@@ -45,7 +45,8 @@ def setup_runtime(cfg: Train, paths: Paths) -> Runtime:
     backend = keras.backend.backend()
     gpu = _has_gpu(backend)
     policy = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}.get(
-        cfg.mixed_precision, "mixed_bfloat16" if gpu else "float32")
+        cfg.mixed_precision, "mixed_bfloat16" if gpu else "float32"
+    )
     strategy, devices = None, []
     if backend == "jax":
         import jax

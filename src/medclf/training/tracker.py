@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medclf import catalog
 from medclf.config import Settings, Train
+from medclf.infra import catalog
 from medclf.training.data import Data, split_counts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,7 @@ class Tracker:
         except ImportError:
             log.warning("train: mlflow is not installed; this run is not tracked")
             return self
-        from medclf.tracking import configure
+        from medclf.infra.tracking import configure
 
         self.experiment_id = configure(uri, settings.registry.experiment)
         self.mlflow, self.uri = mlflow, uri
@@ -72,8 +72,12 @@ class Tracker:
         child = Tracker()
         if self:
             run = self.mlflow.start_run(run_name=run_name, experiment_id=self.experiment_id, nested=True)
-            child.mlflow, child.uri, child.experiment_id, child.run_id = self.mlflow, self.uri, self.experiment_id, \
-                run.info.run_id
+            child.mlflow, child.uri, child.experiment_id, child.run_id = (
+                self.mlflow,
+                self.uri,
+                self.experiment_id,
+                run.info.run_id,
+            )
         return child
 
     def __bool__(self) -> bool:
@@ -83,7 +87,7 @@ class Tracker:
         if self:
             items = list(params.items())
             for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
-                self.mlflow.log_params(dict(items[i: i + 90]))
+                self.mlflow.log_params(dict(items[i : i + 90]))
 
     def tags(self, tags: dict[str, Any]) -> None:
         if self:
@@ -94,28 +98,57 @@ class Tracker:
             finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
             self.mlflow.log_metrics(finite, step=step)
 
-    def inputs(self, settings: Settings, data: Data, rt: Runtime, info: dict[str, Any], versions: dict[str, Any],
-               raw: dict[str, Any], commit: str | None, cfg: Train | None = None) -> None:
+    def inputs(
+        self,
+        settings: Settings,
+        data: Data,
+        rt: Runtime,
+        info: dict[str, Any],
+        versions: dict[str, Any],
+        raw: dict[str, Any],
+        commit: str | None,
+        cfg: Train | None = None,
+    ) -> None:
         """What the run learned from: params (train, augment, the data), tags (code, data versions), datasets.
         `cfg`: the values the final fit used (after `train.tune`), if not params.yaml's `train`."""
         if not self:
             return
-        from medclf.tracking import flat_params
+        from medclf.infra.tracking import flat_params
 
         cfg, aug = cfg or settings.train, settings.augment
-        self.params(flat_params(cfg, "train.") | flat_params(aug, "augment.")
-                    | {f"augment.policy.{k}": v for k, v in aug.policy().model_dump().items()}
-                    | {"data.n_train": len(data.y_train), "data.n_synthetic": data.n_synthetic,
-                       "data.n_val": len(data.y_val), "data.classes": ",".join(data.classes),
-                       "data.image_size": data.image_size, "data.channels": data.channels,
-                       "data.ingest_digest": versions["ingest"]["data_digest"],
-                       "data.augment_digest": versions["augment"]["data_digest"]})
-        self.tags({"stage": "train", "backbone": cfg.backbone, "backend": rt.backend, "devices": len(rt.devices),
-                   "git_commit": commit, "mlflow.source.git.commit": commit, "weights": info["weights"],
-                   "preprocessing": info["preprocessing"], "mixed_precision": rt.policy,
-                   "data.ingest.dvc_md5": versions["ingest"].get("dvc_md5"),
-                   "data.augment.dvc_md5": versions["augment"].get("dvc_md5"),
-                   "data.raw.md5": raw.get("md5"), "data.raw.nfiles": raw.get("nfiles"), "data.raw.path": raw.get("path")})
+        self.params(
+            flat_params(cfg, "train.")
+            | flat_params(aug, "augment.")
+            | {f"augment.policy.{k}": v for k, v in aug.policy().model_dump().items()}
+            | {
+                "data.n_train": len(data.y_train),
+                "data.n_synthetic": data.n_synthetic,
+                "data.n_val": len(data.y_val),
+                "data.classes": ",".join(data.classes),
+                "data.image_size": data.image_size,
+                "data.channels": data.channels,
+                "data.ingest_digest": versions["ingest"]["data_digest"],
+                "data.augment_digest": versions["augment"]["data_digest"],
+            }
+        )
+        self.tags(
+            {
+                "stage": "train",
+                "backbone": cfg.backbone,
+                "backend": rt.backend,
+                "devices": len(rt.devices),
+                "git_commit": commit,
+                "mlflow.source.git.commit": commit,
+                "weights": info["weights"],
+                "preprocessing": info["preprocessing"],
+                "mixed_precision": rt.policy,
+                "data.ingest.dvc_md5": versions["ingest"].get("dvc_md5"),
+                "data.augment.dvc_md5": versions["augment"].get("dvc_md5"),
+                "data.raw.md5": raw.get("md5"),
+                "data.raw.nfiles": raw.get("nfiles"),
+                "data.raw.path": raw.get("path"),
+            }
+        )
         self.datasets(settings.paths.ingest_dir, versions["ingest"], split_counts(settings.paths.ingest_dir))
 
     def datasets(self, ingest_dir: Path, version: dict[str, str], counts: dict[str, int]) -> None:
@@ -132,8 +165,11 @@ class Tracker:
         digest = (version.get("dvc_md5") or version["data_digest"]).removesuffix(".dir")[:32]
         for split, n in counts.items():
             source = LocalArtifactDatasetSource(str(catalog.IMAGES.under(ingest_dir, split=split)))
-            ds = MetaDataset(source, name=f"{ingest_dir.name}/{split} ({n} images)",  # type: ignore[abstract]
-                             digest=digest)
+            ds = MetaDataset(
+                source,
+                name=f"{ingest_dir.name}/{split} ({n} images)",  # type: ignore[abstract]
+                digest=digest,
+            )
             self.mlflow.log_input(ds, context=CONTEXTS[split])
 
     def artifact(self, path: Path, subdir: str | None = None) -> None:

@@ -29,8 +29,8 @@ import shutil
 import time
 from typing import Any
 
-from medclf import catalog
 from medclf.config import Paths, Train
+from medclf.infra import catalog
 from medclf.training import TrainError
 from medclf.training.data import Data
 from medclf.training.resume import Backup
@@ -44,8 +44,10 @@ def study_name(cfg: Train, augment: Any, data_digests: list[str]) -> str:
     """`train-<hash>`: the data, augment, the base train values and the space; not the budget."""
     base = cfg.model_dump(mode="json")
     tune = base.pop("tune")
-    blob = json.dumps([base, augment.model_dump(mode="json"), data_digests, tune["space"], tune["pruner"],
-                       tune["seed"]], sort_keys=True)
+    blob = json.dumps(
+        [base, augment.model_dump(mode="json"), data_digests, tune["space"], tune["pruner"], tune["seed"]],
+        sort_keys=True,
+    )
     return "train-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -55,8 +57,11 @@ def suggest(trial: Any, cfg: Train) -> Train:
     for key, r in cfg.tune.space.items():
         if r.choices is not None:
             drawn[key] = trial.suggest_categorical(key, r.choices)
-        elif Train.model_fields[key].annotation in (int, "int") and float(r.low or 0).is_integer() \
-                and float(r.high or 0).is_integer():
+        elif (
+            Train.model_fields[key].annotation in (int, "int")
+            and float(r.low or 0).is_integer()
+            and float(r.high or 0).is_integer()
+        ):
             drawn[key] = trial.suggest_int(key, int(r.low or 0), int(r.high or 0), log=r.log)
         else:
             drawn[key] = trial.suggest_float(key, float(r.low or 0), float(r.high or 0), log=r.log)
@@ -77,8 +82,9 @@ def _pruner(name: str) -> Any:
     return optuna.pruners.NopPruner()
 
 
-def search(cfg: Train, augment: Any, data: Data, paths: Paths, rt: Runtime, tracker: Tracker,
-           data_digests: list[str]) -> dict[str, Any]:
+def search(
+    cfg: Train, augment: Any, data: Data, paths: Paths, rt: Runtime, tracker: Tracker, data_digests: list[str]
+) -> dict[str, Any]:
     """Run (or resume) the study; returns its record: the chosen values, the best trial and the counts."""
     import keras
     import optuna
@@ -90,9 +96,14 @@ def search(cfg: Train, augment: Any, data: Data, paths: Paths, rt: Runtime, trac
     db = catalog.TUNE_STUDY.path(paths)
     db.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}", direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
-                                pruner=_pruner(cfg.tune.pruner), load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name,
+        storage=f"sqlite:///{db}",
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
+        pruner=_pruner(cfg.tune.pruner),
+        load_if_exists=True,
+    )
     states = optuna.trial.TrialState
     for stale in study.get_trials(deepcopy=False, states=(states.RUNNING,)):  # its process was killed
         study.tell(stale.number, state=states.FAIL)
@@ -141,18 +152,33 @@ def search(cfg: Train, augment: Any, data: Data, paths: Paths, rt: Runtime, trac
 
     if remaining is None or remaining > 0:
         timeout = cfg.tune.timeout_minutes * 60 or None
-        log.info("train.tune: study %s, %s trial(s) to run%s (%d done before)", name,
-                 remaining if remaining is not None else "unbounded", f", budget {timeout:.0f} s" if timeout else "",
-                 finished)
+        log.info(
+            "train.tune: study %s, %s trial(s) to run%s (%d done before)",
+            name,
+            remaining if remaining is not None else "unbounded",
+            f", budget {timeout:.0f} s" if timeout else "",
+            finished,
+        )
         study.optimize(objective, n_trials=remaining, timeout=timeout)
     done = study.get_trials(deepcopy=False, states=(states.COMPLETE,))
     if not done:
         raise TrainError(f"train.tune: no trial of study {name} completed ({db}); see the train log")
     best = study.best_trial
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
-              for s in (states.COMPLETE, states.PRUNED, states.FAIL)}
-    record = {"study": name, "storage": str(db), "params": best.params, "best_trial": best.number,
-              "best_trial_val_auc": round(float(best.value or 0.0), 6), "trials": counts, "sampler": "tpe",
-              "pruner": cfg.tune.pruner, "seed": cfg.tune.seed, "seconds": round(time.perf_counter() - t0, 2)}
+    counts = {
+        s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+        for s in (states.COMPLETE, states.PRUNED, states.FAIL)
+    }
+    record = {
+        "study": name,
+        "storage": str(db),
+        "params": best.params,
+        "best_trial": best.number,
+        "best_trial_val_auc": round(float(best.value or 0.0), 6),
+        "trials": counts,
+        "sampler": "tpe",
+        "pruner": cfg.tune.pruner,
+        "seed": cfg.tune.seed,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     log.info("train.tune: best trial %d, val AUC %.4f, %s (%s)", best.number, best.value, best.params, counts)
     return record

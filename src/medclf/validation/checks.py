@@ -51,8 +51,13 @@ class CheckResult:
         return text
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"severity": self.severity, "status": self.status, "observed": self.observed,
-                               "bound": self.bound, "count": self.count}
+        out: dict[str, Any] = {
+            "severity": self.severity,
+            "status": self.status,
+            "observed": self.observed,
+            "bound": self.bound,
+            "count": self.count,
+        }
         if self.examples:
             out["examples"] = self.examples
         if self.note:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medclf.io import read_json
+from medclf.infra.io import read_json
 
 FEATURES = ("mean", "std")
 BASELINE_VERSION = 1
@@ -35,17 +35,25 @@ def _feature_profile(values: np.ndarray) -> dict[str, Any]:
         return {"edges": [], "fractions": [1.0], "quantiles": []}
     edges = np.unique(np.quantile(values, np.linspace(0.1, 0.9, 9)))
     counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-    return {"edges": edges.round(6).tolist(), "fractions": (counts / counts.sum()).round(6).tolist(),
-            "quantiles": np.quantile(values, np.linspace(0, 1, 101)).round(6).tolist()}
+    return {
+        "edges": edges.round(6).tolist(),
+        "fractions": (counts / counts.sum()).round(6).tolist(),
+        "quantiles": np.quantile(values, np.linspace(0, 1, 101)).round(6).tolist(),
+    }
 
 
 def make_baseline(images: pd.DataFrame, prevalence: pd.DataFrame) -> dict[str, Any]:
     shares: dict[str, dict[str, float]] = {}
     for split, cls, share in zip(prevalence["split"], prevalence["class"], prevalence["share"], strict=True):
         shares.setdefault(str(split), {})[str(cls)] = round(float(share), 6)
-    return {"version": BASELINE_VERSION, "fingerprint": fingerprint(images), "images": len(images),
-            "created": datetime.now(UTC).isoformat(timespec="seconds"), "prevalence": shares,
-            "features": {f: _feature_profile(images[f].to_numpy(float)) for f in FEATURES}}
+    return {
+        "version": BASELINE_VERSION,
+        "fingerprint": fingerprint(images),
+        "images": len(images),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "prevalence": shares,
+        "features": {f: _feature_profile(images[f].to_numpy(float)) for f in FEATURES},
+    }
 
 
 def load_baseline(path: Path) -> dict[str, Any] | None:
@@ -82,15 +90,23 @@ def ks(values: np.ndarray, profile: dict[str, Any]) -> float:
     return float(max(np.max(np.arange(1, n + 1) / n - cdf_base), np.max(cdf_base - np.arange(n) / n)))
 
 
-def compare(images: pd.DataFrame, prevalence: pd.DataFrame,
-            baseline: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def compare(
+    images: pd.DataFrame, prevalence: pd.DataFrame, baseline: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(drift table: feature, psi, ks) and the prevalence table with `baseline_share` and `shift`."""
-    rows = [{"feature": f, "psi": round(psi(images[f].to_numpy(float), baseline["features"][f]), 6),
-             "ks": round(ks(images[f].to_numpy(float), baseline["features"][f]), 6)}
-            for f in FEATURES if f in baseline.get("features", {})]
+    rows = [
+        {
+            "feature": f,
+            "psi": round(psi(images[f].to_numpy(float), baseline["features"][f]), 6),
+            "ks": round(ks(images[f].to_numpy(float), baseline["features"][f]), 6),
+        }
+        for f in FEATURES
+        if f in baseline.get("features", {})
+    ]
     prev = prevalence.copy()
     base = baseline.get("prevalence", {})
-    prev["baseline_share"] = [base.get(str(s), {}).get(str(c), np.nan) for s, c in zip(prev["split"], prev["class"],
-                                                                                         strict=True)]
+    prev["baseline_share"] = [
+        base.get(str(s), {}).get(str(c), np.nan) for s, c in zip(prev["split"], prev["class"], strict=True)
+    ]
     prev["shift"] = (prev["share"] - prev["baseline_share"]).abs()
     return pd.DataFrame(rows, columns=["feature", "psi", "ks"]), prev

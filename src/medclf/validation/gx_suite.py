@@ -25,21 +25,27 @@ import numpy as np
 import pandas as pd
 
 from medclf.config import Validate
-from medclf.splits import SPLITS
+from medclf.imaging.splits import SPLITS
 from medclf.validation.checks import CHECKS, OFF, SKIPPED, CheckResult, outcome
 from medclf.validation.tables import MANIFEST_COLUMNS, REQUIRED
 
 SITE = "medclf_validation"
-INDEX_COLUMNS = {"manifest": ["source_uri"], "images": ["file"], "splits": ["split"],
-                 "prevalence": ["split", "class"], "drift": ["feature"]}
+INDEX_COLUMNS = {
+    "manifest": ["source_uri"],
+    "images": ["file"],
+    "splits": ["split"],
+    "prevalence": ["split", "class"],
+    "drift": ["feature"],
+}
 ROW_UNITS = {"manifest": "manifest rows", "images": "images"}
 
 
-def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
-                 has_baseline: bool, colour_bound: float | None = None) -> dict[str, list[Any]]:
+def build_suites(
+    cfg: Validate, severity: dict[str, str], classes: list[str], has_baseline: bool, colour_bound: float | None = None
+) -> dict[str, list[Any]]:
     """The expectations per table. The whole suite lives here, under version control.
 
-    `colour_bound`: the largest colourfulness a greyscale `ingest.modality` accepts (`medclf.modality`); None (a
+    `colour_bound`: the largest colourfulness a greyscale `ingest.modality` accepts (`medclf.imaging.modality`); None (a
     colour modality) leaves the `colour` check out."""
     with _quiet():
         import great_expectations.expectations as gxe
@@ -47,99 +53,274 @@ def build_suites(cfg: Validate, severity: dict[str, str], classes: list[str],
 
     suites: dict[str, list[Any]] = defaultdict(list)
 
-    def add(table: str, check: str, exp: type, bound: str, where: dict[str, str] | None = None,
-            **kwargs: Any) -> None:
+    def add(table: str, check: str, exp: type, bound: str, where: dict[str, str] | None = None, **kwargs: Any) -> None:
         sev = severity[check]
         if sev == "off":
             return
         meta = {"check": check, "bound": bound, **({"where": where} if where else {})}
-        suites[table].append(exp(**kwargs, meta=meta,
-                                 severity="critical" if sev == "error" else "warning",
-                                 notes=f"medclf check `{check}` ({sev}): {CHECKS[check][1]}"))
+        suites[table].append(
+            exp(
+                **kwargs,
+                meta=meta,
+                severity="critical" if sev == "error" else "warning",
+                notes=f"medclf check `{check}` ({sev}): {CHECKS[check][1]}",
+            )
+        )
 
     # manifest: the ingest contract
-    add("manifest", "schema", gxe.ExpectTableColumnsToMatchSet, "all ingest manifest columns present",
-        column_set=list(MANIFEST_COLUMNS), exact_match=False)
-    add("manifest", "schema", gxe.ExpectColumnValuesToBeInSet, "status ∈ {ok, quarantined}",
-        column="status", value_set=["ok", "quarantined"])
+    add(
+        "manifest",
+        "schema",
+        gxe.ExpectTableColumnsToMatchSet,
+        "all ingest manifest columns present",
+        column_set=list(MANIFEST_COLUMNS),
+        exact_match=False,
+    )
+    add(
+        "manifest",
+        "schema",
+        gxe.ExpectColumnValuesToBeInSet,
+        "status ∈ {ok, quarantined}",
+        column="status",
+        value_set=["ok", "quarantined"],
+    )
     add("manifest", "unique_id", gxe.ExpectColumnValuesToBeUnique, "id unique", column="id")
 
     # images: one row per usable image
-    add("images", "schema", gxe.ExpectColumnValuesToBeInSet, f"split ∈ {list(SPLITS)}", column="split",
-        value_set=list(SPLITS))
+    add(
+        "images",
+        "schema",
+        gxe.ExpectColumnValuesToBeInSet,
+        f"split ∈ {list(SPLITS)}",
+        column="split",
+        value_set=list(SPLITS),
+    )
     for col in REQUIRED:
         add("images", "not_null", gxe.ExpectColumnValuesToNotBeNull, "required columns not null", column=col)
-    add("images", "unknown_label", gxe.ExpectColumnValuesToBeInSet, f"label ∈ {classes}", column="label",
-        value_set=list(classes))
-    add("images", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual,
-        "label_index = position of label in classes", column_A="label_index", column_B="expected_label_index",
-        ignore_row_if="either_value_is_missing")  # an unknown label is reported by `unknown_label`
-    add("images", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual,
-        "label_index = <split>_labels.npy[row]", column_A="label_index", column_B="array_label")
-    add("images", "array_consistency", gxe.ExpectCompoundColumnsToBeUnique, "(split, row) unique",
-        column_list=["split", "row"])
+    add(
+        "images",
+        "unknown_label",
+        gxe.ExpectColumnValuesToBeInSet,
+        f"label ∈ {classes}",
+        column="label",
+        value_set=list(classes),
+    )
+    add(
+        "images",
+        "array_consistency",
+        gxe.ExpectColumnPairValuesToBeEqual,
+        "label_index = position of label in classes",
+        column_A="label_index",
+        column_B="expected_label_index",
+        ignore_row_if="either_value_is_missing",
+    )  # an unknown label is reported by `unknown_label`
+    add(
+        "images",
+        "array_consistency",
+        gxe.ExpectColumnPairValuesToBeEqual,
+        "label_index = <split>_labels.npy[row]",
+        column_A="label_index",
+        column_B="array_label",
+    )
+    add(
+        "images",
+        "array_consistency",
+        gxe.ExpectCompoundColumnsToBeUnique,
+        "(split, row) unique",
+        column_list=["split", "row"],
+    )
     for col in ("orig_height", "orig_width"):
-        add("images", "image_size", gxe.ExpectColumnValuesToBeBetween, f"{cfg.min_size} ≤ size ≤ {cfg.max_size}",
-            column=col, min_value=cfg.min_size, max_value=cfg.max_size)
-    add("images", "aspect_ratio", gxe.ExpectColumnValuesToBeBetween,
-        f"long side / short side ≤ {cfg.max_aspect_ratio:g}", column="aspect_ratio", max_value=cfg.max_aspect_ratio)
-    add("images", "channels", gxe.ExpectColumnValuesToBeBetween, "1 ≤ channels ≤ 4", column="orig_channels",
-        min_value=1, max_value=4)
-    add("images", "duplicate_within_split", gxe.ExpectCompoundColumnsToBeUnique, "(split, sha256) unique",
-        column_list=["split", "sha256"])
-    add("images", "duplicate_cross_split", gxe.ExpectColumnValuesToBeNull,
-        "no identical file in another split", column="duplicate_cross_split_of")
-    add("images", "label_conflict", gxe.ExpectColumnValuesToBeNull, "no identical file under another label",
-        column="label_conflict_of")
+        add(
+            "images",
+            "image_size",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"{cfg.min_size} ≤ size ≤ {cfg.max_size}",
+            column=col,
+            min_value=cfg.min_size,
+            max_value=cfg.max_size,
+        )
+    add(
+        "images",
+        "aspect_ratio",
+        gxe.ExpectColumnValuesToBeBetween,
+        f"long side / short side ≤ {cfg.max_aspect_ratio:g}",
+        column="aspect_ratio",
+        max_value=cfg.max_aspect_ratio,
+    )
+    add(
+        "images",
+        "channels",
+        gxe.ExpectColumnValuesToBeBetween,
+        "1 ≤ channels ≤ 4",
+        column="orig_channels",
+        min_value=1,
+        max_value=4,
+    )
+    add(
+        "images",
+        "duplicate_within_split",
+        gxe.ExpectCompoundColumnsToBeUnique,
+        "(split, sha256) unique",
+        column_list=["split", "sha256"],
+    )
+    add(
+        "images",
+        "duplicate_cross_split",
+        gxe.ExpectColumnValuesToBeNull,
+        "no identical file in another split",
+        column="duplicate_cross_split_of",
+    )
+    add(
+        "images",
+        "label_conflict",
+        gxe.ExpectColumnValuesToBeNull,
+        "no identical file under another label",
+        column="label_conflict_of",
+    )
     dist = f"no image within phash distance {cfg.near_duplicate_max_distance}"
-    add("images", "near_duplicate_cross_split", gxe.ExpectColumnValuesToBeNull, f"{dist} in another split",
-        column="near_duplicate_cross_split_of")
-    add("images", "near_duplicate_within_split", gxe.ExpectColumnValuesToBeNull, f"{dist} in the same split",
-        column="near_duplicate_within_split_of")
-    add("images", "patient_overlap", gxe.ExpectColumnValuesToBeNull, "each patient in one split",
-        column="patient_in_splits")
-    add("images", "patient_id_missing", gxe.ExpectColumnValuesToNotBeNull, "patient_hash not null",
-        column="patient_hash")
-    add("images", "blank", gxe.ExpectColumnValuesToBeBetween, f"std > {cfg.blank_std_max}", column="std",
-        min_value=cfg.blank_std_max, strict_min=True)
+    add(
+        "images",
+        "near_duplicate_cross_split",
+        gxe.ExpectColumnValuesToBeNull,
+        f"{dist} in another split",
+        column="near_duplicate_cross_split_of",
+    )
+    add(
+        "images",
+        "near_duplicate_within_split",
+        gxe.ExpectColumnValuesToBeNull,
+        f"{dist} in the same split",
+        column="near_duplicate_within_split_of",
+    )
+    add(
+        "images",
+        "patient_overlap",
+        gxe.ExpectColumnValuesToBeNull,
+        "each patient in one split",
+        column="patient_in_splits",
+    )
+    add(
+        "images",
+        "patient_id_missing",
+        gxe.ExpectColumnValuesToNotBeNull,
+        "patient_hash not null",
+        column="patient_hash",
+    )
+    add(
+        "images",
+        "blank",
+        gxe.ExpectColumnValuesToBeBetween,
+        f"std > {cfg.blank_std_max}",
+        column="std",
+        min_value=cfg.blank_std_max,
+        strict_min=True,
+    )
     # A blank image is reported once, as blank, not also as low-contrast/saturated/inverted.
     visible = Column("std") > cfg.blank_std_max if severity["blank"] != "off" else None
-    add("images", "low_contrast", gxe.ExpectColumnValuesToBeBetween, f"std > {cfg.low_contrast_std_max}",
-        column="std", min_value=cfg.low_contrast_std_max, strict_min=True, row_condition=visible)
+    add(
+        "images",
+        "low_contrast",
+        gxe.ExpectColumnValuesToBeBetween,
+        f"std > {cfg.low_contrast_std_max}",
+        column="std",
+        min_value=cfg.low_contrast_std_max,
+        strict_min=True,
+        row_condition=visible,
+    )
     for col, what in (("frac_white", "≥250"), ("frac_black", "≤5")):
-        add("images", "saturated", gxe.ExpectColumnValuesToBeBetween,
-            f"fraction of pixels {what} ≤ {cfg.saturated_fraction_max}", column=col,
-            max_value=cfg.saturated_fraction_max, row_condition=visible)
-    add("images", "inverted", gxe.ExpectColumnValuesToBeBetween, f"border mean < {cfg.inverted_border_mean_min}",
-        column="border_mean", max_value=cfg.inverted_border_mean_min, strict_max=True, row_condition=visible)
-    add("images", "inverted", gxe.ExpectColumnValuesToBeBetween,
-        f"centre − border mean ≥ {cfg.inverted_center_contrast_min}", column="center_contrast",
-        min_value=cfg.inverted_center_contrast_min, row_condition=visible)
+        add(
+            "images",
+            "saturated",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"fraction of pixels {what} ≤ {cfg.saturated_fraction_max}",
+            column=col,
+            max_value=cfg.saturated_fraction_max,
+            row_condition=visible,
+        )
+    add(
+        "images",
+        "inverted",
+        gxe.ExpectColumnValuesToBeBetween,
+        f"border mean < {cfg.inverted_border_mean_min}",
+        column="border_mean",
+        max_value=cfg.inverted_border_mean_min,
+        strict_max=True,
+        row_condition=visible,
+    )
+    add(
+        "images",
+        "inverted",
+        gxe.ExpectColumnValuesToBeBetween,
+        f"centre − border mean ≥ {cfg.inverted_center_contrast_min}",
+        column="center_contrast",
+        min_value=cfg.inverted_center_contrast_min,
+        row_condition=visible,
+    )
 
     if colour_bound is not None:  # null colourfulness (not measured) is not counted: the stage says so
-        add("images", "colour", gxe.ExpectColumnValuesToBeBetween, f"colourfulness ≤ {colour_bound:g}",
-            column="colourfulness", max_value=colour_bound)
+        add(
+            "images",
+            "colour",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"colourfulness ≤ {colour_bound:g}",
+            column="colourfulness",
+            max_value=colour_bound,
+        )
 
     # splits and prevalence
-    for a, b, what in (("rows", "array_rows", "manifest rows = array rows"),
-                       ("rows", "label_rows", "manifest rows = label rows"),
-                       ("array_shape", "expected_shape", "array shape = classes.json size×size×channels")):
+    for a, b, what in (
+        ("rows", "array_rows", "manifest rows = array rows"),
+        ("rows", "label_rows", "manifest rows = label rows"),
+        ("array_shape", "expected_shape", "array shape = classes.json size×size×channels"),
+    ):
         add("splits", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual, what, column_A=a, column_B=b)
     for split, (lo, hi) in cfg.split_fraction_bounds.items():
-        add("splits", "split_fractions", gxe.ExpectColumnValuesToBeBetween, f"{split}: {lo} ≤ fraction ≤ {hi}",
-            column="fraction", min_value=lo, max_value=hi, row_condition=Column("split") == split,
-            where={"split": split})
+        add(
+            "splits",
+            "split_fractions",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"{split}: {lo} ≤ fraction ≤ {hi}",
+            column="fraction",
+            min_value=lo,
+            max_value=hi,
+            row_condition=Column("split") == split,
+            where={"split": split},
+        )
     lo, hi = cfg.prevalence_bounds
-    add("prevalence", "prevalence_bounds", gxe.ExpectColumnValuesToBeBetween, f"{lo} ≤ share ≤ {hi}",
-        column="share", min_value=lo, max_value=hi)
-    add("prevalence", "prevalence_gap", gxe.ExpectColumnValuesToBeBetween,
-        f"max−min share across splits ≤ {cfg.max_prevalence_gap}", column="gap", max_value=cfg.max_prevalence_gap)
+    add(
+        "prevalence",
+        "prevalence_bounds",
+        gxe.ExpectColumnValuesToBeBetween,
+        f"{lo} ≤ share ≤ {hi}",
+        column="share",
+        min_value=lo,
+        max_value=hi,
+    )
+    add(
+        "prevalence",
+        "prevalence_gap",
+        gxe.ExpectColumnValuesToBeBetween,
+        f"max−min share across splits ≤ {cfg.max_prevalence_gap}",
+        column="gap",
+        max_value=cfg.max_prevalence_gap,
+    )
     if has_baseline:
-        add("prevalence", "drift_prevalence", gxe.ExpectColumnValuesToBeBetween,
-            f"|share − baseline share| ≤ {cfg.drift_prevalence_max}", column="shift",
-            max_value=cfg.drift_prevalence_max)
-        add("drift", "drift_intensity", gxe.ExpectColumnValuesToBeBetween, f"PSI ≤ {cfg.drift_psi_max}",
-            column="psi", max_value=cfg.drift_psi_max)
+        add(
+            "prevalence",
+            "drift_prevalence",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"|share − baseline share| ≤ {cfg.drift_prevalence_max}",
+            column="shift",
+            max_value=cfg.drift_prevalence_max,
+        )
+        add(
+            "drift",
+            "drift_intensity",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"PSI ≤ {cfg.drift_psi_max}",
+            column="psi",
+            max_value=cfg.drift_psi_max,
+        )
     return dict(suites)
 
 
@@ -165,8 +346,9 @@ def _silence_loggers() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def run_suites(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], site_dir: Path | None,
-               max_examples: int) -> list[Any]:
+def run_suites(
+    tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], site_dir: Path | None, max_examples: int
+) -> list[Any]:
     """Validate each table against its suite; build Data Docs into `site_dir`. Returns GX results."""
     with _quiet():
         import great_expectations as gx
@@ -176,10 +358,17 @@ def run_suites(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], si
         ctx = gx.get_context(mode="ephemeral")
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         if site_dir is not None:
-            ctx.add_data_docs_site(site_name=SITE, site_config={
-                "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                                  "base_directory": str(Path(site_dir).resolve())}})
+            ctx.add_data_docs_site(
+                site_name=SITE,
+                site_config={
+                    "class_name": "SiteBuilder",
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(Path(site_dir).resolve()),
+                    },
+                },
+            )
         source = ctx.data_sources.add_pandas("medclf_validate")
         results = []
         for table, expectations in suites.items():
@@ -187,10 +376,14 @@ def run_suites(tables: dict[str, pd.DataFrame], suites: dict[str, list[Any]], si
                 continue
             batch_def = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe(table)
             suite = ctx.suites.add(gx.ExpectationSuite(name=f"medclf_{table}", expectations=expectations))
-            vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"medclf_{table}", data=batch_def,
-                                                                        suite=suite))
-            fmt = {"result_format": "SUMMARY", "partial_unexpected_count": 2 * max_examples,
-                   "unexpected_index_column_names": INDEX_COLUMNS[table]}
+            vd = ctx.validation_definitions.add(
+                gx.ValidationDefinition(name=f"medclf_{table}", data=batch_def, suite=suite)
+            )
+            fmt = {
+                "result_format": "SUMMARY",
+                "partial_unexpected_count": 2 * max_examples,
+                "unexpected_index_column_names": INDEX_COLUMNS[table],
+            }
             res = vd.run(batch_parameters={"dataframe": tables[table]}, result_format=fmt)
             for r in res.results:
                 conf = r.expectation_config
@@ -247,8 +440,9 @@ def _passed(table: str, res: dict[str, Any]) -> list[str]:
     """The observed value of an expectation that passed: the column's values, else GX's own count/value."""
     parts = []
     if "unexpected_count" in res and (table in ROW_UNITS or not res.get("medclf_observed")):
-        parts.append(f"{res.get('unexpected_count') or 0} of {res.get('element_count', '?')} "
-                     f"{ROW_UNITS.get(table, 'rows')}")
+        parts.append(
+            f"{res.get('unexpected_count') or 0} of {res.get('element_count', '?')} {ROW_UNITS.get(table, 'rows')}"
+        )
     if res.get("medclf_observed"):
         parts.append(str(res["medclf_observed"]))
     elif "observed_value" in res:
@@ -268,8 +462,9 @@ def _examples(table: str, res: dict[str, Any], max_examples: int) -> list[str]:
         for r in rows:
             groups[str(r["sha256"])].append("/".join(_fmt(r[c]) for c in index_cols if c in r))
         # a group of one is a pair cut in half by GX's partial list: leave it out
-        return [" ↔ ".join(files) + f" (sha256 {h[:12]}…)" for h, files in groups.items()
-                if len(files) > 1][:max_examples]
+        return [" ↔ ".join(files) + f" (sha256 {h[:12]}…)" for h, files in groups.items() if len(files) > 1][
+            :max_examples
+        ]
     for row in rows:
         ident = "/".join(_fmt(row[c]) for c in index_cols if c in row)
         values = {k: v for k, v in row.items() if k not in index_cols}
@@ -304,7 +499,8 @@ def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -
     """Fold expectation results into one CheckResult per check (failed if any expectation failed)."""
     checks = {name: CheckResult(name, sev, status=outcome(sev, False)) for name, sev in severity.items()}
     parts: dict[str, dict[str, list[str]]] = defaultdict(
-        lambda: {"observed": [], "bound": [], "examples": [], "passed": []})
+        lambda: {"observed": [], "bound": [], "examples": [], "passed": []}
+    )
     failed: set[str] = set()
     evaluated: set[str] = set()
     for table, r in results:
@@ -316,7 +512,8 @@ def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -
         res = r.result or {}
         info = r.exception_info or {}
         raised = info.get("raised_exception") or any(
-            isinstance(v, dict) and v.get("raised_exception") for v in info.values())
+            isinstance(v, dict) and v.get("raised_exception") for v in info.values()
+        )
         p = parts[name]
         if meta.get("bound") and meta["bound"] not in p["bound"]:
             p["bound"].append(meta["bound"])
@@ -326,7 +523,8 @@ def to_checks(results: list[Any], severity: dict[str, str], max_examples: int) -
         failed.add(name)
         if raised:
             msg = info.get("exception_message") or next(
-                (v.get("exception_message") for v in info.values() if isinstance(v, dict)), "")
+                (v.get("exception_message") for v in info.values() if isinstance(v, dict)), ""
+            )
             p["observed"].append(f"GX could not evaluate it: {msg}")
             continue
         ex = _examples(table, res, max_examples)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medclf.splits import SPLITS
+from medclf.imaging.splits import SPLITS
 
 PAIR_COLUMNS = ["kind", "file_a", "file_b", "split_a", "split_b", "distance", "cross_split"]
 CONFLICT_COLUMNS = ["file_a", "file_b", "label_a", "label_b", "sha256"]
@@ -29,8 +29,11 @@ class Leakage:
 
     def counts(self) -> dict[str, int]:
         p = self.pairs
-        out = {f"{kind}_{where}_pairs": int(((p["kind"] == kind) & (p["cross_split"] == cross)).sum())
-               for kind in ("exact", "near") for where, cross in (("cross_split", True), ("within_split", False))}
+        out = {
+            f"{kind}_{where}_pairs": int(((p["kind"] == kind) & (p["cross_split"] == cross)).sum())
+            for kind in ("exact", "near")
+            for where, cross in (("cross_split", True), ("within_split", False))
+        }
         out["patients_in_several_splits"] = len(self.patients)
         out["label_conflict_pairs"] = len(self.conflicts)
         return out
@@ -41,13 +44,17 @@ class Leakage:
             cross = self.pairs[(self.pairs["kind"] == kind) & self.pairs["cross_split"]]
             out[f"{kind}_cross_split_examples"] = [
                 f"{r.file_a} ↔ {r.file_b}" + (f" (distance {r.distance})" if kind == "near" else "")
-                for r in cross.head(max_examples).itertuples()]
+                for r in cross.head(max_examples).itertuples()
+            ]
         top = self.patients.head(max_examples)
         out["patient_overlap_examples"] = [
             f"{patient} in {splits}: " + ", ".join(files[:4])
-            for patient, splits, files in zip(top["patient_hash"], top["splits"], top["files"], strict=True)]
-        out["label_conflict_examples"] = [f"{r.file_a} ({r.label_a}) ↔ {r.file_b} ({r.label_b})"
-                                          for r in self.conflicts.head(max_examples).itertuples()]
+            for patient, splits, files in zip(top["patient_hash"], top["splits"], top["files"], strict=True)
+        ]
+        out["label_conflict_examples"] = [
+            f"{r.file_a} ({r.label_a}) ↔ {r.file_b} ({r.label_b})"
+            for r in self.conflicts.head(max_examples).itertuples()
+        ]
         return out
 
 
@@ -65,7 +72,7 @@ def hamming_pairs(bits: np.ndarray, max_distance: int) -> tuple[np.ndarray, np.n
     chunk = int(np.clip(8_000_000 // (n * words.shape[1]), 8, 512))
     ii, jj, dd = [], [], []
     for a in range(0, n, chunk):
-        block = words[a:a + chunk]
+        block = words[a : a + chunk]
         rest = words[a:]
         dist = np.bitwise_count(block[:, None, :] ^ rest[None, :, :]).sum(-1, dtype=np.int32)
         i, j = np.nonzero(dist <= max_distance)
@@ -112,9 +119,18 @@ def _near_pairs(images: pd.DataFrame, hashes: np.ndarray, max_distance: int) -> 
     keep = sha[i] != sha[j]  # identical files are reported once, as exact duplicates
     i, j, d = i[keep], j[keep], d[keep]
     files, splits = sub["file"].to_numpy(object), sub["split"].to_numpy(object)
-    return pd.DataFrame({"kind": "near", "file_a": files[i], "file_b": files[j], "split_a": splits[i],
-                         "split_b": splits[j], "distance": d.astype(int), "cross_split": splits[i] != splits[j]},
-                        columns=PAIR_COLUMNS)
+    return pd.DataFrame(
+        {
+            "kind": "near",
+            "file_a": files[i],
+            "file_b": files[j],
+            "split_a": splits[i],
+            "split_b": splits[j],
+            "distance": d.astype(int),
+            "cross_split": splits[i] != splits[j],
+        },
+        columns=PAIR_COLUMNS,
+    )
 
 
 def _patients(images: pd.DataFrame) -> pd.DataFrame:
@@ -123,11 +139,13 @@ def _patients(images: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["patient_hash", "splits", "files"])
     order = {s: i for i, s in enumerate(SPLITS)}
     splits = known.groupby("patient_hash")["split"].agg(
-        lambda s: "+".join(sorted(set(map(str, s)), key=lambda x: order.get(x, 9))))
+        lambda s: "+".join(sorted(set(map(str, s)), key=lambda x: order.get(x, 9)))
+    )
     several = splits[splits.str.contains(r"\+", regex=True)]
     files = known[known["patient_hash"].isin(several.index)].groupby("patient_hash")["file"].agg(list)
-    return pd.DataFrame({"patient_hash": several.index, "splits": several.values,
-                         "files": [files[p] for p in several.index]})
+    return pd.DataFrame(
+        {"patient_hash": several.index, "splits": several.values, "files": [files[p] for p in several.index]}
+    )
 
 
 def _partner(pairs: pd.DataFrame, cross: bool) -> dict[str, str]:
@@ -155,11 +173,19 @@ def annotate(images: pd.DataFrame, leak: Leakage) -> pd.DataFrame:
     out["near_duplicate_cross_split_of"] = out["file"].map(_partner(near, True))
     out["near_duplicate_within_split_of"] = out["file"].map(_partner(near, False))
     partner: dict[str, str] = {}
-    for a, b, la, lb in zip(leak.conflicts["file_a"], leak.conflicts["file_b"], leak.conflicts["label_a"],
-                            leak.conflicts["label_b"], strict=True):
+    for a, b, la, lb in zip(
+        leak.conflicts["file_a"],
+        leak.conflicts["file_b"],
+        leak.conflicts["label_a"],
+        leak.conflicts["label_b"],
+        strict=True,
+    ):
         partner.setdefault(a, f"{b} (label {lb})")
         partner.setdefault(b, f"{a} (label {la})")
     out["label_conflict_of"] = out["file"].map(partner)
-    out["patient_in_splits"] = out["patient_hash"].astype(object).map(
-        {p: f"{p} in {s}" for p, s in zip(leak.patients["patient_hash"], leak.patients["splits"], strict=True)})
+    out["patient_in_splits"] = (
+        out["patient_hash"]
+        .astype(object)
+        .map({p: f"{p} in {s}" for p, s in zip(leak.patients["patient_hash"], leak.patients["splits"], strict=True)})
+    )
     return out

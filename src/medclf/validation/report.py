@@ -11,32 +11,57 @@ _MARK = {PASS: "✅ pass", FAIL: "❌ FAIL", WARN: "⚠️ warn", OFF: "· off",
 _ORDER = {FAIL: 0, WARN: 1, SKIPPED: 2, PASS: 3, OFF: 4}
 
 
-def summarize(checks: dict[str, CheckResult], leakage: dict[str, Any], drift: dict[str, Any],
-              counts: dict[str, int], seconds: dict[str, float], data_docs: str) -> dict[str, Any]:
+def summarize(
+    checks: dict[str, CheckResult],
+    leakage: dict[str, Any],
+    drift: dict[str, Any],
+    counts: dict[str, int],
+    seconds: dict[str, float],
+    data_docs: str,
+) -> dict[str, Any]:
     errors = [n for n, c in checks.items() if c.status == FAIL]
     warns = [n for n, c in checks.items() if c.status == WARN]
-    return {"passed": not errors, "errors": errors, "warnings": warns, "n_errors": len(errors),
-            "n_warnings": len(warns), "images": sum(counts.values()), "splits": counts,
-            "checks": {n: c.as_dict() for n, c in checks.items()}, "leakage": leakage, "drift": drift,
-            "seconds": seconds, "data_docs": data_docs}
+    return {
+        "passed": not errors,
+        "errors": errors,
+        "warnings": warns,
+        "n_errors": len(errors),
+        "n_warnings": len(warns),
+        "images": sum(counts.values()),
+        "splits": counts,
+        "checks": {n: c.as_dict() for n, c in checks.items()},
+        "leakage": leakage,
+        "drift": drift,
+        "seconds": seconds,
+        "data_docs": data_docs,
+    }
 
 
 def metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The compact verdict file (`reports/validation/summary.json`): numbers and the failed check names.
 
     Detail, not a DVC metric (`headline` is): bounds and examples live in the Data Docs site's
-    `checks.json`. No timings: augment depends on this file, so it must change only when the verdict or the data does (a rerun of validate with
+    `checks.json`. No timings: augment depends on this file, so it must change only when the verdict or the data does
+    (a rerun of validate with
     the same outcome must not retrain); the seconds are in `checks.json`.
     """
     drift = summary["drift"]
     out: dict[str, Any] = {
-        "passed": summary["passed"], "n_errors": summary["n_errors"], "n_warnings": summary["n_warnings"],
-        "errors": summary["errors"], "warnings": summary["warnings"], "images": summary["images"],
-        "splits": summary["splits"], "offending": {n: c["count"] for n, c in summary["checks"].items()},
-        "leakage": summary["leakage"]["counts"]}
+        "passed": summary["passed"],
+        "n_errors": summary["n_errors"],
+        "n_warnings": summary["n_warnings"],
+        "errors": summary["errors"],
+        "warnings": summary["warnings"],
+        "images": summary["images"],
+        "splits": summary["splits"],
+        "offending": {n: c["count"] for n, c in summary["checks"].items()},
+        "leakage": summary["leakage"]["counts"],
+    }
     if drift.get("baseline"):
-        out["drift"] = {**{f"psi_{f}": v["psi"] for f, v in drift["intensity"].items()},
-                        "prevalence_shift_max": drift["prevalence_shift_max"]}
+        out["drift"] = {
+            **{f"psi_{f}": v["psi"] for f, v in drift["intensity"].items()},
+            "prevalence_shift_max": drift["prevalence_shift_max"],
+        }
     return out
 
 
@@ -63,13 +88,22 @@ def _cut(text: Any, width: int) -> str:
 def console_table(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
     verdict = "PASSED" if summary["passed"] else "FAILED"
     splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
-    head = (f"validate: {verdict} — {summary['images']} images ({splits}), "
-            f"{summary['n_errors']} error(s), {summary['n_warnings']} warning(s), "
-            f"{summary['seconds'].get('total', 0):.1f} s")
+    head = (
+        f"validate: {verdict} — {summary['images']} images ({splits}), "
+        f"{summary['n_errors']} error(s), {summary['n_warnings']} warning(s), "
+        f"{summary['seconds'].get('total', 0):.1f} s"
+    )
     rows = [("check", "severity", "status", "observed", "bound")]
     for c in sorted(checks.values(), key=lambda c: (_ORDER[c.status], c.name)):
-        rows.append((c.name, c.severity, c.status.upper() if c.status in (FAIL, WARN) else c.status,
-                     _cut(c.observed, 38), _cut(c.bound, 48)))
+        rows.append(
+            (
+                c.name,
+                c.severity,
+                c.status.upper() if c.status in (FAIL, WARN) else c.status,
+                _cut(c.observed, 38),
+                _cut(c.bound, 48),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for c in checks.values():
@@ -89,25 +123,38 @@ def _md_cell(text: Any) -> str:
 def markdown(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
     verdict = "✅ passed" if summary["passed"] else "❌ FAILED"
     splits = ", ".join(f"{k}: {v}" for k, v in summary["splits"].items())
-    counts = (f"{summary['images']} images ({splits}); {summary['n_errors']} error(s), "
-              f"{summary['n_warnings']} warning(s); {summary['seconds'].get('total', 0):.1f} s.")
-    out = [f"# Data validation {verdict}", "", counts, "",
-           "| check | severity | status | observed | bound |", "|---|---|---|---|---|"]
+    counts = (
+        f"{summary['images']} images ({splits}); {summary['n_errors']} error(s), "
+        f"{summary['n_warnings']} warning(s); {summary['seconds'].get('total', 0):.1f} s."
+    )
+    out = [
+        f"# Data validation {verdict}",
+        "",
+        counts,
+        "",
+        "| check | severity | status | observed | bound |",
+        "|---|---|---|---|---|",
+    ]
     for c in sorted(checks.values(), key=lambda c: (_ORDER[c.status], c.name)):
-        out.append(f"| `{c.name}` | {c.severity} | {_MARK[c.status]} | {_md_cell(c.observed)} | "
-                   f"{_md_cell(c.bound)} |")
+        out.append(f"| `{c.name}` | {c.severity} | {_MARK[c.status]} | {_md_cell(c.observed)} | {_md_cell(c.bound)} |")
     problems = [c for c in checks.values() if c.status in (FAIL, WARN)]
     if problems:
         out += ["", "## Findings", ""]
         for c in problems:
-            out.append(f"**`{c.name}`** ({c.severity}) — {c.description}. Observed {_md_cell(c.observed)}; "
-                       f"bound {_md_cell(c.bound)}.")
+            out.append(
+                f"**`{c.name}`** ({c.severity}) — {c.description}. Observed {_md_cell(c.observed)}; "
+                f"bound {_md_cell(c.bound)}."
+            )
             out += [f"- `{_md_cell(e)}`" for e in c.examples] + [""]
     leak = summary["leakage"]
     out += ["## Leakage", "", "| finding | count |", "|---|---|"]
     out += [f"| {k.replace('_', ' ')} | {v} |" for k, v in leak["counts"].items()]
-    for key in ("exact_cross_split_examples", "near_cross_split_examples", "patient_overlap_examples",
-                "label_conflict_examples"):
+    for key in (
+        "exact_cross_split_examples",
+        "near_cross_split_examples",
+        "patient_overlap_examples",
+        "label_conflict_examples",
+    ):
         if leak.get(key):
             out += ["", f"{key.replace('_', ' ').capitalize()}:"] + [f"- `{_md_cell(e)}`" for e in leak[key]]
     drift = summary["drift"]
@@ -120,8 +167,13 @@ def markdown(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
         out += ["", "| feature | PSI | KS |", "|---|---|---|"]
         out += [f"| {f} | {v['psi']:.3f} | {v['ks']:.3f} |" for f, v in drift["intensity"].items()]
         out.append(f"\nLargest class-share shift: {drift['prevalence_shift_max']:.3f}.")
-    out += ["", (f"[Great Expectations Data Docs]({docs_url(summary['data_docs'])}): every expectation with its "
-                 "result (opens from the machine that ran the stage).")]
+    out += [
+        "",
+        (
+            f"[Great Expectations Data Docs]({docs_url(summary['data_docs'])}): every expectation with its "
+            "result (opens from the machine that ran the stage)."
+        ),
+    ]
     return "\n".join(out)
 
 

@@ -15,13 +15,36 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medclf import catalog
-from medclf.splits import SPLITS
+from medclf.imaging.splits import SPLITS
+from medclf.infra import catalog
 
-MANIFEST_COLUMNS = ("id", "source_uri", "sha256", "patient_hash", "label", "label_index", "split", "row",
-                    "orig_height", "orig_width", "orig_channels", "status", "reason")
-REQUIRED = ("id", "source_uri", "sha256", "label", "label_index", "split", "row", "orig_height", "orig_width",
-            "orig_channels")
+MANIFEST_COLUMNS = (
+    "id",
+    "source_uri",
+    "sha256",
+    "patient_hash",
+    "label",
+    "label_index",
+    "split",
+    "row",
+    "orig_height",
+    "orig_width",
+    "orig_channels",
+    "status",
+    "reason",
+)
+REQUIRED = (
+    "id",
+    "source_uri",
+    "sha256",
+    "label",
+    "label_index",
+    "split",
+    "row",
+    "orig_height",
+    "orig_width",
+    "orig_channels",
+)
 STAT_COLUMNS = ("mean", "std", "frac_black", "frac_white", "border_mean", "center_contrast")
 CHUNK = 128
 
@@ -85,8 +108,8 @@ def chunk_stats(chunk: np.ndarray) -> np.ndarray:
     mean = total / a
     std = np.sqrt(np.maximum(hist @ (v * v) / a - mean**2, 0))
     k = max(1, min(h, w) // 16)
-    inner = g[:, k:h - k, k:w - k].sum((1, 2), dtype=np.int64)
-    inner_area = rows[:, k:h - k].sum(1) * cols[:, k:w - k].sum(1)
+    inner = g[:, k : h - k, k : w - k].sum((1, 2), dtype=np.int64)
+    inner_area = rows[:, k : h - k].sum(1) * cols[:, k : w - k].sum(1)
     border = (total - inner) / np.maximum(area - inner_area, 1)
     centre = np.empty(n)
     for i in range(n):
@@ -95,7 +118,7 @@ def chunk_stats(chunk: np.ndarray) -> np.ndarray:
             centre[i] = border[i]
             continue
         hh, ww = r[-1] + 1 - r[0], c[-1] + 1 - c[0]
-        centre[i] = g[i, r[0] + hh // 4:r[0] + hh - hh // 4, c[0] + ww // 4:c[0] + ww - ww // 4].mean()
+        centre[i] = g[i, r[0] + hh // 4 : r[0] + hh - hh // 4, c[0] + ww // 4 : c[0] + ww - ww // 4].mean()
     return np.stack([mean, std, hist[:, :6].sum(1) / a, hist[:, 250:].sum(1) / a, border, centre - border], 1)
 
 
@@ -119,8 +142,9 @@ def phash_bits(chunk: np.ndarray, hash_size: int) -> np.ndarray:
     return np.packbits((dct > med[:, None, None]).reshape(len(dct), -1), axis=1)
 
 
-def image_stats(images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                hash_size: int) -> tuple[pd.DataFrame, np.ndarray]:
+def image_stats(
+    images: dict[str, np.ndarray], labels: dict[str, np.ndarray], hash_size: int
+) -> tuple[pd.DataFrame, np.ndarray]:
     """One row per array image (split, row, stats, array label) and the aligned perceptual hashes."""
     frames, hashes = [], []
     for split, arr in images.items():
@@ -129,9 +153,9 @@ def image_stats(images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
         bits = np.zeros((n, -(-hash_size * hash_size // 8)), np.uint8)
 
         def work(a: int, arr: np.ndarray = arr, stats: np.ndarray = stats, bits: np.ndarray = bits) -> None:
-            chunk = np.asarray(arr[a:a + CHUNK])
-            stats[a:a + CHUNK] = chunk_stats(chunk)
-            bits[a:a + CHUNK] = phash_bits(chunk, hash_size)
+            chunk = np.asarray(arr[a : a + CHUNK])
+            stats[a : a + CHUNK] = chunk_stats(chunk)
+            bits[a : a + CHUNK] = phash_bits(chunk, hash_size)
 
         # Pillow's resize and most numpy kernels release the GIL, so threads use every core.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -144,8 +168,11 @@ def image_stats(images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
         df["array_label"] = np.concatenate([lab[:n].astype(float), np.full(max(0, n - len(lab)), np.nan)])
         frames.append(df)
         hashes.append(bits)
-    stats_df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["split", "row", *STAT_COLUMNS, "array_label"])
+    stats_df = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["split", "row", *STAT_COLUMNS, "array_label"])
+    )
     stats_df["_h"] = np.arange(len(stats_df))
     width = -(-hash_size * hash_size // 8)
     return stats_df, (np.concatenate(hashes) if hashes else np.zeros((0, width), np.uint8))
@@ -167,8 +194,11 @@ def images_table(manifest: pd.DataFrame, stats: pd.DataFrame, classes: list[str]
     w = pd.to_numeric(ok["orig_width"], errors="coerce").astype(float)
     short = pd.concat([h, w], axis=1).min(axis=1)
     ok["aspect_ratio"] = pd.concat([h, w], axis=1).max(axis=1) / short.where(short > 0)
-    ok["file"] = ok["split"].astype(object).fillna("?").astype(str) + ":" + ok["source_uri"].astype(object).fillna(
-        "?").astype(str)
+    ok["file"] = (
+        ok["split"].astype(object).fillna("?").astype(str)
+        + ":"
+        + ok["source_uri"].astype(object).fillna("?").astype(str)
+    )
     return ok.reset_index(drop=True)
 
 
@@ -181,10 +211,17 @@ def split_table(images: pd.DataFrame, data: IngestData) -> pd.DataFrame:
     for split in SPLITS:
         n = int((images["split"] == split).sum())
         arr = data.images.get(split)
-        rows.append({"split": split, "rows": n, "array_rows": -1 if arr is None else len(arr),
-                     "label_rows": len(data.labels.get(split, [])), "fraction": n / total,
-                     "array_shape": "missing" if arr is None else "x".join(map(str, arr.shape[1:])),
-                     "expected_shape": expected})
+        rows.append(
+            {
+                "split": split,
+                "rows": n,
+                "array_rows": -1 if arr is None else len(arr),
+                "label_rows": len(data.labels.get(split, [])),
+                "fraction": n / total,
+                "array_shape": "missing" if arr is None else "x".join(map(str, arr.shape[1:])),
+                "expected_shape": expected,
+            }
+        )
     return pd.DataFrame(rows)
 
 

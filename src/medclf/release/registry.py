@@ -1,0 +1,252 @@
+"""The MLflow Model Registry edge around the versions: the client, promotion, rollback, and the champion's
+reference metrics for the gates.
+
+Aliases, not stages (stages are deprecated): `challenger` is set by `medclf register`,
+`champion` is moved by a person (MLflow UI, see docs/PROMOTION.md) or `medclf promote`.
+Promotion keeps the version it replaced under the alias `previous-<alias>` and records who,
+when and what was replaced as version tags, so `medclf rollback` can walk the history back.
+
+Finding and creating versions (`find_version` ... `undo_registration`, `set_alias`, `alias_version`, the version
+tags) is `medclf.release.versions`'s.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import logging
+import os
+from typing import Any
+
+from medclf.config import Settings
+from medclf.release.versions import TAG_CLASSES, TAG_METRIC, TAG_TEST_DIGEST, alias_version, not_found
+
+log = logging.getLogger(__name__)
+
+PREVIOUS_PREFIX = "previous-"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (the message says why)."""
+
+
+def client(settings: Settings, attempts: int = 5) -> Any:
+    """An MlflowClient for the configured server, after the reachability check (with retries)."""
+    from mlflow import MlflowClient
+
+    from medclf.infra.tracking import configure
+
+    uri = settings.mlflow.resolved_uri()
+    configure(uri, attempts=attempts)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def version_metrics(mv: Any) -> dict[str, float]:
+    """The test metrics `register` stored as `metric.<name>` tags on a version."""
+    out = {}
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(TAG_METRIC):
+            try:
+                out[key[len(TAG_METRIC) :]] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+# ----------------------------------------------------------------------------- promotion and rollback
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _who(by: str | None) -> str:
+    if by:
+        return by
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _get_version(cl: Any, name: str, version: int | str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = cl.get_model_version(name, str(version))
+    except MlflowException as err:
+        if not_found(err):
+            raise RegistryError(f"model {name!r} has no version {version}") from None
+        raise
+    if mv.status != "READY":
+        raise RegistryError(f"{name} version {version} is {mv.status}, not READY")
+    return mv
+
+
+def promote(
+    settings: Settings, version: int, alias: str = "champion", by: str | None = None, attempts: int = 5
+) -> dict[str, Any]:
+    """Point `alias` at `version`; the replaced version becomes `previous-<alias>`.
+
+    Tags on the promoted version: `<alias>.promoted_by`, `<alias>.promoted_at`,
+    `<alias>.previous_version` (what it replaced; the rollback chain). Promoting the version
+    that already holds the alias changes nothing.
+    """
+    cl, name = client(settings, attempts), settings.registry.model_name
+    mv = _get_version(cl, name, version)
+    current = alias_version(cl, name, alias)
+    result = {"model_name": name, "alias": alias, "version": int(mv.version), "model_uri": f"models:/{name}@{alias}"}
+    if current is not None and current.version == mv.version:
+        return {
+            **result,
+            "changed": False,
+            "previous_version": None,
+            "note": f"{alias} already points to version {mv.version}",
+        }
+    who, when = _who(by), _now()
+    if current is not None:
+        cl.set_registered_model_alias(name, PREVIOUS_PREFIX + alias, current.version)
+        cl.set_model_version_tag(name, current.version, f"{alias}.replaced_at", when)
+    cl.set_model_version_tag(name, mv.version, f"{alias}.promoted_by", who)
+    cl.set_model_version_tag(name, mv.version, f"{alias}.promoted_at", when)
+    cl.set_model_version_tag(
+        name, mv.version, f"{alias}.previous_version", current.version if current is not None else ""
+    )
+    cl.set_registered_model_alias(name, alias, mv.version)  # the switch itself comes last
+    log.info("%s: %s -> version %s (was %s) by %s", name, alias, mv.version, current.version if current else None, who)
+    return {
+        **result,
+        "changed": True,
+        "previous_version": int(current.version) if current else None,
+        "by": who,
+        "at": when,
+    }
+
+
+def rollback(settings: Settings, alias: str = "champion", by: str | None = None, attempts: int = 5) -> dict[str, Any]:
+    """Move `alias` back to `previous-<alias>`; `previous-<alias>` then steps one further back.
+
+    The step further back is the restored version's own `<alias>.previous_version` tag (set when
+    it was promoted). When that history ends, `previous-<alias>` is removed, so a second rollback
+    past the start fails clearly instead of flipping between two versions.
+    """
+    cl, name = client(settings, attempts), settings.registry.model_name
+    prev_alias = PREVIOUS_PREFIX + alias
+    current = alias_version(cl, name, alias)
+    target = alias_version(cl, name, prev_alias)
+    if target is None:
+        raise RegistryError(
+            f"{name}: no alias {prev_alias!r}, nothing to roll back to "
+            f"({alias} is {'version ' + current.version if current else 'unset'})"
+        )
+    if current is not None and current.version == target.version:
+        raise RegistryError(f"{name}: {alias} and {prev_alias} both point to version {target.version}")
+    who, when = _who(by), _now()
+    older = (target.tags or {}).get(f"{alias}.previous_version", "")
+    cl.set_model_version_tag(name, target.version, f"{alias}.restored_by", who)
+    cl.set_model_version_tag(name, target.version, f"{alias}.restored_at", when)
+    if current is not None:
+        cl.set_model_version_tag(name, current.version, f"{alias}.rolled_back_by", who)
+        cl.set_model_version_tag(name, current.version, f"{alias}.rolled_back_at", when)
+    cl.set_registered_model_alias(name, alias, target.version)
+    if older and older != target.version:
+        cl.set_registered_model_alias(name, prev_alias, older)
+    else:
+        cl.delete_registered_model_alias(name, prev_alias)
+    log.info(
+        "%s: %s rolled back %s -> %s by %s", name, alias, current.version if current else None, target.version, who
+    )
+    return {
+        "model_name": name,
+        "alias": alias,
+        "version": int(target.version),
+        "rolled_back_from": int(current.version) if current else None,
+        "previous_version": int(older) if older and older != target.version else None,
+        "by": who,
+        "at": when,
+        "model_uri": f"models:/{name}@{alias}",
+    }
+
+
+def champion_reference(
+    settings: Settings,
+    test_digest: str,
+    x_test: Any,
+    y_test: Any,
+    classes: list[str],
+    alias: str = "champion",
+    reachable: bool | None = None,
+    rescore: bool = False,
+) -> dict[str, Any]:
+    """The current champion's test metrics on THIS test set, for the non-inferiority gate.
+
+    Read from the champion version's `metric.*` tags when it was evaluated on the same test set
+    (same `test_set_digest`); otherwise the champion model is re-scored here on the current test
+    set at its own registered threshold, because metrics from a different test set are not
+    comparable. With `rescore` the model is also run on the test set when its tags suffice, so the
+    reference always carries `proba` (the champion's positive-class probabilities) and `threshold`, for
+    the challenger-versus-champion report (the gate still reads the tags).
+    Skipped (with a note) when there is no champion or the server is unreachable;
+    `register` re-checks the champion, so a skip cannot let a worse model past a champion.
+    """
+    import json
+
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from medclf.evaluation import champion
+    from medclf.infra.tracking import TrackingUnavailable, wait_for_server
+
+    uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
+    base: dict[str, Any] = {"alias": alias, "checked": False, "version": None, "server_reachable": True}
+    if reachable is None:
+        try:
+            wait_for_server(uri, attempts=2)
+            reachable = True
+        except TrackingUnavailable:
+            reachable = False
+    if not reachable:
+        return {
+            **base,
+            "server_reachable": False,
+            "note": f"MLflow server at {uri} unreachable: non-inferiority not checked",
+        }
+    cl = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = alias_version(cl, name, alias)
+    if mv is None:
+        return {**base, "note": f"no {alias} registered for {name}"}
+    base["version"] = str(mv.version)
+    tags = mv.tags or {}
+    champ_classes = json.loads(tags[TAG_CLASSES]) if tags.get(TAG_CLASSES) else None
+    if champ_classes is not None and list(champ_classes) != list(classes):
+        return {**base, "note": f"{alias} v{mv.version} has classes {champ_classes}, not {classes}: not comparable"}
+    stored = version_metrics(mv)
+    from_tags = champion.tags_suffice(stored, tags.get(TAG_TEST_DIGEST), test_digest)
+    if from_tags and not rescore:
+        return {**base, "checked": True, "source": champion.FROM_TAGS, "metrics": stored}
+    import mlflow.pyfunc
+
+    from medclf.infra.tracking import mlflow_uri
+    from medclf.release.serving import prepare
+
+    # the models:/ URI resolves against the *global* registry: without this it was MLflow's default local
+    # SQLite file whenever the URI came from params.yaml rather than MLFLOW_TRACKING_URI ("not found")
+    try:
+        with mlflow_uri(uri):
+            wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
+    except Exception as err:  # the tags still give the gate its figures
+        if not from_tags:
+            raise
+        log.warning("%s v%s could not be loaded for the comparison report: %s", alias, mv.version, err)
+        return {**base, "checked": True, "source": champion.FROM_TAGS, "metrics": stored}
+    cfg = wrapper.cfg
+    if list(cfg.classes) != list(classes):
+        return {**base, "note": f"{alias} v{mv.version} has classes {cfg.classes}, not {classes}: not comparable"}
+    x = np.asarray(x_test)
+    if x.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+        x = np.stack([prepare(img, cfg) for img in x])
+    # the champion's own positive class and threshold; the metrics are its tags when they are of this test set
+    scores = champion.score_champion(
+        y_test, wrapper.predict_images(x), cfg.positive_index, cfg.threshold, rescore=not from_tags
+    )
+    if from_tags:
+        return {**base, "checked": True, "source": champion.FROM_TAGS, "metrics": stored, **scores}
+    return {**base, "checked": True, "source": champion.RESCORED, **scores}
