@@ -32,6 +32,7 @@ LONG_ONE_JOB: dict[str, str] = {
     # modules over 400 lines, each one job (the reason it is long)
     "medclf.config": "the params.yaml schema: one pydantic model per section, each key documented",
     "medclf.evaluation.metrics": "binary and multi-class metrics with their one bootstrap",
+    "medclf.evaluation.kclass": "K-class and ordinal metrics, their decision rules and clustered bootstrap",
     "medclf.validation.gx_suite": "the Great Expectations suite: one expectation per check",
     "medclf.stages.ingest": "the ingest stage: scan, decode in parallel, split, commit atomically",
 }

@@ -40,6 +40,7 @@ def test_binary_metrics_match_sklearn(threshold: float) -> None:
             "precision": skm.precision_score(y, pred, zero_division=0),
             "recall": skm.recall_score(y, pred, zero_division=0),
             "specificity": skm.recall_score(y, pred, pos_label=0, zero_division=0),
+            "npv": skm.precision_score(y, pred, pos_label=0, zero_division=0),  # the negative class's precision
             "f1": skm.f1_score(y, pred, zero_division=0),
             "roc_auc": skm.roc_auc_score(y, p),
             "pr_auc": skm.average_precision_score(y, p),

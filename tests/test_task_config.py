@@ -62,3 +62,41 @@ def test_task_mistakes_are_config_errors_naming_the_dotted_key(make_settings, ov
     with pytest.raises(ConfigError) as err:
         make_settings(overrides)
     assert f"  - {key}: " in str(err.value) and says in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ok"),
+    [
+        ({"ingest": {"classes": CXR3}, "evaluate": {"gates": {"bounds": {"recall[VIRUS]": 0.7}}}}, True),
+        ({"ingest": {"classes": CXR3}, "evaluate": {"gates": {"bounds": {"sensitivity[VIRUS]": 0.7}}}}, True),
+        ({"ingest": {"classes": CXR3}, "evaluate": {"gates": {"bounds": {"balanced_accuracy": 0.7}}}}, True),
+        ({"ingest": {"classes": CXR3}, "evaluate": {"gates": {"bounds": {"qwk": 0.6}}}}, False),  # not ordinal
+        ({"ingest": {"classes": CXR3}, "evaluate": {"gates": {"bounds": {"recall[FUNGUS]": 0.6}}}}, False),
+        ({"ingest": {"classes": CXR3}, "evaluate": {"gates": {"bounds": {"f1": 0.6}}}}, False),  # binary name
+        (
+            {
+                "ingest": {"classes": DR},
+                "task": {"type": "ordinal", "referable_from": "2"},
+                "evaluate": {"gates": {"bounds": {"qwk": 0.6, "referable.sensitivity": 0.9}}},
+            },
+            True,
+        ),
+        (
+            {
+                "ingest": {"classes": DR},
+                "task": {"type": "ordinal"},
+                "evaluate": {"gates": {"bounds": {"referable.sensitivity": 0.9}}},
+            },
+            False,
+        ),  # no referable view declared
+        ({"ingest": {"classes": ["N", "P"]}, "evaluate": {"gates": {"bounds": {"auc": 0.9}}}}, True),  # alias
+        ({"ingest": {"classes": ["N", "P"]}, "evaluate": {"gates": {"bounds": {"brier": 0.9}}}}, False),  # lower-better
+        ({"ingest": {"classes": CXR3}, "evaluate": {"gates": {"bounds": {"macro_f1": 1.5}}}}, False),
+    ],
+)
+def test_gates_name_only_metrics_the_task_has(make_settings, overrides, ok):
+    if ok:
+        make_settings(overrides)
+        return
+    with pytest.raises(ConfigError, match=r"evaluate\.gates\.bounds"):
+        make_settings(overrides)

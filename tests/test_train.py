@@ -150,6 +150,7 @@ def test_val_scores_are_the_one_auc_evaluate_reports():
         ("resnet50", 3, "resnet50"),  # caffe mode: RGB->BGR and mean subtraction
         ("densenet121", 1, "densenet"),  # torch mode: ImageNet mean/std
         ("efficientnet_v2_b0", 3, "efficientnet_v2"),  # raw (in-model rescaling); its block table is looked up by name
+        ("convnext_tiny", 1, "convnext"),  # raw: LayerScale blocks, normalisation inside the backbone
     ],
 )
 def test_model_contract_and_preprocessing_match_keras(backbone, channels, app_module):
@@ -173,7 +174,13 @@ def test_model_contract_and_preprocessing_match_keras(backbone, channels, app_mo
     assert np.allclose(pre.predict(x, verbose=0), expected, atol=1e-4)
     assert (
         info["preprocessing"]
-        == {"mobilenet_v2": "tf", "resnet50": "caffe", "densenet121": "torch", "efficientnet_v2_b0": "raw"}[backbone]
+        == {
+            "mobilenet_v2": "tf",
+            "resnet50": "caffe",
+            "densenet121": "torch",
+            "efficientnet_v2_b0": "raw",
+            "convnext_tiny": "raw",
+        }[backbone]
     )
 
 

@@ -164,7 +164,7 @@ PIPELINE: dict[str, Stage] = {
             "evaluate",
             inputs=(catalog.CLASSES, catalog.IMAGES, catalog.LABELS, catalog.MODEL, catalog.TRAIN_RUN),
             outputs=(catalog.EVALUATE_REPORTS, catalog.METRICS, catalog.GATES),
-            params=("evaluate", "register.model_name"),
+            params=("evaluate", "task", "register.model_name"),
             metrics=(catalog.EVALUATE_METRICS,),
             plots=(catalog.PLOTS,),
             fields={"name": ("roc", "pr", "calibration", "confusion")},

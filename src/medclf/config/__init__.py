@@ -33,6 +33,7 @@ from medclf.config.vocabulary import CHECKS as CHECKS
 from medclf.config.vocabulary import MODALITIES as MODALITIES
 from medclf.config.vocabulary import Mode as Mode
 from medclf.config.vocabulary import Severity as Severity
+from medclf.config.vocabulary import canonical_gate, gateable_metrics
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -77,6 +78,12 @@ class Source(_Section):
     """Folder, manifest file, .npz file, or `s3://bucket/prefix` (folder/manifest/medmnist)."""
     manifest: str | None = None
     """For `dicom`: CSV/Parquet with `path,label[,patient_id][,split]`; paths relative to it."""
+    label_column: str = Field("label", min_length=1)
+    """Manifest/DICOM sources: the column holding each image's class or grade, e.g. `dx` (HAM10000) or `dr_grade`;
+    integer grades (`0`..`4`) become the labels `"0"`..`"4"`."""
+    group_column: str = Field("patient_id", min_length=1)
+    """Manifest/DICOM sources: the column grouping images for the patient-level split, e.g. `lesion_id` (HAM10000:
+    a lesion's images never cross splits); optional in the file (DICOM falls back to the PatientID tag)."""
     patient_id_regex: str | None = None
     """Regex applied to the file name; group 1 is the patient id (folder source)."""
     medmnist_flag: str | None = None
@@ -94,6 +101,11 @@ class Source(_Section):
             raise ValueError("source.manifest is required for kind 'dicom'")
         if self.kind == "medmnist" and not (self.uri or self.medmnist_flag):
             raise ValueError("source.uri (a local .npz) or source.medmnist_flag is required for 'medmnist'")
+        if self.label_column == self.group_column:
+            raise ValueError(f"source.label_column and source.group_column are both {self.label_column!r}")
+        for key, col in (("label_column", self.label_column), ("group_column", self.group_column)):
+            if col in ("path", "split"):
+                raise ValueError(f"source.{key}: {col!r} is the manifest's {col} column, not a label or a group")
         return self
 
 
@@ -380,10 +392,24 @@ class Train(_Section):
 # --------------------------------------------------------------------------- evaluate
 class Gates(_Section):
     min_f1: float = Field(0.7, ge=0, le=1)
+    """binary: F1 at the operating threshold."""
     min_recall: float = Field(0.8, ge=0, le=1)
+    """binary: sensitivity at the operating threshold."""
     min_auc: float | None = None
     min_specificity: float | None = None
     non_inferiority_margin: float = Field(0.02, ge=0, le=1)
+    bounds: dict[str, float] = Field(default_factory=dict)
+    """`{metric: bound}` floors for any task type, e.g. `balanced_accuracy: 0.7`, `recall[mel]: 0.75`, `qwk: 0.6`,
+    `referable.sensitivity: 0.9` (the task's gateable metrics: docs/TASKS.md). Empty: the task family's defaults
+    (binary: the min_* keys above; multiclass and ordinal: `medclf.config.vocabulary.FAMILY_GATES`)."""
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds_are_fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: b for k, b in v.items() if not 0 <= b <= 1}
+        if bad:
+            raise ValueError(f"{bad}: every bound is a floor in [0, 1]")
+        return v
 
 
 class Evaluate(_Section):
@@ -469,6 +495,14 @@ class Settings(_Section):
         dupes = sorted({c for c in task.critical_classes if task.critical_classes.count(c) > 1})
         if dupes:
             raise ValueError(f"task.critical_classes: {dupes} listed twice")
+        if k is not None:
+            allowed = gateable_metrics(kind, classes or [], task.critical_classes, task.referable_from is not None)
+            unknown = [m for m in self.evaluate.gates.bounds if canonical_gate(m) not in allowed]
+            if unknown:
+                raise ValueError(
+                    f"evaluate.gates.bounds: {unknown} not gateable for this {kind} task; choose among "
+                    f"{', '.join(sorted(allowed))}"
+                )
         return self
 
     @property

@@ -80,6 +80,7 @@ BACKBONES: dict[str, tuple[str, Mode, str | None, bool, int]] = {
     "mobilenet_v2": ("MobileNetV2", "tf", "mobilenet_v2", True, 32),
     "mobilenet_v3_small": ("MobileNetV3Small", "raw", None, True, 32),
     "mobilenet_v3_large": ("MobileNetV3Large", "raw", None, True, 32),
+    "convnext_tiny": ("ConvNeXtTiny", "raw", None, False, 32),  # normalises inside (include_preprocessing)
 }
 
 
@@ -108,14 +109,15 @@ METRICS: dict[str, Metric] = {
     # the model card, the flow summary and `dvc metrics show` all read their names and labels from here.
     m.key: m
     for m in (
-        Metric("roc_auc", "ROC-AUC", tag="auc", aliases=("auc",)),
-        Metric("pr_auc", "PR-AUC", aliases=("average_precision", "ap")),
-        Metric("recall", "sensitivity (recall)", tag="sensitivity", aliases=("sensitivity", "tpr")),
-        Metric("specificity", "specificity", tag="specificity", aliases=("tnr",)),
-        Metric("precision", "precision (PPV)", aliases=("ppv",)),
-        Metric("f1", "F1", tag="f1"),
         Metric("accuracy", "accuracy"),
         Metric("balanced_accuracy", "balanced accuracy"),
+        Metric("precision", "precision (PPV)", aliases=("ppv",)),
+        Metric("recall", "sensitivity (recall)", tag="sensitivity", aliases=("sensitivity", "tpr")),
+        Metric("specificity", "specificity", tag="specificity", aliases=("tnr",)),
+        Metric("npv", "negative predictive value (NPV)", aliases=("negative_predictive_value",)),
+        Metric("f1", "F1", tag="f1"),
+        Metric("roc_auc", "ROC-AUC", tag="auc", aliases=("auc",)),
+        Metric("pr_auc", "PR-AUC", aliases=("average_precision", "ap")),
         Metric("mcc", "MCC", aliases=("matthews_corrcoef",)),
         Metric("brier", "Brier score", higher_is_better=False),
         Metric("ece", "calibration error (ECE)", higher_is_better=False),
@@ -151,6 +153,7 @@ TABLE: tuple[str, ...] = (
     "recall",
     "specificity",
     "precision",
+    "npv",
     "accuracy",
     "balanced_accuracy",
     "mcc",
@@ -162,3 +165,69 @@ TABLE: tuple[str, ...] = (
 """Every binary test metric, in the flow summary's table order (the gated ones first)."""
 SUBGROUP: tuple[str, ...] = ("roc_auc", "sensitivity", "specificity", "f1")
 """The subgroup table's columns as metrics.json names them ("sensitivity" is the alias of `recall`)."""
+
+
+# --------------------------------------------------------------------------- task families (issue 24)
+KCLASS_SUMMARY: tuple[str, ...] = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc", "mcc")
+"""Multi-class and ordinal summary metrics that are floors (higher is better): gateable by name."""
+KCLASS_HEADLINE: tuple[str, ...] = ("balanced_accuracy", "macro_auc", "macro_f1", "accuracy")
+"""What `dvc metrics show` and the version tags carry for a multi-class task (ordinal adds `qwk` and `mae`)."""
+PER_CLASS: tuple[str, ...] = ("precision", "recall", "f1", "auc", "specificity")
+"""Per-class metrics (`per_class.<class>.<metric>` in metrics.json; gated as `recall[mel]`)."""
+ORDINAL_SUMMARY: tuple[str, ...] = ("qwk", "within_one")
+"""Ordinal floors: quadratic weighted kappa, accuracy within one grade (MAE is reported, not gated)."""
+REFERABLE: tuple[str, ...] = ("auc", "sensitivity", "specificity", "f1")
+"""The ordinal referable view (grade >= task.referable_from): `referable.<metric>`."""
+CRITICAL: tuple[str, ...] = ("sensitivity", "specificity")
+"""A multi-class critical-class flag (p >= its val-fitted threshold): `critical.<class>.<metric>`."""
+FAMILY_GATES: dict[str, dict[str, float]] = {
+    # the gates a task family gets when `evaluate.gates.bounds` is empty (binary uses the min_* keys)
+    "multiclass": {"balanced_accuracy": 0.6, "macro_auc": 0.8},
+    "ordinal": {"qwk": 0.6, "macro_auc": 0.7},
+}
+_PER_CLASS_ALIASES = {"sensitivity": "recall", "roc_auc": "auc", "ppv": "precision", "tnr": "specificity"}
+
+
+def canonical_gate(name: str) -> str:
+    """A gate's metric as metrics.json names it: `recall[mel]` / `sensitivity[mel]` -> `per_class.mel.recall`;
+    a dotted name (`referable.sensitivity`) as it is; a binary name or alias (`auc`) -> its key (`roc_auc`)."""
+    name = name.strip()
+    if name.endswith("]") and "[" in name:
+        what, cls = name[:-1].split("[", 1)
+        what = what.strip().lower()
+        return f"per_class.{cls.strip()}.{_PER_CLASS_ALIASES.get(what, what)}"
+    if "." in name:
+        return name
+    key = _BY_NAME.get(name.lower())
+    return key if key is not None else name
+
+
+def gateable_metrics(kind: str, classes: list[str], critical: list[str], referable: bool) -> set[str]:
+    """Every metric a gate may name for a task (canonical names, see `canonical_gate`)."""
+    if kind == "binary":
+        return {k for k, m in METRICS.items() if m.higher_is_better}
+    out = set(KCLASS_SUMMARY) | {f"per_class.{c}.{m}" for c in classes for m in PER_CLASS}
+    out |= {f"critical.{c}.{m}" for c in critical for m in CRITICAL}
+    if kind == "ordinal":
+        out |= set(ORDINAL_SUMMARY) | ({f"referable.{m}" for m in REFERABLE} if referable else set())
+    return out
+
+
+KCLASS_LABELS: dict[str, str] = {
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy (mean recall)",
+    "macro_f1": "macro F1",
+    "weighted_f1": "weighted F1",
+    "macro_auc": "macro ROC-AUC (one-vs-rest)",
+    "mcc": "MCC",
+    "ece": "calibration error (top-label ECE)",
+    "brier": "Brier score",
+    "qwk": "quadratic weighted kappa",
+    "mae": "mean absolute grade error",
+    "within_one": "accuracy within one grade",
+    "referable.auc": "referable ROC-AUC",
+    "referable.sensitivity": "referable sensitivity",
+    "referable.specificity": "referable specificity",
+    "referable.f1": "referable F1",
+}
+"""How people read a multi-class or ordinal summary metric (model card, version page)."""

@@ -7,10 +7,10 @@ to `reports/gates.json`, which `medclf register` requires to have passed.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from medclf.config.vocabulary import GATES, NON_INFERIORITY
+from medclf.config.vocabulary import GATES, NON_INFERIORITY, canonical_gate
 
 
 def _fmt_pair(value: float, bound: float) -> tuple[str, str]:
@@ -22,18 +22,33 @@ def _fmt_pair(value: float, bound: float) -> tuple[str, str]:
 def evaluate_gates(
     metrics: Mapping[str, float], gates: Mapping[str, Any] | Any, champion: Mapping[str, float] | None
 ) -> dict[str, Any]:
-    """Release decision: absolute quality floors plus non-inferiority to the current champion.
+    """Release decision of a binary task: absolute quality floors plus non-inferiority to the current champion.
 
     ``gates`` is a mapping (or a pydantic ``Gates`` object) with min_f1, min_recall, optional
-    min_auc / min_specificity (None = not gated) and non_inferiority_margin. A gate passes when
-    ``value >= bound`` (exactly at the bound passes); a NaN or missing value fails, because an
-    undefined metric cannot demonstrate quality. Non-inferiority requires
-    ``value >= champion - margin`` for f1 and recall, and is skipped when there is no champion.
+    min_auc / min_specificity (None = not gated), non_inferiority_margin and optional ``bounds``
+    (`{metric: floor}`, more floors by name). A gate passes when ``value >= bound`` (exactly at the bound
+    passes); a NaN or missing value fails, because an undefined metric cannot demonstrate quality.
+    Non-inferiority requires ``value >= champion - margin`` for f1 and recall, and is skipped when there
+    is no champion.
     """
     g = gates.model_dump() if hasattr(gates, "model_dump") else dict(gates)
+    floors = [(name, metric, g.get(name)) for name, metric in GATES.items()]  # None bound: not gated
+    floors += [(name, canonical_gate(name), bound) for name, bound in (g.get("bounds") or {}).items()]
+    return check_floors(metrics, floors, NON_INFERIORITY, float(g.get("non_inferiority_margin") or 0.0), champion)
+
+
+def check_floors(
+    metrics: Mapping[str, float],
+    floors: Sequence[tuple[str, str, float | None]],
+    non_inferiority: Sequence[str],
+    margin: float,
+    champion: Mapping[str, float] | None,
+) -> dict[str, Any]:
+    """Every task family's gates: each (gate name, metric, floor) with a floor passes when the metric is at least
+    it; each metric of `non_inferiority` must be at least the champion's minus `margin` (skipped with no
+    champion, noted where the champion lacks the metric)."""
     results, failures = [], []
-    for name, metric in GATES.items():  # optional gates are skipped when their bound is None
-        bound = g.get(name)
+    for name, metric, bound in floors:
         if bound is None:
             continue
         value = float(metrics.get(metric, math.nan))
@@ -44,9 +59,9 @@ def evaluate_gates(
         if not ok:
             v, b = _fmt_pair(value, float(bound))
             failures.append(f"{metric} {v} < {name} {b}")
-    margin, entries = float(g.get("non_inferiority_margin") or 0.0), []
+    entries: list[dict[str, Any]] = []
     if champion:
-        for metric in NON_INFERIORITY:
+        for metric in non_inferiority:
             value, champ = float(metrics.get(metric, math.nan)), float(champion.get(metric, math.nan))
             if math.isnan(champ):
                 entries.append({"metric": metric, "skipped": True, "note": "champion lacks this metric"})

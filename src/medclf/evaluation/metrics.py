@@ -22,23 +22,12 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn import metrics as skm
 
-from medclf.config.vocabulary import SUBGROUP, metric
+from medclf.config.vocabulary import METRICS, SUBGROUP, metric
 from medclf.evaluation.calibration import ECE_BINS, bin_ids, ece_design, ece_of
 
 ThresholdRule = Literal["target_sensitivity", "max_f1", "youden"]
-BINARY_SCORES = (
-    "accuracy",
-    "balanced_accuracy",
-    "precision",
-    "recall",
-    "specificity",
-    "f1",
-    "roc_auc",
-    "pr_auc",
-    "mcc",
-    "brier",
-    "ece",
-)
+BINARY_SCORES = tuple(METRICS)
+"""Every binary score `binary_metrics` returns, named in `medclf.config.vocabulary.METRICS`."""
 COUNTS = ("tp", "fp", "tn", "fn")
 MAX_PLOT_POINTS = 200
 _CHUNK_ELEMS = 2_000_000  # bootstrap weight-matrix entries per block (~16 MB of float64)
@@ -84,6 +73,7 @@ def _weighted_binary(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
         "precision": _div(tp, tp + fp),
         "recall": recall,
         "specificity": spec,
+        "npv": _div(tn, tn + fn),
         "f1": _div(2 * tp, 2 * tp + fp + fn),
         "mcc": _div(tp * tn - fp * fn, np.sqrt((tp + fp) * n_pos * n_neg * (tn + fn))),
         "brier": _div(sq, n),

@@ -6,7 +6,7 @@ reviewer sees in MLflow and the curve `dvc plots diff` draws come from one compu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +136,46 @@ def gallery_png(groups: dict[str, list[dict[str, Any]]], path: Path, n: int, tit
         )
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def report_pngs(report: Any, classes: list[str], fig: Callable[[str], Path]) -> None:
+    """A binary `medclf.evaluation.report.Report`'s figures (typed Any here: the report module sits beside this one
+    and imports the comparison, which draws with this module): confusion matrix, ROC and PR with the operating
+    point, calibration (before and after temperature scaling); `fig(name)` is where each PNG goes."""
+    from medclf.evaluation import metrics
+
+    data, thr = report.plots, report.decision_threshold
+    cm = metrics.confusion(
+        [classes.index(r["actual"]) for r in data["confusion"]],
+        [classes.index(r["predicted"]) for r in data["confusion"]],
+        len(classes),
+    )
+    confusion_png(cm, classes, fig("confusion"), f"test set, threshold {thr:.4f} (from validation)")
+    t = report.test
+    op = {
+        "fpr": 1 - t["specificity"]["value"],
+        "tpr": t["recall"]["value"],
+        "recall": t["recall"]["value"],
+        "precision": t["precision"]["value"],
+    }
+    curve_png(data["roc"], "fpr", "tpr", fig("roc"), f"ROC (AUC {t['roc_auc']['value']:.3f})", diagonal=True, marker=op)
+    curve_png(
+        data["pr"],
+        "recall",
+        "precision",
+        fig("pr"),
+        f"Precision-recall (AP {t['pr_auc']['value']:.3f})",
+        marker=op,
+    )
+    curve_png(
+        data["calibration"],
+        "mean_predicted",
+        "fraction_positive",
+        fig("calibration"),
+        f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})"
+        + (f"; T={cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} before" if (cal := report.calibration) else ""),
+        diagonal=True,
+        xlabel="mean predicted probability",
+        ylabel="fraction positive",
+        before=report.calibration_before,
+    )

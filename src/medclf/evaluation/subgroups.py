@@ -30,13 +30,18 @@ class SubgroupError(ValueError):
     """Ingest's manifest cannot give the test rows' subgroups (the message names the file)."""
 
 
-def check_subgroups(df: pd.DataFrame, subgroups: list[str], uri: str) -> str | None:
-    """What is wrong with `ingest.subgroups` for the source manifest `df` read from `uri`, or None."""
+def check_subgroups(
+    df: pd.DataFrame, subgroups: list[str], uri: str, reserved: dict[str, str] | None = None
+) -> str | None:
+    """What is wrong with `ingest.subgroups` for the source manifest `df` read from `uri`, or None. `reserved` maps
+    further non-subgroup columns to what they are, e.g. `{"dx": "label (source.label_column)"}`: the source's
+    configured label and group columns, refused like those of `NOT_SUBGROUPS`."""
     for name in subgroups:
-        if name in NOT_SUBGROUPS:
+        what = (reserved or {}).get(name) or (name.replace("_", " ") if name in NOT_SUBGROUPS else None)
+        if what is not None:
             return (
                 f"ingest.subgroups: {name!r} cannot be a subgroup ({uri}: it is the image's "
-                f"{name.replace('_', ' ')}); subgroups are categories such as sex, age band or site"
+                f"{what}); subgroups are categories such as sex, age band or site"
             )
         if name not in df.columns:
             return (
@@ -68,3 +73,19 @@ def groups_of_test_split(manifest: Path, n_test: int) -> dict[str, np.ndarray]:
     if list(test["row"]) != list(range(n_test)):
         raise SubgroupError(f"{manifest}: {len(test)} test rows, the test arrays have {n_test} (rerun `medclf ingest`)")
     return {col[len(SUBGROUP_PREFIX) :]: test[col].fillna(UNKNOWN).astype(str).to_numpy() for col in cols}
+
+
+def patients_of_test_split(manifest: Path, n_test: int) -> np.ndarray | None:
+    """The pseudonymised patient of each test image, in the test arrays' row order, for a bootstrap clustered by
+    patient (images of one patient are not independent); None when the manifest has no patient for some image."""
+    import pandas as pd
+
+    if not manifest.exists():
+        return None
+    m = pd.read_parquet(manifest)
+    if "patient_hash" not in m.columns:
+        return None
+    test = m[(m.split == "test") & (m.status == "ok")].sort_values("row")
+    if list(test["row"]) != list(range(n_test)) or test["patient_hash"].isna().any():
+        return None
+    return test["patient_hash"].astype(str).to_numpy()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from medclf.config.vocabulary import DESCRIBED, METRICS, SUBGROUP
+from medclf.config.vocabulary import DESCRIBED, KCLASS_LABELS, METRICS
 from medclf.infra import catalog
+from medclf.release.tables import num, per_class_rows, subgroup_rows
 
 RECIPE_KEYS = (
     "backbone",
@@ -35,10 +36,6 @@ RECIPE_KEYS = (
     "seed",
 )
 """The `train` values a model card quotes as the training recipe (those that change what is learned)."""
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    return "n/a" if v is None else f"{float(v):.{digits}f}"
 
 
 def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict[str, str]:
@@ -72,23 +69,13 @@ LIMITATIONS = (
 )
 
 
-def subgroup_rows(subgroups: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    """The subgroup table (`metrics.json` "subgroups", see medclf.evaluation.subgroups): value (95 % CI) per
-    category."""
-
-    def cell(row: dict[str, Any], key: str) -> str:
-        low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
-        return _num(row.get(key)) + (f" ({_num(low)}–{_num(high)})" if low is not None and high is not None else "")
-
-    rows = [
-        "| subgroup | category | n | positives | ROC-AUC | sensitivity | specificity | F1 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, cats in subgroups.items():
-        for cat, r in cats.items():
-            figures = [r["note"], "", "", ""] if "note" in r else [cell(r, k) for k in SUBGROUP]
-            rows.append(f"| {name} | {cat} | {r['n']} | {r['positives']} | {' | '.join(figures)} |")
-    return rows
+def intended_use(meta: dict[str, Any], gates: dict[str, Any]) -> str:
+    """What the model does, in the card's words: flag one class (binary), or sort into the classes or grades."""
+    kind = gates.get("task", "binary")
+    if kind == "binary":
+        return f"flag images as `{meta['positive_class']}`"
+    what = "grade" if kind == "ordinal" else "sort"
+    return f"{what} images into {', '.join(f'`{c}`' for c in meta['classes'])} ({gates.get('threshold_rule')})"
 
 
 def version_description(
@@ -113,27 +100,29 @@ def version_description(
     ni = {e.get("metric"): e for e in (gates.get("non_inferiority") or {}).get("entries", [])}
     champ = gates.get("champion") or {}
     cv = f"champion v{champ['version']}" if champ.get("version") else "champion"
+    kclass = metrics_doc.get("task") in ("multiclass", "ordinal")
     rows = [f"| metric (test split, n={test.get('n', '?')}) | value | 95 % CI | {cv} |", "|---|---|---|---|"]
-    for key in DESCRIBED:
-        label = METRICS[key].label
+    described = [k for k in KCLASS_LABELS if k in test] if kclass else list(DESCRIBED)
+    for key in described:
+        label = KCLASS_LABELS[key] if kclass else METRICS[key].label
         if test.get(key) is None:
             continue
         ci = (
-            f"{_num(test.get(f'{key}_ci_low'))}–{_num(test.get(f'{key}_ci_high'))}"
+            f"{num(test.get(f'{key}_ci_low'))}–{num(test.get(f'{key}_ci_high'))}"
             if test.get(f"{key}_ci_low") is not None
             else ""
         )
         champ_value = ni[key]["champion"] if key in ni else (gates.get("comparison") or {}).get(key, {}).get("champion")
-        rows.append(f"| {label} | **{_num(test[key])}** | {ci} | {'' if champ_value is None else _num(champ_value)} |")
+        rows.append(f"| {label} | **{num(test[key])}** | {ci} | {'' if champ_value is None else num(champ_value)} |")
     gate_lines = [
-        f"- {'pass' if g.get('passed') else 'FAIL'}: {g.get('metric')} {_num(g.get('value'))} "
-        f"{g.get('op', '>=')} {_num(g.get('bound'))} ({g.get('name')})"
+        f"- {'pass' if g.get('passed') else 'FAIL'}: {g.get('metric')} {num(g.get('value'))} "
+        f"{g.get('op', '>=')} {num(g.get('bound'))} ({g.get('name')})"
         for g in gates.get("gates", [])
     ]
     if ni:
         gate_lines += [
             f"- {'pass' if e.get('passed') else 'FAIL'}: non-inferiority vs {cv}, {m} "
-            f"{_num(e.get('value'))} >= {_num(e.get('champion'))} - {_num(e.get('margin'), 2)}"
+            f"{num(e.get('value'))} >= {num(e.get('champion'))} - {num(e.get('margin'), 2)}"
             for m, e in ni.items()
         ]
     else:
@@ -168,17 +157,22 @@ def version_description(
         )
     positive = provenance.get("positive_class", "positive")
     operating = (
-        f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
+        f"**Decision rule ({metrics_doc['task']}):** {gates.get('threshold_rule')}. Fitted on the validation split; "
+        "the test split was used once, for the figures above."
+        if kclass
+        else f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
         f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
         "above."
     )
+    if kclass:
+        rows += ["", *per_class_rows(metrics_doc)]
     cal = metrics_doc.get("calibration") or {}
     calib = (
-        f"**Calibration:** ECE {_num(test.get('ece'))}, Brier {_num(test.get('brier'))} on the test split; "
+        f"**Calibration:** ECE {num(test.get('ece'))}, Brier {num(test.get('brier'))} on the test split; "
         + (
-            f"temperature scaling, T = {_num(cal['temperature'])} fitted on the validation split and stored in "
-            f"the model: ECE {_num(cal.get('ece_before'))} → {_num(cal.get('ece_after'))}, Brier "
-            f"{_num(cal.get('brier_before'))} → {_num(cal.get('brier_after'))} (before → after). Calibrated on "
+            f"temperature scaling, T = {num(cal['temperature'])} fitted on the validation split and stored in "
+            f"the model: ECE {num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}, Brier "
+            f"{num(cal.get('brier_before'))} → {num(cal.get('brier_after'))} (before → after). Calibrated on "
             "this population; a shifted one needs its own check."
             if cal.get("temperature")
             else "no recalibration is applied, so the score ranks cases but is not a risk."
@@ -250,6 +244,7 @@ def model_card(
     train_run: dict[str, Any],
     splits: dict[str, int],
     train: dict[str, Any] | None = None,
+    gates: dict[str, Any] | None = None,
 ) -> str:
     """A model card (after Mitchell et al. 2019) in markdown, logged with the run as `catalog.RUN_CARD`."""
     split_line = ", ".join(f"{k} {v}" for k, v in splits.items()) or "unknown"
@@ -259,15 +254,15 @@ def model_card(
     if tuned:
         recipe_line += (
             f". Tuned on validation by `train.tune` ({', '.join(tuned['keys'])}; study `{tuned['study']}`, "
-            f"trials {tuned['trials']}): chosen trial val AUC {_num(tuned['best_trial_val_auc'])}, final "
-            f"fit {_num(tuned['final_val_auc'])}"
+            f"trials {tuned['trials']}): chosen trial val AUC {num(tuned['best_trial_val_auc'])}, final "
+            f"fit {num(tuned['final_val_auc'])}"
         )
     return "\n".join(
         [
             f"# Model card: {train_run.get('backbone', 'classifier')} for {' vs '.join(meta['classes'])}",
             "",
             "## Intended use",
-            f"Research and method development: flag images as `{meta['positive_class']}` for a human reader to review.",
+            f"Research and method development: {intended_use(meta, gates or {})} for a human reader to review.",
             "Not a medical device. Not for diagnosis or any clinical decision without regulatory clearance.",
             "",
             "## Model",
@@ -310,7 +305,8 @@ def model_card_json(
     return {
         "schema": "medclf-model-card/1",
         "intended_use": {
-            "use": f"flag images as {meta['positive_class']} for a human reader to review",
+            "use": f"{intended_use(meta, gates)} for a human reader to review",
+            "task": gates.get("task", "binary"),
             "not_for_clinical_use": (
                 "Research use only: not a medical device, not for diagnosis or any "
                 "clinical decision without regulatory clearance."

@@ -250,3 +250,29 @@ def champion_reference(
     if from_tags:
         return {**base, "checked": True, "source": champion.FROM_TAGS, "metrics": stored, **scores}
     return {**base, "checked": True, "source": champion.RESCORED, **scores}
+
+
+def kclass_champion(
+    settings: Settings, test_digest: str, classes: list[str], kind: str, alias: str = "champion", reachable: bool = True
+) -> dict[str, Any]:
+    """The champion's stored test metrics for a multi-class or ordinal task's non-inferiority gate: its `metric.*`
+    tags, when it is a model of the same task and classes evaluated on this same test set. Otherwise a note says
+    why non-inferiority is not checked (re-scoring a K-class champion on a new test set is not built yet)."""
+    import json
+
+    from mlflow import MlflowClient
+
+    uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
+    base: dict[str, Any] = {"alias": alias, "checked": False, "version": None, "server_reachable": reachable}
+    if not reachable:
+        return {**base, "note": f"MLflow server at {uri} unreachable: non-inferiority not checked"}
+    mv = alias_version(MlflowClient(tracking_uri=uri, registry_uri=uri), name, alias)
+    if mv is None:
+        return {**base, "note": f"no {alias} registered for {name}"}
+    tags, base["version"] = mv.tags or {}, str(mv.version)
+    champ_classes = json.loads(tags[TAG_CLASSES]) if tags.get(TAG_CLASSES) else None
+    if champ_classes != list(classes) or tags.get("task", "binary") != kind:
+        return {**base, "note": f"{alias} v{mv.version} is not a {kind} model of {classes}: not comparable"}
+    if tags.get(TAG_TEST_DIGEST) != test_digest:
+        return {**base, "note": f"{alias} v{mv.version} was evaluated on another test set: not checked"}
+    return {**base, "checked": True, "source": "version tags (same test set)", "metrics": version_metrics(mv)}

@@ -26,13 +26,12 @@ from typing import Any
 import numpy as np
 
 from medclf.config import Settings
-from medclf.evaluation import metrics, subgroups
+from medclf.evaluation import metrics, plots, subgroups
 from medclf.evaluation.comparison import comparison_png
 from medclf.evaluation.gates import evaluate_gates
 from medclf.evaluation.report import (
     GALLERY_GROUPS,
     Predictions,
-    Report,
     champion_comparison,
     ci_table,
     evaluate_predictions,
@@ -42,6 +41,7 @@ from medclf.evaluation.report import (
     point_metrics,
     run_metrics,
 )
+from medclf.evaluation.task import TaskSpec
 from medclf.infra import catalog
 from medclf.infra.io import atomic_dir, file_digest, write_json
 from medclf.infra.tracking import final_step
@@ -125,48 +125,6 @@ def predict_proba(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray
 
 def _fig(staging: Path, name: str) -> Path:
     return catalog.inside(catalog.EVALUATE_REPORTS, catalog.FIGURE, staging, name=name)
-
-
-def _write_pictures(out: Path, report: Report, classes: list[str]) -> None:
-    from medclf.evaluation import plots
-
-    data, thr = report.plots, report.decision_threshold
-    cm = metrics.confusion(
-        [classes.index(r["actual"]) for r in data["confusion"]],
-        [classes.index(r["predicted"]) for r in data["confusion"]],
-        len(classes),
-    )
-    plots.confusion_png(cm, classes, _fig(out, "confusion"), f"test set, threshold {thr:.4f} (from validation)")
-    t = report.test
-    op = {
-        "fpr": 1 - t["specificity"]["value"],
-        "tpr": t["recall"]["value"],
-        "recall": t["recall"]["value"],
-        "precision": t["precision"]["value"],
-    }
-    plots.curve_png(
-        data["roc"], "fpr", "tpr", _fig(out, "roc"), f"ROC (AUC {t['roc_auc']['value']:.3f})", diagonal=True, marker=op
-    )
-    plots.curve_png(
-        data["pr"],
-        "recall",
-        "precision",
-        _fig(out, "pr"),
-        f"Precision-recall (AP {t['pr_auc']['value']:.3f})",
-        marker=op,
-    )
-    plots.curve_png(
-        data["calibration"],
-        "mean_predicted",
-        "fraction_positive",
-        _fig(out, "calibration"),
-        f"Calibration (ECE {t['ece']['value']:.3f}, Brier {t['brier']['value']:.3f})"
-        + (f"; T={cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} before" if (cal := report.calibration) else ""),
-        diagonal=True,
-        xlabel="mean predicted probability",
-        ylabel="fraction positive",
-        before=report.calibration_before,
-    )
 
 
 def _write_gallery(out: Path, inp: Inputs, preds: Predictions, picks: dict[str, list[int]], thr: float, n: int) -> None:
@@ -265,6 +223,9 @@ def run(settings: Settings) -> dict[str, Any]:
     cfg, paths, t0 = settings.evaluate, settings.paths, time.perf_counter()
     inp = _inputs(settings)
     classes = inp.classes
+    spec = TaskSpec.from_settings(settings.task, classes, inp.positive)
+    if spec.kind != "binary":
+        return _run_kclass(settings, inp, spec, t0)
     preds = Predictions(
         inp.y_val,
         predict_proba(inp.model, inp.x_val),
@@ -301,7 +262,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
     report_dir = catalog.EVALUATE_REPORTS.path(paths)
     with atomic_dir(report_dir) as tmp:
-        _write_pictures(tmp, report, classes)
+        plots.report_pngs(report, classes, lambda name: _fig(tmp, name))
         if cfg.gradcam_n:
             _write_gallery(tmp, inp, preds, report.gallery, thr, cfg.gradcam_n)
         _predictions_csv(
@@ -355,3 +316,57 @@ def run(settings: Settings) -> dict[str, Any]:
             "release gates failed: " + "; ".join(gates["failures"]) + f" (see {catalog.GATES.path(paths)})"
         )
     return result
+
+
+def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> dict[str, Any]:
+    """A multi-class or ordinal task (`medclf.evaluation.task`): the decision rule fitted on validation, the test
+    metrics with CIs (clustered by patient when the manifest has one), the family's gates, the confusion matrix.
+    The decision is never one class's threshold: the prediction is the argmax (or the ordinal cut-points)."""
+    from medclf.evaluation import task as tasks
+    from medclf.release.registry import kclass_champion
+
+    cfg, paths = settings.evaluate, settings.paths
+    proba_val, proba_test = predict_proba(inp.model, inp.x_val), predict_proba(inp.model, inp.x_test)
+    decision = tasks.fit_decision(spec, inp.y_val, proba_val, cfg.target_sensitivity)
+    groups = subgroups.patients_of_test_split(catalog.MANIFEST.path(paths), len(inp.y_test))
+    result = tasks.evaluate_kclass(spec, decision, inp.y_test, proba_test, cfg.bootstrap, cfg.seed, groups)
+    doc = tasks.metrics_document(spec, decision, result, len(inp.y_val))
+    online = reachable(settings.mlflow.resolved_uri())
+    champion = kclass_champion(settings, inp.test_digest, inp.classes, spec.kind, reachable=online)
+    gates = tasks.check_gates(spec, doc, cfg.gates, champion.get("metrics"))
+    gates.update(
+        {
+            "task": spec.kind,
+            "decision": decision.document(),
+            "threshold_rule": decision.rule,
+            "threshold_source": "validation",
+            "model_sha256": inp.model_sha256,
+            "test_set_digest": inp.test_digest,
+            "train_run_id": inp.train_run.get("run_id"),
+            "champion": {k: v for k, v in champion.items() if k != "metrics"},
+        }
+    )
+    if champion.get("note") and gates["non_inferiority"].get("skipped"):
+        gates["non_inferiority"]["note"] = champion["note"]
+    report_dir = catalog.EVALUATE_REPORTS.path(paths)
+    with atomic_dir(report_dir) as tmp:
+        cm = np.asarray(result["report"]["confusion"]["counts"])
+        plots.confusion_png(cm, inp.classes, _fig(tmp, "confusion"), f"test set; {spec.kind}: {decision.rule[:90]}")
+        write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.THRESHOLD, tmp), decision.document())
+    catalog.METRICS.save(paths, doc)
+    catalog.GATES.save(paths, gates)
+    catalog.EVALUATE_METRICS.save(paths, tasks.headline(spec, doc, gates))
+    log.info("evaluate: %s, decision %s; gates %s", spec.kind, decision.rule, "passed" if gates["passed"] else "FAILED")
+    if not gates["passed"]:
+        raise GateFailed(
+            "release gates failed: " + "; ".join(gates["failures"]) + f" (see {catalog.GATES.path(paths)})"
+        )
+    return {
+        "passed": True,
+        "task": spec.kind,
+        "decision": decision.rule,
+        **{k: doc["test"].get(k) for k in spec.headline()},
+        "failures": [],
+        "champion": gates["champion"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

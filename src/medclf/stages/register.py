@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medclf.config import Settings
-from medclf.config.vocabulary import HEADLINE, METRICS
+from medclf.config.vocabulary import HEADLINE, KCLASS_HEADLINE, METRICS
 from medclf.infra import catalog
 from medclf.infra.io import file_digest
 from medclf.infra.tracking import final_step
@@ -93,6 +93,8 @@ def version_tags(
     `raw_data_md5`). The documents behind them (gates.json, metrics.json, the CI table) are artifacts
     of the training run; the machine-read `metric.*` and `threshold` tags keep full precision."""
     test = metrics_doc["test"]
+    if gates.get("task", "binary") != "binary":
+        return _kclass_tags(gates, metrics_doc, meta, train_run, provenance)
     tags = {
         versions.TAG_TRAIN_RUN: str(train_run["run_id"]),
         versions.TAG_MODEL_SHA: gates["model_sha256"],
@@ -110,6 +112,45 @@ def version_tags(
         "backbone": str(train_run.get("backbone", "")),
         **{f"{versions.TAG_METRIC}{k}": repr(float(test[k])) for k in HEADLINE if test.get(k) is not None},
         **{k: f"{float(test[m]):.3f}" for k, m in _SHORT_TAGS if test.get(m) is not None},
+        **{k: v for k, v in provenance.items() if v},
+    }
+    return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
+
+
+def _kclass_tags(
+    gates: dict[str, Any],
+    metrics_doc: dict[str, Any],
+    meta: dict[str, Any],
+    train_run: dict[str, Any],
+    provenance: dict[str, str],
+) -> dict[str, str]:
+    """A multi-class or ordinal version's tags: the task, its decision rule, and the headline and gated test
+    metrics (full precision under `metric.<name>`, for the champion gate; 3 decimals under the bare name). No
+    threshold and no positive class: the decision is the rule, stated in `decision_rule`."""
+    test = metrics_doc["test"]
+    kind = str(gates["task"])
+    headline = KCLASS_HEADLINE + (("qwk", "mae") if kind == "ordinal" else ())
+    gated = [g["metric"] for g in gates.get("gates", [])]
+    tags = {
+        versions.TAG_TRAIN_RUN: str(train_run["run_id"]),
+        versions.TAG_MODEL_SHA: gates["model_sha256"],
+        versions.TAG_TEST_DIGEST: gates["test_set_digest"],
+        "task": kind,
+        "decision_rule": str(gates["threshold_rule"]),
+        "threshold_source": "validation",
+        "gates_passed": "true",
+        "gates": "passed",
+        "non_inferiority": _ni_word(gates.get("non_inferiority") or {}),
+        versions.TAG_CLASSES: json.dumps(meta["classes"]),
+        "image_size": str(meta["image_size"]),
+        "channels": str(meta["channels"]),
+        "backbone": str(train_run.get("backbone", "")),
+        **{
+            f"{versions.TAG_METRIC}{k}": repr(float(test[k]))
+            for k in dict.fromkeys([*headline, *gated])
+            if test.get(k) is not None
+        },
+        **{k: f"{float(test[k]):.3f}" for k in headline if test.get(k) is not None},
         **{k: v for k, v in provenance.items() if v},
     }
     return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
@@ -243,7 +284,7 @@ def _create_version(
     splits = {k: int(v) for k, v in ((validation or {}).get("splits") or {}).items()}
     train = settings.train.model_dump(mode="json")
     card = model_card(
-        version_description(gates, metrics_doc, prov, run_id, validation), meta, prov, train_run, splits, train
+        version_description(gates, metrics_doc, prov, run_id, validation), meta, prov, train_run, splits, train, gates
     )
     card_json = model_card_json(meta, prov, train_run, splits, train, gates, metrics_doc, validation)
     return versions.create_version(
