@@ -35,6 +35,7 @@ LONG_ONE_JOB: dict[str, str] = {
     "medclf.evaluation.kclass": "K-class and ordinal metrics, their decision rules and clustered bootstrap",
     "medclf.validation.gx_suite": "the Great Expectations suite: one expectation per check",
     "medclf.stages.ingest": "the ingest stage: scan, decode in parallel, split, commit atomically",
+    "medclf.release.serving": "the served pyfunc: its config, input bounds and decoding, and the task's output schema",
 }
 
 

@@ -12,6 +12,7 @@ per split, when `Predictions` is built, and read from there by every metric, cur
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,10 @@ from medclf.infra.io import json_safe
 
 DEFAULT_THRESHOLD = 0.5
 GALLERY_GROUPS = ("true positives", "false positives", "false negatives")
-_HEADLINE_COLUMN = {"roc_auc": "auc"}  # `dvc metrics show` column of a HEADLINE metric, where not its key
+_HEADLINE_COLUMN = {"roc_auc": "auc"}
+_METRIC_NAME = re.compile(
+    r"[^\w\-. /]"
+)  # what MLflow accepts in a metric name  # `dvc metrics show` column of a HEADLINE metric, where not its key
 
 
 @dataclass(frozen=True, eq=False)
@@ -260,11 +264,11 @@ def gallery_caption(index: int, positive: str, p: float, threshold: float) -> st
 
 def run_metrics(doc: dict[str, Any]) -> dict[str, float]:
     """Point values only, for the run's metrics (the 95 % CIs go to a table, see `ci_table`)."""
-    out: dict[str, float] = {"decision_threshold": float(doc["threshold"])}
+    out: dict[str, float] = {"decision_threshold": float(doc["threshold"])} if "threshold" in doc else {}
     for sec, prefix in (("test", "test_"), ("test_default_threshold", "test_t050_"), ("val", "val_")):
-        for k, v in doc[sec].items():
+        for k, v in (doc.get(sec) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("_ci_low", "_ci_high")):
-                out[prefix + k] = float(v)
+                out[_METRIC_NAME.sub("_", prefix + k)] = float(v)  # a class name may hold `,` or `(`
     return out
 
 
@@ -272,7 +276,7 @@ def ci_table(doc: dict[str, Any]) -> dict[str, list[Any]]:
     """One row per test metric: value and 95 % bootstrap CI, at the registered and at the 0.5 threshold."""
     rows: dict[str, list[Any]] = {"metric": [], "threshold": [], "value": [], "ci_low": [], "ci_high": []}
     for sec, thr in (("test", "registered"), ("test_default_threshold", "0.5")):
-        for k, v in doc[sec].items():
+        for k, v in (doc.get(sec) or {}).items():
             if f"{k}_ci_low" in doc[sec]:
                 rows["metric"].append(k)
                 rows["threshold"].append(thr)

@@ -37,7 +37,7 @@ def check_subgroups(
     further non-subgroup columns to what they are, e.g. `{"dx": "label (source.label_column)"}`: the source's
     configured label and group columns, refused like those of `NOT_SUBGROUPS`."""
     for name in subgroups:
-        what = (reserved or {}).get(name) or (name.replace("_", " ") if name in NOT_SUBGROUPS else None)
+        what = name.replace("_", " ") if name in NOT_SUBGROUPS else (reserved or {}).get(name)
         if what is not None:
             return (
                 f"ingest.subgroups: {name!r} cannot be a subgroup ({uri}: it is the image's "

@@ -98,9 +98,9 @@ class TaskSpec:
 
     def output_columns(self) -> list[str]:
         """The scoring output of `medclf predict` and the served model, schema `OUTPUT_SCHEMA_VERSION`."""
+        if self.kind == "binary":  # schema 1's columns, kept by schema 2
+            return [f"p_{c}" for c in self.classes] + ["label", "positive"]
         cols = [f"p_{c}" for c in self.classes] + ["prediction"]
-        if self.kind == "binary":
-            cols.append("positive")
         cols += [f"flag_{c}" for c in self.critical_names]
         if self.referable_from is not None:
             cols += ["p_referable", "referable"]

@@ -7,6 +7,11 @@ the model refuses (`refused: <reason>`: smaller than its `min_size`, more elonga
 `max_aspect_ratio`, a colour picture for a greyscale `modality`), get a row with the reason in `error` instead
 of stopping the batch. Files go to the model in requests of at most the model's own `max_request_images`
 (read from the loaded model's config, so an operator's override at load time is followed too).
+
+The CSV: `path`, the columns the served model returns (`medclf.release.serving.decision_columns`: binary
+`p_<class>`..., `label`, `positive`; multiclass/ordinal `p_<class>`..., `prediction`, `flag_<class>`...,
+`p_referable`, `referable`), `error`, then `threshold` (binary only: the K-class decision is not one threshold),
+`model_uri` and `model_version`. A binary model's CSV is the one schema 1 wrote.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def predict_paths(
     import pandas as pd
 
     from medclf.infra.io import atomic_file
-    from medclf.release.serving import INPUT_COLUMN, InputRefused, check_input, output_columns
+    from medclf.release.serving import INPUT_COLUMN, InputRefused, check_input, decision_columns
 
     uri = model_uri or default_model_uri(settings)
     files = expand_paths(paths)
@@ -98,7 +103,8 @@ def predict_paths(
     version = _resolve_version(settings, uri)
     model = mlflow.pyfunc.load_model(uri)
     cfg = model.unwrap_python_model().cfg
-    cols = output_columns(cfg.classes)
+    types = decision_columns(cfg)  # the served model's output columns, in order, and their types
+    cols, binary = list(types), cfg.task == "binary"
     rows: list[dict[str, Any]] = []
     refused = 0
     step = chunk_size(model)
@@ -117,20 +123,14 @@ def predict_paths(
         if arrays:
             pred = model.predict(pd.DataFrame({INPUT_COLUMN: arrays}))
             for f, rec in zip(ok, pred.to_dict("records"), strict=True):
-                rows.append(
-                    {
-                        "path": str(f),
-                        **{c: rec[c] for c in cols},
-                        "label": rec["label"],
-                        "positive": bool(rec["positive"]),
-                        "error": "",
-                    }
-                )
+                row = {c: bool(rec[c]) if types[c] == "boolean" else rec[c] for c in cols}
+                rows.append({"path": str(f), **row, "error": ""})
     order = {str(f): i for i, f in enumerate(files)}
     rows.sort(key=lambda r: order[r["path"]])
-    df = pd.DataFrame(rows, columns=["path", *cols, "label", "positive", "error"])
-    # the threshold as its exact repr (float_format below would round it; the label depends on it)
-    df["threshold"], df["model_uri"], df["model_version"] = repr(float(cfg.threshold)), uri, version
+    df = pd.DataFrame(rows, columns=["path", *cols, "error"])
+    if binary:  # the threshold as its exact repr (float_format below would round it; the label depends on it)
+        df["threshold"] = repr(float(cfg.threshold))
+    df["model_uri"], df["model_version"] = uri, version
     out = Path(out)
     with atomic_file(out) as fh:
         df.to_csv(fh, index=False, float_format="%.9g")
@@ -145,16 +145,16 @@ def predict_paths(
             refused,
             out,
         )
-    labels = df.loc[df["error"].fillna("") == "", "label"].value_counts().to_dict()
-    return {
-        "model_uri": uri,
-        "model_version": version,
-        "threshold": cfg.threshold,
-        "files": len(df),
-        "failed": failed,
-        "refused": refused,
-        "labels": {str(k): int(v) for k, v in labels.items()},
-        "out": str(out),
-        "positive_class": cfg.positive_class,
-        "mean_p": float(np.nanmean(df[f"p_{cfg.positive_class}"])) if len(df) > failed else None,
-    }
+    scored = df[df["error"].fillna("") == ""]
+    labels = {str(k): int(v) for k, v in scored["label" if binary else "prediction"].value_counts().items()}
+    summary: dict[str, Any] = {"model_uri": uri, "model_version": version}
+    if binary:
+        summary["threshold"] = cfg.threshold
+    summary |= {"files": len(df), "failed": failed, "refused": refused, "labels": labels, "out": str(out)}
+    if binary:
+        summary["positive_class"] = cfg.positive_class
+        summary["mean_p"] = float(np.nanmean(df[f"p_{cfg.positive_class}"])) if len(df) > failed else None
+    else:  # how many scored files each flag (and the referable view) called
+        extra = [c for c in cols if c.startswith("flag_") or c == "referable"]
+        summary |= {"task": cfg.task, **{c: int(scored[c].astype(bool).sum()) for c in extra}}
+    return summary

@@ -4,8 +4,8 @@ Why a pyfunc and not the bare Keras flavour: a client (a PACS bridge, `curl`, a 
 image *files*, not tensors of the training size. This wrapper accepts base64-encoded PNG/JPEG/
 DICOM bytes or pixel arrays of any size, applies exactly the ingest geometry (channel mapping +
 `fit_square`), runs the Keras model (whose own layers do scaling/normalisation), and returns
-per-class probabilities plus the label at the decision threshold chosen on validation data.
-Everything the wrapper needs (classes, threshold, size) travels in the MLflow `model_config`,
+per-class probabilities plus the decision fitted on validation data (`medclf.evaluation.task`).
+Everything the wrapper needs (task, classes, decision rule, size) travels in the MLflow `model_config`,
 so the served artefact is self-describing.
 
 Input (pyfunc `predict` / `POST /invocations`):
@@ -13,7 +13,15 @@ Input (pyfunc `predict` / `POST /invocations`):
     base64 string of an image or DICOM file, raw `bytes`, or a nested list / ndarray (H, W[, C]);
   * an ndarray (H, W[, C]) or (N, H, W[, C]) — in-process only, bypasses schema checks when
     called via ``unwrap_python_model().predict_images``.
-Output: DataFrame with `p_<class>` per class, `label`, and `positive` (bool, p_pos >= threshold).
+Output (`decision_columns`; the version is `ServingConfig.schema_version`, recorded as `output_schema_version` in
+the MLmodel metadata; models registered before it are version 1), one row per input image:
+  * binary (versions 1 and 2 alike): `p_<class>` per class (double), `label` (string: the positive class when
+    p_<positive> >= threshold, else the other) and `positive` (bool, p_<positive> >= threshold);
+  * multiclass / ordinal (version 2 only): `p_<class>` per class (double), `prediction` (string: the argmax class;
+    for ordinal with cut-points the grade `kclass.apply_cutpoints` gives on the expected grade), one `flag_<class>`
+    (bool, p_<class> >= its validation threshold) per critical class, and for an ordinal referable view
+    `p_referable` (double, P(grade >= referable_from)) and `referable` (bool, p_referable >= referable_threshold).
+    No class's threshold ever decides `prediction`: a flag is an extra alert beside it.
 
 Refused inputs: a cell that cannot be decoded, is a decompression bomb (over `max_pixels`), is
 smaller than `min_size` pixels on a side, is more elongated than `max_aspect_ratio` (long side /
@@ -35,13 +43,14 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
+from medclf.evaluation.task import OUTPUT_SCHEMA_VERSION, Kind, TaskSpec, referable_score
 from medclf.imaging.images import decode_bytes, fit_square, to_channels
 from medclf.imaging.modality import colour_problem
 from medclf.imaging.pixels import DecodeError, to_uint8
@@ -55,11 +64,16 @@ MAX_REQUEST_IMAGES = 64
 """Images per request: a PACS bridge sends one study (a few images) at a time; 64 leaves room for a series."""
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """Encoded bytes per image: a 3000x3000 16-bit uncompressed DICOM radiograph is about 18 MB."""
+TASKS = ("binary", "multiclass", "ordinal")
 
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """What the wrapper needs to turn raw images into decisions (the pyfunc `model_config`)."""
+    """What the wrapper needs to turn raw images into decisions (the pyfunc `model_config`).
+
+    `positive_class` and `threshold` are the binary decision. A multiclass or ordinal config still carries both
+    (the keys every model_config has) but they are never used for its decision: that is the argmax, the ordinal
+    `cutpoints`, and the `flags` / referable view beside it."""
 
     classes: list[str]
     positive_class: str
@@ -81,6 +95,23 @@ class ServingConfig:
     modality: str | None = None
     """What the model was trained on (`ingest.modality`): a greyscale one refuses colour pictures. None (models
     registered before this key) checks no colour."""
+    task: str = "binary"
+    """"binary" | "multiclass" | "ordinal" (`medclf.evaluation.task`); models registered before this key: binary."""
+    cutpoints: list[float] = field(default_factory=list)
+    """ordinal: the K-1 increasing cut-points on the expected grade (`kclass.apply_cutpoints`); empty: argmax."""
+    flags: dict[str, float] = field(default_factory=dict)
+    """multiclass: critical class -> threshold; `flag_<class>` is p_<class> >= it and never changes `prediction`."""
+    referable_from: int | None = None
+    """ordinal: the lowest referable grade index; `p_referable` = P(grade >= it)."""
+    referable_threshold: float | None = None
+    """ordinal, with `referable_from`: `referable` is p_referable >= it (fitted on validation)."""
+    schema_version: int = OUTPUT_SCHEMA_VERSION
+    """The output schema (module docstring): 1 for models registered before this key (all binary)."""
+
+    def __post_init__(self) -> None:
+        problems = _config_problems(self)
+        if problems:
+            raise ValueError("invalid serving config: " + "; ".join(problems))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServingConfig:
@@ -98,32 +129,78 @@ class ServingConfig:
             max_request_images=int(d.get("max_request_images", MAX_REQUEST_IMAGES)),
             max_image_bytes=int(d.get("max_image_bytes", MAX_IMAGE_BYTES)),
             modality=None if d.get("modality") is None else str(d["modality"]),
+            task=str(d.get("task", "binary")),
+            cutpoints=[float(c) for c in d.get("cutpoints") or []],
+            flags={str(c): float(t) for c, t in (d.get("flags") or {}).items()},
+            referable_from=None if d.get("referable_from") is None else int(d["referable_from"]),
+            referable_threshold=None if d.get("referable_threshold") is None else float(d["referable_threshold"]),
+            schema_version=int(d.get("schema_version", 1)),
         )  # models registered before these keys
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "classes": self.classes,
-            "positive_class": self.positive_class,
-            "threshold": self.threshold,
-            "image_size": self.image_size,
-            "channels": self.channels,
-            "resize": self.resize,
-            "batch_size": self.batch_size,
-            "min_size": self.min_size,
-            "max_aspect_ratio": self.max_aspect_ratio,
-            "max_pixels": self.max_pixels,
-            "max_request_images": self.max_request_images,
-            "max_image_bytes": self.max_image_bytes,
-            "modality": self.modality,
-        }
+        """Every field (the pyfunc `model_config`); `from_dict` reads it back."""
+        return asdict(self)
 
     @property
     def positive_index(self) -> int:
         return self.classes.index(self.positive_class)
 
 
+def task_keys(gates: dict[str, Any]) -> dict[str, Any]:
+    """The ServingConfig task keys from `reports/gates.json`: its `task` and, for a K-class task, the decision
+    evaluate fitted on validation (`medclf.evaluation.task.Decision.document`)."""
+    task = str(gates.get("task", "binary"))
+    if task == "binary":
+        return {"task": task}
+    decision = gates.get("decision") or {}
+    referable = decision.get("referable") or {}
+    return {
+        "task": task,
+        "cutpoints": [float(c) for c in decision.get("cutpoints") or []],
+        "flags": {str(c): float(f["threshold"]) for c, f in (decision.get("flags") or {}).items()},
+        "referable_from": int(referable["from_index"]) if referable else None,
+        "referable_threshold": float(referable["threshold"]) if referable else None,
+    }
+
+
+def _config_problems(cfg: ServingConfig) -> list[str]:
+    """What is wrong with a config's task keys (a model that cannot decide must fail to load, not answer)."""
+    k, ordinal, ref, problems = len(cfg.classes), cfg.task == "ordinal", cfg.referable_from, []
+    if cfg.task not in TASKS:
+        problems.append(f"task must be one of {', '.join(TASKS)}; got {cfg.task!r}")
+    if cfg.cutpoints and not (ordinal and len(cfg.cutpoints) == k - 1 and sorted(set(cfg.cutpoints)) == cfg.cutpoints):
+        problems.append(f"cutpoints must be {k - 1} strictly increasing values of an ordinal task; got {cfg.cutpoints}")
+    if cfg.flags and cfg.task != "multiclass":
+        problems.append("flags (critical classes) are a multiclass setting")
+    if set(cfg.flags) - set(cfg.classes) or any(not 0 <= t <= 1 for t in cfg.flags.values()):
+        problems.append(f"flags must map classes of {cfg.classes} to thresholds within [0, 1]; got {cfg.flags}")
+    if ref is not None and not (ordinal and 1 <= ref <= k - 1 and "referable" not in cfg.classes):
+        problems.append(
+            f"referable_from must be a grade index in [1, {k - 1}] of an ordinal task (with no class named "
+            f"'referable': it would collide with p_referable); got {ref}"
+        )
+    thr = cfg.referable_threshold
+    if (ref is None) != (thr is None) or (thr is not None and not 0 <= thr <= 1):
+        problems.append(f"referable_from goes with a referable_threshold within [0, 1]; got {ref}, {thr}")
+    if cfg.schema_version not in (1, OUTPUT_SCHEMA_VERSION) or (cfg.task != "binary" and cfg.schema_version == 1):
+        problems.append(f"schema_version must be 1 (binary only) or {OUTPUT_SCHEMA_VERSION}; got {cfg.schema_version}")
+    return problems
+
+
 def output_columns(classes: Sequence[str]) -> list[str]:
+    """The probability columns, `p_<class>` in class order."""
     return [f"p_{c}" for c in classes]
+
+
+def decision_columns(cfg: ServingConfig) -> dict[str, str]:
+    """Every output column in order -> its MLflow type (the module docstring's schema). The K-class names and
+    order are `TaskSpec.output_columns`'s; binary keeps schema 1's `label` and `positive` (as TaskSpec says)."""
+    if cfg.task == "binary":
+        return {**dict.fromkeys(output_columns(cfg.classes), "double"), "label": "string", "positive": "boolean"}
+    kind: Kind = "ordinal" if cfg.task == "ordinal" else "multiclass"
+    critical = tuple(cfg.classes.index(c) for c in cfg.flags)
+    names = TaskSpec(kind, tuple(cfg.classes), critical=critical, referable_from=cfg.referable_from).output_columns()
+    return {c: "double" if c.startswith("p_") else "string" if c == "prediction" else "boolean" for c in names}
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -297,20 +374,32 @@ def _cells(model_input: Any) -> list[Any]:
 
 
 def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
-    """Probabilities → output frame; the label follows the registered threshold, not argmax."""
+    """Probabilities → output frame (`decision_columns`). Binary: the label follows the registered threshold, not
+    argmax. Multiclass: the argmax; ordinal: the cut-points' grade (or argmax); flags never change either."""
+    from medclf.evaluation.kclass import apply_cutpoints
     from medclf.evaluation.metrics import thresholded_labels
 
     proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(cfg.classes))
-    labels = thresholded_labels(proba, cfg.positive_index, cfg.threshold)
     out = pd.DataFrame(proba, columns=output_columns(cfg.classes))
-    out["label"] = [cfg.classes[i] for i in labels]
-    out["positive"] = proba[:, cfg.positive_index] >= cfg.threshold
-    return out
+    if cfg.task == "binary":
+        labels = thresholded_labels(proba, cfg.positive_index, cfg.threshold)
+        out["label"] = [cfg.classes[i] for i in labels]
+        out["positive"] = proba[:, cfg.positive_index] >= cfg.threshold
+        return out
+    # the grade the ordinal cut-points give, else the argmax (apply_cutpoints refuses an empty array)
+    index = apply_cutpoints(proba, cfg.cutpoints) if cfg.cutpoints and len(proba) else proba.argmax(axis=1)
+    out["prediction"] = [cfg.classes[i] for i in index]
+    for name, threshold in cfg.flags.items():
+        out[f"flag_{name}"] = proba[:, cfg.classes.index(name)] >= threshold
+    if cfg.referable_from is not None:
+        out["p_referable"] = referable_score(proba, cfg.referable_from)
+        out["referable"] = out["p_referable"].to_numpy() >= float(cfg.referable_threshold or 0.0)  # never None here
+    return out[list(decision_columns(cfg))]
 
 
 # ----------------------------------------------------------------------------- the pyfunc
 class MedclfModel(PythonModel):
-    """Raw images in, probabilities + thresholded label out (see the module docstring)."""
+    """Raw images in, probabilities + the task's decision out (see the module docstring)."""
 
     def load_context(self, context: PythonModelContext) -> None:
         self.cfg = ServingConfig.from_dict(dict(context.model_config or {}))
@@ -370,13 +459,15 @@ def load_keras(path: str) -> Any:
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
-def signature(classes: Sequence[str]) -> Any:
-    """Column `image` of any JSON type (base64 string or nested pixel list) → probabilities + label."""
+def signature(cfg: ServingConfig | Sequence[str]) -> Any:
+    """Column `image` of any JSON type (base64 string or nested pixel list) → the config's `decision_columns`
+    (given bare class names: a binary model's, as before the task keys)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
 
-    outputs: list[ColSpec | TensorSpec] = [ColSpec("double", c) for c in output_columns(classes)]
-    outputs += [ColSpec("string", "label"), ColSpec("boolean", "positive")]
+    if not isinstance(cfg, ServingConfig):
+        cfg = ServingConfig(list(cfg), str(cfg[-1]), 0.5, 1, 1, schema_version=1)
+    outputs: list[ColSpec | TensorSpec] = [ColSpec(t, c) for c, t in decision_columns(cfg).items()]
     any_type = AnyType()  # type: ignore[no-untyped-call]  # mlflow leaves AnyType.__init__ unannotated
     return ModelSignature(inputs=Schema([ColSpec(any_type, INPUT_COLUMN)]), outputs=Schema(outputs))
 

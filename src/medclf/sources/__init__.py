@@ -19,7 +19,8 @@ def scan(
 
 def _scan(source: Source, classes: list[str] | None, subgroups: list[str] | None) -> SourceScan:
     """Dispatch on `source.kind`; heavy or optional imports stay inside each module. Only a manifest has
-    the columns that `ingest.subgroups` (`subgroups`) declares."""
+    the columns that `ingest.subgroups` (`subgroups`) declares; it reads its labels and groups from
+    `source.label_column` and `source.group_column`."""
     if subgroups and source.kind not in ("manifest", "dicom"):
         raise SourceError(
             f"ingest.subgroups {subgroups} names manifest columns, but the {source.kind!r} source "
@@ -38,11 +39,25 @@ def _scan(source: Source, classes: list[str] | None, subgroups: list[str] | None
     if source.kind == "manifest":
         from medclf.sources.manifest import scan_manifest
 
-        return scan_manifest(source.uri, source.s3_endpoint_url, kind="image", subgroups=subgroups)
+        return scan_manifest(
+            source.uri,
+            source.s3_endpoint_url,
+            kind="image",
+            subgroups=subgroups,
+            label_column=source.label_column,
+            group_column=source.group_column,
+        )
     if source.kind == "dicom":
         from medclf.sources.manifest import scan_manifest
 
-        return scan_manifest(source.manifest or source.uri, source.s3_endpoint_url, kind="dicom", subgroups=subgroups)
+        return scan_manifest(
+            source.manifest or source.uri,
+            source.s3_endpoint_url,
+            kind="dicom",
+            subgroups=subgroups,
+            label_column=source.label_column,
+            group_column=source.group_column,
+        )
     if source.kind == "medmnist":
         from medclf.sources.medmnist import scan_medmnist
 

@@ -1,5 +1,11 @@
 """CSV or Parquet manifests: `path,label[,patient_id][,split]`, paths relative to the manifest.
 
+The label and group columns are configurable (`source.label_column`, `source.group_column`): HAM10000's
+`metadata.csv` is `label_column: dx`, `group_column: lesion_id` (a lesion's images stay in one split), a
+diabetic-retinopathy table `label_column: dr_grade`. A configured column missing from the header is an error
+naming the file, its header line and the column; only the default group column (`patient_id`) may be absent.
+Integer cells (grades `0`..`4`, also from a Parquet float column such as `2.0`) become the labels `"0"`..`"4"`.
+
 For DICOM manifests (`kind="dicom"`) a row without a `patient_id` (no column, or a blank cell)
 takes the file's own PatientID tag, read from the header only (pixel data is not parsed), so that
 the patient split groups a patient's images. The raw id stays in `Record.patient_id`; ingest
@@ -18,6 +24,8 @@ import dataclasses
 import functools
 import io
 import math
+import numbers
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
@@ -27,7 +35,11 @@ from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, Source
 from medclf.sources.store import Store, open_store, split_uri
 
 REQUIRED = ("path", "label")
+"""The columns of a manifest with the default `source.label_column` (`label`)."""
+DEFAULT_GROUP = "patient_id"
+"""The default `source.group_column`: optional (no column, or a blank cell: no patient for that row)."""
 _HEADER_THREADS = 8
+_INTEGRAL = re.compile(r"[+-]?\d+\.0*")
 
 
 def _dicom_patient(store: Store, rel: str) -> str | None:
@@ -53,9 +65,44 @@ def _category(cell: object) -> str | None:
     return None if cell is None or (isinstance(cell, float) and math.isnan(cell)) else (str(cell).strip() or None)
 
 
+def _cell(cell: object) -> str | None:
+    """A label or group id as text: None when blank or missing; an integral number (`2`, Parquet's `2.0`, a CSV
+    cell `2.0` written by a float column) as its integer, `"2"`, so grades read alike from CSV and Parquet."""
+    if cell is None or cell is pd.NA or (isinstance(cell, float) and math.isnan(cell)):
+        return None
+    if isinstance(cell, bool):
+        return str(cell)
+    if isinstance(cell, numbers.Integral):
+        return str(int(cell))
+    if isinstance(cell, numbers.Real) and float(cell).is_integer():
+        return str(int(float(cell)))
+    text = str(cell).strip()
+    if _INTEGRAL.fullmatch(text) and "." in text:
+        return str(int(float(text)))
+    return text or None
+
+
+def _missing_columns(df: pd.DataFrame, uri: str, wanted: dict[str, str]) -> str | None:
+    """The error for the first `{column: its setting}` missing from the header, or None."""
+    for col, setting in wanted.items():
+        if col not in df.columns:
+            return (
+                f"{uri}: no column {col!r}{f' ({setting})' if setting else ''} in the header (line 1); "
+                f"columns: {', '.join(map(str, df.columns))}"
+            )
+    return None
+
+
 def scan_manifest(
-    uri: str | None, endpoint_url: str | None, kind: Kind, subgroups: list[str] | None = None
+    uri: str | None,
+    endpoint_url: str | None,
+    kind: Kind,
+    subgroups: list[str] | None = None,
+    label_column: str = "label",
+    group_column: str = DEFAULT_GROUP,
 ) -> SourceScan:
+    """List the manifest at `uri`: each row's `label_column` is its label, its `group_column` its patient (or
+    lesion) for the grouped split."""
     if not uri:
         raise SourceError("manifest source needs a manifest path")
     root, name = split_uri(uri)
@@ -65,12 +112,16 @@ def scan_manifest(
     except (FileNotFoundError, IsADirectoryError):
         raise SourceError(f"{uri}: manifest not found") from None
     df = read_table(data, uri)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise SourceError(f"{uri}: manifest lacks column(s) {missing}; expected path,label[,patient_id][,split]")
+    wanted = {"path": "", label_column: "source.label_column"}
+    if group_column != DEFAULT_GROUP:  # a configured group column must be there: without it the split would leak
+        wanted[group_column] = "source.group_column"
+    problem = _missing_columns(df, uri, wanted)
+    if problem:
+        raise SourceError(problem)
     if df.empty:
         raise SourceError(f"{uri}: manifest has no rows")
-    problem = check_subgroups(df, subgroups or [], uri)
+    reserved = {label_column: "label (source.label_column)", group_column: "group (source.group_column)"}
+    problem = check_subgroups(df, subgroups or [], uri, reserved)
     if problem:
         raise SourceError(problem)
     scan = SourceScan(records=[])
@@ -78,8 +129,8 @@ def scan_manifest(
     for i, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
         where = f"{uri} line {i}"  # the line an editor shows: 1-based, the header is line 1
         raw = str(row["path"]).strip()
-        label = str(row.get("label", "")).strip() or None
-        pid = str(row.get("patient_id", "") or "").strip() or None
+        label = _cell(row.get(label_column))
+        pid = _cell(row.get(group_column))
         try:
             rel = safe_relpath(raw, uri)  # `sub/../x.png` is `x.png`; a path out of the root is refused
         except SourceError as err:  # that row only: quarantined by ingest (never read), naming the line

@@ -2,7 +2,9 @@
 
 With internet, `medmnist_flag` downloads the official Zenodo file and checks its
 MD5 (the values the `medmnist` package records in `INFO`). Offline, point
-`source.uri` at a local (or s3://) `.npz` instead.
+`source.uri` at a local (or s3://) `.npz` instead. With `medmnist_flag` set, label index `i`
+takes the flag's class name from INFO (`KNOWN`: dermamnist's seven lesion types, retinamnist's
+grades `"0"`..`"4"`, ...); `source.medmnist_labels`, else `ingest.classes`, overrides them.
 """
 
 from __future__ import annotations
@@ -23,8 +25,72 @@ from medclf.sources.store import open_store, split_uri
 
 log = logging.getLogger(__name__)
 ZENODO = "https://zenodo.org/records/10519652/files/{flag}{suffix}.npz?download=1"
-# flag -> (labels, {size: md5}); from medmnist.INFO (v3.0).
+_ORGANS = [
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
+]
+"""Organ{A,C,S}MNIST's 11 organs, in label order."""
+# flag -> (labels, {size: md5}): the single-label 2D sets of medmnist.INFO (medmnist 3.0.2, `medmnist/info.py`), the
+# labels exactly as INFO's `label` dict gives them, in label-index order, and the `MD5`, `MD5_64`, `MD5_128` and
+# `MD5_224` of each file at ZENODO. A size without an MD5 here is never downloaded (`download` refuses it).
+# Multi-label chestmnist and the 3D sets are not listed (this source reads single-label 2D images only).
+# Task types (INFO `task`): binary pneumoniamnist, breastmnist; ordinal retinamnist (DR grade 0..4: set
+# `task.type: ordinal`, `ingest.classes: ["0", "1", "2", "3", "4"]`); multi-class the others.
 KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
+    "pathmnist": (
+        [
+            "adipose",
+            "background",
+            "debris",
+            "lymphocytes",
+            "mucus",
+            "smooth muscle",
+            "normal colon mucosa",
+            "cancer-associated stroma",
+            "colorectal adenocarcinoma epithelium",
+        ],
+        {
+            28: "a8b06965200029087d5bd730944a56c1",
+            64: "55aa9c1e0525abe5a6b9d8343a507616",
+            128: "ac42d08fb904d92c244187169d1fd1d9",
+            224: "2c51a510bcdc9cf8ddb2af93af1eadec",
+        },
+    ),
+    "dermamnist": (
+        [
+            "actinic keratoses and intraepithelial carcinoma",
+            "basal cell carcinoma",
+            "benign keratosis-like lesions",
+            "dermatofibroma",
+            "melanoma",
+            "melanocytic nevi",
+            "vascular lesions",
+        ],
+        {
+            28: "0744692d530f8e62ec473284d019b0c7",
+            64: "b70a2f5635c6199aeaa28c31d7202e1f",
+            128: "2defd784463fa5243564e855ed717de1",
+            224: "8974907d8e169bef5f5b96bc506ae45d",
+        },
+    ),
+    "octmnist": (
+        ["choroidal neovascularization", "diabetic macular edema", "drusen", "normal"],
+        {
+            28: "c68d92d5b585d8d81f7112f81e2d0842",
+            64: "e229e9440236b774d9f0dfef9d07bdaf",
+            128: "0a97e76651ace45c5d943ee3f65b63ae",
+            224: "abc493b6d529d5de7569faaef2773ba3",
+        },
+    ),
     "pneumoniamnist": (
         ["normal", "pneumonia"],
         {
@@ -34,26 +100,8 @@ KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
             224: "d6a3c71de1b945ea11211b03746c1fe1",
         },
     ),
-    "breastmnist": (
-        ["malignant", "normal_or_benign"],
-        {
-            28: "750601b1f35ba3300ea97c75c52ff8f6",
-            64: "742edef2a1fd1524b2efff4bd7ba9364",
-            128: "363e4b3f8d712e9b5de15470a2aaadf1",
-            224: "b56378a6eefa9fed602bb16d192d4c8b",
-        },
-    ),
-    "dermamnist": (
-        ["akiec", "bcc", "bkl", "df", "melanoma", "nevus", "vascular"],
-        {
-            28: "0744692d530f8e62ec473284d019b0c7",
-            64: "b70a2f5635c6199aeaa28c31d7202e1f",
-            128: "2defd784463fa5243564e855ed717de1",
-            224: "8974907d8e169bef5f5b96bc506ae45d",
-        },
-    ),
     "retinamnist": (
-        ["grade0", "grade1", "grade2", "grade3", "grade4"],
+        ["0", "1", "2", "3", "4"],
         {
             28: "bd4c0672f1bba3e3a89f0e4e876791e4",
             64: "afda852cc34dcda56f86ad2b2457dbcc",
@@ -61,12 +109,21 @@ KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
             224: "eae7e3b6f3fcbda4ae613ebdcbe35348",
         },
     ),
+    "breastmnist": (
+        ["malignant", "normal, benign"],
+        {
+            28: "750601b1f35ba3300ea97c75c52ff8f6",
+            64: "742edef2a1fd1524b2efff4bd7ba9364",
+            128: "363e4b3f8d712e9b5de15470a2aaadf1",
+            224: "b56378a6eefa9fed602bb16d192d4c8b",
+        },
+    ),
     "bloodmnist": (
         [
             "basophil",
             "eosinophil",
             "erythroblast",
-            "immature_granulocyte",
+            "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)",
             "lymphocyte",
             "monocyte",
             "neutrophil",
@@ -77,6 +134,51 @@ KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
             64: "2b94928a2ae4916078ca51e05b6b800b",
             128: "adace1e0ed228fccda1f39692059dd4c",
             224: "b718ff6835fcbdb22ba9eacccd7b2601",
+        },
+    ),
+    "tissuemnist": (
+        [
+            "Collecting Duct, Connecting Tubule",
+            "Distal Convoluted Tubule",
+            "Glomerular endothelial cells",
+            "Interstitial endothelial cells",
+            "Leukocytes",
+            "Podocytes",
+            "Proximal Tubule Segments",
+            "Thick Ascending Limb",
+        ],
+        {
+            28: "ebe78ee8b05294063de985d821c1c34b",
+            64: "123ece2eba09d0aa5d698fda57103344",
+            128: "61b955355d7425a89687b06cca3ce0c2",
+            224: "b077128c4a949f0a4eb01517f9037b9c",
+        },
+    ),
+    "organamnist": (
+        _ORGANS,
+        {
+            28: "68e3f8846a6bd62f0c9bf841c0d9eacc",
+            64: "2dcccc29b88e6da5a01161ef20cda288",
+            128: "eeae80d0a227a8d099027e1b3cfd3b60",
+            224: "50747347e05c87dd3aaf92c49f9f3170",
+        },
+    ),
+    "organcmnist": (
+        _ORGANS,
+        {
+            28: "b9ceb9546e10131b32923c5bbeaea2b1",
+            64: "3ce34a8724ea6f548e6db4744d03b6a9",
+            128: "773c1f009daa3fe5d9a2a201b2a7ed94",
+            224: "050f5e875dc056f6768abf94ec9995d1",
+        },
+    ),
+    "organsmnist": (
+        _ORGANS,
+        {
+            28: "9ab87b696fb54e2a387ebe992d6ed5f1",
+            64: "53a6d115339d874c25e309a994ff46d3",
+            128: "ded0c5fa01a95dc4978b956f613e9b8e",
+            224: "b354719e553fbbb2513d5533f52a4cb1",
         },
     ),
 }
@@ -91,7 +193,12 @@ def download(flag: str, size: int, cache_dir: Path, url_template: str = ZENODO) 
     """Fetch the official file once into `cache_dir` and verify its MD5."""
     if flag not in KNOWN:
         raise SourceError(f"unknown MedMNIST flag {flag!r}; known: {sorted(KNOWN)} (or set source.uri to a .npz)")
-    expected = KNOWN[flag][1][size]
+    expected = KNOWN[flag][1].get(size)
+    if not expected:  # never fetch a file that cannot be checked
+        raise SourceError(
+            f"MedMNIST {flag} ({size}px): no MD5 recorded in medclf.sources.medmnist.KNOWN, so it is not downloaded "
+            f"unchecked; download the file yourself and set ingest.source.uri to its local path"
+        )
     suffix = "" if size == 28 else f"_{size}"
     target = cache_dir / f"{flag}{suffix}.npz"
     if target.exists() and file_digest(target, algo="md5") == expected:

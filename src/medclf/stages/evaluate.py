@@ -203,7 +203,7 @@ def _log_to_mlflow(
     ms = [Metric(k, float(v), now, step) for k, v in run_metrics(doc).items()]
     tags = [
         RunTag("evaluate.gates_passed", str(gates["passed"]).lower()),
-        RunTag("evaluate.threshold_rule", str(settings.evaluate.threshold_rule)),
+        RunTag("evaluate.threshold_rule", str(gates.get("threshold_rule", settings.evaluate.threshold_rule))[:5000]),
     ]
     for i in range(0, len(ms), 500):
         cl.log_batch(run_id, metrics=ms[i : i + 500], tags=tags if i == 0 else [])
@@ -356,6 +356,7 @@ def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> d
     catalog.METRICS.save(paths, doc)
     catalog.GATES.save(paths, gates)
     catalog.EVALUATE_METRICS.save(paths, tasks.headline(spec, doc, gates))
+    mlflow_note = _log_to_mlflow(settings, inp.train_run, doc, gates, report_dir, online)
     log.info("evaluate: %s, decision %s; gates %s", spec.kind, decision.rule, "passed" if gates["passed"] else "FAILED")
     if not gates["passed"]:
         raise GateFailed(
@@ -368,5 +369,6 @@ def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> d
         **{k: doc["test"].get(k) for k in spec.headline()},
         "failures": [],
         "champion": gates["champion"],
+        "mlflow": mlflow_note,
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -1,7 +1,8 @@
 """register: a model that passed the gates becomes a registry version with the alias `challenger`.
 
-What is registered is the pyfunc in `medclf.release.serving` (raw images in, probabilities + label at
-the validation-chosen threshold out), with the `.keras` file as its artifact: that is what
+What is registered is the pyfunc in `medclf.release.serving` (raw images in, probabilities and the task's
+decision out: the label at the validation-chosen threshold for a binary task, the argmax or ordinal grade with its
+flags for a K-class task; docs/TASKS.md), with the `.keras` file as its artifact: that is what
 `mlflow models serve` and `medclf predict` load. The plain Keras flavour is logged beside it
 (`keras_model_uri` tag) for `mlflow.keras.load_model`.
 
@@ -210,12 +211,13 @@ def _log_models(
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    from medclf.release.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, load_keras, signature
+    from medclf.release.serving import KERAS_ARTIFACT, MedclfModel, ServingConfig, load_keras, signature, task_keys
 
+    binary = gates.get("task", "binary") == "binary"
     cfg = ServingConfig(
         classes=list(meta["classes"]),
         positive_class=str(meta["positive_class"]),
-        threshold=float(gates["threshold"]),
+        threshold=float(gates["threshold"]) if binary else float(gates.get("threshold", 0.5)),  # K-class: unused
         image_size=int(meta["image_size"]),
         channels=int(meta["channels"]),
         resize=settings.ingest.resize,
@@ -223,6 +225,7 @@ def _log_models(
         max_aspect_ratio=settings.validation.max_aspect_ratio,
         max_pixels=settings.ingest.max_image_pixels,
         modality=settings.ingest.modality,
+        **task_keys(gates),
     )
     reqs = pip_requirements()
     # MLflow prints "View run ..." links to stdout when the run ends; `medclf register` prints its
@@ -238,7 +241,8 @@ def _log_models(
             python_model=MedclfModel(),
             artifacts={KERAS_ARTIFACT: str(model_file)},
             model_config=cfg.to_dict(),
-            signature=signature(cfg.classes),
+            signature=signature(cfg),
+            metadata={"output_schema_version": cfg.schema_version},  # in the MLmodel file (serving.py docstring)
             input_example=_png_example(meta),
             pip_requirements=reqs,
             step=step,
