@@ -7,6 +7,8 @@ export PYTHONPATH := $(CURDIR)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Prefect's server telemetry off by default: nothing leaves a hospital network unasked.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# MLflow 3's usage telemetry off too (and its client thread races os.environ readers: a KeyError at random).
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: setup data new-data retrain test servers stop-servers serve lint bench-ingest mutate
 

@@ -25,6 +25,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MEDCLF_PATIENT_SALT", "test-salt-not-secret")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry writes racing the test DB
+# MLflow 3 telemetry: off, as in the Makefile. Its client thread pops _MLFLOW_TELEMETRY_SESSION_ID from os.environ
+# while another thread iterates it (requests reading proxies): a KeyError that failed 9 evaluate tests at setup.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow 3.x servers start ~8 huey job-consumer processes (GenAI jobs) that this project never uses: each imports
 # mlflow, ~20 CPU-s per server start on 2 cores. mlflow/server.sh turns them off the same way.
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

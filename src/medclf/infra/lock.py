@@ -140,9 +140,16 @@ class _Flock:
         except OSError as err:
             raise LockError(f"cannot open the lock file {path}: {err}") from err
 
-    def take(self, deadline: float, what: str, log: logging.Logger | logging.LoggerAdapter[Any] | None) -> None:
-        """Wait until `deadline` (time.monotonic) for the lock, else close and raise LockBusy."""
-        t0, told = time.monotonic(), False
+    def take(
+        self,
+        deadline: float,
+        what: str,
+        log: logging.Logger | logging.LoggerAdapter[Any] | None,
+        since: float | None = None,
+    ) -> None:
+        """Wait until `deadline` (time.monotonic) for the lock, else close and raise LockBusy saying how long the
+        caller waited, counted from `since` (when it started waiting; default now)."""
+        t0, told = (time.monotonic() if since is None else since), False
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,7 +219,8 @@ def project_lock(
         path = artifact.path(paths)
         return path if path.is_absolute() or root is None else root / path
 
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    deadline = started + wait
     project = _Flock.open(where(catalog.PROJECT_LOCK))
     inherited = os.environ.get(LOCK_ENV)
     token: str | None = None
@@ -226,14 +234,14 @@ def project_lock(
         deadline = max(deadline, time.monotonic() + NESTED_GRACE)
     else:
         if not got:
-            project.take(deadline, what, log)
+            project.take(deadline, what, log, since=started)
         token = uuid.uuid4().hex
     stage: _Flock | None = None
     try:
         if token is not None:
             project.write(_record(what, token=token))
         stage = _Flock.open(where(catalog.STAGE_LOCK))
-        stage.take(deadline, what, log)
+        stage.take(deadline, what, log, since=started)
         if hold_stage:
             stage.write(_record(what))
         else:
