@@ -92,52 +92,33 @@ def version_tags(
 ) -> dict[str, str]:
     """The version's tags: short scalars a reviewer can read and search (`gates = 'passed'`, `auc`,
     `raw_data_md5`). The documents behind them (gates.json, metrics.json, the CI table) are artifacts
-    of the training run; the machine-read `metric.*` and `threshold` tags keep full precision."""
-    test = metrics_doc["test"]
-    if gates.get("task", "binary") != "binary":
-        return _kclass_tags(gates, metrics_doc, meta, train_run, provenance)
+    of the training run; the machine-read `metric.*` and `threshold` tags keep full precision.
+
+    A binary version carries its threshold, rule and positive class. A multi-class or ordinal version carries
+    its `task` and `decision_rule` instead (no threshold, no positive class), and its headline and gated test
+    metrics (full precision under `metric.<name>`, for the champion gate; 3 decimals under the bare name)."""
+    test, kind = metrics_doc["test"], str(gates.get("task", "binary"))
+    if kind == "binary":
+        specific = {
+            versions.TAG_THRESHOLD: repr(float(gates["threshold"])),
+            "threshold_rule": str(gates["threshold_rule"]),
+            "positive_class": str(meta["positive_class"]),
+            **{f"{versions.TAG_METRIC}{k}": repr(float(test[k])) for k in HEADLINE if test.get(k) is not None},
+            **{k: f"{float(test[m]):.3f}" for k, m in _SHORT_TAGS if test.get(m) is not None},
+        }
+    else:
+        headline = KCLASS_HEADLINE + (("qwk", "mae") if kind == "ordinal" else ())
+        full = dict.fromkeys([*headline, *(g["metric"] for g in gates.get("gates", []))])
+        specific = {
+            "task": kind,
+            "decision_rule": str(gates["threshold_rule"]),
+            **{f"{versions.TAG_METRIC}{k}": repr(float(test[k])) for k in full if test.get(k) is not None},
+            **{k: f"{float(test[k]):.3f}" for k in headline if test.get(k) is not None},
+        }
     tags = {
         versions.TAG_TRAIN_RUN: str(train_run["run_id"]),
         versions.TAG_MODEL_SHA: gates["model_sha256"],
         versions.TAG_TEST_DIGEST: gates["test_set_digest"],
-        versions.TAG_THRESHOLD: repr(float(gates["threshold"])),
-        "threshold_rule": str(gates["threshold_rule"]),
-        "threshold_source": "validation",
-        "gates_passed": "true",
-        "gates": "passed",
-        "non_inferiority": _ni_word(gates.get("non_inferiority") or {}),
-        versions.TAG_CLASSES: json.dumps(meta["classes"]),
-        "positive_class": str(meta["positive_class"]),
-        "image_size": str(meta["image_size"]),
-        "channels": str(meta["channels"]),
-        "backbone": str(train_run.get("backbone", "")),
-        **{f"{versions.TAG_METRIC}{k}": repr(float(test[k])) for k in HEADLINE if test.get(k) is not None},
-        **{k: f"{float(test[m]):.3f}" for k, m in _SHORT_TAGS if test.get(m) is not None},
-        **{k: v for k, v in provenance.items() if v},
-    }
-    return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
-
-
-def _kclass_tags(
-    gates: dict[str, Any],
-    metrics_doc: dict[str, Any],
-    meta: dict[str, Any],
-    train_run: dict[str, Any],
-    provenance: dict[str, str],
-) -> dict[str, str]:
-    """A multi-class or ordinal version's tags: the task, its decision rule, and the headline and gated test
-    metrics (full precision under `metric.<name>`, for the champion gate; 3 decimals under the bare name). No
-    threshold and no positive class: the decision is the rule, stated in `decision_rule`."""
-    test = metrics_doc["test"]
-    kind = str(gates["task"])
-    headline = KCLASS_HEADLINE + (("qwk", "mae") if kind == "ordinal" else ())
-    gated = [g["metric"] for g in gates.get("gates", [])]
-    tags = {
-        versions.TAG_TRAIN_RUN: str(train_run["run_id"]),
-        versions.TAG_MODEL_SHA: gates["model_sha256"],
-        versions.TAG_TEST_DIGEST: gates["test_set_digest"],
-        "task": kind,
-        "decision_rule": str(gates["threshold_rule"]),
         "threshold_source": "validation",
         "gates_passed": "true",
         "gates": "passed",
@@ -146,12 +127,7 @@ def _kclass_tags(
         "image_size": str(meta["image_size"]),
         "channels": str(meta["channels"]),
         "backbone": str(train_run.get("backbone", "")),
-        **{
-            f"{versions.TAG_METRIC}{k}": repr(float(test[k]))
-            for k in dict.fromkeys([*headline, *gated])
-            if test.get(k) is not None
-        },
-        **{k: f"{float(test[k]):.3f}" for k in headline if test.get(k) is not None},
+        **specific,
         **{k: v for k, v in provenance.items() if v},
     }
     return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
