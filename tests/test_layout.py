@@ -36,6 +36,8 @@ LONG_ONE_JOB: dict[str, str] = {
     "medclf.validation.gx_suite": "the Great Expectations suite: one expectation per check",
     "medclf.stages.ingest": "the ingest stage: scan, decode in parallel, split, commit atomically",
     "medclf.release.serving": "the served pyfunc: its config, input bounds and decoding, and the task's output schema",
+    "flows.summary": "the flow run's summary: its headline, tables and markdown artifact",
+    "tasks.common": "one stage through DVC as a Prefect task: environment, retries, result files",
 }
 
 
@@ -110,9 +112,12 @@ def test_no_import_circle():
 
 
 def test_long_modules_hold_one_named_job():
-    long = {m: len(p.read_text().splitlines()) for m, p in MODULES.items() if len(p.read_text().splitlines()) > 400}
+    everything = {**MODULES}
+    for root in ("flows", "tasks"):  # the orchestration packages beside src/
+        everything |= {f"{root}.{p.stem}": p for p in sorted((SRC.parent / root).glob("*.py")) if p.stem != "__init__"}
+    long = {m: len(p.read_text().splitlines()) for m, p in everything.items() if len(p.read_text().splitlines()) > 400}
     assert set(long) <= set(LONG_ONE_JOB), {m: n for m, n in long.items() if m not in LONG_ONE_JOB}
-    assert not set(LONG_ONE_JOB) - set(MODULES), "a listed module no longer exists"
+    assert not set(LONG_ONE_JOB) - set(everything), "a listed module no longer exists"
 
 
 @pytest.mark.parametrize("root", ["src", "flows", "tasks", "tests", "bench"])
