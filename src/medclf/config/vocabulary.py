@@ -231,3 +231,10 @@ KCLASS_LABELS: dict[str, str] = {
     "referable.f1": "referable F1",
 }
 """How people read a multi-class or ordinal summary metric (model card, version page)."""
+
+TaskKind = Literal["binary", "multiclass", "ordinal"]
+"""A resolved task family (`task.type` with `auto` decided)."""
+OUTPUT_SCHEMA_VERSION = 2
+"""Version of the scoring output of `medclf predict` and the served model: 1 was binary-only (p_<class>, label,
+positive); 2 adds `prediction` for multi-class and ordinal tasks, `flag_<class>` for critical classes and `referable`
+for an ordinal view (docs/TASKS.md). Here, in the leaf, so that serving reads it without loading the metrics."""

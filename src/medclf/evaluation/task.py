@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -32,17 +32,18 @@ from medclf.config.vocabulary import (
     FAMILY_GATES,
     GATES,
     KCLASS_HEADLINE,
+    TaskKind,
     canonical_gate,
     gateable_metrics,
+)
+from medclf.config.vocabulary import (
+    OUTPUT_SCHEMA_VERSION as OUTPUT_SCHEMA_VERSION,
 )
 from medclf.evaluation import kclass
 from medclf.evaluation.gates import check_floors
 from medclf.infra.io import json_safe
 
-Kind = Literal["binary", "multiclass", "ordinal"]
-OUTPUT_SCHEMA_VERSION = 2
-"""Version of the scoring output (`output_columns`): 1 was binary-only (p_<class>, label, positive); 2 adds
-`prediction` for every family, `flag_<class>` for critical classes and `referable` for an ordinal view."""
+Kind = TaskKind
 
 
 @dataclass(frozen=True)

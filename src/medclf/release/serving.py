@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
-from medclf.evaluation.task import OUTPUT_SCHEMA_VERSION, Kind, TaskSpec, referable_score
+from medclf.config.vocabulary import OUTPUT_SCHEMA_VERSION, TaskKind
 from medclf.imaging.images import decode_bytes, fit_square, to_channels
 from medclf.imaging.modality import colour_problem
 from medclf.imaging.pixels import DecodeError, to_uint8
@@ -197,7 +197,9 @@ def decision_columns(cfg: ServingConfig) -> dict[str, str]:
     order are `TaskSpec.output_columns`'s; binary keeps schema 1's `label` and `positive` (as TaskSpec says)."""
     if cfg.task == "binary":
         return {**dict.fromkeys(output_columns(cfg.classes), "double"), "label": "string", "positive": "boolean"}
-    kind: Kind = "ordinal" if cfg.task == "ordinal" else "multiclass"
+    from medclf.evaluation.task import TaskSpec  # lazy: the metrics (scikit-learn) load only for a K-class model
+
+    kind: TaskKind = "ordinal" if cfg.task == "ordinal" else "multiclass"
     critical = tuple(cfg.classes.index(c) for c in cfg.flags)
     names = TaskSpec(kind, tuple(cfg.classes), critical=critical, referable_from=cfg.referable_from).output_columns()
     return {c: "double" if c.startswith("p_") else "string" if c == "prediction" else "boolean" for c in names}
@@ -378,6 +380,7 @@ def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
     argmax. Multiclass: the argmax; ordinal: the cut-points' grade (or argmax); flags never change either."""
     from medclf.evaluation.kclass import apply_cutpoints
     from medclf.evaluation.metrics import thresholded_labels
+    from medclf.evaluation.task import referable_score
 
     proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(cfg.classes))
     out = pd.DataFrame(proba, columns=output_columns(cfg.classes))
