@@ -4,6 +4,7 @@ a DR table's `dr_grade`), and MedMNIST's multi-class and ordinal flags with INFO
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,37 @@ def test_retinamnist_dev_reads_as_five_grades():
     # without the flag the grades read the same, as their integers
     plain = scan(Source(kind="medmnist", uri=str(RETINA_DEV)))
     assert [r.label for r in plain.records] == [r.label for r in got.records]
+
+
+def test_folder_label_regex_reads_the_class_from_the_file_name(tmp_path):
+    """The Kermany chest X-rays as 3 classes with params only: `source.label_regex` takes the label from the name
+    where it matches (`person*_bacteria_*`, `person*_virus_*`), the folder's name elsewhere (NORMAL)."""
+    for rel in ("NORMAL/IM-0001-0001.jpeg", "PNEUMONIA/person1_bacteria_1.jpeg", "PNEUMONIA/person2_virus_3.jpeg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(_png(len(rel)))
+    src = Source(
+        kind="folder", uri=str(tmp_path), patient_id_regex=r"^(person\d+|IM-\d+)", label_regex="_(bacteria|virus)_"
+    )
+    got = {r.uri.rsplit("/", 1)[-1]: (r.label, r.patient_id) for r in scan(src).records}
+    assert got == {
+        "IM-0001-0001.jpeg": ("NORMAL", "IM-0001"),
+        "person1_bacteria_1.jpeg": ("bacteria", "person1"),
+        "person2_virus_3.jpeg": ("virus", "person2"),
+    }
+    plain = {r.label for r in scan(Source(kind="folder", uri=str(tmp_path))).records}
+    assert plain == {"NORMAL", "PNEUMONIA"}
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"kind": "folder", "uri": "x", "label_regex": "_(virus"}, "source.label_regex: '_(virus' is not a valid"),
+        ({"kind": "folder", "uri": "x", "patient_id_regex": "[a-"}, "source.patient_id_regex: '[a-' is not a valid"),
+        ({"kind": "manifest", "uri": "x.csv", "label_regex": "_(virus)_"}, "applies to folder sources only"),
+    ],
+)
+def test_a_bad_label_or_patient_regex_is_a_config_error_naming_the_key(over, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Source(**over)

@@ -86,6 +86,10 @@ class Source(_Section):
     a lesion's images never cross splits); optional in the file (DICOM falls back to the PatientID tag)."""
     patient_id_regex: str | None = None
     """Regex applied to the file name; group 1 is the patient id (folder source)."""
+    label_regex: str | None = None
+    """Folder source: a regex searched in each file name; where it matches, its group 1 (else the whole match)
+    is the image's label instead of its folder's, e.g. `'_(bacteria|virus)_'` makes the Kermany chest X-rays the
+    3-class task NORMAL / bacteria / virus (docs/TASKS.md). Labels are then matched to `ingest.classes` as usual."""
     medmnist_flag: str | None = None
     """For `medmnist` without `uri`: e.g. `pneumoniamnist`; downloaded with MD5 check."""
     medmnist_size: Literal[28, 64, 128, 224] = 28
@@ -101,6 +105,15 @@ class Source(_Section):
             raise ValueError("source.manifest is required for kind 'dicom'")
         if self.kind == "medmnist" and not (self.uri or self.medmnist_flag):
             raise ValueError("source.uri (a local .npz) or source.medmnist_flag is required for 'medmnist'")
+        for key in ("patient_id_regex", "label_regex"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"source.{key}: {pattern!r} is not a valid regular expression ({err})") from err
+        if self.label_regex is not None and self.kind != "folder":
+            raise ValueError(f"source.label_regex applies to folder sources only (kind is {self.kind!r})")
         if self.label_column == self.group_column:
             raise ValueError(f"source.label_column and source.group_column are both {self.label_column!r}")
         for key, col in (("label_column", self.label_column), ("group_column", self.group_column)):

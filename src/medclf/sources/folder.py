@@ -48,7 +48,13 @@ def _name_problem(rel: str, root: str) -> str | None:
     return None
 
 
-def _class_records(store: Store, split: str | None, regex: re.Pattern[str] | None, scan: SourceScan) -> None:
+def _class_records(
+    store: Store,
+    split: str | None,
+    regex: re.Pattern[str] | None,
+    scan: SourceScan,
+    label_regex: re.Pattern[str] | None = None,
+) -> None:
     for cls in store.dirs():
         if cls in (".", "..") or "/" in cls or "\\" in cls:  # only an S3 prefix can list such a "folder"
             reason = (
@@ -86,7 +92,7 @@ def _class_records(store: Store, split: str | None, regex: re.Pattern[str] | Non
             scan.records.append(
                 Record(
                     uri=sub.uri(rel),
-                    label=cls,
+                    label=patient_from_name(name, label_regex) or cls,
                     fetch=functools.partial(sub.read, rel, sub.version(rel)),
                     kind="image",
                     patient_id=pid,
@@ -95,8 +101,10 @@ def _class_records(store: Store, split: str | None, regex: re.Pattern[str] | Non
             )
 
 
-def scan_folder(store: Store, patient_id_regex: str | None = None) -> SourceScan:
+def scan_folder(store: Store, patient_id_regex: str | None = None, label_regex: str | None = None) -> SourceScan:
+    """`label_regex`: where it matches a file name, its group 1 is the label instead of the folder's name."""
     regex = re.compile(patient_id_regex) if patient_id_regex else None
+    labels = re.compile(label_regex) if label_regex else None
     top = store.dirs()
     if not top:
         raise SourceError(f"{store.root_uri}: no class sub-folders found (expected <class>/ or train/<class>/)")
@@ -104,9 +112,9 @@ def scan_folder(store: Store, patient_id_regex: str | None = None) -> SourceScan
     split_dirs = [d for d in top if d.lower() in SPLIT_ALIASES]
     if split_dirs:
         for d in split_dirs:
-            _class_records(store.sub(d), SPLIT_ALIASES[d.lower()], regex, scan)
+            _class_records(store.sub(d), SPLIT_ALIASES[d.lower()], regex, scan, labels)
     else:
-        _class_records(store, None, regex, scan)
+        _class_records(store, None, regex, scan, labels)
     if not scan.records:
         raise SourceError(f"{store.root_uri}: every class folder is empty")
     return scan

@@ -157,6 +157,9 @@ def run(settings: Settings) -> dict[str, Any]:
                     checks[name].status, checks[name].note = SKIPPED, "no baseline yet (first validated version)"
         if colour_note and checks["colour"].status != OFF:
             checks["colour"].status, checks["colour"].note = SKIPPED, colour_note
+        if not modality.expects_grey(settings.ingest.modality) and checks["inverted"].status != OFF:
+            checks["inverted"].status = SKIPPED
+            checks["inverted"].note = f"ingest.modality {settings.ingest.modality!r} has no radiograph polarity"
         t_gx = time.perf_counter()
         counts = {str(s): int(n) for s, n in images["split"].value_counts().items()}
         seconds = {

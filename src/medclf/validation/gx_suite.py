@@ -237,25 +237,28 @@ def build_suites(
             max_value=cfg.saturated_fraction_max,
             row_condition=visible,
         )
-    add(
-        "images",
-        "inverted",
-        gxe.ExpectColumnValuesToBeBetween,
-        f"border mean < {cfg.inverted_border_mean_min}",
-        column="border_mean",
-        max_value=cfg.inverted_border_mean_min,
-        strict_max=True,
-        row_condition=visible,
-    )
-    add(
-        "images",
-        "inverted",
-        gxe.ExpectColumnValuesToBeBetween,
-        f"centre − border mean ≥ {cfg.inverted_center_contrast_min}",
-        column="center_contrast",
-        min_value=cfg.inverted_center_contrast_min,
-        row_condition=visible,
-    )
+    # Inversion is a radiograph's polarity (a bright body on a dark border); a colour modality (fundus, dermoscopy:
+    # no colour bound) has none, and its dark vignette would read as one.
+    if colour_bound is not None:
+        add(
+            "images",
+            "inverted",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"border mean < {cfg.inverted_border_mean_min}",
+            column="border_mean",
+            max_value=cfg.inverted_border_mean_min,
+            strict_max=True,
+            row_condition=visible,
+        )
+        add(
+            "images",
+            "inverted",
+            gxe.ExpectColumnValuesToBeBetween,
+            f"centre − border mean ≥ {cfg.inverted_center_contrast_min}",
+            column="center_contrast",
+            min_value=cfg.inverted_center_contrast_min,
+            row_condition=visible,
+        )
 
     if colour_bound is not None:  # null colourfulness (not measured) is not counted: the stage says so
         add(
