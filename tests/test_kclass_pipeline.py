@@ -127,3 +127,35 @@ def test_multiclass_version_carries_task_rule_and_per_class_table(cxr3):
     assert "| class | precision | recall (95 % CI) |" in desc and "| VIRUS |" in desc
     assert "**Decision rule (multiclass):**" in desc and "critical-class flag" in desc
     assert "per_class.VIRUS.recall" in desc  # the gate, by the name metrics.json uses
+
+
+def test_a_kclass_champion_is_rescored_by_its_own_rule_and_compared_paired(cxr3):
+    """v1 (registered above, no champion then: its page links no comparison) is promoted; evaluating the same model
+    again re-scores the champion from the registry on this test set by its own registered rule, and the paired
+    comparison (one set of patient resamples for both) gives every difference as exactly 0 with a [0, 0] CI."""
+    from mlflow import MlflowClient
+
+    from medclf.release.registry import promote
+    from medclf.stages import evaluate
+
+    settings = cxr3
+    uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
+    v1 = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(name, "1")
+    assert "challenger vs champion" not in v1.description and "Grad-CAM" not in v1.description  # gradcam_n 0
+    promote(settings, version=1, by="kclass-test")
+    evaluate.run(settings)
+    reports = settings.paths.reports_dir
+    gates = json.loads((reports / "gates.json").read_text())
+    comparison = json.loads((reports / "evaluate" / "champion_comparison.json").read_text())
+    assert str(gates["champion"]["version"]) == "1" and comparison["decisions"]["champion"]["rule"]
+    assert (reports / "evaluate" / "champion_comparison.png").stat().st_size > 1000
+    ni = gates["non_inferiority"]
+    assert ni["paired"] and not ni.get("skipped") and gates["passed"], ni
+    assert {e["metric"] for e in ni["entries"]} == {"balanced_accuracy", "per_class.VIRUS.recall"}
+    for metric in ("balanced_accuracy", "per_class.VIRUS.recall", "macro_auc", "per_class.NORMAL.f1"):
+        e = comparison["metrics"][metric]
+        assert e["diff"] == e["ci_low"] == e["ci_high"] == 0.0, (metric, e)
+    assert comparison["confusion"]["challenger"] == comparison["confusion"]["champion"]
+    assert (
+        comparison["clustered"] and comparison["n"] == json.loads((reports / "metrics.json").read_text())["test"]["n"]
+    )

@@ -35,6 +35,8 @@ LONG_ONE_JOB: dict[str, str] = {
     "medclf.evaluation.kclass": "K-class and ordinal metrics, their decision rules and clustered bootstrap",
     "medclf.validation.gx_suite": "the Great Expectations suite: one expectation per check",
     "medclf.stages.ingest": "the ingest stage: scan, decode in parallel, split, commit atomically",
+    "medclf.stages.evaluate": "the evaluate stage's edge: inputs, the binary and K-class branches, figures, MLflow",
+    "medclf.stages.register": "the register stage: its refusals, the version's tags and models, experiments",
     "medclf.release.serving": "the served pyfunc: its config, input bounds and decoding, and the task's output schema",
     "flows.summary": "the flow run's summary: its headline, tables and markdown artifact",
     "tasks.common": "one stage through DVC as a Prefect task: environment, retries, result files",

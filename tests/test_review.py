@@ -323,3 +323,19 @@ def test_model_card_states_the_recipe_as_it_ran_and_the_json_carries_the_same_fa
     assert doc["data"]["validation_warnings"] == {"cross_split_duplicates": 2}
     assert [g["passed"] for g in doc["gates"]] == [True, True] and doc["limitations"]
     assert "tune" not in doc["training_recipe"] and "seed" in doc["training_recipe"]
+
+
+def test_a_kclass_subgroup_table_has_the_task_figures_not_binary_positives():
+    """A multi-class or ordinal task's subgroups (`task.subgroup_metrics`) have no `positives`: the version page's
+    table showed them by the binary columns and register failed with KeyError 'positives'."""
+    from medclf.release.tables import subgroup_rows
+
+    row = {"n": 40, "support": {"a": 20, "b": 20}, "accuracy": 0.8, "accuracy_ci_low": 0.7, "accuracy_ci_high": 0.9}
+    row |= {"balanced_accuracy": 0.75, "macro_auc": None, "qwk": 0.61, "mae": 0.4}
+    small = {"n": 9, "support": {"a": 9, "b": 0}, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_auc": None}
+    small |= {"qwk": None, "mae": 0.0, "note": "n < 20: point figures only, no CI"}
+    rows = subgroup_rows({"site": {"A": row, "B": small}})
+    assert rows[0] == "| subgroup | category | n | accuracy | balanced accuracy | macro ROC-AUC | QWK | MAE | note |"
+    assert rows[1].count("|") == rows[0].count("|")
+    assert rows[2].startswith("| site | A | 40 | 0.800 (0.700–0.900) | 0.750 |"), rows[2]
+    assert rows[3].endswith("| n < 20: point figures only, no CI |") and "positives" not in "\n".join(rows)

@@ -171,7 +171,14 @@ PIPELINE: dict[str, Stage] = {
         ),
         Stage(
             "register",
-            inputs=(catalog.MODEL, catalog.TRAIN_RUN, catalog.METRICS, catalog.GATES, catalog.VALIDATION_SUMMARY),
+            inputs=(
+                catalog.MODEL,
+                catalog.TRAIN_RUN,
+                catalog.METRICS,
+                catalog.GATES,
+                catalog.EVALUATE_REPORTS,  # which figures exist: the version page links those only
+                catalog.VALIDATION_SUMMARY,
+            ),
             outputs=(catalog.REGISTER,),
             params=(
                 "register",

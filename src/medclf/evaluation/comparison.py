@@ -4,12 +4,14 @@ Both models are scored on the identical test split, each at its own registered t
 threshold is part of the model a clinician gets). The difference of each metric comes with a
 paired percentile-bootstrap CI: every resample draws the same images for both models, so the
 interval reflects how much the *difference* varies, which is narrower than comparing two
-independent CIs.
+independent CIs. A multi-class or ordinal task's numbers are `medclf.evaluation.kclass_comparison`'s; its picture
+is `kclass_comparison_png`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,78 @@ def comparison_rows(diffs: dict[str, dict[str, float | None]], champion_name: st
                 f"{d(e['ci_low'])} to {d(e['ci_high'])} |"
             )
     return rows
+
+
+_PER_CLASS_ORDER = ("recall", "precision", "f1", "auc", "specificity")
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+
+
+def kclass_comparison_png(
+    cm_challenger: Sequence[Sequence[int]] | np.ndarray,
+    cm_champion: Sequence[Sequence[int]] | np.ndarray,
+    classes: Sequence[str],
+    deltas: Mapping[str, Mapping[str, Mapping[str, float | None]]],
+    path: Path,
+    title: str,
+    names: tuple[str, str] = ("challenger", "champion"),
+    margin: float | None = None,
+) -> Path:
+    """A K-class challenger versus its champion on the same test images: both confusion matrices side by side
+    (row-normalised shading, counts and row shares annotated; rows = actual), and the per-class differences
+    challenger - champion with their 95 % CIs (`deltas`: `kclass_comparison`'s ``per_class``, {class: {metric:
+    {diff, ci_low, ci_high}}}); a dashed line at -`margin` when given."""
+    from medclf.evaluation.plots import _plt, _save
+
+    plt = _plt()
+    k = len(classes)
+    side = 1.1 * k + 2.2
+    fig, axes = plt.subplots(1, 3, figsize=(3 * side + 1, side), layout="constrained")
+    for ax, cm_in, name in zip(axes[:2], (cm_challenger, cm_champion), names, strict=True):
+        cm = np.asarray(cm_in, dtype=np.int64)
+        if cm.shape != (k, k):
+            raise ValueError(f"{name}'s confusion matrix has shape {cm.shape}, not ({k}, {k})")
+        rows = cm.sum(axis=1, keepdims=True)
+        frac = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    f"{cm[i, j]}\n{frac[i, j]:.0%}",
+                    ha="center",
+                    va="center",
+                    color="white" if frac[i, j] > 0.5 else "black",
+                    fontsize=9,
+                )
+        ax.set_xticks(range(k), classes, rotation=30, ha="right")
+        ax.set_yticks(range(k), classes)
+        ax.set(xlabel="predicted", ylabel="actual")
+        ax.set_title(name, fontsize=10)
+    ax = axes[2]
+    metrics_shown = [m for m in _PER_CLASS_ORDER if any(m in (deltas.get(c) or {}) for c in classes)]
+    width = 0.8 / max(1, len(metrics_shown))
+    for n, m in enumerate(metrics_shown):
+        ys, xs, lo, hi = [], [], [], []
+        for i, c in enumerate(classes):
+            e = (deltas.get(c) or {}).get(m) or {}
+            d = e.get("diff")
+            if d is None or not math.isfinite(d):
+                continue
+            low, high = e.get("ci_low"), e.get("ci_high")
+            ys.append(i - 0.4 + width * (n + 0.5))
+            xs.append(d)
+            lo.append(d - low if low is not None else 0.0)
+            hi.append(high - d if high is not None else 0.0)
+        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", ms=4, capsize=3, label=m, color=_COLOURS[n % len(_COLOURS)])
+    ax.axvline(0, color="grey", lw=1)
+    if margin is not None:
+        ax.axvline(-margin, color="tab:red", lw=1, ls="--", label=f"-margin ({margin:g})")
+    ax.set_yticks(range(k), classes)
+    ax.set_ylim(k - 0.5, -0.5)
+    ax.set_xlabel(f"{names[0]} - {names[1]} (95 % CI, paired bootstrap)")
+    ax.set_title("per-class differences", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

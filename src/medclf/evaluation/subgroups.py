@@ -4,8 +4,10 @@ A leaf module, imported by the manifest source, ingest and evaluate. The manifes
 declared column that is missing, or that is not a category (`check_subgroups`). Ingest carries each
 declared column into its manifest as `subgroup_<name>`. Evaluate reads every such column for the test
 rows (`groups_of_test_split`), and `medclf.evaluation.metrics.subgroup_metrics` computes the figures per category
-at the registered threshold. Only categories leave the manifest: never a path, a label, a patient id or
-a split, and no column with nearly one value per row (an identifier, a date, an exact age).
+at the registered threshold; a multi-class or ordinal task's figures per category are
+`medclf.evaluation.task.subgroup_metrics`' (not here: ingest imports this module). Only categories leave the
+manifest: never a path, a label, a patient id or a split, and no column with nearly one value per row (an
+identifier, a date, an exact age).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import pandas as pd
+
 
 SUBGROUP_PREFIX = "subgroup_"
 """Ingest's manifest names the column of subgroup `sex` `subgroup_sex`."""

@@ -39,7 +39,7 @@ from medclf.config.vocabulary import (
 from medclf.config.vocabulary import (
     OUTPUT_SCHEMA_VERSION as OUTPUT_SCHEMA_VERSION,
 )
-from medclf.evaluation import kclass
+from medclf.evaluation import kclass, metrics
 from medclf.evaluation.gates import check_floors
 from medclf.infra.io import json_safe
 
@@ -254,10 +254,75 @@ def headline(spec: TaskSpec, doc: Mapping[str, Any], gates: Mapping[str, Any]) -
 
 
 def check_gates(
-    spec: TaskSpec, doc: Mapping[str, Any], cfg: Gates, champion: Mapping[str, float] | None
+    spec: TaskSpec,
+    doc: Mapping[str, Any],
+    cfg: Gates,
+    champion: Mapping[str, float] | None,
+    paired: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The family's floors (`TaskSpec.gates`) on the test metrics, and non-inferiority on every gated metric."""
+    """The family's floors (`TaskSpec.gates`) on the test metrics, and non-inferiority on every gated metric.
+
+    Non-inferiority is the paired-bootstrap verdict `paired` when given (the ``non_inferiority`` of
+    `medclf.evaluation.kclass_comparison.kclass_comparison`, champion re-scored on this test set; it must hold an
+    entry for every gated metric), else the point comparison with the `champion`'s metrics (value >= champion -
+    margin; skipped without a champion)."""
     floors = spec.gates(cfg)
     values = {k: float(v) for k, v in doc["test"].items() if isinstance(v, (int, float)) and v is not None}
     named = [(name, name, bound) for name, bound in floors.items()]
-    return check_floors(values, named, list(floors), float(cfg.non_inferiority_margin), champion)
+    margin = float(cfg.non_inferiority_margin)
+    if paired is None:
+        return check_floors(values, named, list(floors), margin, champion)
+    missing = set(floors) - {e["metric"] for e in paired.get("entries", [])}
+    if missing:
+        raise ValueError(f"the paired champion comparison lacks the gated metric(s) {sorted(missing)}")
+    out = check_floors(values, named, [], margin, None)
+    failures = [*out["failures"], *paired.get("failures", [])]
+    ni = {k: v for k, v in paired.items() if k != "failures"}
+    return {**out, "non_inferiority": ni, "failures": failures, "passed": not failures}
+
+
+SUBGROUP_FIGURES = ("accuracy", "balanced_accuracy", "macro_auc")
+"""The figures of each category of a K-class task (`subgroup_metrics`; ordinal adds `qwk` and `mae`)."""
+_PARTS = (("", "value"), ("_ci_low", "ci_low"), ("_ci_high", "ci_high"))
+
+
+def subgroup_metrics(
+    spec: TaskSpec,
+    decision: Decision,
+    y: np.ndarray,
+    proba: np.ndarray,
+    groups: dict[str, np.ndarray],
+    patients: np.ndarray | None,
+    n_boot: int,
+    seed: int,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{column: {category: {n, support: {class: n}, accuracy, balanced_accuracy, macro_auc (ordinal: qwk, mae),
+    each with _ci_low/_ci_high}}}: a K-class task's decision per category of each declared subgroup (`groups`, from
+    `groups_of_test_split`), as `metrics.subgroup_metrics` does for a binary one. The bootstrap is clustered by
+    `patients` where given; a category under `metrics.SUBGROUP_MIN_N` images gets its point figures and a note, no
+    CI; a figure a category cannot define (the macro AUC with a class absent) is None (strict JSON)."""
+    fn: Any = kclass.ordinal_report if spec.kind == "ordinal" else kclass.multiclass_report
+    kw: dict[str, Any] = {"classes": list(spec.classes)}
+    if spec.kind == "ordinal" and decision.referable is not None:  # the view `task.evaluate_kclass` reports
+        kw.update(referable_from=spec.referable_from, referable_threshold=decision.referable["threshold"])
+    names = SUBGROUP_FIGURES + (("qwk", "mae") if spec.kind == "ordinal" else ())
+    y, pred = np.asarray(y, dtype=np.int64), decision.predict(proba)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for column, cats in groups.items():
+        cats, out[column] = np.asarray(cats).astype(str), {}
+        for cat in sorted(set(cats.tolist())):
+            idx = np.flatnonzero(cats == cat)
+            few = idx.size < metrics.SUBGROUP_MIN_N
+            cluster = None if patients is None else patients[idx]
+            boot = 0 if few else n_boot
+            figures = kclass.bootstrap_report_ci(fn, y[idx], proba[idx], boot, seed, cluster, pred=pred[idx], **kw)
+            row: dict[str, Any] = {
+                "n": int(idx.size),
+                "support": {c: int((y[idx] == i).sum()) for i, c in enumerate(spec.classes)},
+            }
+            for m in names:
+                row.update({m + suffix: figures[m][part] for suffix, part in _PARTS})
+            if few:
+                row["note"] = f"n < {metrics.SUBGROUP_MIN_N}: point figures only, no CI"
+            out[column][cat] = json_safe(row)
+    return out

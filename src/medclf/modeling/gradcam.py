@@ -30,12 +30,15 @@ backbone), then the backbone's lower part up to the feature layer, its upper par
 (inference) and the classifier's pre-activation. The gradient comes from tf.GradientTape on TensorFlow and
 jax.grad on JAX. The rest is the recipe: channel weights are the spatially averaged gradients, the heatmap
 is ReLU(sum_k w_k * A_k), scaled to [0, 1] per image.
+
+A multi-class or ordinal task's gallery (`class_gallery`) is per class: for each class its correct cases and its most
+confident confusions, every heat map on that class's log-odds.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,3 +232,50 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nd
     heat = Image.fromarray(np.uint8(np.clip(heatmap, 0, 1) * 255)).resize((w, h), Image.Resampling.BILINEAR)
     colour = colormaps["jet"](np.asarray(heat) / 255.0)[..., :3] * 255
     return np.clip((1 - alpha) * rgb + alpha * colour, 0, 255).astype(np.uint8)
+
+
+def class_picks(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, c: int, n: int) -> list[list[int]]:
+    """Up to `n` test rows per group of class index `c`, the most confident first: correct (true and predicted c, by
+    p_c), missed (true c, predicted another, by the wrongly predicted class's p) and false calls (predicted c, true
+    another, by p_c)."""
+    y, pred, proba = np.asarray(y), np.asarray(pred), np.asarray(proba)
+    confidence = proba[np.arange(len(y)), pred]
+    out = []
+    for mask, score in (
+        ((y == c) & (pred == c), proba[:, c]),
+        ((y == c) & (pred != c), confidence),
+        ((y != c) & (pred == c), proba[:, c]),
+    ):
+        idx = np.flatnonzero(mask)
+        out.append([int(i) for i in idx[np.argsort(-score[idx], kind="stable")][:n]])
+    return out
+
+
+def class_gallery(
+    model: Any, images: np.ndarray, y: np.ndarray, pred: np.ndarray, proba: np.ndarray, classes: Sequence[str], n: int
+) -> list[dict[str, list[dict[str, Any]]]]:
+    """A K-class gallery, one entry per class c: {row: [{"overlay", "caption"}]} for its correct cases, misses and
+    false calls (`class_picks`, up to `n` each), every heat map on class c's log-odds. `pred` is the task's decision
+    per image (the argmax or the ordinal cut-points'); a caption names the test row, true and predicted class, p(c)."""
+    y, pred = np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    out = []
+    for c, name in enumerate(classes):
+        picks = class_picks(y, pred, proba, c, n)
+        flat = [i for group in picks for i in group]
+        cams = iter(zip(flat, gradcam(model, np.asarray(images[flat]), c), strict=True)) if flat else iter([])
+        rows = (
+            f"{name}: correct (true and predicted {name})",
+            f"{name}: missed (true {name}, predicted another class)",
+            f"{name}: false call (predicted {name}, true another class)",
+        )
+        gallery: dict[str, list[dict[str, Any]]] = {}
+        for row, group in zip(rows, picks, strict=True):
+            gallery[row] = [
+                {
+                    "overlay": overlay(images[i], heat),
+                    "caption": f"#{i}  true {classes[y[i]]}, predicted {classes[pred[i]]}, p({name})={proba[i, c]:.4f}",
+                }
+                for i, heat in (next(cams) for _ in group)
+            ]
+        out.append(gallery)
+    return out

@@ -7,6 +7,7 @@ the exact values stay in the run's `evaluate/` artifacts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from medclf.config.vocabulary import DESCRIBED, KCLASS_LABELS, METRICS
@@ -38,17 +39,29 @@ RECIPE_KEYS = (
 """The `train` values a model card quotes as the training recipe (those that change what is learned)."""
 
 
-def run_links(tracking_uri: str, experiment_id: str | None, run_id: str) -> dict[str, str]:
-    """MLflow UI links for the version page (empty when the tracking URI is not an HTTP server)."""
+def run_links(
+    tracking_uri: str, experiment_id: str | None, run_id: str, figures: Iterable[str] | None = None
+) -> dict[str, str]:
+    """MLflow UI links for the version page (empty when the tracking URI is not an HTTP server). `figures`: the
+    names evaluate drew (`reports/evaluate/*.png` stems): only those are linked (a run with no champion has no
+    comparison, a K-class gallery of more than 3 classes is one file per class); None links the usual two."""
     if not tracking_uri.startswith(("http://", "https://")) or not experiment_id:
         return {}
     run = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    drawn = ["gradcam", "champion_comparison"] if figures is None else sorted(figures)
+    shown = {"gradcam": "Grad-CAM gallery", "champion_comparison": "challenger vs champion"}
+    gallery = {
+        (
+            shown.get(f) or f"Grad-CAM gallery, {f.split('_', 2)[-1]}"
+        ): f"{run}/artifacts/{catalog.FIGURE.rel.format(name=f)}"
+        for f in drawn
+        if f in shown or f.startswith("gradcam_")
+    }
     return {
         "training run": run,
         "model card": f"{run}/artifacts/{catalog.RUN_CARD}",
         "model card (JSON)": f"{run}/artifacts/{catalog.RUN_CARD_JSON}",
-        "Grad-CAM gallery": f"{run}/artifacts/{catalog.FIGURE.rel.format(name='gradcam')}",
-        "challenger vs champion": f"{run}/artifacts/{catalog.FIGURE.rel.format(name='champion_comparison')}",
+        **gallery,
         "metrics with 95 % CIs": f"{run}/artifacts/{catalog.RUN_CI_TABLE}",
         # MLflow 3.17's UI starts on its GenAI view unless told (a per-browser switch)
         "all training runs": f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning",

@@ -166,6 +166,70 @@ def rollback(settings: Settings, alias: str = "champion", by: str | None = None,
     }
 
 
+def _reachable(uri: str, reachable: bool | None) -> bool:
+    """`reachable` as given, else one quick probe (2 attempts) of the server."""
+    from medclf.infra.tracking import TrackingUnavailable, wait_for_server
+
+    if reachable is not None:
+        return reachable
+    try:
+        wait_for_server(uri, attempts=2)
+        return True
+    except TrackingUnavailable:
+        return False
+
+
+def _champion_version(settings: Settings, alias: str, reachable: bool | None) -> tuple[dict[str, Any], Any | None]:
+    """(the reference's base, the version `alias` points to). The version is None when there is none to compare
+    with; the base then says why (`note`): the server is unreachable, or no such alias is registered."""
+    from mlflow import MlflowClient
+
+    uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
+    base: dict[str, Any] = {"alias": alias, "checked": False, "version": None, "server_reachable": True}
+    if not _reachable(uri, reachable):
+        return {
+            **base,
+            "server_reachable": False,
+            "note": f"MLflow server at {uri} unreachable: non-inferiority not checked",
+        }, None
+    mv = alias_version(MlflowClient(tracking_uri=uri, registry_uri=uri), name, alias)
+    if mv is None:
+        return {**base, "note": f"no {alias} registered for {name}"}, None
+    return {**base, "version": str(mv.version)}, mv
+
+
+def _load_champion(settings: Settings, mv: Any) -> Any:
+    """The served wrapper (`medclf.release.serving.MedclfModel`, with its `cfg`) of version `mv`."""
+    import mlflow.pyfunc
+
+    from medclf.infra.tracking import mlflow_uri
+
+    # the models:/ URI resolves against the *global* registry: without this it was MLflow's default local
+    # SQLite file whenever the URI came from params.yaml rather than MLFLOW_TRACKING_URI ("not found")
+    with mlflow_uri(settings.mlflow.resolved_uri()):
+        return mlflow.pyfunc.load_model(f"models:/{settings.registry.model_name}/{mv.version}").unwrap_python_model()
+
+
+def _champion_proba(wrapper: Any, x_test: Any) -> Any:
+    """The champion's (N, K) probabilities on the test images, mapped to its own input size first if needed."""
+    import numpy as np
+
+    from medclf.release.serving import prepare
+
+    cfg = wrapper.cfg
+    x = np.asarray(x_test)
+    if x.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
+        x = np.stack([prepare(img, cfg) for img in x])
+    return wrapper.predict_images(x)
+
+
+def _tag_classes(mv: Any) -> list[str] | None:
+    import json
+
+    tags = mv.tags or {}
+    return list(json.loads(tags[TAG_CLASSES])) if tags.get(TAG_CLASSES) else None
+
+
 def champion_reference(
     settings: Settings,
     test_digest: str,
@@ -187,51 +251,21 @@ def champion_reference(
     Skipped (with a note) when there is no champion or the server is unreachable;
     `register` re-checks the champion, so a skip cannot let a worse model past a champion.
     """
-    import json
-
-    import numpy as np
-    from mlflow import MlflowClient
-
     from medclf.evaluation import champion
-    from medclf.infra.tracking import TrackingUnavailable, wait_for_server
 
-    uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
-    base: dict[str, Any] = {"alias": alias, "checked": False, "version": None, "server_reachable": True}
-    if reachable is None:
-        try:
-            wait_for_server(uri, attempts=2)
-            reachable = True
-        except TrackingUnavailable:
-            reachable = False
-    if not reachable:
-        return {
-            **base,
-            "server_reachable": False,
-            "note": f"MLflow server at {uri} unreachable: non-inferiority not checked",
-        }
-    cl = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    mv = alias_version(cl, name, alias)
+    base, mv = _champion_version(settings, alias, reachable)
     if mv is None:
-        return {**base, "note": f"no {alias} registered for {name}"}
-    base["version"] = str(mv.version)
+        return base
     tags = mv.tags or {}
-    champ_classes = json.loads(tags[TAG_CLASSES]) if tags.get(TAG_CLASSES) else None
-    if champ_classes is not None and list(champ_classes) != list(classes):
+    champ_classes = _tag_classes(mv)
+    if champ_classes is not None and champ_classes != list(classes):
         return {**base, "note": f"{alias} v{mv.version} has classes {champ_classes}, not {classes}: not comparable"}
     stored = version_metrics(mv)
     from_tags = champion.tags_suffice(stored, tags.get(TAG_TEST_DIGEST), test_digest)
     if from_tags and not rescore:
         return {**base, "checked": True, "source": champion.FROM_TAGS, "metrics": stored}
-    import mlflow.pyfunc
-
-    from medclf.infra.tracking import mlflow_uri
-    from medclf.release.serving import prepare
-
-    # the models:/ URI resolves against the *global* registry: without this it was MLflow's default local
-    # SQLite file whenever the URI came from params.yaml rather than MLFLOW_TRACKING_URI ("not found")
     try:
-        with mlflow_uri(uri):
-            wrapper = mlflow.pyfunc.load_model(f"models:/{name}/{mv.version}").unwrap_python_model()
+        wrapper = _load_champion(settings, mv)
     except Exception as err:  # the tags still give the gate its figures
         if not from_tags:
             raise
@@ -240,12 +274,9 @@ def champion_reference(
     cfg = wrapper.cfg
     if list(cfg.classes) != list(classes):
         return {**base, "note": f"{alias} v{mv.version} has classes {cfg.classes}, not {classes}: not comparable"}
-    x = np.asarray(x_test)
-    if x.shape[1:] != (cfg.image_size, cfg.image_size, cfg.channels):
-        x = np.stack([prepare(img, cfg) for img in x])
     # the champion's own positive class and threshold; the metrics are its tags when they are of this test set
     scores = champion.score_champion(
-        y_test, wrapper.predict_images(x), cfg.positive_index, cfg.threshold, rescore=not from_tags
+        y_test, _champion_proba(wrapper, x_test), cfg.positive_index, cfg.threshold, rescore=not from_tags
     )
     if from_tags:
         return {**base, "checked": True, "source": champion.FROM_TAGS, "metrics": stored, **scores}
@@ -253,26 +284,64 @@ def champion_reference(
 
 
 def kclass_champion(
-    settings: Settings, test_digest: str, classes: list[str], kind: str, alias: str = "champion", reachable: bool = True
+    settings: Settings,
+    test_digest: str,
+    classes: list[str],
+    kind: str,
+    alias: str = "champion",
+    reachable: bool | None = True,
+    x_test: Any = None,
+    y_test: Any = None,
+    rescore: bool = True,
 ) -> dict[str, Any]:
-    """The champion's stored test metrics for a multi-class or ordinal task's non-inferiority gate: its `metric.*`
-    tags, when it is a model of the same task and classes evaluated on this same test set. Otherwise a note says
-    why non-inferiority is not checked (re-scoring a K-class champion on a new test set is not built yet)."""
-    import json
+    """The champion of a multi-class or ordinal task, for its non-inferiority gate and the champion comparison.
 
-    from mlflow import MlflowClient
+    Given the test split (`x_test`, `y_test`) and `rescore`, the champion model is loaded and re-scored on THIS
+    test set by its own registered decision (the argmax or its cut-points, its critical-class flag thresholds, its
+    referable threshold: the task keys of its `model_config`): the reference then carries ``proba`` (its (N, K)
+    test probabilities), ``decision`` (its `Decision.document()`, which `kclass_comparison` pairs with the
+    challenger's) and ``metrics`` (its point test metrics by that decision, metrics.json names), ``source``
+    `champion.RESCORED_KCLASS`. Without the test split (or `rescore`) it is the version's `metric.*` tags, when
+    it was evaluated on the same test set (same `test_set_digest`); so it is too when the model cannot be loaded
+    (with a ``note``), and a load failure with no such tags raises, as `champion_reference` does. Not checked
+    (``note``) when the champion is not a `kind` model of `classes`, there is no champion, or the server is
+    unreachable."""
+    from medclf.config.vocabulary import TaskKind
+    from medclf.evaluation import champion
 
-    uri, name = settings.mlflow.resolved_uri(), settings.registry.model_name
-    base: dict[str, Any] = {"alias": alias, "checked": False, "version": None, "server_reachable": reachable}
-    if not reachable:
-        return {**base, "note": f"MLflow server at {uri} unreachable: non-inferiority not checked"}
-    mv = alias_version(MlflowClient(tracking_uri=uri, registry_uri=uri), name, alias)
+    base, mv = _champion_version(settings, alias, reachable)
     if mv is None:
-        return {**base, "note": f"no {alias} registered for {name}"}
-    tags, base["version"] = mv.tags or {}, str(mv.version)
-    champ_classes = json.loads(tags[TAG_CLASSES]) if tags.get(TAG_CLASSES) else None
-    if champ_classes != list(classes) or tags.get("task", "binary") != kind:
+        return base
+    tags = mv.tags or {}
+    if _tag_classes(mv) != list(classes) or tags.get("task", "binary") != kind:
         return {**base, "note": f"{alias} v{mv.version} is not a {kind} model of {classes}: not comparable"}
-    if tags.get(TAG_TEST_DIGEST) != test_digest:
+    same_set = tags.get(TAG_TEST_DIGEST) == test_digest
+    from_tags = {**base, "checked": True, "source": champion.FROM_TAGS, "metrics": version_metrics(mv)}
+    if not rescore or x_test is None or y_test is None:
+        if same_set:
+            return from_tags
         return {**base, "note": f"{alias} v{mv.version} was evaluated on another test set: not checked"}
-    return {**base, "checked": True, "source": "version tags (same test set)", "metrics": version_metrics(mv)}
+    try:
+        wrapper = _load_champion(settings, mv)
+    except Exception as err:
+        if not same_set:
+            raise RegistryError(
+                f"{alias} v{mv.version} could not be loaded to re-score it on this test set (its tags are of "
+                f"another one): {type(err).__name__}: {err}"
+            ) from err
+        log.warning("%s v%s could not be loaded to re-score it: %s", alias, mv.version, err)
+        return {**from_tags, "note": f"{alias} v{mv.version} not re-scored ({type(err).__name__}); its tags"}
+    cfg = wrapper.cfg
+    if list(cfg.classes) != list(classes) or cfg.task != kind:
+        return {**base, "note": f"{alias} v{mv.version} serves a {cfg.task} model of {cfg.classes}: not comparable"}
+    decision = champion.kclass_decision(
+        tags.get("decision_rule", ""),
+        cfg.classes,
+        cfg.cutpoints,
+        cfg.flags,
+        cfg.referable_from,
+        cfg.referable_threshold,
+    )
+    family: TaskKind = "ordinal" if kind == "ordinal" else "multiclass"
+    scores = champion.score_kclass_champion(family, classes, y_test, _champion_proba(wrapper, x_test), decision)
+    return {**base, "checked": True, "source": champion.RESCORED_KCLASS, "rule": decision.rule, **scores}

@@ -20,6 +20,17 @@ def subgroup_rows(subgroups: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         low, high = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
         return num(row.get(key)) + (f" ({num(low)}–{num(high)})" if low is not None and high is not None else "")
 
+    every = [r for cats in subgroups.values() for r in cats.values()]
+    if every and "positives" not in every[0]:  # a K-class task (`medclf.evaluation.task.subgroup_metrics`)
+        keys = ["accuracy", "balanced_accuracy", "macro_auc"] + [k for k in ("qwk", "mae") if k in every[0]]
+        heads = ["accuracy", "balanced accuracy", "macro ROC-AUC", "QWK", "MAE"][: len(keys)]
+        rows = [f"| subgroup | category | n | {' | '.join(heads)} | note |", "|---" * (len(keys) + 4) + "|"]
+        for name, cats in subgroups.items():
+            for cat, r in cats.items():  # a small category: its point figures, no CI, and the note says so
+                rows.append(
+                    f"| {name} | {cat} | {r['n']} | {' | '.join(cell(r, k) for k in keys)} | {r.get('note', '')} |"
+                )
+        return rows
     rows = [
         "| subgroup | category | n | positives | ROC-AUC | sensitivity | specificity | F1 |",
         "|---|---|---|---|---|---|---|---|",

@@ -35,9 +35,7 @@ def _scan(source: Source, classes: list[str] | None, subgroups: list[str] | None
     if source.kind == "folder":
         from medclf.sources.folder import scan_folder
 
-        return scan_folder(
-            open_store(source.uri, source.s3_endpoint_url), source.patient_id_regex, source.label_regex
-        )
+        return scan_folder(open_store(source.uri, source.s3_endpoint_url), source.patient_id_regex, source.label_regex)
     if source.kind == "manifest":
         from medclf.sources.manifest import scan_manifest
 

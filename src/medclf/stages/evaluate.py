@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,20 +154,26 @@ def _write_gallery(out: Path, inp: Inputs, preds: Predictions, picks: dict[str, 
     )
 
 
-def _predictions_csv(path: Path, preds: Predictions, thr: float, manifest: Path) -> None:
-    """Per-image test predictions keyed by the manifest id (no paths, no patient data)."""
+def _predictions_csv(staging: Path, classes: Sequence[str], y: np.ndarray, df: Any, manifest: Path) -> None:
+    """test_predictions.csv, keyed by the manifest id (no paths, no patient data): the label, then `df`."""
     import pandas as pd
 
-    classes = preds.classes
-    df = pd.DataFrame(preds.proba_test, columns=[f"p_{c}" for c in classes])
-    df.insert(0, "label", [classes[int(i)] for i in preds.y_test])
+    df.insert(0, "label", [classes[int(i)] for i in y])
     if manifest.exists():
         m = pd.read_parquet(manifest, columns=["id", "split", "row"])
         ids = m[m.split == "test"].sort_values("row")["id"].tolist()
         if len(ids) == len(df):
             df.insert(0, "id", ids)
-    df["predicted"] = [classes[i] for i in metrics.thresholded_labels(preds.proba_test, preds.positive, thr)]
-    df.to_csv(path, index_label="test_row")
+    df.to_csv(catalog.inside(catalog.EVALUATE_REPORTS, catalog.TEST_PREDICTIONS, staging), index_label="test_row")
+
+
+def _binary_columns(preds: Predictions, thr: float) -> Any:
+    """p_<class>, then `predicted`: the class the registered threshold on the positive class gives."""
+    import pandas as pd
+
+    df = pd.DataFrame(preds.proba_test, columns=[f"p_{c}" for c in preds.classes])
+    df["predicted"] = [preds.classes[i] for i in metrics.thresholded_labels(preds.proba_test, preds.positive, thr)]
+    return df
 
 
 def reachable(uri: str) -> bool:
@@ -265,12 +272,7 @@ def run(settings: Settings) -> dict[str, Any]:
         plots.report_pngs(report, classes, lambda name: _fig(tmp, name))
         if cfg.gradcam_n:
             _write_gallery(tmp, inp, preds, report.gallery, thr, cfg.gradcam_n)
-        _predictions_csv(
-            catalog.inside(catalog.EVALUATE_REPORTS, catalog.TEST_PREDICTIONS, tmp),
-            preds,
-            thr,
-            catalog.MANIFEST.path(paths),
-        )
+        _predictions_csv(tmp, classes, preds.y_test, _binary_columns(preds, thr), catalog.MANIFEST.path(paths))
         write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.THRESHOLD, tmp), report.threshold)
         if comparison:
             pos = preds.positive
@@ -319,21 +321,41 @@ def run(settings: Settings) -> dict[str, Any]:
 
 
 def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> dict[str, Any]:
-    """A multi-class or ordinal task (`medclf.evaluation.task`): the decision rule fitted on validation, the test
-    metrics with CIs (clustered by patient when the manifest has one), the family's gates, the confusion matrix.
-    The decision is never one class's threshold: the prediction is the argmax (or the ordinal cut-points)."""
+    """A multi-class or ordinal task (`medclf.evaluation.task`): the decision fitted on validation, test metrics with
+    CIs (clustered by patient where known), the family's gates, and the evidence: per-class ROC/PR, confusion matrix,
+    reliability, subgroups, predictions, per-class Grad-CAM. The prediction is the argmax (or the ordinal cut-points),
+    never one class's threshold."""
     from medclf.evaluation import task as tasks
+    from medclf.evaluation.comparison import kclass_comparison_png
+    from medclf.evaluation.kclass_comparison import kclass_comparison
+    from medclf.modeling import gradcam
     from medclf.release.registry import kclass_champion
+    from medclf.release.serving import ServingConfig, decisions, task_keys
 
     cfg, paths = settings.evaluate, settings.paths
     proba_val, proba_test = predict_proba(inp.model, inp.x_val), predict_proba(inp.model, inp.x_test)
     decision = tasks.fit_decision(spec, inp.y_val, proba_val, cfg.target_sensitivity)
-    groups = subgroups.patients_of_test_split(catalog.MANIFEST.path(paths), len(inp.y_test))
-    result = tasks.evaluate_kclass(spec, decision, inp.y_test, proba_test, cfg.bootstrap, cfg.seed, groups)
+    pred = decision.predict(proba_test)  # the argmax or the ordinal cut-points' grade
+    manifest = catalog.MANIFEST.path(paths)
+    patients = subgroups.patients_of_test_split(manifest, len(inp.y_test))
+    result = tasks.evaluate_kclass(spec, decision, inp.y_test, proba_test, cfg.bootstrap, cfg.seed, patients)
     doc = tasks.metrics_document(spec, decision, result, len(inp.y_val))
+    if declared_groups := subgroups.groups_of_test_split(manifest, len(inp.y_test)):  # ingest.subgroups'
+        doc["subgroups"] = tasks.subgroup_metrics(
+            spec, decision, inp.y_test, proba_test, declared_groups, patients, cfg.bootstrap, cfg.seed
+        )
     online = reachable(settings.mlflow.resolved_uri())
-    champion = kclass_champion(settings, inp.test_digest, inp.classes, spec.kind, reachable=online)
-    gates = tasks.check_gates(spec, doc, cfg.gates, champion.get("metrics"))
+    champion = kclass_champion(
+        settings, inp.test_digest, inp.classes, spec.kind, reachable=online, x_test=inp.x_test, y_test=inp.y_test
+    )
+    margin, comparison = float(cfg.gates.non_inferiority_margin), None
+    if champion.get("proba") is not None:  # re-scored on this test set by its own rule: the paired comparison
+        comparison = kclass_comparison(
+            spec, inp.y_test, proba_test, decision, champion["proba"], champion["decision"],
+            list(spec.gates(cfg.gates)), margin, cfg.bootstrap, cfg.seed, patients,
+        )  # fmt: skip
+    paired = comparison["non_inferiority"] if comparison else None
+    gates = tasks.check_gates(spec, doc, cfg.gates, champion.get("metrics"), paired=paired)
     gates.update(
         {
             "task": spec.kind,
@@ -343,16 +365,34 @@ def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> d
             "model_sha256": inp.model_sha256,
             "test_set_digest": inp.test_digest,
             "train_run_id": inp.train_run.get("run_id"),
-            "champion": {k: v for k, v in champion.items() if k != "metrics"},
+            "champion": {k: v for k, v in champion.items() if k not in ("metrics", "proba")},
+            **({"comparison": comparison["metrics"]} if comparison else {}),
         }
     )
     if champion.get("note") and gates["non_inferiority"].get("skipped"):
         gates["non_inferiority"]["note"] = champion["note"]
     report_dir = catalog.EVALUATE_REPORTS.path(paths)
+    gallery: dict[str, dict[str, int]] = {}
     with atomic_dir(report_dir) as tmp:
-        cm = np.asarray(result["report"]["confusion"]["counts"])
-        plots.confusion_png(cm, inp.classes, _fig(tmp, "confusion"), f"test set; {spec.kind}: {decision.rule[:90]}")
+        plots.kclass_pngs(doc, inp.y_test, proba_test, lambda name: _fig(tmp, name))
+        keys = task_keys({"task": spec.kind, "decision": decision.document()})  # the served model's columns, flags too
+        served = decisions(proba_test, ServingConfig(inp.classes, inp.classes[-1], 0.5, 1, 1, **keys))
+        served["prediction"] = [inp.classes[i] for i in pred]  # the decision evaluated (serving applies the same rule)
+        _predictions_csv(tmp, inp.classes, inp.y_test, served, manifest)
+        if n := cfg.gradcam_n:
+            cams = gradcam.class_gallery(inp.model, inp.x_test, inp.y_test, pred, proba_test, inp.classes, n)
+            title = f"{gradcam.split_model(inp.model).layer!r}; {spec.kind}: {decision.rule}"
+            gallery = plots.class_gallery_pngs(cams, inp.classes, lambda name: _fig(tmp, name), n, title)
         write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.THRESHOLD, tmp), decision.document())
+        if comparison:
+            v, names = champion["version"], ("challenger", f"champion v{champion['version']}")
+            cms = comparison["confusion"]
+            kclass_comparison_png(
+                cms["challenger"], cms["champion"], inp.classes, comparison["per_class"],
+                _fig(tmp, "champion_comparison"), f"challenger vs champion v{v}, same {comparison['n']} test images",
+                names=names, margin=margin,
+            )  # fmt: skip
+            write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.CHAMPION_COMPARISON, tmp), comparison)
     catalog.METRICS.save(paths, doc)
     catalog.GATES.save(paths, gates)
     catalog.EVALUATE_METRICS.save(paths, tasks.headline(spec, doc, gates))
@@ -368,6 +408,7 @@ def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> d
         "decision": decision.rule,
         **{k: doc["test"].get(k) for k in spec.headline()},
         "failures": [],
+        "gradcam": gallery,
         "champion": gates["champion"],
         "mlflow": mlflow_note,
         "seconds": round(time.perf_counter() - t0, 1),
