@@ -180,9 +180,32 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.params)
 
 
+def _register_from_experiment(args: argparse.Namespace) -> dict[str, Any]:
+    """`medclf register --from-exp NAME`: the one way an experiment is released. `dvc exp apply NAME` brings its
+    params, dvc.lock and outputs into the workspace, then `dvc repro --force --single-item register` registers it as
+    a main-line run would (so dvc.lock records the registration), its version tagged with the experiment's name."""
+    import subprocess
+
+    from medclf.stages.register import EXPERIMENT_ENV, FROM_EXPERIMENT_ENV
+
+    root = Path(args.params).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != EXPERIMENT_ENV} | {FROM_EXPERIMENT_ENV: args.from_exp}
+    for cmd in (["dvc", "exp", "apply", args.from_exp], ["dvc", "repro", "--force", "--single-item", "register"]):
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+        if done.returncode:
+            said = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"`{' '.join(cmd)}` failed ({done.returncode}) in {root}: {' | '.join(said)}")
+    from medclf.infra import catalog
+
+    args.settings = _settings(args)
+    return {"experiment": args.from_exp, **catalog.REGISTER.load(args.settings.paths)}
+
+
 def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.pipeline import invoke
 
+    if getattr(args, "from_exp", None):  # before the lock: the `dvc repro` it runs takes it
+        return _register_from_experiment(args)
     args.settings = _settings(args)
     args.hold.enter_context(
         project_lock(
@@ -228,13 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
+    stages = {}
     for name, decl in PIPELINE.items():  # wired from the declarations
         reads = ", ".join(a.name for a in decl.inputs) or "nothing"
-        sub.add_parser(
+        stages[name] = sub.add_parser(
             name,
             help=f"run the {name} stage (reads {reads}; params: {', '.join(decl.params)})",
             description=f"Writes {', '.join(a.name for a in decl.outputs + decl.metrics + decl.plots)}.",
-        ).set_defaults(func=_run_stage)
+        )
+        stages[name].set_defaults(func=_run_stage)
+    stages["register"].add_argument(
+        "--from-exp",
+        metavar="NAME",
+        help="release DVC experiment NAME (`dvc exp run` never registers): dvc exp apply NAME, then register it",
+    )
     pr = sub.add_parser("promote", help="move an alias (default: champion) to a model version")
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--alias", default="champion")

@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -259,7 +260,8 @@ def _create_version(
     vfile = catalog.VALIDATION_SUMMARY.path(settings.paths)
     validation = catalog.VALIDATION_SUMMARY.load(settings.paths) if vfile.exists() else None
     prov = {**tags, "positive_class": str(meta["positive_class"])}
-    links = run_links(settings.mlflow.resolved_uri(), train_run.get("experiment_id"), run_id)
+    drawn = [f.stem for f in catalog.EVALUATE_REPORTS.path(settings.paths).glob("*.png")]  # logged to the run
+    links = run_links(settings.mlflow.resolved_uri(), train_run.get("experiment_id"), run_id, drawn)
     desc = version_description(gates, metrics_doc, prov, run_id, validation, links)
     splits = {k: int(v) for k, v in ((validation or {}).get("splits") or {}).items()}
     train = settings.train.model_dump(mode="json")
@@ -296,6 +298,40 @@ def _provenance(settings: Settings, train_run: dict[str, Any]) -> dict[str, str]
     }
 
 
+EXPERIMENT_ENV = "DVC_EXP_NAME"
+"""Set by `dvc exp run` for every stage command (`dvc.env`; DVCLive reads it too): the experiment's name."""
+FROM_EXPERIMENT_ENV = "MEDCLF_FROM_EXPERIMENT"
+"""Set by `medclf register --from-exp NAME` for the register it runs: the applied experiment being released."""
+
+
+def experiment_name() -> str | None:
+    """The DVC experiment this stage runs in, or None for a main-line run (`dvc repro`, the flow, `make retrain`)."""
+    return os.environ.get(EXPERIMENT_ENV) or None
+
+
+def _experiment_not_registered(settings: Settings, cl: Any, run_id: str, experiment: str) -> dict[str, Any]:
+    """An experiment is tracked, never registered: its training run is tagged with the experiment's name, the
+    registry and its aliases are left as they are, and register.json says why."""
+    note = (
+        f"DVC experiment {experiment!r} (`dvc exp run`): tracked in MLflow run {run_id}, not registered and no "
+        f"alias moved; to release it: `dvc exp apply {experiment}`, commit, then `dvc repro` (or `medclf register`)"
+    )
+    for key, value in (("dvc.experiment", experiment), ("medclf.registered", "no: DVC experiment run")):
+        cl.set_tag(run_id, key, value)
+    out = {
+        "model_name": settings.registry.model_name,
+        "version": None,
+        "alias": None,
+        "run_id": run_id,
+        "created": False,
+        "experiment": experiment,
+        "note": note,
+    }
+    catalog.REGISTER.save(settings.paths, out)
+    log.info("register: %s", note)
+    return out
+
+
 @declared
 def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
     paths, reg = settings.paths, settings.registry
@@ -318,6 +354,9 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
             f"{run_file}: training run {run_id} not found at {settings.mlflow.resolved_uri()} "
             f"({type(err).__name__}); nothing registered"
         ) from None
+    experiment = experiment_name()
+    if experiment:
+        return _experiment_not_registered(settings, cl, run_id, experiment)
     champ = versions.alias_version(cl, reg.model_name, "champion")
     evaluated = (gates.get("champion") or {}).get("version")
     if (champ.version if champ else None) != evaluated:
@@ -364,6 +403,11 @@ def run(settings: Settings, attempts: int = 5) -> dict[str, Any]:
         "created": created,
         **({"note": note} if note else {}),
     }
+    released = os.environ.get(FROM_EXPERIMENT_ENV)
+    if released:  # `medclf register --from-exp`: the version says which experiment it came from
+        cl.set_model_version_tag(reg.model_name, str(mv.version), "dvc.experiment", released)
+        cl.set_tag(run_id, "dvc.experiment", released)
+        out["experiment"] = released
     catalog.REGISTER.save(paths, out)
     log.info("register: %s version %s (%s) %s", reg.model_name, mv.version, reg.alias, note or "created")
     return out

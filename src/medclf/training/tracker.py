@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,8 @@ class Tracker:
                 "data.raw.md5": raw.get("md5"),
                 "data.raw.nfiles": raw.get("nfiles"),
                 "data.raw.path": raw.get("path"),
+                # `dvc exp run` names the experiment (medclf.stages.register.EXPERIMENT_ENV): never registered
+                **({"dvc.experiment": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
             }
         )
         self.datasets(settings.paths.ingest_dir, versions["ingest"], split_counts(settings.paths.ingest_dir))
