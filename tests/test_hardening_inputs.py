@@ -8,6 +8,7 @@ tiny Keras model whose output is a fixed probability (p(opacity) = 0.31 for ever
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 from pathlib import Path
 
@@ -176,3 +177,23 @@ def test_one_decode_dispatcher_for_ingest_predict_and_serving(tmp_path):
     assert decode_bytes(png.getvalue(), MAX_PIXELS, name="x.png")[0].shape == (20, 30, 1)
     with pytest.raises(DecodeError, match="decompression bomb: 600 pixels exceeds max_image_pixels=100"):
         decode_bytes(png.getvalue(), 100)
+
+
+def test_a_decode_bound_does_not_leak_into_the_process():
+    """Each decode sets PIL's process-wide MAX_IMAGE_PIXELS to its own bound; it used to stay set, so a later
+    `Image.open` anywhere in the process (a test fixture, another model's decode) was refused at 200 pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from medclf.imaging.images import DecodeError, decode_image_sized
+
+    before = Image.MAX_IMAGE_PIXELS
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(buf, format="PNG")
+    with contextlib.suppress(DecodeError):
+        decode_image_sized(buf.getvalue(), max_pixels=200)
+    assert before == Image.MAX_IMAGE_PIXELS
+    decode_image_sized(buf.getvalue(), max_pixels=10**6)
+    assert before == Image.MAX_IMAGE_PIXELS

@@ -69,6 +69,7 @@ def decode_image_sized(
     """
     if not data:
         raise DecodeError("zero-byte file")
+    before = Image.MAX_IMAGE_PIXELS  # a process-wide PIL setting: restored, so no other decode inherits our bound
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -103,6 +104,8 @@ def decode_image_sized(
         raise DecodeError(f"truncated or corrupt image: {cause(err)}") from None
     except (ValueError, SyntaxError, EOFError) as err:
         raise DecodeError(f"corrupt image: {cause(err)}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
     arr = _pil_to_array(img)
     return arr, (h, w, 3 if file_rgb else int(arr.shape[2]))
 
