@@ -157,7 +157,7 @@ def kclass_comparison_png(
     (row-normalised shading, counts and row shares annotated; rows = actual), and the per-class differences
     challenger - champion with their 95 % CIs (`deltas`: `kclass_comparison`'s ``per_class``, {class: {metric:
     {diff, ci_low, ci_high}}}); a dashed line at -`margin` when given."""
-    from medclf.evaluation.plots import _plt, _save
+    from medclf.evaluation.plots import _plt, _save, draw_confusion
 
     plt = _plt()
     k = len(classes)
@@ -167,24 +167,7 @@ def kclass_comparison_png(
         cm = np.asarray(cm_in, dtype=np.int64)
         if cm.shape != (k, k):
             raise ValueError(f"{name}'s confusion matrix has shape {cm.shape}, not ({k}, {k})")
-        rows = cm.sum(axis=1, keepdims=True)
-        frac = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
-        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-        for i in range(k):
-            for j in range(k):
-                ax.text(
-                    j,
-                    i,
-                    f"{cm[i, j]}\n{frac[i, j]:.0%}",
-                    ha="center",
-                    va="center",
-                    color="white" if frac[i, j] > 0.5 else "black",
-                    fontsize=9,
-                )
-        ax.set_xticks(range(k), classes, rotation=30, ha="right")
-        ax.set_yticks(range(k), classes)
-        ax.set(xlabel="predicted", ylabel="actual")
-        ax.set_title(name, fontsize=10)
+        draw_confusion(ax, cm, classes, name, fontsize=9)
     ax = axes[2]
     metrics_shown = [m for m in _PER_CLASS_ORDER if any(m in (deltas.get(c) or {}) for c in classes)]
     width = 0.8 / max(1, len(metrics_shown))

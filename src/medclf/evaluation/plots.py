@@ -35,29 +35,32 @@ def _save(fig: Any, path: Path) -> Path:
 def confusion_png(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
     """Counts with row-normalised shading (rows = true class), so rare classes stay readable."""
     plt = _plt()
-    cm = np.asarray(cm)
-    rows = cm.sum(axis=1, keepdims=True)
-    frac = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
     k = len(classes)
     fig, ax = plt.subplots(figsize=(1.4 * k + 2.5, 1.2 * k + 2))
+    draw_confusion(ax, np.asarray(cm), classes, title, fontsize=10)
+    return _save(fig, path)
+
+
+def draw_confusion(ax: Any, cm: np.ndarray, classes: Sequence[str], title: str, fontsize: int = 10) -> None:
+    """One confusion matrix on `ax`: counts and row shares as text, shaded by the row share (rows = actual)."""
+    k = len(classes)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            ax.text(
-                j,
-                i,
-                f"{cm[i, j]}\n{frac[i, j]:.0%}",
-                ha="center",
-                va="center",
-                color="white" if frac[i, j] > 0.5 else "black",
-                fontsize=10,
-            )
+    for i, j in np.ndindex(cm.shape):
+        ax.text(
+            j,
+            i,
+            f"{cm[i, j]}\n{frac[i, j]:.0%}",
+            ha="center",
+            va="center",
+            color="white" if frac[i, j] > 0.5 else "black",
+            fontsize=fontsize,
+        )
     ax.set_xticks(range(k), classes, rotation=30, ha="right")
     ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
+    ax.set(xlabel="predicted", ylabel="actual")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
 
 
 def confusion_pair_png(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
