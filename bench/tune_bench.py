@@ -114,7 +114,7 @@ def main() -> None:
             {
                 "trial": int(r.data.params["trial"]),
                 "state": r.data.tags.get("optuna.state") or r.info.status,
-                "val_auc": r.data.metrics.get("best_val_auc"),
+                "val_auc": r.data.metrics.get("val/best_auc"),
                 "values": {
                     k.removeprefix("train."): r.data.params[k] for k in sorted(r.data.params) if k.startswith("train.")
                 },

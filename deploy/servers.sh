@@ -9,7 +9,9 @@
 #   connection URLs come from the environment only, never from params.yaml. docs/ORCHESTRATION.md, "Scaling out".
 # Environment: PREFECT_PORT (4200), PREFECT_HOME (default .prefect in this checkout), MEDCLF_DB and
 # deploy/postgres.sh's MEDCLF_PG_DIR, MEDCLF_PG_PORT, MEDCLF_PG_OS_USER, and
-# mlflow/server.sh's MLFLOW_PORT, MLFLOW_STORE_DIR, MLFLOW_AUTH=1, ...
+# mlflow/server.sh's MLFLOW_PORT, MLFLOW_STORE_DIR, MLFLOW_AUTH=1, MEDCLF_AUDIT_PORT, MEDCLF_AUDIT=0, ...
+# mlflow/server.sh also starts and stops the promotion service beside MLflow (the check and audit of every
+# `champion` move, the MLflow UI's included: docs/PROMOTION.md); `status` shows it on an "MLflow:" line.
 # `make retrain` uses this Prefect server when it is up (flow runs stay visible in the UI), and
 # Prefect's ephemeral API otherwise.
 set -euo pipefail

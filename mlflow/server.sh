@@ -12,7 +12,13 @@
 #   MLFLOW_AUTH=1 to enable basic auth (mlflow/basic_auth.ini; change the admin password first! Its users
 #   database goes to MLFLOW_STORE_DIR/basic_auth.db; needs mlflow[auth], i.e. Flask-WTF; the Flask secret is
 #   MLFLOW_FLASK_SERVER_SECRET_KEY, else one kept in MLFLOW_STORE_DIR/flask_secret_key),
-#   MLFLOW_STORE_DIR (default mlflow/store: SQLite file, server log and pid file).
+#   MLFLOW_STORE_DIR (default mlflow/store: SQLite file, server log and pid file),
+#   MEDCLF_AUDIT_PORT (5055): the promotion service (`medclf promotion-service`, docs/PROMOTION.md "Promotion check
+#   and audit"), started beside MLflow once it is up: it registers MLflow's `model_version_alias.created` webhook
+#   (idempotently, by name) and checks and records every `champion` move, the MLflow UI's included. Its log is
+#   MLFLOW_STORE_DIR/audit.log, the audit trail MLFLOW_STORE_DIR/audit/promotions.jsonl (append-only), the webhook's
+#   HMAC secret MLFLOW_STORE_DIR/webhook_secret (created once). MEDCLF_AUDIT=0: not started. With MLFLOW_AUTH=1 it
+#   needs an admin's MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment (else not started).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 port="${MLFLOW_PORT:-5000}"
@@ -29,14 +35,73 @@ mlflow_bin="$(command -v mlflow || echo "$here/../.venv/bin/mlflow")"
 # MLflow's server-side job runner (GenAI scorers, trace roll-ups; needs a database backend) is off unless asked
 # for: medclf uses neither, and it costs a runner and several huey consumer processes on every start
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+audit="${MEDCLF_AUDIT:-1}"
+aport="${MEDCLF_AUDIT_PORT:-5055}"
+apidfile="$store/audit.pid"
+root="$(cd "$here/.." && pwd)"
+medclf_bin="$(command -v medclf || echo "$root/.venv/bin/medclf")"
+py_bin="$root/.venv/bin/python"; [ -x "$py_bin" ] || py_bin="$(command -v python3)"
+hex32() { od -An -N32 -tx1 /dev/urandom | tr -d ' \n'; }
+fernet_key() { "$py_bin" -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())'; }
+secret_file() {  # a private random value kept in the store, created once: $1 file, $2 the function printing one
+  [ -s "$store/$1" ] || (umask 077; "$2" >"$store/$1")
+}
+if [ "$audit" = "1" ]; then
+  # MLflow's webhook delivery refuses private and loopback addresses (SSRF protection, mlflow/webhooks/ssrf.py)
+  # and plain http; the promotion service listens on 127.0.0.1 of this host, so this local server allows both
+  export MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="${MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS:-true}"
+  export MLFLOW_WEBHOOK_ALLOWED_SCHEMES="${MLFLOW_WEBHOOK_ALLOWED_SCHEMES:-http,https}"
+  # the key MLflow encrypts webhook secrets with in its database: without a fixed one it draws a new one per
+  # start, and after a restart it can no longer read (nor sign with) the secret it stored
+  if [ -z "${MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY:-}" ]; then
+    secret_file webhook_encryption_key fernet_key
+    MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY="$(cat "$store/webhook_encryption_key")"
+    export MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY
+  fi
+fi
 
 up() { curl -fsS "http://$host:$port/health" >/dev/null 2>&1; }
 descendants() { local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 masked() { sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#' <<<"$1"; }  # a URL's password, never printed
+audit_up() { curl -fsS "http://127.0.0.1:$aport/health" >/dev/null 2>&1; }
+audit_ours() { [ -f "$apidfile" ] && ps -o args= -p "$(cat "$apidfile")" 2>/dev/null | grep -q "promotion-service"; }
+start_audit() {  # the promotion service, once MLflow answers; a failure is reported, MLflow stays up
+  [ "$audit" = "1" ] || return 0
+  if audit_ours && audit_up; then echo "promotion service already running on 127.0.0.1:$aport"; return 0; fi
+  if [ "${MLFLOW_AUTH:-0}" = "1" ] && [ -z "${MLFLOW_TRACKING_USERNAME:-}" ]; then
+    echo "promotion service NOT started: MLFLOW_AUTH=1 needs an admin's MLFLOW_TRACKING_USERNAME/PASSWORD" >&2
+    return 0
+  fi
+  if audit_up; then echo "promotion service NOT started: port $aport is taken (MEDCLF_AUDIT_PORT)" >&2; return 0; fi
+  secret_file webhook_secret hex32
+  echo "== $(date -u +%FT%TZ) medclf: starting the promotion service on 127.0.0.1:$aport" >>"$store/audit.log"
+  # from the checkout (its params.yaml and dvc.lock: "data still current"), in a session of its own
+  # (a simple command put in the background: $! is the service itself, and no shell in between holds our stdout)
+  (cd "$root" || exit 1
+    MLFLOW_TRACKING_URI="http://$host:$port" setsid nohup "$medclf_bin" --params "$root/params.yaml" \
+      promotion-service --host 127.0.0.1 --port "$aport" --secret-file "$store/webhook_secret" \
+      --log "$store/audit/promotions.jsonl" </dev/null >>"$store/audit.log" 2>&1 &
+    echo $! >"$apidfile")
+  for _ in $(seq 1 90); do  # it answers once the webhook is registered
+    if audit_up; then echo "promotion service: http://127.0.0.1:$aport (audit $store/audit/promotions.jsonl)"; return 0; fi
+    kill -0 "$(cat "$apidfile")" 2>/dev/null || break
+    sleep 1
+  done
+  echo "promotion service did not start; see $store/audit.log" >&2; tail -5 "$store/audit.log" >&2; return 0
+}
+stop_audit() {
+  if audit_ours; then
+    apid="$(cat "$apidfile")"
+    kill -TERM -- "-$apid" 2>/dev/null || kill -TERM "$apid" 2>/dev/null || true  # its own session (setsid)
+    for _ in $(seq 1 20); do kill -0 "$apid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL -- "-$apid" 2>/dev/null || true
+  fi
+  rm -f "$apidfile"
+}
 
 case "${1:-start}" in
   start)
-    if up; then echo "MLflow already running at http://$host:$port"; exit 0; fi
+    if up; then echo "MLflow already running at http://$host:$port"; start_audit; exit 0; fi
     if [ -z "$backend" ]; then
       if [ "$db" = postgres ]; then
         bash "$here/../deploy/postgres.sh" start
@@ -70,7 +135,7 @@ case "${1:-start}" in
     echo $! >"$pidfile"
     masked "$backend" >"$store/server.backend"
     for _ in $(seq 1 300); do
-      if up; then echo "MLflow UI: http://$host:$port  (backend $(masked "$backend"))"; exit 0; fi
+      if up; then echo "MLflow UI: http://$host:$port  (backend $(masked "$backend"))"; start_audit; exit 0; fi
       if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
         echo "MLflow server exited; see $store/server.log" >&2; tail -20 "$store/server.log" >&2; exit 1
       fi
@@ -79,6 +144,7 @@ case "${1:-start}" in
     echo "MLflow server did not answer on http://$host:$port within 300 s; see $store/server.log" >&2
     exit 1 ;;
   stop)
+    stop_audit
     if [ -f "$pidfile" ]; then
       pid="$(cat "$pidfile")"
       # only if that pid is still an MLflow server (not a reused pid): TERM it and wait, since under load it
@@ -97,7 +163,13 @@ case "${1:-start}" in
     pkill -f "mlflow server --host $host --port $port" 2>/dev/null || true
     echo "MLflow stopped" ;;
   status)
+    rc=0
     if up; then echo "up: http://$host:$port  (backend $(cat "$store/server.backend" 2>/dev/null || echo '?'))"
-    else echo "down"; exit 1; fi ;;
+    else echo "down"; rc=1; fi
+    if [ "$audit" = "1" ]; then  # informational: the exit status is MLflow's
+      if audit_ours && audit_up; then echo "promotion service: up: http://127.0.0.1:$aport"
+      else echo "promotion service: down"; fi
+    fi
+    exit $rc ;;
   *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -162,6 +162,7 @@ def write_params(tmp: Path, overrides: dict | None = None) -> Path:
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     data["paths"] = {
         "raw_data": str(tmp / "data/raw"),
+        "external_data": str(tmp / "data/external"),
         "ingest_dir": str(tmp / "data/ingest"),
         "augment_dir": str(tmp / "data/augment"),
         "model_dir": str(tmp / "models"),

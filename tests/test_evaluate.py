@@ -335,8 +335,8 @@ def test_metrics_and_pictures_logged_to_training_run(project, first_run):
     run_id = json.loads((settings.paths.model_dir / "train_run.json").read_text())["run_id"]
     cl = MlflowClient(tracking_uri=settings.mlflow.resolved_uri())
     run = cl.get_run(run_id)
-    assert run.data.metrics["test_f1"] == pytest.approx(doc["test"]["f1"])
-    assert run.data.metrics["decision_threshold"] == pytest.approx(doc["threshold"])
+    assert run.data.metrics["test/f1"] == pytest.approx(doc["test"]["f1"])
+    assert run.data.metrics["test/threshold"] == pytest.approx(doc["threshold"])
     assert run.data.tags["evaluate.gates_passed"] == "true"
     names = {a.path for a in cl.list_artifacts(run_id, "evaluate")}
     assert {

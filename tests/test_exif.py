@@ -82,7 +82,7 @@ def test_decode_bytes_applies_exif_orientation(upright_and_rotated, hints) -> No
 def test_ingest_decode_applies_exif_orientation(upright_and_rotated) -> None:
     """Ingest's per-record decode (fetch → decode → channels → fit_square) gives the upright image."""
     from medclf.sources.base import Record
-    from medclf.stages.ingest import _decode_one
+    from medclf.sources.decode import _decode_one
 
     upright, _, rotated = upright_and_rotated
     cfg = settings_from_dict({"ingest": {"image_size": 128, "channels": 1}}).ingest

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow
 
 RELATIVE_PATHS = {
     "paths": {
+        "external_data": "data/external",
         "ingest_dir": "data/ingest",
         "augment_dir": "data/augment",
         "model_dir": "models",
@@ -49,7 +50,13 @@ RELATIVE_PATHS = {
 TINY = {
     "augment": {"preview_n": 4},
     "train": {"head_epochs": 1, "finetune_epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
-    "evaluate": {"bootstrap": 20, "gradcam_n": 1, "gates": {"min_f1": 0.0, "min_recall": 0.0}},
+    # the robustness report (22 more predictions of the test split) is tested at the stage (tests/test_external.py)
+    "evaluate": {
+        "bootstrap": 20,
+        "gradcam_n": 1,
+        "gates": {"min_f1": 0.0, "min_recall": 0.0},
+        "robustness": {"enabled": False},
+    },
 }
 BIN = Path(sys.executable).parent
 GPU_ENV = "MEDCLF_GPU_DEPLOYMENT"
@@ -90,6 +97,9 @@ def make_checkout(dst: Path, overrides: dict[str, Any] | None = None) -> Path:
         # the synthetic source reads no files, but dvc.yaml's ingest still depends on paths.raw_data
         (dst / raw).mkdir(parents=True)
         (dst / raw / "SYNTHETIC_SOURCE.txt").write_text("ingest.source.kind is synthetic: no raw files.\n")
+    # evaluate's DVC input, the external validation sets (none here): present, and in git as in this repository
+    (dst / "data" / "external").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "data" / "external" / "README.md", dst / "data" / "external" / "README.md")
     run_cmd(dst, "git", "init", "-q", "-b", "main")
     run_cmd(dst, "git", "config", "user.email", "test@example.invalid")
     run_cmd(dst, "git", "config", "user.name", "medclf test")

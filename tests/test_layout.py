@@ -38,6 +38,9 @@ LONG_ONE_JOB: dict[str, str] = {
     "medclf.stages.evaluate": "the evaluate stage's edge: inputs, the binary and K-class branches, figures, MLflow",
     "medclf.stages.register": "the register stage: its refusals, the version's tags and models, experiments",
     "medclf.release.serving": "the served pyfunc: its config, input bounds and decoding, and the task's output schema",
+    "medclf.release.model_card": "the version page and the model card: decision facts, checklist, every section",
+    "medclf.release.registry": "the registry edge: the client, checked promotion and rollback, the champion's scoring",
+    "medclf.release.promotion": "the promotion check and its audit: checklist, audit log, the webhook receiver",
     "flows.summary": "the flow run's summary: its headline, tables and markdown artifact",
     "tasks.common": "one stage through DVC as a Prefect task: environment, retries, result files",
 }

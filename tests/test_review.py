@@ -212,6 +212,7 @@ def test_experiment_opens_on_training_runs_and_splits_are_dataset_inputs(mlflow_
     import mlflow
     import numpy as np
 
+    from medclf.infra.io import file_digest
     from medclf.infra.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, configure
     from medclf.stages.train import Tracker, split_counts
 
@@ -221,18 +222,20 @@ def test_experiment_opens_on_training_runs_and_splits_are_dataset_inputs(mlflow_
     ingest = tmp_path / "ingest"
     ingest.mkdir()
     for split, n in (("train", 5), ("val", 3), ("test", 2)):
+        np.save(ingest / f"{split}_images.npy", np.full((n, 4, 4, 1), n, np.uint8))
         np.save(ingest / f"{split}_labels.npy", np.zeros(n, np.int64))
     tracker = Tracker()
     tracker.mlflow, tracker.uri = mlflow, mlflow_server
     with mlflow.start_run(experiment_id=exp_id) as run:
-        tracker.datasets(
-            ingest, {"data_digest": "d" * 64, "dvc_md5": "0123456789abcdef0123456789abcdef.dir"}, split_counts(ingest)
-        )
+        tracker.datasets(ingest, split_counts(ingest))
     inputs = cl.get_run(run.info.run_id).inputs.dataset_inputs
     got = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
     assert set(got) == {"training", "validation", "testing"}
     assert got["training"].name == "ingest/train (5 images)" and got["testing"].name == "ingest/test (2 images)"
-    assert got["validation"].digest == "0123456789abcdef0123456789abcdef"  # DVC's md5 of the split's folder
+    # each split its own digest: the test split's is the start of evaluate's test_set_digest
+    assert len({d.digest for d in got.values()}) == 3
+    test_digest = file_digest(ingest / "test_images.npy", ingest / "test_labels.npy")
+    assert got["testing"].digest == test_digest[:32]
     assert f"{ingest}/val_images.npy" in got["validation"].source
 
 

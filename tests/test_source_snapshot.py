@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from medclf.imaging.privacy import redact
+from medclf.sources import decode
 from medclf.sources.base import SourceChanged
 from medclf.stages import ingest
 from tests.conftest import ROOT
@@ -66,7 +67,7 @@ def _staging(settings) -> list[str]:
 
 def _on_first_decode(monkeypatch, action) -> list[int]:
     """Run `action` (a real write to the source) when ingest starts decoding, then decode as usual."""
-    real, calls = ingest._decode_one, []
+    real, calls = decode._decode_one, []
 
     def hooked(rec, cfg):
         if not calls:
@@ -74,7 +75,7 @@ def _on_first_decode(monkeypatch, action) -> list[int]:
             action()
         return real(rec, cfg)
 
-    monkeypatch.setattr(ingest, "_decode_one", hooked)
+    monkeypatch.setattr(decode, "_decode_one", hooked)
     return calls
 
 

@@ -441,11 +441,11 @@ def test_demo_trains_beats_chance_and_is_tracked(make_settings, mlflow_server, m
     assert run.data.params["data.ingest_digest"] == res["data_version"]["ingest"]["data_digest"]
     assert run.data.tags["backbone"] == "mobilenet_v2" and run.data.tags["backend"] == "tensorflow"
     assert "git_commit" in run.data.tags
-    hist = _mlflow(mlflow_server).get_metric_history(res["run_id"], "val_auc")
+    hist = _mlflow(mlflow_server).get_metric_history(res["run_id"], "val/auc")
     assert sorted(m.step for m in hist) == list(range(res["epochs_run"]))
-    assert run.data.metrics["data_wait_fraction"] == pytest.approx(res["data_wait_fraction"])
-    assert {"best_val_auc", "images_per_second", "loss", "auc"} <= set(run.data.metrics)
-    assert run.data.metrics["temperature"] == pytest.approx(t)
+    assert run.data.metrics["system/data_wait_fraction"] == pytest.approx(res["data_wait_fraction"])
+    assert {"val/best_auc", "system/images_per_second", "train/loss", "train/auc"} <= set(run.data.metrics)
+    assert run.data.metrics["train/temperature"] == pytest.approx(t)
     arts = {a.path for a in _mlflow(mlflow_server).list_artifacts(res["run_id"], "train")}
     assert "train/history.csv" in arts and "train/train_run.json" in arts
     logged = json.dumps([run.data.params, run.data.tags])
@@ -526,7 +526,7 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path, make_settings, ml
     assert res["calibration"] == {"method": "none", "temperature": 1.0, "note": "train.calibration: none"}
     epochs = [int(r.split(",")[0]) for r in (s.paths.reports_dir / "train" / "history.csv").read_text().split()[1:]]
     assert epochs == [0, 1, 2]
-    steps = sorted(m.step for m in _mlflow(mlflow_server).get_metric_history(res["run_id"], "loss"))
+    steps = sorted(m.step for m in _mlflow(mlflow_server).get_metric_history(res["run_id"], "train/loss"))
     assert steps == [0, 1, 2]
     assert not backup.exists()
     import keras

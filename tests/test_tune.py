@@ -84,7 +84,7 @@ def test_tune_searches_on_val_nests_trials_in_mlflow_and_resumes(make_settings, 
     by_trial = {int(r.data.params["trial"]): r for r in kids}
     for t in study.trials:
         assert float(by_trial[t.number].data.params["train.head_lr"]) == pytest.approx(t.params["head_lr"])
-    assert by_trial[best.number].data.metrics["best_val_auc"] == pytest.approx(best.value)
+    assert by_trial[best.number].data.metrics["val/best_auc"] == pytest.approx(best.value)
     parent = client.get_run(res["run_id"])
     assert float(parent.data.params["tuned.head_lr"]) == pytest.approx(tune["params"]["head_lr"])
     assert float(parent.data.params["train.head_lr"]) == pytest.approx(tune["params"]["head_lr"])  # what ran

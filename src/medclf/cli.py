@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_STAGE, EXIT_TEMPFAIL = 0, 1, 2, 3, 75
 RUN_TOKEN_ENV = "MEDCLF_RUN_TOKEN"
 """Set by the orchestrator: copied into the result file, so it knows the file is from this invocation."""
+SECRET_ENV = "MEDCLF_AUDIT_SECRET"
+"""The promotion service's webhook secret, when no --secret-file is given."""
 RESULT_FILE_ENV = "MEDCLF_STAGE_RESULT"
 """Where to write the result file instead of `catalog.STAGE_RESULT` (the orchestrator sets it, so even a
 params.yaml that does not load, and so has no `cache_dir`, gets its structured error)."""
@@ -221,13 +223,46 @@ def _run_stage(args: argparse.Namespace) -> dict[str, Any]:
 def _promote(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.release.registry import promote
 
-    return promote(_settings(args), version=args.version, alias=args.alias, by=args.by)
+    return promote(_settings(args), version=args.version, alias=args.alias, by=args.by, force=args.force)
 
 
 def _rollback(args: argparse.Namespace) -> dict[str, Any]:
     from medclf.release.registry import rollback
 
-    return rollback(_settings(args), alias=args.alias, by=args.by)
+    return rollback(_settings(args), alias=args.alias, by=args.by, force=args.force)
+
+
+def _block(args: argparse.Namespace) -> dict[str, Any]:
+    from medclf.release import promotion
+    from medclf.release.registry import client
+
+    settings = _settings(args)
+    return promotion.block(client(settings), settings.registry.model_name, str(args.version), args.why, args.floor)
+
+
+def _promotion_service(args: argparse.Namespace) -> dict[str, Any]:
+    """Serve the webhook receiver until interrupted (`mlflow/server.sh start` runs it beside MLflow)."""
+    from medclf.release import promotion
+    from medclf.release.registry import client
+
+    settings = _settings(args)
+    if args.log:
+        os.environ[promotion.AUDIT_ENV] = args.log
+    secret = Path(args.secret_file).read_text().strip() if args.secret_file else os.environ.get(SECRET_ENV, "")
+    if not secret:
+        raise RuntimeError(f"no webhook secret: give --secret-file or set {SECRET_ENV}")
+    lock = Path(args.params).resolve().parent / "dvc.lock"
+    promotion.run_service(
+        client(settings, attempts=60),
+        args.host,
+        args.port,
+        secret,
+        settings.paths.raw_data,
+        lock,
+        aliases=tuple(args.alias or promotion.WATCHED),
+        register=not args.no_register,
+    )
+    return {"stopped": True}
 
 
 def _predict(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,11 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--version", required=True, type=int)
     pr.add_argument("--alias", default="champion")
     pr.add_argument("--by", default=None, help="who promotes (recorded as a version tag; default: $USER)")
+    pr.add_argument("--force", action="store_true", help="promote even when the promotion check fails (audited)")
     pr.set_defaults(func=_promote)
     rb = sub.add_parser("rollback", help="move an alias back to its previous version")
     rb.add_argument("--alias", default="champion")
     rb.add_argument("--by", default=None, help="who rolls back (recorded as a version tag; default: $USER)")
+    rb.add_argument("--force", action="store_true", help="roll back even when the promotion check fails (audited)")
     rb.set_defaults(func=_rollback)
+    bl = sub.add_parser("block", help="mark a model version as never to be promoted (tag medclf.blocked)")
+    bl.add_argument("--version", required=True, type=int)
+    bl.add_argument("--why", required=True, help="the reason, kept as the tag's value")
+    bl.add_argument("--floor", action="store_true", help="and every older version: no rollback past this one")
+    bl.set_defaults(func=_block)
+    ps = sub.add_parser("promotion-service", help="check and audit alias changes made in the MLflow UI (webhook)")
+    ps.add_argument("--host", default="127.0.0.1")
+    ps.add_argument("--port", type=int, default=int(os.environ.get("MEDCLF_AUDIT_PORT", "5055")))
+    ps.add_argument("--secret-file", default=None, help=f"the webhook's HMAC secret (default: ${SECRET_ENV})")
+    ps.add_argument("--log", default=None, help="the audit log (default: $MEDCLF_AUDIT_LOG or mlflow/store/audit)")
+    ps.add_argument("--alias", action="append", help="an alias to watch (repeatable; default: champion)")
+    ps.add_argument("--no-register", action="store_true", help="do not create/update the MLflow webhook")
+    ps.set_defaults(func=_promotion_service)
     pd_ = sub.add_parser("predict", help="classify images, folders or DICOM files")
     pd_.add_argument("paths", nargs="+")
     pd_.add_argument("--model", default=None, help="model URI (default: models:/<register.model_name>@champion)")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 EXEMPT = ("paths", "mlflow")
 """Settings sections every stage may read without declaring them (see the module docstring)."""
-DIR_OUTS = ("raw_data", "ingest_dir", "augment_dir", "model_dir")
+DIR_OUTS = ("raw_data", "external_data", "ingest_dir", "augment_dir", "model_dir")
 """`paths.*` roots DVC tracks as one directory: an artifact under one is a dep/out as the whole root."""
 
 
@@ -162,9 +162,17 @@ PIPELINE: dict[str, Stage] = {
         ),
         Stage(
             "evaluate",
-            inputs=(catalog.CLASSES, catalog.IMAGES, catalog.LABELS, catalog.MODEL, catalog.TRAIN_RUN),
+            inputs=(
+                catalog.CLASSES,
+                catalog.IMAGES,
+                catalog.LABELS,
+                catalog.MODEL,
+                catalog.TRAIN_RUN,
+                catalog.EXTERNAL_DATA,
+            ),
             outputs=(catalog.EVALUATE_REPORTS, catalog.METRICS, catalog.GATES),
-            params=("evaluate", "task", "register.model_name"),
+            # ingest: an external set is decoded exactly as ingest decodes the training data
+            params=("evaluate", "task", "register.model_name", "ingest"),
             metrics=(catalog.EVALUATE_METRICS,),
             plots=(catalog.PLOTS,),
             fields={"name": ("roc", "pr", "calibration", "confusion")},

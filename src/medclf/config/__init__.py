@@ -54,6 +54,9 @@ class Paths(_Section):
     `dvc.yaml` lists it under ingest's deps, so adding, removing, changing or relabelling one image
     makes ingest and everything after it stale, and `dvc.lock` records its hash. Every file the
     configured source reads must lie under it (checked when params.yaml is parsed)."""
+    external_data: str = "data/external"
+    """The raw external validation sets (`evaluate.external`) as DVC sees them: evaluate's data dependency, so a
+    changed external image re-runs evaluate (and nothing before it); every external source must lie under it."""
     ingest_dir: Path = Path("data/ingest")
     augment_dir: Path = Path("data/augment")
     model_dir: Path = Path("models")
@@ -425,6 +428,29 @@ class Gates(_Section):
         return v
 
 
+class ExternalSet(_Section):
+    """An external validation set (issue 26): images from another site or time, scored at the registered
+    operating point with the internal test's metrics and CIs, never used to fit anything."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    """A short slug, e.g. `site_b`: the key of its figures in metrics.json, tags and the version page."""
+    source: Source
+    """Any source kind, as `ingest.source`; its labels must be `ingest.classes`; under `paths.external_data`."""
+    gates: dict[str, float] = {}
+    """Optional floors on this set's metrics (the task's metric names, e.g. `{auc: 0.95, recall: 0.9}`)."""
+
+
+class Robustness(_Section):
+    """The robustness report (issue 26): the test metrics under controlled acquisition shifts
+    (`medclf.evaluation.robustness`), the proxy for another site's images that the project can measure itself."""
+
+    enabled: bool = True
+    perturbations: list[str] | None = None
+    """None: every registered shift; a list picks some (the others are reported as "not selected")."""
+    max_drop: float | None = Field(None, gt=0, le=1)
+    """Optional gate: the largest drop of the headline metric (binary ROC-AUC, K-class macro AUC) under any shift."""
+
+
 class Evaluate(_Section):
     threshold_rule: Literal["target_sensitivity", "max_f1", "youden"] = "target_sensitivity"
     target_sensitivity: float = Field(0.95, gt=0, le=1)
@@ -432,6 +458,18 @@ class Evaluate(_Section):
     seed: int = 0
     gradcam_n: int = Field(4, ge=0)
     gates: Gates = Gates()
+    robustness: Robustness = Robustness()
+    external: list[ExternalSet] = []
+    """External validation sets (docs/TASKS.md, "External validation"); an overlap with the training data by
+    patient or image hash is refused."""
+
+    @model_validator(mode="after")
+    def _external_names_unique(self) -> Evaluate:
+        names = [e.name for e in self.external]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"evaluate.external: the set name(s) {dup} appear more than once")
+        return self
 
 
 # --------------------------------------------------------------------------- register
@@ -444,6 +482,10 @@ class Register(_Section):
 class MLflowCfg(_Section):
     tracking_uri: str = "http://127.0.0.1:5000"
     """Overridden by the MLFLOW_TRACKING_URI environment variable."""
+    ui_url: str | None = Field(None, pattern=r"^https?://\S+$")
+    """The MLflow UI's public address (e.g. `https://mlflow.example.org/mlflow`) for the links on a version page;
+    None (the default): relative links (`#/experiments/...`), which open on whatever host, port and path prefix
+    the reviewer reached the UI by (`medclf.release.model_card.run_links`)."""
 
     def resolved_uri(self) -> str:
         return os.environ.get("MLFLOW_TRACKING_URI") or self.tracking_uri
@@ -471,6 +513,13 @@ class Settings(_Section):
                 "DVC tracks paths.raw_data as ingest's input, so changes to this source would never trigger a "
                 "retrain: set paths.raw_data to the source's folder (or a folder that contains it)"
             )
+        for ext in self.evaluate.external:
+            where = source_location(ext.source)
+            if where is None or not is_under(where, self.paths.external_data):
+                raise ValueError(
+                    f"evaluate.external: set {ext.name!r} reads {where!r}, which is not under paths.external_data "
+                    f"{self.paths.external_data!r}: DVC tracks that folder as evaluate's external input"
+                )
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,11 @@ from medclf.evaluation.comparison import paired_differences
 from medclf.infra.io import json_safe
 
 DEFAULT_THRESHOLD = 0.5
+MIN_VAL_POSITIVES = 50
+"""Fewer validation positives than this and the operating point carries a warning: a threshold fitted on ~20 positives
+is noise (BreastMNIST: 21 positives, sensitivity 0.95 on them, test specificity 0.18)."""
+THRESHOLD_RESAMPLES = 200
+"""Bootstrap resamples of the validation split behind the threshold's own 95 % interval (`operating_point`)."""
 GALLERY_GROUPS = ("true positives", "false positives", "false negatives")
 _HEADLINE_COLUMN = {"roc_auc": "auc"}
 _METRIC_NAME = re.compile(
@@ -78,7 +83,8 @@ class Report:
     """Every number of the evaluation (`metrics_document` turns it into `reports/metrics.json`)."""
 
     threshold: dict[str, Any]
-    """The operating threshold and its validation figures (`metrics.choose_threshold`): threshold.json."""
+    """The operating threshold and its validation figures (`metrics.choose_threshold`), and under `operating_point`
+    the threshold's bootstrap interval with its warning (`operating_point`): threshold.json."""
     test: dict[str, dict[str, float]]
     """Test metrics at the chosen threshold, each {value, ci_low, ci_high}."""
     test_counts: dict[str, int]
@@ -112,6 +118,79 @@ def choose_operating_threshold(val: Binary, cfg: Evaluate) -> dict[str, Any]:
     return metrics.choose_threshold(val.y, val.p, cfg.threshold_rule, cfg.target_sensitivity)
 
 
+def threshold_resamples(
+    val: Binary, cfg: Evaluate, patients: np.ndarray | None = None, n: int = THRESHOLD_RESAMPLES
+) -> np.ndarray:
+    """The threshold re-fitted by `cfg`'s rule on `n` bootstrap resamples of the validation split, drawn from
+    `cfg.seed`: of rows, or with `patients` (one id per validation row) of whole patients. A resample that lacks a
+    class has no threshold and is skipped."""
+    rows = np.arange(val.y.size)
+    if patients is None:
+        inverse, n_units = rows, rows.size
+    else:
+        g = np.asarray(patients)
+        if g.shape != val.y.shape:
+            raise ValueError(f"patients must hold one id per validation row ({val.y.size}); got shape {g.shape}")
+        uniq, inverse = np.unique(g, return_inverse=True)
+        n_units = uniq.size
+    rng, out = np.random.default_rng(cfg.seed), []
+    for _ in range(n):
+        idx = np.repeat(rows, np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)[inverse])
+        y = val.y[idx]
+        if 0 < y.sum() < y.size:
+            out.append(metrics.choose_threshold(y, val.p[idx], cfg.threshold_rule, cfg.target_sensitivity)["threshold"])
+    return np.asarray(out, dtype=float)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def operating_point(
+    val: Binary, test: Binary, choice: dict[str, Any], cfg: Evaluate, patients: np.ndarray | None = None
+) -> dict[str, Any]:
+    """How far the validation-chosen threshold can be trusted: its 2.5/97.5 percentiles over `threshold_resamples`
+    (none when `cfg.bootstrap` is 0), the test sensitivity and specificity those two thresholds give (ascending
+    [low, high]), and a warning (None when `MIN_VAL_POSITIVES` or more validation positives back it). Strict JSON."""
+    thr, n_pos = float(choice["threshold"]), int(val.y.sum())
+    boot = threshold_resamples(val, cfg, patients) if cfg.bootstrap else np.empty(0)
+    lo, hi = (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))) if boot.size else (None, None)
+    spec: list[float | None] = [None, None]
+    sens: list[float | None] = [None, None]
+    if lo is not None and hi is not None:  # a lower threshold calls more positive: more sensitive, less specific
+        at_lo, at_hi = (json_safe(metrics.binary_metrics(test.y, test.p, t)) for t in (lo, hi))
+        spec, sens = [at_lo["specificity"], at_hi["specificity"]], [at_hi["recall"], at_lo["recall"]]
+    warning = None
+    if n_pos < MIN_VAL_POSITIVES:
+        rule = choice["rule"] + (f" {choice['target_sensitivity']:g}" if "target_sensitivity" in choice else "")
+        interval = (
+            f"95 % interval {_fmt(lo, '.3g')}–{_fmt(hi, '.3g')}); test specificity would range "
+            f"{_fmt(spec[0], '.2f')}–{_fmt(spec[1], '.2f')} and sensitivity {_fmt(sens[0], '.2f')}–"
+            f"{_fmt(sens[1], '.2f')} over that interval"
+            if lo is not None
+            else "no bootstrap interval: evaluate.bootstrap is 0)"
+        )
+        warning = (
+            f"the operating point rests on {n_pos} validation positives (fewer than {MIN_VAL_POSITIVES}): "
+            f"threshold {thr:.3g} by {rule} ({interval}"
+        )
+    out: dict[str, Any] = json_safe(
+        {
+            "threshold": thr,
+            "ci_low": lo,
+            "ci_high": hi,
+            "val_positives": n_pos,
+            "val_negatives": int(val.y.size - n_pos),
+            "test_specificity_range": spec,
+            "test_sensitivity_range": sens,
+            "resamples": int(boot.size),
+            "clustered_by_patient": patients is not None,
+            "warning": warning,
+        }
+    )
+    return out
+
+
 def _counts(b: Binary, threshold: float) -> dict[str, int]:
     return {k: int(v) for k, v in metrics.binary_metrics(b.y, b.p, threshold).items() if k in metrics.COUNTS}
 
@@ -121,12 +200,15 @@ def evaluate_predictions(
     cfg: Evaluate,
     temperature: float | None = None,
     groups: Mapping[str, np.ndarray] | None = None,
+    val_patients: np.ndarray | None = None,
 ) -> Report:
     """Every number of the evaluation, from predictions. `temperature`: the one train folded into the model
     (train_run.json's `calibration`), for the before/after figures; `groups`: each declared subgroup's category
-    per test image (`medclf.evaluation.subgroups.groups_of_test_split`)."""
+    per test image (`medclf.evaluation.subgroups.groups_of_test_split`); `val_patients`: the patient of each
+    validation image, for a threshold interval over whole patients (None: over rows)."""
     choice = choose_operating_threshold(preds.val, cfg)
     b, thr = preds.test, choice["threshold"]
+    choice["operating_point"] = operating_point(preds.val, b, choice, cfg, val_patients)
     multiclass = (
         metrics.multiclass_with_ci(preds.y_test, preds.proba_test, list(preds.classes), cfg.bootstrap, cfg.seed)
         if len(preds.classes) > 2
@@ -183,6 +265,7 @@ def metrics_document(report: Report) -> dict[str, Any]:
             "threshold": DEFAULT_THRESHOLD,
         },
     }
+    doc.update({"operating_point": ch["operating_point"]} if "operating_point" in ch else {})
     doc.update({"calibration": json_safe(report.calibration)} if report.calibration else {})
     doc.update({"subgroups": report.subgroups} if report.subgroups else {})  # medclf.evaluation.subgroups
     if report.multiclass is not None:

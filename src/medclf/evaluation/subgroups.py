@@ -78,9 +78,10 @@ def groups_of_test_split(manifest: Path, n_test: int) -> dict[str, np.ndarray]:
     return {col[len(SUBGROUP_PREFIX) :]: test[col].fillna(UNKNOWN).astype(str).to_numpy() for col in cols}
 
 
-def patients_of_test_split(manifest: Path, n_test: int) -> np.ndarray | None:
-    """The pseudonymised patient of each test image, in the test arrays' row order, for a bootstrap clustered by
-    patient (images of one patient are not independent); None when the manifest has no patient for some image."""
+def patients_of_split(manifest: Path, split: str, n: int) -> np.ndarray | None:
+    """The pseudonymised patient of each image of `split` (train, val or test), in that split's array row order, for
+    a bootstrap clustered by patient (images of one patient are not independent); None when the manifest has no
+    patient for some image."""
     import pandas as pd
 
     if not manifest.exists():
@@ -88,7 +89,12 @@ def patients_of_test_split(manifest: Path, n_test: int) -> np.ndarray | None:
     m = pd.read_parquet(manifest)
     if "patient_hash" not in m.columns:
         return None
-    test = m[(m.split == "test") & (m.status == "ok")].sort_values("row")
-    if list(test["row"]) != list(range(n_test)) or test["patient_hash"].isna().any():
+    rows = m[(m.split == split) & (m.status == "ok")].sort_values("row")
+    if list(rows["row"]) != list(range(n)) or rows["patient_hash"].isna().any():
         return None
-    return test["patient_hash"].astype(str).to_numpy()
+    return rows["patient_hash"].astype(str).to_numpy()
+
+
+def patients_of_test_split(manifest: Path, n_test: int) -> np.ndarray | None:
+    """`patients_of_split` of the test split."""
+    return patients_of_split(manifest, "test", n_test)

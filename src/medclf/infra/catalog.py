@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from medclf.config import Paths
 
-Root = Literal["raw_data", "ingest_dir", "augment_dir", "model_dir", "reports_dir", "cache_dir"]
+Root = Literal["raw_data", "external_data", "ingest_dir", "augment_dir", "model_dir", "reports_dir", "cache_dir"]
 Kind = Literal["json", "npy", "csv", "parquet", "png", "keras", "md", "dir", "jsonl", "npz", "weights", "sqlite"]
 
 
@@ -110,6 +110,9 @@ def load_split(paths: Paths, split: str, *, mmap: bool = True) -> tuple[np.ndarr
 
 # --------------------------------------------------------------------------- ingest (paths.ingest_dir)
 RAW_DATA = Artifact("raw_data", "raw_data", "", "dir", "the raw source (folder, file or s3:// prefix) ingest reads")
+EXTERNAL_DATA = Artifact(
+    "external_data", "external_data", "", "dir", "the raw external validation sets evaluate reads (evaluate.external)"
+)
 CLASSES = Artifact("classes", "ingest_dir", "classes.json", "json", "class names, positive class, image size")
 MANIFEST = Artifact("manifest", "ingest_dir", "manifest.parquet", "parquet", "one row per image (hashed ids)")
 IMAGES = Artifact("images", "ingest_dir", "{split}_images.npy", "npy", "N×H×W×C uint8 per split")
@@ -275,6 +278,20 @@ CHAMPION_COMPARISON = Artifact(
     "evaluate/champion_comparison.json",
     "json",
     "challenger minus champion, paired bootstrap CIs",
+)
+ROBUSTNESS = Artifact(
+    "robustness",
+    "reports_dir",
+    "evaluate/robustness.json",
+    "json",
+    "test metrics under each acquisition shift, the worst drop and its gate",
+)
+EXTERNAL_REPORT = Artifact(
+    "external_report",
+    "reports_dir",
+    "evaluate/external.json",
+    "json",
+    "each external set: metrics with CIs at the registered operating point, champion, internal-external gap",
 )
 FIGURE = Artifact(
     "figure",

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -237,3 +238,112 @@ def flat_params(section: BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = str(v)[:500]
     return out
+
+
+# ----------------------------------------------------------------------------- the run's facts (issue 27)
+TRAIN, VAL, TEST, TEST_T050, SYSTEM = "train/", "val/", "test/", "test_t050/", "system/"
+METRIC_PREFIXES = (TRAIN, VAL, TEST, TEST_T050, SYSTEM)
+"""Every metric of a training run is under one of these groups (MLflow's UI charts each group as a section):
+`train/` the training set (per epoch: `train/loss`, `train/auc`, `train/lr`; once: `train/epochs_run`,
+`train/temperature`), `val/` the validation split (per epoch `val/loss`, `val/auc`; `val/best_auc`; evaluate's
+operating point `val/sensitivity` ...), `test/` evaluate's test metrics at the registered threshold (metrics.json
+names: `test/roc_auc`, `test/f1`, `test/threshold`), `test_t050/` the same at the fixed 0.5 threshold, and
+`system/` telemetry (`system/epoch_seconds`, `system/images_per_second` ...). So `auc` means one thing per
+group: `train/auc` is Keras' running AUC on the training batches, `val/auc` the exact AUC on val, `test/roc_auc`
+the test AUC the version's `metric.roc_auc` tag carries."""
+
+_EVALUATE_GROUPS = (("test_t050_", TEST_T050), ("test_", TEST), ("val_", VAL))
+
+
+def evaluate_metric_key(flat: str) -> str:
+    """The grouped run-metric name of one of `medclf.evaluation.report.run_metrics`'s flat names:
+    `test_f1` -> `test/f1`, `test_t050_f1` -> `test_t050/f1`, `val_f1` -> `val/f1`, `decision_threshold` ->
+    `test/threshold`."""
+    if flat == "decision_threshold":
+        return f"{TEST}threshold"
+    for start, group in _EVALUATE_GROUPS:
+        if flat.startswith(start):
+            return group + flat[len(start) :]
+    return TEST + flat
+
+
+def release_params(settings: Any) -> dict[str, str]:
+    """The evaluate settings that decide a release, as run params: the threshold rule and its target sensitivity,
+    every gate bound and the non-inferiority margin (`evaluate.gates.*`), the bootstrap size and seed, and the
+    external sets' names (`evaluate.external`, only when there are some)."""
+    ev = settings.evaluate
+    out = {
+        "evaluate.threshold_rule": str(ev.threshold_rule),
+        "evaluate.target_sensitivity": str(ev.target_sensitivity),
+        "evaluate.bootstrap": str(ev.bootstrap),
+        "evaluate.seed": str(ev.seed),
+        **flat_params(ev.gates, "evaluate.gates."),
+    }
+    if ev.external:
+        out["evaluate.external"] = ",".join(e.name for e in ev.external)
+    return out
+
+
+def ingest_params(ingest: Any) -> dict[str, str]:
+    """The ingest settings that decide what the splits hold: the split seed and fractions, the image size,
+    channels and resize, and how images are grouped by patient (the source's group column or patient regex)."""
+    src = ingest.source
+    return {
+        "ingest.splits.seed": str(ingest.splits.seed),
+        "ingest.splits.val_fraction": str(ingest.splits.val_fraction),
+        "ingest.splits.test_fraction": str(ingest.splits.test_fraction),
+        "ingest.splits.use_official": str(ingest.splits.use_official),
+        "ingest.image_size": str(ingest.image_size),
+        "ingest.channels": str(ingest.channels),
+        "ingest.resize": str(ingest.resize),
+        "ingest.source.kind": str(src.kind),
+        "ingest.source.group_column": str(src.group_column),
+        "ingest.source.patient_id_regex": str(src.patient_id_regex or ""),
+    }
+
+
+_PARAM_KEY = re.compile(r"[^\w\-. :/]")
+
+
+def param_key(key: str) -> str:
+    """`key` as a valid MLflow param/tag name: a gate bound on a class, `evaluate.gates.bounds.recall[VIRUS]`, is
+    `evaluate.gates.bounds.recall.VIRUS`; any other character MLflow refuses becomes `_`."""
+    return _PARAM_KEY.sub("_", re.sub(r"\[([^\]]*)\]", r".\1", key))
+
+
+def log_params_once(cl: Any, run_id: str, params: dict[str, Any]) -> dict[str, str]:
+    """Log `params` into run `run_id` with MlflowClient `cl`, never changing one (MLflow refuses that: "Changing
+    param values is not allowed"). A key the run does not hold is logged as a param. A key it holds with another
+    value (`dvc repro` re-running evaluate with a changed `evaluate.target_sensitivity` on the same training run,
+    or a resumed run) keeps its param, and the value used now is set as a *tag* of the same name, which the run
+    page shows beside it; the tag is deleted again once the value equals the param. Returns those tags."""
+    from mlflow.entities import Param, RunTag
+
+    run = cl.get_run(run_id)
+    held, tagged = run.data.params, run.data.tags
+    values = {param_key(k): str(v)[:6000] for k, v in params.items() if v is not None}
+    new = [Param(k, v) for k, v in values.items() if k not in held]
+    changed = {k: v for k, v in values.items() if k in held and held[k] != v}
+    for i in range(0, len(new), 100):
+        cl.log_batch(run_id, params=new[i : i + 100])
+    if changed:
+        log.warning(
+            "run %s already holds other values of %s (MLflow params are immutable): the values used now are tags",
+            run_id,
+            ", ".join(sorted(changed)),
+        )
+        cl.log_batch(run_id, tags=[RunTag(k, v) for k, v in changed.items()])
+    for k, v in values.items():
+        if k in held and held[k] == v and k in tagged:
+            cl.delete_tag(run_id, k)
+    return changed
+
+
+def split_digest(ingest_dir: str | Path, split: str) -> str:
+    """The content digest of one ingest split: sha256 over its images and labels files, as evaluate's
+    `test_set_digest` (`versions.TAG_TEST_DIGEST`) is for the test split. So the train, val and test datasets of a
+    run each carry their own digest (they all carried the whole ingest folder's); "" when the split is missing."""
+    from medclf.infra.io import file_digest
+
+    files = [catalog.IMAGES.under(Path(ingest_dir), split=split), catalog.LABELS.under(Path(ingest_dir), split=split)]
+    return file_digest(*files) if all(f.is_file() for f in files) else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote
 
 from medclf.config.vocabulary import DESCRIBED, KCLASS_LABELS, METRICS
 from medclf.infra import catalog
@@ -40,14 +41,27 @@ RECIPE_KEYS = (
 
 
 def run_links(
-    tracking_uri: str, experiment_id: str | None, run_id: str, figures: Iterable[str] | None = None
+    tracking_uri: str,
+    experiment_id: str | None,
+    run_id: str,
+    figures: Iterable[str] | None = None,
+    ui_url: str | None = None,
+    model: str | None = None,
+    champion: str | None = None,
 ) -> dict[str, str]:
-    """MLflow UI links for the version page (empty when the tracking URI is not an HTTP server). `figures`: the
-    names evaluate drew (`reports/evaluate/*.png` stems): only those are linked (a run with no champion has no
-    comparison, a K-class gallery of more than 3 classes is one file per class); None links the usual two."""
-    if not tracking_uri.startswith(("http://", "https://")) or not experiment_id:
+    """MLflow UI links for the version page. `figures`: the names evaluate drew (`reports/evaluate/*.png` stems):
+    only those are linked (a run with no champion has no comparison, a K-class gallery of more than 3 classes is
+    one file per class); None links the usual two. `model`, `champion`: the registered model and the version
+    evaluate compared with, linked when both are given.
+
+    The links are relative hash routes (`#/experiments/...`) unless `ui_url` (`mlflow.ui_url`) names the UI's
+    public address: the browser resolves them against the page the reviewer is on, whatever host, port or
+    `--static-prefix` they reached it by (the tracking URI is the address *this* process used, often loopback).
+    Empty when there is no UI to link to (no `ui_url`, and a tracking URI that is not an HTTP server)."""
+    if not experiment_id or not (ui_url or tracking_uri.startswith(("http://", "https://"))):
         return {}
-    run = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    base = f"{ui_url.rstrip('/')}/" if ui_url else ""
+    run = f"{base}#/experiments/{experiment_id}/runs/{run_id}"
     drawn = ["gradcam", "champion_comparison"] if figures is None else sorted(figures)
     shown = {"gradcam": "Grad-CAM gallery", "champion_comparison": "challenger vs champion"}
     gallery = {
@@ -57,14 +71,20 @@ def run_links(
         for f in drawn
         if f in shown or f.startswith("gradcam_")
     }
+    champ = (
+        {f"champion v{champion}": f"{base}#/models/{quote(model, safe='')}/versions/{champion}"}
+        if model and champion
+        else {}
+    )
     return {
         "training run": run,
         "model card": f"{run}/artifacts/{catalog.RUN_CARD}",
         "model card (JSON)": f"{run}/artifacts/{catalog.RUN_CARD_JSON}",
         **gallery,
         "metrics with 95 % CIs": f"{run}/artifacts/{catalog.RUN_CI_TABLE}",
+        **champ,
         # MLflow 3.17's UI starts on its GenAI view unless told (a per-browser switch)
-        "all training runs": f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning",
+        "all training runs": f"{base}#/experiments/{experiment_id}?workflowType=machine_learning",
     }
 
 
@@ -73,13 +93,103 @@ LIMITATIONS = (
         "Figures come from an internal, patient-level split of the same source; on an external set from another "
         "site or time they are typically lower (see docs/PERFORMANCE.md for the measured gap)."
     ),
-    "The score is not a calibrated risk: read it against the threshold, not as a probability of disease.",
     (
         "Trained and tested only on the population and devices of the training data (for the embedded demo: "
         "pediatric chest X-rays of one hospital); any other use needs its own validation."
     ),
     "Research use only: not a medical device, not for diagnosis without regulatory clearance.",
 )
+"""The limitations every version states; `limitations` adds the one about calibration, which depends on the model."""
+
+PROMOTION_CHECKLIST: tuple[tuple[str, str, bool], ...] = (
+    (
+        "gates",
+        "every release gate passed on this test set (tag `gates` = `passed`; the page lists each gate and its bound)",
+        True,
+    ),
+    (
+        "data",
+        "the data is still current: the raw-data md5 this version was trained on (tag `raw_data_md5`) is the one "
+        "in the current `dvc.lock`",
+        True,
+    ),
+    (
+        "blocked",
+        "not blocked: no `medclf.blocked` tag on this version, and not a rollback past a version blocked as a floor",
+        True,
+    ),
+    (
+        "Grad-CAM",
+        "the Grad-CAM gallery looks at the anatomy, not at markers, text, borders or devices",
+        False,
+    ),
+    (
+        "CIs",
+        "the 95 % CIs are acceptable, the lower bound of sensitivity above all, not only the point values",
+        False,
+    ),
+    (
+        "subgroups",
+        "no subgroup category is clearly worse than the headline (when `ingest.subgroups` declares any)",
+        False,
+    ),
+)
+"""docs/PROMOTION.md, "Before you promote": (item, what to check, automatic). The automatic items carry the names of
+`medclf.release.promotion.check`'s items: `medclf promote` and the promotion service verify them when `champion`
+moves; the others are the reviewer's judgement. Rendered unticked on every version page (`checklist_rows`)."""
+
+PROMOTE_BUTTON = (
+    "**To promote**, move the alias `champion` to this version: *Aliases* → *Add* (or the pencil) → `champion` → "
+    "*Save aliases*, or `medclf promote --version N` with this version's number. The blue *Promote model* button "
+    "does not do it: it copies this version into another registered model and leaves `champion` where it is."
+)
+"""What the version page says about MLflow's "Promote model" button (docs/PROMOTION.md, step 3)."""
+
+
+def checklist_rows() -> list[str]:
+    """`PROMOTION_CHECKLIST` as unticked boxes (☐: MLflow's markdown sanitizer drops a task list's checkbox)."""
+    return [
+        f"- ☐ **{item}**{' (checked automatically)' if auto else ''}: {text}"
+        for item, text, auto in PROMOTION_CHECKLIST
+    ]
+
+
+def _applied_temperature(cal: dict[str, Any] | None) -> float | None:
+    """The temperature folded into the model, or None when none changed its scores (none fitted, or T = 1)."""
+    t = (cal or {}).get("temperature")
+    return float(t) if t is not None and abs(float(t) - 1.0) > 1e-9 else None
+
+
+def _no_calibration(fitted: dict[str, Any] | None) -> str:
+    """Why a model's scores are uncalibrated, from train's record (`train_run.json` "calibration")."""
+    fitted = fitted or {}
+    if fitted.get("method") == "temperature":
+        return "temperature scaling was fitted on the validation split but T = 1 (no better fit), so nothing changed"
+    if fitted.get("note"):
+        return f"no calibration was applied ({fitted['note']})"
+    return "no calibration was applied"
+
+
+def calibration_limitation(cal: dict[str, Any] | None, fitted: dict[str, Any] | None = None) -> str:
+    """What calibration does and does not give this model. `cal`: metrics.json "calibration" (the temperature and the
+    test ECE/Brier before and after); `fitted`: train's record of the fit."""
+    t = _applied_temperature(cal)
+    if t is None:
+        return (
+            f"Not calibrated: {_no_calibration(fitted)}. The score ranks cases but is not a calibrated risk: read it "
+            "against the threshold, not as a probability of disease."
+        )
+    return (
+        f"Calibrated by temperature scaling (T = {num(t)}) on the internal validation split only: on this "
+        "population the score tracks the observed frequency (test ECE above), at another site, device or prevalence "
+        "it may not. Check calibration there before reading the score as a risk; it does not change the ranking or "
+        "the decisions at the threshold."
+    )
+
+
+def limitations(cal: dict[str, Any] | None = None, fitted: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The version's limitations: `LIMITATIONS` with the calibration one for this model second."""
+    return (LIMITATIONS[0], calibration_limitation(cal, fitted), *LIMITATIONS[1:])
 
 
 def intended_use(meta: dict[str, Any], gates: dict[str, Any]) -> str:
@@ -91,6 +201,129 @@ def intended_use(meta: dict[str, Any], gates: dict[str, Any]) -> str:
     return f"{what} images into {', '.join(f'`{c}`' for c in meta['classes'])} ({gates.get('threshold_rule')})"
 
 
+def _ci(test: dict[str, Any], key: str) -> str:
+    low, high = test.get(f"{key}_ci_low"), test.get(f"{key}_ci_high")
+    return f"{num(low)}–{num(high)}" if low is not None and high is not None else ""
+
+
+def decision_facts(
+    gates: dict[str, Any],
+    metrics_doc: dict[str, Any],
+    provenance: dict[str, str],
+    run_id: str,
+    fitted: dict[str, Any] | None = None,
+) -> list[str]:
+    """The version page's first screen: the facts the promotion decision rests on, one line each (the verdict of the
+    gates, the headline test metrics with their CIs, the operating point or decision rule, calibration, the data
+    version and commit, what promoting means). The long tables follow below it."""
+    test = metrics_doc.get("test") or {}
+    kind = metrics_doc.get("task") or gates.get("task") or "binary"
+    kclass = kind in ("multiclass", "ordinal")
+    floors = gates.get("gates", [])
+    failed = [g for g in floors if not g.get("passed")]
+    ni = gates.get("non_inferiority") or {}
+    champ = gates.get("champion") or {}
+    cv = f"champion v{champ['version']}" if champ.get("version") else "champion"
+    if ni.get("entries") and not ni.get("skipped"):
+        ni_word = f"non-inferiority vs {cv} {'passed' if all(e.get('passed') for e in ni['entries']) else 'FAILED'}"
+    else:
+        ni_word = f"non-inferiority not checked: {champ.get('note') or 'no champion'}"
+    verdict = "FAILED" if failed or "FAILED" in ni_word else "passed"
+    gate_line = f"- **Gates: {verdict}** ({len(floors) - len(failed)} of {len(floors)} floors; {ni_word})"
+    if kclass:
+        keys = [k for k in ("balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "qwk", "mae") if k in test]
+        label = {k: KCLASS_LABELS.get(k, k) for k in keys}
+    else:
+        keys = [k for k in ("roc_auc", "recall", "specificity", "f1") if k in test]
+        label = {k: METRICS[k].label for k in keys}
+    figures = [
+        f"{label[k]} **{num(test[k])}**" + (f" ({_ci(test, k)})" if _ci(test, k) else "")
+        for k in keys
+        if test.get(k) is not None
+    ]
+    metric_line = f"- **Test split** (n={test.get('n', '?')}, 95 % CI): " + (" · ".join(figures) or "no figures")
+    if kclass:
+        op_line = f"- **Decision rule ({kind}):** {gates.get('threshold_rule')}, fitted on the validation split"
+    else:
+        op_line = (
+            f"- **Operating point:** threshold {float(gates['threshold']):.4f} on "
+            f"p({provenance.get('positive_class', 'positive')}), chosen on the validation split "
+            f"({gates.get('threshold_rule')})"
+        )
+    cal = metrics_doc.get("calibration") or {}
+    t = _applied_temperature(cal)
+    cal_line = (
+        f"- **Calibration:** temperature scaling, T = {num(t)} fitted on the validation split; test ECE "
+        f"{num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}"
+        if t is not None
+        else f"- **Calibration:** {_no_calibration(fitted)}; the score is not a calibrated risk"
+    )
+    raw, commit = provenance.get("raw_data_md5"), provenance.get("git_commit")
+    data_line = (
+        f"- **Data and code:** raw data md5 `{raw[:8] if raw else 'unknown'}`"
+        + (f" ({provenance['raw_data_nfiles']} files)" if raw and provenance.get("raw_data_nfiles") else "")
+        + f" · git commit `{commit[:8] if commit else 'unknown'}` · training run `{run_id}`"
+    )
+    ext_lines = [_external_fact(r) for r in metrics_doc.get("external") or []]
+    return [gate_line, metric_line, op_line, *ext_lines, cal_line, data_line, "", PROMOTE_BUTTON]
+
+
+def _external_fact(r: dict[str, Any]) -> str:
+    """The first screen's line for one external set (`medclf.evaluation.external`): headline with CI and gap."""
+    key = "roc_auc" if "roc_auc" in r["gap"] else next(iter(r["gap"]), None)
+    if key is None:
+        return f"- **External set {r['name']}** (n={r['n']}): no figure defined"
+    t = r["test"][key]
+    label = KCLASS_LABELS.get(key) or (METRICS[key].label if key in METRICS else key)
+    return (
+        f"- **External set {r['name']}** (n={r['n']}): {label} "
+        f"**{num(t['value'])}** ({num(t['ci_low'])}–{num(t['ci_high'])}), internal {num(r['internal'].get(key))}: "
+        f"gap {r['gap'][key]:+.3f}" + ("" if r["passed"] else " · **external gate FAILED**")
+    )
+
+
+def robustness_lines(metrics_doc: dict[str, Any]) -> list[str]:
+    """The version page's robustness paragraph (`medclf.evaluation.robustness`; the table is the run's
+    `evaluate/robustness.json` and `robustness.png`)."""
+    rob = metrics_doc.get("robustness")
+    if not rob:
+        return []
+    parts = []
+    for metric, w in (rob.get("worst") or {}).items():
+        if w and w.get("delta") is not None:
+            parts.append(
+                f"{metric} {num(w.get('value'))} ({w['delta']:+.3f}) under {w['name']} (severity {w['severity']})"
+            )
+    gate = rob.get("gate") or {}
+    verdict = (
+        "no gate (evaluate.robustness.max_drop)"
+        if gate.get("skipped")
+        else f"gate {'passed' if gate.get('passed') else '**FAILED**'}: worst drop {num(gate.get('drop'))}, "
+        f"bound {gate.get('bound')}"
+    )
+    return [
+        "**Robustness** (the test split under controlled acquisition shifts, the proxy for another site; every shift "
+        "in the run's `evaluate/robustness.json` and `robustness.png`): worst " + "; ".join(parts) + f". {verdict}.",
+        "",
+    ]
+
+
+def external_lines(metrics_doc: dict[str, Any]) -> list[str]:
+    """The version page's external validation table (internal, external with CI, gap, champion on the same images)."""
+    from medclf.evaluation.external import markdown
+
+    reports = metrics_doc.get("external") or []
+    if not reports:
+        return []
+    return [
+        "**External validation** (`evaluate.external`; scored at the registered decision, never fitted on; the gap "
+        "is internal minus external):",
+        "",
+        *markdown(reports),
+        "",
+    ]
+
+
 def version_description(
     gates: dict[str, Any],
     metrics_doc: dict[str, Any],
@@ -98,14 +331,17 @@ def version_description(
     run_id: str,
     validation: dict[str, Any] | None = None,
     links: dict[str, str] | None = None,
+    fitted: dict[str, Any] | None = None,
 ) -> str:
     """What a reviewer reads on the MLflow model version page before moving `champion`: markdown.
 
-    Headline metrics with their 95 % bootstrap intervals and the champion's values on the same test
-    set, the paired difference with its CI, the operating point and where it was chosen, every gate
-    with its bound, calibration, the data the model learned from with its validation warnings, links
-    to the evidence, and the limitations. Rounded for reading; the exact values stay in the run's
-    `evaluate/metrics.json`, `evaluate/gates.json` and `evaluate/metrics_ci.json`.
+    First screen: the decision facts (`decision_facts`), the promotion checklist (`PROMOTION_CHECKLIST`) and the
+    links to the evidence. Then the detail: headline metrics with their 95 % bootstrap intervals and the champion's
+    values on the same test set, the paired difference with its CI, the operating point and where it was chosen,
+    every gate with its bound, calibration, the data the model learned from with its validation warnings, and the
+    limitations. `fitted`: train's calibration record (`train_run.json` "calibration"), which says why a model is
+    uncalibrated. Rounded for reading; the exact values stay in the run's `evaluate/metrics.json`,
+    `evaluate/gates.json` and `evaluate/metrics_ci.json`.
     """
     from medclf.evaluation.comparison import comparison_rows
 
@@ -114,19 +350,27 @@ def version_description(
     champ = gates.get("champion") or {}
     cv = f"champion v{champ['version']}" if champ.get("version") else "champion"
     kclass = metrics_doc.get("task") in ("multiclass", "ordinal")
-    rows = [f"| metric (test split, n={test.get('n', '?')}) | value | 95 % CI | {cv} |", "|---|---|---|---|"]
     described = [k for k in KCLASS_LABELS if k in test] if kclass else list(DESCRIBED)
+    cells = []  # (label, value, CI, champion's value): a column none of the rows fills is left out
     for key in described:
-        label = KCLASS_LABELS[key] if kclass else METRICS[key].label
         if test.get(key) is None:
             continue
-        ci = (
-            f"{num(test.get(f'{key}_ci_low'))}–{num(test.get(f'{key}_ci_high'))}"
-            if test.get(f"{key}_ci_low") is not None
-            else ""
-        )
         champ_value = ni[key]["champion"] if key in ni else (gates.get("comparison") or {}).get(key, {}).get("champion")
-        rows.append(f"| {label} | **{num(test[key])}** | {ci} | {'' if champ_value is None else num(champ_value)} |")
+        cells.append(
+            (
+                KCLASS_LABELS[key] if kclass else METRICS[key].label,
+                f"**{num(test[key])}**",
+                _ci(test, key),
+                "" if champ_value is None else num(champ_value),
+            )
+        )
+    heads = [f"metric (test split, n={test.get('n', '?')})", "value", "95 % CI", cv]
+    keep = [0, 1] + [i for i in (2, 3) if any(c[i] for c in cells)]
+    rows = [
+        "| " + " | ".join(heads[i] for i in keep) + " |",
+        "|---" * len(keep) + "|",
+        *("| " + " | ".join(c[i] for i in keep) + " |" for c in cells),
+    ]
     gate_lines = [
         f"- {'pass' if g.get('passed') else 'FAIL'}: {g.get('metric')} {num(g.get('value'))} "
         f"{g.get('op', '>=')} {num(g.get('bound'))} ({g.get('name')})"
@@ -177,20 +421,30 @@ def version_description(
         f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
         "above."
     )
+    op_warning = (metrics_doc.get("operating_point") or {}).get("warning")  # medclf.evaluation.report
+    if op_warning:
+        operating += f"\n\n> **Warning, unstable operating point:** {op_warning}."
     if kclass:
         rows += ["", *per_class_rows(metrics_doc)]
-    cal = metrics_doc.get("calibration") or {}
+    cal, fit = metrics_doc.get("calibration") or {}, fitted or {}
+    t = _applied_temperature(cal)
+    on_val = (
+        f" (validation ECE {num(fit['val_before'].get('ece'))} → {num(fit['val_after'].get('ece'))}, "
+        f"n={fit.get('n', '?')})"
+        if t is not None and isinstance(fit.get("val_before"), dict) and isinstance(fit.get("val_after"), dict)
+        else ""
+    )
     calib = (
         f"**Calibration:** ECE {num(test.get('ece'))}, Brier {num(test.get('brier'))} on the test split; "
         + (
-            f"temperature scaling, T = {num(cal['temperature'])} fitted on the validation split and stored in "
-            f"the model: ECE {num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}, Brier "
-            f"{num(cal.get('brier_before'))} → {num(cal.get('brier_after'))} (before → after). Calibrated on "
-            "this population; a shifted one needs its own check."
-            if cal.get("temperature")
-            else "no recalibration is applied, so the score ranks cases but is not a risk."
+            f"temperature scaling, T = {num(t)} fitted on the validation split{on_val} and folded into the model: "
+            f"test ECE {num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}, Brier "
+            f"{num(cal.get('brier_before'))} → {num(cal.get('brier_after'))} (before → after). Calibrated on the "
+            "internal validation split only: another site or population needs its own check."
+            if t is not None
+            else f"{_no_calibration(fitted)}, so the score ranks cases but is not a calibrated risk."
         )
-        if test.get("ece") is not None
+        if test.get("ece") is not None or t is not None
         else ""
     )
     groups = metrics_doc.get("subgroups") or {}
@@ -207,10 +461,19 @@ def version_description(
         if groups
         else []
     )
-    link_line = ["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else []
+    evidence = ["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else []
     return "\n".join(
         [
             "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.",
+            "",
+            *decision_facts(gates, metrics_doc, provenance, run_id, fitted),
+            "",
+            "**Before you promote** (docs/PROMOTION.md; tick each in your review):",
+            "",
+            *checklist_rows(),
+            *evidence,
+            "",
+            "---",
             "",
             *rows,
             *compare,
@@ -222,13 +485,14 @@ def version_description(
             "",
             *([calib, ""] if calib else []),
             *subgroup,
+            *external_lines(metrics_doc),
+            *robustness_lines(metrics_doc),
             f"**Data:** {data}.",
             "",
             f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
-            *link_line,
             "",
             "**Limitations:**",
-            *[f"- {x}" for x in LIMITATIONS],
+            *[f"- {x}" for x in limitations(cal, fitted)],
         ]
     )
 
@@ -366,5 +630,7 @@ def model_card_json(
             {k: g.get(k) for k in ("name", "metric", "value", "op", "bound", "passed")} for g in gates.get("gates", [])
         ],
         "subgroups": metrics_doc.get("subgroups") or {},
-        "limitations": list(LIMITATIONS),
+        "limitations": list(
+            limitations(metrics_doc.get("calibration") or train_run.get("calibration"), train_run.get("calibration"))
+        ),
     }

@@ -16,14 +16,21 @@ import datetime as dt
 import getpass
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from medclf.config import Settings
-from medclf.release.versions import TAG_CLASSES, TAG_METRIC, TAG_TEST_DIGEST, alias_version, not_found
+from medclf.release.versions import (
+    PREVIOUS_PREFIX,
+    TAG_CLASSES,
+    TAG_METRIC,
+    TAG_TEST_DIGEST,
+    alias_version,
+    not_found,
+    read_classes,
+)
 
 log = logging.getLogger(__name__)
-
-PREVIOUS_PREFIX = "previous-"
 
 
 class RegistryError(RuntimeError):
@@ -82,14 +89,25 @@ def _get_version(cl: Any, name: str, version: int | str) -> Any:
 
 
 def promote(
-    settings: Settings, version: int, alias: str = "champion", by: str | None = None, attempts: int = 5
+    settings: Settings,
+    version: int,
+    alias: str = "champion",
+    by: str | None = None,
+    attempts: int = 5,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Point `alias` at `version`; the replaced version becomes `previous-<alias>`.
+    """Point `alias` at `version`, once it passes the promotion check; the replaced version becomes
+    `previous-<alias>`.
 
+    The check (`promotion.check`: gates passed, raw data still dvc.lock's, not blocked) runs first; a failure
+    raises RegistryError naming the failed items and changes no alias, unless `force`. Either way the verdict is
+    recorded (`promotion.check`, `<alias>.audit` tags, one line of the audit log) before the alias moves.
     Tags on the promoted version: `<alias>.promoted_by`, `<alias>.promoted_at`,
     `<alias>.previous_version` (what it replaced; the rollback chain). Promoting the version
     that already holds the alias changes nothing.
     """
+    from medclf.release import promotion
+
     cl, name = client(settings, attempts), settings.registry.model_name
     mv = _get_version(cl, name, version)
     current = alias_version(cl, name, alias)
@@ -102,6 +120,27 @@ def promote(
             "note": f"{alias} already points to version {mv.version}",
         }
     who, when = _who(by), _now()
+    verdict = promotion.check(cl, name, mv, settings.paths.raw_data, Path("dvc.lock"))
+    holder = current.version if current is not None else None
+    if not verdict.passed and not force:
+        promotion.record(cl, name, mv.version, alias, verdict, "cli, refused", who, when, holder=holder)
+        raise RegistryError(
+            f"{name} version {mv.version} fails the promotion check ({'; '.join(verdict.reasons)}): {alias} not "
+            f"moved (--force promotes it anyway, and the audit records that it was forced)"
+        )
+    promotion.record(
+        cl,
+        name,
+        mv.version,
+        alias,
+        verdict,
+        "cli",
+        who,
+        when,
+        forced=not verdict.passed,
+        holder=mv.version,
+        replaced=holder,
+    )
     if current is not None:
         cl.set_registered_model_alias(name, PREVIOUS_PREFIX + alias, current.version)
         cl.set_model_version_tag(name, current.version, f"{alias}.replaced_at", when)
@@ -118,11 +157,17 @@ def promote(
         "previous_version": int(current.version) if current else None,
         "by": who,
         "at": when,
+        "check": verdict.word(forced=force),
     }
 
 
-def rollback(settings: Settings, alias: str = "champion", by: str | None = None, attempts: int = 5) -> dict[str, Any]:
+def rollback(
+    settings: Settings, alias: str = "champion", by: str | None = None, attempts: int = 5, force: bool = False
+) -> dict[str, Any]:
     """Move `alias` back to `previous-<alias>`; `previous-<alias>` then steps one further back.
+
+    The target goes through the promotion check as a rollback (gates, blocked; not the data, which is older by
+    definition): a failure raises RegistryError and moves nothing, unless `force`; the verdict is recorded.
 
     The step further back is the restored version's own `<alias>.previous_version` tag (set when
     it was promoted). When that history ends, `previous-<alias>` is removed, so a second rollback
@@ -140,6 +185,29 @@ def rollback(settings: Settings, alias: str = "champion", by: str | None = None,
     if current is not None and current.version == target.version:
         raise RegistryError(f"{name}: {alias} and {prev_alias} both point to version {target.version}")
     who, when = _who(by), _now()
+    from medclf.release import promotion
+
+    verdict = promotion.check(cl, name, target, None, None, rollback=True)
+    via, holder = "cli rollback", current.version if current is not None else None
+    if not verdict.passed and not force:
+        promotion.record(cl, name, target.version, alias, verdict, via + ", refused", who, when, holder=holder)
+        raise RegistryError(
+            f"{name}: rolling {alias} back to version {target.version} fails the promotion check "
+            f"({'; '.join(verdict.reasons)}): nothing moved (force=True rolls back anyway)"
+        )
+    promotion.record(
+        cl,
+        name,
+        target.version,
+        alias,
+        verdict,
+        via,
+        who,
+        when,
+        forced=not verdict.passed,
+        holder=target.version,
+        replaced=holder,
+    )
     older = (target.tags or {}).get(f"{alias}.previous_version", "")
     cl.set_model_version_tag(name, target.version, f"{alias}.restored_by", who)
     cl.set_model_version_tag(name, target.version, f"{alias}.restored_at", when)
@@ -224,10 +292,8 @@ def _champion_proba(wrapper: Any, x_test: Any) -> Any:
 
 
 def _tag_classes(mv: Any) -> list[str] | None:
-    import json
-
-    tags = mv.tags or {}
-    return list(json.loads(tags[TAG_CLASSES])) if tags.get(TAG_CLASSES) else None
+    """The version's `classes` tag: comma-separated, or the JSON list of versions registered before issue 27."""
+    return read_classes((mv.tags or {}).get(TAG_CLASSES))
 
 
 def champion_reference(

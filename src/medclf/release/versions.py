@@ -24,6 +24,40 @@ TAG_THRESHOLD = "threshold"
 TAG_METRIC = "metric."
 TAG_CLASSES = "classes"
 TAG_KERAS_URI = "keras_model_uri"
+TAG_GIT_COMMIT = "git_commit"
+TAG_DIGITS = 4
+PREVIOUS_PREFIX = "previous-"
+"""`previous-<alias>`: where the alias was before its last move (`medclf rollback` goes back to it)."""
+"""Decimals of a version's numeric tags (`metric.*`, `threshold`): what a reviewer reads, and what the champion
+non-inferiority gate compares (an error of at most 5e-5, far under any margin). The exact values stay in the
+training run's gates.json / metrics.json, and the served threshold in the model's own config."""
+
+
+def tag_number(value: float) -> str:
+    """A number as a version tag: `TAG_DIGITS` decimals (`0.2697`, not `0.2696778178215027`)."""
+    return f"{float(value):.{TAG_DIGITS}f}"
+
+
+def tag_classes(classes: list[str]) -> str:
+    """The class names as one tag: comma-separated (`NORMAL,PNEUMONIA`); JSON only when a name holds a comma."""
+    import json
+
+    names = [str(c) for c in classes]
+    return json.dumps(names) if any("," in c for c in names) else ",".join(names)
+
+
+def read_classes(value: str | None) -> list[str] | None:
+    """The class names of a `classes` tag: comma-separated, or the JSON list older versions (and names with a
+    comma) carry; None when there is no tag."""
+    import json
+
+    if not value:
+        return None
+    if value.lstrip().startswith("["):
+        return [str(c) for c in json.loads(value)]
+    return value.split(",")
+
+
 MODEL_DESCRIPTION = (
     "medclf image classifier (research use only; not for clinical decisions without regulatory clearance)"
 )

@@ -1,12 +1,12 @@
 """evaluate: score the test split once, at a threshold chosen on validation data, and gate the release.
 
 The edge of the stage: it loads the model and the splits through the catalog, predicts, and hands the arrays to
-`medclf.evaluation.report` (pure: the threshold from validation only, the test metrics at it and at 0.5 with
-bootstrap 95% CIs, the plot records), then compares with the current `champion`, gates, draws the figures and the
-Grad-CAM gallery, saves every file and logs to MLflow. The gates compare the test metrics with absolute floors and
-with the champion (non-inferiority on the same test set). Every report is written before a failed gate raises
-`GateFailed`, so a failed run still leaves its evidence; `register` reads `gates.json` and refuses anything that
-did not pass.
+`medclf.evaluation.report` (pure: the threshold from validation only, the test metrics at it and at 0.5 with bootstrap
+95% CIs, the plot records), then compares with the current `champion`, gates, draws the figures and the Grad-CAM gallery
+and its shortcut check (`medclf.evaluation.shortcut`), saves every file and logs to MLflow. The gates compare the test
+metrics with absolute floors and with the champion (non-inferiority on the same test set). Every report is written
+before a failed gate raises `GateFailed`, so a failed run still leaves its evidence; `register` reads `gates.json` and
+refuses anything that did not pass.
 
 Files (names in `medclf.infra.catalog`, evaluate section): `reports/evaluate.json` is the headline that
 `dvc metrics show/diff` reads (test AUC, F1, recall, specificity, threshold, failed gates);
@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from medclf.config import Settings
-from medclf.evaluation import metrics, plots, subgroups
+from medclf.evaluation import external, kclass, metrics, plots, robustness, shortcut, subgroups
 from medclf.evaluation.comparison import comparison_png
 from medclf.evaluation.gates import evaluate_gates
 from medclf.evaluation.report import (
     GALLERY_GROUPS,
     Predictions,
+    binary_view,
     champion_comparison,
     ci_table,
     evaluate_predictions,
@@ -43,8 +44,9 @@ from medclf.evaluation.report import (
     run_metrics,
 )
 from medclf.evaluation.task import TaskSpec
+from medclf.imaging.modality import expects_grey
 from medclf.infra import catalog
-from medclf.infra.io import atomic_dir, file_digest, write_json
+from medclf.infra.io import atomic_dir, file_digest, json_safe, write_json
 from medclf.infra.tracking import final_step
 from medclf.pipeline import declared
 
@@ -154,6 +156,91 @@ def _write_gallery(out: Path, inp: Inputs, preds: Predictions, picks: dict[str, 
     )
 
 
+def _shortcut(doc: dict[str, Any], inp: Inputs, seed: int, n: int, fig: Path) -> None:
+    """The shortcut check (`medclf.evaluation.shortcut`) into doc["shortcut"], its worst cases into `fig`."""
+    doc["shortcut"], worst = shortcut.check_test_set(inp.model, inp.x_test, inp.y_test, inp.classes, seed, n)
+    verdict = doc["shortcut"]["warning"] or f"no class over {shortcut.BOUND}x a uniform map's border/corner share"
+    plots.gallery_png(worst, fig, n, f"Shortcut check, highest border heat per class: {verdict}")
+    if doc["shortcut"]["warning"]:
+        log.warning("evaluate: %s", doc["shortcut"]["warning"])
+
+
+def _external(
+    settings: Settings,
+    inp: Inputs,
+    spec: TaskSpec,
+    doc: dict[str, Any],
+    gates: dict[str, Any],
+    scorer: Any,
+    champion_of: Any,
+) -> list[dict[str, Any]]:
+    """Each `evaluate.external` set (`medclf.evaluation.external`), scored by `scorer` (the candidate at its
+    registered decision) and `champion_of` (the champion on the same images), into doc["external"] and gates.json;
+    a failed external gate fails the release like any other."""
+    if not settings.evaluate.external:
+        return []
+    from medclf.evaluation import external
+    from medclf.sources import scan
+    from medclf.sources.decode import decode_all
+
+    manifest, cfg = catalog.MANIFEST.path(settings.paths), settings.ingest
+
+    def load(ext: Any) -> external.ExternalData:  # listed and decoded exactly as ingest does the training data
+        scanned = scan(ext.source, inp.classes, None, cfg.label_aliases)
+        decoded = decode_all(scanned.records, cfg.model_copy(update={"source": ext.source}))
+        return external.from_decoded(
+            ext.name, scanned.quarantine, decoded, inp.classes, cfg.max_quarantine_fraction, manifest
+        )
+
+    reports = external.evaluate_sets(
+        settings.evaluate.external,
+        spec,
+        load,
+        scorer,
+        doc["test"],
+        champion_of,
+    )
+    doc["external"] = reports
+    failed = external.failures(reports)
+    gates["external"] = [{"name": r["name"], "n": r["n"], "passed": r["passed"], "gates": r["gates"]} for r in reports]
+    gates["failures"] = [*gates["failures"], *failed]
+    gates["passed"] = bool(gates["passed"]) and not failed
+    for r in reports:
+        shown = ", ".join(f"{k} {r['test'][k]['value']:.3f} (gap {g:+.3f})" for k, g in r["gap"].items())
+        log.info("evaluate: external set %s (%d images): %s", r["name"], r["n"], shown)
+    return reports
+
+
+def _robustness(
+    settings: Settings, inp: Inputs, gates: dict[str, Any], score: Any, metric: str
+) -> dict[str, Any] | None:
+    """The robustness report (`medclf.evaluation.robustness`) of the candidate on the test split, at its registered
+    decision (`score`), with its optional gate on `metric`'s worst drop; None when `evaluate.robustness` is off."""
+    cfg = settings.evaluate.robustness
+    if not cfg.enabled:
+        return None
+    invertible = expects_grey(settings.ingest.modality)
+    rep = robustness.robustness_report(
+        lambda x: predict_proba(inp.model, x), inp.x_test, inp.y_test, score, settings.evaluate.seed, invertible,
+        cfg.perturbations,
+    )  # fmt: skip
+    rep["metric"], rep["gate"] = metric, robustness.robustness_gate(rep, cfg.max_drop, metric)
+    if rep["gate"].get("passed") is False:
+        g = rep["gate"]
+        gates["failures"] = [*gates["failures"], f"robustness: {metric} drops {g['drop']:.3f} > {g['bound']:g}"]
+        gates["passed"] = False
+    gates["robustness"] = rep["gate"]
+    worst = rep["worst"].get(metric) or {}
+    log.info("evaluate: robustness, worst %s drop %s (%s)", metric, worst.get("delta"), worst.get("name"))
+    return dict(json_safe(rep))
+
+
+def _write_robustness(tmp: Path, rep: dict[str, Any] | None, max_drop: float | None) -> None:
+    if rep is not None:
+        write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.ROBUSTNESS, tmp), rep)
+        robustness.robustness_png(rep, _fig(tmp, "robustness"), rep["metric"], max_drop)
+
+
 def _predictions_csv(staging: Path, classes: Sequence[str], y: np.ndarray, df: Any, manifest: Path) -> None:
     """test_predictions.csv, keyed by the manifest id (no paths, no patient data): the label, then `df`."""
     import pandas as pd
@@ -195,9 +282,18 @@ def _log_to_mlflow(
     report_dir: Path,
     online: bool,
 ) -> str:
-    """Metrics + pictures into the training run; a note (not a failure) when that is impossible."""
+    """Metrics + pictures into the training run; a note (not a failure) when that is impossible.
+
+    The metrics are grouped (`medclf.infra.tracking.METRIC_PREFIXES`: `test/roc_auc`, `test_t050/f1`, `val/f1`,
+    `test/threshold`), at the step after the last epoch. The settings that decide the release (threshold rule,
+    target sensitivity, gate bounds, bootstrap: `tracking.release_params`; the ingest split settings:
+    `tracking.ingest_params`) are run params, logged once: when this
+    training run was already evaluated with other values, the params keep the first ones and the values used now
+    are tags of the same names (`tracking.log_params_once`)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
+
+    from medclf.infra.tracking import evaluate_metric_key, ingest_params, log_params_once, release_params
 
     run_id = train_run.get("run_id")
     if not run_id:
@@ -207,13 +303,11 @@ def _log_to_mlflow(
         return f"not logged to MLflow: server at {uri} unreachable"
     cl, now = MlflowClient(tracking_uri=uri), int(time.time() * 1000)
     step = final_step(train_run)
-    ms = [Metric(k, float(v), now, step) for k, v in run_metrics(doc).items()]
-    tags = [
-        RunTag("evaluate.gates_passed", str(gates["passed"]).lower()),
-        RunTag("evaluate.threshold_rule", str(gates.get("threshold_rule", settings.evaluate.threshold_rule))[:5000]),
-    ]
+    ms = [Metric(evaluate_metric_key(k), float(v), now, step) for k, v in run_metrics(doc).items()]
+    tags = [RunTag("evaluate.gates_passed", str(gates["passed"]).lower())]  # the rule: the evaluate.* params
     for i in range(0, len(ms), 500):
         cl.log_batch(run_id, metrics=ms[i : i + 500], tags=tags if i == 0 else [])
+    log_params_once(cl, run_id, release_params(settings) | ingest_params(settings.ingest))
     cl.log_table(run_id, data=ci_table(doc), artifact_file=catalog.RUN_CI_TABLE)
     # the figures land under the run's `evaluate/` as under reports/ (the version page links them so)
     cl.log_artifacts(run_id, str(report_dir), catalog.EVALUATE_REPORTS.rel)
@@ -243,7 +337,8 @@ def run(settings: Settings) -> dict[str, Any]:
     )
     t_cal = (inp.train_run.get("calibration") or {}).get("temperature")  # folded into the model by train
     groups = subgroups.groups_of_test_split(catalog.MANIFEST.path(paths), len(inp.y_test))  # ingest.subgroups'
-    report = evaluate_predictions(preds, cfg, t_cal, groups)
+    val_patients = subgroups.patients_of_split(catalog.MANIFEST.path(paths), "val", len(inp.y_val))
+    report = evaluate_predictions(preds, cfg, t_cal, groups, val_patients)
     thr = report.decision_threshold
     online = reachable(settings.mlflow.resolved_uri())
     champion = champion_reference(
@@ -267,11 +362,31 @@ def run(settings: Settings) -> dict[str, Any]:
         gates["non_inferiority"]["note"] = champion["note"]
     doc = metrics_document(report)
 
+    def scored(d: Any) -> Any:  # the candidate at its registered threshold
+        return external.score_binary(
+            d.y, binary_view(d.y, predict_proba(inp.model, d.x), pos).p, thr, cfg.bootstrap, cfg.seed
+        )
+
+    def champion_of(d: Any) -> dict[str, Any] | None:
+        ref = champion_reference(settings, d.digest, d.x, d.y, classes, reachable=online, rescore=True)
+        return None if ref.get("version") is None else {"version": int(ref["version"]), "metrics": ref.get("metrics")}
+
+    pos = preds.positive
+    externals = _external(settings, inp, spec, doc, gates, scored, champion_of)
+
+    def shifted(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:  # at the registered threshold
+        m = metrics.binary_metrics((y == pos).astype(int), proba[:, pos], thr)
+        return {k: m[k] for k in ("roc_auc", "recall", "specificity")}
+
+    robust = _robustness(settings, inp, gates, shifted, "roc_auc")
+    doc.update({"robustness": {"worst": robust["worst"], "gate": robust["gate"]}} if robust else {})
+
     report_dir = catalog.EVALUATE_REPORTS.path(paths)
     with atomic_dir(report_dir) as tmp:
         plots.report_pngs(report, classes, lambda name: _fig(tmp, name))
         if cfg.gradcam_n:
             _write_gallery(tmp, inp, preds, report.gallery, thr, cfg.gradcam_n)
+            _shortcut(doc, inp, cfg.seed, cfg.gradcam_n, _fig(tmp, "shortcut"))
         _predictions_csv(tmp, classes, preds.y_test, _binary_columns(preds, thr), catalog.MANIFEST.path(paths))
         write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.THRESHOLD, tmp), report.threshold)
         if comparison:
@@ -287,6 +402,9 @@ def run(settings: Settings) -> dict[str, Any]:
                 f"champion v{champion['version']}",
             )
             write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.CHAMPION_COMPARISON, tmp), comparison)
+        if externals:
+            write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.EXTERNAL_REPORT, tmp), externals)
+        _write_robustness(tmp, robust, cfg.robustness.max_drop)
     for name, records in report.plots.items():
         catalog.PLOTS.save(paths, records, name=name)
     catalog.METRICS.save(paths, doc)
@@ -371,6 +489,28 @@ def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> d
     )
     if champion.get("note") and gates["non_inferiority"].get("skipped"):
         gates["non_inferiority"]["note"] = champion["note"]
+
+    def scored(d: Any) -> Any:  # the candidate by its registered decision rule
+        return external.score_kclass(
+            spec, decision, d.y, predict_proba(inp.model, d.x), cfg.bootstrap, cfg.seed, d.patients
+        )
+
+    def champion_of(d: Any) -> dict[str, Any] | None:
+        ref = kclass_champion(settings, d.digest, inp.classes, spec.kind, reachable=online, x_test=d.x, y_test=d.y)
+        return None if ref.get("version") is None else {"version": int(ref["version"]), "metrics": ref.get("metrics")}
+
+    externals = _external(settings, inp, spec, doc, gates, scored, champion_of)
+    fn: Any = kclass.ordinal_report if spec.kind == "ordinal" else kclass.multiclass_report
+    ref_kw: dict[str, Any] = {}
+    if spec.kind == "ordinal" and decision.referable is not None:  # the view `task.evaluate_kclass` reports
+        ref_kw = {"referable_from": spec.referable_from, "referable_threshold": decision.referable["threshold"]}
+
+    def shifted(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:  # by the registered decision rule
+        flat = kclass.flatten_report(fn(y, proba, classes=inp.classes, pred=decision.predict(proba), **ref_kw))
+        return {k: flat[k] for k in ("macro_auc", "balanced_accuracy", "macro_f1")}
+
+    robust = _robustness(settings, inp, gates, shifted, "macro_auc")
+    doc.update({"robustness": {"worst": robust["worst"], "gate": robust["gate"]}} if robust else {})
     report_dir = catalog.EVALUATE_REPORTS.path(paths)
     gallery: dict[str, dict[str, int]] = {}
     with atomic_dir(report_dir) as tmp:
@@ -383,6 +523,7 @@ def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> d
             cams = gradcam.class_gallery(inp.model, inp.x_test, inp.y_test, pred, proba_test, inp.classes, n)
             title = f"{gradcam.split_model(inp.model).layer!r}; {spec.kind}: {decision.rule}"
             gallery = plots.class_gallery_pngs(cams, inp.classes, lambda name: _fig(tmp, name), n, title)
+            _shortcut(doc, inp, cfg.seed, n, _fig(tmp, "shortcut"))
         write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.THRESHOLD, tmp), decision.document())
         if comparison:
             v, names = champion["version"], ("challenger", f"champion v{champion['version']}")
@@ -393,6 +534,9 @@ def _run_kclass(settings: Settings, inp: Inputs, spec: TaskSpec, t0: float) -> d
                 names=names, margin=margin,
             )  # fmt: skip
             write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.CHAMPION_COMPARISON, tmp), comparison)
+        if externals:
+            write_json(catalog.inside(catalog.EVALUATE_REPORTS, catalog.EXTERNAL_REPORT, tmp), externals)
+        _write_robustness(tmp, robust, cfg.robustness.max_drop)
     catalog.METRICS.save(paths, doc)
     catalog.GATES.save(paths, gates)
     catalog.EVALUATE_METRICS.save(paths, tasks.headline(spec, doc, gates))

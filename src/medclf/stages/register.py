@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
+import math
 import os
 import sys
 from importlib import metadata
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medclf.config import Settings
-from medclf.config.vocabulary import HEADLINE, KCLASS_HEADLINE, METRICS
+from medclf.config.vocabulary import HEADLINE, KCLASS_HEADLINE
 from medclf.infra import catalog
 from medclf.infra.io import file_digest
 from medclf.infra.tracking import final_step
@@ -60,10 +60,6 @@ _REQUIREMENTS = (
     "pydantic",
 )
 _TAG_MAX = 5000
-# The headline metrics get their own full-precision `metric.<key>` tag, read by the non-inferiority gate; the
-# metrics with a short tag name (vocabulary.METRICS[key].tag) also get a searchable 3-decimal copy for the
-# registry's version table (`tags.auc > '0.95'` style filters).
-_SHORT_TAGS = tuple((m.tag, m.key) for m in METRICS.values() if m.tag)
 
 
 class RegisterRefused(RuntimeError):
@@ -91,44 +87,43 @@ def version_tags(
     train_run: dict[str, Any],
     provenance: dict[str, str],
 ) -> dict[str, str]:
-    """The version's tags: short scalars a reviewer can read and search (`gates = 'passed'`, `auc`,
-    `raw_data_md5`). The documents behind them (gates.json, metrics.json, the CI table) are artifacts
-    of the training run; the machine-read `metric.*` and `threshold` tags keep full precision.
+    """The version's tags: one short scalar per fact, that a reviewer can read and search (`gates = 'passed'`,
+    `metric.roc_auc > '0.95'`, `raw_data_md5`). No JSON, no long decimals: numbers have `versions.TAG_DIGITS`
+    decimals (the non-inferiority gate reads the `metric.*` ones, `registry.version_metrics`). The documents
+    behind them (gates.json, metrics.json with the exact threshold, the CI table) are artifacts of the training
+    run, and the served model keeps its exact threshold in its own config (`serving.ServingConfig`).
 
-    A binary version carries its threshold, rule and positive class. A multi-class or ordinal version carries
-    its `task` and `decision_rule` instead (no threshold, no positive class), and its headline and gated test
-    metrics (full precision under `metric.<name>`, for the champion gate; 3 decimals under the bare name)."""
+    A binary version carries its threshold, rule and positive class, and its headline test metrics
+    (`vocabulary.HEADLINE`). A multi-class or ordinal version carries its `task` and `decision_rule` instead (no
+    threshold, no positive class), and its headline and gated test metrics."""
     test, kind = metrics_doc["test"], str(gates.get("task", "binary"))
     if kind == "binary":
+        metric_keys: dict[str, None] = dict.fromkeys(HEADLINE)
         specific = {
-            versions.TAG_THRESHOLD: repr(float(gates["threshold"])),
+            versions.TAG_THRESHOLD: versions.tag_number(gates["threshold"]),
             "threshold_rule": str(gates["threshold_rule"]),
             "positive_class": str(meta["positive_class"]),
-            **{f"{versions.TAG_METRIC}{k}": repr(float(test[k])) for k in HEADLINE if test.get(k) is not None},
-            **{k: f"{float(test[m]):.3f}" for k, m in _SHORT_TAGS if test.get(m) is not None},
         }
     else:
         headline = KCLASS_HEADLINE + (("qwk", "mae") if kind == "ordinal" else ())
-        full = dict.fromkeys([*headline, *(g["metric"] for g in gates.get("gates", []))])
-        specific = {
-            "task": kind,
-            "decision_rule": str(gates["threshold_rule"]),
-            **{f"{versions.TAG_METRIC}{k}": repr(float(test[k])) for k in full if test.get(k) is not None},
-            **{k: f"{float(test[k]):.3f}" for k in headline if test.get(k) is not None},
-        }
+        metric_keys = dict.fromkeys([*headline, *(g["metric"] for g in gates.get("gates", []))])
+        specific = {"task": kind, "decision_rule": str(gates["threshold_rule"])}
     tags = {
         versions.TAG_TRAIN_RUN: str(train_run["run_id"]),
         versions.TAG_MODEL_SHA: gates["model_sha256"],
         versions.TAG_TEST_DIGEST: gates["test_set_digest"],
-        "threshold_source": "validation",
-        "gates_passed": "true",
         "gates": "passed",
         "non_inferiority": _ni_word(gates.get("non_inferiority") or {}),
-        versions.TAG_CLASSES: json.dumps(meta["classes"]),
+        versions.TAG_CLASSES: versions.tag_classes(list(meta["classes"])),
         "image_size": str(meta["image_size"]),
         "channels": str(meta["channels"]),
         "backbone": str(train_run.get("backbone", "")),
         **specific,
+        **{
+            f"{versions.TAG_METRIC}{k}": versions.tag_number(test[k])
+            for k in metric_keys
+            if isinstance(test.get(k), (int, float)) and math.isfinite(float(test[k]))
+        },
         **{k: v for k, v in provenance.items() if v},
     }
     return {k: str(v)[:_TAG_MAX] for k, v in tags.items()}
@@ -261,12 +256,28 @@ def _create_version(
     validation = catalog.VALIDATION_SUMMARY.load(settings.paths) if vfile.exists() else None
     prov = {**tags, "positive_class": str(meta["positive_class"])}
     drawn = [f.stem for f in catalog.EVALUATE_REPORTS.path(settings.paths).glob("*.png")]  # logged to the run
-    links = run_links(settings.mlflow.resolved_uri(), train_run.get("experiment_id"), run_id, drawn)
-    desc = version_description(gates, metrics_doc, prov, run_id, validation, links)
+    champion = str((gates.get("champion") or {}).get("version") or "") or None  # the version compared with
+    links = run_links(
+        settings.mlflow.resolved_uri(),
+        train_run.get("experiment_id"),
+        run_id,
+        drawn,
+        settings.mlflow.ui_url,
+        settings.registry.model_name,
+        champion,
+    )
+    fitted = train_run.get("calibration")  # train's calibration record: says why a model is not calibrated
+    desc = version_description(gates, metrics_doc, prov, run_id, validation, links, fitted)
     splits = {k: int(v) for k, v in ((validation or {}).get("splits") or {}).items()}
     train = settings.train.model_dump(mode="json")
     card = model_card(
-        version_description(gates, metrics_doc, prov, run_id, validation), meta, prov, train_run, splits, train, gates
+        version_description(gates, metrics_doc, prov, run_id, validation, None, fitted),
+        meta,
+        prov,
+        train_run,
+        splits,
+        train,
+        gates,
     )
     card_json = model_card_json(meta, prov, train_run, splits, train, gates, metrics_doc, validation)
     return versions.create_version(
@@ -290,8 +301,8 @@ def _provenance(settings: Settings, train_run: dict[str, Any]) -> dict[str, str]
         "raw_data_md5": str(raw.get("md5") or ""),
         "raw_data_nfiles": str(raw.get("nfiles") or ""),
         "raw_data": str(raw.get("path") or ""),
-        "git_commit": git_commit() or "",
-        "train_git_commit": str(train_run.get("git_commit") or ""),
+        # the commit the model was trained at (register's own checkout when the training run does not say)
+        versions.TAG_GIT_COMMIT: str(train_run.get("git_commit") or git_commit() or ""),
         "data_digest": dv.get("data_digest", ""),
         "dvc_md5": dv.get("dvc_md5", ""),
         "params_hash": params_hash(settings.ingest, settings.augment, settings.train, settings.evaluate),

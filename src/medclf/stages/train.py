@@ -36,7 +36,7 @@ from medclf.training.loop import (
 )
 from medclf.training.resume import Backup
 from medclf.training.runtime import setup_runtime
-from medclf.training.tracker import Tracker, run_name
+from medclf.training.tracker import Tracker, run_name, summary_metrics
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def run(settings: Settings) -> dict[str, Any]:
             "devices": rt.devices,
             "mixed_precision": rt.policy,
             "jit_compile": rt.jit_compile,
-            "n_train": len(data.y_train),
+            "n_train": len(data.y_train) - data.n_synthetic,  # the real training images (the ingest train split)
+            "n_train_augmented": len(data.y_train),  # augment's balanced rows the fit ran on
             "n_synthetic": data.n_synthetic,
             "n_val": len(data.y_val),
             "class_weights": cw,
@@ -138,17 +139,7 @@ def run(settings: Settings) -> dict[str, Any]:
         save_model(paths, export, model if rt.policy == "float32" else export, probe, result, t_start)
         # after the model: a run whose model save fails (disk full) keeps the previous model's history
         hist_path = write_history(paths, history)
-        tracker.metrics(
-            {
-                "best_val_auc": result["best_val_auc"],
-                "data_wait_fraction": stats["data_wait_fraction"],
-                "images_per_second": stats["images_per_second"],
-                "epochs_run": len(history),
-                "time_to_first_step_s": result["time_to_first_step_s"],
-                "train_seconds": result["seconds"],
-                "temperature": calibration["temperature"],
-            }
-        )
+        tracker.metrics(summary_metrics(result, calibration))  # val/best_auc, system/images_per_second ...
         tracker.artifact(hist_path, "train")
         tracker.artifact(catalog.TRAIN_RUN.path(paths), "train")
         tracker.artifact(catalog.AUGMENT_PREVIEW.path(paths), "augment")

@@ -15,7 +15,7 @@ from medclf.config import Train
 from medclf.training.data import Data, val_scores
 from medclf.training.resume import Backup
 from medclf.training.runtime import Runtime
-from medclf.training.tracker import Tracker
+from medclf.training.tracker import Tracker, epoch_metrics
 
 log = logging.getLogger("medclf.training.loop")  # the records keep the logger name they always had
 
@@ -72,15 +72,7 @@ class TrainingRun:
             self.backup.save()
         self.backup.append(row)
         self.epochs_executed.append(epoch)
-        self.tracker.metrics(
-            {k: row[k] for k in ("loss", "auc", "val_loss", "val_auc", "lr") if row[k] is not None}
-            | {
-                "epoch_seconds": row["seconds"],
-                "data_wait_fraction_epoch": row["data_wait_fraction"],
-                "images_per_second_epoch": row["images_per_second"],
-            },
-            step=epoch,
-        )
+        self.tracker.metrics(epoch_metrics(row), step=epoch)  # train/loss, val/auc, system/epoch_seconds ...
         log.info(
             "train: epoch %d (phase %d) loss %.4f auc %s val_auc %s val_loss %s | %.1fs, %s img/s, data wait %s",
             epoch,

@@ -35,6 +35,74 @@ def run_name(backbone: str, raw: dict[str, Any], when: float | None = None) -> s
     return f"train-{backbone}-{md5}-{time.strftime('%m%d-%H%M', time.localtime(when))}"
 
 
+def epoch_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """One epoch's history row as run metrics, grouped (`medclf.infra.tracking.METRIC_PREFIXES`): `train/loss`,
+    `train/auc` (Keras' running AUC over the epoch's training batches), `train/lr`, `val/loss`, `val/auc` (exact,
+    on every val image) and the epoch's telemetry `system/epoch_seconds`, `system/epoch_data_wait_fraction`,
+    `system/epoch_images_per_second`. None values are left out."""
+    from medclf.infra.tracking import SYSTEM, TRAIN, VAL
+
+    names = {
+        "loss": f"{TRAIN}loss",
+        "auc": f"{TRAIN}auc",
+        "lr": f"{TRAIN}lr",
+        "val_loss": f"{VAL}loss",
+        "val_auc": f"{VAL}auc",
+        "seconds": f"{SYSTEM}epoch_seconds",
+        "data_wait_fraction": f"{SYSTEM}epoch_data_wait_fraction",
+        "images_per_second": f"{SYSTEM}epoch_images_per_second",
+    }
+    return {name: row[k] for k, name in names.items() if row.get(k) is not None}
+
+
+def summary_metrics(result: dict[str, Any], calibration: dict[str, Any]) -> dict[str, Any]:
+    """The finished run's one-value metrics (train_run.json's figures), grouped: `val/best_auc` (the restored
+    epoch's), `train/epochs_run`, `train/temperature` (the calibration T folded into the model), and the steady
+    state telemetry `system/data_wait_fraction`, `system/images_per_second`, `system/time_to_first_step_s`,
+    `system/train_seconds`."""
+    from medclf.infra.tracking import SYSTEM, TRAIN, VAL
+
+    return {
+        f"{VAL}best_auc": result.get("best_val_auc"),
+        f"{TRAIN}epochs_run": result.get("epochs_run"),
+        f"{TRAIN}temperature": calibration.get("temperature"),
+        f"{SYSTEM}data_wait_fraction": result.get("data_wait_fraction"),
+        f"{SYSTEM}images_per_second": result.get("images_per_second"),
+        f"{SYSTEM}time_to_first_step_s": result.get("time_to_first_step_s"),
+        f"{SYSTEM}train_seconds": result.get("seconds"),
+    }
+
+
+def run_params(
+    settings: Settings, cfg: Train, data: Data, counts: dict[str, int], versions: dict[str, Any]
+) -> dict[str, Any]:
+    """The training run's params: `train.*` (the values the fit used), `augment.*`, and the data: the true image
+    count of each split (`counts`, the ingest npy lengths: `data.n_train` is the real training images) beside the
+    rows the fit ran on (`data.n_train_augmented`: augment's balanced set, `data.n_synthetic` of them synthetic).
+    The ingest settings that made the splits are logged by evaluate (`ingest.*`: train does not declare the
+    `ingest` params, `medclf.pipeline`; the split files it reads are its dependency on them)."""
+    from medclf.infra.tracking import flat_params
+
+    aug = settings.augment
+    return (
+        flat_params(cfg, "train.")
+        | flat_params(aug, "augment.")
+        | {f"augment.policy.{k}": v for k, v in aug.policy().model_dump().items()}
+        | {
+            "data.n_train": counts.get("train", len(data.y_train) - data.n_synthetic),
+            "data.n_train_augmented": len(data.y_train),
+            "data.n_synthetic": data.n_synthetic,
+            "data.n_val": counts.get("val", len(data.y_val)),
+            "data.n_test": counts.get("test", 0),
+            "data.classes": ",".join(data.classes),
+            "data.image_size": data.image_size,
+            "data.channels": data.channels,
+            "data.ingest_digest": versions["ingest"]["data_digest"],
+            "data.augment_digest": versions["augment"]["data_digest"],
+        }
+    )
+
+
 class Tracker:
     """MLflow logging when mlflow is installed and a tracking URI is set; every method is a no-op otherwise."""
 
@@ -85,10 +153,13 @@ class Tracker:
         return self.mlflow is not None
 
     def params(self, params: dict[str, Any]) -> None:
-        if self:
-            items = list(params.items())
-            for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
-                self.mlflow.log_params(dict(items[i : i + 90]))
+        """Log params once: a resumed run that already holds a key with another value keeps it, and the value
+        used now becomes a tag of that name (`medclf.infra.tracking.log_params_once`; MLflow params are
+        immutable)."""
+        if self and self.run_id:
+            from medclf.infra.tracking import log_params_once
+
+            log_params_once(self.mlflow.MlflowClient(tracking_uri=self.uri), self.run_id, params)
 
     def tags(self, tags: dict[str, Any]) -> None:
         if self:
@@ -114,24 +185,9 @@ class Tracker:
         `cfg`: the values the final fit used (after `train.tune`), if not params.yaml's `train`."""
         if not self:
             return
-        from medclf.infra.tracking import flat_params
-
-        cfg, aug = cfg or settings.train, settings.augment
-        self.params(
-            flat_params(cfg, "train.")
-            | flat_params(aug, "augment.")
-            | {f"augment.policy.{k}": v for k, v in aug.policy().model_dump().items()}
-            | {
-                "data.n_train": len(data.y_train),
-                "data.n_synthetic": data.n_synthetic,
-                "data.n_val": len(data.y_val),
-                "data.classes": ",".join(data.classes),
-                "data.image_size": data.image_size,
-                "data.channels": data.channels,
-                "data.ingest_digest": versions["ingest"]["data_digest"],
-                "data.augment_digest": versions["augment"]["data_digest"],
-            }
-        )
+        cfg = cfg or settings.train
+        counts = split_counts(settings.paths.ingest_dir)
+        self.params(run_params(settings, cfg, data, counts, versions))
         self.tags(
             {
                 "stage": "train",
@@ -152,26 +208,31 @@ class Tracker:
                 **({"dvc.experiment": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
             }
         )
-        self.datasets(settings.paths.ingest_dir, versions["ingest"], split_counts(settings.paths.ingest_dir))
+        self.datasets(settings.paths.ingest_dir, counts)
 
-    def datasets(self, ingest_dir: Path, version: dict[str, str], counts: dict[str, int]) -> None:
-        """The splits as MLflow dataset inputs: the DVC-tracked file is the source, DVC's md5 the digest.
+    def datasets(self, ingest_dir: Path, counts: dict[str, int]) -> None:
+        """The ingest splits as MLflow dataset inputs, each with its own digest and its true image count.
 
-        Nothing is uploaded (a MetaDataset carries only the reference); the runs table's Dataset
-        column then names the data a run learned from and which version of it.
+        The source is the split's images file; the digest is the split's own (`tracking.split_digest`: sha256
+        over its images and labels files, cut to MLflow's 32 characters; the test split's is the start of the
+        version's `test_set_digest`), so two runs on the same test split show the same test digest even when
+        train changed. The name says how many images the split holds (the npy's length: the train split's real
+        images, not augment's balanced rows, which are the `data.n_train_augmented` param). Nothing is uploaded
+        (a MetaDataset carries only the reference); the runs table's Dataset column names what a run learned from.
         """
         if not self:
             return
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # made at import
 
-        digest = (version.get("dvc_md5") or version["data_digest"]).removesuffix(".dir")[:32]
+        from medclf.infra.tracking import split_digest
+
         for split, n in counts.items():
             source = LocalArtifactDatasetSource(str(catalog.IMAGES.under(ingest_dir, split=split)))
             ds = MetaDataset(
                 source,
                 name=f"{ingest_dir.name}/{split} ({n} images)",  # type: ignore[abstract]
-                digest=digest,
+                digest=split_digest(ingest_dir, split)[:32],
             )
             self.mlflow.log_input(ds, context=CONTEXTS[split])
 

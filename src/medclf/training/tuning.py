@@ -134,7 +134,7 @@ def search(
             value = trun.best.get("val_auc")
             if value is None:
                 raise TrainError("train.tune: a trial produced no validation AUC (is the val split empty?)")
-            child.metrics({"best_val_auc": value})
+            child.metrics({"val/best_auc": value})
             status = "FINISHED"
             return float(value)
         except optuna.TrialPruned:
