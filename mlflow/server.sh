@@ -63,11 +63,13 @@ fi
 up() { curl -fsS "http://$host:$port/health" >/dev/null 2>&1; }
 descendants() { local c; for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 masked() { sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#' <<<"$1"; }  # a URL's password, never printed
-audit_up() { curl -fsS "http://127.0.0.1:$aport/health" >/dev/null 2>&1; }
+audit_up() { curl -fsS --max-time 5 "http://127.0.0.1:$aport/health" >/dev/null 2>&1; }
+# status and "already running" ask a loaded machine: a few tries before calling the service down
+audit_answers() { local i; for i in 1 2 3 4 5; do audit_up && return 0; sleep 1; done; return 1; }
 audit_ours() { [ -f "$apidfile" ] && ps -o args= -p "$(cat "$apidfile")" 2>/dev/null | grep -q "promotion-service"; }
 start_audit() {  # the promotion service, once MLflow answers; a failure is reported, MLflow stays up
   [ "$audit" = "1" ] || return 0
-  if audit_ours && audit_up; then echo "promotion service already running on 127.0.0.1:$aport"; return 0; fi
+  if audit_ours && audit_answers; then echo "promotion service already running on 127.0.0.1:$aport"; return 0; fi
   if [ "${MLFLOW_AUTH:-0}" = "1" ] && [ -z "${MLFLOW_TRACKING_USERNAME:-}" ]; then
     echo "promotion service NOT started: MLFLOW_AUTH=1 needs an admin's MLFLOW_TRACKING_USERNAME/PASSWORD" >&2
     return 0
@@ -167,7 +169,7 @@ case "${1:-start}" in
     if up; then echo "up: http://$host:$port  (backend $(cat "$store/server.backend" 2>/dev/null || echo '?'))"
     else echo "down"; rc=1; fi
     if [ "$audit" = "1" ]; then  # informational: the exit status is MLflow's
-      if audit_ours && audit_up; then echo "promotion service: up: http://127.0.0.1:$aport"
+      if audit_ours && audit_answers; then echo "promotion service: up: http://127.0.0.1:$aport"
       else echo "promotion service: down"; fi
     fi
     exit $rc ;;

@@ -292,7 +292,9 @@ def test_server_sh_starts_the_service_and_a_ui_change_is_checked_then_stop_leave
         cl = MlflowClient(tracking_uri=uri, registry_uri=uri)
         assert [h.name for h in cl.list_webhooks()] == ["medclf-promotion-audit"]
         assert (store / "webhook_secret").stat().st_mode & 0o077 == 0
-        assert "promotion service: up" in sh("status").stdout
+        status = sh("status").stdout
+        log = (store / "audit.log").read_text() if (store / "audit.log").exists() else "(no audit.log)"
+        assert "promotion service: up" in status, f"{status}\n{log[-3000:]}"
         good, bad = _version(cl, "e2e", gates="passed"), _version(cl, "e2e", gates="not passed")
         _ui_set_alias(uri, "e2e", "champion", good)
         audit = store / "audit" / "promotions.jsonl"

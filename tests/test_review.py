@@ -169,10 +169,10 @@ def test_description_shows_the_paired_comparison_validation_warnings_links_and_l
     assert "**Calibration:** ECE 0.041, Brier 0.057" in md
     assert "processed dataset (data/ingest) DVC md5 `aa11.dir`" in md
     assert "Validation passed with 1 warning(s): `near_duplicates` (39)" in md
-    assert "[training run](http://127.0.0.1:5000/#/experiments/7/runs/run123)" in md
-    assert "[Grad-CAM gallery](http://127.0.0.1:5000/#/experiments/7/runs/run123/artifacts/evaluate/gradcam.png)" in md
+    assert "[training run](#/experiments/7/runs/run123)" in md
+    assert "[Grad-CAM gallery](#/experiments/7/runs/run123/artifacts/evaluate/gradcam.png)" in md
     assert "**Limitations:**" in md and "internal, patient-level split" in md
-    assert "[all training runs](http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning)" in md
+    assert "[all training runs](#/experiments/7?workflowType=machine_learning)" in md
     assert run_links("file:///tmp/mlruns", "7", "r") == {}  # no UI to link to
 
 

@@ -238,3 +238,22 @@ def test_the_checklist_is_docs_promotion_md_and_names_promotions_items():
     automatic = {item for item, _text, auto in PROMOTION_CHECKLIST if auto}
     assert automatic == {"gates", "data", "blocked"}  # promotion.check's items
     assert f"`{promotion.TAG_BLOCKED}`" in dict((i, t) for i, t, _ in PROMOTION_CHECKLIST)["blocked"]
+
+
+def test_a_long_page_is_cut_to_the_registrys_5000_characters_keeping_the_first_screen():
+    """PostgreSQL's model_versions.description is VARCHAR(5000): a 5,900-character page made register fail there
+    (tests/test_postgres.py); the detail loses whole paragraphs, the first screen stays, a note names the card."""
+    from medclf.release.model_card import DESCRIPTION_LIMIT, fit_description
+
+    head = "**Research use only.**\n\n- **Gates: passed**\n- **Test split** ROC-AUC **0.991**"
+    paragraphs = [f"**Section {i}:** " + "x" * 400 for i in range(20)]
+    page = head + "\n---\n" + "\n\n".join(paragraphs)
+    assert len(page) > DESCRIPTION_LIMIT
+    cut = fit_description(page)
+    assert len(cut) <= DESCRIPTION_LIMIT and cut.startswith(head + "\n---\n")
+    kept = [p for p in paragraphs if p in cut]
+    assert kept == paragraphs[: len(kept)] and 8 <= len(kept) < 20  # whole paragraphs, in order
+    assert cut.endswith("the whole page is the training run's model card (`review/model_card.md`).*")
+    assert fit_description("short") == "short"
+    long_head = "\n".join(f"- fact {i} " + "y" * 100 for i in range(60))
+    assert len(fit_description(long_head + "\n---\nrest")) <= DESCRIPTION_LIMIT

@@ -86,13 +86,11 @@ BACKBONES: dict[str, tuple[str, Mode, str | None, bool, int]] = {
 
 @dataclass(frozen=True)
 class Metric:
-    """One test metric: its key in metrics.json, how people read it, the short registry tag, the other names
+    """One test metric: its key in metrics.json, how people read it, the other names
     users write for it, and which way is better."""
 
     key: str
     label: str
-    tag: str | None = None
-    """The short version tag (3 decimals) the MLflow version page shows; None: not a tag."""
     aliases: tuple[str, ...] = ()
     higher_is_better: bool = True
     digits: int = 3
@@ -112,11 +110,11 @@ METRICS: dict[str, Metric] = {
         Metric("accuracy", "accuracy"),
         Metric("balanced_accuracy", "balanced accuracy"),
         Metric("precision", "precision (PPV)", aliases=("ppv",)),
-        Metric("recall", "sensitivity (recall)", tag="sensitivity", aliases=("sensitivity", "tpr")),
-        Metric("specificity", "specificity", tag="specificity", aliases=("tnr",)),
+        Metric("recall", "sensitivity (recall)", aliases=("sensitivity", "tpr")),
+        Metric("specificity", "specificity", aliases=("tnr",)),
         Metric("npv", "negative predictive value (NPV)", aliases=("negative_predictive_value",)),
-        Metric("f1", "F1", tag="f1"),
-        Metric("roc_auc", "ROC-AUC", tag="auc", aliases=("auc",)),
+        Metric("f1", "F1"),
+        Metric("roc_auc", "ROC-AUC", aliases=("auc",)),
         Metric("pr_auc", "PR-AUC", aliases=("average_precision", "ap")),
         Metric("mcc", "MCC", aliases=("matthews_corrcoef",)),
         Metric("brier", "Brier score", higher_is_better=False),

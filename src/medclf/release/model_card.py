@@ -324,6 +324,38 @@ def external_lines(metrics_doc: dict[str, Any]) -> list[str]:
     ]
 
 
+DESCRIPTION_LIMIT = 5000
+"""MLflow's model-version description column: VARCHAR(5000) on PostgreSQL, which refuses longer text (SQLite does
+not check, so the limit went unseen until a PostgreSQL run refused a 5,900-character page)."""
+_CUT_NOTE = (
+    "\n\n*Cut to the registry's 5,000-character limit: the whole page is the training run's model card "
+    "(`review/model_card.md`).*"
+)
+
+
+def fit_description(text: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """`text` within `limit` characters: the first screen (up to the `---` rule) is kept whole, the detail after it
+    loses its last paragraphs until the page fits, and a note says where the rest is (the model card)."""
+    if len(text) <= limit:
+        return text
+    head, sep, detail = text.partition("\n---\n")
+    budget = limit - len(_CUT_NOTE)
+    if len(head) + len(sep) > budget:  # the first screen alone is too long: cut it by whole lines
+        kept: list[str] = []
+        for line in head.split("\n"):
+            if sum(len(x) + 1 for x in kept) + len(line) > budget:
+                break
+            kept.append(line)
+        return "\n".join(kept) + _CUT_NOTE
+    out = head + sep
+    for para in detail.split("\n\n"):
+        piece = para if out.endswith(sep) else "\n\n" + para
+        if len(out) + len(piece) > budget:
+            break
+        out += piece
+    return out + _CUT_NOTE
+
+
 def version_description(
     gates: dict[str, Any],
     metrics_doc: dict[str, Any],
@@ -462,38 +494,40 @@ def version_description(
         else []
     )
     evidence = ["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else []
-    return "\n".join(
-        [
-            "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.",
-            "",
-            *decision_facts(gates, metrics_doc, provenance, run_id, fitted),
-            "",
-            "**Before you promote** (docs/PROMOTION.md; tick each in your review):",
-            "",
-            *checklist_rows(),
-            *evidence,
-            "",
-            "---",
-            "",
-            *rows,
-            *compare,
-            "",
-            operating,
-            "",
-            "**Gates:**",
-            *gate_lines,
-            "",
-            *([calib, ""] if calib else []),
-            *subgroup,
-            *external_lines(metrics_doc),
-            *robustness_lines(metrics_doc),
-            f"**Data:** {data}.",
-            "",
-            f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
-            "",
-            "**Limitations:**",
-            *[f"- {x}" for x in limitations(cal, fitted)],
-        ]
+    return fit_description(
+        "\n".join(
+            [
+                "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.",
+                "",
+                *decision_facts(gates, metrics_doc, provenance, run_id, fitted),
+                "",
+                "**Before you promote** (docs/PROMOTION.md; tick each in your review):",
+                "",
+                *checklist_rows(),
+                *evidence,
+                "",
+                "---",
+                "",
+                *rows,
+                *compare,
+                "",
+                operating,
+                "",
+                "**Gates:**",
+                *gate_lines,
+                "",
+                *([calib, ""] if calib else []),
+                *subgroup,
+                *external_lines(metrics_doc),
+                *robustness_lines(metrics_doc),
+                f"**Data:** {data}.",
+                "",
+                f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
+                "",
+                "**Limitations:**",
+                *[f"- {x}" for x in limitations(cal, fitted)],
+            ]
+        )
     )
 
 

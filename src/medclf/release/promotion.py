@@ -183,8 +183,11 @@ def record(
 
 def note_failure(cl: Any, name: str, version: str, text: str) -> None:
     """Append a "Promotion check" paragraph to the version's description (the existing text is kept)."""
+    from medclf.release.model_card import DESCRIPTION_LIMIT, fit_description
+
     old = cl.get_model_version(name, version).description or ""
-    cl.update_model_version(name, version, description=(old.rstrip() + "\n\n" if old else "") + text)
+    kept = fit_description(old.rstrip(), DESCRIPTION_LIMIT - len(text) - 2) if old else ""
+    cl.update_model_version(name, version, description=(kept + "\n\n" if kept else "") + text)
 
 
 def block(cl: Any, name: str, version: str, why: str, floor: bool = False, who: str | None = None) -> dict[str, Any]:
