@@ -76,7 +76,7 @@ case "${1:-start}" in
   stop)
     if [ -f "$PREFECT_HOME/server.pid" ]; then
       pid="$(cat "$PREFECT_HOME/server.pid")"
-      if ps -o args= -p "$pid" 2>/dev/null | grep -q "prefect.* server"; then  # not a reused pid
+      if ps -ww -o args= -p "$pid" 2>/dev/null | grep -q "prefect.* server"; then  # not a reused pid
         kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true  # its own process group (setsid)
         # wait for it (a restart on the same port must find it gone), then KILL what is left of the group
         for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done

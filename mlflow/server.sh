@@ -66,7 +66,7 @@ masked() { sed -E 's#(://[^:/@]*):[^@/]*@#\1:***@#' <<<"$1"; }  # a URL's passwo
 audit_up() { curl -fsS --max-time 5 "http://127.0.0.1:$aport/health" >/dev/null 2>&1; }
 # status and "already running" ask a loaded machine: a few tries before calling the service down
 audit_answers() { local i; for i in 1 2 3 4 5; do audit_up && return 0; sleep 1; done; return 1; }
-audit_ours() { [ -f "$apidfile" ] && ps -o args= -p "$(cat "$apidfile")" 2>/dev/null | grep -q "promotion-service"; }
+audit_ours() { [ -f "$apidfile" ] && ps -ww -o args= -p "$(cat "$apidfile")" 2>/dev/null | grep -q "promotion-service"; }
 start_audit() {  # the promotion service, once MLflow answers; a failure is reported, MLflow stays up
   [ "$audit" = "1" ] || return 0
   if audit_ours && audit_answers; then echo "promotion service already running on 127.0.0.1:$aport"; return 0; fi
@@ -153,7 +153,7 @@ case "${1:-start}" in
       # took ~30 s to exit and a restart on the same port must find it gone; then KILL it and what it started
       # (uvicorn, the job runner; listed first, as they are re-parented once it exits). Not a process group of
       # its own: callers that start this script in a session of their own (tests) reach the server through it.
-      if ps -o args= -p "$pid" 2>/dev/null | grep -q "mlflow.* server"; then
+      if ps -ww -o args= -p "$pid" 2>/dev/null | grep -q "mlflow.* server"; then
         kids="$(descendants "$pid")"
         kill -TERM "$pid" 2>/dev/null || true
         for _ in $(seq 1 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
