@@ -119,6 +119,46 @@ def start_mlflow_server(workdir: Path, artifacts: str | None = None, env: dict[s
             proc.kill()
 
 
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@contextlib.contextmanager
+def restored_mlflow_globals():
+    """MLflow's process-wide tracking/registry URIs and active experiment, and the environment variables that
+    setting them writes, put back as they were when the block ends.
+
+    `tracking.configure` (any stage or registry call run in process) does `mlflow.set_tracking_uri`, which
+    exports MLFLOW_TRACKING_URI, and the environment wins over params.yaml: a test that ran against a server of
+    its own (test_promotion_audit's) left that URI behind, and 7 tests on the same xdist worker then talked to
+    the stopped server ("connection refused" on a port none of them had started; CI, 2026-12-07)."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (
+        tracking_utils._tracking_uri,
+        registry_utils._registry_uri,
+        fluent._active_experiment_id,
+        {name: os.environ.get(name) for name in MLFLOW_ENV},
+    )
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id = saved[:3]
+        for name, value in saved[3].items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_globals_per_test():
+    """Every test starts with the MLflow globals the one before it started with (see restored_mlflow_globals)."""
+    with restored_mlflow_globals():
+        yield
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real `mlflow server` (SQLite backend, local artifacts), shared by the session."""

@@ -93,8 +93,10 @@ def main() -> None:
         width=1900,
         height=1000,
     )
-    runs = asyncio.run(_prefect_runs(5))
     ui = args.prefect_ui.rstrip("/")
+    # the Prefect client asks the API of the UI it shoots (not a profile's default server)
+    os.environ.setdefault("PREFECT_API_URL", f"{ui}/api")
+    runs = asyncio.run(_prefect_runs(5))
     shoot(f"{ui}/runs", HERE / "prefect_runs_list.png", height=1100)
     if runs:
         shoot(f"{ui}/runs/flow-run/{runs[0][0]}", HERE / "prefect_run_page.png", height=1600)
