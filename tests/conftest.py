@@ -152,6 +152,14 @@ def restored_mlflow_globals():
                 os.environ[name] = value
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_globals_per_module():
+    """The same around each test file: a module fixture that trains or evaluates (test_kclass_pipeline's) points
+    MLflow at its server before any test's own guard starts; the next file must not inherit that."""
+    with restored_mlflow_globals():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_globals_per_test():
     """Every test starts with the MLflow globals the one before it started with (see restored_mlflow_globals)."""

@@ -14,13 +14,15 @@ import os
 from tests.conftest import MLFLOW_ENV
 
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing answers there
-AT_START = {name: os.environ.get(name) for name in MLFLOW_ENV}
+BEFORE: dict[str, str | None] = {}  # what the first test started with (a fixture of another module may have set
+# MLFLOW_EXPERIMENT_ID before it; what matters is that the first test's own changes do not reach the second)
 
 
 def test_a_test_that_points_mlflow_at_its_own_server():
     import mlflow
     from mlflow.tracking import fluent
 
+    BEFORE.update({name: os.environ.get(name) for name in MLFLOW_ENV})
     mlflow.set_tracking_uri(DEAD)  # what tracking.configure does
     mlflow.set_registry_uri(DEAD)
     fluent._active_experiment_id = "424242"
@@ -32,7 +34,8 @@ def test_the_next_test_does_not_inherit_it():
     import mlflow
     from mlflow.tracking import fluent
 
-    assert {name: os.environ.get(name) for name in MLFLOW_ENV} == AT_START
+    assert BEFORE, "runs after test_a_test_that_points_mlflow_at_its_own_server (same file, same worker)"
+    assert {name: os.environ.get(name) for name in MLFLOW_ENV} == BEFORE
     assert mlflow.get_tracking_uri() != DEAD and mlflow.get_registry_uri() != DEAD
     assert fluent._active_experiment_id != "424242"
 
