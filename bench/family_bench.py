@@ -1,6 +1,6 @@
 """Each task family's test figures on the shared real sets, over seeds (issue 24): mean ± sd and the train time.
 
-    .venv/bin/python bench/family_bench.py cxr3 ham10000 retinamnist odir_dr [--seeds 1234 1 2] \
+    .venv/bin/python bench/family_bench.py cxr3 ham10000 retinamnist odir_dr odir [--seeds 1234 1 2] \
         [--set train.finetune_epochs=8 ...] [--workdir DIR] [--out FILE.json]
     .venv/bin/python bench/family_bench.py --emit ham10000 > params.yaml     # the family's params, for dvc repro
 
@@ -59,6 +59,20 @@ REPORTED: dict[str, list[tuple[str, str, float | None]]] = {
         ("referable.auc", "referable AUC", None),
         ("referable.sensitivity", "referable sens", None),
         ("referable.specificity", "referable spec", None),
+    ],
+    "odir": [  # issue 25's targets (multi-label findings, internal patient split)
+        ("macro_auc", "macro AUC", 0.87),
+        ("per_class.cataract.auc", "cataract AUC", 0.97),
+        ("per_class.myopia.auc", "myopia AUC", 0.97),
+        ("per_class.diabetic_retinopathy.auc", "DR AUC", 0.88),
+        ("per_class.glaucoma.auc", "glaucoma AUC", 0.85),
+        ("per_class.amd.auc", "AMD AUC", 0.85),
+        ("per_class.hypertensive_retinopathy.auc", "hypertensive AUC", None),
+        ("per_class.normal.auc", "normal AUC", None),
+        ("per_class.other.auc", "other AUC", None),
+        ("map", "mAP", None),
+        ("macro_f1", "macro F1", None),
+        ("hamming_loss", "Hamming loss", None),
     ],
     "odir_dr": [
         ("referable.auc", "referable AUC", 0.90),
@@ -143,7 +157,7 @@ def bench_family(family: str, seeds: list[int], work: Path, sets: list[str], dat
         if n == 0:
             walls = {s: run_stage(params, s, env)[0] for s in DATA_STAGES}
             print(
-                f"{family}: {data['task']['type']}, classes {data['ingest']['classes']}, "
+                f"{family}: {data['task']['type']}, classes {data['ingest']['classes'] or data['task']['labels']}, "
                 f"{data['ingest']['image_size']} px, "
                 f"data stages {', '.join(f'{s} {w:.0f} s' for s, w in walls.items())}",
                 flush=True,

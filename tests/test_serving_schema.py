@@ -210,8 +210,8 @@ def test_an_old_binary_config_loads_as_binary_schema_1():
     assert three.task == "binary" and list(decision_columns(three))[-2:] == ["label", "positive"]
 
 
-def test_new_configs_are_schema_2_and_round_trip_every_key():
-    assert OUTPUT_SCHEMA_VERSION == 2
+def test_new_configs_are_the_current_schema_and_round_trip_every_key():
+    assert OUTPUT_SCHEMA_VERSION == 3  # 3 adds the multi-label columns; binary and K-class columns are schema 2's
     assert _cfg(["a", "b"]).schema_version == OUTPUT_SCHEMA_VERSION
     for cfg in (
         _multiclass(flags={"mel": 0.123456789}),
@@ -220,7 +220,7 @@ def test_new_configs_are_schema_2_and_round_trip_every_key():
     ):
         d = cfg.to_dict()
         assert {"task", "cutpoints", "flags", "referable_from", "referable_threshold", "schema_version"} <= set(d)
-        assert d["schema_version"] == 2 and ServingConfig.from_dict(d) == cfg
+        assert d["schema_version"] == OUTPUT_SCHEMA_VERSION and ServingConfig.from_dict(d) == cfg
 
 
 def test_task_keys_read_the_gates_document():
@@ -256,7 +256,7 @@ def test_task_keys_read_the_gates_document():
         (GRADES, {"task": "ordinal", "referable_from": 0, "referable_threshold": 0.5}, "grade index in [1, 4]"),
         (SKIN, {"task": "multiclass", "referable_from": 1, "referable_threshold": 0.5}, "ordinal task"),
         (GRADES, {"task": "ordinal", "schema_version": 1}, "schema_version"),
-        (["a", "b"], {"schema_version": 3}, "schema_version"),
+        (["a", "b"], {"schema_version": 4}, "schema_version"),
     ],
 )
 def test_a_config_that_cannot_decide_is_refused(classes, kw, message):
@@ -342,7 +342,7 @@ def test_saved_multiclass_pyfunc_and_medclf_predict_write_the_task_columns(tmp_p
         pip_requirements=["mlflow"],  # no requirement inference (it would load the model in a subprocess)
     )
     model = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
-    assert model.metadata.metadata["output_schema_version"] == 2
+    assert model.metadata.metadata["output_schema_version"] == OUTPUT_SCHEMA_VERSION
     assert model.metadata.get_output_schema().input_names() == list(decision_columns(cfg))
     files = [_grey_png(v) for v in (20, 128, 235, 120)]
     out = model.predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))

@@ -129,7 +129,7 @@ PIPELINE: dict[str, Stage] = {
                 catalog.QUARANTINE,
                 catalog.INGEST_SUMMARY,
             ),
-            params=("ingest",),
+            params=("ingest", "task.labels"),
             metrics=(catalog.INGEST_METRICS,),
         ),
         Stage(

@@ -228,9 +228,19 @@ class Ingest(_Section):
 class Task(_Section):
     """What kind of decision the model makes (issue 24): the one seam every stage downstream asks."""
 
-    type: Literal["auto", "binary", "multiclass", "ordinal"] = "auto"
+    type: Literal["auto", "binary", "multiclass", "ordinal", "multilabel"] = "auto"
     """auto: 2 classes -> binary, more -> multiclass. ordinal must be declared, with `ingest.classes` in grade order
-    (lowest first)."""
+    (lowest first). multilabel (issue 25): an image has any number of findings, one sigmoid each; the findings are
+    `task.labels`."""
+    labels: list[str] = Field(default_factory=list)
+    """multilabel: the findings, in output order; for a manifest source, the names of its 0/1 label columns (an
+    image with every column 0, e.g. "no finding", is legal)."""
+    label_rule: Literal["target_sensitivity", "f1"] = "target_sensitivity"
+    """multilabel: how each finding's threshold is fitted on validation: for `evaluate.target_sensitivity`, or for
+    the best F1."""
+    label_rules: dict[str, Literal["target_sensitivity", "f1"] | float] = Field(default_factory=dict)
+    """multilabel: a rule per finding, over `label_rule`: `f1`, `target_sensitivity`, or a number (that finding's
+    own target sensitivity, e.g. `glaucoma: 0.9`)."""
     critical_classes: list[str] = Field(default_factory=list)
     """multiclass: classes (e.g. mel, bcc, akiec) also flagged when p >= a threshold fitted on validation for
     `evaluate.target_sensitivity`; the prediction itself stays the argmax."""
@@ -241,7 +251,7 @@ class Task(_Section):
     """ordinal: expected_grade cuts E[grade] = sum_k k p_k at cut-points fitted on validation for the best quadratic
     weighted kappa; argmax takes the most probable grade."""
 
-    def resolved(self, n_classes: int) -> Literal["binary", "multiclass", "ordinal"]:
+    def resolved(self, n_classes: int) -> Literal["binary", "multiclass", "ordinal", "multilabel"]:
         """The task type for `n_classes` classes (`auto` decided)."""
         if self.type == "auto":
             return "binary" if n_classes == 2 else "multiclass"
@@ -277,6 +287,9 @@ class Validate(_Section):
     drift_psi_max: float = 0.2
     drift_prevalence_max: float = 0.10
     max_examples: int = Field(10, ge=1)
+    min_finding_positives: int = Field(10, ge=0)
+    """Multi-label (issue 25): a finding with fewer positive images than this in val or test is too rare to
+    evaluate (check `rare_finding`, a warning naming the finding and the split)."""
 
     @field_validator("severity")
     @classmethod
@@ -526,6 +539,9 @@ class Settings(_Section):
     def _task_fits_the_classes(self) -> Settings:
         """The task type, its options and `ingest.classes` agree (each error names its dotted key)."""
         task, classes = self.task, self.ingest.classes
+        if task.type == "multilabel" or task.labels or task.label_rules:
+            self._multilabel_fits()
+            classes = list(task.labels)
         k = len(classes) if classes else None
         if task.type == "ordinal" and not classes:
             raise ValueError("task.type: ordinal needs ingest.classes in grade order (lowest grade first)")
@@ -566,6 +582,28 @@ class Settings(_Section):
                     f"{', '.join(sorted(allowed))}"
                 )
         return self
+
+    def _multilabel_fits(self) -> None:
+        """`task.labels` and `task.label_rules` belong to multilabel tasks, which name their findings there."""
+        task = self.task
+        if task.type != "multilabel":
+            key = "task.labels" if task.labels else "task.label_rules"
+            raise ValueError(f"{key}: applies to multilabel tasks only (task.type: multilabel), not {task.type}")
+        if len(task.labels) < 2:
+            raise ValueError(f"task.labels: a multilabel task needs at least 2 findings; got {task.labels}")
+        dupes = sorted({c for c in task.labels if task.labels.count(c) > 1})
+        if dupes:
+            raise ValueError(f"task.labels: {dupes} listed twice")
+        unknown = sorted(set(task.label_rules) - set(task.labels))
+        if unknown:
+            raise ValueError(f"task.label_rules: {unknown} not among task.labels {task.labels}")
+        for name, rule in task.label_rules.items():
+            if isinstance(rule, float) and not 0 < rule < 1:
+                raise ValueError(f"task.label_rules: {name}: a target sensitivity is in (0, 1), not {rule}")
+        if self.ingest.classes:
+            raise ValueError("ingest.classes: a multilabel task names its findings in task.labels, not ingest.classes")
+        if self.ingest.positive_class is not None:
+            raise ValueError("ingest.positive_class: applies to binary tasks only; this task is multilabel")
 
     @property
     def validation(self) -> Validate:

@@ -40,6 +40,11 @@ CHECKS: dict[str, tuple[Severity, str]] = {
     "split_fractions": ("warn", "split sizes within validate.split_fraction_bounds"),
     "drift_prevalence": ("warn", "class share moved more than validate.drift_prevalence_max since the baseline"),
     "drift_intensity": ("warn", "intensity distribution PSI above validate.drift_psi_max since the baseline"),
+    "rare_finding": (
+        "warn",
+        "multi-label only: a finding with fewer than validate.min_finding_positives positive images in val or test: "
+        "too rare to evaluate (its threshold and metrics rest on a handful of images)",
+    ),
 }
 
 
@@ -178,12 +183,28 @@ REFERABLE: tuple[str, ...] = ("auc", "sensitivity", "specificity", "f1")
 """The ordinal referable view (grade >= task.referable_from): `referable.<metric>`."""
 CRITICAL: tuple[str, ...] = ("sensitivity", "specificity")
 """A multi-class critical-class flag (p >= its val-fitted threshold): `critical.<class>.<metric>`."""
+MULTILABEL_SUMMARY: tuple[str, ...] = ("macro_auc", "micro_auc", "map", "macro_f1", "micro_f1", "subset_accuracy")
+"""Multi-label summary metrics that are floors (higher is better): gateable by name. `hamming_loss` (lower is
+better) and `ece` are reported, not gated."""
+MULTILABEL_HEADLINE: tuple[str, ...] = ("macro_auc", "map", "macro_f1", "hamming_loss")
+"""What `dvc metrics show` and the version tags carry for a multi-label task."""
+PER_LABEL: tuple[str, ...] = ("auc", "ap", "recall", "specificity", "precision", "f1")
+"""Per-finding metrics of a multi-label task, at that finding's own validation-fitted threshold
+(`per_class.<label>.<metric>` in metrics.json, as for classes; gated as `auc[glaucoma]`)."""
 FAMILY_GATES: dict[str, dict[str, float]] = {
     # the gates a task family gets when `evaluate.gates.bounds` is empty (binary uses the min_* keys)
     "multiclass": {"balanced_accuracy": 0.6, "macro_auc": 0.8},
     "ordinal": {"qwk": 0.6, "macro_auc": 0.7},
+    "multilabel": {"macro_auc": 0.8, "macro_f1": 0.4},
 }
-_PER_CLASS_ALIASES = {"sensitivity": "recall", "roc_auc": "auc", "ppv": "precision", "tnr": "specificity"}
+_PER_CLASS_ALIASES = {
+    "sensitivity": "recall",
+    "roc_auc": "auc",
+    "ppv": "precision",
+    "tnr": "specificity",
+    "pr_auc": "ap",
+    "average_precision": "ap",
+}
 
 
 def canonical_gate(name: str) -> str:
@@ -204,6 +225,8 @@ def gateable_metrics(kind: str, classes: list[str], critical: list[str], referab
     """Every metric a gate may name for a task (canonical names, see `canonical_gate`)."""
     if kind == "binary":
         return {k for k, m in METRICS.items() if m.higher_is_better}
+    if kind == "multilabel":
+        return set(MULTILABEL_SUMMARY) | {f"per_class.{c}.{m}" for c in classes for m in PER_LABEL}
     out = set(KCLASS_SUMMARY) | {f"per_class.{c}.{m}" for c in classes for m in PER_CLASS}
     out |= {f"critical.{c}.{m}" for c in critical for m in CRITICAL}
     if kind == "ordinal":
@@ -227,12 +250,20 @@ KCLASS_LABELS: dict[str, str] = {
     "referable.sensitivity": "referable sensitivity",
     "referable.specificity": "referable specificity",
     "referable.f1": "referable F1",
+    "micro_auc": "micro ROC-AUC (every image-finding pair)",
+    "map": "mean average precision (mAP)",
+    "micro_f1": "micro F1",
+    "subset_accuracy": "subset accuracy (every finding right)",
+    "hamming_loss": "Hamming loss (share of wrong image-finding pairs)",
 }
 """How people read a multi-class or ordinal summary metric (model card, version page)."""
 
-TaskKind = Literal["binary", "multiclass", "ordinal"]
+TaskKind = Literal["binary", "multiclass", "ordinal", "multilabel"]
 """A resolved task family (`task.type` with `auto` decided)."""
-OUTPUT_SCHEMA_VERSION = 2
+OUTPUT_SCHEMA_VERSION = 3
 """Version of the scoring output of `medclf predict` and the served model: 1 was binary-only (p_<class>, label,
 positive); 2 adds `prediction` for multi-class and ordinal tasks, `flag_<class>` for critical classes and `referable`
-for an ordinal view (docs/TASKS.md). Here, in the leaf, so that serving reads it without loading the metrics."""
+for an ordinal view; 3 adds the multi-label row (issue 25): `p_<finding>` per finding, `labels` (the findings present,
+each at its own threshold, ";"-joined in the findings' order) and `present_<finding>` per finding. Each version only
+adds: a binary, multi-class or ordinal model's columns are the same under 2 and 3 (docs/TASKS.md). Here, in the leaf,
+so that serving reads it without loading the metrics."""

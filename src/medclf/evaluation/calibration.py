@@ -157,3 +157,16 @@ def fold_into_classifier(model: Any, temperature: float, layer: str = "classifie
     if getattr(dense, "activation", None) is None or dense.activation.__name__ != "softmax":
         raise ValueError(f"layer {layer!r} is not a softmax Dense layer: temperature cannot be folded into it")
     dense.set_weights([np.asarray(w) / temperature for w in dense.get_weights()])
+
+
+def fold_per_finding(model: Any, temperatures: np.ndarray, layer: str = "classifier") -> None:
+    """Multi-label: divide column j of the final sigmoid Dense layer's kernel and bias by T_j, so the model outputs
+    sigmoid(z_j / T_j), each finding calibrated on its own (`medclf.evaluation.multilabel.fit_temperatures`)."""
+    dense = model.get_layer(layer)
+    if getattr(dense, "activation", None) is None or dense.activation.__name__ != "sigmoid":
+        raise ValueError(f"layer {layer!r} is not a sigmoid Dense layer: per-finding temperatures cannot be folded")
+    t = np.asarray(temperatures, dtype=np.float64)
+    kernel, bias = (np.asarray(w) for w in dense.get_weights())
+    if t.shape != bias.shape or not np.all(t > 0):
+        raise ValueError(f"one positive temperature per finding ({bias.shape[0]}) is needed; got {t.tolist()}")
+    dense.set_weights([(kernel / t).astype(kernel.dtype), (bias / t).astype(bias.dtype)])

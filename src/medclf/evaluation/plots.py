@@ -398,3 +398,34 @@ def kclass_pngs(doc: Mapping[str, Any], y: np.ndarray, proba: np.ndarray, fig: C
         ylabel="accuracy (argmax correct)",
         counts=True,
     )
+
+
+def multilabel_pngs(doc: Mapping[str, Any], y: np.ndarray, proba: np.ndarray, fig: Callable[[str], Path]) -> None:
+    """A multi-label task's figures (`medclf.evaluation.multilabel.metrics_document`): ROC and PR of every finding
+    (legend: its AUC / AP and prevalence; a finding without positives in the test split is left out, and said so),
+    and the reliability diagram of every image-finding probability pooled (each bin's count printed)."""
+    from medclf.evaluation import metrics
+
+    labels, test, y, proba = list(doc["classes"]), doc["test"], np.asarray(y), np.asarray(proba, dtype=float)
+    roc: dict[str, list[dict[str, Any]]] = {}
+    pr: dict[str, list[dict[str, Any]]] = {}
+    for j, c in enumerate(labels):
+        is_c, p_c, row = y[:, j].astype(np.int64), proba[:, j], doc["per_class"][c]
+        if 0 < is_c.sum() < len(is_c):
+            roc[f"{c} (AUC {_num(row.get('auc'))})"] = metrics.roc_points(is_c, p_c)
+            pr[f"{c} (AP {_num(row.get('ap'))}; prevalence {is_c.mean():.2f})"] = metrics.pr_points(is_c, p_c)
+    title = f"ROC per finding, test set (macro AUC {_num(test.get('macro_auc'))})"
+    class_curves_png(roc, "fpr", "tpr", fig("roc"), title, "false positive rate", "true positive rate", diagonal=True)
+    title = f"Precision-recall per finding, test set (mAP {_num(test.get('map'))})"
+    class_curves_png(pr, "recall", "precision", fig("pr"), title, "recall", "precision")
+    curve_png(
+        metrics.calibration_curve_points(y.ravel().astype(np.int64), proba.ravel()),
+        "mean_predicted",
+        "fraction_positive",
+        fig("calibration"),
+        f"Reliability of every image-finding probability, test set (mean per-finding ECE {_num(test.get('ece'))})",
+        diagonal=True,
+        xlabel="predicted probability of the finding",
+        ylabel="fraction with the finding",
+        counts=True,
+    )

@@ -3,7 +3,8 @@
 `TaskSpec` is built once from `task`, `ingest.classes` and `ingest.positive_class`. It names the task family and
 owns what differs between families:
 - the label codec: one class index per image, `classes` in index order (for ordinal tasks, in grade order);
-- the head and loss: a softmax head with categorical cross-entropy for every single-label family;
+- the head and loss: a softmax head with categorical cross-entropy for every single-label family, sigmoids with
+  binary cross-entropy for the multi-label one;
 - the score that picks the epoch: the validation macro one-vs-rest AUC (`medclf.training.data.val_scores`);
 - the decision rule fitted on validation only (`fit_decision`);
 - the metrics and the names of the gateable ones (`medclf.config.vocabulary.gateable_metrics`);
@@ -15,8 +16,9 @@ The binary family is today's path: one threshold on `positive_class`, chosen on 
 raises a *flag* when its probability reaches a threshold fitted on validation for `evaluate.target_sensitivity`,
 and the flag never replaces the predicted class. The ordinal family predicts the grade by cut-points on the
 expected grade, fitted on validation for the best quadratic weighted kappa (or the argmax), and may add a referable
-view, P(grade >= k), with its own validation threshold. Multi-label (one sigmoid per finding) will be a fourth
-family of the same seam.
+view, P(grade >= k), with its own validation threshold. The multi-label family (issue 25) has one sigmoid per
+finding (`task.labels`), binary cross-entropy with per-finding positive weights, and one threshold per finding
+fitted on validation (`medclf.evaluation.multilabel`); labels are then an N×L 0/1 matrix.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from medclf.config.vocabulary import (
     FAMILY_GATES,
     GATES,
     KCLASS_HEADLINE,
+    MULTILABEL_HEADLINE,
     TaskKind,
     canonical_gate,
     gateable_metrics,
@@ -64,6 +67,8 @@ class TaskSpec:
 
     @classmethod
     def from_settings(cls, task: Task, classes: Sequence[str], positive_class: str | None) -> TaskSpec:
+        if task.type == "multilabel":  # the findings are task.labels (ingest writes them as classes.json's classes)
+            return cls("multilabel", tuple(task.labels), head="sigmoid", loss="binary_crossentropy")
         classes = tuple(classes)
         kind = task.resolved(len(classes))
         if kind == "binary":
@@ -94,6 +99,8 @@ class TaskSpec:
 
     def headline(self) -> tuple[str, ...]:
         """The test metrics `dvc metrics show` and the version tags carry."""
+        if self.kind == "multilabel":
+            return MULTILABEL_HEADLINE
         extra = ("qwk", "mae") if self.kind == "ordinal" else ()
         return KCLASS_HEADLINE + extra + (("referable.auc", "referable.sensitivity") if self.referable_from else ())
 
@@ -101,6 +108,8 @@ class TaskSpec:
         """The scoring output of `medclf predict` and the served model, schema `OUTPUT_SCHEMA_VERSION`."""
         if self.kind == "binary":  # schema 1's columns, kept by schema 2
             return [f"p_{c}" for c in self.classes] + ["label", "positive"]
+        if self.kind == "multilabel":  # schema 3: each finding's probability, the findings called present
+            return [f"p_{c}" for c in self.classes] + ["labels"] + [f"present_{c}" for c in self.classes]
         cols = [f"p_{c}" for c in self.classes] + ["prediction"]
         cols += [f"flag_{c}" for c in self.critical_names]
         if self.referable_from is not None:

@@ -9,6 +9,9 @@ pass.  The model itself only ever sees uint8 images; its preprocessing layers do
 Randomness is isolated: every random draw comes from a `numpy.random.Generator` passed in, and the
 online stream is a pure function of (seed, epoch, batch index), so a resumed training sees exactly
 the batches it would have seen without the interruption.
+
+Offline balancing here is of single-label tasks (`balance_classes`); multi-label tasks (N×L 0/1 labels)
+are balanced by a capped ML-ROS in `medclf.imaging.multilabel_balance`, which writes its rows with `fill_rows`.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ import numpy as np
 from medclf.config import AugmentPolicy
 
 __all__ = [
+    "Balanced",
     "Draws",
     "apply_policy",
     "balance_classes",
     "balance_plan",
     "draw",
+    "fill_rows",
     "random_affine",
     "transform",
     "warp_affine",
@@ -203,7 +208,25 @@ def balance_classes(
         out = np.empty((total, *images.shape[1:]), np.uint8)
     elif out.shape != (total, *images.shape[1:]):
         raise ValueError(f"out has shape {out.shape}, expected {(total, *images.shape[1:])}")
-    n = len(labels)
+    fill_rows(images, len(labels), src_rows, policy, rng, chunk, out)
+    return Balanced(
+        images=out,
+        labels=np.concatenate([labels, labels[src_rows]]),
+        is_synthetic=np.r_[np.zeros(len(labels), bool), np.ones(src_rows.size, bool)],
+        source_row=np.concatenate([np.arange(len(labels)), src_rows]).astype(np.int64),
+    )
+
+
+def fill_rows(
+    images: np.ndarray,
+    n: int,
+    src_rows: np.ndarray,
+    policy: AugmentPolicy,
+    rng: np.random.Generator,
+    chunk: int,
+    out: np.ndarray,
+) -> None:
+    """`out`: the `n` originals, then a transformed copy of each of `src_rows` (draws made up front from `rng`)."""
     for s in range(0, n, chunk):
         out[s : min(s + chunk, n)] = images[s : min(s + chunk, n)]
     draws = draw(rng, src_rows.size, policy, images.shape[1], images.shape[2])
@@ -213,17 +236,12 @@ def balance_classes(
         batch = np.empty((rows.size, *images.shape[1:]), np.uint8)
         batch[order] = images[rows[order]]
         out[n + j : n + j + rows.size] = transform(batch, policy, draws[j : j + chunk])
-    return Balanced(
-        images=out,
-        labels=np.concatenate([labels, labels[src_rows]]),
-        is_synthetic=np.r_[np.zeros(len(labels), bool), np.ones(src_rows.size, bool)],
-        source_row=np.concatenate([np.arange(len(labels)), src_rows]).astype(np.int64),
-    )
 
 
 # --------------------------------------------------------------------------- online feeding
 class _BatchesBase:
     """Fixed-shape (images, one-hot labels, sample weights) batches for `fit`/`predict`, built by worker threads.
+    Multi-label labels (N×L 0/1) are the targets as they are.
 
     * `shuffle=True` (training): every epoch is a fresh seeded permutation; the last batch is filled
       up with images from the next permutation, so every batch has the same shape (no recompiles)
@@ -329,12 +347,14 @@ class _BatchesBase:
         uniq, inverse = np.unique(rows, return_inverse=True)  # sorted reads: kind to memory maps
         x = np.asarray(self.images[uniq])[inverse]
         y = self.labels[rows]
-        w = self._weights[y].copy()
+        # multi-label (N×L 0/1 labels): the targets are the rows themselves, every image weighs 1 (each finding's
+        # imbalance is the loss's per-finding positive weight, `medclf.modeling.network.compile_model`)
+        w = np.ones(len(rows), np.float32) if y.ndim == 2 else self._weights[y].copy()
         if not self.shuffle:
             w[max(0, len(self.labels) - index * self.batch_size) :] = 0.0  # padding rows do not count
         if self.policy is not None:
             x = apply_policy(x, self.policy, np.random.default_rng([self.seed, epoch, 2, index]))
-        return x, np.eye(self.n_classes, dtype=np.float32)[y], w
+        return x, (y.astype(np.float32) if y.ndim == 2 else np.eye(self.n_classes, dtype=np.float32)[y]), w
 
     def close(self) -> None:
         """Stop the worker threads (call when training is over)."""

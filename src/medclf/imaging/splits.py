@@ -1,4 +1,9 @@
-"""Patient-level, label-stratified, seeded splits (pure functions)."""
+"""Patient-level, label-stratified, seeded splits (pure functions).
+
+`assign_splits` stratifies single-label data by each group's majority label; `assign_splits_multilabel` stratifies
+multi-label data (an N×L 0/1 matrix) by iterative stratification over whole groups (Sechidis, Tsoumakas, Vlahavas,
+"On the Stratification of Multi-label Data", ECML PKDD 2011).
+"""
 
 from __future__ import annotations
 
@@ -71,6 +76,88 @@ def assign_splits(
             if target != "train":
                 filled[target] += len(by_group[g])
     return [s or "train" for s in out]
+
+
+def assign_splits_multilabel(
+    groups: list[int],
+    y: np.ndarray,
+    fixed: list[str | None],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
+    """Assign each record of a multi-label set (`y`: N×L 0/1, one row per record) a split, whole groups at a time.
+
+    Records with a `fixed` split keep it; the splits missing from the fixed set are carved out of the
+    unassigned/train pool with the sizes `assign_splits` gives them (`val_fraction`, `test_fraction` of all
+    records). Iterative stratification (Sechidis et al. 2011) over the pool's groups: a group (patient) is one
+    example weighing its number of images, its label vector the sum of its images' rows (images carrying each
+    finding). Each split wants its share of the pool's images and of each finding's positives; the finding with
+    the fewest groups still to place goes first, each of its groups to the split that still wants most of that
+    finding (ties: most images still wanted, then the seeded generator), and the counts wanted are updated by
+    every finding the group carries; the groups with no finding fill the images each split still wants. The
+    result is deterministic for a seed, and a finding's positives spread over the splits close to the fractions.
+    """
+    n = len(groups)
+    matrix = np.asarray(y)
+    if matrix.ndim != 2 or len(matrix) != n:
+        raise ValueError(f"y must be an N×L matrix with one row per record ({n}); got shape {matrix.shape}")
+    present = {s for s in fixed if s}
+    want = {s: f for s, f in (("test", test_fraction), ("val", val_fraction)) if s not in present and f > 0}
+    out: list[str] = [s or "" for s in fixed]
+    pool = [i for i in range(n) if out[i] in ("", "train")]
+    if not want or not pool:
+        return [s or "train" for s in out]
+    by_group: dict[int, list[int]] = defaultdict(list)
+    for i in pool:
+        by_group[groups[i]].append(i)
+    gids = sorted(by_group)
+    sizes = np.array([len(by_group[g]) for g in gids], dtype=float)
+    counts = np.stack([matrix[by_group[g]].sum(axis=0) for g in gids]).astype(float)  # groups × findings
+    names = [*want, "train"]
+    shares = [f * n / len(pool) for f in want.values()]
+    ratio = np.array([*shares, max(0.0, 1.0 - sum(shares))])
+    need_images = ratio * sizes.sum()
+    need_labels = np.outer(ratio, counts.sum(axis=0))  # splits × findings
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(gids))  # the order groups are placed in (the seed's only other use: ties)
+    placed = np.full(len(gids), -1)
+    carries = counts > 0
+
+    def best(scores: np.ndarray) -> int:
+        top = np.flatnonzero(scores == scores.max())
+        return int(top[0] if len(top) == 1 else rng.choice(top))
+
+    while True:
+        left = (carries & (placed < 0)[:, None]).sum(axis=0)
+        if not left.any():
+            break
+        label = int(np.argmin(np.where(left > 0, left, np.iinfo(np.int64).max)))  # rarest; ties: first finding
+        for g in order[carries[order, label] & (placed[order] < 0)]:
+            wanted = need_labels[:, label]
+            tied = np.flatnonzero(wanted == wanted.max())
+            split = int(tied[0]) if len(tied) == 1 else int(tied[best(need_images[tied])])
+            placed[g] = split
+            need_labels[split] -= counts[g]
+            need_images[split] -= sizes[g]
+    for g in order[placed[order] < 0]:  # groups with no finding
+        split = best(need_images)
+        placed[g] = split
+        need_images[split] -= sizes[g]
+    for g, split in zip(gids, placed, strict=True):
+        for i in by_group[g]:
+            out[i] = names[split]
+    return [s or "train" for s in out]
+
+
+def label_counts(y: np.ndarray, splits: list[str], labels: list[str]) -> dict[str, dict[str, int]]:
+    """Multi-label: per split (in `SPLITS` order), the images carrying each finding (`y`: N×L 0/1, `labels` its
+    columns)."""
+    matrix, where = np.asarray(y), np.asarray(splits)
+    return {
+        s: {c: int(v) for c, v in zip(labels, matrix[where == s].sum(axis=0, dtype=np.int64), strict=True)}
+        for s in SPLITS
+    }
 
 
 def empty_split_problem(

@@ -189,13 +189,15 @@ def build_model(
     weights: str = "none",
     preprocessing: str = "auto",
     cache_dir: Path = Path(".cache"),
+    head: str = "softmax",
 ) -> tuple[keras.Model, dict[str, Any]]:
     """The full classifier; returns (model, info).  Build it under the dtype policy / distribution scope wanted.
 
     With pretrained weights the backbone is called with training=False: its BatchNorm layers stay in
     inference mode even when unfrozen (keras-io fine-tuning guide), so small medical batches never
-    corrupt ImageNet statistics.  With weights=none there are no statistics to protect: random
-    features cannot be "fine-tuned", and a frozen random BatchNorm stack collapses to a constant
+    corrupt ImageNet statistics.  `head` is the classifier's activation: softmax (one class per image) or
+    sigmoid (multi-label: one independent probability per finding).  With weights=none there are no statistics to
+    protect: random features cannot be "fine-tuned", and a frozen random BatchNorm stack collapses to a constant
     output (measured: val AUC 0.50), so a from-scratch backbone follows the training flag
     (`info["from_scratch"]`), trains whole in one phase, and its BatchNorm momentum is lowered to
     0.9 so the moving statistics are usable after a short run.
@@ -205,6 +207,8 @@ def build_model(
 
     if n_classes < 2:
         raise ValueError(f"need at least 2 classes, got {n_classes}")
+    if head not in ("softmax", "sigmoid"):
+        raise ValueError(f"head is softmax or sigmoid, not {head!r}")
     input_size = resolve_input_size(input_size, backbone, image_size, weights)
     size = input_size or image_size
     base, info = make_backbone(backbone, size, width, weights, cache_dir)
@@ -216,7 +220,7 @@ def build_model(
     x = base(x, training=None if from_scratch else False)
     x = layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     x = layers.Dropout(dropout, name=DROPOUT_LAYER)(x)
-    out = layers.Dense(n_classes, activation="softmax", dtype="float32", name=CLASSIFIER_LAYER)(x)
+    out = layers.Dense(n_classes, activation=head, dtype="float32", name=CLASSIFIER_LAYER)(x)
     if from_scratch:  # Keras' 0.99-0.999 needs thousands of steps before inference-mode statistics mean anything
         for bn in _bn_layers(base):
             bn.momentum = min(bn.momentum, 0.9)
@@ -285,16 +289,45 @@ def make_optimizer(cfg: Train, lr: float, steps_per_epoch: int, epochs: int) -> 
     return keras.optimizers.Adam(rate)
 
 
-def compile_model(
-    model: Any, cfg: Train, lr: float, steps_per_epoch: int, epochs: int, n_classes: int, jit: bool
-) -> None:
+def weighted_bce(pos_weight: np.ndarray) -> Any:
+    """The multi-label loss: binary cross-entropy per finding, a positive of finding j weighted `pos_weight[j]`
+    (`medclf.training.data.positive_weights`), averaged over findings. Built per fit; the saved model is exported
+    uncompiled, so the loss is never serialised."""
     import keras
 
-    loss = (
-        keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=cfg.focal_gamma)
-        if cfg.loss == "focal"
-        else keras.losses.CategoricalCrossentropy()
-    )
+    w = keras.ops.convert_to_tensor(np.asarray(pos_weight, dtype=np.float32))
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        p = keras.ops.clip(keras.ops.cast(y_pred, "float32"), 1e-7, 1.0 - 1e-7)
+        y = keras.ops.cast(y_true, "float32")
+        per = -(w * y * keras.ops.log(p) + (1.0 - y) * keras.ops.log(1.0 - p))
+        return keras.ops.mean(per, axis=-1)
+
+    return loss
+
+
+def compile_model(
+    model: Any,
+    cfg: Train,
+    lr: float,
+    steps_per_epoch: int,
+    epochs: int,
+    n_classes: int,
+    jit: bool,
+    pos_weight: np.ndarray | None = None,
+) -> None:
+    """Compile for one phase. `pos_weight` (multi-label): the sigmoid head's weighted binary cross-entropy
+    (`weighted_bce`); else categorical cross-entropy, or its focal form (`train.loss: focal`)."""
+    import keras
+
+    if pos_weight is not None:
+        if cfg.loss == "focal":
+            raise ValueError("train.loss: focal is the categorical focal loss; a multilabel task uses weighted BCE")
+        loss: Any = weighted_bce(pos_weight)
+    elif cfg.loss == "focal":
+        loss = keras.losses.CategoricalFocalCrossentropy(alpha=1.0, gamma=cfg.focal_gamma)
+    else:
+        loss = keras.losses.CategoricalCrossentropy()
     model.compile(
         optimizer=make_optimizer(cfg, lr, steps_per_epoch, epochs),
         loss=loss,

@@ -11,9 +11,17 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
 
-from medclf.config.vocabulary import DESCRIBED, KCLASS_LABELS, METRICS
+from medclf.config.vocabulary import DESCRIBED, KCLASS_LABELS, METRICS, MULTILABEL_HEADLINE, PER_LABEL
 from medclf.infra import catalog
-from medclf.release.tables import num, per_class_rows, subgroup_rows
+from medclf.release.tables import (
+    finding_thresholds,
+    num,
+    per_class_rows,
+    per_label_rows,
+    subgroup_rows,
+    threshold_rows,
+    threshold_words,
+)
 
 RECIPE_KEYS = (
     "backbone",
@@ -38,6 +46,37 @@ RECIPE_KEYS = (
     "seed",
 )
 """The `train` values a model card quotes as the training recipe (those that change what is learned)."""
+
+MULTILABEL_LABELS: dict[str, str] = {
+    **{k: KCLASS_LABELS[k] for k in ("micro_auc", "map", "micro_f1", "hamming_loss", "subset_accuracy")},
+    "macro_auc": "macro ROC-AUC (mean over findings)",
+    "macro_f1": "macro F1 (mean over findings)",
+    "ece": "calibration error (mean per-finding ECE)",
+}
+"""How people read a multi-label summary metric (`medclf.evaluation.multilabel.multilabel_report`)."""
+MULTILABEL_DESCRIBED: tuple[str, ...] = (
+    "macro_auc",
+    "micro_auc",
+    "map",
+    "macro_f1",
+    "micro_f1",
+    "hamming_loss",
+    "subset_accuracy",
+    "ece",
+)
+"""The multi-label summary metrics the model card and version description quote with their CIs."""
+MULTILABEL_SHORT: dict[str, str] = {
+    "macro_auc": "macro ROC-AUC",
+    "map": "mAP",
+    "macro_f1": "macro F1",
+    "hamming_loss": "Hamming loss",
+    "micro_auc": "micro ROC-AUC",
+    "micro_f1": "micro F1",
+    "subset_accuracy": "subset accuracy",
+    "ece": "mean ECE",
+}
+"""The first screen's names of a multi-label task's summary metrics: the headline first, then the others (short, so
+that every summary figure with its CI stays on the first screen, which the registry's limit never cuts)."""
 
 
 def run_links(
@@ -160,9 +199,28 @@ def _applied_temperature(cal: dict[str, Any] | None) -> float | None:
     return float(t) if t is not None and abs(float(t) - 1.0) > 1e-9 else None
 
 
+def _finding_temperatures(fitted: dict[str, Any] | None) -> dict[str, float] | None:
+    """A multi-label model's per-finding temperatures folded into it (train's `temperature_per_finding` record), or
+    None when none changed its scores (none fitted, or T = 1 for every finding)."""
+    fitted = fitted or {}
+    temps = fitted.get("temperatures") if fitted.get("method") == "temperature_per_finding" else None
+    if not isinstance(temps, dict) or all(abs(float(t) - 1.0) <= 1e-9 for t in temps.values()):
+        return None
+    return {str(c): float(t) for c, t in temps.items()}
+
+
+def _temperature_words(temps: dict[str, float]) -> str:
+    return ", ".join(f"{c} {num(t, 2)}" for c, t in temps.items())
+
+
 def _no_calibration(fitted: dict[str, Any] | None) -> str:
     """Why a model's scores are uncalibrated, from train's record (`train_run.json` "calibration")."""
     fitted = fitted or {}
+    if fitted.get("method") == "temperature_per_finding":
+        return (
+            "per-finding temperature scaling was fitted on the validation split but T = 1 for every finding (no "
+            "better fit), so nothing changed"
+        )
     if fitted.get("method") == "temperature":
         return "temperature scaling was fitted on the validation split but T = 1 (no better fit), so nothing changed"
     if fitted.get("note"):
@@ -173,7 +231,15 @@ def _no_calibration(fitted: dict[str, Any] | None) -> str:
 def calibration_limitation(cal: dict[str, Any] | None, fitted: dict[str, Any] | None = None) -> str:
     """What calibration does and does not give this model. `cal`: metrics.json "calibration" (the temperature and the
     test ECE/Brier before and after); `fitted`: train's record of the fit."""
-    t = _applied_temperature(cal)
+    t, temps = _applied_temperature(cal), _finding_temperatures(fitted)
+    if temps is not None:
+        return (
+            f"Calibrated by per-finding temperature scaling (T {num(min(temps.values()), 2)}–"
+            f"{num(max(temps.values()), 2)} over {len(temps)} findings) on the internal validation split only: on "
+            "this population each finding's score tracks its observed frequency (test ECE above), at another site, "
+            "device or prevalence it may not. Check calibration there before reading a score as a risk; the "
+            "per-finding thresholds were fitted on the calibrated scores."
+        )
     if t is None:
         return (
             f"Not calibrated: {_no_calibration(fitted)}. The score ranks cases but is not a calibrated risk: read it "
@@ -197,6 +263,12 @@ def intended_use(meta: dict[str, Any], gates: dict[str, Any]) -> str:
     kind = gates.get("task", "binary")
     if kind == "binary":
         return f"flag images as `{meta['positive_class']}`"
+    if kind == "multilabel":
+        findings = ", ".join(f"`{c}`" for c in meta["classes"])
+        return (
+            f"call each of the findings {findings} present or absent in an image (any number at once), each at its "
+            "own threshold fitted on the validation split,"
+        )
     what = "grade" if kind == "ordinal" else "sort"
     return f"{what} images into {', '.join(f'`{c}`' for c in meta['classes'])} ({gates.get('threshold_rule')})"
 
@@ -218,7 +290,7 @@ def decision_facts(
     version and commit, what promoting means). The long tables follow below it."""
     test = metrics_doc.get("test") or {}
     kind = metrics_doc.get("task") or gates.get("task") or "binary"
-    kclass = kind in ("multiclass", "ordinal")
+    kclass, multilabel = kind in ("multiclass", "ordinal"), kind == "multilabel"
     floors = gates.get("gates", [])
     failed = [g for g in floors if not g.get("passed")]
     ni = gates.get("non_inferiority") or {}
@@ -230,7 +302,10 @@ def decision_facts(
         ni_word = f"non-inferiority not checked: {champ.get('note') or 'no champion'}"
     verdict = "FAILED" if failed or "FAILED" in ni_word else "passed"
     gate_line = f"- **Gates: {verdict}** ({len(floors) - len(failed)} of {len(floors)} floors; {ni_word})"
-    if kclass:
+    if multilabel:
+        keys = [k for k in dict.fromkeys([*MULTILABEL_HEADLINE, *MULTILABEL_SHORT]) if k in test]
+        label = dict(MULTILABEL_SHORT)
+    elif kclass:
         keys = [k for k in ("balanced_accuracy", "macro_auc", "macro_f1", "accuracy", "qwk", "mae") if k in test]
         label = {k: KCLASS_LABELS.get(k, k) for k in keys}
     else:
@@ -242,7 +317,14 @@ def decision_facts(
         if test.get(k) is not None
     ]
     metric_line = f"- **Test split** (n={test.get('n', '?')}, 95 % CI): " + (" · ".join(figures) or "no figures")
-    if kclass:
+    fits = finding_thresholds(metrics_doc) or finding_thresholds(gates)
+    if multilabel:
+        op_line = (
+            "- **Decision rule (multilabel):** each finding is present when its own probability reaches its own "
+            "threshold, fitted on the validation split: "
+            + (threshold_words(fits) if fits else str(gates.get("threshold_rule")))
+        )
+    elif kclass:
         op_line = f"- **Decision rule ({kind}):** {gates.get('threshold_rule')}, fitted on the validation split"
     else:
         op_line = (
@@ -251,13 +333,20 @@ def decision_facts(
             f"({gates.get('threshold_rule')})"
         )
     cal = metrics_doc.get("calibration") or {}
-    t = _applied_temperature(cal)
-    cal_line = (
-        f"- **Calibration:** temperature scaling, T = {num(t)} fitted on the validation split; test ECE "
-        f"{num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}"
-        if t is not None
-        else f"- **Calibration:** {_no_calibration(fitted)}; the score is not a calibrated risk"
-    )
+    t, temps = _applied_temperature(cal), _finding_temperatures(fitted)
+    if temps is not None:
+        cal_line = (
+            f"- **Calibration:** per-finding temperature scaling, T {num(min(temps.values()), 2)}–"
+            f"{num(max(temps.values()), 2)} over {len(temps)} findings, fitted on the validation split; test mean "
+            f"per-finding ECE {num(test.get('ece'))}"
+        )
+    elif t is not None:
+        cal_line = (
+            f"- **Calibration:** temperature scaling, T = {num(t)} fitted on the validation split; test ECE "
+            f"{num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}"
+        )
+    else:
+        cal_line = f"- **Calibration:** {_no_calibration(fitted)}; the score is not a calibrated risk"
     raw, commit = provenance.get("raw_data_md5"), provenance.get("git_commit")
     data_line = (
         f"- **Data and code:** raw data md5 `{raw[:8] if raw else 'unknown'}`"
@@ -356,6 +445,43 @@ def fit_description(text: str, limit: int = DESCRIPTION_LIMIT) -> str:
     return out + _CUT_NOTE
 
 
+def _calibration_paragraph(
+    test: dict[str, Any], cal: dict[str, Any], fitted: dict[str, Any] | None, multilabel: bool
+) -> str:
+    """The version page's calibration paragraph: the test ECE (and Brier), and the temperature(s) fitted on
+    validation and folded into the model, or why none was; "" when there is nothing to say."""
+    fit, t, temps = fitted or {}, _applied_temperature(cal), _finding_temperatures(fitted)
+    on_val = (
+        f"validation {'mean ' if multilabel else ''}ECE {num(fit['val_before'].get('ece'))} → "
+        f"{num(fit['val_after'].get('ece'))}"
+        if isinstance(fit.get("val_before"), dict) and isinstance(fit.get("val_after"), dict)
+        else ""
+    )
+    if multilabel:
+        head = f"**Calibration:** mean per-finding ECE {num(test.get('ece'))} on the test split; "
+        if temps is None:
+            return head + f"{_no_calibration(fitted)}, so a score ranks cases but is not a calibrated risk."
+        return (
+            head + f"per-finding temperature scaling fitted on the validation split (T: {_temperature_words(temps)}"
+            f"{'; ' + on_val if on_val else ''}) and folded into the model. Calibrated on the internal validation "
+            "split only: another site or population needs its own check."
+        )
+    if test.get("ece") is None and t is None:
+        return ""
+    head = f"**Calibration:** ECE {num(test.get('ece'))}, Brier {num(test.get('brier'))} on the test split; "
+    if t is None:
+        return head + f"{_no_calibration(fitted)}, so the score ranks cases but is not a calibrated risk."
+    n = fit.get("n", "?")
+    return head + (
+        f"temperature scaling, T = {num(t)} fitted on the validation split"
+        + (f" ({on_val}, n={n})" if on_val else "")
+        + " and folded into the model: "
+        f"test ECE {num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}, Brier "
+        f"{num(cal.get('brier_before'))} → {num(cal.get('brier_after'))} (before → after). Calibrated on the "
+        "internal validation split only: another site or population needs its own check."
+    )
+
+
 def version_description(
     gates: dict[str, Any],
     metrics_doc: dict[str, Any],
@@ -364,6 +490,7 @@ def version_description(
     validation: dict[str, Any] | None = None,
     links: dict[str, str] | None = None,
     fitted: dict[str, Any] | None = None,
+    limit: int | None = DESCRIPTION_LIMIT,
 ) -> str:
     """What a reviewer reads on the MLflow model version page before moving `champion`: markdown.
 
@@ -373,7 +500,12 @@ def version_description(
     every gate with its bound, calibration, the data the model learned from with its validation warnings, and the
     limitations. `fitted`: train's calibration record (`train_run.json` "calibration"), which says why a model is
     uncalibrated. Rounded for reading; the exact values stay in the run's `evaluate/metrics.json`,
-    `evaluate/gates.json` and `evaluate/metrics_ci.json`.
+    `evaluate/gates.json` and `evaluate/metrics_ci.json`. Cut to `limit` characters by `fit_description` (the
+    registry's limit); None keeps the whole page (the model card, which has no such limit).
+
+    A multi-label version (issue 25) has the summary metrics (macro/micro ROC-AUC, mAP, macro/micro F1, Hamming
+    loss, subset accuracy, mean per-finding ECE), the per-finding table and each finding's threshold with how it
+    was fitted on validation in place of the operating point.
     """
     from medclf.evaluation.comparison import comparison_rows
 
@@ -381,8 +513,13 @@ def version_description(
     ni = {e.get("metric"): e for e in (gates.get("non_inferiority") or {}).get("entries", [])}
     champ = gates.get("champion") or {}
     cv = f"champion v{champ['version']}" if champ.get("version") else "champion"
-    kclass = metrics_doc.get("task") in ("multiclass", "ordinal")
-    described = [k for k in KCLASS_LABELS if k in test] if kclass else list(DESCRIBED)
+    kclass, multilabel = metrics_doc.get("task") in ("multiclass", "ordinal"), metrics_doc.get("task") == "multilabel"
+    if multilabel:
+        described, names = list(MULTILABEL_DESCRIBED), MULTILABEL_LABELS
+    elif kclass:
+        described, names = [k for k in KCLASS_LABELS if k in test], KCLASS_LABELS
+    else:
+        described, names = list(DESCRIBED), {k: m.label for k, m in METRICS.items()}
     cells = []  # (label, value, CI, champion's value): a column none of the rows fills is left out
     for key in described:
         if test.get(key) is None:
@@ -390,7 +527,7 @@ def version_description(
         champ_value = ni[key]["champion"] if key in ni else (gates.get("comparison") or {}).get(key, {}).get("champion")
         cells.append(
             (
-                KCLASS_LABELS[key] if kclass else METRICS[key].label,
+                names[key],
                 f"**{num(test[key])}**",
                 _ci(test, key),
                 "" if champ_value is None else num(champ_value),
@@ -445,40 +582,41 @@ def version_description(
             ": " + ", ".join(f"`{w}` ({offending.get(w, '?')})" for w in warns) if warns else ""
         )
     positive = provenance.get("positive_class", "positive")
-    operating = (
-        f"**Decision rule ({metrics_doc['task']}):** {gates.get('threshold_rule')}. Fitted on the validation split; "
-        "the test split was used once, for the figures above."
-        if kclass
-        else f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
-        f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
-        "above."
-    )
+    if multilabel:
+        operating = (
+            "**Decision rule (multilabel):** each finding is called present when its own probability reaches its "
+            "own threshold, each fitted on the validation split for its rule (a target sensitivity, or the best "
+            "F1); the test split was used once, for the figures above. The served `labels` joins the present "
+            "findings; an image may have none.\n\n"
+            + "\n".join(threshold_rows(metrics_doc if finding_thresholds(metrics_doc) else gates))
+        )
+    elif kclass:
+        operating = (
+            f"**Decision rule ({metrics_doc['task']}):** {gates.get('threshold_rule')}. Fitted on the validation "
+            "split; the test split was used once, for the figures above."
+        )
+    else:
+        operating = (
+            f"**Operating point:** threshold {float(gates['threshold']):.4f} on p({positive}), chosen on the "
+            f"validation split ({gates.get('threshold_rule')}); the test split was used once, for the figures "
+            "above."
+        )
     op_warning = (metrics_doc.get("operating_point") or {}).get("warning")  # medclf.evaluation.report
     if op_warning:
         operating += f"\n\n> **Warning, unstable operating point:** {op_warning}."
     if kclass:
         rows += ["", *per_class_rows(metrics_doc)]
-    cal, fit = metrics_doc.get("calibration") or {}, fitted or {}
-    t = _applied_temperature(cal)
-    on_val = (
-        f" (validation ECE {num(fit['val_before'].get('ece'))} → {num(fit['val_after'].get('ece'))}, "
-        f"n={fit.get('n', '?')})"
-        if t is not None and isinstance(fit.get("val_before"), dict) and isinstance(fit.get("val_after"), dict)
-        else ""
-    )
-    calib = (
-        f"**Calibration:** ECE {num(test.get('ece'))}, Brier {num(test.get('brier'))} on the test split; "
-        + (
-            f"temperature scaling, T = {num(t)} fitted on the validation split{on_val} and folded into the model: "
-            f"test ECE {num(cal.get('ece_before'))} → {num(cal.get('ece_after'))}, Brier "
-            f"{num(cal.get('brier_before'))} → {num(cal.get('brier_after'))} (before → after). Calibrated on the "
-            "internal validation split only: another site or population needs its own check."
-            if t is not None
-            else f"{_no_calibration(fitted)}, so the score ranks cases but is not a calibrated risk."
-        )
-        if test.get("ece") is not None or t is not None
-        else ""
-    )
+    if multilabel:  # the per-finding table first: the first screen has the summary headline already
+        rows = [
+            f"**Per finding** (test split, n={test.get('n', '?')}; sensitivity, specificity and F1 at the finding's "
+            "own threshold):",
+            "",
+            *per_label_rows(metrics_doc),
+            "",
+            *rows,
+        ]
+    cal = metrics_doc.get("calibration") or {}
+    calib = _calibration_paragraph(test, cal, fitted, multilabel)
     groups = metrics_doc.get("subgroups") or {}
     subgroup = (
         [
@@ -494,41 +632,40 @@ def version_description(
         else []
     )
     evidence = ["", "**Evidence:** " + " · ".join(f"[{k}]({v})" for k, v in links.items())] if links else []
-    return fit_description(
-        "\n".join(
-            [
-                "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.",
-                "",
-                *decision_facts(gates, metrics_doc, provenance, run_id, fitted),
-                "",
-                "**Before you promote** (docs/PROMOTION.md; tick each in your review):",
-                "",
-                *checklist_rows(),
-                *evidence,
-                "",
-                "---",
-                "",
-                *rows,
-                *compare,
-                "",
-                operating,
-                "",
-                "**Gates:**",
-                *gate_lines,
-                "",
-                *([calib, ""] if calib else []),
-                *subgroup,
-                *external_lines(metrics_doc),
-                *robustness_lines(metrics_doc),
-                f"**Data:** {data}.",
-                "",
-                f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
-                "",
-                "**Limitations:**",
-                *[f"- {x}" for x in limitations(cal, fitted)],
-            ]
-        )
+    page = "\n".join(
+        [
+            "**Research use only.** Not for diagnosis or any clinical decision without regulatory clearance.",
+            "",
+            *decision_facts(gates, metrics_doc, provenance, run_id, fitted),
+            "",
+            "**Before you promote** (docs/PROMOTION.md; tick each in your review):",
+            "",
+            *checklist_rows(),
+            *evidence,
+            "",
+            "---",
+            "",
+            *rows,
+            *compare,
+            "",
+            operating,
+            "",
+            "**Gates:**",
+            *gate_lines,
+            "",
+            *([calib, ""] if calib else []),
+            *subgroup,
+            *external_lines(metrics_doc),
+            *robustness_lines(metrics_doc),
+            f"**Data:** {data}.",
+            "",
+            f"**Lineage:** training run `{run_id}`, git commit `{provenance.get('git_commit') or 'unknown'}`.",
+            "",
+            "**Limitations:**",
+            *[f"- {x}" for x in limitations(cal, fitted)],
+        ]
     )
+    return page if limit is None else fit_description(page, limit)
 
 
 def recipe(train: dict[str, Any], train_run: dict[str, Any]) -> dict[str, Any]:
@@ -546,6 +683,13 @@ def recipe(train: dict[str, Any], train_run: dict[str, Any]) -> dict[str, Any]:
             "final_val_auc": tune.get("final_val_auc"),
         }
     return out
+
+
+def _card_subject(meta: dict[str, Any], gates: dict[str, Any]) -> str:
+    """What the model card's title says the model tells apart: `a vs b`, or a multi-label task's findings."""
+    if gates.get("task") == "multilabel":
+        return f"the findings {', '.join(meta['classes'])} (multi-label)"
+    return " vs ".join(meta["classes"])
 
 
 def model_card(
@@ -570,7 +714,7 @@ def model_card(
         )
     return "\n".join(
         [
-            f"# Model card: {train_run.get('backbone', 'classifier')} for {' vs '.join(meta['classes'])}",
+            f"# Model card: {train_run.get('backbone', 'classifier')} for {_card_subject(meta, gates or {})}",
             "",
             "## Intended use",
             f"Research and method development: {intended_use(meta, gates or {})} for a human reader to review.",
@@ -601,6 +745,10 @@ def model_card(
     )
 
 
+def _value_ci(test: dict[str, Any], key: str) -> dict[str, Any]:
+    return {"value": test.get(key), "ci95": [test.get(f"{key}_ci_low"), test.get(f"{key}_ci_high")]}
+
+
 def model_card_json(
     meta: dict[str, Any],
     provenance: dict[str, str],
@@ -611,8 +759,20 @@ def model_card_json(
     metrics_doc: dict[str, Any],
     validation: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The model card as data (`catalog.RUN_CARD_JSON`): the same facts as the markdown, unrounded, for tools."""
+    """The model card as data (`catalog.RUN_CARD_JSON`): the same facts as the markdown, unrounded, for tools.
+    A multi-label task adds each finding's fitted threshold (`operating_point.thresholds`) and its test figures
+    (`metrics.per_finding`)."""
     test = metrics_doc.get("test") or {}
+    multilabel = gates.get("task") == "multilabel"
+    described = MULTILABEL_DESCRIBED if multilabel else DESCRIBED
+    fits = finding_thresholds(metrics_doc) or finding_thresholds(gates)
+    per_finding = {
+        c: {
+            **{m: _value_ci(test, f"per_class.{c}.{m}") for m in PER_LABEL},
+            **{k: (metrics_doc.get("per_class") or {}).get(c, {}).get(k) for k in ("support", "prevalence", "ece")},
+        }
+        for c in meta["classes"]
+    }
     return {
         "schema": "medclf-model-card/1",
         "intended_use": {
@@ -649,15 +809,13 @@ def model_card_json(
             "threshold": gates.get("threshold"),
             "rule": gates.get("threshold_rule"),
             "chosen_on": "validation",
+            **({"thresholds": fits} if multilabel else {}),
         },
         "metrics": {
             "split": "test",
             "n": test.get("n"),
-            **{
-                k: {"value": test.get(k), "ci95": [test.get(f"{k}_ci_low"), test.get(f"{k}_ci_high")]}
-                for k in DESCRIBED
-                if test.get(k) is not None
-            },
+            **{k: _value_ci(test, k) for k in described if test.get(k) is not None},
+            **({"per_finding": per_finding} if multilabel else {}),
         },
         "calibration": metrics_doc.get("calibration") or train_run.get("calibration"),
         "gates": [

@@ -10,8 +10,11 @@ of stopping the batch. Files go to the model in requests of at most the model's 
 
 The CSV: `path`, the columns the served model returns (`medclf.release.serving.decision_columns`: binary
 `p_<class>`..., `label`, `positive`; multiclass/ordinal `p_<class>`..., `prediction`, `flag_<class>`...,
-`p_referable`, `referable`), `error`, then `threshold` (binary only: the K-class decision is not one threshold),
-`model_uri` and `model_version`. A binary model's CSV is the one schema 1 wrote.
+`p_referable`, `referable`; multilabel `p_<finding>`..., `labels` (the present findings, ";"-joined, "" for none),
+`present_<finding>`...), `error`, then `threshold` (binary only: the K-class decision is not one threshold) or
+`threshold_<finding>` per finding (multilabel: each finding's own threshold), `model_uri` and `model_version`. A
+binary model's CSV is the one schema 1 wrote. A multilabel row with no finding present has `labels` ""; a file
+that was not scored has it empty too, and its reason in `error`.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ def predict_paths(
     model = mlflow.pyfunc.load_model(uri)
     cfg = model.unwrap_python_model().cfg
     types = decision_columns(cfg)  # the served model's output columns, in order, and their types
-    cols, binary = list(types), cfg.task == "binary"
+    cols, binary, multilabel = list(types), cfg.task == "binary", cfg.task == "multilabel"
     rows: list[dict[str, Any]] = []
     refused = 0
     step = chunk_size(model)
@@ -130,6 +133,9 @@ def predict_paths(
     df = pd.DataFrame(rows, columns=["path", *cols, "error"])
     if binary:  # the threshold as its exact repr (float_format below would round it; the label depends on it)
         df["threshold"] = repr(float(cfg.threshold))
+    if multilabel:  # each finding's own threshold, as exactly (its `present_<finding>` depends on it)
+        for c in cfg.classes:
+            df[f"threshold_{c}"] = repr(float(cfg.thresholds[c]))
     df["model_uri"], df["model_version"] = uri, version
     out = Path(out)
     with atomic_file(out) as fh:
@@ -146,7 +152,10 @@ def predict_paths(
             out,
         )
     scored = df[df["error"].fillna("") == ""]
-    labels = {str(k): int(v) for k, v in scored["label" if binary else "prediction"].value_counts().items()}
+    if multilabel:  # files with each finding present (a file may count under several)
+        labels = {c: int(scored[f"present_{c}"].astype(bool).sum()) for c in cfg.classes}
+    else:
+        labels = {str(k): int(v) for k, v in scored["label" if binary else "prediction"].value_counts().items()}
     summary: dict[str, Any] = {"model_uri": uri, "model_version": version}
     if binary:
         summary["threshold"] = cfg.threshold
@@ -154,6 +163,8 @@ def predict_paths(
     if binary:
         summary["positive_class"] = cfg.positive_class
         summary["mean_p"] = float(np.nanmean(df[f"p_{cfg.positive_class}"])) if len(df) > failed else None
+    elif multilabel:  # the scored files with no finding present
+        summary |= {"task": cfg.task, "no_finding": int((scored["labels"].fillna("") == "").sum())}
     else:  # how many scored files each flag (and the referable view) called
         extra = [c for c in cols if c.startswith("flag_") or c == "referable"]
         summary |= {"task": cfg.task, **{c: int(scored[c].astype(bool).sum()) for c in extra}}

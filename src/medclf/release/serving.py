@@ -5,8 +5,8 @@ image *files*, not tensors of the training size. This wrapper accepts base64-enc
 DICOM bytes or pixel arrays of any size, applies exactly the ingest geometry (channel mapping +
 `fit_square`), runs the Keras model (whose own layers do scaling/normalisation), and returns
 per-class probabilities plus the decision fitted on validation data (`medclf.evaluation.task`).
-Everything the wrapper needs (task, classes, decision rule, size) travels in the MLflow `model_config`,
-so the served artefact is self-describing.
+Everything the wrapper needs (task, classes, decision rule or per-finding thresholds, size) travels in the MLflow
+`model_config`, so the served artefact is self-describing.
 
 Input (pyfunc `predict` / `POST /invocations`):
   * a DataFrame (or `{"image": [...]}` / list) with one column `image`, each cell one of:
@@ -15,13 +15,17 @@ Input (pyfunc `predict` / `POST /invocations`):
     called via ``unwrap_python_model().predict_images``.
 Output (`decision_columns`; the version is `ServingConfig.schema_version`, recorded as `output_schema_version` in
 the MLmodel metadata; models registered before it are version 1), one row per input image:
-  * binary (versions 1 and 2 alike): `p_<class>` per class (double), `label` (string: the positive class when
+  * binary (versions 1, 2 and 3 alike): `p_<class>` per class (double), `label` (string: the positive class when
     p_<positive> >= threshold, else the other) and `positive` (bool, p_<positive> >= threshold);
-  * multiclass / ordinal (version 2 only): `p_<class>` per class (double), `prediction` (string: the argmax class;
-    for ordinal with cut-points the grade `kclass.apply_cutpoints` gives on the expected grade), one `flag_<class>`
-    (bool, p_<class> >= its validation threshold) per critical class, and for an ordinal referable view
+  * multiclass / ordinal (versions 2 and 3 alike): `p_<class>` per class (double), `prediction` (string: the argmax
+    class; for ordinal with cut-points the grade `kclass.apply_cutpoints` gives on the expected grade), one
+    `flag_<class>` (bool, p_<class> >= its validation threshold) per critical class, and for an ordinal referable view
     `p_referable` (double, P(grade >= referable_from)) and `referable` (bool, p_referable >= referable_threshold).
-    No class's threshold ever decides `prediction`: a flag is an extra alert beside it.
+    No class's threshold ever decides `prediction`: a flag is an extra alert beside it;
+  * multilabel (version 3 only): `p_<finding>` per finding (double, that finding's own sigmoid), `labels` (string:
+    the findings called present, each where p_<finding> >= ITS OWN validation threshold, joined by ";" in the
+    findings' order; "" when none is) and one `present_<finding>` (bool, p_<finding> >= its threshold) per finding.
+    Version 3 is version 2 plus this row: a binary, multiclass or ordinal model's columns are version 2's.
 
 Refused inputs: a cell that cannot be decoded, is a decompression bomb (over `max_pixels`), is
 smaller than `min_size` pixels on a side, is more elongated than `max_aspect_ratio` (long side /
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,16 +68,21 @@ MAX_REQUEST_IMAGES = 64
 """Images per request: a PACS bridge sends one study (a few images) at a time; 64 leaves room for a series."""
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 """Encoded bytes per image: a 3000x3000 16-bit uncompressed DICOM radiograph is about 18 MB."""
-TASKS = ("binary", "multiclass", "ordinal")
+TASKS = ("binary", "multiclass", "ordinal", "multilabel")
+SCHEMA_VERSIONS = (1, 2, OUTPUT_SCHEMA_VERSION)
+"""The output schemas a model_config may name (module docstring): 1 binary only, 2 not multilabel, 3 any task."""
+LABEL_SEPARATOR = ";"
+"""Joins a multi-label row's present findings in its `labels` column (so no finding name may hold it)."""
 
 
 @dataclass(frozen=True)
 class ServingConfig:
     """What the wrapper needs to turn raw images into decisions (the pyfunc `model_config`).
 
-    `positive_class` and `threshold` are the binary decision. A multiclass or ordinal config still carries both
-    (the keys every model_config has) but they are never used for its decision: that is the argmax, the ordinal
-    `cutpoints`, and the `flags` / referable view beside it."""
+    `positive_class` and `threshold` are the binary decision. A multiclass, ordinal or multilabel config still
+    carries both (the keys every model_config has) but they are never used for its decision: that is the argmax,
+    the ordinal `cutpoints`, and the `flags` / referable view beside it; or, multilabel, each finding's own
+    threshold (`thresholds`); its `classes` are the findings (`task.labels`) in output order."""
 
     classes: list[str]
     positive_class: str
@@ -96,7 +105,8 @@ class ServingConfig:
     """What the model was trained on (`ingest.modality`): a greyscale one refuses colour pictures. None (models
     registered before this key) checks no colour."""
     task: str = "binary"
-    """"binary" | "multiclass" | "ordinal" (`medclf.evaluation.task`); models registered before this key: binary."""
+    """"binary" | "multiclass" | "ordinal" | "multilabel" (`medclf.evaluation.task`); models registered before this
+    key: binary."""
     cutpoints: list[float] = field(default_factory=list)
     """ordinal: the K-1 increasing cut-points on the expected grade (`kclass.apply_cutpoints`); empty: argmax."""
     flags: dict[str, float] = field(default_factory=dict)
@@ -105,8 +115,12 @@ class ServingConfig:
     """ordinal: the lowest referable grade index; `p_referable` = P(grade >= it)."""
     referable_threshold: float | None = None
     """ordinal, with `referable_from`: `referable` is p_referable >= it (fitted on validation)."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """multilabel: finding -> its own threshold (fitted on validation), one for every finding of `classes` and no
+    other; `present_<finding>` is p_<finding> >= it. Looked up by name, never by position."""
     schema_version: int = OUTPUT_SCHEMA_VERSION
-    """The output schema (module docstring): 1 for models registered before this key (all binary)."""
+    """The output schema (module docstring): 1 for models registered before this key (all binary); 2 for those
+    registered before multilabel (never multilabel); new configs: `OUTPUT_SCHEMA_VERSION`."""
 
     def __post_init__(self) -> None:
         problems = _config_problems(self)
@@ -134,6 +148,7 @@ class ServingConfig:
             flags={str(c): float(t) for c, t in (d.get("flags") or {}).items()},
             referable_from=None if d.get("referable_from") is None else int(d["referable_from"]),
             referable_threshold=None if d.get("referable_threshold") is None else float(d["referable_threshold"]),
+            thresholds={str(c): float(t) for c, t in (d.get("thresholds") or {}).items()},
             schema_version=int(d.get("schema_version", 1)),
         )  # models registered before these keys
 
@@ -148,11 +163,19 @@ class ServingConfig:
 
 def task_keys(gates: dict[str, Any]) -> dict[str, Any]:
     """The ServingConfig task keys from `reports/gates.json`: its `task` and, for a K-class task, the decision
-    evaluate fitted on validation (`medclf.evaluation.task.Decision.document`)."""
+    evaluate fitted on validation (`medclf.evaluation.task.Decision.document`); for a multilabel task, each
+    finding's threshold (`decision.thresholds`, `medclf.evaluation.multilabel.fit_thresholds`'s entries or bare
+    numbers)."""
     task = str(gates.get("task", "binary"))
     if task == "binary":
         return {"task": task}
     decision = gates.get("decision") or {}
+    if task == "multilabel":
+        fits = decision.get("thresholds") or {}
+        return {
+            "task": task,
+            "thresholds": {str(c): float(f["threshold"] if isinstance(f, Mapping) else f) for c, f in fits.items()},
+        }
     referable = decision.get("referable") or {}
     return {
         "task": task,
@@ -182,8 +205,37 @@ def _config_problems(cfg: ServingConfig) -> list[str]:
     thr = cfg.referable_threshold
     if (ref is None) != (thr is None) or (thr is not None and not 0 <= thr <= 1):
         problems.append(f"referable_from goes with a referable_threshold within [0, 1]; got {ref}, {thr}")
-    if cfg.schema_version not in (1, OUTPUT_SCHEMA_VERSION) or (cfg.task != "binary" and cfg.schema_version == 1):
-        problems.append(f"schema_version must be 1 (binary only) or {OUTPUT_SCHEMA_VERSION}; got {cfg.schema_version}")
+    problems += _multilabel_problems(cfg)
+    v = cfg.schema_version
+    if (
+        v not in SCHEMA_VERSIONS or (cfg.task != "binary" and v == 1) or (cfg.task == "multilabel" and v < 3)
+    ):  # multilabel came with 3
+        problems.append(
+            f"schema_version must be 1 (binary only), 2 (not multilabel) or {OUTPUT_SCHEMA_VERSION}; got {v}"
+        )
+    return problems
+
+
+def _multilabel_problems(cfg: ServingConfig) -> list[str]:
+    """A multilabel config decides each finding at its own threshold: it needs exactly one per finding."""
+    if cfg.task != "multilabel":
+        return ["thresholds (one per finding) are a multilabel setting"] if cfg.thresholds else []
+    problems = []
+    missing = [c for c in cfg.classes if c not in cfg.thresholds]
+    unknown = [c for c in cfg.thresholds if c not in cfg.classes]
+    if missing or unknown:
+        problems.append(
+            f"thresholds must name exactly the findings {cfg.classes}, one threshold each; missing {missing}, "
+            f"unknown {unknown}"
+        )
+    bad = {c: t for c, t in cfg.thresholds.items() if not 0 <= t <= 1}  # NaN fails too
+    if bad:
+        problems.append(f"thresholds must lie within [0, 1]; got {bad}")
+    if len(set(cfg.classes)) != len(cfg.classes) or not cfg.classes:
+        problems.append(f"the findings must be distinct, at least one; got {cfg.classes}")
+    odd = [c for c in cfg.classes if not c or LABEL_SEPARATOR in c]
+    if odd:
+        problems.append(f"a finding's name may not be empty or hold {LABEL_SEPARATOR!r} (it joins `labels`); got {odd}")
     return problems
 
 
@@ -192,11 +244,20 @@ def output_columns(classes: Sequence[str]) -> list[str]:
     return [f"p_{c}" for c in classes]
 
 
+def present_columns(classes: Sequence[str]) -> list[str]:
+    """A multilabel model's per-finding decisions, `present_<finding>` in the findings' order."""
+    return [f"present_{c}" for c in classes]
+
+
 def decision_columns(cfg: ServingConfig) -> dict[str, str]:
     """Every output column in order -> its MLflow type (the module docstring's schema). The K-class names and
-    order are `TaskSpec.output_columns`'s; binary keeps schema 1's `label` and `positive` (as TaskSpec says)."""
+    order are `TaskSpec.output_columns`'s; binary keeps schema 1's `label` and `positive` (as TaskSpec says);
+    multilabel (schema 3) is `p_<finding>`..., `labels`, `present_<finding>`..."""
     if cfg.task == "binary":
         return {**dict.fromkeys(output_columns(cfg.classes), "double"), "label": "string", "positive": "boolean"}
+    if cfg.task == "multilabel":
+        probs = dict.fromkeys(output_columns(cfg.classes), "double")
+        return {**probs, "labels": "string", **dict.fromkeys(present_columns(cfg.classes), "boolean")}
     from medclf.evaluation.task import TaskSpec  # lazy: the metrics (scikit-learn) load only for a K-class model
 
     kind: TaskKind = "ordinal" if cfg.task == "ordinal" else "multiclass"
@@ -377,13 +438,16 @@ def _cells(model_input: Any) -> list[Any]:
 
 def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
     """Probabilities → output frame (`decision_columns`). Binary: the label follows the registered threshold, not
-    argmax. Multiclass: the argmax; ordinal: the cut-points' grade (or argmax); flags never change either."""
+    argmax. Multiclass: the argmax; ordinal: the cut-points' grade (or argmax); flags never change either.
+    Multilabel: (N, L) sigmoids, columns in `classes` order; each finding present at its own threshold."""
     from medclf.evaluation.kclass import apply_cutpoints
     from medclf.evaluation.metrics import thresholded_labels
     from medclf.evaluation.task import referable_score
 
     proba = np.asarray(proba, dtype=np.float64).reshape(-1, len(cfg.classes))
     out = pd.DataFrame(proba, columns=output_columns(cfg.classes))
+    if cfg.task == "multilabel":
+        return _multilabel_decisions(proba, out, cfg)
     if cfg.task == "binary":
         labels = thresholded_labels(proba, cfg.positive_index, cfg.threshold)
         out["label"] = [cfg.classes[i] for i in labels]
@@ -400,6 +464,19 @@ def decisions(proba: np.ndarray, cfg: ServingConfig) -> pd.DataFrame:
     return out[list(decision_columns(cfg))]
 
 
+def _multilabel_decisions(proba: np.ndarray, out: pd.DataFrame, cfg: ServingConfig) -> pd.DataFrame:
+    """`present_<finding>` at each finding's own threshold (`multilabel.apply_thresholds`, the rule evaluate
+    scored: by name) and `labels`, the present ones joined in the findings' order ("" for none)."""
+    from medclf.evaluation.multilabel import apply_thresholds
+
+    present = apply_thresholds(proba, cfg.thresholds, cfg.classes)
+    joined = [LABEL_SEPARATOR.join(c for c, p in zip(cfg.classes, row, strict=True) if p) for row in present]
+    out["labels"] = pd.Series(joined, index=out.index, dtype="str")  # a string column with no rows too
+    for name, column in zip(present_columns(cfg.classes), present.T, strict=True):
+        out[name] = column
+    return out[list(decision_columns(cfg))]
+
+
 # ----------------------------------------------------------------------------- the pyfunc
 class MedclfModel(PythonModel):
     """Raw images in, probabilities + the task's decision out (see the module docstring)."""
@@ -409,7 +486,8 @@ class MedclfModel(PythonModel):
         self.model = load_keras(context.artifacts[KERAS_ARTIFACT])
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, size, size, channels) → float (N, K) softmax, in fixed-size batches."""
+        """uint8 (N, size, size, channels) → float (N, K) softmax (multilabel: (N, L) sigmoids), in fixed-size
+        batches."""
         if len(images) == 0:
             return np.zeros((0, len(self.cfg.classes)), np.float32)
         # predict_on_batch runs the compiled predict function: batch-1 latency measured 4.9 ms vs

@@ -16,6 +16,13 @@ line 1 (so the first data row is line 2; a cell with a quoted newline, or a blan
 after it). Paths are relative to the manifest; `sub/../img.png` is `img.png`. A row whose path is absolute
 or escapes the manifest's folder is quarantined with its line (never read), and the other rows ingest.
 Labels are resolved after listing (`base.resolve_labels`).
+
+Multi-label tasks (issue 25, `findings` = `task.labels`): each finding is a 0/1 column of that name (ODIR's
+`labels.csv`: `normal, diabetic_retinopathy, ..., other`; `source.label_column` is not read) and a record's label is
+its positive findings joined by ";" in `task.labels` order ("" for none: an all-zero row is legal). A listed
+column missing from the header is an error naming the file, its header line and the manifest's columns; a cell
+other than 0/1 (blank included) quarantines its row, naming the line, the column and the value; a column with one
+value in every row (all 0 or all 1) is an error naming the file and the column.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ import io
 import math
 import numbers
 import re
+from collections.abc import Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pandas as pd
 
 from medclf.evaluation.subgroups import check_subgroups
 from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, refused, safe_relpath
+from medclf.sources.multilabel import constant_columns, constant_reason, join_findings
 from medclf.sources.store import Store, open_store, split_uri
 
 REQUIRED = ("path", "label")
@@ -82,6 +92,22 @@ def _cell(cell: object) -> str | None:
     return text or None
 
 
+def _finding_values(row: Mapping[Hashable, object], findings: list[str]) -> tuple[list[int], list[str]]:
+    """Multi-label: a row's 0/1 value per finding, and what is wrong with its cells (column and value each)."""
+    values, bad = [], []
+    for col in findings:
+        cell = row.get(col)
+        if isinstance(cell, (bool, np.bool_)):  # a Parquet bool column
+            cell = int(cell)
+        text = _cell(cell)
+        if text in ("0", "1"):
+            values.append(int(text))
+            continue
+        values.append(0)
+        bad.append(f"label column {col!r} is {'blank' if text is None else repr(text)}, not 0 or 1")
+    return values, bad
+
+
 def _missing_columns(df: pd.DataFrame, uri: str, wanted: dict[str, str]) -> str | None:
     """The error for the first `{column: its setting}` missing from the header, or None."""
     for col, setting in wanted.items():
@@ -100,9 +126,11 @@ def scan_manifest(
     subgroups: list[str] | None = None,
     label_column: str = "label",
     group_column: str = DEFAULT_GROUP,
+    findings: list[str] | None = None,
 ) -> SourceScan:
     """List the manifest at `uri`: each row's `label_column` is its label, its `group_column` its patient (or
-    lesion) for the grouped split."""
+    lesion) for the grouped split. With `findings` (a multilabel task's `task.labels`) the label is read from those
+    0/1 columns instead (the module docstring)."""
     if not uri:
         raise SourceError("manifest source needs a manifest path")
     root, name = split_uri(uri)
@@ -112,7 +140,15 @@ def scan_manifest(
     except (FileNotFoundError, IsADirectoryError):
         raise SourceError(f"{uri}: manifest not found") from None
     df = read_table(data, uri)
-    wanted = {"path": "", label_column: "source.label_column"}
+    if findings is not None and label_column != "label":
+        raise SourceError(
+            f"{uri}: source.label_column {label_column!r} names a single label column, but this multilabel task "
+            f"reads its findings from the 0/1 columns task.labels {findings}: remove source.label_column",
+            transient=False,
+        )
+    wanted = {"path": ""} | (
+        {c: "task.labels" for c in findings} if findings is not None else {label_column: "source.label_column"}
+    )
     if group_column != DEFAULT_GROUP:  # a configured group column must be there: without it the split would leak
         wanted[group_column] = "source.group_column"
     problem = _missing_columns(df, uri, wanted)
@@ -120,16 +156,28 @@ def scan_manifest(
         raise SourceError(problem)
     if df.empty:
         raise SourceError(f"{uri}: manifest has no rows")
-    reserved = {label_column: "label (source.label_column)", group_column: "group (source.group_column)"}
+    reserved = {group_column: "group (source.group_column)"} | (
+        {c: "finding (task.labels)" for c in findings}
+        if findings is not None
+        else {label_column: "label (source.label_column)"}
+    )
     problem = check_subgroups(df, subgroups or [], uri, reserved)
     if problem:
         raise SourceError(problem)
     scan = SourceScan(records=[])
     rels: list[str] = []  # the path of each record, in order
+    vectors: list[list[int]] = []  # multi-label: the 0/1 row of every row whose cells are all 0 or 1
     for i, row in enumerate(df.to_dict("records"), start=2):  # line 1 is the header
         where = f"{uri} line {i}"  # the line an editor shows: 1-based, the header is line 1
         raw = str(row["path"]).strip()
-        label = _cell(row.get(label_column))
+        bad: list[str] = []
+        if findings is not None:
+            vector, bad = _finding_values(row, findings)
+            label = None if bad else join_findings(vector, findings)
+            if not bad:
+                vectors.append(vector)
+        else:
+            label = _cell(row.get(label_column))
         pid = _cell(row.get(group_column))
         try:
             rel = safe_relpath(raw, uri)  # `sub/../x.png` is `x.png`; a path out of the root is refused
@@ -145,6 +193,9 @@ def scan_manifest(
         split = SPLIT_ALIASES.get(split_raw) if split_raw else None
         if split_raw and split is None:
             scan.quarantine.append((store.uri(rel), f"unknown split {split_raw!r} at {where}"))
+            continue
+        if bad:  # multi-label: a cell other than 0/1, named with its column and value
+            scan.quarantine.append((store.uri(rel), f"{'; '.join(bad)} at {where}"))
             continue
         if label is None:
             scan.quarantine.append((store.uri(rel), f"missing label at {where}"))
@@ -162,9 +213,28 @@ def scan_manifest(
             )
         )
         rels.append(rel)
+    if findings is not None:
+        _refuse_constant(uri, findings, vectors, len(df))
     if kind == "dicom":
         _fill_dicom_patients(scan, store, rels)
     return scan
+
+
+def _refuse_constant(uri: str, findings: list[str], vectors: list[list[int]], rows: int) -> None:
+    """Multi-label: a SourceError naming every finding column with one value in every row (of those whose finding
+    cells are all 0/1: the others are quarantined)."""
+    matrix = np.array(vectors, dtype=np.uint8).reshape(len(vectors), len(findings))
+    lines = f"lines 2-{rows + 1}"
+    which = (
+        f"all {rows} rows ({lines})"
+        if len(vectors) == rows
+        else f"all {len(vectors)} rows with 0/1 cells (of {rows}, {lines}; the others are quarantined)"
+    )
+    problems = [
+        f"label column {findings[j]!r} (task.labels) {constant_reason(v, which)}" for j, v in constant_columns(matrix)
+    ]
+    if problems:
+        raise SourceError(f"{uri}: " + "; ".join(problems), transient=False)
 
 
 def _fill_dicom_patients(scan: SourceScan, store: Store, rels: list[str]) -> None:

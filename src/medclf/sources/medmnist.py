@@ -5,6 +5,12 @@ MD5 (the values the `medmnist` package records in `INFO`). Offline, point
 `source.uri` at a local (or s3://) `.npz` instead. With `medmnist_flag` set, label index `i`
 takes the flag's class name from INFO (`KNOWN`: dermamnist's seven lesion types, retinamnist's
 grades `"0"`..`"4"`, ...); `source.medmnist_labels`, else `ingest.classes`, overrides them.
+
+Multi-label `chestmnist` (issue 25, `task.type: multilabel`): `<split>_labels` is N×14 0/1, its columns INFO's 14
+findings (`KNOWN["chestmnist"]`, or `source.medmnist_labels`); `task.labels` picks and orders the findings an image
+is labelled with (its label: the positive ones joined by ";"). A `.npz` without a flag or `medmnist_labels` has
+columns named by `task.labels` itself, in order. A value other than 0/1, or a picked finding with one value in
+every row of the file, is an error naming the file, the split, the row and the column.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 from medclf.config import Source
 from medclf.infra.io import file_digest
 from medclf.sources.base import Record, SourceError, SourceScan
+from medclf.sources.multilabel import constant_columns, constant_reason, join_findings
 from medclf.sources.store import open_store, split_uri
 
 log = logging.getLogger(__name__)
@@ -39,12 +46,13 @@ _ORGANS = [
     "spleen",
 ]
 """Organ{A,C,S}MNIST's 11 organs, in label order."""
-# flag -> (labels, {size: md5}): the single-label 2D sets of medmnist.INFO (medmnist 3.0.2, `medmnist/info.py`), the
-# labels exactly as INFO's `label` dict gives them, in label-index order, and the `MD5`, `MD5_64`, `MD5_128` and
+# flag -> (labels, {size: md5}): the 2D sets of medmnist.INFO (medmnist 3.0.2, `medmnist/info.py`), the labels
+# exactly as INFO's `label` dict gives them, in label-index order, and the `MD5`, `MD5_64`, `MD5_128` and
 # `MD5_224` of each file at ZENODO. A size without an MD5 here is never downloaded (`download` refuses it).
-# Multi-label chestmnist and the 3D sets are not listed (this source reads single-label 2D images only).
+# The 3D sets are not listed (this source reads 2D images only).
 # Task types (INFO `task`): binary pneumoniamnist, breastmnist; ordinal retinamnist (DR grade 0..4: set
-# `task.type: ordinal`, `ingest.classes: ["0", "1", "2", "3", "4"]`); multi-class the others.
+# `task.type: ordinal`, `ingest.classes: ["0", "1", "2", "3", "4"]`); multi-label chestmnist (`MULTILABEL`: set
+# `task.type: multilabel`, `task.labels`: some or all of its findings); multi-class the others.
 KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
     "pathmnist": (
         [
@@ -63,6 +71,30 @@ KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
             64: "55aa9c1e0525abe5a6b9d8343a507616",
             128: "ac42d08fb904d92c244187169d1fd1d9",
             224: "2c51a510bcdc9cf8ddb2af93af1eadec",
+        },
+    ),
+    "chestmnist": (
+        [
+            "atelectasis",
+            "cardiomegaly",
+            "effusion",
+            "infiltration",
+            "mass",
+            "nodule",
+            "pneumonia",
+            "pneumothorax",
+            "consolidation",
+            "edema",
+            "emphysema",
+            "fibrosis",
+            "pleural",
+            "hernia",
+        ],
+        {
+            28: "02c8a6516a18b556561a56cbdd36c4a8",
+            64: "9de6cd0b934ebb5b7426cfba5efbae16",
+            128: "db107e5590b27930b62dbaf558aebee3",
+            224: "45bd33e6f06c3e8cdb481c74a89152aa",
         },
     ),
     "dermamnist": (
@@ -182,6 +214,8 @@ KNOWN: dict[str, tuple[list[str], dict[int, str]]] = {
         },
     ),
 }
+MULTILABEL = frozenset({"chestmnist"})
+"""The flags of KNOWN whose labels are N×L 0/1 findings (INFO `task`: "multi-label, binary-class")."""
 
 
 def _same(a: np.ndarray) -> np.ndarray:
@@ -230,11 +264,15 @@ def _labels_1d(y: np.ndarray, name: str, key: str) -> np.ndarray:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
-        raise SourceError(f"{name}: {key} has shape {y.shape}; only single-label (N,) or (N,1) is supported")
+        raise SourceError(
+            f"{name}: {key} has shape {y.shape}; a single-label task reads (N,) or (N,1) labels (N×L 0/1 findings "
+            "are a multi-label set: task.type: multilabel with task.labels)"
+        )
     return y.astype(np.int64)
 
 
-def scan_medmnist(source: Source, classes: list[str] | None) -> SourceScan:
+def _load(source: Source) -> tuple[str, np.lib.npyio.NpzFile]:
+    """The `.npz` of `source` (its uri, else the flag's verified download) and the name its errors use."""
     if source.uri:
         root, fname = split_uri(source.uri)
         name = source.uri
@@ -249,14 +287,42 @@ def scan_medmnist(source: Source, classes: list[str] | None) -> SourceScan:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - numpy raises many types for a bad archive
         raise SourceError(f"{name}: not a readable .npz file: {err}") from None
+    return name, npz
+
+
+def _splits(npz: np.lib.npyio.NpzFile, name: str) -> list[str]:
     splits = [s for s in ("train", "val", "test") if f"{s}_images" in npz.files]
     if not splits:
         raise SourceError(f"{name}: no '<split>_images' arrays (found {npz.files})")
-    names = source.medmnist_labels or classes or (KNOWN.get(source.medmnist_flag or "", (None,))[0])
-    scan = SourceScan(records=[], class_names=list(names) if names else None)
     for split in splits:
         if f"{split}_labels" not in npz.files:
             raise SourceError(f"{name}: {split}_images has no matching {split}_labels")
+    return splits
+
+
+def scan_medmnist(source: Source, classes: list[str] | None, findings: list[str] | None = None) -> SourceScan:
+    """List the `.npz` of `source`: one record per image, labelled by class name (or by its findings, with
+    `findings`: a multilabel task's `task.labels`, see the module docstring)."""
+    flag = source.medmnist_flag or ""
+    if findings is None and flag in MULTILABEL:
+        raise SourceError(
+            f"MedMNIST {flag} is multi-label ({len(KNOWN[flag][0])} findings per image, 0/1 each): set task.type: "
+            f"multilabel and task.labels to the findings to learn, some or all of {KNOWN[flag][0]}",
+            transient=False,
+        )
+    if findings is not None and flag in KNOWN and flag not in MULTILABEL:
+        raise SourceError(
+            f"MedMNIST {flag} is single-label (one class per image), but the task is multilabel (task.labels "
+            f"{findings}); the multi-label flags are {sorted(MULTILABEL)}",
+            transient=False,
+        )
+    name, npz = _load(source)
+    splits = _splits(npz, name)
+    if findings is not None:
+        return _scan_findings(source, name, npz, splits, findings)
+    names = source.medmnist_labels or classes or (KNOWN.get(source.medmnist_flag or "", (None,))[0])
+    scan = SourceScan(records=[], class_names=list(names) if names else None)
+    for split in splits:
         x, y = npz[f"{split}_images"], _labels_1d(npz[f"{split}_labels"], name, f"{split}_labels")
         if len(x) != len(y):
             raise SourceError(f"{name}: {split}_images has {len(x)} rows but {split}_labels has {len(y)}")
@@ -271,4 +337,59 @@ def scan_medmnist(source: Source, classes: list[str] | None) -> SourceScan:
                     split=split,
                 )
             )
+    return scan
+
+
+def _scan_findings(
+    source: Source, name: str, npz: np.lib.npyio.NpzFile, splits: list[str], findings: list[str]
+) -> SourceScan:
+    """Multi-label: records labelled by the positive `findings` of their N×L 0/1 row."""
+    columns = source.medmnist_labels or (KNOWN[source.medmnist_flag][0] if source.medmnist_flag in KNOWN else None)
+    columns = list(columns) if columns else list(findings)  # unnamed columns: task.labels, in order
+    missing = [f for f in findings if f not in columns]
+    if missing:
+        raise SourceError(
+            f"{name}: task.labels {missing} are not among the file's findings {columns}"
+            + ("" if source.medmnist_labels else f" (MedMNIST {source.medmnist_flag}'s names)"),
+            transient=False,
+        )
+    pick = [columns.index(f) for f in findings]
+    scan = SourceScan(records=[], class_names=list(findings))
+    picked: list[np.ndarray] = []
+    for split in splits:
+        key = f"{split}_labels"
+        x, y = npz[f"{split}_images"], np.asarray(npz[key])
+        if y.ndim != 2 or y.shape[1] != len(columns):
+            raise SourceError(
+                f"{name}: {key} has shape {y.shape}; a multi-label set has one 0/1 column per finding "
+                f"(N, {len(columns)}): {columns}",
+                transient=False,
+            )
+        if len(x) != len(y):
+            raise SourceError(f"{name}: {split}_images has {len(x)} rows but {key} has {len(y)}")
+        wrong = np.argwhere((y != 0) & (y != 1))
+        if len(wrong):
+            row, col = (int(v) for v in wrong[0])
+            raise SourceError(
+                f"{name}: {key} row {row} column {col} ({columns[col]!r}) is {y[row, col].item()!r}, not 0 or 1 "
+                f"({len(wrong)} such cells in {key})",
+                transient=False,
+            )
+        y = y[:, pick].astype(np.uint8)
+        picked.append(y)
+        for i in range(len(x)):
+            scan.records.append(
+                Record(
+                    uri=f"{name}#{split}/{i}",
+                    label=join_findings(y[i], findings),
+                    fetch=functools.partial(_same, x[i]),
+                    kind="array",
+                    split=split,
+                )
+            )
+    every = np.concatenate(picked)
+    rows = f"all {len(every)} rows of {', '.join(f'{s}_labels' for s in splits)}"
+    problems = [f"finding {findings[j]!r} {constant_reason(v, rows)}" for j, v in constant_columns(every)]
+    if problems:
+        raise SourceError(f"{name}: " + "; ".join(problems), transient=False)
     return scan

@@ -325,6 +325,19 @@ def run(settings: Settings) -> dict[str, Any]:
     inp = _inputs(settings)
     classes = inp.classes
     spec = TaskSpec.from_settings(settings.task, classes, inp.positive)
+    if spec.kind == "multilabel":
+        from medclf.evaluation.multilabel_branch import Edge, run_multilabel
+        from medclf.release.registry import kclass_champion
+        from medclf.release.serving import ServingConfig, decisions, task_keys
+
+        def served(proba: np.ndarray, labels: list[str], gates: dict[str, Any]) -> Any:
+            return decisions(proba, ServingConfig(labels, labels[-1], 0.5, 1, 1, **task_keys(gates)))
+
+        edge = Edge(
+            predict_proba, _fig, _log_to_mlflow, _robustness, _write_robustness, reachable, GateFailed,
+            kclass_champion, served,
+        )  # fmt: skip
+        return run_multilabel(settings, inp, spec, t0, edge)
     if spec.kind != "binary":
         return _run_kclass(settings, inp, spec, t0)
     preds = Predictions(

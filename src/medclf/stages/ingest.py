@@ -5,6 +5,13 @@ Outputs (all under `paths.ingest_dir`, swapped in atomically as one directory):
 `<split>_labels.npy` (int64), `classes.json`. Quarantined inputs are listed in
 `reports/ingest/quarantine.csv` with a reason each, beside `summary.json`.
 
+Multi-label tasks (issue 25; `task.labels` set, which only `task.type: multilabel` may): the source lists each
+image's positive findings (`sources.scan_multilabel`), `<split>_labels.npy` is an N×L uint8 0/1 matrix
+(columns in `task.labels` order), the manifest's `label` the positive findings joined by ";" ("" for none) with
+`label_index` -1, and `classes.json` has `classes` = `task.labels`, `positive_class` null and `"task":
+"multilabel"`. Patients are split by iterative stratification (`splits.assign_splits_multilabel`), and
+`summary.json` adds `"task": "multilabel"` and `label_counts` (per split, the images carrying each finding).
+
 Data and reports are committed together (`io.atomic_dirs`), so `reports/ingest/` always describes the
 dataset in `data/ingest/`. A failed run keeps a good previous dataset and its reports, and says why it
 failed in `reports/ingest/failed_run.json` and `failed_quarantine.csv` (the next good run removes them).
@@ -33,13 +40,21 @@ from medclf.config import Ingest, Paths, Settings, source_location
 from medclf.evaluation.subgroups import SUBGROUP_PREFIX
 from medclf.imaging.changes import describe, diff_manifests, snapshot, snapshot_differences
 from medclf.imaging.privacy import hash_patient, redact, salt
-from medclf.imaging.splits import SPLITS, assign_splits, empty_split_problem, link_groups
+from medclf.imaging.splits import (
+    SPLITS,
+    assign_splits,
+    assign_splits_multilabel,
+    empty_split_problem,
+    label_counts,
+    link_groups,
+)
 from medclf.infra import catalog
 from medclf.infra.io import atomic_dir, atomic_dirs, atomic_file, disk_writes, recover_dir, write_json, write_npy
 from medclf.pipeline import declared
-from medclf.sources import Record, scan
+from medclf.sources import Record, scan, scan_multilabel
 from medclf.sources.base import SourceChanged
 from medclf.sources.decode import Decoded, decode_all
+from medclf.sources.multilabel import findings_matrix, unknown_findings
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +92,10 @@ def _quarantine_report(quarantine: list[tuple[str, str]], total: int, limit: flo
 
 
 def build_manifest(
-    ok: list[Decoded], splits: list[str], classes: list[str], quarantined: list[Decoded]
+    ok: list[Decoded], splits: list[str], classes: list[str], quarantined: list[Decoded], multilabel: bool = False
 ) -> pd.DataFrame:
+    """One row per image, usable then quarantined. `multilabel`: `label` is the ";"-joined findings and
+    `label_index` -1 (an image has no one class; its row of `<split>_labels.npy` has its findings)."""
     rows = []
     counters = {s: 0 for s in SPLITS}
     for d, split in zip(ok, splits, strict=True):
@@ -90,7 +107,7 @@ def build_manifest(
                 "sha256": d.sha256,
                 "patient_hash": hash_patient(pid) if pid else None,
                 "label": d.record.label,
-                "label_index": classes.index(d.record.label or ""),
+                "label_index": -1 if multilabel else classes.index(d.record.label or ""),
                 "split": split,
                 "row": counters[split],
                 "orig_height": d.orig_shape[0],
@@ -136,9 +153,14 @@ def run(settings: Settings) -> dict[str, Any]:
     for out in (paths.ingest_dir, reports):  # finish a commit a kill interrupted; drop dead runs' staging dirs
         recover_dir(out)
     source = _source_snapshot(cfg, paths)  # before the listing: what ingest reads must still be this after reading
-    scanned = scan(cfg.source, cfg.classes, cfg.subgroups, cfg.label_aliases)
-    labels = [r.label or "" for r in scanned.records]
-    classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
+    findings = list(settings.task.labels)  # set for (and only for) a multilabel task: config._multilabel_fits
+    if findings:
+        scanned = scan_multilabel(cfg.source, findings, cfg.subgroups, cfg.label_aliases)
+        classes = findings
+    else:
+        scanned = scan(cfg.source, cfg.classes, cfg.subgroups, cfg.label_aliases)
+        labels = [r.label or "" for r in scanned.records]
+        classes = _class_list(cfg, scanned.class_names, [lab for lab in labels if lab])
     if cfg.positive_class is not None and cfg.positive_class not in classes:  # classes: null (else config checks)
         raise IngestError(f"ingest.positive_class {cfg.positive_class!r} is not one of the classes found {classes}")
     # resolve (or create) the key once, before decode workers fork; only after the source was found, so that
@@ -148,7 +170,15 @@ def run(settings: Settings) -> dict[str, Any]:
     t_decode = time.perf_counter() - t0
     _check_source(cfg, paths, source, scanned.records)  # a file deleted mid-read is a changed source, not a quarantine
     for d in decoded:
-        if d.reason is None and d.record.label not in classes:
+        if findings:  # "" (no finding) is a label; a name outside task.labels is not
+            unknown = unknown_findings(d.record.label, findings)
+            if d.reason is None and d.record.label is None:
+                d.reason = "missing label"
+            elif d.reason is None and unknown:
+                d.reason = f"unknown finding(s) {unknown} (expected some of {findings})" + (
+                    f" at {d.record.where}" if d.record.where else ""
+                )
+        elif d.reason is None and d.record.label not in classes:
             d.reason = (
                 f"unknown label {d.record.label!r} (expected one of {classes})"
                 + (f" at {d.record.where}" if d.record.where else "")
@@ -182,14 +212,20 @@ def run(settings: Settings) -> dict[str, Any]:
     keys = [k + [f"h:{d.sha256}"] for k, d in zip(keys, ok, strict=True)]
     official = [d.record.split if cfg.splits.use_official else None for d in ok]
     groups = link_groups(keys)
-    splits = assign_splits(
-        groups,
-        [d.record.label or "" for d in ok],
-        official,
-        cfg.splits.val_fraction,
-        cfg.splits.test_fraction,
-        cfg.splits.seed,
-    )
+    y = findings_matrix([d.record.label for d in ok], findings) if findings else None
+    if y is not None:  # whole patients, each finding's positives spread close to the fractions
+        splits = assign_splits_multilabel(
+            groups, y, official, cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.seed
+        )
+    else:
+        splits = assign_splits(
+            groups,
+            [d.record.label or "" for d in ok],
+            official,
+            cfg.splits.val_fraction,
+            cfg.splits.test_fraction,
+            cfg.splits.seed,
+        )
     problem = empty_split_problem(
         splits, groups, cfg.splits.val_fraction, cfg.splits.test_fraction, cfg.splits.use_official
     )
@@ -209,7 +245,7 @@ def run(settings: Settings) -> dict[str, Any]:
             },
         )
         raise IngestError(problem + f"\nSee {where}.")
-    manifest = build_manifest(ok, splits, classes, bad)
+    manifest = build_manifest(ok, splits, classes, bad, multilabel=y is not None)
     changes = diff_manifests(_previous_manifest(paths), manifest)
     counts = {}
     with atomic_dirs(paths.ingest_dir, reports) as (tmp, rtmp):  # data and its reports, committed together
@@ -219,21 +255,22 @@ def run(settings: Settings) -> dict[str, Any]:
             # plain writes into preallocated blocks, no memory map: a full disk is a DiskFull naming the file
             # (a memory map on a full disk was a SIGBUS), and atomic_dirs removes the staging at once
             write_npy(catalog.IMAGES.under(tmp, split=split), shape, np.uint8, (ok[i].image for i in idx))
-            label_idx = [classes.index(ok[i].record.label or "") for i in idx]  # `ok` labels are all in classes
+            if y is not None:  # N×L uint8 0/1, columns in task.labels order
+                split_labels = y[idx]
+            else:  # `ok` labels are all in classes
+                split_labels = np.array([classes.index(ok[i].record.label or "") for i in idx], dtype=np.int64)
             with disk_writes(catalog.LABELS.under(tmp, split=split)):
-                np.save(catalog.LABELS.under(tmp, split=split), np.array(label_idx, dtype=np.int64))
+                np.save(catalog.LABELS.under(tmp, split=split), split_labels)
             counts[split] = len(idx)
         with disk_writes(catalog.MANIFEST.under(tmp)):
             manifest.to_parquet(catalog.MANIFEST.under(tmp), index=False)
-        write_json(
-            catalog.CLASSES.under(tmp),
-            {
-                "classes": classes,
-                "positive_class": cfg.positive_class or classes[-1],
-                "image_size": cfg.image_size,
-                "channels": cfg.channels,
-            },
-        )
+        meta: dict[str, Any] = {
+            "classes": classes,
+            "positive_class": None if y is not None else cfg.positive_class or classes[-1],
+            "image_size": cfg.image_size,
+            "channels": cfg.channels,
+        }
+        write_json(catalog.CLASSES.under(tmp), meta | ({"task": "multilabel"} if y is not None else {}))
         elapsed = time.perf_counter() - t0
         summary = {
             "images": len(ok),
@@ -245,6 +282,8 @@ def run(settings: Settings) -> dict[str, Any]:
             "decode_images_per_second": round(len(decoded) / t_decode, 1),
             "changes": changes,
         }
+        if y is not None:  # the images carrying each finding, per split
+            summary |= {"task": "multilabel", "label_counts": label_counts(y, splits, findings)}
         with disk_writes(_in_reports(rtmp, catalog.QUARANTINE)):
             qdf.to_csv(_in_reports(rtmp, catalog.QUARANTINE), index=False)
         write_json(_in_reports(rtmp, catalog.INGEST_SUMMARY), summary)

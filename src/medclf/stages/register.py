@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medclf.config import Settings
-from medclf.config.vocabulary import HEADLINE, KCLASS_HEADLINE
+from medclf.config.vocabulary import HEADLINE, KCLASS_HEADLINE, MULTILABEL_HEADLINE
 from medclf.infra import catalog
 from medclf.infra.io import file_digest
 from medclf.infra.tracking import final_step
@@ -94,8 +94,8 @@ def version_tags(
     run, and the served model keeps its exact threshold in its own config (`serving.ServingConfig`).
 
     A binary version carries its threshold, rule and positive class, and its headline test metrics
-    (`vocabulary.HEADLINE`). A multi-class or ordinal version carries its `task` and `decision_rule` instead (no
-    threshold, no positive class), and its headline and gated test metrics."""
+    (`vocabulary.HEADLINE`). A multi-class, ordinal or multi-label version carries its `task` and `decision_rule`
+    instead (no threshold, no positive class), and its headline and gated test metrics."""
     test, kind = metrics_doc["test"], str(gates.get("task", "binary"))
     if kind == "binary":
         metric_keys: dict[str, None] = dict.fromkeys(HEADLINE)
@@ -105,7 +105,11 @@ def version_tags(
             "positive_class": str(meta["positive_class"]),
         }
     else:
-        headline = KCLASS_HEADLINE + (("qwk", "mae") if kind == "ordinal" else ())
+        headline = (
+            MULTILABEL_HEADLINE
+            if kind == "multilabel"
+            else KCLASS_HEADLINE + (("qwk", "mae") if kind == "ordinal" else ())
+        )
         metric_keys = dict.fromkeys([*headline, *(g["metric"] for g in gates.get("gates", []))])
         specific = {"task": kind, "decision_rule": str(gates["threshold_rule"])}
     tags = {
@@ -271,7 +275,7 @@ def _create_version(
     splits = {k: int(v) for k, v in ((validation or {}).get("splits") or {}).items()}
     train = settings.train.model_dump(mode="json")
     card = model_card(
-        version_description(gates, metrics_doc, prov, run_id, validation, None, fitted),
+        version_description(gates, metrics_doc, prov, run_id, validation, None, fitted, limit=None),  # uncut
         meta,
         prov,
         train_run,

@@ -16,6 +16,13 @@ last validated version), checks them with the GX suite in
 Each check has a severity (`validate.severity`, defaults in
 `medclf.validation.checks.CHECKS`): `error` fails the stage with
 `ValidationFailed` (after the reports are written), `warn` only reports.
+
+Multi-label tasks (issue 25: ingest's `classes.json` says `"task": "multilabel"`, its classes are `task.labels`,
+the label files are N×L 0/1 matrices): the class checks run per finding (prevalence bounds per split, the gap
+between splits, drift against the baseline), `rare_finding` warns of a finding with fewer than
+`validate.min_finding_positives` positives in val or test, and the summary's `multilabel` section (report:
+"Findings (multi-label)") holds each finding's positives and prevalence per split, the findings per image
+(label cardinality), the images with none and the L×L co-occurrence counts.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from medclf.infra.io import atomic_dir
 from medclf.pipeline import declared
 from medclf.validation import drift as drift_mod
 from medclf.validation import gx_suite, leakage, report, tables
-from medclf.validation.checks import CHECKS, OFF, SKIPPED, severities
+from medclf.validation.checks import CHECKS, FAIL, OFF, SKIPPED, WARN, severities
 
 log = logging.getLogger(__name__)
 NO_BASELINE = (
@@ -63,13 +70,24 @@ def baseline_path(settings: Settings) -> Path:
 
 
 def _drift_summary(
-    baseline: dict[str, Any] | None, drift_table: pd.DataFrame, prevalence: pd.DataFrame, fingerprint: str
+    baseline: dict[str, Any] | None,
+    drift_table: pd.DataFrame,
+    prevalence: pd.DataFrame,
+    fingerprint: str,
+    multilabel: bool = False,
 ) -> dict[str, Any]:
     if baseline is None:
         return {"baseline": None, "note": NO_BASELINE}
     shift = prevalence["shift"].max() if "shift" in prevalence else float("nan")
     same = baseline.get("fingerprint") == fingerprint
+    per_finding: dict[str, Any] = {}
+    if multilabel and "shift" in prevalence:  # each finding's largest prevalence shift over the splits and 'all'
+        per_finding["prevalence_shift"] = {
+            str(f): None if pd.isna(v) else round(float(v), 6)
+            for f, v in prevalence.groupby("class", sort=False)["shift"].max().items()
+        }
     return {
+        **per_finding,
         "baseline": {k: baseline.get(k) for k in ("fingerprint", "images", "created")},
         "same_dataset": same,
         "note": "dataset identical to the baseline" if same else "compared with the last validated version",
@@ -117,35 +135,40 @@ def run(settings: Settings) -> dict[str, Any]:
     cfg, paths = settings.validation, settings.paths
     t0 = time.perf_counter()
     data = tables.load_ingest(paths.ingest_dir)
+    # a multi-label ingest output says so (classes.json), its classes being the findings (`task.labels`)
+    multilabel = data.classes.get("task") == "multilabel"
     classes = list(settings.ingest.classes or data.classes.get("classes", []))
-    stats, hashes = tables.image_stats(data.images, data.labels, cfg.near_duplicate_hash_size)
+    findings = classes if multilabel else None
+    stats, hashes = tables.image_stats(data.images, data.labels, cfg.near_duplicate_hash_size, findings)
     t_stats = time.perf_counter()
 
-    images = tables.images_table(data.manifest, stats, classes)
+    images = tables.images_table(data.manifest, stats, classes, multilabel)
     colour_note = _colourfulness(images, data, settings.ingest.modality)
     leak = leakage.find_leakage(images, hashes, cfg.near_duplicate_max_distance)
     images = leakage.annotate(images, leak)
-    prevalence = tables.prevalence_table(images, classes)
-    baseline = drift_mod.load_baseline(baseline_path(settings))
+    prevalence = tables.prevalence_table(images, classes, multilabel)
+    labels = tables.label_statistics(images, classes, cfg.min_finding_positives) if multilabel else None
+    baseline = drift_mod.load_baseline(baseline_path(settings), multilabel)
     drift_table = pd.DataFrame(columns=["feature", "psi", "ks"])
     if baseline is not None:
         drift_table, prevalence = drift_mod.compare(images, prevalence, baseline)
     evidence = {
         "manifest": data.manifest,
         "images": images.drop(columns=["_h"]),
-        "splits": tables.split_table(images, data),
+        "splits": tables.split_table(images, data, findings),
         "prevalence": prevalence,
         "drift": drift_table,
     }
     t_tables = time.perf_counter()
 
-    severity = severities(cfg.severity)
+    severity = severities(cfg.severity, multilabel)
     suites = gx_suite.build_suites(
         cfg,
         severity,
         classes,
         has_baseline=baseline is not None,
         colour_bound=modality.GREY_MAX_COLOURFULNESS if modality.expects_grey(settings.ingest.modality) else None,
+        multilabel=multilabel,
     )
     site = catalog.VALIDATION_SITE.path(paths)
     with atomic_dir(site) as tmp:
@@ -160,6 +183,11 @@ def run(settings: Settings) -> dict[str, Any]:
         if not modality.expects_grey(settings.ingest.modality) and checks["inverted"].status != OFF:
             checks["inverted"].status = SKIPPED
             checks["inverted"].note = f"ingest.modality {settings.ingest.modality!r} has no radiograph polarity"
+        if labels is not None and labels["rare_findings"] and checks["rare_finding"].status in (WARN, FAIL):
+            checks["rare_finding"].note = "too rare to evaluate: " + ", ".join(
+                f"{r['finding']} in {r['split']} ({r['positives']} positives < {cfg.min_finding_positives})"
+                for r in labels["rare_findings"]
+            )
         t_gx = time.perf_counter()
         counts = {str(s): int(n) for s, n in images["split"].value_counts().items()}
         seconds = {
@@ -171,10 +199,11 @@ def run(settings: Settings) -> dict[str, Any]:
         summary = report.summarize(
             checks,
             leak.summary(cfg.max_examples),
-            _drift_summary(baseline, drift_table, prevalence, drift_mod.fingerprint(images)),
+            _drift_summary(baseline, drift_table, prevalence, drift_mod.fingerprint(images), multilabel),
             counts,
             seconds,
             str(catalog.VALIDATION_DOCS.path(paths)),
+            labels,
         )
         markdown = report.markdown(summary, checks)
         staged: tuple[tuple[catalog.Artifact, Any], ...] = (
@@ -190,7 +219,7 @@ def run(settings: Settings) -> dict[str, Any]:
     result = {**summary, "markdown": markdown}
     if not summary["passed"]:
         raise ValidationFailed(report.failure_message(checks), result)
-    catalog.VALIDATION_BASELINE.save(paths, drift_mod.make_baseline(images, prevalence))
+    catalog.VALIDATION_BASELINE.save(paths, drift_mod.make_baseline(images, prevalence, multilabel))
     log.info("validate: passed with %d warning(s) in %.1f s", summary["n_warnings"], seconds["total"])
     return result
 

@@ -30,6 +30,11 @@ class Data:
     channels: int
     n_synthetic: int
 
+    @property
+    def multilabel(self) -> bool:
+        """N×L 0/1 labels (`task.type: multilabel`): one sigmoid per finding, not one class per image."""
+        return bool(self.y_val.ndim == 2 or self.y_train.ndim == 2)
+
 
 def load_data(paths: Paths) -> Data:
     """Memory-mapped arrays: the balanced train set from augment, val from ingest (never augmented)."""
@@ -60,7 +65,7 @@ def load_data(paths: Paths) -> Data:
         xv,
         yv,
         list(meta["classes"]),
-        meta.get("positive_class") or meta["classes"][-1],
+        meta.get("positive_class") or meta["classes"][-1],  # multi-label: unused (no positive class)
         int(x.shape[1]),
         int(x.shape[3]),
         int(np.load(syn).sum()) if syn.exists() else 0,
@@ -75,11 +80,32 @@ def class_weights(labels: np.ndarray, k: int) -> dict[int, float]:
 
 def val_scores(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """val_auc (`metrics.macro_auc`: binary, the positive = last class; K>2, the mean one-vs-rest AUC, NaN when
-    a class is missing from val) and the mean cross-entropy."""
-    from medclf.evaluation.metrics import macro_auc  # lazily: scikit-learn is not needed to import the train stage
+    a class is missing from val) and the mean cross-entropy. Multi-label (N×L `y`): the mean per-finding AUC over
+    the findings val has both positives and negatives of, and the mean binary cross-entropy."""
+    from medclf.evaluation.metrics import macro_auc, roc_auc  # lazily: scikit-learn is not needed to import train
 
+    if np.ndim(y) == 2:
+        y, p = np.asarray(y, dtype=bool), np.clip(np.asarray(proba, dtype=float), 1e-7, 1 - 1e-7)
+        aucs = [roc_auc(y[:, j], p[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
+        bce = float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
+        return {"val_auc": float(np.mean(aucs)) if aucs else float("nan"), "val_loss": bce}
     loss = float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-7, 1.0))))
     return {"val_auc": macro_auc(y, proba), "val_loss": loss}
+
+
+POS_WEIGHT_MAX = 30.0
+"""Largest per-finding positive weight of the multi-label loss: a finding in 1 of 300 images is weighted 30, not
+300 (an unbounded weight makes its few positives dominate every batch and the loss noisy)."""
+
+
+def positive_weights(labels: np.ndarray) -> np.ndarray:
+    """Multi-label: per finding, negatives / positives of the training set (the weight of a positive in the binary
+    cross-entropy, so each finding's positives and negatives weigh alike), at most `POS_WEIGHT_MAX`; 1 for a
+    finding with no positive (nothing to up-weight)."""
+    y = np.asarray(labels, dtype=np.float64)
+    pos = y.sum(axis=0)
+    neg = len(y) - pos
+    return np.where(pos > 0, np.minimum(neg / np.maximum(pos, 1.0), POS_WEIGHT_MAX), 1.0).astype(np.float32)
 
 
 def split_counts(ingest_dir: Path) -> dict[str, int]:

@@ -52,7 +52,7 @@ def prepare_fit(
     the caller closes the run's batch threads (`TrainingRun.close`)."""
     from medclf.imaging.augmentation import AugmentedBatches
     from medclf.modeling import network as modeling
-    from medclf.training.data import class_weights
+    from medclf.training.data import class_weights, positive_weights
 
     def build(weights: str = cfg.weights) -> Any:
         return modeling.build_model(
@@ -66,12 +66,17 @@ def prepare_fit(
             weights=weights,
             preprocessing=cfg.preprocessing,
             cache_dir=paths.cache_dir,
+            head="sigmoid" if data.multilabel else "softmax",
         )
 
     with rt.scope():
         model, info = build()
     k = len(data.classes)
-    cw = class_weights(data.y_train, k) if cfg.class_weights else None
+    if data.multilabel:  # each finding's imbalance is its positive weight in the loss, not a per-image weight
+        cw = None
+        info["pos_weight"] = dict(zip(data.classes, map(float, positive_weights(data.y_train).round(3)), strict=True))
+    else:
+        cw = class_weights(data.y_train, k) if cfg.class_weights else None
     train_ds = AugmentedBatches(
         data.x_train,
         data.y_train,
@@ -116,6 +121,7 @@ def fit_phases(run: TrainingRun) -> None:
 
     from medclf.modeling.network import compile_model, freeze_backbone, unfreeze_top
     from medclf.training.callbacks import EpochMonitor, FirstStep, KillAfterEpoch, kill_epoch
+    from medclf.training.data import positive_weights
 
     cfg, model, backup = run.cfg, run.model, run.backup
     done: list[int] = backup.state.setdefault("phases_done", [])
@@ -135,7 +141,10 @@ def fit_phases(run: TrainingRun) -> None:
         else:
             log.info("train: phase 2 unfreezes %s", unfreeze_top(model, cfg.unfreeze_top))
         with run.rt.scope():
-            compile_model(model, cfg, lr, len(run.train_ds), stop - start, len(run.data.classes), run.rt.jit_compile)
+            compile_model(
+                model, cfg, lr, len(run.train_ds), stop - start, len(run.data.classes), run.rt.jit_compile,
+                pos_weight=positive_weights(run.data.y_train) if run.data.multilabel else None,
+            )  # fmt: skip
         callbacks = [EpochMonitor(run, phase)] + ([FirstStep(run)] if run.first_step_s is None else [])
         if run.val_ds is not None and cfg.early_stopping_patience:
             callbacks.append(
@@ -195,6 +204,8 @@ def calibrate_export(run: TrainingRun, export: Any) -> dict[str, Any]:
         }
     y_val = run.data.y_val
     proba = np.asarray(run.model.predict(run.val_ds, verbose=0)[: len(y_val)], dtype=np.float64)
+    if run.data.multilabel:
+        return _calibrate_findings(run, export, y_val, proba)
     record = calibrate(y_val, proba)
     fold_into_classifier(export, record["temperature"])
     log.info(
@@ -203,6 +214,33 @@ def calibrate_export(run: TrainingRun, export: Any) -> dict[str, Any]:
         len(y_val),
         record["val_before"]["nll"],
         record["val_after"]["nll"],
+        record["val_before"]["ece"],
+        record["val_after"]["ece"],
+    )
+    return record
+
+
+def _calibrate_findings(run: TrainingRun, export: Any, y_val: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+    """Multi-label: one temperature per finding, each fitted on validation (binary NLL of sigmoid(logit p / T)),
+    folded into the export's sigmoid classifier column by column."""
+    from medclf.evaluation import multilabel
+    from medclf.evaluation.calibration import fold_per_finding
+
+    temps = multilabel.fit_temperatures(y_val, proba)
+    fold_per_finding(export, temps)
+    after = multilabel.apply_temperatures(proba, temps)
+    record: dict[str, Any] = {
+        "method": "temperature_per_finding",
+        "temperatures": {c: round(float(t), 4) for c, t in zip(run.data.classes, temps, strict=True)},
+        "temperature": 1.0,  # no single T: the per-finding ones are folded in
+        "n_val": len(y_val),
+        "val_before": {"ece": multilabel.mean_ece(y_val, proba)},
+        "val_after": {"ece": multilabel.mean_ece(y_val, after)},
+    }
+    log.info(
+        "train: per-finding temperature scaling on %d val images (%s): mean ECE %.4f -> %.4f",
+        len(y_val),
+        ", ".join(f"{c} T={t}" for c, t in record["temperatures"].items()),
         record["val_before"]["ece"],
         record["val_after"]["ece"],
     )

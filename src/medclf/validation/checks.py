@@ -15,14 +15,42 @@ from typing import Any
 
 from medclf.config import CHECKS  # name -> (default severity, meaning): the vocabulary of validate.severity
 
-__all__ = ["CHECKS", "FAIL", "OFF", "PASS", "SKIPPED", "WARN", "CheckResult", "outcome", "severities"]
+__all__ = [
+    "CHECKS",
+    "FAIL",
+    "MULTILABEL_CHECKS",
+    "OFF",
+    "PASS",
+    "SKIPPED",
+    "WARN",
+    "CheckResult",
+    "describe",
+    "outcome",
+    "severities",
+]
 
 PASS, FAIL, WARN, OFF, SKIPPED = "pass", "fail", "warn", "off", "skipped"
 
+MULTILABEL_CHECKS: dict[str, tuple[str, str]] = {name: CHECKS[name] for name in ("rare_finding",)}
+"""Checks of multi-label tasks only (issue 25): a binary or K-class validation neither runs nor lists them. The
+per-finding prevalence, gap and drift of a multi-label task are the class checks (`prevalence_bounds`,
+`prevalence_gap`, `drift_prevalence`) over findings; only what has no class counterpart is here."""
 
-def severities(overrides: Mapping[str, str]) -> dict[str, str]:
-    """Default severities with `validate.severity` applied (names are checked by the config)."""
-    return {name: overrides.get(name, default) for name, (default, _) in CHECKS.items()}
+
+def severities(overrides: Mapping[str, str], multilabel: bool = False) -> dict[str, str]:
+    """Default severities with `validate.severity` applied (names are checked by the config); a multi-label task
+    also gets `MULTILABEL_CHECKS`."""
+    out = {
+        name: overrides.get(name, default)
+        for name, (default, _) in CHECKS.items()
+        if multilabel or name not in MULTILABEL_CHECKS
+    }
+    return out
+
+
+def describe(name: str) -> str:
+    """What a failure of check `name` means."""
+    return CHECKS[name][1]
 
 
 @dataclass
@@ -40,7 +68,7 @@ class CheckResult:
 
     @property
     def description(self) -> str:
-        return CHECKS[self.name][1]
+        return describe(self.name)
 
     def message(self) -> str:
         text = f"{self.name}: observed {self.observed} (bound: {self.bound})"

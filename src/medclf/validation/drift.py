@@ -4,6 +4,10 @@ The baseline is a small JSON file: class shares per split and, per intensity
 feature, decile bin edges with their fractions (for PSI) and 101 quantiles (for
 an approximate two-sample KS statistic). It is written only after a passing
 validation, so "drift" always means "since the last dataset we trusted".
+
+Multi-label (issue 25): the shares are each finding's prevalence per split (`tables.prevalence_table`), so the drift
+of a finding is its prevalence against the baseline's, as for a class. The baseline records `"task": "multilabel"`;
+a baseline of the other kind (class shares against finding prevalences) counts as absent.
 """
 
 from __future__ import annotations
@@ -42,12 +46,13 @@ def _feature_profile(values: np.ndarray) -> dict[str, Any]:
     }
 
 
-def make_baseline(images: pd.DataFrame, prevalence: pd.DataFrame) -> dict[str, Any]:
+def make_baseline(images: pd.DataFrame, prevalence: pd.DataFrame, multilabel: bool = False) -> dict[str, Any]:
     shares: dict[str, dict[str, float]] = {}
     for split, cls, share in zip(prevalence["split"], prevalence["class"], prevalence["share"], strict=True):
         shares.setdefault(str(split), {})[str(cls)] = round(float(share), 6)
     return {
         "version": BASELINE_VERSION,
+        **({"task": "multilabel"} if multilabel else {}),
         "fingerprint": fingerprint(images),
         "images": len(images),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -56,15 +61,18 @@ def make_baseline(images: pd.DataFrame, prevalence: pd.DataFrame) -> dict[str, A
     }
 
 
-def load_baseline(path: Path) -> dict[str, Any] | None:
-    """The baseline, or None when absent or unreadable (an old format counts as absent)."""
+def load_baseline(path: Path, multilabel: bool = False) -> dict[str, Any] | None:
+    """The baseline, or None when absent or unreadable (an old format counts as absent, and so does a baseline of
+    the other task kind: multi-label against single-label)."""
     if not path.exists():
         return None
     try:
         data = read_json(path)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("version") == BASELINE_VERSION else None
+    if not isinstance(data, dict) or data.get("version") != BASELINE_VERSION:
+        return None
+    return data if (data.get("task") == "multilabel") == multilabel else None
 
 
 def psi(values: np.ndarray, profile: dict[str, Any]) -> float:

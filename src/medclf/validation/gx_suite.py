@@ -6,6 +6,12 @@ evidence tables (`tables.py`, `leakage.py`, `drift.py`): `manifest` (all rows),
 `prevalence` and `drift`. Each expectation carries `meta.check`, the name used in
 `validate.severity`; a check with severity `off` is left out of the suite.
 
+A multi-label task (issue 25, `multilabel=True`) checks its findings with the same checks: `unknown_label` (every
+name in a `label` is a finding), `array_consistency` (the manifest's findings = the row of the N×L 0/1 label matrix,
+its width = the number of findings, 0/1 entries only), `prevalence_bounds`/`prevalence_gap`/`drift_prevalence`
+per finding (the prevalence table holds one row per split and finding), plus `rare_finding` (at least
+`validate.min_finding_positives` positives of each finding in val and in test).
+
 GX (GX Core 1.x) is imported only inside these functions: it takes seconds to import.
 """
 
@@ -26,7 +32,7 @@ import pandas as pd
 
 from medclf.config import Validate
 from medclf.imaging.splits import SPLITS
-from medclf.validation.checks import CHECKS, OFF, SKIPPED, CheckResult, outcome
+from medclf.validation.checks import OFF, SKIPPED, CheckResult, describe, outcome
 from medclf.validation.tables import MANIFEST_COLUMNS, REQUIRED
 
 SITE = "medclf_validation"
@@ -41,12 +47,18 @@ ROW_UNITS = {"manifest": "manifest rows", "images": "images"}
 
 
 def build_suites(
-    cfg: Validate, severity: dict[str, str], classes: list[str], has_baseline: bool, colour_bound: float | None = None
+    cfg: Validate,
+    severity: dict[str, str],
+    classes: list[str],
+    has_baseline: bool,
+    colour_bound: float | None = None,
+    multilabel: bool = False,
 ) -> dict[str, list[Any]]:
     """The expectations per table. The whole suite lives here, under version control.
 
     `colour_bound`: the largest colourfulness a greyscale `ingest.modality` accepts (`medclf.imaging.modality`); None (a
-    colour modality) leaves the `colour` check out."""
+    colour modality) leaves the `colour` check out. `multilabel`: `classes` are the findings of a multi-label task
+    (the module docstring says what changes)."""
     with _quiet():
         import great_expectations.expectations as gxe
         from great_expectations.expectations.row_conditions import Column
@@ -63,7 +75,7 @@ def build_suites(
                 **kwargs,
                 meta=meta,
                 severity="critical" if sev == "error" else "warning",
-                notes=f"medclf check `{check}` ({sev}): {CHECKS[check][1]}",
+                notes=f"medclf check `{check}` ({sev}): {describe(check)}",
             )
         )
 
@@ -96,32 +108,51 @@ def build_suites(
         value_set=list(SPLITS),
     )
     for col in REQUIRED:
+        if multilabel and col == "label_index":  # a multi-label image has no class index: its findings are `label`
+            continue
         add("images", "not_null", gxe.ExpectColumnValuesToNotBeNull, "required columns not null", column=col)
-    add(
-        "images",
-        "unknown_label",
-        gxe.ExpectColumnValuesToBeInSet,
-        f"label ∈ {classes}",
-        column="label",
-        value_set=list(classes),
-    )
-    add(
-        "images",
-        "array_consistency",
-        gxe.ExpectColumnPairValuesToBeEqual,
-        "label_index = position of label in classes",
-        column_A="label_index",
-        column_B="expected_label_index",
-        ignore_row_if="either_value_is_missing",
-    )  # an unknown label is reported by `unknown_label`
-    add(
-        "images",
-        "array_consistency",
-        gxe.ExpectColumnPairValuesToBeEqual,
-        "label_index = <split>_labels.npy[row]",
-        column_A="label_index",
-        column_B="array_label",
-    )
+    if multilabel:
+        add(
+            "images",
+            "unknown_label",
+            gxe.ExpectColumnValuesToBeNull,
+            f"every finding in label ∈ {classes}",
+            column="unknown_findings",
+        )
+        add(
+            "images",
+            "array_consistency",
+            gxe.ExpectColumnPairValuesToBeEqual,
+            "findings in label = 1s of <split>_labels.npy[row]",
+            column_A="label_set",
+            column_B="array_label",
+        )  # an unknown name is reported by `unknown_label`; `label_set` holds the known ones only
+    else:
+        add(
+            "images",
+            "unknown_label",
+            gxe.ExpectColumnValuesToBeInSet,
+            f"label ∈ {classes}",
+            column="label",
+            value_set=list(classes),
+        )
+        add(
+            "images",
+            "array_consistency",
+            gxe.ExpectColumnPairValuesToBeEqual,
+            "label_index = position of label in classes",
+            column_A="label_index",
+            column_B="expected_label_index",
+            ignore_row_if="either_value_is_missing",
+        )  # an unknown label is reported by `unknown_label`
+        add(
+            "images",
+            "array_consistency",
+            gxe.ExpectColumnPairValuesToBeEqual,
+            "label_index = <split>_labels.npy[row]",
+            column_A="label_index",
+            column_B="array_label",
+        )
     add(
         "images",
         "array_consistency",
@@ -277,6 +308,23 @@ def build_suites(
         ("array_shape", "expected_shape", "array shape = classes.json size×size×channels"),
     ):
         add("splits", "array_consistency", gxe.ExpectColumnPairValuesToBeEqual, what, column_A=a, column_B=b)
+    if multilabel:
+        add(
+            "splits",
+            "array_consistency",
+            gxe.ExpectColumnPairValuesToBeEqual,
+            f"label matrix columns = {len(classes)} findings",
+            column_A="label_width",
+            column_B="expected_label_width",
+        )
+        add(
+            "splits",
+            "array_consistency",
+            gxe.ExpectColumnValuesToBeBetween,
+            "label matrix entries ∈ {0, 1}",
+            column="label_non_binary",
+            max_value=0,
+        )
     for split, (lo, hi) in cfg.split_fraction_bounds.items():
         add(
             "splits",
@@ -307,6 +355,18 @@ def build_suites(
         column="gap",
         max_value=cfg.max_prevalence_gap,
     )
+    if multilabel and "rare_finding" in severity:
+        for split in ("val", "test"):
+            add(
+                "prevalence",
+                "rare_finding",
+                gxe.ExpectColumnValuesToBeBetween,
+                f"{split}: positives of each finding ≥ {cfg.min_finding_positives}",
+                column="count",
+                min_value=cfg.min_finding_positives,
+                row_condition=Column("split") == split,
+                where={"split": split},
+            )
     if has_baseline:
         add(
             "prevalence",

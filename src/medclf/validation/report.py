@@ -18,10 +18,12 @@ def summarize(
     counts: dict[str, int],
     seconds: dict[str, float],
     data_docs: str,
+    labels: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`labels`: a multi-label task's per-finding statistics (`tables.label_statistics`), kept as `multilabel`."""
     errors = [n for n, c in checks.items() if c.status == FAIL]
     warns = [n for n, c in checks.items() if c.status == WARN]
-    return {
+    out: dict[str, Any] = {
         "passed": not errors,
         "errors": errors,
         "warnings": warns,
@@ -35,6 +37,9 @@ def summarize(
         "seconds": seconds,
         "data_docs": data_docs,
     }
+    if labels is not None:
+        out["multilabel"] = labels
+    return out
 
 
 def metrics(summary: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +66,13 @@ def metrics(summary: dict[str, Any]) -> dict[str, Any]:
         out["drift"] = {
             **{f"psi_{f}": v["psi"] for f, v in drift["intensity"].items()},
             "prevalence_shift_max": drift["prevalence_shift_max"],
+        }
+    labels = summary.get("multilabel")
+    if labels:
+        out["multilabel"] = {
+            "positives": labels["positives"],
+            "cardinality": labels["cardinality"],
+            "rare_findings": [f"{r['finding']} in {r['split']} ({r['positives']})" for r in labels["rare_findings"]],
         }
     return out
 
@@ -112,6 +124,11 @@ def console_table(summary: dict[str, Any], checks: dict[str, CheckResult]) -> st
             lines += [f"  - {e}" for e in c.examples]
     if not summary["drift"].get("baseline"):
         lines.append("drift: " + summary["drift"]["note"])
+    labels = summary.get("multilabel")
+    if labels:
+        card = ", ".join(f"{k} {v:.2f}" for k, v in labels["cardinality"].items() if k != "all")
+        rare = "; ".join(f"{r['finding']} in {r['split']} ({r['positives']})" for r in labels["rare_findings"])
+        lines.append(f"findings per image: {card}" + (f"; too rare to evaluate: {rare}" if rare else ""))
     lines.append(f"Data Docs: {docs_url(summary['data_docs'])}")
     return "\n".join(lines)
 
@@ -167,6 +184,8 @@ def markdown(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
         out += ["", "| feature | PSI | KS |", "|---|---|---|"]
         out += [f"| {f} | {v['psi']:.3f} | {v['ks']:.3f} |" for f, v in drift["intensity"].items()]
         out.append(f"\nLargest class-share shift: {drift['prevalence_shift_max']:.3f}.")
+    if summary.get("multilabel"):
+        out += ["", *_multilabel_markdown(summary["multilabel"], drift)]
     out += [
         "",
         (
@@ -175,6 +194,52 @@ def markdown(summary: dict[str, Any], checks: dict[str, CheckResult]) -> str:
         ),
     ]
     return "\n".join(out)
+
+
+def _multilabel_markdown(labels: dict[str, Any], drift: dict[str, Any]) -> list[str]:
+    """The multi-label section: per-finding positives and prevalence per split, the findings per image, the
+    co-occurrence table and the findings too rare to evaluate."""
+    findings, splits = labels["findings"], list(labels["images"])
+    out = [
+        "## Findings (multi-label)",
+        "",
+        "Images carrying each finding (prevalence) per split; an image may carry several findings, or none.",
+        "",
+        "| finding | " + " | ".join(f"{s} ({labels['images'][s]})" for s in splits) + " |",
+        "|---|" + "---|" * len(splits),
+    ]
+    for f in findings:
+        cells = [f"{labels['positives'][s][f]} ({labels['prevalence'][s][f]:.3f})" for s in splits]
+        out.append(f"| {_md_cell(f)} | " + " | ".join(cells) + " |")
+    out.append("| *findings per image* | " + " | ".join(f"{labels['cardinality'][s]:.3f}" for s in splits) + " |")
+    out.append("| *no finding* | " + " | ".join(str(labels["no_finding"][s]) for s in splits) + " |")
+    shift = drift.get("prevalence_shift") or {}
+    if shift:
+        out += ["", "Largest prevalence shift against the baseline, per finding: "]
+        out[-1] += ", ".join(f"{_md_cell(f)} " + ("new" if v is None else f"{v:.3f}") for f, v in shift.items()) + "."
+    co = labels["co_occurrence"].get("all")
+    if co is not None:
+        out += [
+            "",
+            "Co-occurrence (all splits): images carrying both findings; the diagonal is each finding's count.",
+            "",
+            "| | " + " | ".join(_md_cell(f) for f in findings) + " |",
+            "|---|" + "---|" * len(findings),
+        ]
+        out += [
+            f"| **{_md_cell(f)}** | " + " | ".join(map(str, row)) + " |" for f, row in zip(findings, co, strict=True)
+        ]
+    rare = labels["rare_findings"]
+    out.append("")
+    if rare:
+        out.append(
+            f"Too rare to evaluate (fewer than {labels['min_positives']} positives in val or test): "
+            + ", ".join(f"**{_md_cell(r['finding'])}** in {r['split']} ({r['positives']})" for r in rare)
+            + "."
+        )
+    else:
+        out.append(f"Every finding has at least {labels['min_positives']} positives in val and in test.")
+    return out
 
 
 def docs_url(location: str) -> str:

@@ -2,6 +2,12 @@
 
 Everything here is numpy/pandas and vectorised over chunks of memory-mapped
 arrays, so 5,000 224-px X-rays take about a second. Nothing imports GX.
+
+Multi-label tasks (issue 25; ingest's `classes.json` says `"task": "multilabel"`): `classes` are the findings
+(`task.labels`), `<split>_labels.npy` is an N×L 0/1 matrix, and the manifest's `label` is the positive findings
+joined by ";" ("" when none). The tables here take `findings` (or `multilabel=True`) for that case: the array
+label of a row is its positive findings joined the same way, and the prevalence table counts the images that carry
+each finding, so the class checks (bounds, gap between splits, drift) read it unchanged.
 """
 
 from __future__ import annotations
@@ -142,10 +148,22 @@ def phash_bits(chunk: np.ndarray, hash_size: int) -> np.ndarray:
     return np.packbits((dct > med[:, None, None]).reshape(len(dct), -1), axis=1)
 
 
+def array_findings(lab: np.ndarray, n: int, findings: list[str]) -> list[str | None]:
+    """Multi-label: each of the `n` array rows' positive findings joined by ";" (in `findings` order; "" for none);
+    None for a row the label file lacks, and for every row when it is not an N×len(findings) matrix."""
+    if lab.ndim != 2 or lab.shape[1] != len(findings):
+        return [None] * n
+    names = np.asarray(findings, dtype=object)
+    hot = np.asarray(lab[:n]) != 0
+    return [";".join(names[row]) for row in hot] + [None] * max(0, n - len(hot))
+
+
 def image_stats(
-    images: dict[str, np.ndarray], labels: dict[str, np.ndarray], hash_size: int
+    images: dict[str, np.ndarray], labels: dict[str, np.ndarray], hash_size: int, findings: list[str] | None = None
 ) -> tuple[pd.DataFrame, np.ndarray]:
-    """One row per array image (split, row, stats, array label) and the aligned perceptual hashes."""
+    """One row per array image (split, row, stats, array label) and the aligned perceptual hashes.
+
+    `findings` (multi-label): the array label is the row's positive findings joined by ";" (`array_findings`)."""
     frames, hashes = [], []
     for split, arr in images.items():
         n = len(arr)
@@ -164,8 +182,11 @@ def image_stats(
         df.insert(0, "split", split)
         df.insert(1, "row", np.arange(n, dtype=np.int64))
         lab = labels[split]
-        # float, so a missing label is NaN: GX compares floats; pandas' NA makes it raise
-        df["array_label"] = np.concatenate([lab[:n].astype(float), np.full(max(0, n - len(lab)), np.nan)])
+        if findings is not None:
+            df["array_label"] = pd.Series(array_findings(lab, n, findings), dtype=object)
+        else:
+            # float, so a missing label is NaN: GX compares floats; pandas' NA makes it raise
+            df["array_label"] = np.concatenate([lab[:n].astype(float), np.full(max(0, n - len(lab)), np.nan)])
         frames.append(df)
         hashes.append(bits)
     stats_df = (
@@ -178,8 +199,22 @@ def image_stats(
     return stats_df, (np.concatenate(hashes) if hashes else np.zeros((0, width), np.uint8))
 
 
-def images_table(manifest: pd.DataFrame, stats: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    """Usable manifest rows joined with their array statistics (by split and row)."""
+def parse_findings(label: object, findings: list[str]) -> tuple[list[str], list[str]]:
+    """Multi-label: (known findings in `findings` order, unknown names sorted) of a manifest label "a;b"."""
+    if label is None or label is pd.NA or (isinstance(label, float) and np.isnan(label)):
+        return [], []
+    names = {t.strip() for t in str(label).split(";") if t.strip()}
+    return [f for f in findings if f in names], sorted(names - set(findings))
+
+
+def images_table(
+    manifest: pd.DataFrame, stats: pd.DataFrame, classes: list[str], multilabel: bool = False
+) -> pd.DataFrame:
+    """Usable manifest rows joined with their array statistics (by split and row).
+
+    `multilabel`: `classes` are the findings; `label` is rewritten in their order (so identical files with the same
+    findings listed in another order are no label conflict), `label_set` holds its known findings (what the label
+    array must say), `unknown_findings` the names that are no finding (null when none)."""
     m = manifest.copy()
     for col in MANIFEST_COLUMNS:
         if col not in m.columns:
@@ -187,8 +222,20 @@ def images_table(manifest: pd.DataFrame, stats: pd.DataFrame, classes: list[str]
     ok = m[m["status"] == "ok"].copy() if m["status"].notna().any() else m.copy()
     ok["row"] = pd.to_numeric(ok["row"], errors="coerce").astype("Int64")
     ok = ok.merge(stats.astype({"row": "Int64"}), on=["split", "row"], how="left")
-    index = {c: float(i) for i, c in enumerate(classes)}
-    ok["expected_label_index"] = [index.get(v, np.nan) for v in ok["label"].astype(object)]
+    if multilabel:
+        parsed = [parse_findings(v, classes) for v in ok["label"].astype(object)]
+        null = ok["label"].isna().to_numpy()
+        ok["label"] = pd.Series(
+            [None if gone else ";".join(k + u) for gone, (k, u) in zip(null, parsed, strict=True)],
+            index=ok.index,
+            dtype=object,
+        )
+        ok["label_set"] = pd.Series([";".join(k) for k, _ in parsed], index=ok.index, dtype=object)
+        ok["unknown_findings"] = pd.Series([";".join(u) or None for _, u in parsed], index=ok.index, dtype=object)
+        ok["expected_label_index"] = np.nan
+    else:
+        index = {c: float(i) for i, c in enumerate(classes)}
+        ok["expected_label_index"] = [index.get(v, np.nan) for v in ok["label"].astype(object)]
     ok["label_index"] = pd.to_numeric(ok["label_index"], errors="coerce").astype(float)
     h = pd.to_numeric(ok["orig_height"], errors="coerce").astype(float)
     w = pd.to_numeric(ok["orig_width"], errors="coerce").astype(float)
@@ -202,8 +249,11 @@ def images_table(manifest: pd.DataFrame, stats: pd.DataFrame, classes: list[str]
     return ok.reset_index(drop=True)
 
 
-def split_table(images: pd.DataFrame, data: IngestData) -> pd.DataFrame:
-    """One row per split: manifest rows, array rows, fraction of images, array shape."""
+def split_table(images: pd.DataFrame, data: IngestData, findings: list[str] | None = None) -> pd.DataFrame:
+    """One row per split: manifest rows, array rows, fraction of images, array shape.
+
+    `findings` (multi-label): also the label matrix's width against the number of findings and its entries that
+    are not 0 or 1."""
     size, ch = data.classes.get("image_size"), data.classes.get("channels")
     expected = f"{size}x{size}x{ch}"
     total = max(len(images), 1)
@@ -222,17 +272,47 @@ def split_table(images: pd.DataFrame, data: IngestData) -> pd.DataFrame:
                 "expected_shape": expected,
             }
         )
+        if findings is not None:
+            lab = data.labels.get(split)
+            width = int(lab.shape[1]) if lab is not None and lab.ndim == 2 else 0  # a class-index vector: 0
+            rows[-1]["label_width"] = width
+            rows[-1]["expected_label_width"] = len(findings)
+            rows[-1]["label_non_binary"] = int(((lab != 0) & (lab != 1)).sum()) if lab is not None and width else 0
     return pd.DataFrame(rows)
 
 
-def prevalence_table(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    """Share of each class per split and overall ('all'); `gap` = max−min share across splits."""
+def multi_hot(images: pd.DataFrame, findings: list[str]) -> np.ndarray:
+    """Multi-label: the images table's findings (`label_set`, from the manifest) as an N×L bool matrix."""
+    out = np.zeros((len(images), len(findings)), bool)
+    col = {f: j for j, f in enumerate(findings)}
+    for i, value in enumerate(images["label_set"].astype(object)):
+        for name in str(value or "").split(";"):
+            if name in col:
+                out[i, col[name]] = True
+    return out
+
+
+def _groups(images: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+    """(split, row mask) for each split with images, then ('all', every row)."""
+    split = images["split"].astype(object).to_numpy()
+    groups = [(s, split == s) for s in SPLITS]
+    return [(s, m) for s, m in groups if m.any()] + ([("all", np.ones(len(images), bool))] if len(images) else [])
+
+
+def prevalence_table(images: pd.DataFrame, classes: list[str], multilabel: bool = False) -> pd.DataFrame:
+    """Share of each class per split and overall ('all'); `gap` = max−min share across splits.
+
+    `multilabel`: per finding (`class` is the finding), `count` = images carrying it, `share` = count / images of
+    the split (the finding's prevalence; the shares of a split need not add up to 1)."""
     rows = []
     groups = [(s, images[images["split"] == s]) for s in SPLITS] + [("all", images)]
     for split, part in groups:
         if not len(part):
             continue
-        counts = part["label"].value_counts()
+        if multilabel:
+            counts = pd.Series(multi_hot(part, classes).sum(0), index=classes)
+        else:
+            counts = part["label"].value_counts()
         for cls in classes:
             c = int(counts.get(cls, 0))
             rows.append({"split": split, "class": cls, "count": c, "n": len(part), "share": c / len(part)})
@@ -241,3 +321,41 @@ def prevalence_table(images: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
     gap = per_split.groupby("class")["share"].agg(lambda s: s.max() - s.min() if len(s) > 1 else 0.0)
     table["gap"] = np.where(table["split"] == "all", np.nan, table["class"].map(gap).astype(float))
     return table
+
+
+def label_statistics(images: pd.DataFrame, findings: list[str], min_positives: int) -> dict[str, Any]:
+    """Multi-label: what the validation summary and report show per split ('all' too) of the usable images.
+
+    `positives` (images carrying each finding), `prevalence` (their share), `cardinality` (mean findings per image),
+    `no_finding` (images with none), `co_occurrence` (L×L: images carrying both findings; the diagonal is
+    `positives`, rows and columns in `findings` order) and `rare_findings` (val or test positives below
+    `min_positives`: too rare to evaluate; the `rare_finding` check)."""
+    hot = multi_hot(images, findings).astype(np.int64)
+    out: dict[str, Any] = {
+        "findings": list(findings),
+        "min_positives": int(min_positives),
+        "images": {},
+        "positives": {},
+        "prevalence": {},
+        "cardinality": {},
+        "no_finding": {},
+        "co_occurrence": {},
+        "rare_findings": [],
+    }
+    for split, mask in _groups(images):
+        part = hot[mask]
+        n = len(part)
+        pos = part.sum(0)
+        out["images"][split] = n
+        out["positives"][split] = dict(zip(findings, pos.tolist(), strict=True))
+        out["prevalence"][split] = {f: round(float(c) / n, 6) for f, c in zip(findings, pos, strict=True)}
+        out["cardinality"][split] = round(float(part.sum()) / n, 6)
+        out["no_finding"][split] = int((part.sum(1) == 0).sum())
+        out["co_occurrence"][split] = (part.T @ part).tolist()
+        if split in ("val", "test"):
+            out["rare_findings"] += [
+                {"finding": f, "split": split, "positives": int(c)}
+                for f, c in zip(findings, pos, strict=True)
+                if c < min_positives
+            ]
+    return out
