@@ -399,3 +399,23 @@ def test_chestmnist_refusals_name_file_split_row_and_column(tmp_path):
         scan(src)
     with pytest.raises(SourceError, match=r"MedMNIST dermamnist is single-label"):
         scan_multilabel(Source(kind="medmnist", uri=str(path), medmnist_flag="dermamnist"), ["a", "b"])
+
+
+def test_a_row_refused_while_listing_names_its_file_without_the_patient_id(tmp_path):
+    """ODIR names files by patient (`1006_left.jpg`): quarantine.csv lists a refused row by its path with the
+    patient id pseudonymised, as ingest names every decoded file (it was written in the clear)."""
+    from medclf.imaging.privacy import hash_patient
+
+    rows = [
+        {"path": f"images/{100 + i // 2}_{'left' if i % 2 else 'right'}.jpg", "patient_id": str(100 + i // 2)}
+        | {"a": i % 2, "b": int(i % 3 == 0)}
+        for i in range(6)
+    ]
+    rows[3]["b"] = 7  # a bad cell: patient 101's left eye
+    rows[4]["split"] = "holdout"  # an unknown split: patient 102's right eye
+    rows = [r | {"split": r.get("split", "")} for r in rows]
+    got = scan_multilabel(Source(kind="manifest", uri=str(_manifest(tmp_path, rows))), ["a", "b"])
+    uris = dict(got.quarantine)
+    assert len(uris) == 2 and not any(pid in u for u in uris for pid in ("101", "102")), uris
+    assert any(u.endswith(f"{hash_patient('101')}_left.jpg") for u in uris), uris
+    assert any(u.endswith(f"{hash_patient('102')}_right.jpg") for u in uris), uris

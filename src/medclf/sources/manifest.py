@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from medclf.evaluation.subgroups import check_subgroups
+from medclf.imaging.privacy import redact
 from medclf.sources.base import SPLIT_ALIASES, Kind, Record, SourceError, SourceScan, refused, safe_relpath
 from medclf.sources.multilabel import constant_columns, constant_reason, join_findings
 from medclf.sources.store import Store, open_store, split_uri
@@ -192,13 +193,14 @@ def scan_manifest(
         split_raw = str(row.get("split", "") or "").strip().lower()
         split = SPLIT_ALIASES.get(split_raw) if split_raw else None
         if split_raw and split is None:
-            scan.quarantine.append((store.uri(rel), f"unknown split {split_raw!r} at {where}"))
+            scan.quarantine.append((redact(store.uri(rel), pid), f"unknown split {split_raw!r} at {where}"))
             continue
+        # a row refused here is listed in quarantine.csv by its path with the patient id pseudonymised (as decode does)
         if bad:  # multi-label: a cell other than 0/1, named with its column and value
-            scan.quarantine.append((store.uri(rel), f"{'; '.join(bad)} at {where}"))
+            scan.quarantine.append((redact(store.uri(rel), pid), f"{'; '.join(bad)} at {where}"))
             continue
         if label is None:
-            scan.quarantine.append((store.uri(rel), f"missing label at {where}"))
+            scan.quarantine.append((redact(store.uri(rel), pid), f"missing label at {where}"))
             continue
         scan.records.append(
             Record(
