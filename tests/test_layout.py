@@ -33,6 +33,7 @@ LONG_ONE_JOB: dict[str, str] = {
     "medclf.config": "the params.yaml schema: one pydantic model per section, each key documented",
     "medclf.evaluation.metrics": "binary and multi-class metrics with their one bootstrap",
     "medclf.evaluation.kclass": "K-class and ordinal metrics, their decision rules and clustered bootstrap",
+    "medclf.modeling.gradcam": "Grad-CAM: split model, softmax log-odds or sigmoid logit, class and finding galleries",
     "medclf.evaluation.plots": "the evaluate figures of every task family: curves, confusion, reliability, galleries",
     "medclf.validation.gx_suite": "the Great Expectations suite: one expectation per check",
     "medclf.stages.ingest": "the ingest stage: scan, decode in parallel, split, commit atomically",

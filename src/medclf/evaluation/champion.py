@@ -104,3 +104,21 @@ def score_kclass_champion(
         "proba": p,
         "decision": decision.document(),
     }
+
+
+def score_multilabel_champion(
+    labels: Sequence[str], y_test: Any, proba: Any, thresholds: Mapping[str, float], rule: str
+) -> dict[str, Any]:
+    """A multi-label champion on this test set by its own per-finding thresholds (its served `model_config`):
+    ``metrics`` (point test figures under their metrics.json names), ``proba`` ((N, L), float64) and ``decision``
+    (``{"rule", "thresholds", "source"}``), the reference `medclf.evaluation.multilabel_comparison` pairs."""
+    from medclf.evaluation import multilabel
+    from medclf.evaluation.kclass import flatten_report
+
+    p = np.asarray(proba, dtype=np.float64)
+    point = multilabel.multilabel_report(np.asarray(y_test), p, list(labels), dict(thresholds))
+    return {
+        "metrics": {k: v for k, v in flatten_report(point).items() if k != "n"},
+        "proba": p,
+        "decision": {"rule": rule, "thresholds": {c: {"threshold": float(t)} for c, t in thresholds.items()}},
+    }

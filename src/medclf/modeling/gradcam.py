@@ -33,18 +33,28 @@ is ReLU(sum_k w_k * A_k), scaled to [0, 1] per image.
 
 A multi-class or ordinal task's gallery (`class_gallery`) is per class: for each class its correct cases and its most
 confident confusions, every heat map on that class's log-odds.
+
+A multi-label model (issue 25) has a **sigmoid** classifier: one independent probability p_c = sigmoid(z_c) per
+finding. There the score is finding c's own logit z_c (the same pre-activation; log(p_c / (1 - p_c)) = z_c exactly,
+and it does not saturate either), not the softmax log-odds, which would mix in the other findings' logits although
+they play no part in p_c. `split_model` reads the head from the classifier layer's activation (`CamGraph.head`) and
+`gradcam` picks the score from it; a softmax model's path is unchanged. Per-finding temperatures
+(`medclf.evaluation.calibration.fold_per_finding`) divide column c by T_c, which scales z_c and its map by 1/T_c: the
+per-image scaling to peak 1 removes that too. The multi-label gallery (`finding_gallery`) is per finding: its true
+positives, misses and false calls at that finding's own threshold, every heat map on that finding's logit.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 HEAD_LAYERS = ("pool", "dropout", "classifier")
+Head = Literal["softmax", "sigmoid"]
 MIN_SIDE = 7
 """The smallest feature-map side Grad-CAM is computed on, where the backbone has one (see the module doc)."""
 
@@ -56,16 +66,25 @@ class GradCamError(RuntimeError):
 @dataclass(frozen=True)
 class CamGraph:
     """The model split at its Grad-CAM feature layer: `logits(features(images))` is the classifier's
-    pre-activation, and softmax of it is `model(images)`."""
+    pre-activation, and its softmax (its sigmoid, for a sigmoid `head`) is `model(images)`."""
 
     features: Callable[[Any], Any]
     logits: Callable[[Any], Any]
     layer: str
     """The backbone layer whose output is the map ("backbone" when that is the backbone's own output)."""
+    head: Head = "softmax"
+    """The classifier's activation: "sigmoid" for a multi-label model, else "softmax" (every other activation)."""
+
+    @property
+    def score(self) -> str:
+        """What `gradcam` differentiates, in words: "logit" (z_c, sigmoid head) or "log-odds" (`log_odds`)."""
+        return "logit" if self.head == "sigmoid" else "log-odds"
 
     def proba(self, fmap: Any) -> Any:
         import keras
 
+        if self.head == "sigmoid":
+            return keras.ops.sigmoid(self.logits(fmap))
         return keras.ops.softmax(self.logits(fmap), axis=-1)
 
 
@@ -112,6 +131,13 @@ def _classifier_logits(layer: Any) -> Callable[[Any], Any]:
         return z + keras.ops.cast(layer.bias, "float32") if layer.bias is not None else z
 
     return logits
+
+
+def classifier_head(layer: Any) -> Head:
+    """The head of a classifier Dense: "sigmoid" when its activation is the sigmoid (one independent probability per
+    output, a multi-label model), else "softmax"."""
+    activation = getattr(layer, "activation", None)
+    return "sigmoid" if getattr(activation, "__name__", None) == "sigmoid" else "softmax"
 
 
 _SPLITS: weakref.WeakKeyDictionary[Any, dict[int, CamGraph]] = weakref.WeakKeyDictionary()
@@ -161,7 +187,7 @@ def _split(model: Any, min_side: int) -> CamGraph:
         h = upper(fmap, training=False) if upper is not None else fmap
         return to_logits(dropout(pool(h), training=False))
 
-    return CamGraph(features=features, logits=logits, layer=name or "backbone")
+    return CamGraph(features=features, logits=logits, layer=name or "backbone", head=classifier_head(classifier))
 
 
 def log_odds(z: Any, class_index: int) -> Any:
@@ -171,6 +197,11 @@ def log_odds(z: Any, class_index: int) -> Any:
     others = np.zeros(int(z.shape[-1]), np.float32)
     others[class_index] = -1e30
     return z[:, class_index] - keras.ops.logsumexp(z + others, axis=-1)
+
+
+def logit(z: Any, class_index: int) -> Any:
+    """z_c per row: a sigmoid output's own pre-activation, log(p_c / (1 - p_c)) for p_c = sigmoid(z_c)."""
+    return z[:, class_index]
 
 
 def _grads_tf(
@@ -197,15 +228,17 @@ def _grads_jax(
 
 
 def gradcam(model: Any, images: np.ndarray, class_index: int, min_side: int = MIN_SIDE) -> np.ndarray:
-    """Heatmaps (N, h, w) in [0, 1] at the feature map's resolution, for class `class_index`."""
+    """Heatmaps (N, h, w) in [0, 1] at the feature map's resolution, for class (or finding) `class_index`: on its
+    softmax log-odds (`log_odds`), or on its own logit z_c where the classifier is a sigmoid (`logit`)."""
     import keras
 
     if len(images) == 0:
         return np.zeros((0, 1, 1), np.float32)
     cam = split_model(model, min_side)
+    of_logits = logit if cam.head == "sigmoid" else log_odds
 
     def score(fmap: Any, c: int) -> Any:
-        return log_odds(cam.logits(fmap), c)
+        return of_logits(cam.logits(fmap), c)
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -277,5 +310,93 @@ def class_gallery(
                 }
                 for i, heat in (next(cams) for _ in group)
             ]
+        out.append(gallery)
+    return out
+
+
+def finding_picks(y: np.ndarray, called: np.ndarray, proba: np.ndarray, c: int, n: int) -> list[list[int]]:
+    """Up to `n` test rows per group of finding column `c`, the most confident first: true positives (present and
+    called, by p_c), misses (present, not called, lowest p_c first) and false calls (absent, called, by p_c). `y` and
+    `called` are N x L 0/1 (the truth, and p >= each finding's own threshold), `proba` N x L."""
+    yc, cc, pc = np.asarray(y)[:, c] == 1, np.asarray(called, dtype=bool)[:, c], np.asarray(proba, dtype=float)[:, c]
+    out = []
+    for mask, order in ((yc & cc, -pc), (yc & ~cc, pc), (~yc & cc, -pc)):
+        idx = np.flatnonzero(mask)
+        out.append([int(i) for i in idx[np.argsort(order[idx], kind="stable")][:n]])
+    return out
+
+
+def finding_thresholds(thresholds: Mapping[str, float | Mapping[str, Any]], labels: Sequence[str]) -> np.ndarray:
+    """The (L,) thresholds in `labels` order, each looked up by its finding's NAME: a number, or an entry with a
+    "threshold" (gates.json's `decision.thresholds`). Positions are never used: a mapping must name every finding
+    and no other, and a sequence is refused."""
+    if not isinstance(thresholds, Mapping):
+        raise TypeError(f"thresholds must map each finding's name to its threshold, not {type(thresholds).__name__}")
+    names = list(labels)
+    missing, extra = [c for c in names if c not in thresholds], [c for c in thresholds if c not in names]
+    if missing or extra:
+        raise ValueError(
+            f"thresholds must name every finding of {names} and no other; missing {missing}, unknown {extra}"
+        )
+    vals = [v["threshold"] if isinstance(v, Mapping) else v for v in (thresholds[c] for c in names)]
+    t = np.asarray(vals, dtype=float)
+    bad = [c for c, v in zip(names, t, strict=True) if not 0.0 <= v <= 1.0]  # NaN fails too
+    if bad:
+        raise ValueError(f"thresholds must lie within [0, 1]; not so for {bad}")
+    return t
+
+
+def finding_gallery(
+    model: Any,
+    images: np.ndarray,
+    y: np.ndarray,
+    proba: np.ndarray,
+    labels: Sequence[str],
+    thresholds: Mapping[str, float | Mapping[str, Any]],
+    n: int,
+) -> list[dict[str, list[dict[str, Any]]]]:
+    """A multi-label gallery in `class_gallery`'s structure (so `medclf.evaluation.plots.class_gallery_pngs` draws it),
+    one entry per finding c of `labels` (the model's output order): {row: [{"overlay", "caption"}]} for its true
+    positives, misses and false calls (`finding_picks`, up to `n` each), each case called at finding c's OWN threshold
+    (`finding_thresholds`: looked up by name) and every heat map on finding c's logit z_c. `y` is the N x L 0/1
+    truth, `proba` the N x L sigmoid outputs; a caption names the test row, p(c) against c's threshold and the
+    findings present."""
+    cam = split_model(model)
+    names = list(labels)
+    yy, pp = np.asarray(y), np.asarray(proba, dtype=float)
+    if cam.head != "sigmoid":
+        raise GradCamError(
+            f"a per-finding gallery needs a sigmoid classifier (one logit per finding); it is {cam.head}"
+        )
+    units = int(model.get_layer("classifier").units)
+    if yy.ndim != 2 or pp.shape != yy.shape or yy.shape[1] != len(names) or units != len(names):
+        raise ValueError(
+            f"y and proba must both be N x {len(names)} (findings {names}; the classifier has {units} outputs); "
+            f"got {yy.shape} and {pp.shape}"
+        )
+    if not np.isin(yy, (0, 1)).all():
+        raise ValueError("y must be a 0/1 matrix, one column per finding")
+    yy = yy.astype(np.int64)
+    t = finding_thresholds(thresholds, names)
+    called = pp >= t[None, :]
+    out = []
+    for c, name in enumerate(names):
+        picks = finding_picks(yy, called, pp, c, n)
+        flat = [i for group in picks for i in group]
+        cams = iter(zip(flat, gradcam(model, np.asarray(images[flat]), c), strict=True)) if flat else iter([])
+        rows = (
+            f"{name}: true positive (present, called at its threshold {t[c]:.4f})",
+            f"{name}: missed (present, not called)",
+            f"{name}: false call (absent, called)",
+        )
+        gallery: dict[str, list[dict[str, Any]]] = {}
+        for row, group in zip(rows, picks, strict=True):
+            items = []
+            for i, heat in (next(cams) for _ in group):
+                present = ", ".join(f for f, v in zip(names, yy[i], strict=True) if v) or "none"
+                side = ">=" if called[i, c] else "<"
+                caption = f"#{i}  p({name})={pp[i, c]:.4f} {side} {t[c]:.4f}; present: {present}"
+                items.append({"overlay": overlay(images[i], heat), "caption": caption})
+            gallery[row] = items
         out.append(gallery)
     return out

@@ -360,7 +360,9 @@ def kclass_champion(
     y_test: Any = None,
     rescore: bool = True,
 ) -> dict[str, Any]:
-    """The champion of a multi-class or ordinal task, for its non-inferiority gate and the champion comparison.
+    """The champion of a multi-class, ordinal or multi-label task, for its non-inferiority gate and the champion
+    comparison. A multi-label champion is re-scored by its own per-finding thresholds (its `model_config`'s
+    `thresholds`: `champion.score_multilabel_champion`).
 
     Given the test split (`x_test`, `y_test`) and `rescore`, the champion model is loaded and re-scored on THIS
     test set by its own registered decision (the argmax or its cut-points, its critical-class flag thresholds, its
@@ -400,6 +402,17 @@ def kclass_champion(
     cfg = wrapper.cfg
     if list(cfg.classes) != list(classes) or cfg.task != kind:
         return {**base, "note": f"{alias} v{mv.version} serves a {cfg.task} model of {cfg.classes}: not comparable"}
+    if kind == "multilabel":  # each finding by the champion's own registered threshold
+        scores = champion.score_multilabel_champion(
+            classes, y_test, _champion_proba(wrapper, x_test), cfg.thresholds, tags.get("decision_rule", "")
+        )
+        return {
+            **base,
+            "checked": True,
+            "source": champion.RESCORED_KCLASS,
+            "rule": tags.get("decision_rule"),
+            **scores,
+        }
     decision = champion.kclass_decision(
         tags.get("decision_rule", ""),
         cfg.classes,
