@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from medclf.config.vocabulary import DESCRIBED, KCLASS_LABELS, METRICS, MULTILABEL_HEADLINE, PER_LABEL
+from medclf.evaluation import multilabel
 from medclf.infra import catalog
 from medclf.release.tables import (
     finding_thresholds,
@@ -54,16 +55,7 @@ MULTILABEL_LABELS: dict[str, str] = {
     "ece": "calibration error (mean per-finding ECE)",
 }
 """How people read a multi-label summary metric (`medclf.evaluation.multilabel.multilabel_report`)."""
-MULTILABEL_DESCRIBED: tuple[str, ...] = (
-    "macro_auc",
-    "micro_auc",
-    "map",
-    "macro_f1",
-    "micro_f1",
-    "hamming_loss",
-    "subset_accuracy",
-    "ece",
-)
+MULTILABEL_DESCRIBED: tuple[str, ...] = tuple(m for m in multilabel.SUMMARY if m != "label_cardinality")
 """The multi-label summary metrics the model card and version description quote with their CIs."""
 MULTILABEL_SHORT: dict[str, str] = {
     "macro_auc": "macro ROC-AUC",
